@@ -1,0 +1,47 @@
+"""The `msdiff` command.
+
+Each command group lives next to the code it drives and contributes a `register(subparsers)`
+function; this module only assembles them. Heavy imports (torch, diffusers) happen inside the
+command handlers so that `msdiff --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
+_SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msdiff",
+        description="MS-Diffusion: layout-guided multi-subject personalization on SDXL.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserInputError as error:
+        print(f"msdiff {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+class UserInputError(Exception):
+    """A problem with what the user asked for; printed without a traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
