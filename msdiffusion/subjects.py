@@ -1,0 +1,207 @@
+"""Subject inputs: reading reference images, checking boxes, and CLIP reference preprocessing.
+
+A *subject* is one thing to draw: one or more reference images of it, the phrase that names it in
+the prompt, a box in the output image, and optionally its own scale.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+ImageInput = Union[PIL.Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
+Box = tuple[float, float, float, float]
+
+# The released weights were trained with at most this many subjects per image.
+TRAINED_MAX_SUBJECTS = 4
+# Inference-time size of the square the references are squashed to before CLIP preprocessing.
+REFERENCE_SQUARE_SIZE = 512
+
+
+@dataclass
+class Subject:
+    images: list[PIL.Image.Image]
+    phrase: str
+    box: Box = (0.0, 0.0, 0.0, 0.0)
+    scale: float | None = None
+
+    @property
+    def has_box(self) -> bool:
+        return any(self.box)
+
+
+def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
+    """Return `image` as an RGB PIL image; `what` names it in error messages."""
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise ValueError(f"{what}: file not found: {path!r}. Give an existing image file.")
+        try:
+            with PIL.Image.open(path) as opened:
+                return opened.convert("RGB")
+        except (OSError, PIL.UnidentifiedImageError) as error:
+            raise ValueError(f"{what}: cannot read {path!r} as an image ({error}).") from error
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+            image = image.transpose(1, 2, 0)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.dtype != np.uint8:
+            if array.size and (array.min() < 0 or array.max() > 1):
+                raise ValueError(f"{what}: float arrays must hold values in [0, 1]; got [{array.min()}, {array.max()}].")
+            array = (array * 255).round().astype(np.uint8)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(f"{what}: expected an HxW, HxWx3 or HxWx4 array, got shape {tuple(array.shape)}.")
+        return PIL.Image.fromarray(array).convert("RGB")
+    raise TypeError(
+        f"{what}: expected a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}."
+    )
+
+
+def check_box(box: Any, what: str = "box") -> Box:
+    """Validate one `[x0, y0, x1, y1]` box in [0, 1]; all zeros means "no box"."""
+    try:
+        values = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected four numbers [x0, y0, x1, y1], got {box!r}.") from None
+    if len(values) != 4:
+        raise ValueError(f"{what}: expected four numbers [x0, y0, x1, y1], got {len(values)}: {box!r}.")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what}: coordinates must be finite numbers, got {box!r}.")
+    if not any(values):
+        return (0.0, 0.0, 0.0, 0.0)
+    x0, y0, x1, y1 = values
+    if min(values) < 0 or max(values) > 1:
+        raise ValueError(
+            f"{what}: {list(values)} is outside [0, 1]. Boxes are fractions of the output image "
+            "(divide pixel coordinates by the width and height); all zeros means no box."
+        )
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(
+            f"{what}: {list(values)} is empty or reversed; a box is [x0, y0, x1, y1] with x1 > x0 and y1 > y0."
+        )
+    return values  # type: ignore[return-value]
+
+
+def default_image_processor():
+    """CLIP's standard preprocessing (shortest side 224 bicubic, centre crop 224, CLIP mean/std)."""
+    from transformers import CLIPImageProcessor
+
+    try:  # transformers >= 5: the PIL backend matches the released (PIL-based) preprocessing
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil()
+    except ImportError:
+        return CLIPImageProcessor()
+
+
+def prepare_reference_pixels(
+    images: Sequence[PIL.Image.Image], image_processor, square_size: int = REFERENCE_SQUARE_SIZE
+) -> torch.Tensor:
+    """Squash each reference to a `square_size` square (aspect not kept, as in training), then CLIP-preprocess."""
+    squares = [image.convert("RGB").resize((square_size, square_size), PIL.Image.BICUBIC) for image in images]
+    return image_processor(images=squares, return_tensors="pt").pixel_values
+
+
+def _is_image_like(value: Any) -> bool:
+    return isinstance(value, (PIL.Image.Image, str, os.PathLike, np.ndarray, torch.Tensor))
+
+
+def _subject_images(entry: Any, what: str) -> list[PIL.Image.Image]:
+    if _is_image_like(entry):
+        return [load_image(entry, what)]
+    if isinstance(entry, (list, tuple)):
+        if not entry:
+            raise ValueError(f"{what}: an empty list of images; give at least one reference image.")
+        return [load_image(image, f"{what}[{k}]") for k, image in enumerate(entry)]
+    raise TypeError(f"{what}: expected an image, a path, or a list of them, got {type(entry).__name__}.")
+
+
+def _per_prompt(value: Any, num_prompts: int, name: str, shared: bool) -> list[Any]:
+    if value is None:
+        return [None] * num_prompts
+    if shared:
+        return [value] * num_prompts
+    if not isinstance(value, (list, tuple)) or len(value) != num_prompts:
+        raise ValueError(
+            f"`{name}` must hold one list per prompt ({num_prompts} prompts), got "
+            f"{len(value) if isinstance(value, (list, tuple)) else type(value).__name__}."
+        )
+    return list(value)
+
+
+def build_subjects(
+    num_prompts: int,
+    subject_images: Any,
+    subject_phrases: Any,
+    subject_boxes: Any = None,
+    subject_scales: Any = None,
+    batched: bool = False,
+) -> list[list[Subject]]:
+    """Check the user's subject arguments and return one list of subjects per prompt.
+
+    With `batched=False` the arguments describe the subjects of every prompt. With `batched=True`
+    (the prompt was a list) `subject_phrases` decides: a list of strings is shared by all prompts,
+    a list of lists gives each prompt its own subjects (their counts may differ).
+    """
+    if subject_phrases is None or subject_images is None:
+        raise ValueError("Subjects need both `subject_images` and `subject_phrases` (one phrase per subject).")
+    if isinstance(subject_phrases, str):
+        raise TypeError("`subject_phrases` must be a list of phrases, e.g. ['dog', 'cat'], not a single string.")
+    shared = not batched or all(isinstance(p, str) for p in subject_phrases)
+    if batched and not shared and not all(isinstance(p, (list, tuple)) for p in subject_phrases):
+        raise TypeError("`subject_phrases` must be a list of phrases, or one list of phrases per prompt.")
+
+    per_prompt = []
+    columns = {
+        "subject_images": _per_prompt(subject_images, num_prompts, "subject_images", shared),
+        "subject_phrases": _per_prompt(subject_phrases, num_prompts, "subject_phrases", shared),
+        "subject_boxes": _per_prompt(subject_boxes, num_prompts, "subject_boxes", shared),
+        "subject_scales": _per_prompt(subject_scales, num_prompts, "subject_scales", shared),
+    }
+    for p in range(num_prompts):
+        images, phrases = columns["subject_images"][p], columns["subject_phrases"][p]
+        boxes, scales = columns["subject_boxes"][p], columns["subject_scales"][p]
+        where = "" if shared else f" (prompt {p})"
+        if _is_image_like(images):
+            images = [images]
+        counts = {"subject_images": len(images), "subject_phrases": len(phrases)}
+        if boxes is not None:
+            counts["subject_boxes"] = len(boxes)
+        if scales is not None:
+            counts["subject_scales"] = len(scales)
+        if len(set(counts.values())) != 1:
+            listed = ", ".join(f"{k}={v}" for k, v in counts.items())
+            raise ValueError(f"Subject counts differ{where}: {listed}. Give one entry per subject in each.")
+        subjects = []
+        for j, phrase in enumerate(phrases):
+            label = f"subject {j}{where}"
+            if not isinstance(phrase, str) or not phrase.strip():
+                raise ValueError(f"{label}: phrase must be a non-empty string naming it in the prompt, got {phrase!r}.")
+            box = check_box(boxes[j], f"{label} box") if boxes is not None else (0.0, 0.0, 0.0, 0.0)
+            scale = None
+            if scales is not None and scales[j] is not None:
+                scale = float(scales[j])
+                if not math.isfinite(scale):
+                    raise ValueError(f"{label}: scale must be a finite number, got {scales[j]!r}.")
+            subjects.append(Subject(_subject_images(images[j], f"{label} image"), phrase, box, scale))
+        if len(subjects) > TRAINED_MAX_SUBJECTS:
+            warnings.warn(
+                f"{len(subjects)} subjects{where}: the released weights were trained with at most "
+                f"{TRAINED_MAX_SUBJECTS}; quality may drop.",
+                stacklevel=3,
+            )
+        per_prompt.append(subjects)
+    return per_prompt
