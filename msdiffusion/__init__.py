@@ -1,3 +1,28 @@
 """MS-Diffusion: zero-shot, layout-guided, multi-subject personalization on SDXL."""
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "MSDiffusionXLPipeline": "pipelines",
+    "MSDiffusionXLControlNetPipeline": "pipelines",
+    "MSDiffusionPipelineOutput": "pipelines",
+    "MSImageProjection": "adapter",
+    "MSAdapterCheckpoint": "adapter",
+    "AdapterMismatchError": "adapter",
+    "load_checkpoint": "adapter",
+    "GroundingResampler": "resampler",
+    "ResamplerConfig": "resampler",
+    "SubjectLayout": "layout",
+}
+
+
+def __getattr__(name: str):
+    # Lazy: `import msdiffusion` (and `msdiff --help`) must not pay for importing torch/diffusers.
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'msdiffusion' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)

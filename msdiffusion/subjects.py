@@ -205,3 +205,35 @@ def build_subjects(
             )
         per_prompt.append(subjects)
     return per_prompt
+
+
+def encode_reference_images(
+    image_encoder, pixels: Sequence[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIP features of each subject's references: the penultimate hidden state, all tokens.
+
+    `pixels[i]` is (k_i, 3, H, W) for subject i. Several references of one subject are read
+    together: their tokens are concatenated, padded across subjects, and a (S, L) mask marks the
+    real ones (None when every subject has one reference, the released case).
+    """
+    counts = [p.shape[0] for p in pixels]
+    batch = torch.cat(list(pixels)).to(device, image_encoder.dtype)
+    hidden = image_encoder(batch, output_hidden_states=True).hidden_states[-2]
+    per_subject = [h.reshape(-1, hidden.shape[-1]) for h in hidden.split(counts)]
+    if len(set(counts)) == 1:
+        return torch.stack(per_subject), None
+    length = max(t.shape[0] for t in per_subject)
+    features = hidden.new_zeros(len(per_subject), length, hidden.shape[-1])
+    mask = torch.zeros(len(per_subject), length, dtype=torch.bool, device=hidden.device)
+    for i, tokens in enumerate(per_subject):
+        features[i, : tokens.shape[0]] = tokens
+        mask[i, : tokens.shape[0]] = True
+    return features, mask
+
+
+def encode_phrases(tokenizer, text_encoder, phrases: Sequence[str], device: torch.device) -> torch.Tensor:
+    """Phrase embeddings: the first text encoder's pooled output of each phrase (padded to max length)."""
+    ids = tokenizer(
+        list(phrases), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(device)).pooler_output

@@ -1,0 +1,271 @@
+"""Multi-subject cross-attention: each subject's image tokens act only inside its box.
+
+Encoder hidden states are `[text tokens | dummy tokens | 16 tokens per subject]`. Every `attn2`
+of the UNet gets an `MSAttnProcessor`: ordinary attention over the text, plus an image branch
+whose keys/values come from `to_k_ip` / `to_v_ip` and whose visibility follows the layout.
+ControlNets get `TextOnlyAttnProcessor`, which drops the image tokens.
+
+Differences from a literal implementation of the released computation, all exact up to rounding:
+- fused `scaled_dot_product_attention` for both branches; the -10000 bias is its float mask;
+- zeroing the image probabilities of cells outside every box == zeroing those cells' output;
+- multiplying subject j's probabilities by its scale == multiplying its value vectors by it;
+- the negative (CFG) half has zero image tokens, hence zero image output: it is skipped;
+- the image tokens are fixed during a generation: their keys/values are projected once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from .layout import (
+    SubjectLayout,
+    auto_layout_regions,
+    box_regions,
+    latent_grid,
+    phrase_weights,
+    regions_to_bias,
+)
+
+
+class MSAttentionState:
+    """What all processors of one UNet share during a generation (or a training step).
+
+    Holds the active layout and everything derived from it once per generation: per-grid masks,
+    per-token value scales, phrase averaging weights.
+    """
+
+    def __init__(self) -> None:
+        self.layout: SubjectLayout | None = None
+        self.generation = 0
+        self.static_image_tokens = False
+        self._cache: dict = {}
+        self.processors: list[MSAttnProcessor] = []
+
+    @contextlib.contextmanager
+    def activate(self, layout: SubjectLayout | None, static_image_tokens: bool = False) -> Iterator["MSAttentionState"]:
+        """Use `layout` for every UNet call inside the block.
+
+        `static_image_tokens=True` promises the image tokens do not change inside the block (true
+        for one generation), so each layer projects them once.
+        """
+        self.layout, self.static_image_tokens = layout, static_image_tokens
+        self.generation += 1
+        self._cache.clear()
+        try:
+            yield self
+        finally:
+            self.layout, self.static_image_tokens = None, False
+            self._cache.clear()
+
+    def _cached(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def grid(self, sequence_length: int) -> tuple[int, int]:
+        return self._cached(("grid", sequence_length), lambda: latent_grid(self.layout.latent_size, sequence_length))
+
+    def box_masks(self, h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bias (B,1,hw,T), inside (B,hw,1)) from the boxes, built once per grid size."""
+        layout = self.layout
+
+        def build():
+            regions = box_regions(layout.boxes, h, w)
+            bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, dtype)
+            return bias.to(device), inside.to(device)
+
+        return self._cached(("box", h, w, device, dtype), build)
+
+    def value_scales(self, device, dtype) -> torch.Tensor | None:
+        """(B, T, 1) per-image-token factors for per-subject scales (dummy tokens: 1), or None."""
+        layout = self.layout
+        if layout.subject_scales is None:
+            return None
+
+        def build():
+            per_token = layout.subject_scales.float().repeat_interleave(layout.tokens_per_subject, dim=1)
+            dummy = per_token.new_ones(layout.batch_size, layout.num_dummy_tokens)
+            return torch.cat([dummy, per_token], dim=1)[..., None].to(device, dtype)
+
+        return self._cached(("scales", device, dtype), build)
+
+    def phrase_weights(self, num_text_tokens: int, device) -> torch.Tensor:
+        layout = self.layout
+        return self._cached(
+            ("phrases", num_text_tokens, device),
+            lambda: phrase_weights(layout.phrase_positions, num_text_tokens, layout.num_subjects).to(device),
+        )
+
+    def auto_layout_maps(self) -> torch.Tensor | None:
+        """(B, N, h, w) auto-layout attention maps of the last generation, averaged over layers
+        at the finest grid and min-max normalised; None if auto layout was off."""
+        maps = [p.mean_map() for p in self.processors if p._maps is not None and p._maps[0] == self.generation]
+        if not maps:
+            return None
+        largest = max(maps, key=lambda m: m.shape[-1] * m.shape[-2])
+        size = largest.shape[-2:]
+        total = sum(F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps) / len(maps)
+        low = total.amin(dim=(-2, -1), keepdim=True)
+        high = total.amax(dim=(-2, -1), keepdim=True)
+        return (total - low) / (high - low + 1e-5)
+
+
+class MSAttnProcessor(nn.Module):
+    """Cross-attention over text plus layout-masked subject tokens, for one UNet `attn2`."""
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState):
+        super().__init__()
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.state = state  # shared by every processor of the UNet
+        state.processors.append(self)
+        self._kv_cache: tuple | None = None
+        self._maps: tuple | None = None  # (generation, grid, running sum (B,N,hw), count)
+
+    def mean_map(self) -> torch.Tensor | None:
+        """(B, N, h, w) mean of this layer's recorded phrase attention maps."""
+        if self._maps is None:
+            return None
+        _, (h, w), total, count = self._maps
+        return (total / count).view(*total.shape[:2], h, w)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        layout = self.state.layout
+        if encoder_hidden_states is None or layout is None:
+            return _text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        batch, cells, _ = hidden_states.shape
+
+        num_text = encoder_hidden_states.shape[1] - layout.num_image_tokens
+        if num_text <= 0:
+            raise ValueError(
+                f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens but the layout expects "
+                f"{layout.num_image_tokens} image tokens after the text: append the subject tokens to the prompt embeddings."
+            )
+        text_states = encoder_hidden_states[:, :num_text]
+        image_states = encoder_hidden_states[:, num_text:]
+        if attn.norm_cross:
+            text_states = attn.norm_encoder_hidden_states(text_states)
+
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        key = _heads(attn.to_k(text_states), attn.heads)
+        value = _heads(attn.to_v(text_states), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])[..., :num_text]
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+
+        # Only the conditional rows carry image tokens; with CFG they are the second half.
+        rows = layout.batch_size
+        if batch == 2 * rows:
+            cond = slice(rows, batch)
+        elif batch == rows:
+            cond = slice(0, batch)
+        else:
+            raise ValueError(f"UNet batch of {batch} does not match a layout of {rows} samples (or twice that with CFG).")
+
+        h, w = self.state.grid(cells)
+        bias, inside = self.state.box_masks(h, w, query.device, query.dtype)
+        if layout.mask_threshold is not None:
+            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w)
+            if regions is not None:
+                bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, query.dtype)
+
+        key_ip, value_ip = self._image_key_value(attn, image_states[cond])
+        image_out = F.scaled_dot_product_attention(query[cond], key_ip, value_ip, attn_mask=bias)
+        image_out = image_out * inside[:, None]
+        scale = 1.0 if layout.subject_scales is not None else layout.scale
+        if cond.start == 0:
+            out = out + scale * image_out
+        else:
+            out = torch.cat([out[:rows], out[rows:] + scale * image_out])
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _image_key_value(self, attn, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        if state.static_image_tokens and self._kv_cache is not None and self._kv_cache[0] == state.generation:
+            return self._kv_cache[1]
+        key_ip = _heads(self.to_k_ip(image_states), attn.heads)
+        value = self.to_v_ip(image_states)
+        scales = state.value_scales(value.device, value.dtype)
+        if scales is not None:
+            value = value * scales
+        result = (key_ip, _heads(value, attn.heads))
+        self._kv_cache = (state.generation, result) if state.static_image_tokens else None
+        return result
+
+    def _record_and_auto_layout(self, attn, query, key, h: int, w: int) -> torch.Tensor | None:
+        """Record this step's phrase attention maps; once `start_step` maps are in, return the
+        (B, N, hw) regions thresholded from their running mean (else None: use the boxes)."""
+        layout, state = self.state.layout, self.state
+        probs = torch.softmax((query.float() @ key.float().transpose(-2, -1)) * attn.scale, dim=-1)
+        weights = state.phrase_weights(key.shape[-2], query.device)  # (B, T_text, N)
+        maps = (probs.mean(dim=1) @ weights).transpose(1, 2)  # (B, N, hw)
+        if self._maps is None or self._maps[0] != state.generation:
+            self._maps = (state.generation, (h, w), maps, 1)
+        else:
+            _, grid, total, count = self._maps
+            self._maps = (state.generation, grid, total + maps, count + 1)
+        _, _, total, count = self._maps
+        if count < layout.start_step:
+            return None
+        return auto_layout_regions(total / count, layout.mask_threshold)
+
+
+class TextOnlyAttnProcessor:
+    """For ControlNets fed the UNet's encoder hidden states: attend to the text tokens only."""
+
+    def __init__(self, state: MSAttentionState):
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        layout = self.state.layout
+        if encoder_hidden_states is not None and layout is not None:
+            num_text = encoder_hidden_states.shape[1] - layout.num_image_tokens
+            encoder_hidden_states = encoder_hidden_states[:, :num_text]
+            if attention_mask is not None:
+                attention_mask = attention_mask[..., :num_text]
+        return _text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+# diffusers' own SDPA processor is the plain path (no subjects active).
+_text_attention = AttnProcessor2_0()

@@ -1,0 +1,215 @@
+"""Benchmark definitions (MS-Bench, DreamBench) as data, and the samples they expand to.
+
+A *sample* is one prompt with its subjects (reference images, phrase, box); the runner generates
+`images_per_sample` images for each. Definitions live in `data/*.json` inside the package so a fresh
+install can count, list and run them; the subject photos come from a directory the user points at.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+DATA_DIR = Path(__file__).parent / "data"
+BENCHMARKS = {"msbench": "msbench.json", "dreambench": "dreambench.json"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class SubjectSpec:
+    name: str  # the subject's key in the definition, e.g. "dog2"
+    phrase: str  # its class word, as it appears in the prompt
+    source: str  # reference file, or folder of reference photos, relative to the images directory
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Sample:
+    benchmark: str
+    sample_id: str
+    group: str  # MS-Bench: combination type; DreamBench: "live" or "object"
+    prompt: str
+    subjects: tuple[SubjectSpec, ...]
+
+    @property
+    def combination(self) -> tuple[str, ...]:
+        return tuple(subject.name for subject in self.subjects)
+
+
+@dataclass
+class Benchmark:
+    key: str
+    name: str
+    samples: list[Sample]
+    images_per_sample: int
+    definition: dict = field(repr=False)
+
+    @property
+    def groups(self) -> list[str]:
+        return list(dict.fromkeys(sample.group for sample in self.samples))
+
+    @property
+    def num_combinations(self) -> int:
+        return len({sample.combination for sample in self.samples})
+
+    def summary(self) -> str:
+        unit = "subjects" if self.key == "dreambench" else "combinations"
+        return (
+            f"{self.name}: {self.num_combinations} {unit}, {len(self.samples)} samples "
+            f"({self.images_per_sample} image{'s' if self.images_per_sample > 1 else ''} per sample by default)"
+        )
+
+
+def load_definition(key: str) -> dict:
+    if key not in BENCHMARKS:
+        raise ValueError(f"Unknown benchmark {key!r}; choose one of: {', '.join(BENCHMARKS)}.")
+    return json.loads((DATA_DIR / BENCHMARKS[key]).read_text())
+
+
+@lru_cache(maxsize=None)
+def load_benchmark(key: str) -> Benchmark:
+    """The packaged definition of `key`, expanded to samples and checked against its expected counts."""
+    definition = load_definition(key)
+    samples = expand_msbench(definition) if key == "msbench" else expand_dreambench(definition)
+    benchmark = Benchmark(key, definition["name"], samples, int(definition.get("images_per_sample", 1)), definition)
+    expected = definition.get("expected", {})
+    found = {"combinations": benchmark.num_combinations, "subjects": benchmark.num_combinations, "samples": len(samples)}
+    for what, count in expected.items():
+        if found[what] != count:
+            raise RuntimeError(f"{benchmark.name} definition expands to {found[what]} {what}, expected {count}.")
+    return benchmark
+
+
+def expand_msbench(definition: dict) -> list[Sample]:
+    """Combinations follow the definition's `note`: distinct unordered subjects when all types are the
+    same, one subject per type otherwise; each combination takes every prompt template of its type."""
+    subjects_by_type: dict[str, list[str]] = {}
+    for name, subject in definition["subjects"].items():
+        subjects_by_type.setdefault(subject["type"], []).append(name)
+
+    samples = []
+    for combination_type, spec in definition["combination_types"].items():
+        types = spec["types"]
+        if len(set(types)) == 1:
+            combinations = itertools.combinations(subjects_by_type[types[0]], len(types))
+        elif len(set(types)) == len(types):
+            combinations = itertools.product(*(subjects_by_type[t] for t in types))
+        else:  # e.g. ["living", "living", "object"]: the note does not define it, so refuse to guess
+            raise ValueError(f"{combination_type}: mixed repeated types {types} are not defined by MS-Bench.")
+        for names in combinations:
+            subjects = tuple(
+                SubjectSpec(name, definition["subjects"][name]["class"], definition["subjects"][name]["file"], tuple(box))
+                for name, box in zip(names, spec["boxes"])
+            )
+            for index, template in enumerate(spec["prompts"]):
+                prompt = template.format(*(subject.phrase for subject in subjects))
+                sample_id = f"{combination_type}.{'+'.join(names)}.p{index}"
+                samples.append(Sample("msbench", sample_id, combination_type, prompt, subjects))
+    return samples
+
+
+def expand_dreambench(definition: dict) -> list[Sample]:
+    samples = []
+    box = tuple(definition["box"])
+    for name, subject in definition["subjects"].items():
+        group = "live" if subject["live"] else "object"
+        spec = SubjectSpec(name, subject["class"], subject["folder"], box)
+        for index, template in enumerate(definition["prompts"][group]):
+            prompt = template.format(subject["class"])
+            samples.append(Sample("dreambench", f"dreambench.{name}.p{index:02d}", group, prompt, (spec,)))
+    return samples
+
+
+# --- reference images on disk -------------------------------------------------------------------
+
+
+def reference_files(images_dir: Path, source: str) -> list[Path]:
+    """The reference photos for `source`: the file itself, or the image files of a folder, sorted."""
+    path = Path(images_dir) / source
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return []
+
+
+@dataclass
+class Availability:
+    """Which samples can be built from an images directory, and why the others cannot."""
+
+    buildable: list[Sample]
+    missing_sources: dict[str, list[Sample]]  # subject source -> samples that need it
+
+    @property
+    def unbuildable(self) -> list[Sample]:
+        seen: dict[str, Sample] = {}
+        for samples in self.missing_sources.values():
+            for sample in samples:
+                seen.setdefault(sample.sample_id, sample)
+        return list(seen.values())
+
+    def describe(self, images_dir: Path, total: int) -> list[str]:
+        lines = [f"buildable from {images_dir}: {len(self.buildable)} of {total} samples"]
+        for source, samples in self.missing_sources.items():
+            groups = Counter(sample.group for sample in samples)
+            per_group = ", ".join(f"{group} {count}" for group, count in groups.items())
+            lines.append(
+                f"  missing {source} (not found or no images in it): {len(samples)} samples cannot be built ({per_group})"
+            )
+        return lines
+
+
+def check_images(samples: Sequence[Sample], images_dir: Path) -> Availability:
+    images_dir = Path(images_dir)
+    present: dict[str, bool] = {}
+    missing: dict[str, list[Sample]] = {}
+    buildable = []
+    for sample in samples:
+        ok = True
+        for subject in sample.subjects:
+            if subject.source not in present:
+                present[subject.source] = bool(reference_files(images_dir, subject.source))
+            if not present[subject.source]:
+                missing.setdefault(subject.source, []).append(sample)
+                ok = False
+        if ok:
+            buildable.append(sample)
+    return Availability(buildable, missing)
+
+
+# --- choosing a subset ----------------------------------------------------------------------------
+
+
+def select_samples(
+    benchmark: Benchmark, only: Sequence[str] | None = None, fraction: float | None = None, seed: int = 0
+) -> list[Sample]:
+    """Samples matching any of `only` (a group name, or a glob on sample ids), then a seeded random
+    `fraction` of them. The choice depends only on the arguments, never on the machine or process."""
+    samples = benchmark.samples
+    if only:
+        unmatched = [p for p in only if not any(_matches(p, s) for s in samples)]
+        if unmatched:
+            raise ValueError(
+                f"{benchmark.name}: {', '.join(map(repr, unmatched))} match no sample. Give a group "
+                f"({', '.join(benchmark.groups)}) or a pattern on sample ids such as {samples[0].sample_id!r} "
+                f"(see `msdiff bench list --bench {benchmark.key} --samples`)."
+            )
+        samples = [s for s in samples if any(_matches(p, s) for p in only)]
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        count = max(1, round(fraction * len(samples)))
+        chosen = set(random.Random(seed).sample([s.sample_id for s in samples], count))
+        samples = [s for s in samples if s.sample_id in chosen]
+    return list(samples)
+
+
+def _matches(pattern: str, sample: Sample) -> bool:
+    return pattern == sample.group or fnmatch.fnmatchcase(sample.sample_id, pattern)

@@ -1,0 +1,274 @@
+"""The training dataset: a manifest read lazily, one sample at a time.
+
+Contract with the training loop. `MSDiffusionDataset[i]` returns a dict with exactly these keys:
+
+| key | type | meaning |
+| --- | --- | --- |
+| `pixel_values` | float tensor (3, H, W) in [-1, 1] | target image, resized to cover (H, W) and cropped |
+| `caption` | str | the caption, untouched (the loop tokenizes; it also applies text drop) |
+| `original_size` | (h, w) ints | target image size before resizing (SDXL size conditioning) |
+| `crop_top_left` | (top, left) ints | crop offset in the resized image (SDXL crop conditioning) |
+| `target_size` | (h, w) ints | (H, W) |
+| `subject_pixel_values` | float tensor (max_subjects, 3, 224, 224) | CLIP-preprocessed references, zeros for padding |
+| `subject_phrases` | list[str], length max_subjects | phrases, "" for padding |
+| `subject_boxes` | float tensor (max_subjects, 4) | boxes [x0, y0, x1, y1] in [0, 1] of the crop, zeros for padding |
+| `num_subjects` | int | how many of the max_subjects slots are real subjects |
+| `index` | int | position of the sample in the manifest (0-based, blank lines not counted) |
+
+`collate_subjects` stacks a list of such dicts into a batch: tensors are stacked, the size tuples and
+ints become long tensors of shape (B, 2) / (B,), `caption` and `subject_phrases` stay lists.
+
+The dataset does not tokenize and applies no drop (image / text / grounding): the training loop
+does both, with its own tokenizers and RNG, so that a resumed run draws exactly what an
+uninterrupted one would. The dataset's own randomness (random crops) comes from
+`(seed, epoch, index)` alone, so it does not depend on worker count or sample order either; call
+`set_epoch` at the start of every epoch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+from ..subjects import default_image_processor, prepare_reference_pixels
+from .manifest import ManifestError, Sample, crop_pixels, iter_lines, parse_line, validate_manifest
+
+CROP_MODES = ("random", "center")
+
+
+class MSDiffusionDataset(Dataset):
+    """Samples of a JSON-lines manifest, as training tensors (see the module docstring for the keys).
+
+    Args:
+        manifest: path of the manifest (docs/data.md).
+        resolution: training size, an int for squares or (height, width).
+        max_subjects: subject slots per sample; extra subjects (in manifest order) are left out.
+        crop: "random" or "center" crop of the target after resizing it to cover the resolution.
+        min_visible_fraction: a subject whose box keeps less than this fraction of its area inside the
+            crop is dropped (one fully outside is always dropped); others have their box clipped.
+        mask_references: blank the background of references that have a mask.
+        mask_color: RGB colour of the blanked background (white by default, as in the release).
+        reference_square_size: side of the square references are squashed to before CLIP preprocessing
+            (default: the larger side of `resolution`, as in training).
+        image_processor: CLIP image processor (default: CLIP's standard, PIL backend).
+        seed: base seed of the random crops.
+        validate: check the whole manifest (schema and that files exist) when the dataset is built.
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike,
+        resolution: int | Sequence[int] = 1024,
+        max_subjects: int = 4,
+        crop: str = "random",
+        min_visible_fraction: float = 0.3,
+        mask_references: bool = True,
+        mask_color: Sequence[int] = (255, 255, 255),
+        reference_square_size: int | None = None,
+        image_processor: Any = None,
+        seed: int = 0,
+        validate: bool = True,
+    ):
+        self.manifest = Path(manifest)
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {self.manifest}")
+        if isinstance(resolution, int):
+            resolution = (resolution, resolution)
+        if len(resolution) != 2 or min(resolution) <= 0:
+            raise ValueError(f"resolution must be a positive int or (height, width), got {resolution!r}")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
+        if max_subjects < 1:
+            raise ValueError(f"max_subjects must be at least 1, got {max_subjects}")
+        if not 0 <= min_visible_fraction <= 1:
+            raise ValueError(f"min_visible_fraction must be in [0, 1], got {min_visible_fraction}")
+        if len(mask_color) != 3 or not all(0 <= int(c) <= 255 for c in mask_color):
+            raise ValueError(f"mask_color must be three integers in 0..255, got {mask_color!r}")
+        self.target_size = (int(resolution[0]), int(resolution[1]))
+        self.max_subjects = max_subjects
+        self.crop = crop
+        self.min_visible_fraction = min_visible_fraction
+        self.mask_references = mask_references
+        self.mask_color = tuple(int(c) for c in mask_color)
+        self.reference_square_size = reference_square_size or max(self.target_size)
+        self.image_processor = image_processor if image_processor is not None else default_image_processor()
+        self.seed = seed
+        self.epoch = 0
+
+        if validate:
+            _, problems, total = validate_manifest(self.manifest, check_files=True)
+            if problems:
+                raise ManifestError(self.manifest, problems, total)
+        # Only byte offsets and line numbers stay in memory (16 bytes a sample): workers forked by the
+        # DataLoader share them without the copy-on-write growth that lists of Python objects cause.
+        numbers, offsets = [], []
+        for number, offset, _ in iter_lines(self.manifest):
+            numbers.append(number)
+            offsets.append(offset)
+        self._line_numbers = np.array(numbers, dtype=np.int64)
+        self._offsets = np.array(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def sample(self, index: int) -> Sample:
+        """The parsed manifest entry at `index`."""
+        with open(self.manifest, "rb") as handle:
+            handle.seek(int(self._offsets[index]))
+            text = handle.readline().decode("utf-8", errors="replace")
+        line = int(self._line_numbers[index])
+        sample, problems = parse_line(text, line, self.manifest.parent, check_files=False)
+        if sample is None:  # the file changed since it was validated
+            raise ManifestError(self.manifest, problems)
+        return sample
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        sample = self.sample(index)
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        where = f"{self.manifest}:{sample.line}"
+
+        image = _open_rgb(sample.image, f"{where}: image")
+        pixels, original_size, crop_top_left, scale = resize_and_crop(image, self.target_size, self.crop, rng)
+
+        kept = []
+        for subject in sample.subjects:
+            box = transform_box(subject.box, original_size, scale, crop_top_left, self.target_size, self.min_visible_fraction)
+            if box is not None:
+                kept.append((subject, box))
+        kept = kept[: self.max_subjects]
+
+        references = [self._reference_image(subject.reference, where, j) for j, (subject, _) in enumerate(kept)]
+        subject_pixels = torch.zeros(self.max_subjects, 3, *self._clip_size())
+        if references:
+            subject_pixels[: len(references)] = prepare_reference_pixels(
+                references, self.image_processor, self.reference_square_size
+            )
+        boxes = torch.zeros(self.max_subjects, 4)
+        phrases = [""] * self.max_subjects
+        for j, (subject, box) in enumerate(kept):
+            boxes[j] = torch.tensor(box)
+            phrases[j] = subject.phrase
+
+        return {
+            "pixel_values": pixels,
+            "caption": sample.caption,
+            "original_size": original_size,
+            "crop_top_left": crop_top_left,
+            "target_size": self.target_size,
+            "subject_pixel_values": subject_pixels,
+            "subject_phrases": phrases,
+            "subject_boxes": boxes,
+            "num_subjects": len(kept),
+            "index": index,
+        }
+
+    def _clip_size(self) -> tuple[int, int]:
+        crop_size = getattr(self.image_processor, "crop_size", None) or {"height": 224, "width": 224}
+        if isinstance(crop_size, dict):
+            return int(crop_size["height"]), int(crop_size["width"])
+        return int(crop_size.height), int(crop_size.width)
+
+    def _reference_image(self, reference, where: str, j: int) -> PIL.Image.Image:
+        what = f"{where}: subjects[{j}].reference"
+        image = _open_rgb(reference.image, f"{what}.image")
+        box = None
+        if reference.crop is not None:
+            left, top, width, height = crop_pixels(reference.crop, image.size)
+            box = (left, top, left + width, top + height)
+        cropped = image.crop(box) if box else image
+        if reference.mask is None or not self.mask_references:
+            return cropped
+        with PIL.Image.open(reference.mask) as opened:
+            mask = opened.convert("L")
+        if box and mask.size == image.size:
+            mask = mask.crop(box)
+        if mask.size != cropped.size:
+            raise ValueError(
+                f"{what}.mask: mask is {mask.size[0]}x{mask.size[1]}, expected the reference image's size "
+                f"{image.size[0]}x{image.size[1]} or its crop's {cropped.size[0]}x{cropped.size[1]}"
+            )
+        background = PIL.Image.new("RGB", cropped.size, self.mask_color)
+        return PIL.Image.composite(cropped, background, mask.point(lambda v: 255 if v >= 128 else 0))
+
+
+def resize_and_crop(
+    image: PIL.Image.Image, target_size: tuple[int, int], crop: str, rng: np.random.Generator
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int], tuple[float, float]]:
+    """Resize `image` to cover `target_size` (aspect kept) and crop it there.
+
+    Returns the pixels in [-1, 1] (3, H, W), the original (h, w), the crop's (top, left) in the
+    resized image, and the (x, y) scale factors of the resize.
+    """
+    width, height = image.size
+    target_h, target_w = target_size
+    factor = max(target_h / height, target_w / width)
+    resized_w, resized_h = max(target_w, round(width * factor)), max(target_h, round(height * factor))
+    if (resized_w, resized_h) != (width, height):
+        image = image.resize((resized_w, resized_h), PIL.Image.BICUBIC)
+    if crop == "random":
+        top = int(rng.integers(0, resized_h - target_h + 1))
+        left = int(rng.integers(0, resized_w - target_w + 1))
+    else:
+        top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
+    image = image.crop((left, top, left + target_w, top + target_h))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return pixels, (height, width), (top, left), (resized_w / width, resized_h / height)
+
+
+def transform_box(
+    box: Sequence[float],
+    original_size: tuple[int, int],
+    scale: tuple[float, float],
+    crop_top_left: tuple[int, int],
+    target_size: tuple[int, int],
+    min_visible_fraction: float = 0.0,
+) -> tuple[float, float, float, float] | None:
+    """Map a box of the original image into the crop; None when too little of it stays visible."""
+    height, width = original_size
+    top, left = crop_top_left
+    target_h, target_w = target_size
+    x0, x1 = (v * width * scale[0] - left for v in (box[0], box[2]))
+    y0, y1 = (v * height * scale[1] - top for v in (box[1], box[3]))
+    area = (x1 - x0) * (y1 - y0)
+    cx0, cx1 = min(max(x0, 0.0), target_w), min(max(x1, 0.0), target_w)
+    cy0, cy1 = min(max(y0, 0.0), target_h), min(max(y1, 0.0), target_h)
+    visible = (cx1 - cx0) * (cy1 - cy0)
+    if visible <= 0 or area <= 0 or visible / area < min_visible_fraction:
+        return None
+    return (cx0 / target_w, cy0 / target_h, cx1 / target_w, cy1 / target_h)
+
+
+def collate_subjects(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack dataset samples into a batch (tensors stacked, sizes as long tensors, lists kept)."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, Any] = {}
+    for key in ("pixel_values", "subject_pixel_values", "subject_boxes"):
+        out[key] = torch.stack([item[key] for item in batch])
+    for key in ("original_size", "crop_top_left", "target_size", "num_subjects", "index"):
+        out[key] = torch.tensor([item[key] for item in batch], dtype=torch.long)
+    out["caption"] = [item["caption"] for item in batch]
+    out["subject_phrases"] = [list(item["subject_phrases"]) for item in batch]
+    return out
+
+
+def _open_rgb(path: Path, what: str) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(path) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError(f"{what}: file not found: {path}") from None
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise ValueError(f"{what}: cannot read {path} as an image ({error})") from error

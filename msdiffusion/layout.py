@@ -1,0 +1,193 @@
+"""Layout: boxes -> per-layer cell masks, phrases -> token positions, attention maps -> auto layout.
+
+Everything here is plain tensor maths on one generation's inputs; the attention processors call it
+once per generation and grid size (see `attention.MSAttentionState`), never per layer call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+# Additive bias that hides an image token from a cell (released value; exp(-10000) is exactly 0).
+MASK_BIAS = -10000.0
+# Added to the max-min range when normalising auto-layout maps.
+NORM_EPS = 1e-5
+
+
+@dataclass
+class SubjectLayout:
+    """The subjects of one UNet batch, as the multi-subject cross-attention needs them.
+
+    Rows are the conditional samples of the batch (the classifier-free-guidance negative half, if
+    any, is not described: its image tokens are zeros and contribute nothing).
+    """
+
+    boxes: torch.Tensor  # (B, N, 4) in [0, 1]; all-zero rows are "no box" (and padding)
+    latent_size: tuple[int, int]  # (H, W) of the UNet input
+    scale: float = 0.6
+    subject_scales: torch.Tensor | None = None  # (B, N); replaces `scale` when given
+    phrase_positions: list[list[list[int]]] | None = None  # [b][j] -> token positions in the text
+    mask_threshold: float | None = None  # auto layout on when set
+    start_step: int = 5
+    tokens_per_subject: int = 16
+    num_dummy_tokens: int = 4
+
+    def __post_init__(self) -> None:
+        if self.boxes.ndim != 3 or self.boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must have shape (batch, subjects, 4), got {tuple(self.boxes.shape)}")
+        if self.subject_scales is not None and self.subject_scales.shape != self.boxes.shape[:2]:
+            raise ValueError(
+                f"subject_scales must have shape {tuple(self.boxes.shape[:2])}, got {tuple(self.subject_scales.shape)}"
+            )
+        if self.mask_threshold is not None and self.phrase_positions is None:
+            raise ValueError("auto layout (mask_threshold) needs the phrases' token positions")
+
+    @property
+    def batch_size(self) -> int:
+        return self.boxes.shape[0]
+
+    @property
+    def num_subjects(self) -> int:
+        return self.boxes.shape[1]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_dummy_tokens + self.num_subjects * self.tokens_per_subject
+
+    def repeat_interleave(self, repeats: int) -> "SubjectLayout":
+        """The layout of a batch where every row is repeated `repeats` times in a row."""
+        if repeats == 1:
+            return self
+        positions = None
+        if self.phrase_positions is not None:
+            positions = [row for row in self.phrase_positions for _ in range(repeats)]
+        scales = None if self.subject_scales is None else self.subject_scales.repeat_interleave(repeats, 0)
+        return SubjectLayout(
+            boxes=self.boxes.repeat_interleave(repeats, 0),
+            latent_size=self.latent_size,
+            scale=self.scale,
+            subject_scales=scales,
+            phrase_positions=positions,
+            mask_threshold=self.mask_threshold,
+            start_step=self.start_step,
+            tokens_per_subject=self.tokens_per_subject,
+            num_dummy_tokens=self.num_dummy_tokens,
+        )
+
+
+def latent_grid(latent_size: tuple[int, int], sequence_length: int) -> tuple[int, int]:
+    """The `h x w` grid of a UNet level whose flattened length is `sequence_length`.
+
+    SDXL's stride-2 convolutions (kernel 3, padding 1) give `ceil(n / 2)` per level.
+    """
+    h, w = latent_size
+    while h * w > sequence_length and (h > 1 or w > 1):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != sequence_length:
+        raise ValueError(
+            f"No UNet level of a {latent_size[0]}x{latent_size[1]} latent has {sequence_length} cells; "
+            "the layout was made for another image size."
+        )
+    return h, w
+
+
+def box_regions(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, N, 4) boxes -> (B, N, h*w) bool: the cells each box covers on an `h x w` grid.
+
+    A box covers columns `[floor(x0*w), ceil(x1*w))` and rows `[floor(y0*h), ceil(y1*h))`, computed
+    in float64 like Python floats; an all-zero box covers nothing.
+    """
+    boxes = boxes.detach().to("cpu", torch.float64)
+    x0 = torch.floor(boxes[..., 0] * w)[..., None]
+    y0 = torch.floor(boxes[..., 1] * h)[..., None]
+    x1 = torch.ceil(boxes[..., 2] * w)[..., None]
+    y1 = torch.ceil(boxes[..., 3] * h)[..., None]
+    rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
+    cols = torch.arange(w, dtype=torch.float64).repeat(h)
+    return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+
+
+def regions_to_bias(
+    regions: torch.Tensor, tokens_per_subject: int, num_dummy_tokens: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subject regions (B, N, hw) -> attention bias (B, 1, hw, T) over the image tokens and the
+    (B, hw, 1) mask of cells that receive any image contribution.
+
+    Subject j's tokens are visible only inside its region; the dummy tokens only outside every
+    region, where the image branch is then zeroed.
+    """
+    inside = regions.any(dim=1)  # (B, hw)
+    dummy = (~inside)[:, None, :].expand(-1, num_dummy_tokens, -1)
+    visible = torch.cat([dummy, regions.repeat_interleave(tokens_per_subject, dim=1)], dim=1)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=regions.device).masked_fill_(~visible, MASK_BIAS)
+    return bias.transpose(1, 2)[:, None], inside[..., None].to(dtype)
+
+
+def auto_layout_regions(mean_maps: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, N, hw) averaged attention maps -> (B, N, hw) bool regions: min-max normalise each map, threshold."""
+    low = mean_maps.amin(dim=-1, keepdim=True)
+    high = mean_maps.amax(dim=-1, keepdim=True)
+    return (mean_maps - low) / (high - low + NORM_EPS) > threshold
+
+
+def phrase_token_positions(tokenizer, prompt: str, phrases: list[str]) -> list[list[int]]:
+    """Token positions of each phrase in the tokenized prompt (position 0 is the start token).
+
+    Matching uses the tokenizer's own tokens, so case and punctuation are handled as the text
+    encoder sees them. The k-th subject with a given phrase maps to the k-th occurrence of it.
+    An empty list means "not found".
+    """
+    max_length = getattr(tokenizer, "model_max_length", 77)
+    prompt_ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids
+    occurrences_used: dict[tuple[int, ...], int] = {}
+    positions = []
+    for phrase in phrases:
+        ids = tuple(tokenizer(phrase, add_special_tokens=False).input_ids)
+        starts = _occurrences(prompt_ids, ids)
+        k = occurrences_used.get(ids, 0)
+        occurrences_used[ids] = k + 1
+        positions.append(list(range(starts[k], starts[k] + len(ids))) if k < len(starts) and ids else [])
+    return positions
+
+
+def _occurrences(sequence: list[int], pattern: tuple[int, ...]) -> list[int]:
+    """Start indices of non-overlapping occurrences of `pattern` in `sequence`."""
+    starts, i, n = [], 0, len(pattern)
+    while n and i + n <= len(sequence):
+        if tuple(sequence[i : i + n]) == pattern:
+            starts.append(i)
+            i += n
+        else:
+            i += 1
+    return starts
+
+
+def phrase_weights(phrase_positions: list[list[list[int]]], num_text_tokens: int, num_subjects: int) -> torch.Tensor:
+    """(B, T_text, N) averaging weights: column j holds 1/len at subject j's phrase positions."""
+    weights = torch.zeros(len(phrase_positions), num_text_tokens, num_subjects)
+    for b, row in enumerate(phrase_positions):
+        for j, positions in enumerate(row):
+            positions = [p for p in positions if p < num_text_tokens]
+            if positions:
+                weights[b, positions, j] = 1.0 / len(positions)
+    return weights
+
+
+def warn_missing_phrases(prompt: str, phrases: list[str], positions: list[list[int]], auto_layout: bool) -> None:
+    for phrase, found in zip(phrases, positions):
+        if found:
+            continue
+        consequence = (
+            "auto layout cannot guide this subject (it gets no region once auto layout starts)"
+            if auto_layout
+            else "its phrase embedding is still used, but it cannot be located in the text"
+        )
+        warnings.warn(
+            f"Subject phrase {phrase!r} was not found in the prompt {prompt!r} (or not as often as it is "
+            f"given): {consequence}. Use the exact words of the prompt as the phrase.",
+            stacklevel=3,
+        )

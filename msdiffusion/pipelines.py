@@ -1,0 +1,415 @@
+"""SDXL pipelines with subject inputs.
+
+The pipelines are diffusers' own SDXL pipelines with one extra step before denoising: the
+subjects are encoded into image tokens, appended to the prompt embeddings (zeros for the
+negative prompt), and the layout is handed to the attention processors for the duration of
+the call. Everything else (schedulers, callbacks, LoRA, offload, ControlNet) is diffusers'.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+from diffusers.utils import BaseOutput
+
+from .adapter import (
+    AdapterMismatchError,
+    MSAdapterCheckpoint,
+    MSImageProjection,
+    attach_ms_attention,
+    attach_text_only,
+    check_fits_unet,
+    checkpoint_from_models,
+    detach_ms_attention,
+    load_checkpoint,
+    ms_attention_state,
+)
+from .layout import SubjectLayout, phrase_token_positions, warn_missing_phrases
+from .subjects import (
+    REFERENCE_SQUARE_SIZE,
+    Subject,
+    build_subjects,
+    default_image_processor,
+    encode_phrases,
+    encode_reference_images,
+    prepare_reference_pixels,
+)
+
+
+@dataclass
+class MSDiffusionPipelineOutput(BaseOutput):
+    """`images` as in SDXL; `auto_layout_maps` (B, N, h, w) in [0, 1] when auto layout ran."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    auto_layout_maps: torch.Tensor | None = None
+
+
+class MSDiffusionMixin:
+    """Adapter loading and subject handling shared by the MS-Diffusion pipelines."""
+
+    # ---- adapter ---------------------------------------------------------------------------
+    def load_ms_adapter(
+        self,
+        pretrained_model_name_or_path: str | os.PathLike | MSAdapterCheckpoint,
+        image_encoder: str | os.PathLike | torch.nn.Module | None = None,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        image_encoder_subfolder: str | None = None,
+        **hub_kwargs,
+    ) -> None:
+        """Load the adapter (released `ms_adapter.bin`, project folder, or hub repo) and the image encoder.
+
+        The checkpoint is checked against this UNet, text encoder and image encoder before anything
+        is changed; a mismatch raises `AdapterMismatchError` naming the first bad key and shapes.
+        """
+        if isinstance(pretrained_model_name_or_path, MSAdapterCheckpoint):
+            checkpoint = pretrained_model_name_or_path
+        else:
+            checkpoint = load_checkpoint(pretrained_model_name_or_path, weight_name, subfolder, **hub_kwargs)
+        check_fits_unet(checkpoint, self.unet)
+        encoder, processor = self._resolve_image_encoder(image_encoder, image_encoder_subfolder, **hub_kwargs)
+        config = checkpoint.resampler_config
+        if encoder.config.hidden_size != config.embedding_dim:
+            raise AdapterMismatchError(
+                f"The resampler reads {config.embedding_dim}-d image features (image_proj.proj_in.weight) but the image "
+                f"encoder's hidden size is {encoder.config.hidden_size}: use the encoder the adapter was trained with."
+            )
+        if self.text_encoder is not None and self.text_encoder.config.hidden_size != config.phrase_dim:
+            raise AdapterMismatchError(
+                f"The resampler reads {config.phrase_dim}-d phrase embeddings (image_proj.latent_proj.0.weight) but the "
+                f"first text encoder's hidden size is {self.text_encoder.config.hidden_size}."
+            )
+        projection = checkpoint.image_projection()
+        # nn.Module.to: diffusers 0.42's ModelMixin.to warns about fp32 modules on every dtype cast.
+        torch.nn.Module.to(projection, self.unet.device, self.unet.dtype)
+        attach_ms_attention(self.unet, checkpoint.attention, getattr(self, "controlnet", None))
+        self.register_modules(ms_image_projection=projection, image_encoder=encoder, feature_extractor=processor)
+
+    def _resolve_image_encoder(self, image_encoder, subfolder, **hub_kwargs):
+        if image_encoder is None:
+            if self.image_encoder is None:
+                raise ValueError(
+                    "No image encoder: pass image_encoder= (a folder or hub id of CLIP ViT-bigG/14, e.g. "
+                    "'laion/CLIP-ViT-bigG-14-laion2B-39B-b160k', or a CLIPVisionModelWithProjection)."
+                )
+            return self.image_encoder, self.feature_extractor or default_image_processor()
+        if isinstance(image_encoder, torch.nn.Module):
+            return image_encoder.to(self.unet.device), self.feature_extractor or default_image_processor()
+        from transformers import CLIPVisionModelWithProjection
+
+        kwargs = {"subfolder": subfolder} if subfolder else {}
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            image_encoder, dtype=self.unet.dtype, **kwargs, **hub_kwargs
+        ).to(self.unet.device)
+        processor = default_image_processor()
+        try:  # the folder's own preprocessing if it has one, else CLIP's standard
+            processor = type(processor).from_pretrained(image_encoder, **kwargs, **hub_kwargs)
+        except (OSError, ValueError):
+            pass
+        return encoder, processor
+
+    def unload_ms_adapter(self) -> None:
+        """Restore plain SDXL attention and drop the adapter's modules."""
+        detach_ms_attention(self.unet, getattr(self, "controlnet", None))
+        self.register_modules(ms_image_projection=None)
+
+    def save_ms_adapter(self, path: str | os.PathLike) -> os.PathLike:
+        """Save the loaded adapter: released format if `path` ends in `.bin`, else the project format."""
+        if self.ms_image_projection is None:
+            raise ValueError("No MS-Diffusion adapter is loaded: call load_ms_adapter() first.")
+        return checkpoint_from_models(self.unet, self.ms_image_projection).save(path)
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "ms_image_projection", None) is not None:
+            raise ValueError(
+                "Saving a pipeline with the MS-Diffusion adapter attached would store its weights inside the UNet. "
+                "Save the adapter with save_ms_adapter(path), call unload_ms_adapter(), then save_pretrained()."
+            )
+        return super().save_pretrained(*args, **kwargs)
+
+    # ---- subjects --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_subjects(
+        self,
+        subjects: list[list[Subject]],
+        device: torch.device,
+        drop_grounding_tokens: bool = False,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+    ) -> torch.Tensor:
+        """Per prompt `[dummy tokens | 16 tokens per subject | zero padding]`: (B, 4 + 16 * N, D)."""
+        if self.ms_image_projection is None or self.image_encoder is None:
+            raise ValueError("Subjects need the MS-Diffusion adapter: call pipe.load_ms_adapter(...) first.")
+        flat = [subject for row in subjects for subject in row]
+        pixels = [prepare_reference_pixels(s.images, self.feature_extractor, reference_size) for s in flat]
+        features, feature_mask = encode_reference_images(self.image_encoder, pixels, device)
+        phrase_embeds = encode_phrases(self.tokenizer, self.text_encoder, [s.phrase for s in flat], device)
+        projection = self.ms_image_projection
+        dtype = projection.dtype
+        boxes = torch.tensor([s.box for s in flat], device=device, dtype=dtype)
+        drop = torch.full((len(flat),), drop_grounding_tokens, device=device) if drop_grounding_tokens else None
+        tokens = projection(features.to(dtype), phrase_embeds.to(dtype), boxes, drop, feature_mask)
+
+        num_subjects = max(len(row) for row in subjects)
+        per_subject = tokens.shape[1]
+        dummy = projection.dummy_image_tokens.to(device, dtype)
+        out = torch.zeros(len(subjects), dummy.shape[1] + num_subjects * per_subject, tokens.shape[-1], device=device, dtype=dtype)
+        out[:, : dummy.shape[1]] = dummy
+        start = 0
+        for b, row in enumerate(subjects):
+            block = tokens[start : start + len(row)].reshape(-1, tokens.shape[-1])
+            out[b, dummy.shape[1] : dummy.shape[1] + block.shape[0]] = block
+            start += len(row)
+        return out
+
+    def subject_layout(
+        self,
+        prompts: list[str],
+        subjects: list[list[Subject]],
+        height: int,
+        width: int,
+        ms_scale: float,
+        mask_threshold: float | None,
+        start_step: int,
+    ) -> SubjectLayout:
+        """The layout the attention processors use, one row per prompt."""
+        num_subjects = max(len(row) for row in subjects)
+        boxes = torch.zeros(len(subjects), num_subjects, 4, dtype=torch.float64)
+        scales = None
+        if any(s.scale is not None for row in subjects for s in row):
+            scales = torch.zeros(len(subjects), num_subjects)
+        positions = []
+        for b, (prompt, row) in enumerate(zip(prompts, subjects)):
+            phrases = [s.phrase for s in row]
+            found = phrase_token_positions(self.tokenizer, prompt, phrases)
+            warn_missing_phrases(prompt, phrases, found, auto_layout=mask_threshold is not None)
+            positions.append(found + [[] for _ in range(num_subjects - len(row))])
+            for j, subject in enumerate(row):
+                boxes[b, j] = torch.tensor(subject.box, dtype=torch.float64)
+                if scales is not None:
+                    scales[b, j] = ms_scale if subject.scale is None else subject.scale
+        if mask_threshold is None and not boxes.any():
+            warnings.warn(
+                "No subject has a box and auto layout is off, so the subjects cannot affect the image: "
+                "give subject_boxes, or set mask_threshold (e.g. 0.5) to let auto layout place them.",
+                stacklevel=3,
+            )
+        config = self.ms_image_projection.resampler_config
+        return SubjectLayout(
+            boxes=boxes,
+            latent_size=(height // self.vae_scale_factor, width // self.vae_scale_factor),
+            scale=ms_scale,
+            subject_scales=scales,
+            phrase_positions=positions,
+            mask_threshold=mask_threshold,
+            start_step=start_step,
+            tokens_per_subject=config.num_queries,
+            num_dummy_tokens=self.ms_image_projection.config.num_dummy_tokens,
+        )
+
+    def _generate(
+        self,
+        parent_call: Callable,
+        prompt: str | list[str] | None,
+        subject_images: Any,
+        subject_phrases: Any,
+        subject_boxes: Any,
+        subject_scales: Any,
+        ms_scale: float,
+        drop_grounding_tokens: bool,
+        mask_threshold: float | None,
+        start_step: int,
+        reference_size: int,
+        kwargs: dict,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        return_dict = kwargs.pop("return_dict", True)
+        state = ms_attention_state(self.unet)
+        if subject_images is None and subject_phrases is None and subject_boxes is None:
+            output = parent_call(self, prompt=prompt, **kwargs)  # plain SDXL: no layout is active
+            return output if return_dict else (output.images,)
+        if state is None:
+            raise ValueError("Subjects need the MS-Diffusion adapter: call pipe.load_ms_adapter(...) first.")
+        if prompt is None or kwargs.get("prompt_embeds") is not None:
+            raise ValueError("With subjects, give `prompt` as text (not prompt_embeds): phrases are located in it.")
+        if mask_threshold is not None and not 0 <= mask_threshold < 1:
+            raise ValueError(f"mask_threshold must be in [0, 1) (normalised attention), got {mask_threshold}.")
+        if start_step < 1:
+            raise ValueError(f"start_step must be >= 1, got {start_step}.")
+        batched = not isinstance(prompt, str)
+        prompts = list(prompt) if batched else [prompt]
+        subjects = build_subjects(len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched)
+
+        device = self._execution_device
+        height = kwargs.pop("height", None) or self.default_sample_size * self.vae_scale_factor
+        width = kwargs.pop("width", None) or self.default_sample_size * self.vae_scale_factor
+        guidance_scale = kwargs.get("guidance_scale")
+        do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+        cross_attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=prompts,
+            prompt_2=kwargs.pop("prompt_2", None),
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=kwargs.pop("negative_prompt", None),
+            negative_prompt_2=kwargs.pop("negative_prompt_2", None),
+            lora_scale=cross_attention_kwargs.get("scale"),
+            clip_skip=kwargs.get("clip_skip"),
+        )
+        image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size)
+        image_tokens = image_tokens.to(prompt_embeds.dtype)
+        prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
+        if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
+            negative_embeds = torch.cat([negative_embeds, torch.zeros_like(image_tokens)], dim=1)
+        layout = self.subject_layout(prompts, subjects, height, width, ms_scale, mask_threshold, start_step)
+        layout = layout.repeat_interleave(kwargs.get("num_images_per_prompt") or 1)
+
+        with state.activate(layout, static_image_tokens=True):
+            output = parent_call(
+                self,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                pooled_prompt_embeds=pooled,
+                negative_pooled_prompt_embeds=negative_pooled,
+                height=height,
+                width=width,
+                **kwargs,
+            )
+        maps = state.auto_layout_maps() if mask_threshold is not None else None
+        if not return_dict:
+            return (output.images,)
+        return MSDiffusionPipelineOutput(images=output.images, auto_layout_maps=maps)
+
+
+_SUBJECT_DOC = """
+        Subject arguments (everything else is the parent SDXL pipeline's):
+            subject_images: one entry per subject (a PIL image, path, array, or a list of several images of
+                the same subject). With a list of prompts, one such list per prompt, or one list shared by all.
+            subject_phrases: the words naming each subject in the prompt, e.g. ["dog", "cat"].
+            subject_boxes: `[x0, y0, x1, y1]` per subject, fractions of the output image; all zeros = no box.
+            subject_scales: optional per-subject strength (replaces `ms_scale` for the subjects given one).
+            ms_scale: strength of the subject tokens (0.6 released default; ~0.4 for background-like subjects).
+            drop_grounding_tokens: use the learned grounding latents instead of phrase+box ones.
+            mask_threshold, start_step: auto layout; from step `start_step` each layer's subject regions come from
+                its averaged phrase attention maps thresholded at `mask_threshold` (good for overlapping boxes).
+            reference_size: the square the references are squashed to before CLIP preprocessing (512 released).
+"""
+
+
+class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
+    """SDXL with MS-Diffusion subjects. `from_pretrained` accepts anything diffusers' SDXL pipeline does."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
+    _optional_components = [*StableDiffusionXLPipeline._optional_components, "ms_image_projection"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        ms_image_projection: MSImageProjection | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+            image_encoder=image_encoder, feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
+        )  # fmt: skip
+        self.register_modules(ms_image_projection=ms_image_projection)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        subject_images: Any = None,
+        subject_phrases: Any = None,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        ms_scale: float = 0.6,
+        drop_grounding_tokens: bool = False,
+        mask_threshold: float | None = None,
+        start_step: int = 5,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        **kwargs,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        return self._generate(
+            StableDiffusionXLPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
+            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size, kwargs,
+        )  # fmt: skip
+
+    __call__.__doc__ = "Generate images with subjects in their boxes." + _SUBJECT_DOC
+
+
+class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControlNetPipeline):
+    """SDXL + ControlNet (one or several) with MS-Diffusion subjects; ControlNets see only the text tokens."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
+    _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "ms_image_projection"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        controlnet,
+        scheduler,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        feature_extractor=None,
+        image_encoder=None,
+        ms_image_projection: MSImageProjection | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+        )  # fmt: skip
+        self.register_modules(ms_image_projection=ms_image_projection)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        subject_images: Any = None,
+        subject_phrases: Any = None,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        ms_scale: float = 0.6,
+        drop_grounding_tokens: bool = False,
+        mask_threshold: float | None = None,
+        start_step: int = 5,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        **kwargs,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        state = ms_attention_state(self.unet)
+        if state is not None:  # the ControlNet may have been swapped since the adapter was loaded
+            attach_text_only(self.controlnet, state)
+        kwargs.update(image=image, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+        return self._generate(
+            StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
+            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size, kwargs,
+        )  # fmt: skip
+
+    __call__.__doc__ = "Generate images with subjects in their boxes, guided by ControlNet `image`(s)." + _SUBJECT_DOC
