@@ -1,0 +1,143 @@
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from msdiffusion.attention import MSAttentionState, MSAttnProcessor, TextOnlyAttnProcessor
+from msdiffusion.layout import SubjectLayout
+
+from reference_impl import ReferenceMSProcessor
+
+TEXT, DIM, CROSS = 7, 64, 32
+
+
+def make_attention(seed=0):
+    torch.manual_seed(seed)
+    attn = Attention(query_dim=DIM, cross_attention_dim=CROSS, heads=4, dim_head=16).eval()
+    state = MSAttentionState()
+    fast = MSAttnProcessor(DIM, CROSS, state)
+    torch.nn.init.normal_(fast.to_k_ip.weight, std=0.3)
+    torch.nn.init.normal_(fast.to_v_ip.weight, std=0.3)
+    return attn, state, fast, ReferenceMSProcessor(fast)
+
+
+def make_layout(**overrides):
+    boxes = torch.tensor(
+        [
+            [[0.0, 0.0, 0.6, 1.0], [0.4, 0.2, 1.0, 0.8], [0.1, 0.1, 0.3, 0.3]],
+            [[0.2, 0.0, 0.9, 0.5], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],  # one subject + padding
+        ],
+        dtype=torch.float64,
+    )
+    fields = dict(boxes=boxes, latent_size=(6, 10), scale=0.6, tokens_per_subject=4, num_dummy_tokens=2)
+    fields.update(overrides)
+    return SubjectLayout(**fields)
+
+
+def inputs(layout, cfg=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows = layout.batch_size
+    hidden = torch.randn(rows * (2 if cfg else 1), 15, DIM, generator=g)  # 3x5 grid
+    text = torch.randn(hidden.shape[0], TEXT, CROSS, generator=g)
+    image = torch.randn(rows, layout.num_image_tokens, CROSS, generator=g)
+    if cfg:
+        image = torch.cat([torch.zeros_like(image), image])
+    return hidden, torch.cat([text, image], dim=1)
+
+
+def run(processor, attn, state, layout, hidden, context, static=False):
+    with state.activate(layout, static_image_tokens=static):
+        return processor(attn, hidden, context)
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+def test_fast_matches_reference_with_boxes(cfg):
+    attn, state, fast, ref = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout, cfg)
+    torch.testing.assert_close(run(fast, attn, state, layout, hidden, context), run(ref, attn, state, layout, hidden, context), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_matches_reference_with_subject_scales():
+    attn, state, fast, ref = make_attention()
+    layout = make_layout(subject_scales=torch.tensor([[0.3, 1.2, 0.0], [0.8, 0.0, 0.0]]))
+    hidden, context = inputs(layout)
+    out = run(fast, attn, state, layout, hidden, context)
+    torch.testing.assert_close(out, run(ref, attn, state, layout, hidden, context), atol=1e-5, rtol=1e-5)
+    plain = run(fast, attn, state, make_layout(), hidden, context)
+    assert not torch.allclose(out, plain)
+
+
+def test_subject_scales_equal_to_global_scale_give_global_result():
+    attn, state, fast, _ = make_attention()
+    hidden, context = inputs(make_layout())
+    scaled = run(fast, attn, state, make_layout(subject_scales=torch.full((2, 3), 0.6)), hidden, context)
+    torch.testing.assert_close(scaled, run(fast, attn, state, make_layout(), hidden, context), atol=1e-6, rtol=1e-5)
+
+
+def test_auto_layout_matches_reference_over_steps():
+    attn, state, fast, ref = make_attention()
+    layout = make_layout(mask_threshold=0.4, start_step=3, phrase_positions=[[[1], [2, 3], []], [[5], [], []]])
+    context = inputs(layout)[1]  # fixed during a generation, as the static cache assumes
+    steps = [(inputs(layout, seed=s)[0], context) for s in range(5)]
+    with state.activate(layout, static_image_tokens=True):
+        fast_out = [fast(attn, h, c) for h, c in steps]
+    with state.activate(layout):
+        ref_out = [ref(attn, h, c) for h, c in steps]
+    for a, b in zip(fast_out, ref_out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the auto masks took over from step 3: results differ from box-only masks there
+    with state.activate(make_layout(), static_image_tokens=True):
+        boxes_only = [fast(attn, h, c) for h, c in steps]
+    torch.testing.assert_close(fast_out[0], boxes_only[0])
+    assert not torch.allclose(fast_out[4], boxes_only[4])
+    # a new generation starts a new running mean
+    with state.activate(layout):
+        torch.testing.assert_close(fast(attn, *steps[0]), fast_out[0])
+
+
+def test_negative_half_is_plain_text_attention():
+    attn, state, fast, _ = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout)
+    out = run(fast, attn, state, layout, hidden, context)
+    plain = AttnProcessor2_0()(attn, hidden[:2], context[:2, :TEXT])
+    torch.testing.assert_close(out[:2], plain)
+
+
+def test_static_cache_matches_and_is_dropped_between_generations():
+    attn, state, fast, _ = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout)
+    first = run(fast, attn, state, layout, hidden, context, static=True)
+    torch.testing.assert_close(first, run(fast, attn, state, layout, hidden, context))
+    hidden2, context2 = inputs(layout, seed=7)  # new tokens in a new generation must be used
+    torch.testing.assert_close(
+        run(fast, attn, state, layout, hidden2, context2, static=True), run(fast, attn, state, layout, hidden2, context2)
+    )
+
+
+def test_no_layout_is_plain_attention_and_gradients_flow_in_training():
+    attn, state, fast, _ = make_attention()
+    hidden, context = inputs(make_layout())
+    torch.testing.assert_close(fast(attn, hidden, context[:, :TEXT]), AttnProcessor2_0()(attn, hidden, context[:, :TEXT]))
+    layout = make_layout()
+    with state.activate(layout):
+        fast(attn, hidden[2:], context[2:]).square().mean().backward()
+    assert fast.to_k_ip.weight.grad.abs().sum() > 0 and fast.to_v_ip.weight.grad.abs().sum() > 0
+
+
+def test_batch_size_mismatch_is_explained():
+    attn, state, fast, _ = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout)
+    with pytest.raises(ValueError, match="does not match a layout"):
+        run(fast, attn, state, layout, hidden[:3], context[:3])
+
+
+def test_text_only_processor_ignores_image_tokens():
+    attn, state, _, _ = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout)
+    with state.activate(layout):
+        out = TextOnlyAttnProcessor(state)(attn, hidden, context)
+    torch.testing.assert_close(out, AttnProcessor2_0()(attn, hidden, context[:, :TEXT]))

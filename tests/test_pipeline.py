@@ -1,0 +1,162 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+
+from msdiffusion.tiny import tiny_pipeline
+
+from reference_impl import reference_box_cells, use_reference_processors
+
+PROMPT = "a dog and a cat on the beach"
+BOXES = [[0.0, 0.25, 0.45, 0.75], [0.5, 0.2, 1.0, 0.8]]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def subject_images():
+    rng = np.random.default_rng(0)
+    return [PIL.Image.fromarray(rng.integers(0, 255, (80, 60, 3), dtype=np.uint8)) for _ in range(3)]
+
+
+def generate(pipe, seed=0, **kwargs):
+    args = dict(prompt=PROMPT, num_inference_steps=3, height=128, width=128, output_type="np")
+    args.update(kwargs)
+    return pipe(generator=torch.Generator().manual_seed(seed), **args).images
+
+
+def subjects(images, **extra):
+    return dict(subject_images=images[:2], subject_phrases=["dog", "cat"], subject_boxes=BOXES, **extra)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"subject_scales": [0.9, None], "ms_scale": 0.5},
+        {"mask_threshold": 0.3, "start_step": 2, "num_inference_steps": 4},
+    ],
+    ids=["boxes", "subject-scales", "auto-layout"],
+)
+def test_same_images_as_literal_reference(pipe, subject_images, extra):
+    reference = tiny_pipeline(seed=0)
+    use_reference_processors(reference.unet)
+    args = subjects(subject_images, height=192, width=128, **extra)
+    fast = generate(pipe, **args)
+    slow = generate(reference, **args)
+    np.testing.assert_allclose(fast, slow, atol=2e-4)
+
+
+def test_non_square_masks_cell_by_cell(pipe, subject_images, monkeypatch):
+    from msdiffusion.adapter import ms_attention_state
+
+    state = ms_attention_state(pipe.unet)
+    seen = {}
+    original = state.box_masks
+
+    def spy(h, w, device, dtype):
+        bias, inside = original(h, w, device, dtype)
+        seen[(h, w)] = (bias, inside)
+        return bias, inside
+
+    monkeypatch.setattr(state, "box_masks", spy)
+    generate(pipe, height=336, width=192, num_inference_steps=1, **subjects(subject_images))  # 1344x768 at 1/4
+    assert set(seen) == {(21, 12), (11, 6)}  # latent 42x24; cross-attention at 1/2 and 1/4
+    for (h, w), (bias, inside) in seen.items():
+        visible = bias[0, 0] == 0  # (cells, tokens)
+        for j, box in enumerate(BOXES):
+            cells = reference_box_cells(box, h, w)
+            tokens = slice(4 + 16 * j, 4 + 16 * (j + 1))
+            for cell in range(h * w):
+                assert bool(visible[cell, tokens].all()) == ((cell // w, cell % w) in cells)
+                assert not visible[cell, tokens].any() or (cell // w, cell % w) in cells
+        union = set().union(*(reference_box_cells(b, h, w) for b in BOXES))
+        for cell in range(h * w):
+            in_box = (cell // w, cell % w) in union
+            assert bool(inside[0, cell, 0]) == in_box
+            assert bool(visible[cell, :4].all()) == (not in_box)  # dummy tokens only outside boxes
+
+
+def test_batch_with_different_subject_counts_matches_single_runs(pipe, subject_images):
+    prompts = [PROMPT, "a teddy bear on the grass"]
+    batch = pipe(
+        prompt=prompts,
+        subject_images=[subject_images[:2], [subject_images[2]]],
+        subject_phrases=[["dog", "cat"], ["teddy bear"]],
+        subject_boxes=[BOXES, [[0.2, 0.2, 0.8, 0.9]]],
+        num_inference_steps=3, height=128, width=128, output_type="np",
+        generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
+    ).images  # fmt: skip
+    first = generate(pipe, seed=1, **subjects(subject_images))
+    second = generate(
+        pipe, seed=2, prompt=prompts[1], subject_images=[subject_images[2]], subject_phrases=["teddy bear"],
+        subject_boxes=[[0.2, 0.2, 0.8, 0.9]],
+    )  # fmt: skip
+    np.testing.assert_allclose(batch[0], first[0], atol=2e-4)
+    np.testing.assert_allclose(batch[1], second[0], atol=2e-4)
+
+
+def test_shared_subjects_for_a_list_of_prompts_and_images_per_prompt(pipe, subject_images):
+    out = pipe(
+        prompt=[PROMPT, "a dog and a cat in the snow"], num_images_per_prompt=2, num_inference_steps=2,
+        height=128, width=128, output_type="np", **subjects(subject_images),
+    ).images  # fmt: skip
+    assert out.shape == (4, 128, 128, 3)
+    assert not np.allclose(out[0], out[1])
+
+
+def test_without_subjects_it_is_plain_sdxl(pipe):
+    components = {k: v for k, v in pipe.components.items() if k != "ms_image_projection"}
+    plain = StableDiffusionXLPipeline(**components)
+    plain.set_progress_bar_config(disable=True)
+    ours = generate(pipe)
+    theirs = plain(prompt=PROMPT, num_inference_steps=3, height=128, width=128, guidance_scale=7.5, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_zero_scale_or_zero_boxes_leave_the_image_as_plain_sdxl(pipe, subject_images):
+    plain = generate(pipe)
+    np.testing.assert_allclose(generate(pipe, ms_scale=0.0, **subjects(subject_images)), plain, atol=1e-5)
+    with pytest.warns(UserWarning, match="No subject has a box"):
+        no_boxes = generate(pipe, subject_images=subject_images[:2], subject_phrases=["dog", "cat"])
+    np.testing.assert_allclose(no_boxes, plain, atol=1e-5)
+    assert not np.allclose(generate(pipe, **subjects(subject_images)), plain, atol=1e-3)
+
+
+def test_subject_inputs_change_the_image(pipe, subject_images):
+    base = generate(pipe, **subjects(subject_images))
+    assert not np.allclose(base, generate(pipe, drop_grounding_tokens=True, **subjects(subject_images)), atol=1e-4)
+    several = [subject_images[:2], subject_images[1]]  # two references for the dog
+    out = generate(pipe, subject_images=several, subject_phrases=["dog", "cat"], subject_boxes=BOXES)
+    assert not np.allclose(base, out, atol=1e-4)
+
+
+def test_auto_layout_returns_maps_and_output_types(pipe, subject_images):
+    out = pipe(prompt=PROMPT, num_inference_steps=3, height=128, width=192, mask_threshold=0.5, start_step=2,
+               output_type="pt", **subjects(subject_images))  # fmt: skip
+    assert out.images.shape == (1, 3, 128, 192)
+    assert out.auto_layout_maps.shape == (1, 2, 8, 12)  # finest cross-attention grid: 16x24 latent / 2
+    assert 0 <= out.auto_layout_maps.min() and out.auto_layout_maps.max() <= 1
+    latents = pipe(prompt=PROMPT, num_inference_steps=1, height=128, width=128, output_type="latent",
+                   **subjects(subject_images)).images  # fmt: skip
+    assert latents.shape == (1, 4, 16, 16)
+    images = pipe(prompt=PROMPT, num_inference_steps=1, height=128, width=128, return_dict=False,
+                  **subjects(subject_images))[0]  # fmt: skip
+    assert isinstance(images[0], PIL.Image.Image)
+
+
+def test_other_sdxl_arguments_keep_working(pipe, subject_images):
+    steps = []
+    original = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+    try:
+        generate(pipe, negative_prompt="blurry", guidance_rescale=0.3,
+                 callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw, **subjects(subject_images))  # fmt: skip
+    finally:
+        pipe.scheduler = original
+    assert steps == [0, 1, 2]
