@@ -179,7 +179,7 @@ class _Checker:
         return (x0, y0, x1, y1)
 
     def path(self, value: str, label: str, base: Path, check_files: bool) -> Path:
-        path = Path(value) if os.path.isabs(value) else base / value
+        path = Path(os.path.normpath(value if os.path.isabs(value) else base / value))
         if check_files and not path.is_file():
             self.add(label, f"file not found: {path} (paths are relative to the manifest's folder, or absolute)", "missing")
         return path

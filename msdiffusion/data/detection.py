@@ -1,0 +1,254 @@
+"""Open-vocabulary detection and segmentation of caption phrases, and the filters of `msdiff data build`.
+
+Detectors come from transformers: OWLv2 / OWL-ViT (`Owlv2ForObjectDetection`, default
+`google/owlv2-base-patch16-ensemble`) or Grounding DINO; SAM (`SamModel`, default
+`facebook/sam-vit-base`) turns boxes into masks. Each is given as a hub id or a local folder.
+
+Image processors: transformers 5 picks the torchvision backend when torchvision is installed and
+the PIL one (`Owlv2ImageProcessorPil`, `SamImageProcessorPil`, `GroundingDinoImageProcessorPil`)
+otherwise, so `AutoProcessor` works without torchvision. Only SAM's automatic mask generation
+(not used here) needs torchvision. OWLv2's PIL backend resizes with scipy (the `data` extra).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from . import DEFAULT_DETECTOR, DEFAULT_SEGMENTER  # noqa: F401  (the defaults live in the light package init)
+from .manifest import Box
+
+
+@dataclass(frozen=True)
+class Detection:
+    phrase: str
+    box: Box  # [x0, y0, x1, y1] fractions of the image
+    score: float
+
+    @property
+    def area(self) -> float:
+        return max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1])
+
+
+@dataclass(frozen=True)
+class SubjectFilter:
+    """Which detections become subjects (see `select_subjects`)."""
+
+    score_threshold: float = 0.2
+    min_box_area: float = 0.01
+    max_box_area: float = 0.9
+    max_overlap: float = 0.5
+    max_subjects: int = 4
+
+    def __post_init__(self):
+        if not 0 <= self.min_box_area <= self.max_box_area <= 1:
+            raise ValueError(
+                f"box areas must satisfy 0 <= min_box_area <= max_box_area <= 1 (fractions of the image), "
+                f"got {self.min_box_area} and {self.max_box_area}"
+            )
+        if not 0 <= self.max_overlap <= 1:
+            raise ValueError(f"max_overlap is an IoU in [0, 1], got {self.max_overlap}")
+        if self.max_subjects < 1:
+            raise ValueError(f"max_subjects must be at least 1, got {self.max_subjects}")
+
+
+def box_iou(a: Box, b: Box) -> float:
+    width = min(a[2], b[2]) - max(a[0], b[0])
+    height = min(a[3], b[3]) - max(a[1], b[1])
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def best_per_phrase(detections: Sequence[Detection], rules: SubjectFilter) -> dict[str, Detection]:
+    """The highest-scoring detection of each phrase among those passing the score and area limits."""
+    best: dict[str, Detection] = {}
+    for detection in detections:
+        if detection.score < rules.score_threshold:
+            continue
+        if not rules.min_box_area <= detection.area <= rules.max_box_area or detection.area <= 0:
+            continue
+        current = best.get(detection.phrase)
+        if current is None or detection.score > current.score:
+            best[detection.phrase] = detection
+    return best
+
+
+def select_subjects(detections: Sequence[Detection], rules: SubjectFilter) -> list[Detection]:
+    """One box per phrase, filtered, without heavy overlaps, best first, at most `max_subjects`.
+
+    Per phrase the best detection that passes the score threshold and the area limits is taken;
+    then, from the most to the least confident, a subject whose box overlaps an already kept one
+    with IoU above `max_overlap` is dropped (two subjects fighting over one region teach the model
+    nothing about layout).
+    """
+    kept: list[Detection] = []
+    for candidate in sorted(best_per_phrase(detections, rules).values(), key=lambda d: -d.score):
+        if all(box_iou(candidate.box, other.box) <= rules.max_overlap for other in kept):
+            kept.append(candidate)
+        if len(kept) == rules.max_subjects:
+            break
+    return kept
+
+
+def _normalised(box: Sequence[float], width: int, height: int) -> Box:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (
+        min(max(x0 / width, 0.0), 1.0),
+        min(max(y0 / height, 0.0), 1.0),
+        min(max(x1 / width, 0.0), 1.0),
+        min(max(y1 / height, 0.0), 1.0),
+    )
+
+
+def _load_error(what: str, name: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"cannot load the {what} {name!r} ({type(error).__name__}: {error}). Give a hub id (downloaded once "
+        "into the Hugging Face cache) or a local folder saved with save_pretrained (model + processor)."
+    )
+
+
+class OpenVocabularyDetector:
+    """Boxes for text queries, with OWLv2 / OWL-ViT or Grounding DINO from transformers."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None):
+        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        dtype = dtype or torch.float32
+        try:
+            config = AutoConfig.from_pretrained(model)
+            self.processor = AutoProcessor.from_pretrained(model)
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model, dtype=dtype)
+        except (OSError, ValueError, KeyError) as error:
+            raise _load_error("detector", model, error) from error
+        self.kind = "grounding-dino" if "grounding" in config.model_type else "owl"
+        self.model.to(device).eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[PIL.Image.Image], phrases: Sequence[Sequence[str]], threshold: float) -> list[list[Detection]]:
+        """Detections of each image's phrases with a score above `threshold`; boxes in [0, 1]."""
+        results: list[list[Detection]] = [[] for _ in images]
+        todo = [i for i, p in enumerate(phrases) if p]
+        if not todo:
+            return results
+        batch_images = [images[i].convert("RGB") for i in todo]
+        batch_phrases = [list(phrases[i]) for i in todo]
+        sizes = [(image.height, image.width) for image in batch_images]
+        if self.kind == "owl":
+            found = self._owl(batch_images, batch_phrases, sizes, threshold)
+        else:
+            found = self._grounding_dino(batch_images, batch_phrases, sizes, threshold)
+        for i, detections in zip(todo, found):
+            results[i] = detections
+        return results
+
+    def _inputs(self, **kwargs) -> dict[str, Any]:
+        inputs = self.processor(return_tensors="pt", **kwargs)
+        return {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in inputs.items()
+            if isinstance(v, torch.Tensor)
+        }
+
+    def _owl(self, images, phrases, sizes, threshold) -> list[list[Detection]]:
+        # Queries are padded to the same count per image with " "; their labels are ignored below.
+        max_length = self.model.config.text_config.max_position_embeddings
+        inputs = self._inputs(text=phrases, images=images, padding="max_length", truncation=True, max_length=max_length)
+        outputs = self.model(**inputs)
+        outputs.logits = outputs.logits.float()
+        outputs.pred_boxes = outputs.pred_boxes.float()
+        processed = self.processor.post_process_grounded_object_detection(outputs, threshold=threshold, target_sizes=sizes)
+        found = []
+        for result, queries, (height, width) in zip(processed, phrases, sizes):
+            detections = []
+            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
+                if label < len(queries):
+                    detections.append(Detection(queries[label], _normalised(box, width, height), score))
+            found.append(detections)
+        return found
+
+    def _grounding_dino(self, images, phrases, sizes, threshold) -> list[list[Detection]]:
+        # One prompt per image, "phrase one. phrase two."; a box's label is the prompt text it matched.
+        prompts = [". ".join(p.lower() for p in queries) + "." for queries in phrases]
+        inputs = self._inputs(text=prompts, images=images, padding=True)
+        outputs = self.model(**inputs)
+        processed = self.processor.post_process_grounded_object_detection(
+            outputs, inputs["input_ids"], threshold=threshold, text_threshold=threshold, target_sizes=sizes
+        )
+        found = []
+        for result, queries, (height, width) in zip(processed, phrases, sizes):
+            detections = []
+            for score, label, box in zip(result["scores"].tolist(), result["text_labels"], result["boxes"].tolist()):
+                phrase = _match_label(label, queries)
+                if phrase is not None:
+                    detections.append(Detection(phrase, _normalised(box, width, height), score))
+            found.append(detections)
+        return found
+
+
+def _match_label(label: str, phrases: Sequence[str]) -> str | None:
+    """The query phrase a Grounding DINO label names: exact match, else the one sharing most words."""
+    words = set(label.lower().split())
+    if not words:
+        return None
+    for phrase in phrases:
+        if phrase.lower() == label.strip().lower():
+            return phrase
+    overlap = [(len(words & set(p.lower().split())), -k) for k, p in enumerate(phrases)]
+    best, negative_k = max(overlap)
+    return phrases[-negative_k] if best else None
+
+
+class BoxSegmenter:
+    """Masks of boxed objects with SAM (`SamModel` + `SamProcessor` from transformers)."""
+
+    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None):
+        from transformers import SamModel, SamProcessor
+
+        dtype = dtype or torch.float32
+        try:
+            self.processor = SamProcessor.from_pretrained(model)
+            self.model = SamModel.from_pretrained(model, dtype=dtype)
+        except (OSError, ValueError, KeyError) as error:
+            raise _load_error("segmenter", model, error) from error
+        self.model.to(device).eval()
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[PIL.Image.Image], boxes: Sequence[Sequence[Box]]) -> list[list[np.ndarray]]:
+        """For each image, one boolean (H, W) mask per box (boxes as fractions of the image)."""
+        results: list[list[np.ndarray]] = [[] for _ in images]
+        todo = [i for i, b in enumerate(boxes) if b]
+        if not todo:
+            return results
+        # SAM batches need as many boxes in every image: pad with copies of the first box, ignored below.
+        count = max(len(boxes[i]) for i in todo)
+        pixel_boxes = []
+        for i in todo:
+            width, height = images[i].size
+            own = [[b[0] * width, b[1] * height, b[2] * width, b[3] * height] for b in boxes[i]]
+            pixel_boxes.append(own + [own[0]] * (count - len(own)))
+        inputs = self.processor(images=[images[i].convert("RGB") for i in todo], input_boxes=pixel_boxes, return_tensors="pt")
+        original_sizes, reshaped_sizes = inputs["original_sizes"], inputs["reshaped_input_sizes"]
+        model_inputs = {
+            "pixel_values": inputs["pixel_values"].to(self.device, self.dtype),
+            "input_boxes": inputs["input_boxes"].to(self.device, self.dtype),
+        }
+        outputs = self.model(**model_inputs, multimask_output=False)
+        masks = self.processor.image_processor.post_process_masks(outputs.pred_masks.float().cpu(), original_sizes, reshaped_sizes)
+        for i, image_masks in zip(todo, masks):
+            results[i] = [image_masks[k, 0].numpy() for k in range(len(boxes[i]))]
+        return results
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
