@@ -231,7 +231,7 @@ def _resolve(path_or_id, weight_name, subfolder, **hub_kwargs) -> Path:
 
 def _download(repo_id: str, weight_name, subfolder, **hub_kwargs) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     def get(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, subfolder=subfolder, **hub_kwargs))
@@ -243,17 +243,18 @@ def _download(repo_id: str, weight_name, subfolder, **hub_kwargs) -> Path:
             config = get(PROJECT_CONFIG_NAME)
             get(PROJECT_WEIGHT_NAME)
             return config.parent
-        except EntryNotFoundError:
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):
+                raise
             return get(RELEASED_WEIGHT_NAME)
+    except LocalEntryNotFoundError as error:  # offline, or the hub is unreachable, and not in the cache
+        raise OSError(
+            f"Cannot download the adapter {repo_id!r} (offline or no network, and not in the local cache): "
+            f"download it where there is network (`hf download {repo_id} {weight_name or RELEASED_WEIGHT_NAME}`) "
+            "and pass the local file or folder."
+        ) from error
     except EntryNotFoundError as error:
         raise FileNotFoundError(f"Hub repo {repo_id!r} has no adapter file ({error}).") from error
-    except Exception as error:
-        if "offline" in str(error).lower() or "connect" in str(error).lower():
-            raise OSError(
-                f"Cannot download the adapter {repo_id!r} (offline or no network): download it first, e.g. "
-                f"`huggingface-cli download {repo_id} {weight_name or RELEASED_WEIGHT_NAME}`, and pass the local file."
-            ) from error
-        raise
 
 
 def _check_shapes(given: dict[str, torch.Tensor], expected: dict[str, tuple], what: str) -> None:

@@ -172,7 +172,11 @@ def tiny_pipeline(seed: int = 0, controlnet: bool = False, work_dir: str | os.Pa
         from diffusers import ControlNetModel
 
         torch.manual_seed(seed + 1)
-        components["controlnet"] = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(8, 16, 16, 16))
+        net = ControlNetModel.from_unet(components["unet"], conditioning_embedding_out_channels=(8, 16, 16, 16))
+        # Its output convolutions start at zero; random ones make the tiny ControlNet visibly act.
+        for param in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
+            torch.nn.init.normal_(param, std=0.05)
+        components["controlnet"] = net
         pipe = MSDiffusionXLControlNetPipeline(**components)
     else:
         pipe = MSDiffusionXLPipeline(**components)

@@ -1,0 +1,1 @@
+"""Benchmarks: MS-Bench and DreamBench definitions, generation runs, scores and reports (`msdiff bench`)."""

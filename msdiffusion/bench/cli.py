@@ -1,0 +1,284 @@
+"""`msdiff bench list | run | score | report`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from msdiffusion.cli import UserInputError
+
+from .definitions import BENCHMARKS, check_images, load_benchmark, select_samples
+from .runner import RELEASE_NEGATIVE_PROMPT
+
+SCORES = "scores.jsonl"
+SCORES_CONFIG = "scores_config.json"
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="MS-Bench / DreamBench: list samples, generate, score, report",
+        description="Reproduce the paper's evaluation: `list` the samples, `run` the generation "
+        "(accelerate launch shards it), `score` the images, `report` the tables. See docs/benchmark.md.",
+    )
+    bench.set_defaults(func=lambda args: bench.print_help() or 2)
+    actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
+
+    listing = actions.add_parser("list", help="count the samples; with --images, what can be built from a directory")
+    _add_benchmark_args(listing)
+    listing.add_argument("--images", type=Path, help="directory of subject photos to check")
+    listing.add_argument("--samples", action="store_true", help="print every sample id with its prompt")
+    listing.set_defaults(func=_list)
+
+    run = actions.add_parser("run", help="generate the benchmark's images (resumable; shard with accelerate launch)")
+    _add_benchmark_args(run)
+    _add_selection_args(run)
+    run.add_argument("--images", type=Path, required=True, help="directory of subject photos (e.g. ../shared/msbench)")
+    run.add_argument("--output", type=Path, required=True, help="run directory: images, manifest.jsonl, run_config.json")
+    run.add_argument("--base", required=True, help="SDXL pipeline: folder, hub id or single file")
+    run.add_argument("--adapter", required=True, help="MS-Diffusion adapter: ms_adapter.bin, project folder or hub id")
+    run.add_argument("--weight-name", help="file inside a hub adapter repo, e.g. ms_adapter.bin")
+    run.add_argument("--image-encoder", required=True, help="CLIP ViT-bigG/14 vision encoder: folder or hub id")
+    run.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its sample id")
+    run.add_argument("--images-per-sample", type=int, help="images per sample (default: the benchmark's own)")
+    run.add_argument("--steps", type=int, default=30)
+    run.add_argument("--guidance-scale", type=float, default=7.5)
+    run.add_argument("--ms-scale", type=float, default=0.6)
+    run.add_argument("--height", type=int, default=1024)
+    run.add_argument("--width", type=int, default=1024)
+    run.add_argument("--negative-prompt", default=RELEASE_NEGATIVE_PROMPT)
+    run.add_argument("--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '")
+    run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold")
+    run.add_argument("--start-step", type=int, default=5)
+    run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
+    run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                     help="auto: float16 on a GPU, float32 on the CPU")  # fmt: skip
+    run.add_argument("--require-all", action="store_true", help="fail if any selected sample cannot be built")
+    run.set_defaults(func=_run)
+
+    score = actions.add_parser("score", help="CLIP-T, CLIP-I, DINO and per-subject detection scores of a run")
+    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL
+
+    score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
+    score.add_argument("--images", type=Path, help="subject photos (default: the directory the run used)")
+    score.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL)
+    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL)
+    score.add_argument("--detector", default=DEFAULT_DETECTOR, help="OWL-ViT, OWLv2 or Grounding DINO folder or hub id")
+    score.add_argument("--detection-threshold", type=float, help="default: the detector family's own")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--device", help="default: cuda when available, else cpu")
+    score.add_argument("--overwrite", action="store_true", help="rescore every image (needed after changing models)")
+    score.set_defaults(func=_score)
+
+    report = actions.add_parser("report", help="tables (markdown + JSON) and image grids from a scored run")
+    report.add_argument("--output", type=Path, required=True, help="the run directory")
+    report.add_argument("--grid-samples", type=int, default=8, help="samples per grid (one grid per group)")
+    report.set_defaults(func=_report)
+
+
+def _add_benchmark_args(parser) -> None:
+    parser.add_argument("--bench", choices=list(BENCHMARKS), default="msbench")
+
+
+def _add_selection_args(parser) -> None:
+    parser.add_argument("--only", nargs="+", metavar="GROUP_OR_PATTERN",
+                        help="keep samples of these groups (combination types) or sample-id glob patterns")  # fmt: skip
+    parser.add_argument("--fraction", type=float, help="a random fraction of the (selected) samples, e.g. 0.1")
+    parser.add_argument("--subset-seed", type=int, default=0, help="seed of the --fraction draw")
+
+
+def _selected(args):
+    benchmark = load_benchmark(args.bench)
+    try:
+        return benchmark, select_samples(benchmark, args.only, args.fraction, args.subset_seed)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+
+
+def _existing_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise UserInputError(f"{what} {path} is not a directory.")
+    return path
+
+
+# --- list -----------------------------------------------------------------------------------------
+
+
+def _list(args) -> int:
+    benchmark = load_benchmark(args.bench)
+    print(benchmark.summary())
+    counts: dict[str, list[int]] = {}
+    for sample in benchmark.samples:
+        counts.setdefault(sample.group, [0, 0])[1] += 1
+    for group in counts:
+        counts[group][0] = len({s.combination for s in benchmark.samples if s.group == group})
+    width = max(map(len, counts))
+    unit = "subjects" if benchmark.key == "dreambench" else "combinations"
+    for group, (combinations, samples) in counts.items():
+        print(f"  {group:<{width}}  {combinations:>4} {unit}  {samples:>5} samples")
+    if args.images is not None:
+        availability = check_images(benchmark.samples, _existing_dir(args.images, "--images"))
+        for line in availability.describe(args.images, len(benchmark.samples)):
+            print(line)
+    if args.samples:
+        for sample in benchmark.samples:
+            print(f"{sample.sample_id}\t{sample.prompt}")
+    return 0
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def process_state():
+    """accelerate's PartialState; a multi-process launch on a machine without CUDA runs on the CPU with gloo
+    (PartialState only recognises one when asked for the CPU)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (multi_process and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)
+
+
+def _run(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .runner import (
+        RUN_CONFIG,
+        GenerationSettings,
+        check_run_config,
+        generate_items,
+        load_pipeline,
+        shard,
+        work_items,
+        write_json_atomic,
+        write_manifest,
+    )
+
+    benchmark, samples = _selected(args)
+    images_dir = _existing_dir(args.images, "--images")
+    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--height", args.height), ("--width", args.width)):
+        if value < 1:
+            raise UserInputError(f"{name} must be at least 1, got {value}.")
+    if args.images_per_sample is not None and args.images_per_sample < 1:
+        raise UserInputError(f"--images-per-sample must be at least 1, got {args.images_per_sample}.")
+
+    state = process_state()
+    log = print if state.is_main_process else (lambda *a, **k: None)
+    availability = check_images(samples, images_dir)
+    log(f"{benchmark.name}: {len(samples)} samples selected")
+    if availability.missing_sources:
+        for line in availability.describe(images_dir, len(samples)):
+            log(line)
+        if args.require_all:
+            raise UserInputError("some selected samples cannot be built (see above); add the missing images or drop --require-all.")
+        log(f"generating the {len(availability.buildable)} samples that can be built")
+
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float16" if state.device.type == "cuda" else "float32"
+    settings = GenerationSettings(
+        base=args.base, adapter=args.adapter, image_encoder=args.image_encoder, weight_name=args.weight_name,
+        seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample, steps=args.steps,
+        guidance_scale=args.guidance_scale, ms_scale=args.ms_scale, height=args.height, width=args.width,
+        negative_prompt=args.negative_prompt, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
+        start_step=args.start_step, dtype=dtype,
+    )  # fmt: skip
+    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        config = check_run_config(args.output, benchmark.key, settings, images_dir)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    state.wait_for_everyone()  # every process has checked the old config before the main one replaces it
+    if state.is_main_process:
+        write_json_atomic(args.output / RUN_CONFIG, config)
+
+    items = work_items(availability.buildable, settings.images_per_sample)
+    mine = shard(items, state.process_index, state.num_processes)
+    bar = tqdm(total=len(mine), desc=f"generating (process {state.process_index})", disable=not state.is_main_process)
+    result = generate_items(
+        mine, args.output, images_dir, settings, lambda: load_pipeline(settings, state.device), args.batch_size, bar.update
+    )
+    bar.close()
+    print(
+        f"[process {state.process_index}/{state.num_processes}] generated {result.generated}, "
+        f"{result.skipped} already on disk, of {result.assigned} images",
+        flush=True,
+    )
+    state.wait_for_everyone()
+    if state.is_main_process:
+        total = write_manifest(args.output, items, settings, images_dir)
+        print(f"manifest: {total} images in {args.output / 'manifest.jsonl'}")
+    return 0
+
+
+# --- score ----------------------------------------------------------------------------------------
+
+
+def _score(args) -> int:
+    import json
+
+    from tqdm.auto import tqdm
+
+    from .runner import read_manifest, write_json_atomic
+    from .scoring import Scorers, ScoringConfig, score_records
+
+    output = _existing_dir(args.output, "--output")
+    try:
+        records = read_manifest(output)
+    except FileNotFoundError as error:
+        raise UserInputError(str(error)) from None
+    if args.images is not None:
+        _existing_dir(args.images, "--images")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+
+    requested = ScoringConfig(args.clip_model, args.dino_model, args.detector, args.detection_threshold)
+    scores_path, config_path = output / SCORES, output / SCORES_CONFIG
+    existing: dict[str, dict] = {}
+    if scores_path.is_file() and not args.overwrite:
+        previous = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        wanted = requested.to_dict()
+        differing = [k for k, v in wanted.items() if v is not None and previous.get(k) != v]
+        if differing:
+            raise UserInputError(
+                f"{scores_path} was computed with other models ({', '.join(f'{k}={previous.get(k)!r}' for k in differing)}); "
+                "pass --overwrite to rescore every image with the new ones."
+            )
+        existing = {r["image"]: r for r in (json.loads(line) for line in scores_path.read_text().splitlines() if line.strip())}
+    todo = [r for r in records if r["image"] not in existing]
+    print(f"{len(records)} images in the manifest, {len(existing)} already scored, {len(todo)} to score")
+    if todo:
+        scorers = Scorers.load(requested, args.device, args.batch_size)
+        bar = tqdm(total=len(todo), desc="scoring")
+        try:
+            new = score_records(todo, output, scorers, args.images, args.batch_size, bar.update)
+        except FileNotFoundError as error:
+            raise UserInputError(str(error)) from None
+        bar.close()
+        for record in new:
+            existing[record["image"]] = record
+        write_json_atomic(config_path, scorers.config.to_dict())
+    manifest_images = {r["image"] for r in records}
+    kept = [existing[key] for key in sorted(existing) if key in manifest_images]
+    write_json_atomic(scores_path, kept, lines=True)
+    print(f"scores: {len(kept)} images in {scores_path}")
+    return 0
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    output = _existing_dir(args.output, "--output")
+    if not (output / SCORES).is_file():
+        raise UserInputError(f"No {SCORES} in {output}: run `msdiff bench score --output {output}` first.")
+    if args.grid_samples < 0:
+        raise UserInputError(f"--grid-samples must be 0 or more, got {args.grid_samples}.")
+    paths = write_report(output, grid_samples=args.grid_samples)
+    for path in paths:
+        print(path)
+    return 0

@@ -1,0 +1,234 @@
+"""Generate a benchmark's images with MS-Diffusion: deterministic per sample, resumable, sharded.
+
+Layout of an output directory:
+    run_config.json                    what the images were generated with (checked on every resume)
+    images/<group>/<sample_id>_<k>.png one file per generated image
+    manifest.jsonl                     one line per image on disk: its sample, seed, prompt, subjects, settings
+
+Each image's seed comes from (base seed, sample id, image index) alone, so any split of the work
+across processes, and any resumption, produces the same files. Under `accelerate launch` every
+process takes every `world_size`-th work item (accelerate's PartialState gives rank and size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .definitions import Sample, reference_files
+
+# The released inference code's defaults (MS-Diffusion `inference.py` / `MSAdapter.generate`).
+RELEASE_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+MANIFEST = "manifest.jsonl"
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides the pixels of a benchmark image, besides the sample itself."""
+
+    base: str
+    adapter: str
+    image_encoder: str
+    weight_name: str | None = None
+    seed: int = 0
+    images_per_sample: int = 1
+    steps: int = 30
+    guidance_scale: float = 7.5
+    ms_scale: float = 0.6
+    height: int = 1024
+    width: int = 1024
+    negative_prompt: str = RELEASE_NEGATIVE_PROMPT
+    prompt_prefix: str = ""
+    mask_threshold: float | None = None
+    start_step: int = 5
+    dtype: str = "float16"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    sample: Sample
+    index: int  # which of the sample's images
+
+    @property
+    def image(self) -> str:
+        """Path of the image relative to the output directory."""
+        return f"images/{self.sample.group}/{self.sample.sample_id}_{self.index}.png"
+
+
+def sample_seed(base_seed: int, sample_id: str, index: int) -> int:
+    """A seed that depends only on the run's seed and the image's identity (not on its position)."""
+    digest = hashlib.sha256(f"{base_seed}/{sample_id}/{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def work_items(samples: Sequence[Sample], images_per_sample: int) -> list[WorkItem]:
+    return [WorkItem(sample, k) for sample in samples for k in range(images_per_sample)]
+
+
+def shard(items: Sequence, rank: int, world_size: int) -> list:
+    """This process's share: every `world_size`-th item starting at `rank` (balanced, order-stable)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes.")
+    return list(items[rank::world_size])
+
+
+def manifest_record(item: WorkItem, settings: GenerationSettings, images_dir: Path) -> dict:
+    images_dir = Path(images_dir).resolve()
+    subjects = []
+    for subject in item.sample.subjects:
+        files = reference_files(images_dir, subject.source)
+        subjects.append(
+            {
+                "name": subject.name,
+                "phrase": subject.phrase,
+                "box": list(subject.box),
+                "reference": files[0].relative_to(images_dir).as_posix(),  # what the generator saw
+                "references": [f.relative_to(images_dir).as_posix() for f in files],  # what scores compare with
+            }
+        )
+    return {
+        "benchmark": item.sample.benchmark,
+        "sample_id": item.sample.sample_id,
+        "group": item.sample.group,
+        "index": item.index,
+        "image": item.image,
+        "seed": sample_seed(settings.seed, item.sample.sample_id, item.index),
+        "prompt": item.sample.prompt,
+        "generation_prompt": settings.prompt_prefix + item.sample.prompt,
+        "subjects": subjects,
+        "images_dir": str(images_dir),
+        "settings": settings.to_dict(),
+    }
+
+
+# --- run configuration: a resumed run must not mix settings ---------------------------------------
+
+
+def check_run_config(output_dir: Path, benchmark: str, settings: GenerationSettings, images_dir: Path) -> dict:
+    """The run config for `output_dir`; raises ValueError if images there were made differently."""
+    config = {"benchmark": benchmark, "images_dir": str(Path(images_dir).resolve()), "settings": settings.to_dict()}
+    path = Path(output_dir) / RUN_CONFIG
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("benchmark") != benchmark:
+            raise ValueError(f"{output_dir} holds a {existing.get('benchmark')} run; use another --output for {benchmark}.")
+        old = existing.get("settings", {})
+        differing = [key for key in config["settings"] if old.get(key) != config["settings"][key]]
+        if differing:
+            changes = "; ".join(f"{key}: {old.get(key)!r} -> {config['settings'][key]!r}" for key in differing)
+            raise ValueError(
+                f"{output_dir} already holds images generated with other settings ({changes}). "
+                "Resume with the same settings, or give a new --output."
+            )
+    return config
+
+
+def write_json_atomic(path: Path, data, lines: bool = False) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if lines:
+        tmp.write_text("".join(json.dumps(item) + "\n" for item in data))
+    else:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"No {MANIFEST} in {output_dir}: run `msdiff bench run --output {output_dir}` first.")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_manifest(output_dir: Path, items: Sequence[WorkItem], settings: GenerationSettings, images_dir: Path) -> int:
+    """Rewrite the manifest from the images on disk: merged with earlier runs' lines, one line per image."""
+    output_dir = Path(output_dir)
+    records = {}
+    if (output_dir / MANIFEST).is_file():
+        records = {r["image"]: r for r in read_manifest(output_dir)}
+    for item in items:
+        if (output_dir / item.image).is_file():
+            records[item.image] = manifest_record(item, settings, images_dir)
+    kept = [records[key] for key in sorted(records) if (output_dir / key).is_file()]
+    write_json_atomic(output_dir / MANIFEST, kept, lines=True)
+    return len(kept)
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+
+def load_pipeline(settings: GenerationSettings, device):
+    """The project's pipeline with the adapter and image encoder, on `device`."""
+    import torch
+
+    from msdiffusion import MSDiffusionXLPipeline
+
+    dtype = getattr(torch, settings.dtype)
+    pipe = MSDiffusionXLPipeline.from_pretrained(settings.base, torch_dtype=dtype)
+    pipe.load_ms_adapter(settings.adapter, image_encoder=settings.image_encoder, weight_name=settings.weight_name)
+    pipe.to(device)
+    return pipe
+
+
+@dataclass
+class RunResult:
+    assigned: int  # work items this process was given
+    generated: int  # images it made
+    skipped: int  # images already on disk
+
+
+def generate_items(
+    items: Sequence[WorkItem],
+    output_dir: Path,
+    images_dir: Path,
+    settings: GenerationSettings,
+    pipeline_factory: Callable[[], object],
+    batch_size: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Generate the images of `items` that are not on disk yet. The pipeline is only built if needed."""
+    import torch
+
+    output_dir = Path(output_dir)
+    todo = [item for item in items if not (output_dir / item.image).is_file()]
+    result = RunResult(len(items), 0, len(items) - len(todo))
+    if not todo:
+        return result
+    pipe = pipeline_factory()
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        # a CPU generator per image: the same noise whatever the device or the batch it lands in
+        generators = [torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i.sample.sample_id, i.index)) for i in batch]
+        images = pipe(
+            prompt=[settings.prompt_prefix + item.sample.prompt for item in batch],
+            negative_prompt=[settings.negative_prompt] * len(batch),
+            subject_images=[[reference_files(images_dir, s.source)[0] for s in item.sample.subjects] for item in batch],
+            subject_phrases=[[s.phrase for s in item.sample.subjects] for item in batch],
+            subject_boxes=[[list(s.box) for s in item.sample.subjects] for item in batch],
+            ms_scale=settings.ms_scale,
+            mask_threshold=settings.mask_threshold,
+            start_step=settings.start_step,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance_scale,
+            height=settings.height,
+            width=settings.width,
+            generator=generators,
+        ).images
+        for item, image in zip(batch, images):
+            path = output_dir / item.image
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+            image.save(tmp)
+            os.replace(tmp, path)  # a crash never leaves a half-written image that a resume would skip
+        result.generated += len(batch)
+        if progress:
+            progress(len(batch))
+    return result

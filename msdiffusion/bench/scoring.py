@@ -1,0 +1,397 @@
+"""Scores for benchmark images.
+
+Whole-image scores (as in the paper and DreamBooth): CLIP-T (prompt vs image), CLIP-I and DINO
+(reference vs image, cosine of embeddings, averaged over a subject's reference photos and over the
+subjects of a sample).
+
+Per-subject scores, because whole-image CLIP-I hides a missing or merged subject: an open-vocabulary
+detector is asked for each subject's class, each subject is matched to one detection of its class
+(one detection per subject, preferring the one that best overlaps the box it was asked for), and
+- `detected`: whether it was found at all;
+- `iou`: the overlap of that detection with the requested box (the layout score);
+- `clip_i` / `dino`: the crop of that detection scored against the subject's references.
+Subjects whose box covers (nearly) the whole image are backgrounds (MS-Bench scenes): a detector
+cannot localise "a mountain in the background", so they are scored on the whole image and left out
+of the detection rate and the layout score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import PIL.Image
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the paper's CLIP-T / CLIP-I model
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DINO ViT-S/16, as in DreamBooth's DINO metric
+DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
+# Per detector family: score threshold above which a detection counts (each family's documented default).
+DEFAULT_THRESHOLDS = {"owlv2": 0.1, "owlvit": 0.1, "grounding-dino": 0.35, "mm-grounding-dino": 0.35}
+BACKGROUND_BOX_AREA = 0.9  # a box covering at least this fraction of the image marks a background subject
+NMS_IOU = 0.5  # open-vocabulary detectors return several boxes per object; keep one
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    clip_model: str = DEFAULT_CLIP_MODEL
+    dino_model: str = DEFAULT_DINO_MODEL
+    detector: str = DEFAULT_DETECTOR
+    detection_threshold: float | None = None  # None: the detector family's default
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: tuple[float, float, float, float]  # [x0, y0, x1, y1] in [0, 1] of the image
+    score: float
+
+
+def box_area(box: Sequence[float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def is_background(box: Sequence[float]) -> bool:
+    return box_area(box) >= BACKGROUND_BOX_AREA
+
+
+def non_max_suppression(detections: list[Detection], iou_threshold: float = NMS_IOU) -> list[Detection]:
+    kept: list[Detection] = []
+    for detection in sorted(detections, key=lambda d: -d.score):
+        if all(box_iou(detection.box, k.box) < iou_threshold for k in kept):
+            kept.append(detection)
+    return kept
+
+
+def match_subjects(
+    phrases: Sequence[str], boxes: Sequence[Sequence[float]], detections: dict[str, list[Detection]]
+) -> list[Detection | None]:
+    """One detection (or None) per subject. Detections of a subject's phrase are candidates; pairs are
+    taken greedily by overlap with the requested box, then detector score, each detection used once,
+    so two subjects of the same class need two separate detections (a merged pair counts one miss)."""
+    pairs = []
+    for j, (phrase, box) in enumerate(zip(phrases, boxes)):
+        for d, detection in enumerate(detections.get(phrase, [])):
+            pairs.append((box_iou(box, detection.box), detection.score, j, phrase, d))
+    pairs.sort(key=lambda pair: (-pair[0], -pair[1], pair[2]))
+    matched: list[Detection | None] = [None] * len(phrases)
+    used: set[tuple[str, int]] = set()
+    for _, _, j, phrase, d in pairs:
+        if matched[j] is None and (phrase, d) not in used:
+            matched[j] = detections[phrase][d]
+            used.add((phrase, d))
+    return matched
+
+
+def crop(image: PIL.Image.Image, box: Sequence[float]) -> PIL.Image.Image:
+    """The pixels of `box` (fractions of the image), at least one pixel wide and high."""
+    width, height = image.size
+    x0, y0 = min(int(round(box[0] * width)), width - 1), min(int(round(box[1] * height)), height - 1)
+    x1, y1 = max(int(round(box[2] * width)), x0 + 1), max(int(round(box[3] * height)), y0 + 1)
+    return image.crop((x0, y0, x1, y1))
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _features(output) -> "torch.Tensor":
+    import torch
+
+    # transformers < 5 returns a tensor from get_*_features, >= 5 an output whose pooler_output is projected
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _normalise(chunks: list) -> "torch.Tensor":
+    import torch
+
+    return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+
+
+class ClipEmbedder:
+    """CLIP image and text embeddings (L2-normalised, float32, on the CPU)."""
+
+    def __init__(self, model_id: str, device: str, batch_size: int = 32):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model = CLIPModel.from_pretrained(model_id).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_id)
+        self.device, self.batch_size = device, batch_size
+
+    def images(self, images: Sequence[PIL.Image.Image]) -> "torch.Tensor":
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for chunk in _batches(images, self.batch_size):
+                pixels = self.processor(images=list(chunk), return_tensors="pt").pixel_values.to(self.device)
+                out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
+        return _normalise(out)
+
+    def texts(self, texts: Sequence[str]) -> "torch.Tensor":
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for chunk in _batches(texts, self.batch_size):
+                tokens = self.processor(text=list(chunk), padding=True, truncation=True, return_tensors="pt").to(self.device)
+                out.append(_features(self.model.get_text_features(**tokens)).float().cpu())
+        return _normalise(out)
+
+
+class DinoEmbedder:
+    """Self-supervised ViT embeddings: the final CLS token, as DreamBooth's DINO score uses."""
+
+    def __init__(self, model_id: str, device: str, batch_size: int = 32):
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+        config = AutoConfig.from_pretrained(model_id)
+        # DINO v1 checkpoints have no pooler; asking ViTModel for one would add random weights
+        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+        self.model = AutoModel.from_pretrained(model_id, **extra).to(device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(model_id)
+        self.device, self.batch_size = device, batch_size
+
+    def images(self, images: Sequence[PIL.Image.Image]) -> "torch.Tensor":
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            for chunk in _batches(images, self.batch_size):
+                pixels = self.processor(images=list(chunk), return_tensors="pt").pixel_values.to(self.device)
+                out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
+        return _normalise(out)
+
+
+class Detector:
+    """Open-vocabulary detection with OWL-ViT / OWLv2 or Grounding DINO from transformers."""
+
+    def __init__(self, model_id: str, device: str, threshold: float | None = None, batch_size: int = 8):
+        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
+
+        self.family = AutoConfig.from_pretrained(model_id).model_type
+        if self.family not in DEFAULT_THRESHOLDS:
+            raise ValueError(
+                f"Detector {model_id!r} is a {self.family!r} model; supported: OWL-ViT, OWLv2, Grounding DINO "
+                f"(e.g. {DEFAULT_DETECTOR!r} or 'IDEA-Research/grounding-dino-base')."
+            )
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id).to(device).eval()
+        self.processor = AutoProcessor.from_pretrained(model_id)
+        self.threshold = DEFAULT_THRESHOLDS[self.family] if threshold is None else threshold
+        self.device, self.batch_size = device, batch_size
+
+    def detect(self, images: Sequence[PIL.Image.Image], queries: Sequence[Sequence[str]]) -> list[dict[str, list[Detection]]]:
+        """For each image, its queries' detections (boxes in [0, 1]), after per-query NMS."""
+        if self.family.startswith("owl"):
+            # OWL scores every query against every box in one pass; ragged query lists are padded
+            jobs = [(i, list(q)) for i, q in enumerate(queries) if q]
+        else:
+            # Grounding DINO labels detections with spans of one text; one query per pass keeps them unambiguous
+            jobs = [(i, [query]) for i, q in enumerate(queries) for query in q]
+        found: list[dict[str, list[Detection]]] = [{query: [] for query in q} for q in queries]
+        for chunk in _batches(jobs, self.batch_size):
+            for (i, job_queries), detections in zip(chunk, self._run([images[i] for i, _ in chunk], [q for _, q in chunk])):
+                for query, items in detections.items():
+                    found[i][query].extend(items)
+        return [{query: non_max_suppression(items) for query, items in image.items()} for image in found]
+
+    def _run(self, images: list[PIL.Image.Image], queries: list[list[str]]) -> list[dict[str, list[Detection]]]:
+        import torch
+
+        sizes = [(image.height, image.width) for image in images]
+        with torch.inference_mode():
+            if self.family.startswith("owl"):
+                inputs = self.processor(images=images, text=queries, return_tensors="pt").to(self.device)
+                # OWLv2 pads images to a square at the bottom/right: its boxes are relative to that square
+                targets = [(max(s), max(s)) if self.family == "owlv2" else s for s in sizes]
+                results = self.processor.post_process_grounded_object_detection(
+                    self.model(**inputs), threshold=self.threshold, target_sizes=targets
+                )
+            else:
+                texts = [q[0].strip().rstrip(".") + "." for q in queries]
+                inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.device)
+                results = self.processor.post_process_grounded_object_detection(
+                    self.model(**inputs), inputs.input_ids, threshold=self.threshold,
+                    text_threshold=self.threshold, target_sizes=sizes,
+                )  # fmt: skip
+        return [self._parse(result, q, size) for result, q, size in zip(results, queries, sizes)]
+
+    def _parse(self, result: dict, queries: list[str], size: tuple[int, int]) -> dict[str, list[Detection]]:
+        height, width = size
+        per_query: dict[str, list[Detection]] = {query: [] for query in queries}
+        labels = result["labels"].tolist() if self.family.startswith("owl") else [0] * len(result["scores"])
+        for (x0, y0, x1, y1), score, label in zip(result["boxes"].tolist(), result["scores"].tolist(), labels):
+            if not 0 <= label < len(queries):  # a padding query
+                continue
+            box = (
+                min(max(x0 / width, 0.0), 1.0), min(max(y0 / height, 0.0), 1.0),
+                min(max(x1 / width, 0.0), 1.0), min(max(y1 / height, 0.0), 1.0),
+            )  # fmt: skip
+            if box_area(box) > 0:
+                per_query[queries[label]].append(Detection(box, float(score)))
+        return per_query
+
+
+@dataclass
+class Scorers:
+    clip: ClipEmbedder
+    dino: DinoEmbedder
+    detector: Detector
+    config: ScoringConfig
+
+    @classmethod
+    def load(cls, config: ScoringConfig, device: str | None = None, batch_size: int = 32) -> "Scorers":
+        import torch
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        detector = Detector(config.detector, device, config.detection_threshold, batch_size=max(1, batch_size // 4))
+        # record the threshold actually used, so scores say what they were computed with
+        config = ScoringConfig(config.clip_model, config.dino_model, config.detector, detector.threshold)
+        return cls(ClipEmbedder(config.clip_model, device, batch_size), DinoEmbedder(config.dino_model, device, batch_size), detector, config)
+
+
+# --- scoring manifest records ---------------------------------------------------------------------
+
+
+def _load_rgb(path: Path) -> PIL.Image.Image:
+    from msdiffusion.subjects import load_image  # the same RGB conversion the pipeline applies to references
+
+    return load_image(path, what=str(path))
+
+
+class ReferenceCache:
+    """CLIP and DINO embeddings of reference photos, computed once per file."""
+
+    def __init__(self, scorers: Scorers):
+        self.scorers, self.clip, self.dino = scorers, {}, {}
+
+    def ensure(self, paths: Iterable[Path]) -> None:
+        new = [p for p in dict.fromkeys(paths) if p not in self.clip]
+        if new:
+            images = [_load_rgb(p) for p in new]
+            for path, c, d in zip(new, self.scorers.clip.images(images), self.scorers.dino.images(images)):
+                self.clip[path], self.dino[path] = c, d
+
+
+def score_records(
+    records: Sequence[dict],
+    run_dir: Path,
+    scorers: Scorers,
+    images_dir: Path | None = None,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Score manifest records (see `runner.py`); returns one score record per generated image."""
+    run_dir = Path(run_dir)
+    references = ReferenceCache(scorers)
+    results = []
+    for chunk in _batches(list(records), batch_size):
+        results.extend(_score_chunk(chunk, run_dir, images_dir, scorers, references))
+        if progress:
+            progress(len(chunk))
+    return results
+
+
+def _reference_paths(record: dict, images_dir: Path | None) -> list[list[Path]]:
+    root = Path(images_dir) if images_dir is not None else Path(record["images_dir"])
+    paths = []
+    for subject in record["subjects"]:
+        files = [root / f for f in subject["references"]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{record['sample_id']}: reference image(s) not found: {', '.join(missing)}. "
+                "Pass the benchmark's images directory with --images."
+            )
+        paths.append(files)
+    return paths
+
+
+def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: ReferenceCache) -> list[dict]:
+    images = [_load_rgb(run_dir / record["image"]) for record in chunk]
+    subject_refs = [_reference_paths(record, images_dir) for record in chunk]
+    references.ensure(p for refs in subject_refs for paths in refs for p in paths)
+
+    image_clip = scorers.clip.images(images)
+    image_dino = scorers.dino.images(images)
+    text_clip = scorers.clip.texts([record["prompt"] for record in chunk])
+
+    queries = [
+        list(dict.fromkeys(s["phrase"] for s in record["subjects"] if not is_background(s["box"]))) for record in chunk
+    ]
+    detections = scorers.detector.detect(images, queries)
+
+    # crops of matched detections, embedded in one batch; backgrounds use the whole image
+    crops, crop_owner, matches = [], [], []
+    for i, record in enumerate(chunk):
+        phrases = [s["phrase"] for s in record["subjects"]]
+        boxes = [s["box"] for s in record["subjects"]]
+        foreground = [j for j, box in enumerate(boxes) if not is_background(box)]
+        matched = match_subjects([phrases[j] for j in foreground], [boxes[j] for j in foreground], detections[i])
+        per_subject: list[Detection | None] = [None] * len(boxes)
+        for j, detection in zip(foreground, matched):
+            per_subject[j] = detection
+            if detection is not None:
+                crops.append(crop(images[i], detection.box))
+                crop_owner.append((i, j))
+        matches.append(per_subject)
+    crop_clip = scorers.clip.images(crops) if crops else None
+    crop_dino = scorers.dino.images(crops) if crops else None
+    crop_index = {owner: k for k, owner in enumerate(crop_owner)}
+
+    results = []
+    for i, record in enumerate(chunk):
+        subjects = []
+        for j, subject in enumerate(record["subjects"]):
+            refs = subject_refs[i][j]
+            entry = {"name": subject["name"], "phrase": subject["phrase"], "box": subject["box"]}
+            entry["clip_i"] = _mean_cosine(image_clip[i], refs, references.clip)
+            entry["dino"] = _mean_cosine(image_dino[i], refs, references.dino)
+            if is_background(subject["box"]):
+                entry.update(background=True, detected=None, iou=None, crop_clip_i=entry["clip_i"], crop_dino=entry["dino"])
+            else:
+                detection = matches[i][j]
+                entry.update(background=False, detected=detection is not None)
+                if detection is None:
+                    entry.update(detection=None, detection_score=None, iou=0.0, crop_clip_i=None, crop_dino=None)
+                else:
+                    k = crop_index[(i, j)]
+                    entry.update(
+                        detection=[round(v, 4) for v in detection.box],
+                        detection_score=round(detection.score, 4),
+                        iou=box_iou(detection.box, subject["box"]),
+                        crop_clip_i=_mean_cosine(crop_clip[k], refs, references.clip),
+                        crop_dino=_mean_cosine(crop_dino[k], refs, references.dino),
+                    )
+            subjects.append(entry)
+        results.append(
+            {
+                "image": record["image"],
+                "sample_id": record["sample_id"],
+                "group": record["group"],
+                "index": record["index"],
+                "clip_t": float(image_clip[i] @ text_clip[i]),
+                "clip_i": sum(s["clip_i"] for s in subjects) / len(subjects),
+                "dino": sum(s["dino"] for s in subjects) / len(subjects),
+                "subjects": subjects,
+            }
+        )
+    return results
+
+
+def _mean_cosine(embedding: "torch.Tensor", paths: Sequence[Path], table: dict) -> float:
+    import torch
+
+    return float((torch.stack([table[p] for p in paths]) @ embedding).mean())

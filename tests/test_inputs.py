@@ -1,0 +1,121 @@
+"""Bad input gets a clear error (or a warning), never a silently wrong image."""
+
+import warnings
+
+import PIL.Image
+import pytest
+
+from msdiffusion.subjects import check_box, load_image
+from msdiffusion.tiny import tiny_pipeline
+
+IMG = PIL.Image.new("RGB", (32, 32), (10, 200, 10))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+def call(pipe, **kwargs):
+    args = dict(prompt="a dog and a cat", subject_images=[IMG, IMG], subject_phrases=["dog", "cat"],
+                subject_boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]], num_inference_steps=1, height=64, width=64,
+                output_type="latent")  # fmt: skip
+    args.update(kwargs)
+    return pipe(**args)
+
+
+@pytest.mark.parametrize(
+    "box,match",
+    [
+        ([0.1, 0.1, 1.2, 0.5], "outside \\[0, 1\\]"),
+        ([-0.1, 0.1, 0.5, 0.5], "outside \\[0, 1\\]"),
+        ([0.5, 0.1, 0.5, 0.9], "x1 > x0"),
+        ([0.6, 0.1, 0.5, 0.9], "x1 > x0"),
+        ([0.1, 0.9, 0.5, 0.2], "y1 > y0"),
+        ([0.1, 0.2, 0.3], "four numbers"),
+        ([0.1, "a", 0.3, 0.4], "four numbers"),
+        ([0.1, float("nan"), 0.3, 0.4], "finite"),
+    ],
+)
+def test_bad_boxes(pipe, box, match):
+    with pytest.raises(ValueError, match=match):
+        call(pipe, subject_boxes=[box, [0.5, 0, 1, 1]])
+
+
+def test_zero_box_is_allowed():
+    assert check_box([0, 0, 0, 0]) == (0.0, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"subject_images": [IMG]}, "subject_images=1, subject_phrases=2"),
+        ({"subject_boxes": [[0, 0, 1, 1]]}, "subject_boxes=1"),
+        ({"subject_scales": [0.5]}, "subject_scales=1"),
+        ({"subject_phrases": ["dog", ""]}, "non-empty string"),
+        ({"subject_phrases": "dog"}, "list of phrases"),
+        ({"subject_images": None}, "both `subject_images` and `subject_phrases`"),
+        ({"mask_threshold": 1.5}, "mask_threshold"),
+        ({"start_step": 0}, "start_step"),
+    ],
+)
+def test_inconsistent_subject_arguments(pipe, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(pipe, **kwargs)
+
+
+def test_batched_subjects_must_match_prompts(pipe):
+    with pytest.raises(ValueError, match="one list per prompt"):
+        call(pipe, prompt=["a dog", "a cat", "a bear"], subject_images=[[IMG], [IMG]],
+             subject_phrases=[["dog"], ["cat"]], subject_boxes=[[[0, 0, 1, 1]], [[0, 0, 1, 1]]])  # fmt: skip
+
+
+def test_unreadable_and_missing_images(pipe, tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read .*notes.jpg"):
+        call(pipe, subject_images=[str(bad), IMG])
+    with pytest.raises(ValueError, match="file not found"):
+        call(pipe, subject_images=[str(tmp_path / "missing.png"), IMG])
+    with pytest.raises(TypeError, match="expected an image, a path"):
+        call(pipe, subject_images=[42, IMG])
+    with pytest.raises(ValueError, match="empty list"):
+        call(pipe, subject_images=[[], IMG])
+
+
+def test_image_inputs_of_every_kind(tmp_path):
+    import numpy as np
+    import torch
+
+    path = tmp_path / "x.png"
+    IMG.save(path)
+    for given in (IMG, str(path), path, np.asarray(IMG), torch.from_numpy(np.asarray(IMG)).permute(2, 0, 1)):
+        assert load_image(given).size == (32, 32)
+    with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
+        load_image(np.full((4, 4, 3), 3.0))
+
+
+def test_phrase_not_in_prompt_warns(pipe):
+    with pytest.warns(UserWarning, match="'bird' was not found"):
+        call(pipe, subject_phrases=["dog", "bird"])
+    with pytest.warns(UserWarning, match="auto layout cannot guide"):
+        call(pipe, subject_phrases=["dog", "bird"], mask_threshold=0.5)
+
+
+def test_more_subjects_than_trained_warns(pipe):
+    with pytest.warns(UserWarning, match="at most 4"):
+        call(pipe, prompt="a dog a cat a bear a duck a clock", subject_images=[IMG] * 5,
+             subject_phrases=["dog", "cat", "bear", "duck", "clock"], subject_boxes=[[0, 0, 1, 1]] * 5)  # fmt: skip
+
+
+def test_subjects_need_text_prompt_and_adapter(pipe):
+    embeds = pipe.encode_prompt("a dog", device="cpu")
+    with pytest.raises(ValueError, match="give `prompt` as text"):
+        call(pipe, prompt=None, prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[2])
+    bare = tiny_pipeline(seed=0)
+    bare.unload_ms_adapter()
+    with pytest.raises(ValueError, match="load_ms_adapter"):
+        call(bare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no subjects: a plain SDXL call, no warnings of ours
+        bare(prompt="a dog", num_inference_steps=1, height=64, width=64, output_type="latent")
