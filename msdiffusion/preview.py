@@ -1,0 +1,41 @@
+"""Pictures of a layout: boxes and phrases drawn over an image, and attention maps as images."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+# Distinct, readable colours for up to eight subjects (then they repeat).
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+
+
+def draw_layout(
+    image: PIL.Image.Image, boxes: Sequence[Sequence[float]], phrases: Sequence[str], width: int | None = None
+) -> PIL.Image.Image:
+    """A copy of `image` with each subject's box (fractions of the image) outlined and labelled."""
+    canvas = image.convert("RGB").copy()
+    draw = PIL.ImageDraw.Draw(canvas)
+    line = width or max(2, round(min(canvas.size) / 128))
+    font = PIL.ImageFont.load_default()
+    for j, (box, phrase) in enumerate(zip(boxes, phrases)):
+        if not any(box):
+            continue
+        colour = PALETTE[j % len(PALETTE)]
+        x0, y0, x1, y1 = (v * s for v, s in zip(box, (canvas.width, canvas.height) * 2))
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=line)
+        label = f"{j}: {phrase}"
+        left, top, right, bottom = draw.textbbox((x0 + line, y0 + line), label, font=font)
+        draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=colour)
+        draw.text((x0 + line, y0 + line), label, fill=(255, 255, 255), font=font)
+    return canvas
+
+
+def attention_map_image(attention_map, size: tuple[int, int]) -> PIL.Image.Image:
+    """An (h, w) map in [0, 1] as a greyscale image of `size` (width, height), nearest-neighbour so cells stay visible."""
+    array = np.asarray(attention_map.detach().float().cpu() if hasattr(attention_map, "detach") else attention_map)
+    grey = PIL.Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8), mode="L")
+    return grey.resize(size, PIL.Image.NEAREST)
