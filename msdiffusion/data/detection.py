@@ -97,14 +97,15 @@ def select_subjects(detections: Sequence[Detection], rules: SubjectFilter) -> li
     return kept
 
 
-def _normalised(box: Sequence[float], width: int, height: int) -> Box:
+def _clipped(box: Sequence[float], width: int, height: int) -> Box | None:
+    """A pixel box as fractions of the image, clipped to it; None if nothing of it is inside.
+
+    OWLv2 sees images padded to a square, so some of its boxes lie in the padding, outside the image.
+    """
     x0, y0, x1, y1 = (float(v) for v in box)
-    return (
-        min(max(x0 / width, 0.0), 1.0),
-        min(max(y0 / height, 0.0), 1.0),
-        min(max(x1 / width, 0.0), 1.0),
-        min(max(y1 / height, 0.0), 1.0),
-    )
+    x0, x1 = (min(max(v / width, 0.0), 1.0) for v in (x0, x1))
+    y0, y1 = (min(max(v / height, 0.0), 1.0) for v in (y0, y1))
+    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
 
 
 def _load_error(what: str, name: str, error: Exception) -> ValueError:
@@ -170,8 +171,9 @@ class OpenVocabularyDetector:
         for result, queries, (height, width) in zip(processed, phrases, sizes):
             detections = []
             for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
-                if label < len(queries):
-                    detections.append(Detection(queries[label], _normalised(box, width, height), score))
+                box = _clipped(box, width, height)
+                if label < len(queries) and box is not None:
+                    detections.append(Detection(queries[label], box, score))
             found.append(detections)
         return found
 
@@ -187,9 +189,9 @@ class OpenVocabularyDetector:
         for result, queries, (height, width) in zip(processed, phrases, sizes):
             detections = []
             for score, label, box in zip(result["scores"].tolist(), result["text_labels"], result["boxes"].tolist()):
-                phrase = _match_label(label, queries)
-                if phrase is not None:
-                    detections.append(Detection(phrase, _normalised(box, width, height), score))
+                phrase, box = _match_label(label, queries), _clipped(box, width, height)
+                if phrase is not None and box is not None:
+                    detections.append(Detection(phrase, box, score))
             found.append(detections)
         return found
 

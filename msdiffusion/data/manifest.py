@@ -331,10 +331,13 @@ def check_sample_files(sample: Sample) -> list[Problem]:
 def crop_pixels(crop: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Pixel rectangle (left, top, width, height) of a normalised crop box, rounded outwards, at least 1 px."""
     width, height = size
-    left = min(int(math.floor(crop[0] * width)), width - 1)
-    top = min(int(math.floor(crop[1] * height)), height - 1)
-    right = max(int(math.ceil(crop[2] * width)), left + 1)
-    bottom = max(int(math.ceil(crop[3] * height)), top + 1)
+    # Coordinates within 1/100 px of a pixel edge snap to it: boxes are stored with 6 decimals, and
+    # 25/96 stored as 0.260417 must still end at pixel 25, not 26.
+    snap = 0.01
+    left = min(int(math.floor(crop[0] * width + snap)), width - 1)
+    top = min(int(math.floor(crop[1] * height + snap)), height - 1)
+    right = max(int(math.ceil(crop[2] * width - snap)), left + 1)
+    bottom = max(int(math.ceil(crop[3] * height - snap)), top + 1)
     return left, top, min(right, width) - left, min(bottom, height) - top
 
 

@@ -30,15 +30,16 @@ PREPOSITIONS = {"in", "on", "at", "with", "without", "of", "to", "from", "by", "
                 "outside", "around", "through", "across", "along", "against", "among", "beneath", "up", "down",
                 "off", "out", "toward", "towards", "upon", "within", "atop", "like", "as", "than", "front",
                 "top", "while", "during", "after", "before", "about", "amid"}
-CONJUNCTIONS = {"and", "or", "but", "nor", "so", "yet", "then", "also", "&"}
+CONJUNCTIONS = {"and", "or", "but", "nor", "yet", "then", "also", "&"}
 PRONOUNS = {"i", "you", "he", "she", "it", "we", "they", "me", "him", "them", "us", "who", "whom", "whose",
             "which", "what", "where", "when", "there", "here", "itself", "themselves", "someone", "something"}
 LINKING_VERBS = {"is", "are", "was", "were", "be", "been", "being", "am", "looks", "look", "seems", "seem",
                  "appears", "appear", "becomes", "become", "stays", "remains", "feels"}
-AUXILIARY_VERBS = {"has", "have", "had", "do", "does", "did", "can", "could", "will", "would", "shall",
-                   "should", "may", "might", "must", "not", "very", "really", "quite", "too", "just",
-                   "together", "each", "other", "while"}
-STOP_WORDS = ARTICLES | PREPOSITIONS | CONJUNCTIONS | PRONOUNS | LINKING_VERBS | AUXILIARY_VERBS
+# Auxiliaries and adverbs that qualify rather than name ("is *so* blue" stays a predicate).
+AUXILIARIES_AND_ADVERBS = {"has", "have", "had", "do", "does", "did", "can", "could", "will", "would", "shall",
+                           "should", "may", "might", "must", "not", "very", "really", "quite", "so", "too",
+                           "just", "together", "other"}
+STOP_WORDS = ARTICLES | PREPOSITIONS | CONJUNCTIONS | PRONOUNS | LINKING_VERBS | AUXILIARIES_AND_ADVERBS
 # Nouns that name the picture or a place in it rather than a thing one could give a reference of.
 GENERIC_NOUNS = {"photo", "photograph", "picture", "image", "view", "shot", "close-up", "closeup", "scene",
                  "painting", "illustration", "drawing", "render", "rendering", "background", "foreground",
