@@ -72,6 +72,7 @@ def register(subparsers) -> None:
 
     report = actions.add_parser("report", help="tables (markdown + JSON) and image grids from a scored run")
     report.add_argument("--output", type=Path, required=True, help="the run directory")
+    report.add_argument("--images", type=Path, help="subject photos (default: the directory the run used)")
     report.add_argument("--grid-samples", type=int, default=8, help="samples per grid (one grid per group)")
     report.set_defaults(func=_report)
 
@@ -105,6 +106,8 @@ def _existing_dir(path: Path, what: str) -> Path:
 
 
 def _list(args) -> int:
+    if args.images is not None:
+        _existing_dir(args.images, "--images")
     benchmark = load_benchmark(args.bench)
     print(benchmark.summary())
     counts: dict[str, list[int]] = {}
@@ -117,7 +120,7 @@ def _list(args) -> int:
     for group, (combinations, samples) in counts.items():
         print(f"  {group:<{width}}  {combinations:>4} {unit}  {samples:>5} samples")
     if args.images is not None:
-        availability = check_images(benchmark.samples, _existing_dir(args.images, "--images"))
+        availability = check_images(benchmark.samples, args.images)
         for line in availability.describe(args.images, len(benchmark.samples)):
             print(line)
     if args.samples:
@@ -278,7 +281,9 @@ def _report(args) -> int:
         raise UserInputError(f"No {SCORES} in {output}: run `msdiff bench score --output {output}` first.")
     if args.grid_samples < 0:
         raise UserInputError(f"--grid-samples must be 0 or more, got {args.grid_samples}.")
-    paths = write_report(output, grid_samples=args.grid_samples)
+    if args.images is not None:
+        _existing_dir(args.images, "--images")
+    paths = write_report(output, grid_samples=args.grid_samples, images_dir=args.images)
     for path in paths:
         print(path)
     return 0

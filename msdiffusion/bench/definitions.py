@@ -158,11 +158,10 @@ class Availability:
     def describe(self, images_dir: Path, total: int) -> list[str]:
         lines = [f"buildable from {images_dir}: {len(self.buildable)} of {total} samples"]
         for source, samples in self.missing_sources.items():
-            groups = Counter(sample.group for sample in samples)
-            per_group = ", ".join(f"{group} {count}" for group, count in groups.items())
-            lines.append(
-                f"  missing {source} (not found or no images in it): {len(samples)} samples cannot be built ({per_group})"
-            )
+            name = next(s.name for s in samples[0].subjects if s.source == source)
+            reason = "file not found" if Path(source).suffix.lower() in IMAGE_SUFFIXES else "no folder of images"
+            per_group = ", ".join(f"{group} {count}" for group, count in Counter(s.group for s in samples).items())
+            lines.append(f"  missing {source} (subject {name}: {reason}): {len(samples)} samples cannot be built ({per_group})")
         return lines
 
 

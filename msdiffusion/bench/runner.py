@@ -175,6 +175,7 @@ def load_pipeline(settings: GenerationSettings, device):
     pipe = MSDiffusionXLPipeline.from_pretrained(settings.base, torch_dtype=dtype)
     pipe.load_ms_adapter(settings.adapter, image_encoder=settings.image_encoder, weight_name=settings.weight_name)
     pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)  # the run shows its own progress over images
     return pipe
 
 
