@@ -347,6 +347,7 @@ def test_build_command_end_to_end_on_tiny_models(tiny_models, tmp_path, capsys):
     assert len(samples) == 3
     assert {s.phrase for s in samples[0].subjects} <= {"red ball", "blue box"}
     assert all(1 <= len(s.subjects) <= 4 for s in samples)
+    assert any(subject.reference.mask for sample in samples for subject in sample.subjects)  # SAM masks
     assert validate_manifest(out / "manifest.jsonl", open_images=True)[2] == 0
 
     assert main(["data", "check", str(out / "manifest.jsonl")]) == 0
