@@ -170,3 +170,47 @@ def test_pixel_values_match_pil_resize(tmp_path, processor):
     expected = PIL.Image.open(tmp_path / "n.png").resize((24, 32), PIL.Image.BICUBIC).crop((0, 4, 24, 28))
     expected = torch.from_numpy(np.asarray(expected, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
     assert item["crop_top_left"] == (4, 0) and torch.allclose(item["pixel_values"], expected)
+
+
+def test_aspect_ratio_buckets(tmp_path, processor):
+    from msdiffusion.data.buckets import BucketBatchSampler, nearest_bucket, sdxl_buckets
+
+    buckets = sdxl_buckets(1024)
+    assert {(1024, 1024), (896, 1152), (832, 1216), (768, 1344), (1152, 896)} <= set(buckets)
+    assert all(h % 64 == 0 and w % 64 == 0 and max(h / w, w / h) <= 2 for h, w in buckets)
+    assert all(abs(h * w - 1024 ** 2) / 1024 ** 2 < 0.1 for h, w in buckets)
+    assert nearest_bucket(200, 100, [(64, 64), (32, 64), (64, 32)]) == 1
+
+    records = []
+    for k, size in enumerate([(200, 100), (100, 200), (90, 90), (210, 100), (64, 32)]):
+        PIL.Image.new("RGB", size, "white").save(tmp_path / f"{k}.png")
+        record = {"image": f"{k}.png", "caption": "a cup", "subjects": [{"phrase": "cup", "box": [0.25, 0.25, 0.75, 0.75], "reference": f"{k}.png"}]}
+        if k == 4:
+            record.update(width=64, height=32)  # sizes from the manifest, headers not needed
+        records.append(record)
+    manifest = _manifest(tmp_path, records)
+    dataset = MSDiffusionDataset(manifest, buckets=[(32, 32), (32, 64), (64, 32)], crop="center", image_processor=processor)
+    assert dataset.bucket_ids.tolist() == [1, 2, 0, 1, 1]
+    wide = dataset[0]
+    # 200x100 scales exactly onto 64x32: nothing cropped, the box is unchanged.
+    assert wide["target_size"] == (32, 64) and wide["pixel_values"].shape == (3, 32, 64)
+    assert wide["crop_top_left"] == (0, 0) and torch.allclose(wide["subject_boxes"][0], torch.tensor([0.25, 0.25, 0.75, 0.75]))
+    assert dataset[1]["target_size"] == (64, 32)
+
+    sampler = BucketBatchSampler(dataset.bucket_ids, batch_size=2, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 4
+    assert sorted(i for batch in batches for i in batch) == [0, 1, 2, 3, 4]
+    assert all(len({int(dataset.bucket_ids[i]) for i in batch}) == 1 for batch in batches)
+    assert list(sampler) == batches  # same epoch, same order
+    orders = set()
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(map(tuple, sampler)))
+    assert len(orders) > 1
+    assert len(BucketBatchSampler(dataset.bucket_ids, batch_size=2, drop_last=True)) == len(list(BucketBatchSampler(dataset.bucket_ids, batch_size=2, drop_last=True))) == 1
+
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_subjects)
+    assert all(batch["pixel_values"].shape[0] == len(batch["index"]) for batch in loader)
+    with pytest.raises(ValueError, match="BucketBatchSampler"):
+        collate_subjects([dataset[0], dataset[1]])

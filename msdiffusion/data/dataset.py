@@ -8,7 +8,7 @@ Contract with the training loop. `MSDiffusionDataset[i]` returns a dict with exa
 | `caption` | str | the caption, untouched (the loop tokenizes; it also applies text drop) |
 | `original_size` | (h, w) ints | target image size before resizing (SDXL size conditioning) |
 | `crop_top_left` | (top, left) ints | crop offset in the resized image (SDXL crop conditioning) |
-| `target_size` | (h, w) ints | (H, W) |
+| `target_size` | (h, w) ints | (H, W): the resolution, or the sample's aspect-ratio bucket |
 | `subject_pixel_values` | float tensor (max_subjects, 3, 224, 224) | CLIP-preprocessed references, zeros for padding |
 | `subject_phrases` | list[str], length max_subjects | phrases, "" for padding |
 | `subject_boxes` | float tensor (max_subjects, 4) | boxes [x0, y0, x1, y1] in [0, 1] of the crop, zeros for padding |
@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..subjects import default_image_processor, prepare_reference_pixels
-from .manifest import ManifestError, Sample, crop_pixels, iter_lines, parse_line, validate_manifest
+from .buckets import nearest_bucket
+from .manifest import DEFAULT_MAX_PROBLEMS, ManifestError, Sample, crop_pixels, iter_lines, parse_line
 
 CROP_MODES = ("random", "center")
 
@@ -59,6 +60,10 @@ class MSDiffusionDataset(Dataset):
         image_processor: CLIP image processor (default: CLIP's standard, PIL backend).
         seed: base seed of the random crops.
         validate: check the whole manifest (schema and that files exist) when the dataset is built.
+        buckets: (height, width) training sizes (e.g. `buckets.sdxl_buckets(1024)`); each image is
+            trained at the one closest to its aspect ratio instead of `resolution`. Batch with
+            `buckets.BucketBatchSampler(dataset.bucket_ids, ...)`. Image sizes come from the
+            manifest's width/height, or from the image headers when the dataset is built.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class MSDiffusionDataset(Dataset):
         image_processor: Any = None,
         seed: int = 0,
         validate: bool = True,
+        buckets: Sequence[Sequence[int]] | None = None,
     ):
         self.manifest = Path(manifest)
         if not self.manifest.is_file():
@@ -96,23 +102,34 @@ class MSDiffusionDataset(Dataset):
         self.min_visible_fraction = min_visible_fraction
         self.mask_references = mask_references
         self.mask_color = tuple(int(c) for c in mask_color)
-        self.reference_square_size = reference_square_size or max(self.target_size)
+        self.reference_square_size = reference_square_size
         self.image_processor = image_processor if image_processor is not None else default_image_processor()
         self.seed = seed
         self.epoch = 0
 
-        if validate:
-            _, problems, total = validate_manifest(self.manifest, check_files=True)
-            if problems:
-                raise ManifestError(self.manifest, problems, total)
-        # Only byte offsets and line numbers stay in memory (16 bytes a sample): workers forked by the
+        self.buckets = [(int(h), int(w)) for h, w in buckets] if buckets is not None else None
+        if self.buckets is not None and (not self.buckets or min(min(b) for b in self.buckets) <= 0):
+            raise ValueError(f"buckets must be a non-empty list of positive (height, width) sizes, got {buckets!r}")
+
+        # Only byte offsets, line numbers and bucket ids stay in memory: workers forked by the
         # DataLoader share them without the copy-on-write growth that lists of Python objects cause.
-        numbers, offsets = [], []
-        for number, offset, _ in iter_lines(self.manifest):
+        numbers, offsets, bucket_ids, problems, total = [], [], [], [], 0
+        for number, offset, text in iter_lines(self.manifest):
             numbers.append(number)
             offsets.append(offset)
+            if not validate and self.buckets is None:
+                continue
+            sample, found = parse_line(text, number, self.manifest.parent, check_files=validate)
+            if found:
+                total += len(found)
+                problems.extend(found[: max(0, DEFAULT_MAX_PROBLEMS - len(problems))])
+            elif self.buckets is not None:
+                bucket_ids.append(nearest_bucket(*_image_size(sample, f"{self.manifest}:{number}"), self.buckets))
+        if problems:
+            raise ManifestError(self.manifest, problems, total)
         self._line_numbers = np.array(numbers, dtype=np.int64)
         self._offsets = np.array(offsets, dtype=np.int64)
+        self.bucket_ids = np.array(bucket_ids, dtype=np.int64) if self.buckets is not None else None
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -138,22 +155,22 @@ class MSDiffusionDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         where = f"{self.manifest}:{sample.line}"
 
-        image = _open_rgb(sample.image, f"{where}: image")
-        pixels, original_size, crop_top_left, scale = resize_and_crop(image, self.target_size, self.crop, rng)
+        target_size = self.target_size if self.buckets is None else self.buckets[self.bucket_ids[index]]
+        opened = {sample.image: _open_rgb(sample.image, f"{where}: image")}  # references often reuse the target
+        pixels, original_size, crop_top_left, scale = resize_and_crop(opened[sample.image], target_size, self.crop, rng)
 
         kept = []
         for subject in sample.subjects:
-            box = transform_box(subject.box, original_size, scale, crop_top_left, self.target_size, self.min_visible_fraction)
+            box = transform_box(subject.box, original_size, scale, crop_top_left, target_size, self.min_visible_fraction)
             if box is not None:
                 kept.append((subject, box))
         kept = kept[: self.max_subjects]
 
-        references = [self._reference_image(subject.reference, where, j) for j, (subject, _) in enumerate(kept)]
+        references = [self._reference_image(subject.reference, opened, where, j) for j, (subject, _) in enumerate(kept)]
         subject_pixels = torch.zeros(self.max_subjects, 3, *self._clip_size())
         if references:
-            subject_pixels[: len(references)] = prepare_reference_pixels(
-                references, self.image_processor, self.reference_square_size
-            )
+            square = self.reference_square_size or max(target_size)
+            subject_pixels[: len(references)] = prepare_reference_pixels(references, self.image_processor, square)
         boxes = torch.zeros(self.max_subjects, 4)
         phrases = [""] * self.max_subjects
         for j, (subject, box) in enumerate(kept):
@@ -165,7 +182,7 @@ class MSDiffusionDataset(Dataset):
             "caption": sample.caption,
             "original_size": original_size,
             "crop_top_left": crop_top_left,
-            "target_size": self.target_size,
+            "target_size": target_size,
             "subject_pixel_values": subject_pixels,
             "subject_phrases": phrases,
             "subject_boxes": boxes,
@@ -179,9 +196,11 @@ class MSDiffusionDataset(Dataset):
             return int(crop_size["height"]), int(crop_size["width"])
         return int(crop_size.height), int(crop_size.width)
 
-    def _reference_image(self, reference, where: str, j: int) -> PIL.Image.Image:
+    def _reference_image(self, reference, opened: dict, where: str, j: int) -> PIL.Image.Image:
         what = f"{where}: subjects[{j}].reference"
-        image = _open_rgb(reference.image, f"{what}.image")
+        if reference.image not in opened:
+            opened[reference.image] = _open_rgb(reference.image, f"{what}.image")
+        image = opened[reference.image]
         box = None
         if reference.crop is not None:
             left, top, width, height = crop_pixels(reference.crop, image.size)
@@ -254,6 +273,12 @@ def collate_subjects(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack dataset samples into a batch (tensors stacked, sizes as long tensors, lists kept)."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
+    sizes = {tuple(item["target_size"]) for item in batch}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"samples of different sizes {sorted(sizes)} in one batch: with buckets, batch with "
+            "msdiffusion.data.buckets.BucketBatchSampler(dataset.bucket_ids, batch_size)"
+        )
     out: dict[str, Any] = {}
     for key in ("pixel_values", "subject_pixel_values", "subject_boxes"):
         out[key] = torch.stack([item[key] for item in batch])
@@ -262,6 +287,17 @@ def collate_subjects(batch: list[dict[str, Any]]) -> dict[str, Any]:
     out["caption"] = [item["caption"] for item in batch]
     out["subject_phrases"] = [list(item["subject_phrases"]) for item in batch]
     return out
+
+
+def _image_size(sample: Sample, where: str) -> tuple[int, int]:
+    """(width, height) of the target, from the manifest when it says, else from the image header."""
+    if sample.width is not None and sample.height is not None:
+        return sample.width, sample.height
+    try:
+        with PIL.Image.open(sample.image) as image:
+            return image.size
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise ValueError(f"{where}: image: cannot read {sample.image} as an image ({error})") from error
 
 
 def _open_rgb(path: Path, what: str) -> PIL.Image.Image:
