@@ -287,6 +287,12 @@ def test_owlv2_detector_and_sam_segmenter_wrappers(tiny_models):
     assert [len(m) for m in masks] == [2, 1, 0]
     assert masks[0][0].shape == (60, 80) and masks[1][0].shape == (70, 50) and masks[0][0].dtype == bool
 
+    # Half precision (the CUDA default): inputs are cast to the model's dtype, outputs back to float.
+    half = OpenVocabularyDetector(str(tiny_models / "owlv2"), dtype=torch.bfloat16)
+    assert {d.phrase for d in half(images[:1], [["dog"]], threshold=0.0)[0]} == {"dog"}
+    half_masks = BoxSegmenter(str(tiny_models / "sam"), dtype=torch.bfloat16)(images[:1], [[(0.1, 0.1, 0.5, 0.5)]])
+    assert half_masks[0][0].shape == (60, 80)
+
 
 def test_grounding_dino_detector_wrapper(tmp_path):
     from transformers import (

@@ -138,7 +138,7 @@ def test_max_subjects_collate_and_dataloader(wide, processor):
     assert item["subject_pixel_values"].shape == (1, 3, 224, 224)
     assert item["pixel_values"].shape == (3, 48, 64) and item["target_size"] == (48, 64)
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=collate_subjects)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_subjects)
     batch = next(iter(loader))
     assert batch["pixel_values"].shape == (2, 3, 48, 64)
     assert batch["subject_pixel_values"].shape == (2, 1, 3, 224, 224)

@@ -208,8 +208,8 @@ class MSDiffusionDataset(Dataset):
         cropped = image.crop(box) if box else image
         if reference.mask is None or not self.mask_references:
             return cropped
-        with PIL.Image.open(reference.mask) as opened:
-            mask = opened.convert("L")
+        with PIL.Image.open(reference.mask) as mask_file:
+            mask = mask_file.convert("L")
         if box and mask.size == image.size:
             mask = mask.crop(box)
         if mask.size != cropped.size:
