@@ -18,6 +18,7 @@ from msdiffusion.data.detection import (
     Detection,
     OpenVocabularyDetector,
     SubjectFilter,
+    _match_label,
     box_iou,
     select_subjects,
 )
@@ -324,6 +325,9 @@ def test_grounding_dino_detector_wrapper(tmp_path):
 
     detector = OpenVocabularyDetector(str(tmp_path / "gdino"))
     assert detector.kind == "grounding-dino"
+    # Its labels are decoded prompt spans, matched back to the queries.
+    assert [_match_label(label, ["dog", "red ball"]) for label in ("red ball", "ball", "dog red", "cat", "")] == [
+        "red ball", "red ball", "dog", None, None]
     found = detector([PIL.Image.new("RGB", (80, 60), "red")], [["dog", "red ball"]], threshold=0.0)
     assert found[0] and {d.phrase for d in found[0]} <= {"dog", "red ball"}
     assert all(0 <= d.box[0] <= d.box[2] <= 1 and 0 <= d.box[1] <= d.box[3] <= 1 for d in found[0])

@@ -314,7 +314,7 @@ def _write_reference(path, image, box, mask, out_dir: Path, name: str, save_crop
         if crop_mask.mean() >= MIN_MASK_FRACTION:
             mask_path = out_dir / "masks" / f"{name}.png"
             mask_path.parent.mkdir(exist_ok=True)
-            PIL.Image.fromarray(crop_mask.astype(np.uint8) * 255, mode="L").save(mask_path)
+            PIL.Image.fromarray(crop_mask.astype(np.uint8) * 255).save(mask_path)
             report.masks += 1
     if save_crops:
         crop_path = out_dir / "crops" / f"{name}.png"

@@ -19,7 +19,6 @@ import numpy as np
 import PIL.Image
 import torch
 
-from . import DEFAULT_DETECTOR, DEFAULT_SEGMENTER  # noqa: F401  (the defaults live in the light package init)
 from .manifest import Box
 
 
@@ -98,14 +97,15 @@ def select_subjects(detections: Sequence[Detection], rules: SubjectFilter) -> li
 
 
 def _clipped(box: Sequence[float], width: int, height: int) -> Box | None:
-    """A pixel box as fractions of the image, clipped to it; None if nothing of it is inside.
+    """A pixel box as fractions of the image, clipped to it; None if less than a pixel wide or high inside.
 
     OWLv2 sees images padded to a square, so some of its boxes lie in the padding, outside the image.
     """
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = (min(max(v / width, 0.0), 1.0) for v in (x0, x1))
-    y0, y1 = (min(max(v / height, 0.0), 1.0) for v in (y0, y1))
-    return (x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
+    x0, x1 = (min(max(float(v), 0.0), width) for v in (box[0], box[2]))
+    y0, y1 = (min(max(float(v), 0.0), height) for v in (box[1], box[3]))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    return (x0 / width, y0 / height, x1 / width, y1 / height)
 
 
 def _load_error(what: str, name: str, error: Exception) -> ValueError:
@@ -197,16 +197,15 @@ class OpenVocabularyDetector:
 
 
 def _match_label(label: str, phrases: Sequence[str]) -> str | None:
-    """The query phrase a Grounding DINO label names: exact match, else the one sharing most words."""
-    words = set(label.lower().split())
-    if not words:
-        return None
+    """The query phrase a Grounding DINO label names: exact match, else the first sharing most words."""
+    label = label.strip().lower()
     for phrase in phrases:
-        if phrase.lower() == label.strip().lower():
+        if phrase.lower() == label:
             return phrase
-    overlap = [(len(words & set(p.lower().split())), -k) for k, p in enumerate(phrases)]
-    best, negative_k = max(overlap)
-    return phrases[-negative_k] if best else None
+    words = set(label.split())
+    shared = [len(words & set(phrase.lower().split())) for phrase in phrases]
+    best = max(range(len(phrases)), key=lambda k: (shared[k], -k)) if phrases else None
+    return phrases[best] if best is not None and shared[best] else None
 
 
 class BoxSegmenter:
