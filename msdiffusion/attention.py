@@ -43,6 +43,7 @@ class MSAttentionState:
     def __init__(self) -> None:
         self.layout: SubjectLayout | None = None
         self.generation = 0
+        self._generations = 0
         self.static_image_tokens = False
         self._cache: dict = {}
         self.processors: list[MSAttnProcessor] = []
@@ -54,14 +55,17 @@ class MSAttentionState:
         `static_image_tokens=True` promises the image tokens do not change inside the block (true
         for one generation), so each layer projects them once.
         """
+        previous = (self.layout, self.static_image_tokens, self.generation, self._cache)
         self.layout, self.static_image_tokens = layout, static_image_tokens
-        self.generation += 1
-        self._cache.clear()
+        self._generations += 1
+        self.generation = self._generations  # never reused: per-layer caches are keyed by it
+        self._cache = {}
         try:
             yield self
-        finally:
-            self.layout, self.static_image_tokens = None, False
-            self._cache.clear()
+        finally:  # blocks nest: the outer layout (or none) is active again
+            self.layout, self.static_image_tokens, outer_generation, self._cache = previous
+            if self.layout is not None:
+                self.generation = outer_generation
 
     def _cached(self, key, build):
         if key not in self._cache:
@@ -204,8 +208,10 @@ class MSAttnProcessor(nn.Module):
         scale = 1.0 if layout.subject_scales is not None else layout.scale
         if cond.start == 0:
             out = out + scale * image_out
-        else:
+        elif torch.is_grad_enabled():
             out = torch.cat([out[:rows], out[rows:] + scale * image_out])
+        else:  # inference: add into the conditional half in place, no copy of the batch
+            out[cond].add_(image_out, alpha=scale)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

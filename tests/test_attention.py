@@ -141,3 +141,17 @@ def test_text_only_processor_ignores_image_tokens():
     with state.activate(layout):
         out = TextOnlyAttnProcessor(state)(attn, hidden, context)
     torch.testing.assert_close(out, AttnProcessor2_0()(attn, hidden, context[:, :TEXT]))
+
+
+def test_activation_blocks_nest_and_restore_the_outer_layout():
+    attn, state, fast, _ = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout)
+    with state.activate(layout, static_image_tokens=True):
+        before = fast(attn, hidden, context)
+        with state.activate(None):
+            assert state.layout is None
+            fast(attn, hidden, context[:, :TEXT])
+        assert state.layout is layout
+        torch.testing.assert_close(fast(attn, hidden, context), before)
+    assert state.layout is None
