@@ -44,4 +44,8 @@ class UserInputError(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m msdiffusion.cli`: run the imported module's main, so that there is one
+    # UserInputError class (this file as __main__ would define a second one).
+    from msdiffusion.cli import main as package_main
+
+    sys.exit(package_main())

@@ -97,14 +97,11 @@ def check_box(box: Any, what: str = "box") -> Box:
 
 def default_image_processor():
     """CLIP's standard preprocessing (shortest side 224 bicubic, centre crop 224, CLIP mean/std)."""
-    from transformers import CLIPImageProcessor
-
     try:  # transformers >= 5: the PIL backend matches the released (PIL-based) preprocessing
-        from transformers import CLIPImageProcessorPil
-
-        return CLIPImageProcessorPil()
+        from transformers import CLIPImageProcessorPil as processor_class
     except ImportError:
-        return CLIPImageProcessor()
+        from transformers import CLIPImageProcessor as processor_class
+    return processor_class()
 
 
 def prepare_reference_pixels(
