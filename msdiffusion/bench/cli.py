@@ -166,6 +166,10 @@ def _run(args) -> int:
             raise UserInputError(f"{name} must be at least 1, got {value}.")
     if args.images_per_sample is not None and args.images_per_sample < 1:
         raise UserInputError(f"--images-per-sample must be at least 1, got {args.images_per_sample}.")
+    if args.mask_threshold is not None and not 0 <= args.mask_threshold < 1:
+        raise UserInputError(f"--mask-threshold must be in [0, 1), got {args.mask_threshold}.")
+    if args.start_step < 1:
+        raise UserInputError(f"--start-step must be at least 1, got {args.start_step}.")
 
     state = process_state()
     log = print if state.is_main_process else (lambda *a, **k: None)
@@ -200,9 +204,13 @@ def _run(args) -> int:
     items = work_items(availability.buildable, settings.images_per_sample)
     mine = shard(items, state.process_index, state.num_processes)
     bar = tqdm(total=len(mine), desc=f"generating (process {state.process_index})", disable=not state.is_main_process)
-    result = generate_items(
-        mine, args.output, images_dir, settings, lambda: load_pipeline(settings, state.device), args.batch_size, bar.update
-    )
+    def pipeline():
+        try:
+            return load_pipeline(settings, state.device)
+        except (OSError, ValueError) as error:  # a wrong path or id, an adapter that does not fit the base
+            raise UserInputError(f"cannot load the models: {error}") from None
+
+    result = generate_items(mine, args.output, images_dir, settings, pipeline, args.batch_size, bar.update)
     bar.close()
     print(
         f"[process {state.process_index}/{state.num_processes}] generated {result.generated}, "
@@ -251,6 +259,12 @@ def _score(args) -> int:
             )
         existing = {r["image"]: r for r in (json.loads(line) for line in scores_path.read_text().splitlines() if line.strip())}
     todo = [r for r in records if r["image"] not in existing]
+    gone = [r["image"] for r in todo if not (output / r["image"]).is_file()]
+    if gone:
+        raise UserInputError(
+            f"{len(gone)} images of the manifest are not on disk (e.g. {gone[0]}); run `msdiff bench run` again "
+            "with the same arguments to regenerate them."
+        )
     print(f"{len(records)} images in the manifest, {len(existing)} already scored, {len(todo)} to score")
     if todo:
         scorers = Scorers.load(requested, args.device, args.batch_size)

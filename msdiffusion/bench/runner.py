@@ -172,7 +172,7 @@ def load_pipeline(settings: GenerationSettings, device):
     from msdiffusion import MSDiffusionXLPipeline
 
     dtype = getattr(torch, settings.dtype)
-    pipe = MSDiffusionXLPipeline.from_pretrained(settings.base, torch_dtype=dtype)
+    pipe = MSDiffusionXLPipeline.from_pretrained(settings.base, dtype=dtype)
     pipe.load_ms_adapter(settings.adapter, image_encoder=settings.image_encoder, weight_name=settings.weight_name)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # the run shows its own progress over images
@@ -201,6 +201,8 @@ def generate_items(
     output_dir = Path(output_dir)
     todo = [item for item in items if not (output_dir / item.image).is_file()]
     result = RunResult(len(items), 0, len(items) - len(todo))
+    if progress and result.skipped:
+        progress(result.skipped)
     if not todo:
         return result
     pipe = pipeline_factory()
