@@ -30,6 +30,7 @@ METRICS = {
     "subject_dino": "subject DINO",
 }
 THUMBNAIL = 192
+MAX_LISTED = 10  # missing references named in report.md
 
 
 def read_scores(output_dir: Path) -> list[dict]:
@@ -102,8 +103,11 @@ def markdown(name: str, table: dict, cover: dict, paper: dict | None, config: di
     )
     if "buildable_samples" in cover:
         lines.append(f"{cover['buildable_samples']} of them can be built from `{cover['images_dir']}`.")
-        for source, count in cover["missing_references"].items():
+        missing = list(cover["missing_references"].items())
+        for source, count in missing[:MAX_LISTED]:
             lines.append(f"- missing reference `{source}`: {count} samples cannot be built")
+        if len(missing) > MAX_LISTED:
+            lines.append(f"- and {len(missing) - MAX_LISTED} more missing references (all listed in report.json)")
     lines.append("")
     header = "| group | images | " + " | ".join(METRICS.values()) + " |"
     lines += [header, "|" + "---|" * (len(METRICS) + 2)]
