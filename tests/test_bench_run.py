@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,11 +48,7 @@ class RecordingPipeline:
         import PIL.Image
 
         self.calls.append(kwargs)
-
-        class Output:
-            images = [PIL.Image.new("RGB", (8, 8)) for _ in kwargs["prompt"]]
-
-        return Output()
+        return SimpleNamespace(images=[PIL.Image.new("RGB", (8, 8)) for _ in kwargs["prompt"]])
 
 
 def test_generate_items_batches_and_skips(tmp_path):
@@ -136,7 +133,7 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "msdiffusion.bench", *_run_args(tiny_models, photos, tmp_path / "two")[1:],
     ]  # fmt: skip
-    done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[process 0/2] generated 2" in done.stdout and "[process 1/2] generated 2" in done.stdout
     assert _files(tmp_path / "one") == _files(tmp_path / "two")

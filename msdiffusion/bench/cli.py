@@ -110,15 +110,12 @@ def _list(args) -> int:
         _existing_dir(args.images, "--images")
     benchmark = load_benchmark(args.bench)
     print(benchmark.summary())
-    counts: dict[str, list[int]] = {}
-    for sample in benchmark.samples:
-        counts.setdefault(sample.group, [0, 0])[1] += 1
-    for group in counts:
-        counts[group][0] = len({s.combination for s in benchmark.samples if s.group == group})
-    width = max(map(len, counts))
+    width = max(map(len, benchmark.groups))
     unit = "subjects" if benchmark.key == "dreambench" else "combinations"
-    for group, (combinations, samples) in counts.items():
-        print(f"  {group:<{width}}  {combinations:>4} {unit}  {samples:>5} samples")
+    for group in benchmark.groups:
+        samples = [s for s in benchmark.samples if s.group == group]
+        combinations = len({s.combination for s in samples})
+        print(f"  {group:<{width}}  {combinations:>4} {unit}  {len(samples):>5} samples")
     if args.images is not None:
         availability = check_images(benchmark.samples, args.images)
         for line in availability.describe(args.images, len(benchmark.samples)):
@@ -161,7 +158,8 @@ def _run(args) -> int:
 
     benchmark, samples = _selected(args)
     images_dir = _existing_dir(args.images, "--images")
-    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--height", args.height), ("--width", args.width)):
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--height": args.height, "--width": args.width}
+    for name, value in positive.items():
         if value < 1:
             raise UserInputError(f"{name} must be at least 1, got {value}.")
     if args.images_per_sample is not None and args.images_per_sample < 1:
@@ -179,7 +177,9 @@ def _run(args) -> int:
         for line in availability.describe(images_dir, len(samples)):
             log(line)
         if args.require_all:
-            raise UserInputError("some selected samples cannot be built (see above); add the missing images or drop --require-all.")
+            raise UserInputError(
+                "some selected samples cannot be built (see above); add the missing images or drop --require-all."
+            )
         log(f"generating the {len(availability.buildable)} samples that can be built")
 
     dtype = args.dtype
@@ -204,6 +204,7 @@ def _run(args) -> int:
     items = work_items(availability.buildable, settings.images_per_sample)
     mine = shard(items, state.process_index, state.num_processes)
     bar = tqdm(total=len(mine), desc=f"generating (process {state.process_index})", disable=not state.is_main_process)
+
     def pipeline():
         try:
             return load_pipeline(settings, state.device)

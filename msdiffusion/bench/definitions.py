@@ -12,10 +12,10 @@ import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Sequence
 
 DATA_DIR = Path(__file__).parent / "data"
 BENCHMARKS = {"msbench": "msbench.json", "dreambench": "dreambench.json"}
@@ -73,7 +73,7 @@ def load_definition(key: str) -> dict:
     return json.loads((DATA_DIR / BENCHMARKS[key]).read_text())
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_benchmark(key: str) -> Benchmark:
     """The packaged definition of `key`, expanded to samples and checked against its expected counts."""
     definition = load_definition(key)

@@ -124,8 +124,10 @@ def markdown(name: str, table: dict, cover: dict, paper: dict | None, config: di
         lines.append("No published figure for this benchmark could be verified, so no paper row is shown.")
     lines += [
         "",
-        "Overall values are means over images. Detection-based columns count foreground subjects only; a subject "
-        "the detector did not find counts 0 in layout IoU and subject scores.",
+        (
+            "Overall values are means over images. Detection-based columns count foreground subjects only; a subject "
+            "the detector did not find counts 0 in layout IoU and subject scores."
+        ),
         "",
         "Scoring models: " + ", ".join(f"{k} `{v}`" for k, v in config.items()) + ".",
         "",

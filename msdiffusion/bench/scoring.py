@@ -17,11 +17,15 @@ of the detection rate and the layout score.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import PIL.Image
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that `msdiff --help` stays instant
+    import torch
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the paper's CLIP-T / CLIP-I model
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DINO ViT-S/16, as in DreamBooth's DINO metric
@@ -94,8 +98,8 @@ def match_subjects(
 def crop(image: PIL.Image.Image, box: Sequence[float]) -> PIL.Image.Image:
     """The pixels of `box` (fractions of the image), at least one pixel wide and high."""
     width, height = image.size
-    x0, y0 = min(int(round(box[0] * width)), width - 1), min(int(round(box[1] * height)), height - 1)
-    x1, y1 = max(int(round(box[2] * width)), x0 + 1), max(int(round(box[3] * height)), y0 + 1)
+    x0, y0 = min(round(box[0] * width), width - 1), min(round(box[1] * height), height - 1)
+    x1, y1 = max(round(box[2] * width), x0 + 1), max(round(box[3] * height), y0 + 1)
     return image.crop((x0, y0, x1, y1))
 
 
@@ -107,14 +111,14 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def _features(output) -> "torch.Tensor":
+def _features(output) -> torch.Tensor:
     import torch
 
     # transformers < 5 returns a tensor from get_*_features, >= 5 an output whose pooler_output is projected
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _normalise(chunks: list) -> "torch.Tensor":
+def _normalise(chunks: list) -> torch.Tensor:
     import torch
 
     return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
@@ -130,7 +134,7 @@ class ClipEmbedder:
         self.processor = AutoProcessor.from_pretrained(model_id)
         self.device, self.batch_size = device, batch_size
 
-    def images(self, images: Sequence[PIL.Image.Image]) -> "torch.Tensor":
+    def images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         import torch
 
         out = []
@@ -140,7 +144,7 @@ class ClipEmbedder:
                 out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
         return _normalise(out)
 
-    def texts(self, texts: Sequence[str]) -> "torch.Tensor":
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
         import torch
 
         out = []
@@ -164,7 +168,7 @@ class DinoEmbedder:
         self.processor = AutoImageProcessor.from_pretrained(model_id)
         self.device, self.batch_size = device, batch_size
 
-    def images(self, images: Sequence[PIL.Image.Image]) -> "torch.Tensor":
+    def images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         import torch
 
         out = []
@@ -252,14 +256,15 @@ class Scorers:
     config: ScoringConfig
 
     @classmethod
-    def load(cls, config: ScoringConfig, device: str | None = None, batch_size: int = 32) -> "Scorers":
+    def load(cls, config: ScoringConfig, device: str | None = None, batch_size: int = 32) -> Scorers:
         import torch
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         detector = Detector(config.detector, device, config.detection_threshold, batch_size=max(1, batch_size // 4))
         # record the threshold actually used, so scores say what they were computed with
         config = ScoringConfig(config.clip_model, config.dino_model, config.detector, detector.threshold)
-        return cls(ClipEmbedder(config.clip_model, device, batch_size), DinoEmbedder(config.dino_model, device, batch_size), detector, config)
+        clip = ClipEmbedder(config.clip_model, device, batch_size)
+        return cls(clip, DinoEmbedder(config.dino_model, device, batch_size), detector, config)
 
 
 # --- scoring manifest records ---------------------------------------------------------------------
@@ -391,7 +396,7 @@ def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: Refer
     return results
 
 
-def _mean_cosine(embedding: "torch.Tensor", paths: Sequence[Path], table: dict) -> float:
+def _mean_cosine(embedding: torch.Tensor, paths: Sequence[Path], table: dict) -> float:
     import torch
 
     return float((torch.stack([table[p] for p in paths]) @ embedding).mean())
