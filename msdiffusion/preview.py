@@ -39,3 +39,27 @@ def attention_map_image(attention_map, size: tuple[int, int]) -> PIL.Image.Image
     array = np.asarray(attention_map.detach().float().cpu() if hasattr(attention_map, "detach") else attention_map)
     grey = PIL.Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8), mode="L")
     return grey.resize(size, PIL.Image.NEAREST)
+
+
+def subjects_sheet(
+    references: Sequence[PIL.Image.Image], phrases: Sequence[str], result: PIL.Image.Image, height: int = 256
+) -> PIL.Image.Image:
+    """One picture of a run: each subject's reference (labelled) beside the result with its layout."""
+    pad, label_h = 8, 16
+    thumbs = []
+    for image in references:
+        scale = (height - label_h) / image.height
+        thumbs.append(image.convert("RGB").resize((max(1, round(image.width * scale)), height - label_h), PIL.Image.BICUBIC))
+    result = result.convert("RGB").resize((round(result.width * height / result.height), height), PIL.Image.BICUBIC)
+    width = pad + sum(t.width + pad for t in thumbs) + 3 * pad + result.width + pad
+    sheet = PIL.Image.new("RGB", (width, height + 2 * pad), (255, 255, 255))
+    draw = PIL.ImageDraw.Draw(sheet)
+    font = PIL.ImageFont.load_default()
+    x = pad
+    for j, (thumb, phrase) in enumerate(zip(thumbs, phrases)):
+        sheet.paste(thumb, (x, pad))
+        draw.text((x, pad + thumb.height + 2), f"{j}: {phrase}", fill=PALETTE[j % len(PALETTE)], font=font)
+        x += thumb.width + pad
+    draw.text((x + pad // 2, pad + height // 2 - 6), "->", fill=(0, 0, 0), font=font)
+    sheet.paste(result, (x + 3 * pad, pad))
+    return sheet

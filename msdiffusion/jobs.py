@@ -1,0 +1,388 @@
+"""Generation jobs: the job file format, its validation, running it, and PNGs that remember it.
+
+A job is what `msdiff generate` does, written down (YAML or JSON):
+
+    base: stabilityai/stable-diffusion-xl-base-1.0     # hub id, diffusers folder, or .safetensors file
+    adapter: doge1516/MS-Diffusion                       # hub id, ms_adapter.bin, or project folder
+    image_encoder: laion/CLIP-ViT-bigG-14-laion2B-39B-b160k
+    prompt: a dog and a cat on the beach
+    subjects:
+      - {image: dog.jpg, phrase: dog, box: [0.0, 0.25, 0.4, 0.75]}
+      - {image: cat.jpg, phrase: cat, box: [0.6, 0.25, 1.0, 0.75], scale: 0.8}
+    size: [1344, 768]                                    # width, height
+    seed: 0
+    images: 4
+
+Every written image carries the job that made it (with its own seed) in its PNG metadata, so
+`msdiff generate --from image.png` makes it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .cli import UserInputError
+
+DEFAULT_IMAGE_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+# Pseudo model id: base, adapter and image encoder all set to it build `msdiffusion.tiny`'s random
+# models (what `msdiff demo` uses without weights; images show the wiring, not quality).
+TINY = "tiny-random"
+PNG_METADATA_KEY = "msdiffusion-job"
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+class JobError(UserInputError):
+    """A job file or flag that is not valid; the message names the field and what is allowed."""
+
+
+@dataclass
+class SubjectSpec:
+    images: list[str]
+    phrase: str
+    box: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    scale: float | None = None
+
+
+@dataclass
+class ControlNetSpec:
+    model: str
+    image: str
+    scale: float = 1.0
+
+
+@dataclass
+class Job:
+    base: str
+    adapter: str
+    prompt: str
+    subjects: list[SubjectSpec]
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    adapter_weight_name: str | None = None
+    negative_prompt: str | None = None
+    size: list[int] = field(default_factory=lambda: [1024, 1024])  # width, height
+    seed: int | None = None
+    images: int = 1
+    steps: int = 30
+    guidance: float = 7.5
+    scale: float = 0.6
+    mask_threshold: float | None = None
+    start_step: int = 5
+    drop_grounding: bool = False
+    scheduler: str | None = None
+    controlnet: ControlNetSpec | None = None
+    output: str = "outputs"
+    preview: bool = True
+    save_masks: bool = True
+    device: str | None = None
+    dtype: str | None = None
+
+    def to_dict(self) -> dict:
+        """The job in job-file form (what `job_from_dict` reads back)."""
+        data = dataclasses.asdict(self)
+        data["subjects"] = [
+            {"image": s.images if len(s.images) > 1 else s.images[0], "phrase": s.phrase, "box": s.box, "scale": s.scale}
+            for s in self.subjects
+        ]
+        return data
+
+
+# field -> (accepted types, what is allowed); the table is the schema and the error messages.
+_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "base": ((str,), "a hub id, a diffusers SDXL folder, or a single .safetensors/.ckpt file"),
+    "adapter": ((str,), "a hub id, an ms_adapter.bin file, or a project adapter folder"),
+    "image_encoder": ((str,), "a hub id or folder of a CLIP vision model"),
+    "adapter_weight_name": ((str, type(None)), "a file name inside the adapter repo/folder"),
+    "prompt": ((str,), "text that names every subject's phrase"),
+    "negative_prompt": ((str, type(None)), "text"),
+    "subjects": ((list,), "a list of {image, phrase, box, scale}"),
+    "size": ((list, int), "[width, height] in pixels, multiples of 8 (or one number for a square)"),
+    "seed": ((int, type(None)), "an integer (omit for a random one)"),
+    "images": ((int,), "a positive integer"),
+    "steps": ((int,), "a positive integer"),
+    "guidance": ((int, float), "a number (1 disables classifier-free guidance)"),
+    "scale": ((int, float), "a number, 0.6 by default (0.4 suits background-like subjects)"),
+    "mask_threshold": ((int, float, type(None)), "a number in [0, 1) to enable auto layout, or null"),
+    "start_step": ((int,), "a positive integer"),
+    "drop_grounding": ((bool,), "true or false"),
+    "scheduler": ((str, type(None)), "a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler"),
+    "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number}"),
+    "output": ((str,), "a folder to write images into"),
+    "preview": ((bool,), "true or false"),
+    "save_masks": ((bool,), "true or false"),
+    "device": ((str, type(None)), "cuda, cuda:N, mps or cpu"),
+    "dtype": ((str, type(None)), f"one of {', '.join(DTYPES)}"),
+}
+_REQUIRED = ("base", "adapter", "prompt", "subjects")
+_SUBJECT_FIELDS = {"image", "phrase", "box", "scale"}
+
+
+def _unknown(name: str, allowed, where: str) -> JobError:
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return JobError(f"{where}: unknown field {name!r}{hint}; allowed: {', '.join(sorted(allowed))}.")
+
+
+def _path(value: Any, base_dir: Path | None, what: str, must_exist: bool = True) -> str:
+    if not isinstance(value, str) or not value:
+        raise JobError(f"{what}: expected a file path, got {value!r}.")
+    path = Path(value).expanduser()
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if must_exist and not path.exists():
+        raise JobError(f"{what}: {value!r} does not exist{f' (relative to {base_dir})' if base_dir else ''}.")
+    return str(path.resolve())
+
+
+def _model_ref(value: str, base_dir: Path | None) -> str:
+    """A model given as a local path (resolved against the job file) or a hub id (kept)."""
+    if value == TINY:
+        return value
+    path = Path(value).expanduser()
+    local = path if path.is_absolute() or base_dir is None else base_dir / path
+    return str(local.resolve()) if local.exists() else value
+
+
+def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) -> Job:
+    """Validate a job given as a dict (from a file, flags, or PNG metadata)."""
+    if not isinstance(data, dict):
+        raise JobError(f"{source}: a job is a mapping of fields, got {type(data).__name__}.")
+    for name in data:
+        if name not in _FIELDS:
+            raise _unknown(name, _FIELDS, source)
+    for name in _REQUIRED:
+        if data.get(name) in (None, "", []):
+            raise JobError(f"{source}: {name}: required field is missing ({_FIELDS[name][1]}).")
+    for name, value in data.items():
+        types, allowed = _FIELDS[name]
+        if isinstance(value, bool) and bool not in types:
+            types = ()  # YAML `yes` is not a number
+        if not isinstance(value, types):
+            raise JobError(f"{source}: {name}: got {value!r}; expected {allowed}.")
+
+    values = dict(data)
+    for name in ("base", "adapter", "image_encoder"):
+        if name in values:
+            values[name] = _model_ref(values[name], base_dir)
+    values["subjects"] = [_subject(s, f"{source}: subjects[{i}]", base_dir) for i, s in enumerate(data["subjects"])]
+    size = values.get("size", [1024, 1024])
+    size = [size, size] if isinstance(size, int) else size
+    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0 for v in size):
+        raise JobError(f"{source}: size: got {values.get('size')!r}; expected {_FIELDS['size'][1]}.")
+    values["size"] = list(size)
+    for name in ("images", "steps", "start_step"):
+        if name in values and values[name] < 1:
+            raise JobError(f"{source}: {name}: got {values[name]}; expected a positive integer.")
+    threshold = values.get("mask_threshold")
+    if threshold is not None and not 0 <= threshold < 1:
+        raise JobError(f"{source}: mask_threshold: got {threshold}; expected {_FIELDS['mask_threshold'][1]}.")
+    for name in ("guidance", "scale"):
+        if name in values and not math.isfinite(values[name]):
+            raise JobError(f"{source}: {name}: must be a finite number.")
+    if values.get("dtype") is not None and values["dtype"] not in DTYPES:
+        raise JobError(f"{source}: dtype: got {values['dtype']!r}; expected {_FIELDS['dtype'][1]}.")
+    if values.get("controlnet") is not None:
+        values["controlnet"] = _controlnet(values["controlnet"], f"{source}: controlnet", base_dir)
+    if "output" in values:
+        values["output"] = _path(values["output"], base_dir, f"{source}: output", must_exist=False)
+    return Job(**values)
+
+
+def _subject(data: Any, where: str, base_dir: Path | None) -> SubjectSpec:
+    from .subjects import check_box
+
+    if not isinstance(data, dict):
+        raise JobError(f"{where}: expected {{image, phrase, box, scale}}, got {data!r}.")
+    for name in data:
+        if name not in _SUBJECT_FIELDS:
+            raise _unknown(name, _SUBJECT_FIELDS, where)
+    if "image" not in data or "phrase" not in data:
+        raise JobError(f"{where}: needs `image` (a path, or a list of paths of the same subject) and `phrase`.")
+    images = data["image"] if isinstance(data["image"], list) else [data["image"]]
+    if not images:
+        raise JobError(f"{where}.image: an empty list; give at least one image path.")
+    paths = [_path(image, base_dir, f"{where}.image") for image in images]
+    phrase = data["phrase"]
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise JobError(f"{where}.phrase: expected the words naming the subject in the prompt, got {phrase!r}.")
+    box = data.get("box") or [0.0, 0.0, 0.0, 0.0]
+    try:
+        box = list(check_box(box, f"{where}.box"))
+    except ValueError as error:
+        raise JobError(str(error)) from None
+    scale = data.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise JobError(f"{where}.scale: got {scale!r}; expected a number (the subject's own strength).")
+    return SubjectSpec(paths, phrase, box, None if scale is None else float(scale))
+
+
+def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec:
+    allowed = {"model", "image", "scale"}
+    for name in data:
+        if name not in allowed:
+            raise _unknown(name, allowed, where)
+    if not isinstance(data.get("model"), str) or "image" not in data:
+        raise JobError(f"{where}: needs `model` (hub id or folder) and `image` (the control image path).")
+    scale = data.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise JobError(f"{where}.scale: got {scale!r}; expected a number.")
+    return ControlNetSpec(_model_ref(data["model"], base_dir), _path(data["image"], base_dir, f"{where}.image"), float(scale))
+
+
+def read_job_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML or JSON job file (validated later, with flags applied)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file {str(path)!r} not found.")
+    try:
+        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+    except yaml.YAMLError as error:
+        raise JobError(f"{path}: not valid YAML/JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{path}: a job file holds a mapping of fields (base, adapter, prompt, subjects, ...).")
+    return data
+
+
+def read_job_from_png(path: str | Path) -> dict:
+    """The job recorded in an image written by `msdiff generate`."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            text = image.text.get(PNG_METADATA_KEY) if hasattr(image, "text") else None
+    except (OSError, PIL.UnidentifiedImageError) as error:
+        raise JobError(f"--from {path}: cannot read the image ({error}).") from None
+    if not text:
+        raise JobError(f"--from {path}: the image has no msdiffusion job in its metadata (was it written by msdiff generate?).")
+    return json.loads(text)
+
+
+def choose_device(device: str | None, dtype: str | None) -> tuple[str, Any]:
+    """CUDA fp16, else Apple MPS fp16, else CPU fp32; either overridable."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype is None:
+        dtype = "fp32" if device == "cpu" else "fp16"
+    return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+
+
+def load_pipeline(job: Job, device: str, dtype):
+    """The pipeline a job asks for (base, ControlNet, adapter, image encoder, scheduler) on `device`."""
+    import diffusers
+    import torch
+
+    from .pipelines import MSDiffusionXLControlNetPipeline, MSDiffusionXLPipeline
+
+    tiny = [name for name in ("base", "adapter", "image_encoder") if getattr(job, name) == TINY]
+    if tiny:
+        if len(tiny) != 3:
+            raise JobError(f"{TINY!r} is a whole model set: give it as base, adapter and image_encoder together (got it for {', '.join(tiny)}).")
+        from .tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(seed=0, controlnet=job.controlnet is not None).to(device)
+        return pipe if dtype == torch.float32 else pipe.to(dtype)
+
+    kwargs: dict = {"torch_dtype": dtype}
+    cls = MSDiffusionXLPipeline
+    if job.controlnet is not None:
+        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet.model, torch_dtype=dtype)
+        cls = MSDiffusionXLControlNetPipeline
+    if Path(job.base).suffix in (".safetensors", ".ckpt"):
+        pipe = cls.from_single_file(job.base, **kwargs)
+    else:
+        pipe = cls.from_pretrained(job.base, **kwargs)
+    pipe.load_ms_adapter(job.adapter, image_encoder=job.image_encoder, weight_name=job.adapter_weight_name)
+    if job.scheduler:
+        scheduler_class = getattr(diffusers, job.scheduler, None)
+        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+            raise JobError(f"scheduler: {job.scheduler!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler).")
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe.to(device)
+
+
+def _next_stem(folder: Path) -> str:
+    """`msdiff-00001`, `msdiff-00002`, ...: never overwrite an earlier result."""
+    taken = [int(p.stem.split("-")[1]) for p in folder.glob("msdiff-*.png") if p.stem.split("-")[1].isdigit()]
+    return f"msdiff-{max(taken, default=0) + 1:05d}"
+
+
+def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]:
+    """Generate the job's images (one seed each: `seed`, `seed + 1`, ...) and write them with previews."""
+    import PIL.Image
+    import PIL.PngImagePlugin
+    import torch
+
+    from .preview import attention_map_image, draw_layout, subjects_sheet
+
+    if pipe is None:
+        device, dtype = choose_device(job.device, job.dtype)
+        log(f"Loading {job.base} + {job.adapter} on {device} ({dtype})")
+        pipe = load_pipeline(job, device, dtype)
+    pipe.set_progress_bar_config(disable=not progress)
+    seed = job.seed if job.seed is not None else random.randrange(2**31)
+    folder = Path(job.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    subject_images = [[PIL.Image.open(p).convert("RGB") for p in s.images] for s in job.subjects]
+    width, height = job.size
+    control = {}
+    if job.controlnet is not None:
+        control = {"image": PIL.Image.open(job.controlnet.image).convert("RGB"), "controlnet_conditioning_scale": job.controlnet.scale}
+
+    written = []
+    for i in range(job.images):
+        image_seed = seed + i
+        out = pipe(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            subject_images=subject_images,
+            subject_phrases=[s.phrase for s in job.subjects],
+            subject_boxes=[s.box for s in job.subjects],
+            subject_scales=[s.scale for s in job.subjects] if any(s.scale is not None for s in job.subjects) else None,
+            ms_scale=job.scale,
+            drop_grounding_tokens=job.drop_grounding,
+            mask_threshold=job.mask_threshold,
+            start_step=job.start_step,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            height=height,
+            width=width,
+            generator=torch.Generator("cpu").manual_seed(image_seed),
+            **control,
+        )
+        image = out.images[0]
+        record = dataclasses.replace(job, seed=image_seed, images=1).to_dict()
+        info = PIL.PngImagePlugin.PngInfo()
+        info.add_text(PNG_METADATA_KEY, json.dumps(record))
+        info.add_text("prompt", job.prompt)
+        stem = _next_stem(folder)
+        path = folder / f"{stem}.png"
+        image.save(path, pnginfo=info)
+        written.append(path)
+        if job.preview:
+            phrases = [s.phrase for s in job.subjects]
+            preview = draw_layout(image, [s.box for s in job.subjects], phrases)
+            preview.save(folder / f"{stem}-layout.png")
+            references = [images[0] for images in subject_images]
+            subjects_sheet(references, phrases, preview).save(folder / f"{stem}-sheet.png")
+            written += [folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"]
+        if job.save_masks and out.auto_layout_maps is not None:
+            for j, subject in enumerate(job.subjects):
+                mask_path = folder / f"{stem}-mask{j}-{_slug(subject.phrase)}.png"
+                attention_map_image(out.auto_layout_maps[0, j], image.size).save(mask_path)
+                written.append(mask_path)
+        log(f"wrote {path} (seed {image_seed})")
+    return written
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:40] or "subject"
