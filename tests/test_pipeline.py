@@ -160,3 +160,24 @@ def test_other_sdxl_arguments_keep_working(pipe, subject_images):
     finally:
         pipe.scheduler = original
     assert steps == [0, 1, 2]
+
+
+def test_lora_and_model_offload_keep_working(subject_images, tmp_path):
+    peft = pytest.importorskip("peft", reason="LoRA loading needs peft (in the test extra)")
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    donor = tiny_pipeline(seed=0).unet
+    donor.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, param in donor.named_parameters():
+        if "lora_B" in name:  # B starts at zero: make the LoRA do something
+            torch.nn.init.normal_(param, std=0.1)
+    layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(donor))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers={k: v for k, v in layers.items() if "processor" not in k})
+
+    pipe = tiny_pipeline(seed=0)
+    before = generate(pipe, **subjects(subject_images))
+    pipe.load_lora_weights(tmp_path)
+    with_lora = generate(pipe, **subjects(subject_images))
+    assert not np.allclose(before, with_lora, atol=1e-3)
+    pipe.enable_model_cpu_offload(device="cpu")  # the hooks include the image projection component
+    np.testing.assert_allclose(generate(pipe, **subjects(subject_images)), with_lora, atol=1e-5)
