@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: _usage(parser))
     _add_check(commands)
     _add_build(commands)
+    from ..train.cli import add_cache_parser  # `msdiff data cache` lives with the training code that reads it
+
+    add_cache_parser(commands)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

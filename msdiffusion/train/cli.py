@@ -1,0 +1,140 @@
+"""`msdiff train` and `msdiff data cache`.
+
+`msdiff train` runs in one process; for several GPUs or machines the same flags go to
+`accelerate launch ... -m msdiffusion.train` (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import add_config_arguments
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train an MS-Diffusion adapter",
+        description="Train the MS-Diffusion adapter (grounding resampler + to_k_ip/to_v_ip) on a frozen SDXL base. "
+        "Settings come from --config (YAML/JSON) and flags (which override it); see docs/training.md. "
+        "On several GPUs or machines use: accelerate launch [...] -m msdiffusion.train --config FILE.",
+    )
+    add_train_arguments(parser)
+    parser.set_defaults(func=run_train)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved, validated config as YAML and exit"
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..cli import UserInputError
+    from .config import ConfigError, load_config_from_args
+
+    try:
+        config = load_config_from_args(args)
+    except ConfigError as error:
+        raise UserInputError(str(error)) from None
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+
+    from ..adapter import AdapterMismatchError
+    from ..data.manifest import ManifestError
+    from .cache import CacheError
+    from .loop import train
+
+    try:
+        summary = train(config)
+    except (ConfigError, ManifestError, CacheError, AdapterMismatchError, FileNotFoundError) as error:
+        raise UserInputError(str(error)) from None
+    print(f"adapter: {summary['adapter']} (project format) and {summary['released_adapter']} (released format)")
+    return 0
+
+
+# --- msdiff data cache -----------------------------------------------------------------------------
+
+
+def add_cache_parser(commands: argparse._SubParsersAction) -> None:
+    """Adds `cache` to the `msdiff data` command group."""
+    cache = commands.add_parser(
+        "cache",
+        help="precompute text and image encoder features for training",
+        description="Encode every caption, phrase and reference image of a manifest once, so training reads "
+        "features instead of running the text encoders and the image encoder (set `cache: OUT` in the training "
+        "config). The settings must match the training run's: the same base, image encoder, reference size "
+        "and masking. Running it again keeps the shards whose manifest lines did not change.",
+    )
+    cache.add_argument("manifest", type=Path, help="the manifest (.jsonl)")
+    cache.add_argument("--out", type=Path, required=True, help="cache folder")
+    cache.add_argument("--base", required=True, help="SDXL base (folder or hub id): its tokenizers and text encoders")
+    cache.add_argument("--image-encoder", required=True, help="CLIP vision encoder (folder or hub id)")
+    cache.add_argument("--variant", help="weight variant of the base's text encoders, e.g. fp16")
+    cache.add_argument("--revision", help="hub revision of the base")
+    cache.add_argument(
+        "--reference-size", type=int, default=1024,
+        help="square the references are squashed to: the training config's reference_size, or its resolution (default 1024)",
+    )
+    cache.add_argument("--no-mask-references", action="store_true", help="as mask_references: false in training")
+    cache.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    cache.add_argument(
+        "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+        help="precision of the encoders and the stored features (auto: float16 on CUDA, float32 elsewhere)",
+    )
+    cache.add_argument("--batch-size", type=int, default=16, help="samples per encoder batch (default 16)")
+    cache.add_argument("--workers", type=int, default=4, help="processes reading the reference images (default 4)")
+    cache.add_argument("--shard-size", type=int, default=256, help="samples per cache file (default 256)")
+    cache.set_defaults(func=run_cache)
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from ..cli import UserInputError
+
+    for name in ("reference_size", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0:
+        raise UserInputError("--workers must be 0 or more")
+    if not args.manifest.is_file():
+        raise UserInputError(f"manifest not found: {args.manifest}")
+
+    import torch
+
+    from ..data.manifest import ManifestError
+    from .cache import write_cache
+    from .config import TrainConfig
+    from .models import load_image_encoder, load_text_encoders
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    models = TrainConfig(base=args.base, image_encoder=args.image_encoder, variant=args.variant, revision=args.revision)
+    try:
+        text_encoders = load_text_encoders(models).to(device, dtype)
+        image_encoder, image_processor = load_image_encoder(models)
+    except OSError as error:
+        raise UserInputError(f"cannot load the models: {error}") from None
+    image_encoder.to(device, dtype)
+
+    print(f"caching {args.manifest} into {args.out} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
+    try:
+        counts = write_cache(
+            args.manifest, args.out, text_encoders, image_encoder, image_processor,
+            settings={"base": args.base, "image_encoder": args.image_encoder},
+            reference_size=args.reference_size, mask_references=not args.no_mask_references,
+            batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, dtype=dtype, device=device,
+            progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr, end="\r"),
+        )  # fmt: skip
+    except ManifestError as error:
+        raise UserInputError(str(error)) from None
+    print(file=sys.stderr)
+    print(f"cache: {args.out} ({counts['written']} samples encoded, {counts['kept']} kept from an earlier run)")
+    return 0

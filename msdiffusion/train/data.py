@@ -1,0 +1,103 @@
+"""The training DataLoader: the manifest dataset (or its cached-features variant), batched by bucket.
+
+Every index the sampler yields carries its epoch, `(epoch, index)`, and the dataset wrapper sets the
+epoch in whichever process reads the item. So random crops depend on `(seed, epoch, index)` even
+with persistent DataLoader workers (which never see a `set_epoch` called in the main process), and
+a resumed run reads exactly the items an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data.buckets import BucketBatchSampler, sdxl_buckets
+from ..data.dataset import MSDiffusionDataset, collate_subjects
+from .config import TrainConfig
+
+
+class EpochTaggedBatches(Sampler):
+    """Batches of `(epoch, index)` from a `BucketBatchSampler`, reshuffled per epoch."""
+
+    def __init__(self, batches: BucketBatchSampler):
+        self.batches = batches
+        self.batch_size = batches.batch_size  # accelerate shards by these two
+        self.drop_last = batches.drop_last
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.batches.epoch
+        for batch in self.batches:
+            yield [(epoch, index) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class EpochTaggedDataset(Dataset):
+    """Reads `(epoch, index)` keys: sets the wrapped dataset's epoch in the reading process, then reads."""
+
+    def __init__(self, dataset: MSDiffusionDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        if self.dataset.epoch != epoch:
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+def build_dataset(config: TrainConfig, image_processor=None, cache=None, cache_settings: dict | None = None) -> MSDiffusionDataset:
+    kwargs = dict(
+        resolution=config.resolution,
+        max_subjects=config.max_subjects,
+        crop=config.crop,
+        min_visible_fraction=config.min_visible_fraction,
+        mask_references=config.mask_references,
+        reference_square_size=config.reference_size,
+        image_processor=image_processor,
+        seed=config.seed,
+        buckets=sdxl_buckets(config.resolution) if config.buckets else None,
+    )
+    if cache is not None:
+        from .cache import CachedFeatureDataset
+
+        return CachedFeatureDataset(config.manifest, cache, cache_settings or {}, **kwargs)
+    return MSDiffusionDataset(config.manifest, **kwargs)
+
+
+def build_dataloader(config: TrainConfig, dataset: MSDiffusionDataset, cached: bool) -> tuple[DataLoader, EpochTaggedBatches]:
+    """Shuffled full batches (one bucket each); the tail of each bucket is left for another epoch's order."""
+    bucket_ids = dataset.bucket_ids if dataset.bucket_ids is not None else [0] * len(dataset)
+    batches = EpochTaggedBatches(
+        BucketBatchSampler(bucket_ids, config.train_batch_size, shuffle=True, drop_last=True, seed=config.seed)
+    )
+    if len(batches) == 0:
+        raise ValueError(
+            f"the manifest's {len(dataset)} samples make no full batch of train_batch_size={config.train_batch_size}"
+            + (" in any aspect-ratio bucket" if config.buckets else "")
+            + ": lower train_batch_size or add samples"
+        )
+    workers = config.dataloader_workers
+    collate = collate_subjects
+    if cached:
+        from .cache import collate_cached
+
+        collate = collate_cached
+    loader = DataLoader(
+        EpochTaggedDataset(dataset),
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=config.pin_memory and torch.cuda.is_available(),
+        persistent_workers=config.persistent_workers and workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    return loader, batches

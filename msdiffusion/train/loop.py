@@ -1,0 +1,527 @@
+"""The training loop: frozen SDXL, trainable MS-Diffusion adapter, everything distributed by accelerate.
+
+Run it with `msdiff train --config FILE` on one device, or `accelerate launch ... -m msdiffusion.train
+--config FILE` on several GPUs or machines (docs/training.md).
+
+Determinism and resume: every random draw of a step (drops, timesteps, noise, the VAE's latent
+sample) comes from one `torch.Generator` per process, seeded from `(seed, process index)` and saved
+in each checkpoint; the data order and crops depend on `(seed, epoch, index)` only; optimizer, LR
+schedule, grad-scaler and EMA states are saved by `accelerator.save_state`. A run resumed from step
+k therefore continues exactly as if it had not stopped (with the same number of processes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, TrainConfig
+from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
+
+logger = logging.getLogger("msdiffusion.train")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+ADAPTER_DIR = "adapter"  # project format, the weights to use (EMA when on)
+RELEASED_FILE = "ms_adapter.bin"  # released format, the same weights
+TRAINABLE_DIR = "trainable"  # with EMA: the raw training weights a resume continues from
+STATE_FILE = "train_state.json"
+SUMMARY_FILE = "train_summary.json"
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train as `config` says; returns the run summary (also written to `output_dir/train_summary.json`)."""
+    return TrainingRun(config).train()
+
+
+class TrainingRun:
+    def __init__(self, config: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.config = config.validate()
+        self.output_dir = Path(config.output_dir)
+        _check_tracker(config.report_to)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        if not self.accelerator.is_local_main_process:
+            logger.setLevel(logging.WARNING)
+        self.device = self.accelerator.device
+        self.weight_dtype = getattr(torch, config.weight_dtype_name)
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.generator = torch.Generator("cpu").manual_seed(_process_seed(config.seed, self.accelerator.process_index))
+        self._step_being_saved = 0
+        self._build()
+
+    # ---- set-up -----------------------------------------------------------------------------------
+    def _build(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from .cache import FeatureCache
+        from .data import build_dataloader, build_dataset
+        from .models import (
+            build_training_model,
+            encoder_widths,
+            load_image_encoder,
+            load_image_processor,
+            load_text_encoders,
+            load_unet_and_vae,
+        )
+
+        config, accelerator = self.config, self.accelerator
+        self.noise_scheduler = DDPMScheduler.from_pretrained(config.base, subfolder="scheduler", revision=config.revision)
+        self.prediction_type = config.prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError([f"prediction_type: the base's scheduler predicts {self.prediction_type!r}; training supports epsilon and v_prediction"])
+        unet, vae = load_unet_and_vae(config)
+
+        cache = FeatureCache(config.cache) if config.cache else None
+        if cache is None:
+            text_encoders = load_text_encoders(config)
+            image_encoder, image_processor = load_image_encoder(config)
+            widths = (image_encoder.config.hidden_size, text_encoders.text_encoder.config.hidden_size)
+        else:
+            text_encoders = image_encoder = None
+            image_processor = load_image_processor(config)
+            widths = encoder_widths(config)
+
+        self.model = build_training_model(config, unet, *widths)
+        # Frozen parts in the weight dtype; the trainable ones stay float32 (mixed precision by autocast).
+        unet.to(self.device, self.weight_dtype)
+        for param in self.model.trainable_parameters():
+            param.data = param.data.float()
+        self.model.projection.to(self.device)
+        upcast_vae = self.weight_dtype == torch.float16 and not config.vae and vae.config.force_upcast
+        vae.to(self.device, torch.float32 if upcast_vae else self.weight_dtype)
+        self.vae = vae
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+
+        if cache is None:
+            text_encoders.to(self.device, self.weight_dtype)
+            image_encoder.to(self.device, self.weight_dtype)
+            self.dataset = build_dataset(config, image_processor)
+            pixels_shape = (3, *self.dataset._clip_size())
+            self.features = EncoderFeatures(text_encoders, image_encoder, self.device, self.weight_dtype, pixels_shape)
+        else:
+            self.dataset = build_dataset(config, image_processor, cache, self._cache_settings())
+            self.features = CachedFeatures(cache.nulls().to(self.device, self.weight_dtype))
+        dataloader, self.batches = build_dataloader(config, self.dataset, cached=cache is not None)
+
+        self.params = self.model.trainable_parameters()
+        self.optimizer = _optimizer(config, self.params)
+        self.ema = None
+        if config.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=config.ema_decay)
+            accelerator.register_for_checkpointing(self.ema)
+
+        self.prepared_model, self.optimizer, self.dataloader = accelerator.prepare(self.model, self.optimizer, dataloader)
+        if len(self.dataloader) == 0:
+            raise ValueError(
+                f"{len(self.batches)} full batch(es) per epoch cannot be shared by {accelerator.num_processes} processes: "
+                "lower train_batch_size or add samples"
+            )
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
+        self.max_train_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
+        from diffusers.optimization import get_scheduler
+
+        # accelerate steps a prepared scheduler once per process per optimiser step
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler, self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.max_train_steps * accelerator.num_processes,
+        )  # fmt: skip
+        self.lr_scheduler = accelerator.prepare(lr_scheduler)
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+        self.validator = None
+        if config.validation_steps and accelerator.is_main_process:
+            from .validation import Validator, validation_entries
+
+            entries = validation_entries(config, self.dataset)
+            components = {
+                "vae": vae, "unet": unet, "text_encoders": text_encoders, "image_encoder": image_encoder,
+                "image_processor": image_processor,
+            }  # fmt: skip
+            self.validator = Validator(config, entries, components, self.noise_scheduler.config, self.device, self.weight_dtype)
+
+    def _cache_settings(self) -> dict[str, Any]:
+        """What the cached features depend on, as the training config has it."""
+        c = self.config
+        return {
+            "base": c.base,
+            "image_encoder": c.image_encoder,
+            "reference_size": c.reference_size or c.resolution,
+            "mask_references": c.mask_references,
+        }
+
+    # ---- one step ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        latents = posterior.sample(generator=self.generator).float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def loss_on(self, batch: dict) -> torch.Tensor:
+        """Forward the batch and return the training loss (the caller runs backward inside `activate`)."""
+        config, model = self.config, self.model
+        batch_size = batch["pixel_values"].shape[0]
+        drops = draw_drops(config, batch_size, self.generator)
+        latents = self._latents(batch["pixel_values"])
+        with torch.no_grad():
+            cond = condition(batch, drops, self.features, self.device, self.weight_dtype)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        if config.noise_offset:
+            noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.generator).to(self.device)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=self.generator
+        ).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
+        boxes = batch["subject_boxes"].to(self.device)
+        prediction = self.prepared_model(
+            noisy, timesteps, cond.prompt_embeds, cond.pooled_prompt_embeds, time_ids.to(self.device, self.weight_dtype),
+            cond.image_features, cond.phrase_embeds, boxes, drops.grounding.to(self.device),
+        )  # fmt: skip
+        return self._loss(prediction.float(), target.float(), timesteps)
+
+    def _loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.config.snr_gamma is None:
+            return F.mse_loss(prediction, target)
+        from diffusers.training_utils import compute_snr
+
+        # min-SNR weighting (Hang et al. 2023): weight min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        clipped = torch.clamp(snr, max=self.config.snr_gamma)
+        weights = clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=list(range(1, prediction.ndim)))
+        return (per_sample * weights).mean()
+
+    def training_step(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: loss, backward, and (on accumulation boundaries) clip + optimiser step."""
+        accelerator = self.accelerator
+        latent_size = (batch["pixel_values"].shape[-2] // 8, batch["pixel_values"].shape[-1] // 8)
+        with accelerator.accumulate(self.prepared_model):
+            layout = self.model.subject_layout(batch["subject_boxes"], latent_size, self.config.ms_scale)
+            # Backward inside the layout too: activation checkpointing recomputes the attention there.
+            with self.model.attention_state.activate(layout):
+                loss = self.loss_on(batch)
+                accelerator.backward(loss)
+            if accelerator.sync_gradients and self.config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(self.params, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        from accelerate import skip_first_batches
+        from tqdm.auto import tqdm
+
+        config, accelerator = self.config, self.accelerator
+        global_step = self._resume() if config.resume_from_checkpoint else 0
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / "config.yaml")
+            accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
+        self._log_plan(global_step)
+
+        progress = tqdm(total=self.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+        window = _Window(time.perf_counter())
+        run_start, start_step = time.perf_counter(), global_step
+        samples_per_step = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+        last_loss = None
+        while global_step < self.max_train_steps:
+            epoch, done = divmod(global_step, self.steps_per_epoch)
+            loader = self.dataloader
+            if done:  # resume mid-epoch: the batches of the steps already taken are skipped, not re-read
+                loader = skip_first_batches(self.dataloader, done * config.gradient_accumulation_steps)
+            loader.set_epoch(epoch)
+            self.batches.set_epoch(epoch)
+            fetch_start = time.perf_counter()
+            for batch in loader:
+                window.data_time += time.perf_counter() - fetch_start
+                loss = self.training_step(batch)
+                window.add_loss(loss)
+                if accelerator.sync_gradients:
+                    global_step += 1
+                    window.steps += 1
+                    progress.update(1)
+                    if self.ema is not None:
+                        self.ema.step(self.params)
+                    if global_step % config.log_every == 0 or global_step == self.max_train_steps:
+                        last_loss = self._log(window, global_step, samples_per_step, progress)
+                        window = _Window(time.perf_counter())
+                    if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                        self.save_checkpoint(global_step)
+                    if config.validation_steps and global_step % config.validation_steps == 0:
+                        self.validate(global_step)
+                    if global_step >= self.max_train_steps:
+                        break
+                fetch_start = time.perf_counter()
+        progress.close()
+
+        if config.checkpointing_steps and global_step % config.checkpointing_steps:
+            self.save_checkpoint(global_step)  # so a longer run can resume from the end
+        if config.validation_steps and global_step % config.validation_steps:
+            self.validate(global_step)
+        elapsed = time.perf_counter() - run_start
+        summary = self._finish(global_step, last_loss, (global_step - start_step) * samples_per_step / max(elapsed, 1e-9))
+        accelerator.end_training()
+        return summary
+
+    def _log_plan(self, global_step: int) -> None:
+        c, a = self.config, self.accelerator
+        trainable = sum(p.numel() for p in self.params)
+        frozen = sum(p.numel() for p in self.model.unet.parameters() if not p.requires_grad)
+        logger.info(
+            "training: %d samples, %d batches/epoch/process, %d steps/epoch, %d steps (from %d); batch %d x %d processes "
+            "x %d accumulation = %d; trainable %.1fM parameters, frozen UNet %.1fM; %s, %s features",
+            len(self.dataset), len(self.dataloader), self.steps_per_epoch, self.max_train_steps, global_step,
+            c.train_batch_size, a.num_processes, c.gradient_accumulation_steps,
+            c.train_batch_size * a.num_processes * c.gradient_accumulation_steps, trainable / 1e6, frozen / 1e6,
+            c.mixed_precision, "cached" if c.cache else "encoded",
+        )  # fmt: skip
+
+    def _log(self, window: "_Window", step: int, samples_per_step: int, progress) -> float:
+        accelerator = self.accelerator
+        loss = accelerator.reduce(window.mean_loss().to(self.device), "mean").item()
+        elapsed = time.perf_counter() - window.start
+        logs = {
+            "loss": loss,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "samples_per_s": window.steps * samples_per_step / max(elapsed, 1e-9),
+            "data_wait_fraction": window.data_time / max(elapsed, 1e-9),
+            **peak_memory_gb(self.device),
+        }
+        accelerator.log(logs, step=step)
+        progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{logs['samples_per_s']:.1f}")
+        memory = ", ".join(f"{k} {v:.2f}" for k, v in logs.items() if k.startswith("peak"))
+        logger.info(
+            "step %d: loss %.4f, lr %.3g, %.2f samples/s, data wait %.0f%%, %s",
+            step, loss, logs["lr"], logs["samples_per_s"], 100 * logs["data_wait_fraction"], memory,
+        )  # fmt: skip
+        return loss
+
+    # ---- checkpoints, export, validation ------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        path = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        if self.accelerator.is_main_process and self.config.checkpoints_total_limit is not None:
+            existing = list_checkpoints(self.output_dir)
+            for old in existing[: max(0, len(existing) - self.config.checkpoints_total_limit + 1)]:
+                logger.info("removing %s (checkpoints_total_limit=%d)", old, self.config.checkpoints_total_limit)
+                shutil.rmtree(old)
+        self._step_being_saved = step
+        self.accelerator.save_state(str(path))  # every process: each saves its own random states
+        self.accelerator.wait_for_everyone()
+        logger.info("saved %s", path)
+        return path
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        output_dir = Path(output_dir)
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(models[0])
+            self.export(output_dir)
+            if self.ema is not None:
+                _checkpoint(model).save(output_dir / TRAINABLE_DIR)
+            state = {"step": self._step_being_saved, "num_processes": self.accelerator.num_processes}
+            (output_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        torch.save(self.generator.get_state(), output_dir / f"generator_{self.accelerator.process_index}.pt")
+        weights.clear()  # the frozen UNet is not checkpointed: only the adapter (above) is
+
+    def _load_hook(self, models, input_dir) -> None:
+        from ..adapter import load_checkpoint
+        from .models import load_adapter_weights
+
+        input_dir = Path(input_dir)
+        model = self.accelerator.unwrap_model(models.pop())
+        source = input_dir / TRAINABLE_DIR if (input_dir / TRAINABLE_DIR).is_dir() else input_dir / ADAPTER_DIR
+        load_adapter_weights(model, load_checkpoint(source))
+        state = json.loads((input_dir / STATE_FILE).read_text())
+        generator_file = input_dir / f"generator_{self.accelerator.process_index}.pt"
+        if state["num_processes"] != self.accelerator.num_processes or not generator_file.is_file():
+            logger.warning(
+                "%s was written by %d process(es), this run has %d: training continues, but its random draws "
+                "differ from an uninterrupted run's", input_dir, state["num_processes"], self.accelerator.num_processes,
+            )  # fmt: skip
+            self.generator.manual_seed(_process_seed(self.config.seed, self.accelerator.process_index) + state["step"])
+        else:
+            self.generator.set_state(torch.load(generator_file))
+
+    def _resume(self) -> int:
+        value = self.config.resume_from_checkpoint
+        if value == "latest":
+            found = list_checkpoints(self.output_dir)
+            if not found:
+                logger.info("no checkpoint in %s: starting a new run", self.output_dir)
+                return 0
+            path = found[-1]
+        else:
+            path = Path(value)
+            if not (path / STATE_FILE).is_file():
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint: {path} is not a training checkpoint (no {STATE_FILE}); give a "
+                    f"{CHECKPOINT_PREFIX}N folder of a run, or 'latest'"
+                )
+        self.accelerator.load_state(str(path))
+        step = json.loads((path / STATE_FILE).read_text())["step"]
+        logger.info("resumed from %s at step %d", path, step)
+        return step
+
+    def export(self, directory: Path) -> dict[str, Path]:
+        """Write the adapter (EMA weights when on) in the project format and as the released `ms_adapter.bin`."""
+        model = self.accelerator.unwrap_model(self.prepared_model)
+        with self._ema_weights():
+            checkpoint = _checkpoint(model)
+        return {"adapter": checkpoint.save(directory / ADAPTER_DIR), "released_adapter": checkpoint.save(directory / RELEASED_FILE)}
+
+    def validate(self, step: int) -> None:
+        if self.validator is not None and self.validator.entries:
+            from .validation import log_images
+
+            with self._ema_weights():
+                images = self.validator.run(step, self.model.projection)
+            log_images(self.accelerator, images, step)
+            logger.info("validation images: %s", self.validator.out_dir / f"step-{step:06d}")
+        self.accelerator.wait_for_everyone()
+
+    def _ema_weights(self):
+        import contextlib
+
+        ema = self.ema
+        if ema is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def swapped():
+            ema.store(self.params)
+            ema.copy_to(self.params)
+            try:
+                yield
+            finally:
+                ema.restore(self.params)
+
+        return swapped()
+
+    def _finish(self, step: int, loss: float | None, samples_per_s: float) -> dict[str, Any]:
+        accelerator = self.accelerator
+        fingerprints = accelerator.gather(weights_fingerprint(self.params)[None].to(self.device)).cpu()
+        summary: dict[str, Any] = {
+            "steps": step,
+            "final_loss": loss,
+            "samples_per_s": samples_per_s,
+            **peak_memory_gb(self.device),
+            "num_processes": accelerator.num_processes,
+            "replica_fingerprints": fingerprints.tolist(),
+            "replicas_in_sync": bool((fingerprints == fingerprints[0]).all()),
+        }
+        if not summary["replicas_in_sync"]:
+            logger.warning("the processes' adapter weights differ: %s", fingerprints.tolist())
+        if accelerator.is_main_process:
+            summary.update({k: str(v) for k, v in self.export(self.output_dir).items()})
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            logger.info("adapter written: %s and %s", summary["adapter"], summary["released_adapter"])
+        accelerator.wait_for_everyone()
+        return summary
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+class _Window:
+    """Loss, steps and data-loading time since the last log line."""
+
+    def __init__(self, start: float):
+        self.start, self.data_time, self.steps = start, 0.0, 0
+        self._loss_sum, self._count = torch.zeros(()), 0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        self._loss_sum = self._loss_sum + loss.float().cpu()
+        self._count += 1
+
+    def mean_loss(self) -> torch.Tensor:
+        return self._loss_sum / max(self._count, 1)
+
+
+def _process_seed(seed: int, process_index: int) -> int:
+    return seed * 1_000_003 + process_index
+
+
+def _checkpoint(model):
+    from ..adapter import checkpoint_from_models
+
+    return checkpoint_from_models(model.unet, model.projection)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders of a run, oldest first."""
+    if not Path(output_dir).is_dir():
+        return []
+    found = [p for p in Path(output_dir).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
+    found = [p for p in found if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def weights_fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
+    """Three float64 numbers that differ when any weight differs (sum, sum of squares, position-weighted sum)."""
+    flat = torch.cat([p.detach().double().flatten().cpu() for p in params])
+    position = torch.arange(flat.numel(), dtype=torch.float64).remainder_(9973) + 1
+    return torch.stack([flat.sum(), (flat * flat).sum(), (flat * position).sum()])
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory allocated by torch, and the process's peak resident host memory."""
+    memory = {"peak_host_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    if device.type == "cuda":
+        memory["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
+    return memory
+
+
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay, eps=config.adam_epsilon)
+    if config.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ConfigError(["optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)"]) from None
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _check_tracker(report_to: str) -> None:
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise ConfigError([f"report_to: {report_to} is not installed (pip install {package}), or use report_to: none"])
+
+
+def _tracker_config(config: TrainConfig) -> dict[str, Any]:
+    """The config flattened to the scalar values trackers accept."""
+    flat = {}
+    for key, value in config.to_dict().items():
+        flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+    return flat
+

@@ -1,0 +1,193 @@
+"""The training loop on tiny random models: learning, exact resume, export, checkpointing, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import reset_accelerate, tiny_config, write_manifest
+
+from msdiffusion.tiny import save_tiny_models
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train")
+    return {"models": save_tiny_models(folder / "models"), "manifest": write_manifest(folder / "data", 6)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def _run(setup, output_dir, **overrides):
+    from msdiffusion.train.loop import TrainingRun
+
+    return TrainingRun(tiny_config(setup["models"], setup["manifest"], output_dir, **overrides))
+
+
+def _weights(folder):
+    return load_file(folder / "adapter" / "ms_adapter.safetensors")
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(setup, tmp_path):
+    run = _run(setup, tmp_path, learning_rate=1e-2, drop_image=0.0, drop_text=0.0, drop_both=0.0, drop_grounding=0.0)
+    batch = next(iter(run.dataloader))
+    assert batch["num_subjects"].sum() > 0
+    losses = []
+    for _ in range(8):
+        run.generator.manual_seed(1)  # the same noise, timesteps and latent sample every step
+        losses.append(run.training_step(batch).item())
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(setup, tmp_path):
+    # 6 samples in batches of 2: 3 steps an epoch; resuming at step 2 skips 2 batches, then crosses
+    # into epoch 1. Drops are frequent so that the restored random generator matters.
+    settings = dict(
+        max_train_steps=5, checkpointing_steps=2, ema=True, ema_decay=0.5, noise_offset=0.1, learning_rate=1e-3,
+        drop_image=0.3, drop_text=0.3, drop_both=0.1, drop_grounding=0.3, lr_scheduler="linear",
+    )  # fmt: skip
+    whole = _run(setup, tmp_path / "whole", **settings).train()
+    assert whole["steps"] == 5
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+
+    reset_accelerate()
+    resumed = _run(
+        setup, tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"), **settings
+    ).train()
+    assert resumed["steps"] == 5
+    expected, got = _weights(tmp_path / "whole"), _weights(tmp_path / "resumed")  # EMA weights
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    raw_expected = load_file(tmp_path / "whole" / "checkpoint-5" / "trainable" / "ms_adapter.safetensors")
+    raw_got = load_file(tmp_path / "resumed" / "checkpoint-5" / "trainable" / "ms_adapter.safetensors")
+    assert all(torch.equal(raw_expected[k], raw_got[k]) for k in raw_expected)
+    # and training did move the weights away from where the checkpoint was
+    at_two = load_file(tmp_path / "whole" / "checkpoint-2" / "trainable" / "ms_adapter.safetensors")
+    assert any(not torch.equal(at_two[k], raw_expected[k]) for k in at_two)
+
+
+def test_resume_latest_and_a_missing_checkpoint(setup, tmp_path):
+    first = _run(setup, tmp_path, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=1).train()
+    assert first["steps"] == 2
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]  # the limit removed checkpoint-1
+    reset_accelerate()
+    more = _run(setup, tmp_path, max_train_steps=3, resume_from_checkpoint="latest").train()
+    assert more["steps"] == 3
+    reset_accelerate()
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        _run(setup, tmp_path, resume_from_checkpoint=str(tmp_path / "nowhere")).train()
+
+
+def test_exported_adapter_loads_in_the_inference_pipeline_and_generates(setup, tmp_path):
+    from msdiffusion import MSDiffusionXLPipeline
+    from msdiffusion.adapter import checkpoint_from_models, load_checkpoint
+
+    run = _run(setup, tmp_path, learning_rate=1e-3)
+    summary = run.train()
+    trained = checkpoint_from_models(run.model.unet, run.model.projection)
+
+    pipe = MSDiffusionXLPipeline.from_pretrained(str(setup["models"]["base"]))
+    pipe.load_ms_adapter(summary["released_adapter"], image_encoder=str(setup["models"]["image_encoder"]))
+    pipe.set_progress_bar_config(disable=True)
+    for i, weights in trained.attention.items():  # the released-format file holds the trained weights
+        processor = list(pipe.unet.attn_processors.values())[i]
+        assert torch.equal(processor.to_k_ip.weight, weights["to_k_ip.weight"])
+    reference = setup["manifest"].parent / "photos" / "000.png"
+    image = pipe(
+        prompt="a red dog and a blue cat", subject_images=[reference, reference], subject_phrases=["dog", "cat"],
+        subject_boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]], num_inference_steps=2, height=64, width=64,
+        generator=torch.Generator().manual_seed(0), output_type="np",
+    ).images[0]  # fmt: skip
+    assert image.shape == (64, 64, 3) and float(image.std()) > 0
+
+    project = load_checkpoint(summary["adapter"])
+    assert all(torch.equal(project.image_proj[k], v) for k, v in trained.image_proj.items())
+    assert torch.equal(project.dummy_image_tokens, trained.dummy_image_tokens)
+
+
+def test_only_the_adapter_trains_and_dummy_tokens_stay(setup, tmp_path):
+    run = _run(setup, tmp_path, learning_rate=1e-2)
+    unet_before = {k: v.clone() for k, v in run.model.unet.state_dict().items() if "_ip." not in k}
+    dummy_before = run.model.projection.dummy_image_tokens.detach().clone()
+    proj_before = run.model.projection.image_proj.proj_out.weight.detach().clone()
+    processor = run.model.processors[0]
+    assert torch.equal(processor.to_k_ip.weight, run.model.unet.get_submodule(
+        [n for n in run.model.unet.attn_processors if n.endswith("attn2.processor")][0].removesuffix(".processor")
+    ).to_k.weight)  # to_k_ip starts as a copy of to_k
+    run.train()
+    after = run.model.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in unet_before.items())
+    assert torch.equal(run.model.projection.dummy_image_tokens, dummy_before)
+    assert not torch.equal(run.model.projection.image_proj.proj_out.weight, proj_before)
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in run.params)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(setup, tmp_path):
+    def gradients(checkpointing: bool):
+        reset_accelerate()
+        run = _run(setup, tmp_path, gradient_checkpointing=checkpointing, drop_grounding=0.0, drop_image=0.0)
+        batch = next(iter(run.dataloader))
+        run.generator.manual_seed(3)
+        run.optimizer.step = lambda *a, **k: None  # keep the gradients for inspection
+        run.optimizer.zero_grad = lambda *a, **k: None
+        run.training_step(batch)
+        return [p.grad.clone() for p in run.params]
+
+    plain, recomputed = gradients(False), gradients(True)
+    assert any(g.abs().sum() > 0 for g in plain)
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_precision_min_snr_v_prediction_and_accumulation(setup, tmp_path):
+    run = _run(
+        setup, tmp_path, mixed_precision="bf16", snr_gamma=5.0, prediction_type="v_prediction", noise_offset=0.05,
+        gradient_accumulation_steps=2, max_train_steps=1,
+    )  # fmt: skip
+    assert run.model.unet.conv_in.weight.dtype == torch.bfloat16
+    assert run.features.text_encoders.text_encoder.dtype == torch.bfloat16
+    summary = run.train()
+    assert summary["steps"] == 1 and summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    assert all(p.dtype == torch.float32 for p in run.params)
+
+
+def test_validation_images_logs_and_summary(setup, tmp_path):
+    run = _run(
+        setup, tmp_path, max_train_steps=3, validation_steps=2, validation_inference_steps=2, report_to="tensorboard",
+        validation_samples=1,
+    )  # fmt: skip
+    summary = run.train()
+    for step in ("step-000002", "step-000003"):  # every 2 steps, and at the end
+        assert (tmp_path / "validation" / step / "0.png").is_file()
+        assert (tmp_path / "validation" / step / "0-layout.png").is_file()
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    written = json.loads((tmp_path / "train_summary.json").read_text())
+    assert written["samples_per_s"] > 0 and written["peak_host_memory_gb"] > 0 and written["replicas_in_sync"]
+    assert summary["steps"] == written["steps"] == 3
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(setup, tmp_path, monkeypatch):
+    import builtins
+
+    from msdiffusion.train import ConfigError
+
+    real_import = builtins.__import__
+
+    def no_bitsandbytes(name, *args, **kwargs):
+        if name == "bitsandbytes":
+            raise ImportError("No module named 'bitsandbytes'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
+    with pytest.raises(ConfigError, match="adamw_8bit needs bitsandbytes"):
+        _run(setup, tmp_path, optimizer="adamw_8bit")
