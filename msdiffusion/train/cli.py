@@ -55,7 +55,8 @@ def run_train(args: argparse.Namespace) -> int:
         summary = train(config)
     except (ConfigError, ManifestError, CacheError, AdapterMismatchError, FileNotFoundError) as error:
         raise UserInputError(str(error)) from None
-    print(f"adapter: {summary['adapter']} (project format) and {summary['released_adapter']} (released format)")
+    if "adapter" in summary:  # the main process wrote it
+        print(f"adapter: {summary['adapter']} (project format) and {summary['released_adapter']} (released format)")
     return 0
 
 
