@@ -191,3 +191,20 @@ def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(setup, tmp_path, m
     monkeypatch.setattr(builtins, "__import__", no_bitsandbytes)
     with pytest.raises(ConfigError, match="adamw_8bit needs bitsandbytes"):
         _run(setup, tmp_path, optimizer="adamw_8bit")
+
+
+def test_train_command_reports_data_problems_clearly(setup, tmp_path, capsys):
+    from msdiffusion.cli import main
+
+    models = setup["models"]
+    base_args = ["train", "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]),
+                 "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--dataloader-workers", "0"]  # fmt: skip
+    bad = tmp_path / "bad.jsonl"
+    lines = setup["manifest"].read_text().splitlines()
+    bad.write_text(lines[0] + "\n" + lines[1].replace('"caption"', '"catpion"') + "\n")
+    assert main(base_args + ["--manifest", str(bad)]) == 2
+    assert 'bad.jsonl:2: catpion: unknown key (did you mean "caption"?' in capsys.readouterr().err
+
+    reset_accelerate()
+    assert main(base_args + ["--manifest", str(setup["manifest"]), "--train-batch-size", "16"]) == 2
+    assert "train_batch_size: the manifest's 6 samples make no full batch of 16" in capsys.readouterr().err

@@ -49,11 +49,18 @@ def run_train(args: argparse.Namespace) -> int:
     from ..adapter import AdapterMismatchError
     from ..data.manifest import ManifestError
     from .cache import CacheError
-    from .loop import train
+    from .loop import TrainingRun
 
+    user_errors = (ConfigError, ManifestError, CacheError, AdapterMismatchError)
     try:
-        summary = train(config)
-    except (ConfigError, ManifestError, CacheError, AdapterMismatchError, FileNotFoundError) as error:
+        run = TrainingRun(config)
+    except OSError as error:  # a model or file that cannot be found or read
+        raise UserInputError(f"cannot start training: {error}") from None
+    except user_errors as error:
+        raise UserInputError(str(error)) from None
+    try:
+        summary = run.train()
+    except (*user_errors, FileNotFoundError) as error:
         raise UserInputError(str(error)) from None
     if "adapter" in summary:  # the main process wrote it
         print(f"adapter: {summary['adapter']} (project format) and {summary['released_adapter']} (released format)")

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.buckets import BucketBatchSampler, sdxl_buckets
 from ..data.dataset import MSDiffusionDataset, collate_subjects
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 class EpochTaggedBatches(Sampler):
@@ -80,11 +80,10 @@ def build_dataloader(config: TrainConfig, dataset: MSDiffusionDataset, cached: b
         BucketBatchSampler(bucket_ids, config.train_batch_size, shuffle=True, drop_last=True, seed=config.seed)
     )
     if len(batches) == 0:
-        raise ValueError(
-            f"the manifest's {len(dataset)} samples make no full batch of train_batch_size={config.train_batch_size}"
-            + (" in any aspect-ratio bucket" if config.buckets else "")
-            + ": lower train_batch_size or add samples"
-        )
+        raise ConfigError([
+            f"train_batch_size: the manifest's {len(dataset)} samples make no full batch of {config.train_batch_size}"
+            + (" in any aspect-ratio bucket" if config.buckets else "") + "; lower it or add samples"
+        ])
     workers = config.dataloader_workers
     collate = collate_subjects
     if cached:

@@ -134,10 +134,10 @@ class TrainingRun:
 
         self.prepared_model, self.optimizer, self.dataloader = accelerator.prepare(self.model, self.optimizer, dataloader)
         if len(self.dataloader) == 0:
-            raise ValueError(
-                f"{len(self.batches)} full batch(es) per epoch cannot be shared by {accelerator.num_processes} processes: "
-                "lower train_batch_size or add samples"
-            )
+            raise ConfigError([
+                f"train_batch_size: {len(self.batches)} full batch(es) an epoch cannot be shared by "
+                f"{accelerator.num_processes} processes; lower it or add samples"
+            ])
         self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         self.max_train_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
         from diffusers.optimization import get_scheduler
