@@ -26,11 +26,11 @@ def test_file_then_flags(tmp_path, capsys):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({**REQUIRED, "learning_rate": 3e-5, "snr_gamma": 5.0, "resampler": {"depth": 2}}))
     assert main(["train", "--config", str(path), "--print-config", "--train-batch-size", "4", "--snr-gamma", "none",
-                 "--no-mask-references", "--mixed-precision", "bf16"]) == 0  # fmt: skip
+                 "--no-mask-references", "--mixed-precision", "bf16", "--resampler", "{depth: 3}"]) == 0  # fmt: skip
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["learning_rate"] == 3e-5  # from the file
     assert printed["train_batch_size"] == 4 and printed["snr_gamma"] is None and printed["mask_references"] is False
-    assert printed["mixed_precision"] == "bf16" and printed["resampler"] == {"depth": 2}
+    assert printed["mixed_precision"] == "bf16" and printed["resampler"] == {"depth": 3}
 
     as_json = tmp_path / "train.json"
     as_json.write_text(json.dumps({**REQUIRED, "max_train_steps": 10}))
@@ -106,6 +106,9 @@ def test_bad_flag_values_are_refused_by_the_parser(capsys):
         main(["train", "--learning-rate", "fast"])
     assert exit_info.value.code == 2
     assert "argument --learning-rate: expected a number, got 'fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--resampler", "[depth"])
+    assert "argument --resampler: expected YAML (a mapping), got '[depth'" in capsys.readouterr().err
 
 
 def test_a_run_that_cannot_start_is_a_clear_error(tmp_path, capsys):
@@ -115,3 +118,15 @@ def test_a_run_that_cannot_start_is_a_clear_error(tmp_path, capsys):
             "--output-dir", str(tmp_path / "run"), "--report-to", "none"]  # fmt: skip
     assert main(args) == 2
     assert "no-base" in capsys.readouterr().err
+
+
+def test_sharded_distributed_training_is_refused_with_the_alternative():
+    from accelerate.utils import DistributedType
+
+    from msdiffusion.train.loop import check_distributed_type
+
+    for supported in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        check_distributed_type(supported)
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(ConfigError, match=f"{sharded.value} is not supported.*accelerate launch --multi_gpu"):
+            check_distributed_type(sharded)

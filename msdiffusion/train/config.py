@@ -1,7 +1,7 @@
 """Training configuration: one dataclass, loaded from YAML/JSON, overridden by command-line flags.
 
-Every field has a flag (`learning_rate` -> `--learning-rate`); `resampler` and `validation` (nested
-values) are set in the file. `TrainConfig.validate()` reports every problem at once, each naming its
+Every field has a flag (`learning_rate` -> `--learning-rate`); the nested ones (`resampler`,
+`validation`) take YAML text, e.g. `--resampler "{depth: 2}"`. `TrainConfig.validate()` reports every problem at once, each naming its
 field, what was given and what is allowed.
 """
 
@@ -29,9 +29,9 @@ class ConfigError(ValueError):
         super().__init__(f"{len(problems)} problem(s) in the training config{where}:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def option(default: Any, help: str, group: str, choices: tuple | None = None, cli: bool = True):
+def option(default: Any, help: str, group: str, choices: tuple | None = None):
     """A config field with its help text (shown by `--help` and listed in docs/training.md)."""
-    metadata = {"help": help, "group": group, "choices": choices, "cli": cli}
+    metadata = {"help": help, "group": group, "choices": choices}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -61,7 +61,7 @@ class TrainConfig:
     )
     resampler: dict = option(
         {}, "resampler architecture overrides (dim, depth, heads, dim_head, num_queries, ff_mult, num_freqs, "
-        "grounding_hidden_dim); released sizes by default", "models", cli=False,
+        "grounding_hidden_dim); released sizes by default", "models",
     )
     num_dummy_tokens: int = option(4, "dummy image tokens (4 in the release)", "models")
 
@@ -134,7 +134,7 @@ class TrainConfig:
     validation_steps: int = option(500, "generate validation images every N steps (0 = off)", "validation")
     validation_samples: int = option(2, "without `validation` entries: this many samples of the manifest", "validation")
     validation: list = option(
-        [], "validation entries: {prompt, subjects: [{image, phrase, box}], negative_prompt?}", "validation", cli=False
+        [], "validation entries: [{prompt, subjects: [{image, phrase, box}], negative_prompt?}]", "validation"
     )
     validation_inference_steps: int = option(30, "denoising steps of validation images", "validation")
     validation_guidance_scale: float = option(7.5, "classifier-free guidance of validation images", "validation")
@@ -372,32 +372,38 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--config FILE` plus one flag per scalar field; flags override the file."""
+    """`--config FILE` plus one flag per field; flags override the file."""
     parser.add_argument("--config", type=Path, help="YAML or JSON config file (docs/training.md); flags override it")
     groups: dict[str, argparse._ArgumentGroup] = {}
     hints = _hints()
     for f in dataclasses.fields(TrainConfig):
-        if not f.metadata.get("cli", True):
-            continue
         group_name = f.metadata["group"]
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         kind, optional = _base_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default_text = "" if f.default is None else f" (default: {f.default})"
-        help_text = f.metadata["help"] + default_text
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            group.add_argument(
-                flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text,
-                type=_flag_parser(f.name, kind, optional), choices=None,
-            )
+            metavar = "YAML" if kind in (dict, list) else f.name.upper()
+            group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text, type=_flag_parser(kind, optional))
 
 
-def _flag_parser(name: str, kind: type, optional: bool):
+def _flag_parser(kind: type, optional: bool):
     def parse(text: str):
         if optional and text.lower() in ("none", "null"):
             return _NULL
+        if kind in (dict, list):
+            import yaml
+
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise argparse.ArgumentTypeError(f"expected YAML ({_type_name(kind)}), got {text!r}") from None
+            if not isinstance(value, kind):
+                raise argparse.ArgumentTypeError(f"expected {_type_name(kind)} in YAML, got {text!r}")
+            return value
         try:
             return kind(text)
         except ValueError:

@@ -56,7 +56,9 @@ class TrainingRun:
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
         )
+        check_distributed_type(self.accelerator.distributed_type)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines
         if not self.accelerator.is_local_main_process:
             logger.setLevel(logging.WARNING)
         self.device = self.accelerator.device
@@ -497,6 +499,17 @@ def peak_memory_gb(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         memory["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1024**3
     return memory
+
+
+def check_distributed_type(distributed_type) -> None:
+    """DDP (one or many GPUs, one or many machines) is supported; sharded training is refused, clearly."""
+    name = str(getattr(distributed_type, "value", distributed_type))
+    if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError([
+            f"distributed training: {name} is not supported: it shards the parameters, and this loop's checkpoints and "
+            "adapter export read them whole. Launch with DDP (accelerate launch --multi_gpu ...); to save memory use "
+            "mixed_precision bf16, gradient_checkpointing, optimizer adamw_8bit and a feature cache (docs/training.md)"
+        ])
 
 
 def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
