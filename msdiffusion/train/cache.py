@@ -30,6 +30,7 @@ from ..data.dataset import MSDiffusionDataset, resize_and_crop, transform_box
 from ..data.manifest import iter_lines
 from ..subjects import load_image
 from .conditioning import NullFeatures
+from .models import reference_pixels_size
 
 CACHE_FORMAT = "msdiffusion-feature-cache"
 CACHE_VERSION = 1
@@ -77,7 +78,7 @@ class _ReferenceLoader(torch.utils.data.Dataset):
         references = [self.dataset._reference_image(s.reference, opened, where, j) for j, s in enumerate(sample.subjects)]
         pixels = (
             prepare_reference_pixels(references, self.dataset.image_processor, self.reference_size)
-            if references else torch.zeros(0, 3, *self.dataset._clip_size())
+            if references else torch.zeros(0, 3, *reference_pixels_size(self.dataset.image_processor))
         )  # fmt: skip
         return {
             "index": index, "hash": line_hash(text), "caption": sample.caption,
@@ -125,7 +126,7 @@ def write_cache(
     }:
         for name in [p for p in out.iterdir() if p.name.startswith("shard-")]:
             name.unlink()  # other settings: nothing in the old shards is valid
-    pixels_shape = (3, *dataset._clip_size())
+    pixels_shape = (3, *reference_pixels_size(image_processor))
     nulls = null_features(text_encoders, image_encoder, device, pixels_shape)
     save_file({k: v.to(dtype).contiguous().cpu() for k, v in nulls.tensors().items()}, out / NULLS_FILE)
 

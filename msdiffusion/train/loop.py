@@ -45,7 +45,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 class TrainingRun:
     def __init__(self, config: TrainConfig):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
         self.config = config.validate()
         self.output_dir = Path(config.output_dir)
@@ -55,6 +55,8 @@ class TrainingRun:
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            # pinned batches are copied to the GPU while the previous step still runs
+            dataloader_config=DataLoaderConfiguration(non_blocking=config.pin_memory),
         )
         check_distributed_type(self.accelerator.distributed_type)
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -83,6 +85,7 @@ class TrainingRun:
             load_image_processor,
             load_text_encoders,
             load_unet_and_vae,
+            reference_pixels_size,
         )
 
         config, accelerator = self.config, self.accelerator
@@ -118,7 +121,7 @@ class TrainingRun:
             text_encoders.to(self.device, self.weight_dtype)
             image_encoder.to(self.device, self.weight_dtype)
             self.dataset = build_dataset(config, image_processor)
-            pixels_shape = (3, *self.dataset._clip_size())
+            pixels_shape = (3, *reference_pixels_size(image_processor))
             self.features = EncoderFeatures(text_encoders, image_encoder, self.device, self.weight_dtype, pixels_shape)
         else:
             self.dataset = build_dataset(config, image_processor, cache, self._cache_settings())
@@ -244,6 +247,11 @@ class TrainingRun:
 
         config, accelerator = self.config, self.accelerator
         global_step = self._resume() if config.resume_from_checkpoint else 0
+        if not config.resume_from_checkpoint and list_checkpoints(self.output_dir):
+            logger.warning(
+                "%s already holds checkpoints of another run; this run overwrites those of the same steps "
+                "(resume_from_checkpoint: latest continues that run instead)", self.output_dir,
+            )  # fmt: skip
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / "config.yaml")

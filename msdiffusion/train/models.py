@@ -76,22 +76,15 @@ def load_text_encoders(config: TrainConfig) -> TextEncoders:
 
 
 def load_image_encoder(config: TrainConfig):
-    """The CLIP vision encoder and CLIP preprocessing (the folder's own, else CLIP's standard)."""
+    """The CLIP vision encoder and its preprocessing."""
     from transformers import CLIPVisionModelWithProjection
 
-    from ..subjects import default_image_processor
-
     encoder = CLIPVisionModelWithProjection.from_pretrained(config.image_encoder).requires_grad_(False).eval()
-    processor = default_image_processor()
-    try:
-        processor = type(processor).from_pretrained(config.image_encoder)
-    except (OSError, ValueError):
-        pass
-    return encoder, processor
+    return encoder, load_image_processor(config)
 
 
 def load_image_processor(config: TrainConfig):
-    """CLIP preprocessing of the image encoder's folder (no weights loaded)."""
+    """CLIP preprocessing of the image encoder's folder if it has one, else CLIP's standard (no weights loaded)."""
     from ..subjects import default_image_processor
 
     processor = default_image_processor()
@@ -99,6 +92,14 @@ def load_image_processor(config: TrainConfig):
         return type(processor).from_pretrained(config.image_encoder)
     except (OSError, ValueError):
         return processor
+
+
+def reference_pixels_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the pixel tensors the image processor makes."""
+    crop = getattr(image_processor, "crop_size", None) or {"height": 224, "width": 224}
+    if isinstance(crop, dict):
+        return int(crop["height"]), int(crop["width"])
+    return int(crop.height), int(crop.width)
 
 
 def load_unet_and_vae(config: TrainConfig):
