@@ -93,26 +93,30 @@ class TrainingRun:
         self.prediction_type = config.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError([f"prediction_type: the base's scheduler predicts {self.prediction_type!r}; training supports epsilon and v_prediction"])
-        unet, vae = load_unet_and_vae(config)
-
+        # The data first: a manifest or cache problem is reported before the models load.
+        image_processor = load_image_processor(config)
         cache = FeatureCache(config.cache) if config.cache else None
+        self.dataset = build_dataset(config, image_processor, cache, self._cache_settings() if cache else None)
+        dataloader, self.batches = build_dataloader(config, self.dataset, cached=cache is not None)
+
+        unet, vae = load_unet_and_vae(config)
         if cache is None:
             text_encoders = load_text_encoders(config)
-            image_encoder, image_processor = load_image_encoder(config)
+            image_encoder, _ = load_image_encoder(config)
             widths = (image_encoder.config.hidden_size, text_encoders.text_encoder.config.hidden_size)
         else:
             text_encoders = image_encoder = None
-            image_processor = load_image_processor(config)
             widths = encoder_widths(config)
 
         self.model = build_training_model(config, unet, *widths)
         # Frozen parts in the weight dtype; the trainable ones stay float32 (mixed precision by autocast).
-        unet.to(self.device, self.weight_dtype)
+        # (nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast of a model it loaded.)
+        torch.nn.Module.to(unet, self.device, self.weight_dtype)
         for param in self.model.trainable_parameters():
             param.data = param.data.float()
-        self.model.projection.to(self.device)
+        torch.nn.Module.to(self.model.projection, self.device)
         upcast_vae = self.weight_dtype == torch.float16 and not config.vae and vae.config.force_upcast
-        vae.to(self.device, torch.float32 if upcast_vae else self.weight_dtype)
+        torch.nn.Module.to(vae, self.device, torch.float32 if upcast_vae else self.weight_dtype)
         self.vae = vae
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -120,13 +124,10 @@ class TrainingRun:
         if cache is None:
             text_encoders.to(self.device, self.weight_dtype)
             image_encoder.to(self.device, self.weight_dtype)
-            self.dataset = build_dataset(config, image_processor)
             pixels_shape = (3, *reference_pixels_size(image_processor))
             self.features = EncoderFeatures(text_encoders, image_encoder, self.device, self.weight_dtype, pixels_shape)
         else:
-            self.dataset = build_dataset(config, image_processor, cache, self._cache_settings())
             self.features = CachedFeatures(cache.nulls().to(self.device, self.weight_dtype))
-        dataloader, self.batches = build_dataloader(config, self.dataset, cached=cache is not None)
 
         self.params = self.model.trainable_parameters()
         self.optimizer = _optimizer(config, self.params)
@@ -189,7 +190,7 @@ class TrainingRun:
 
     def loss_on(self, batch: dict) -> torch.Tensor:
         """Forward the batch and return the training loss (the caller runs backward inside `activate`)."""
-        config, model = self.config, self.model
+        config = self.config
         batch_size = batch["pixel_values"].shape[0]
         drops = draw_drops(config, batch_size, self.generator)
         latents = self._latents(batch["pixel_values"])
