@@ -208,3 +208,14 @@ def test_train_command_reports_data_problems_clearly(setup, tmp_path, capsys):
     reset_accelerate()
     assert main(base_args + ["--manifest", str(setup["manifest"]), "--train-batch-size", "16"]) == 2
     assert "train_batch_size: the manifest's 6 samples make no full batch of 16" in capsys.readouterr().err
+
+
+def test_validation_entries_from_the_config(setup, tmp_path):
+    reference = str(setup["manifest"].parent / "photos" / "001.png")
+    entries = [{"prompt": "a green toy on the table", "negative_prompt": "blurry",
+                "subjects": [{"image": reference, "phrase": "toy", "box": [0.1, 0.2, 0.6, 0.9]}]}]  # fmt: skip
+    run = _run(setup, tmp_path, max_train_steps=1, validation_steps=1, validation_inference_steps=1, validation=entries)
+    assert [e.phrases for e in run.validator.entries] == [["toy"]]
+    run.train()
+    assert (tmp_path / "validation" / "step-000001" / "0-layout.png").is_file()
+    assert not (tmp_path / "validation" / "step-000001" / "1.png").exists()

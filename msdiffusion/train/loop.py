@@ -118,6 +118,7 @@ class TrainingRun:
         upcast_vae = self.weight_dtype == torch.float16 and not config.vae and vae.config.force_upcast
         torch.nn.Module.to(vae, self.device, torch.float32 if upcast_vae else self.weight_dtype)
         self.vae = vae
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
 
@@ -227,7 +228,7 @@ class TrainingRun:
     def training_step(self, batch: dict) -> torch.Tensor:
         """One micro-batch: loss, backward, and (on accumulation boundaries) clip + optimiser step."""
         accelerator = self.accelerator
-        latent_size = (batch["pixel_values"].shape[-2] // 8, batch["pixel_values"].shape[-1] // 8)
+        latent_size = tuple(side // self.vae_scale_factor for side in batch["pixel_values"].shape[-2:])
         with accelerator.accumulate(self.prepared_model):
             layout = self.model.subject_layout(batch["subject_boxes"], latent_size, self.config.ms_scale)
             # Backward inside the layout too: activation checkpointing recomputes the attention there.
@@ -469,7 +470,7 @@ class _Window:
         self._loss_sum, self._count = torch.zeros(()), 0
 
     def add_loss(self, loss: torch.Tensor) -> None:
-        self._loss_sum = self._loss_sum + loss.float().cpu()
+        self._loss_sum = self._loss_sum + loss.float()  # stays on the device: no sync per step
         self._count += 1
 
     def mean_loss(self) -> torch.Tensor:
