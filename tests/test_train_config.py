@@ -6,10 +6,18 @@ import json
 
 import pytest
 import yaml
+from train_fixtures import reset_accelerate
 
 from msdiffusion.cli import main
 from msdiffusion.train import ConfigError, TrainConfig, load_config
 from msdiffusion.train.__main__ import main as module_main
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Commands here may start an Accelerator; leave no process-wide accelerate state to other tests."""
+    yield
+    reset_accelerate()
+
 
 REQUIRED = {"base": "models/base", "image_encoder": "models/encoder", "manifest": "data/manifest.jsonl"}
 

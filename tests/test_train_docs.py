@@ -24,6 +24,13 @@ DOC = ROOT / "docs" / "training.md"
 EXAMPLE = ROOT / "examples" / "train" / "sdxl.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Commands here may start an Accelerator; leave no process-wide accelerate state to other tests."""
+    yield
+    reset_accelerate()
+
+
 def doc_commands() -> list[str]:
     """Command lines of the page's ```bash blocks (continuations joined, comments dropped)."""
     commands = []
