@@ -39,6 +39,12 @@ def test_cache_folder_layout_and_rerun_keeps_unchanged_shards(cached, capsys):
     assert sorted(p.name for p in cached["cache"].glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert main(cached["args"]) == 0
     assert "0 samples encoded, 6 kept" in capsys.readouterr().out
+    # other settings: nothing is kept, and the settings file says what the shards hold
+    assert main(cached["args"] + ["--no-mask-references"]) == 0
+    assert "6 samples encoded, 0 kept" in capsys.readouterr().out
+    assert json.loads((cached["cache"] / "cache.json").read_text())["mask_references"] is False
+    assert main(cached["args"]) == 0
+    assert "6 samples encoded, 0 kept" in capsys.readouterr().out
 
 
 def test_cached_features_equal_the_encoders_features(cached, tmp_path):

@@ -120,12 +120,13 @@ def write_cache(
         "mask_references": mask_references, "mask_color": list(dataset.mask_color),
         "dtype": str(dtype).removeprefix("torch."), **settings,
     }  # fmt: skip
+    # Shards of other settings are useless; lines and shard contents are matched by hash below.
     previous = _read_info(out)
-    if previous is not None and {k: v for k, v in previous.items() if k != "num_samples"} != {
-        k: v for k, v in info.items() if k != "num_samples"
-    }:
-        for name in [p for p in out.iterdir() if p.name.startswith("shard-")]:
-            name.unlink()  # other settings: nothing in the old shards is valid
+    unchecked = ("num_samples", "manifest")
+    if previous is not None and any(previous.get(k) != v for k, v in info.items() if k not in unchecked):
+        for path in [p for p in out.iterdir() if p.name.startswith("shard-")]:
+            path.unlink()
+    (out / CACHE_CONFIG).write_text(json.dumps(info, indent=2) + "\n")  # before any shard: they follow it
     pixels_shape = (3, *reference_pixels_size(image_processor))
     nulls = null_features(text_encoders, image_encoder, device, pixels_shape)
     save_file({k: v.to(dtype).contiguous().cpu() for k, v in nulls.tensors().items()}, out / NULLS_FILE)
@@ -153,7 +154,9 @@ def write_cache(
         partial = out / (shard_name(shard) + ".partial")
         save_file(tensors, partial, metadata=hashes)
         os.replace(partial, out / shard_name(shard))
-    (out / CACHE_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    for path in out.glob("shard-*.safetensors"):  # past the end of a manifest that got shorter
+        if int(path.stem.removeprefix("shard-")) >= num_shards:
+            path.unlink()
     return counts
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -165,6 +166,7 @@ class TrainConfig:
         return self
 
 
+@functools.cache
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
