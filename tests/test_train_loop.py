@@ -160,6 +160,15 @@ def test_mixed_precision_min_snr_v_prediction_and_accumulation(setup, tmp_path):
     assert all(p.dtype == torch.float32 for p in run.params)
 
 
+def test_fp16_on_the_cpu_is_refused_with_the_alternative(setup, tmp_path):
+    from msdiffusion.train import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is refused on the CPU only")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU; on the CPU use bf16 or no"):
+        _run(setup, tmp_path, mixed_precision="fp16")
+
+
 def test_validation_images_logs_and_summary(setup, tmp_path):
     run = _run(
         setup, tmp_path, max_train_steps=3, validation_steps=2, validation_inference_steps=2, report_to="tensorboard",

@@ -59,6 +59,9 @@ class TrainingRun:
             dataloader_config=DataLoaderConfiguration(non_blocking=config.pin_memory),
         )
         check_distributed_type(self.accelerator.distributed_type)
+        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            # accelerate runs no fp16 autocast on the CPU, and the fp32 adapter cannot take fp16 inputs
+            raise ConfigError(["mixed_precision: fp16 needs a GPU; on the CPU use bf16 or no"])
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines
         if not self.accelerator.is_local_main_process:
