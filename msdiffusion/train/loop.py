@@ -289,10 +289,12 @@ class TrainingRun:
                     if global_step % config.log_every == 0 or global_step == self.max_train_steps:
                         last_loss = self._log(window, global_step, samples_per_step, progress)
                         window = _Window(time.perf_counter())
+                    pause = time.perf_counter()  # checkpoints and validation do not count in samples/s
                     if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                         self.save_checkpoint(global_step)
                     if config.validation_steps and global_step % config.validation_steps == 0:
                         self.validate(global_step)
+                    window.start += time.perf_counter() - pause
                     if global_step >= self.max_train_steps:
                         break
                 fetch_start = time.perf_counter()
