@@ -77,6 +77,16 @@ def test_every_command_uses_real_flags():
     assert {"msdiff data", "msdiff train", "msdiff generate", "accelerate launch"} <= kinds
 
 
+def test_the_error_example_is_what_msdiff_prints(tmp_path, monkeypatch, capsys):
+    from msdiffusion.cli import main
+
+    shown = re.search(r"```\n(msdiff train: error: .*?)```", DOC.read_text(), re.S)[1]
+    monkeypatch.chdir(tmp_path)
+    Path("train.yaml").write_text("base: b\nimage_encoder: e\nmanifest: m.jsonl\nlearnig_rate: 1.0e-4\ncrop: centre\n")
+    assert main(["train", "--config", "train.yaml"]) == 2
+    assert capsys.readouterr().err == shown
+
+
 def test_every_config_field_is_documented():
     from msdiffusion.train import TrainConfig
 

@@ -351,13 +351,14 @@ def config_from_dict(values: dict[str, Any], source: str | None = None) -> Train
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{key}: unknown field{hint}; see docs/training.md for the fields")
+    config = TrainConfig(**{k: v for k, v in values.items() if k in names})
+    try:
+        config.validate()
+    except ConfigError as error:
+        problems.extend(error.problems)
     if problems:
         raise ConfigError(problems, source)
-    config = TrainConfig(**values)
-    try:
-        return config.validate()
-    except ConfigError as error:
-        raise ConfigError(error.problems, source) from None
+    return config
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
