@@ -292,10 +292,10 @@ def load_pipeline(job: Job, device: str, dtype):
         pipe = tiny_pipeline(seed=0, controlnet=job.controlnet is not None).to(device)
         return pipe if dtype == torch.float32 else pipe.to(dtype)
 
-    kwargs: dict = {"torch_dtype": dtype}
+    kwargs: dict = {"dtype": dtype}
     cls = MSDiffusionXLPipeline
     if job.controlnet is not None:
-        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet.model, torch_dtype=dtype)
+        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet.model, dtype=dtype)
         cls = MSDiffusionXLControlNetPipeline
     if Path(job.base).suffix in (".safetensors", ".ckpt"):
         pipe = cls.from_single_file(job.base, **kwargs)
