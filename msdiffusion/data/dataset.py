@@ -28,6 +28,7 @@ uninterrupted one would. The dataset's own randomness (random crops) comes from
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,6 +42,20 @@ from .buckets import nearest_bucket
 from .manifest import DEFAULT_MAX_PROBLEMS, ManifestError, Sample, crop_pixels, iter_lines, parse_line
 
 CROP_MODES = ("random", "center")
+
+
+@dataclass
+class CroppedTarget:
+    """A sample's target after resize and crop, and its kept subjects as (manifest index, box in the crop)."""
+
+    sample: Sample
+    where: str  # "manifest:line", for messages
+    opened: dict  # images opened so far, by path (references often reuse the target)
+    pixels: torch.Tensor
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    kept: list[tuple[int, list[float]]]
 
 
 class MSDiffusionDataset(Dataset):
@@ -148,7 +163,11 @@ class MSDiffusionDataset(Dataset):
             raise ManifestError(self.manifest, problems)
         return sample
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def cropped_target(self, index: int) -> "CroppedTarget":
+        """Sample `index` with its target resized and cropped, and the subjects that survive the crop.
+
+        Shared by every dataset built on this one, so they all choose the same subjects and boxes.
+        """
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         sample = self.sample(index)
@@ -160,13 +179,19 @@ class MSDiffusionDataset(Dataset):
         pixels, original_size, crop_top_left, scale = resize_and_crop(opened[sample.image], target_size, self.crop, rng)
 
         kept = []
-        for subject in sample.subjects:
+        for j, subject in enumerate(sample.subjects):
             box = transform_box(subject.box, original_size, scale, crop_top_left, target_size, self.min_visible_fraction)
             if box is not None:
-                kept.append((subject, box))
-        kept = kept[: self.max_subjects]
+                kept.append((j, box))
+        return CroppedTarget(sample, where, opened, pixels, original_size, crop_top_left, target_size, kept[: self.max_subjects])
 
-        references = [self._reference_image(subject.reference, opened, where, j) for j, (subject, _) in enumerate(kept)]
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        target = self.cropped_target(index)
+        sample, target_size = target.sample, target.target_size
+        kept = [(sample.subjects[j], box) for j, box in target.kept]
+        references = [
+            self._reference_image(sample.subjects[j].reference, target.opened, target.where, j) for j, _ in target.kept
+        ]
         subject_pixels = torch.zeros(self.max_subjects, 3, *self._clip_size())
         if references:
             square = self.reference_square_size or max(target_size)
@@ -178,10 +203,10 @@ class MSDiffusionDataset(Dataset):
             phrases[j] = subject.phrase
 
         return {
-            "pixel_values": pixels,
+            "pixel_values": target.pixels,
             "caption": sample.caption,
-            "original_size": original_size,
-            "crop_top_left": crop_top_left,
+            "original_size": target.original_size,
+            "crop_top_left": target.crop_top_left,
             "target_size": target_size,
             "subject_pixel_values": subject_pixels,
             "subject_phrases": phrases,

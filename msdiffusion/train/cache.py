@@ -23,12 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
-from ..data.dataset import MSDiffusionDataset, resize_and_crop, transform_box
+from ..data.dataset import MSDiffusionDataset
 from ..data.manifest import iter_lines
-from ..subjects import load_image
 from .conditioning import NullFeatures
 from .models import reference_pixels_size
 
@@ -304,21 +302,8 @@ class CachedFeatureDataset(MSDiffusionDataset):
         self._cache_dtype = nulls.phrase_embeds.dtype
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
-        sample = self.sample(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        where = f"{self.manifest}:{sample.line}"
-        target_size = self.target_size if self.buckets is None else self.buckets[self.bucket_ids[index]]
-        image = load_image(sample.image, f"{where}: image")
-        pixels, original_size, crop_top_left, scale = resize_and_crop(image, target_size, self.crop, rng)
-
-        kept = []  # (manifest subject index, box in the crop), as the parent chooses them
-        for j, subject in enumerate(sample.subjects):
-            box = transform_box(subject.box, original_size, scale, crop_top_left, target_size, self.min_visible_fraction)
-            if box is not None:
-                kept.append((j, box))
-        kept = kept[: self.max_subjects]
+        target = self.cropped_target(index)  # the parent's choice of subjects and boxes
+        sample, kept = target.sample, target.kept
 
         cached = self.cache.read(index)
         phrase_embeds = torch.zeros(self.max_subjects, *self._phrase_shape, dtype=self._cache_dtype)
@@ -331,11 +316,11 @@ class CachedFeatureDataset(MSDiffusionDataset):
             boxes[slot] = torch.tensor(box)
             phrases[slot] = sample.subjects[j].phrase
         return {
-            "pixel_values": pixels,
+            "pixel_values": target.pixels,
             "caption": sample.caption,
-            "original_size": original_size,
-            "crop_top_left": crop_top_left,
-            "target_size": target_size,
+            "original_size": target.original_size,
+            "crop_top_left": target.crop_top_left,
+            "target_size": target.target_size,
             "subject_phrases": phrases,
             "subject_boxes": boxes,
             "num_subjects": len(kept),
