@@ -190,7 +190,7 @@ class MSDiffusionDataset(Dataset):
         sample, target_size = target.sample, target.target_size
         kept = [(sample.subjects[j], box) for j, box in target.kept]
         references = [
-            self._reference_image(sample.subjects[j].reference, target.opened, target.where, j) for j, _ in target.kept
+            self.reference_image(sample.subjects[j].reference, target.opened, target.where, j) for j, _ in target.kept
         ]
         subject_pixels = torch.zeros(self.max_subjects, 3, *self._clip_size())
         if references:
@@ -221,7 +221,8 @@ class MSDiffusionDataset(Dataset):
             return int(crop_size["height"]), int(crop_size["width"])
         return int(crop_size.height), int(crop_size.width)
 
-    def _reference_image(self, reference, opened: dict, where: str, j: int) -> PIL.Image.Image:
+    def reference_image(self, reference, opened: dict, where: str, j: int) -> PIL.Image.Image:
+        """Subject j's reference, cropped and (with `mask_references`) masked, as training sees it."""
         what = f"{where}: subjects[{j}].reference"
         if reference.image not in opened:
             opened[reference.image] = _open_rgb(reference.image, f"{what}.image")

@@ -73,7 +73,7 @@ class _ReferenceLoader(torch.utils.data.Dataset):
         sample = self.dataset.sample(index)
         where = f"{self.dataset.manifest}:{number}"
         opened: dict = {}
-        references = [self.dataset._reference_image(s.reference, opened, where, j) for j, s in enumerate(sample.subjects)]
+        references = [self.dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(sample.subjects)]
         pixels = (
             prepare_reference_pixels(references, self.dataset.image_processor, self.reference_size)
             if references else torch.zeros(0, 3, *reference_pixels_size(self.dataset.image_processor))

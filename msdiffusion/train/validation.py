@@ -49,7 +49,7 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
         where = f"{dataset.manifest}:{sample.line}"
         opened: dict = {}
         # The dataset's own reference preparation (crop, mask), so validation sees what training sees.
-        images = [dataset._reference_image(s.reference, opened, where, j) for j, s in enumerate(subjects)]
+        images = [dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(subjects)]
         entries.append(ValidationEntry(sample.caption, images, [s.phrase for s in subjects], [s.box for s in subjects]))
     return entries
 
