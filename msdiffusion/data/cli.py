@@ -15,8 +15,8 @@ AREA_BINS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "data",
-        help="check or build training manifests",
-        description="Training data: check a manifest, or build one from captioned images (docs/data.md).",
+        help="build, check and cache training data",
+        description="Training data: build a manifest from captioned images, check one, or cache its encoder features (docs/data.md, docs/training.md).",
     )
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: _usage(parser))
