@@ -2,7 +2,6 @@
 tiny random models saved by the tests."""
 
 import json
-import string
 
 import numpy as np
 import PIL.Image
@@ -25,6 +24,7 @@ from msdiffusion.data.detection import (
 from msdiffusion.data.manifest import read_manifest, validate_manifest
 from msdiffusion.data.phrases import extract_noun_phrases, find_vocabulary_phrases, load_vocabulary
 from msdiffusion.subjects import default_image_processor
+from tiny_detectors import save_tiny_detector_and_segmenter
 
 COLORS = {"red ball": (255, 0, 0), "blue box": (0, 0, 255), "green cup": (0, 255, 0)}
 
@@ -216,59 +216,10 @@ def test_build_manifest_from_clips_takes_references_from_another_frame(tmp_path)
 # --- real model wrappers on tiny random models -----------------------------------------------------
 
 
-def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    # Characters as tokens; start/end tokens last, as in CLIP (OWL pools at the highest id, and masks
-    # out queries whose first id is 0).
-    vocab = {"!": 0}
-    for c in string.ascii_lowercase + string.digits + ".":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16), len(vocab)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    from transformers import (
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2ImageProcessorPil,
-        Owlv2Processor,
-        SamConfig,
-        SamImageProcessorPil,
-        SamModel,
-        SamProcessor,
-    )
-
     folder = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    tokenizer, vocab_size = _clip_tokenizer()
-    owl = Owlv2ForObjectDetection(Owlv2Config(
-        text_config=dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=vocab_size - 2,
-                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=16),
-        projection_dim=32,
-    ))
-    # A random box head predicts degenerate boxes; zeroed, each patch predicts its own cell (area 1/16).
-    torch.nn.init.zeros_(owl.box_head.dense2.weight)
-    torch.nn.init.zeros_(owl.box_head.dense2.bias)
-    # transformers 5 without torchvision: the PIL backends of the image processors.
-    owl.save_pretrained(folder / "owlv2")
-    Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer).save_pretrained(folder / "owlv2")
-
-    sam = SamModel(SamConfig(
-        vision_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-                           patch_size=8, window_size=4, global_attn_indexes=[1], num_pos_feats=8, mlp_dim=64),
-        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=8, mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=2, num_attention_heads=2, iou_head_hidden_dim=16),
-    ))
-    sam.save_pretrained(folder / "sam")
-    SamProcessor(SamImageProcessorPil(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(folder / "sam")
+    save_tiny_detector_and_segmenter(folder)
     return folder
 
 

@@ -17,7 +17,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from train_fixtures import reset_accelerate, save_tiny_detector_and_segmenter, write_photos
+from tiny_detectors import save_tiny_detector_and_segmenter
+from train_fixtures import reset_accelerate, write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "training.md"
