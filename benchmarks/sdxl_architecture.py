@@ -36,7 +36,7 @@ def build_sdxl(width_divisor: int = 4, device: str = "cpu", dtype=torch.float32,
     )
 
     from msdiffusion import MSDiffusionXLPipeline
-    from msdiffusion.adapter import MSImageProjection, attach_ms_attention, checkpoint_from_models, detach_ms_attention
+    from msdiffusion.adapter import initial_checkpoint
     from msdiffusion.resampler import ResamplerConfig
 
     d = width_divisor
@@ -88,8 +88,4 @@ def build_sdxl(width_divisor: int = 4, device: str = "cpu", dtype=torch.float32,
         output_dim=unet_config["cross_attention_dim"], ff_mult=released.ff_mult, phrase_dim=te1["hidden_size"],
         num_freqs=released.num_freqs, grounding_hidden_dim=vision_config.hidden_size,
     )  # fmt: skip
-    projection = MSImageProjection(resampler.to_dict(), num_dummy_tokens=4)
-    attach_ms_attention(pipe.unet)
-    checkpoint = checkpoint_from_models(pipe.unet, projection)
-    detach_ms_attention(pipe.unet)
-    return pipe, checkpoint, image_encoder.to(device, dtype)
+    return pipe, initial_checkpoint(pipe.unet, resampler), image_encoder.to(device, dtype)

@@ -186,7 +186,7 @@ def load_checkpoint(
     **hub_kwargs,
 ) -> MSAdapterCheckpoint:
     """Read an adapter from a `.bin` file, a project folder, a folder holding `ms_adapter.bin`, or a hub repo."""
-    path = _resolve(path_or_id, weight_name, subfolder, **hub_kwargs)
+    path = resolve_adapter_path(path_or_id, weight_name, subfolder, **hub_kwargs)
     if path.is_dir():
         return MSAdapterCheckpoint.load_project(path)
     if path.suffix == ".safetensors":
@@ -205,7 +205,8 @@ def load_checkpoint(
     return MSAdapterCheckpoint.from_released(state)
 
 
-def _resolve(path_or_id, weight_name, subfolder, **hub_kwargs) -> Path:
+def resolve_adapter_path(path_or_id, weight_name=None, subfolder=None, **hub_kwargs) -> Path:
+    """The local file or project folder an adapter reference points to (downloading a hub repo's)."""
     path = Path(path_or_id)
     if path.is_file():
         return path
@@ -359,6 +360,18 @@ def ms_attention_state(unet) -> MSAttentionState | None:
         if isinstance(processor, MSAttnProcessor):
             return processor.state
     return None
+
+
+def initial_checkpoint(unet, resampler_config: ResamplerConfig, num_dummy_tokens: int = 4) -> MSAdapterCheckpoint:
+    """A new adapter for `unet` as training starts it: random resampler, `to_k_ip`/`to_v_ip` = `to_k`/`to_v`."""
+    projection = MSImageProjection(resampler_config.to_dict(), num_dummy_tokens)
+    attention = {}
+    for i, name in cross_attention_layers(unet).items():
+        layer = unet.get_submodule(name)
+        attention[i] = {"to_k_ip.weight": layer.to_k.weight.detach().clone(), "to_v_ip.weight": layer.to_v.weight.detach().clone()}
+    state = projection.state_dict()
+    image_proj = {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_proj.")}
+    return MSAdapterCheckpoint(image_proj, attention, state["dummy_image_tokens"], resampler_config)
 
 
 def checkpoint_from_models(unet, projection: MSImageProjection) -> MSAdapterCheckpoint:

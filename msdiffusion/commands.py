@@ -229,10 +229,10 @@ def describe_checkpoint(source: str, weight_name: str | None = None) -> dict:
     """What `msdiff inspect` reports, as a dict."""
     from collections import Counter
 
-    from .adapter import PROJECT_CONFIG_NAME, _resolve
+    from .adapter import PROJECT_CONFIG_NAME, resolve_adapter_path
 
     checkpoint = _load(source, weight_name)
-    path = _resolve(source, weight_name, None)
+    path = resolve_adapter_path(source, weight_name, None)
     project = path.is_dir() or (path.parent / PROJECT_CONFIG_NAME).is_file() and path.suffix == ".safetensors"
     config = checkpoint.resampler_config
     resampler_params = sum(t.numel() for t in checkpoint.image_proj.values())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import MSAdapterCheckpoint, MSImageProjection, attach_ms_attention, checkpoint_from_models, detach_ms_attention
+from .adapter import MSAdapterCheckpoint, initial_checkpoint
 from .resampler import ResamplerConfig
 
 # Words the tiny tokenizer knows as whole tokens; others are split into characters (still valid).
@@ -152,11 +152,8 @@ TINY_RESAMPLER = ResamplerConfig(
 def tiny_adapter_checkpoint(unet, seed: int = 0) -> MSAdapterCheckpoint:
     """A random adapter for `unet`: `to_k_ip`/`to_v_ip` from `to_k`/`to_v` (the training init), random resampler."""
     torch.manual_seed(seed)
-    projection = MSImageProjection(TINY_RESAMPLER.to_dict(), num_dummy_tokens=4)
-    torch.nn.init.normal_(projection.dummy_image_tokens)
-    attach_ms_attention(unet)
-    checkpoint = checkpoint_from_models(unet, projection)
-    detach_ms_attention(unet)
+    checkpoint = initial_checkpoint(unet, TINY_RESAMPLER, num_dummy_tokens=4)
+    torch.nn.init.normal_(checkpoint.dummy_image_tokens)  # random, so that tests would see them leak
     return checkpoint
 
 

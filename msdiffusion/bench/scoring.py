@@ -118,9 +118,12 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def _normalise(chunks: list) -> torch.Tensor:
+def _embed(items: Sequence, batch_size: int, embed_chunk) -> torch.Tensor:
+    """`embed_chunk` over `items` in batches, without autograd; L2-normalised float32 rows on the CPU."""
     import torch
 
+    with torch.inference_mode():
+        chunks = [embed_chunk(list(chunk)).float().cpu() for chunk in _batches(items, batch_size)]
     return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
 
 
@@ -135,24 +138,18 @@ class ClipEmbedder:
         self.device, self.batch_size = device, batch_size
 
     def images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        import torch
+        def embed(chunk):
+            pixels = self.processor(images=chunk, return_tensors="pt").pixel_values.to(self.device)
+            return _features(self.model.get_image_features(pixel_values=pixels))
 
-        out = []
-        with torch.inference_mode():
-            for chunk in _batches(images, self.batch_size):
-                pixels = self.processor(images=list(chunk), return_tensors="pt").pixel_values.to(self.device)
-                out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
-        return _normalise(out)
+        return _embed(images, self.batch_size, embed)
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
-        import torch
+        def embed(chunk):
+            tokens = self.processor(text=chunk, padding=True, truncation=True, return_tensors="pt").to(self.device)
+            return _features(self.model.get_text_features(**tokens))
 
-        out = []
-        with torch.inference_mode():
-            for chunk in _batches(texts, self.batch_size):
-                tokens = self.processor(text=list(chunk), padding=True, truncation=True, return_tensors="pt").to(self.device)
-                out.append(_features(self.model.get_text_features(**tokens)).float().cpu())
-        return _normalise(out)
+        return _embed(texts, self.batch_size, embed)
 
 
 class DinoEmbedder:
@@ -169,14 +166,11 @@ class DinoEmbedder:
         self.device, self.batch_size = device, batch_size
 
     def images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        import torch
+        def embed(chunk):
+            pixels = self.processor(images=chunk, return_tensors="pt").pixel_values.to(self.device)
+            return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
-        out = []
-        with torch.inference_mode():
-            for chunk in _batches(images, self.batch_size):
-                pixels = self.processor(images=list(chunk), return_tensors="pt").pixel_values.to(self.device)
-                out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
-        return _normalise(out)
+        return _embed(images, self.batch_size, embed)
 
 
 class Detector:
