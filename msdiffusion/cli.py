@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.data.cli", "msdiffusion.train.cli", "msdiffusion.bench.cli")
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.data.cli", "msdiffusion.train.cli", "msdiffusion.bench.cli", "msdiffusion.world.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

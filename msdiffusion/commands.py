@@ -11,6 +11,10 @@ from .cli import UserInputError
 
 DEMO_PROMPT = "a dog and a cat on the beach"
 DEMO_BOXES = ([0.05, 0.35, 0.47, 0.95], [0.53, 0.35, 0.95, 0.95])
+# The world demo: two held-out identities (never seen in training), each in its box.
+WORLD_DEMO_PROMPT = "a star and a heart on a plain wall"
+WORLD_DEMO_SUBJECTS = (("world/star-1540.png", "star", [0.05, 0.3, 0.45, 0.7]), ("world/heart-1890.png", "heart", [0.55, 0.3, 0.95, 0.7]))
+WORLD_DEMO_SETTINGS = {"size": [64, 64], "steps": 25, "guidance": 5.0, "scale": 1.0, "negative_prompt": ""}
 
 
 def register(subparsers) -> None:
@@ -60,17 +64,21 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="end-to-end demo (tiny random models unless real ones are given)",
-        description="Generate the example (a dog and a cat, each in its box) and its layout preview. Without "
-        "--base/--adapter/--image-encoder it builds tiny random SDXL-shaped models: that shows the whole "
-        "path works, not image quality.",
+        help="end-to-end demo (the world's trained models unless others are given)",
+        description="Generate an example and its layout preview and sheet. By default with the small models "
+        "trained in the procedural world and shipped in the package (docs/world.md): a star and a heart of "
+        "identities never seen in training, each drawn in its box, in seconds on a CPU. With "
+        "--base/--adapter/--image-encoder: the dog-and-cat example on those models. With --random: tiny "
+        "random SDXL-shaped models, which check the wiring (the image is noise).",
     )
     demo.add_argument("--output", default="msdiff-demo", help="folder to write into (default: msdiff-demo)")
     demo.add_argument("--base", help="real SDXL (hub id / folder / file); needs --adapter and --image-encoder too")
     demo.add_argument("--adapter")
     demo.add_argument("--image-encoder")
-    demo.add_argument("--steps", type=int, help="default: 20 tiny, 30 real")
-    demo.add_argument("--size", help="WIDTHxHEIGHT (default: 512x384 tiny, 1024x1024 real)")
+    demo.add_argument("--random", action="store_true", help="tiny random models instead of the world's trained ones")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    demo.add_argument("--steps", type=int, help="default: 25 world, 20 random, 30 real")
+    demo.add_argument("--size", help="WIDTHxHEIGHT (default: 64x64 world, 512x384 random, 1024x1024 real)")
     demo.add_argument("--device")
     demo.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
     demo.set_defaults(func=run_demo)
@@ -173,34 +181,50 @@ def _asset(name: str) -> str:
 
 
 def run_demo(args) -> int:
-    from .jobs import TINY, Job, SubjectSpec, run_job
+    from .jobs import TINY, WORLD, Job, SubjectSpec, run_job
 
     real = [args.base, args.adapter, args.image_encoder]
     if any(real) and not all(real):
         raise UserInputError("for real models give --base, --adapter and --image-encoder together.")
-    tiny = not any(real)
-    size = _size(args.size) if args.size else ([512, 384] if tiny else [1024, 1024])
-    job = Job(
-        base=args.base or TINY, adapter=args.adapter or TINY, image_encoder=args.image_encoder or TINY,
-        prompt=DEMO_PROMPT,
-        subjects=[SubjectSpec([_asset("dog.jpg")], "dog", list(DEMO_BOXES[0])),
-                  SubjectSpec([_asset("cat.jpg")], "cat", list(DEMO_BOXES[1]))],
-        size=size, seed=0, steps=args.steps or (20 if tiny else 30), output=str(Path(args.output).resolve()),
-        device=args.device, dtype=args.dtype,
-    )  # fmt: skip
-    if tiny:
-        print("msdiff demo: no weights given, so this builds TINY RANDOM SDXL-shaped models (a few hundred "
-              "thousand parameters, random weights). The run exercises the whole path (subject encoding, "
-              "grounding resampler, box-masked attention, SDXL denoising, VAE) but the image is noise-like: "
-              "it shows the wiring, not quality. For real images: msdiff demo --base "
-              "stabilityai/stable-diffusion-xl-base-1.0 --adapter doge1516/MS-Diffusion --image-encoder "
-              "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k")  # fmt: skip
+    if any(real) and args.random:
+        raise UserInputError("--random builds its own tiny models: give it without --base/--adapter/--image-encoder.")
+    kind = "real" if any(real) else "random" if args.random else "world"
+    output = str(Path(args.output).resolve())
+    common = dict(seed=args.seed, output=output, device=args.device, dtype=args.dtype)
+    if kind == "world":
+        settings = dict(WORLD_DEMO_SETTINGS)
+        settings["size"] = _size(args.size) if args.size else settings["size"]
+        settings["steps"] = args.steps or settings["steps"]
+        job = Job(
+            base=WORLD, adapter=WORLD, image_encoder=WORLD, prompt=WORLD_DEMO_PROMPT,
+            subjects=[SubjectSpec([_asset(image)], phrase, list(box)) for image, phrase, box in WORLD_DEMO_SUBJECTS],
+            **settings, **common,
+        )  # fmt: skip
+        print("msdiff demo: the world's models (trained on a CPU in a procedural world, docs/world.md); the star "
+              "and the heart have identities the model never saw in training.")  # fmt: skip
+    else:
+        tiny = kind == "random"
+        size = _size(args.size) if args.size else ([512, 384] if tiny else [1024, 1024])
+        job = Job(
+            base=args.base or TINY, adapter=args.adapter or TINY, image_encoder=args.image_encoder or TINY,
+            prompt=DEMO_PROMPT,
+            subjects=[SubjectSpec([_asset("dog.jpg")], "dog", list(DEMO_BOXES[0])),
+                      SubjectSpec([_asset("cat.jpg")], "cat", list(DEMO_BOXES[1]))],
+            size=size, steps=args.steps or (20 if tiny else 30), **common,
+        )  # fmt: skip
+        if tiny:
+            print("msdiff demo --random: TINY RANDOM SDXL-shaped models (random weights). The run exercises the whole "
+                  "path (subject encoding, grounding resampler, box-masked attention, SDXL denoising, VAE) but the "
+                  "image is noise: it shows the wiring, not quality.")  # fmt: skip
     start = time.perf_counter()
     written = run_job(job, progress=True)
     print(f"demo: {len(written)} files in {job.output} ({time.perf_counter() - start:.1f} s): "
           + ", ".join(p.name for p in written))  # fmt: skip
-    print(f"prompt {DEMO_PROMPT!r}; subjects dog -> {DEMO_BOXES[0]}, cat -> {DEMO_BOXES[1]}; models: "
-          + ("tiny random (msdiffusion.tiny)" if tiny else f"{job.base} + {job.adapter} + {job.image_encoder}"))  # fmt: skip
+    boxes = "; ".join(f"{s.phrase} -> {s.box}" for s in job.subjects)
+    models = {"world": f"{WORLD} (shipped)", "random": "tiny random (msdiffusion.tiny)"}.get(
+        kind, f"{job.base} + {job.adapter} + {job.image_encoder}"
+    )
+    print(f"prompt {job.prompt!r}; subjects {boxes}; models: {models}")
     return 0
 
 

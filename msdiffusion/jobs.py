@@ -34,6 +34,9 @@ DEFAULT_IMAGE_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 # Pseudo model id: base, adapter and image encoder all set to it build `msdiffusion.tiny`'s random
 # models (what `msdiff demo` uses without weights; images show the wiring, not quality).
 TINY = "tiny-random"
+# Pseudo model id of the small models trained in the procedural world and shipped in the package
+# (`msdiffusion.world`; what `msdiff demo` uses by default). Also a whole set, like TINY.
+from .world.weights import WORLD  # noqa: E402  (a constant; the module imports nothing heavy)
 PNG_METADATA_KEY = "msdiffusion-job"
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -142,7 +145,7 @@ def _path(value: Any, base_dir: Path | None, what: str, must_exist: bool = True)
 
 def _model_ref(value: str, base_dir: Path | None) -> str:
     """A model given as a local path (resolved against the job file) or a hub id (kept)."""
-    if value == TINY:
+    if value in (TINY, WORLD):
         return value
     path = Path(value).expanduser()
     local = path if path.is_absolute() or base_dir is None else base_dir / path
@@ -283,14 +286,30 @@ def load_pipeline(job: Job, device: str, dtype):
 
     from .pipelines import MSDiffusionXLControlNetPipeline, MSDiffusionXLPipeline
 
-    tiny = [name for name in ("base", "adapter", "image_encoder") if getattr(job, name) == TINY]
-    if tiny:
-        if len(tiny) != 3:
-            raise JobError(f"{TINY!r} is a whole model set: give it as base, adapter and image_encoder together (got it for {', '.join(tiny)}).")
+    for model_set in (TINY, WORLD):
+        named = [name for name in ("base", "adapter", "image_encoder") if getattr(job, name) == model_set]
+        if named and len(named) != 3:
+            raise JobError(
+                f"{model_set!r} is a whole model set: give it as base, adapter and image_encoder together "
+                f"(got it for {', '.join(named)})."
+            )
+    if job.base == TINY:
         from .tiny import tiny_pipeline
 
         pipe = tiny_pipeline(seed=0, controlnet=job.controlnet is not None).to(device)
         return pipe if dtype == torch.float32 else pipe.to(dtype)
+    if job.base == WORLD:
+        if job.controlnet is not None:
+            raise JobError(f"{WORLD!r} has no ControlNet: remove controlnet from the job.")
+        from .world.weights import load_world_pipeline
+
+        try:
+            pipe = load_world_pipeline(device, dtype)
+        except FileNotFoundError as error:
+            raise JobError(str(error)) from None
+        if job.scheduler:
+            _set_scheduler(pipe, job.scheduler)
+        return pipe
 
     kwargs: dict = {"dtype": dtype}
     cls = MSDiffusionXLPipeline
@@ -303,11 +322,17 @@ def load_pipeline(job: Job, device: str, dtype):
         pipe = cls.from_pretrained(job.base, **kwargs)
     pipe.load_ms_adapter(job.adapter, image_encoder=job.image_encoder, weight_name=job.adapter_weight_name)
     if job.scheduler:
-        scheduler_class = getattr(diffusers, job.scheduler, None)
-        if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
-            raise JobError(f"scheduler: {job.scheduler!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler).")
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        _set_scheduler(pipe, job.scheduler)
     return pipe.to(device)
+
+
+def _set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config"):
+        raise JobError(f"scheduler: {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler).")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
 
 def _next_stem(folder: Path) -> str:

@@ -16,8 +16,15 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def draw_layout(
     image: PIL.Image.Image, boxes: Sequence[Sequence[float]], phrases: Sequence[str], width: int | None = None
 ) -> PIL.Image.Image:
-    """A copy of `image` with each subject's box (fractions of the image) outlined and labelled."""
+    """A copy of `image` with each subject's box (fractions of the image) outlined and labelled.
+
+    Images smaller than 256 px (the world's 64 px ones) are enlarged, pixels kept square, so that
+    the labels stay readable.
+    """
     canvas = image.convert("RGB").copy()
+    if min(canvas.size) < 256:
+        factor = -(-256 // min(canvas.size))
+        canvas = canvas.resize((canvas.width * factor, canvas.height * factor), PIL.Image.NEAREST)
     draw = PIL.ImageDraw.Draw(canvas)
     line = width or max(2, round(min(canvas.size) / 128))
     font = PIL.ImageFont.load_default()

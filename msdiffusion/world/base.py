@@ -1,0 +1,249 @@
+"""Training the world's SDXL-architecture base: the VAE, then the UNet with both text encoders.
+
+Two stages, each resumable exactly from its last checkpoint (model, optimiser, EMA and random
+states in one file written atomically):
+
+1. `train_vae`: an `AutoencoderKL` on the world's scenes (L1 + MSE reconstruction, a small KL
+   term); its `scaling_factor` is then set so that latents have unit variance, as SDXL's is.
+2. `train_base`: text-to-image, epsilon prediction on SDXL's noise schedule, the UNet and both
+   text encoders trained together from scratch; captions are emptied 10% of the time so that
+   classifier-free guidance works. The weights kept are an exponential moving average.
+
+The base is then written as an ordinary diffusers SDXL folder (`save_base`) and frozen; the
+adapter is trained on it with `msdiff train`. This is a plain loop, not `msdiffusion.train`:
+that module trains an adapter around a frozen UNet, while here everything is trained from zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import models
+from .data import load_images, read_manifest
+
+
+@dataclass
+class BaseRecipe:
+    vae_steps: int = 1200
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-5
+    unet_steps: int = 4500
+    unet_batch: int = 32
+    unet_lr: float = 3e-4
+    warmup_steps: int = 200
+    caption_drop: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 250
+    seed: int = 0
+
+
+def _save_atomic(state: dict, path: Path) -> None:
+    """Write to a temporary name, then rename: a kill during the save leaves the old file intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+# ---- stage 1: VAE ------------------------------------------------------------------------------------
+def _vae_batch(seed: int, step: int, batch: int) -> np.ndarray:
+    """Scenes drawn afresh for each step (a function of the step, so a resumed run sees the same)."""
+    from .scenes import random_scene
+
+    return np.stack([random_scene(np.random.default_rng([seed, 1, step, k])).image for k in range(batch)])
+
+
+def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
+    """Train the VAE on fresh scenes (resuming from `out/vae-checkpoint.pt`), write `out/vae/`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "vae" / "config.json").exists():
+        from diffusers import AutoencoderKL
+
+        log(f"vae: done already ({out / 'vae'})")
+        return AutoencoderKL.from_pretrained(out / "vae")
+    torch.manual_seed(recipe.seed)
+    vae = models.vae()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    step = 0
+    checkpoint = out / "vae-checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        log(f"vae: resumed at step {step}")
+    vae.train()
+    start, window = time.perf_counter(), []
+    while step < recipe.vae_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, recipe.vae_steps, 50, recipe.vae_lr)
+        x = _images_to_tensor(_vae_batch(recipe.seed, step, recipe.vae_batch))
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.l1_loss(reconstruction, x) + F.mse_loss(reconstruction, x) + recipe.vae_kl_weight * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window.append(loss.item())
+        if step % 50 == 0:
+            log(f"vae step {step}/{recipe.vae_steps} loss {np.mean(window):.4f} ({time.perf_counter() - start:.0f} s)")
+            window = []
+        if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
+            _save_atomic(
+                {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "step": step}, checkpoint,
+            )  # fmt: skip
+    vae.eval()
+    with torch.no_grad():  # SDXL's latents have about unit variance after scaling; make ours so too
+        sample = _images_to_tensor(np.concatenate([_vae_batch(recipe.seed + 1, k, 256) for k in range(4)]))
+        std = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(256)]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    vae.save_pretrained(out / "vae")
+    log(f"vae: scaling_factor {1.0 / std:.4f}; written to {out / 'vae'}")
+    return vae
+
+
+# ---- stage 2: UNet + text encoders ----------------------------------------------------------------------
+class _Captions:
+    """Both tokenizers' ids of every caption, computed once."""
+
+    def __init__(self, captions: list[str], tokenizer, tokenizer_2):
+        def ids(tok, texts):
+            return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+
+        self.ids = ids(tokenizer, captions), ids(tokenizer_2, captions)
+        self.empty = ids(tokenizer, [""]), ids(tokenizer_2, [""])
+
+
+def encode_prompts(text_encoder, text_encoder_2, ids, ids_2) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's prompt embeddings: penultimate states of both encoders, and the second's projection."""
+    first = text_encoder(ids, output_hidden_states=True)
+    second = text_encoder_2(ids_2, output_hidden_states=True)
+    return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+
+
+class _Base(torch.nn.Module):
+    def __init__(self, unet, text_encoder, text_encoder_2):
+        super().__init__()
+        self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
+
+
+def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, log: Callable = print) -> _Base:
+    """Train UNet + text encoders on VAE latents (resuming from `out/base-checkpoint.pt`); returns the EMA model."""
+    from diffusers import DDPMScheduler
+
+    out = Path(out)
+    tokenizer, tokenizer_2 = models.tokenizers(out / "tokenizer")
+    torch.manual_seed(recipe.seed + 1)
+    text_encoder, text_encoder_2 = models.text_encoders(tokenizer)
+    model = _Base(models.unet(), text_encoder, text_encoder_2)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
+    noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)
+    entries = read_manifest(manifest)
+    captions = _Captions([e["caption"] for e in entries], tokenizer, tokenizer_2)
+
+    log(f"base: encoding {len(entries)} images with the VAE")
+    images = load_images(manifest)
+    with torch.no_grad():
+        stats = [vae.encode(_images_to_tensor(images[i : i + 256])).latent_dist for i in range(0, len(images), 256)]
+    mean = torch.cat([s.mean for s in stats])
+    std = torch.cat([s.std for s in stats])
+    del images, stats
+    scaling = vae.config.scaling_factor
+    size = models.SIZE
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    step = 0
+    checkpoint = out / "base-checkpoint.pt"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step = state["step"]
+        log(f"base: resumed at step {step}")
+    model.train()
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    start, window = time.perf_counter(), []
+    while step < recipe.unet_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, recipe.unet_steps, recipe.warmup_steps, recipe.unet_lr)
+        b = recipe.unet_batch
+        index = torch.randint(len(entries), (b,), generator=generator)
+        latents = (mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)) * scaling
+        keep = (torch.rand(b, generator=generator) >= recipe.caption_drop)[:, None]
+        ids = torch.where(keep, captions.ids[0][index], captions.empty[0])
+        ids_2 = torch.where(keep, captions.ids[1][index], captions.empty[1])
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prompt_embeds, pooled = encode_prompts(model.text_encoder, model.text_encoder_2, ids, ids_2)
+        prediction = model.unet(
+            noisy, timesteps, encoder_hidden_states=prompt_embeds,
+            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(b, -1)},
+        ).sample  # fmt: skip
+        loss = F.mse_loss(prediction, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        window.append(loss.item())
+        if step % 50 == 0:
+            elapsed = time.perf_counter() - start
+            log(f"base step {step}/{recipe.unet_steps} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)")
+            window = []
+        if step % recipe.checkpoint_every == 0 or step == recipe.unet_steps:
+            _save_atomic(
+                {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+                 "recipe": asdict(recipe)}, checkpoint,
+            )  # fmt: skip
+    return ema.eval()
+
+
+def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path) -> Path:
+    """Write the base as an ordinary diffusers SDXL folder (fp16 weights: they are shipped)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = models.tokenizers(tokenizer_dir)
+    pipe = StableDiffusionXLPipeline(
+        vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(base.text_encoder), text_encoder_2=copy.deepcopy(base.text_encoder_2),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=copy.deepcopy(base.unet), scheduler=models.scheduler(),
+        force_zeros_for_empty_prompt=False,  # trained with the empty caption as the unconditional input
+    )  # fmt: skip
+    pipe.to(torch.float16).save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,120 @@
+"""`msdiff world build` and `msdiff world evaluate`: the procedural world's recipe and its scores."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..cli import UserInputError
+
+
+def register(subparsers) -> None:
+    world = subparsers.add_parser(
+        "world",
+        help="the procedural world: rebuild its models, score them (docs/world.md)",
+        description="The small procedural world in which this project trains a complete SDXL-architecture "
+        "model and an MS-Diffusion adapter on a CPU (docs/world.md).",
+    )
+    commands = world.add_subparsers(dest="world_command", metavar="COMMAND")
+
+    build = commands.add_parser(
+        "build",
+        help="rebuild data, base, image encoder, evaluator and adapter from scratch (resumable)",
+        description="Run every unfinished stage of the world's recipe with fixed seeds, printing the time of "
+        "each: data, vae, base, image_encoder, evaluator, adapter (msdiff train), export. Stopped runs "
+        "resume from their last checkpoint when started again with the same --out.",
+    )
+    build.add_argument("--out", default="runs/world", help="working folder (default: runs/world)")
+    build.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
+    build.add_argument(
+        "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
+    )
+    build.set_defaults(func=run_build)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="generate held-out subjects and score them with the world's evaluator",
+        description="Generate COUNT images of held-out identities (1 to 4 subjects, taking turns) and report, "
+        "per subject count: found in its box (IoU >= 0.5), mean IoU, identity correct, found and correct, "
+        "and identity mixing.",
+    )
+    evaluate.add_argument("--models", help="a `world build --out` folder (default: the shipped weights)")
+    evaluate.add_argument("--count", type=int, default=200, help="generations (default: 200)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the jobs and of the noise (default: 0)")
+    evaluate.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
+    evaluate.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default: 5.0)")
+    evaluate.add_argument("--scale", type=float, default=1.0, help="subject scale (default: 1.0)")
+    evaluate.add_argument("--mask-threshold", type=float, help="auto layout threshold (default: off)")
+    evaluate.add_argument("--start-step", type=int, default=5, help="auto layout start step (default: 5)")
+    evaluate.add_argument("--no-boxes", action="store_true", help="give no boxes (all zeros)")
+    evaluate.add_argument("--drop-grounding", action="store_true", help="learned grounding tokens (no phrase/box)")
+    evaluate.add_argument("--json", help="also write the summary and every subject's result to this file")
+    evaluate.set_defaults(func=run_evaluate)
+    world.set_defaults(func=lambda args: world.print_help() or 2)
+
+
+def run_build(args) -> int:
+    from .recipe import STAGES, build
+
+    stages = STAGES
+    if args.stages:
+        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise UserInputError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)}).")
+    start = time.perf_counter()
+    timings = build(args.out, stages=stages, export_to=args.export_to)
+    print("stage times (this run): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import torch
+
+    from .evaluate import WorldEvaluator, evaluate_world
+    from .weights import load_world_pipeline, world_model_paths
+
+    if args.count < 1:
+        raise UserInputError("--count must be a positive number of generations.")
+    if args.models:
+        from ..pipelines import MSDiffusionXLPipeline
+
+        root = Path(args.models)
+        missing = [p for p in ("base", "adapter-train/adapter", "image_encoder", "evaluator.safetensors") if not (root / p).exists()]
+        if missing:
+            raise UserInputError(f"--models {root}: missing {', '.join(missing)} (a finished `msdiff world build --out` folder).")
+        pipe = MSDiffusionXLPipeline.from_pretrained(root / "base", dtype=torch.float32)
+        pipe.load_ms_adapter(str(root / "adapter-train" / "adapter"), image_encoder=str(root / "image_encoder"))
+        pipe.set_progress_bar_config(disable=True)
+        evaluator = WorldEvaluator.from_file(root / "evaluator.safetensors")
+    else:
+        try:
+            evaluator = WorldEvaluator.from_file(world_model_paths()["evaluator"])
+            pipe = load_world_pipeline()
+        except FileNotFoundError as error:
+            raise UserInputError(str(error)) from None
+    settings = dict(
+        num_inference_steps=args.steps, guidance_scale=args.guidance, ms_scale=args.scale,
+        mask_threshold=args.mask_threshold, start_step=args.start_step, drop_grounding_tokens=args.drop_grounding,
+    )  # fmt: skip
+    start = time.perf_counter()
+    summary, results = evaluate_world(pipe, evaluator, args.count, args.seed, no_boxes=args.no_boxes, **settings)
+    print(f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({settings})")
+    print(format_summary(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, "summary": summary,
+                                               "results": [[r.to_dict() for r in image] for image in results]}, indent=1))  # fmt: skip
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    rows = ["| subjects per image | subjects | found (IoU>=0.5) | mean IoU | identity correct | found and correct | mixing |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name, r in summary.items():
+        rows.append(
+            f"| {name} | {r['subjects']} | {r['found']:.1%} | {r['mean_iou']:.3f} | {r['identity_correct']:.1%} | "
+            f"{r['found_and_correct']:.1%} | {r['mixing']:.3f} |"
+        )
+    return "\n".join(rows)

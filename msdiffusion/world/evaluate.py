@@ -1,0 +1,364 @@
+"""An evaluator that knows the world: where each subject landed and whether it looks like its reference.
+
+A small segmentation network, trained on the world's own labels (scenes passed through the
+world's VAE, so that it sees the softness of generated images), tells for every pixel which class
+of shape covers it. For a subject asked for in a box:
+
+- **found**: a connected region of its class overlaps the box and the region's bounding box has
+  IoU >= 0.5 with it;
+- **iou**: that IoU (0 when no region of the class touches the box);
+- **identity correct**: the colours and pattern of the region's pixels are closer to the
+  subject's own identity than to every other subject's in the image and to a fixed set of
+  training identities;
+- **mixing**: the share of the region's pixels whose colour belongs to another subject of the
+  image and not to this one (0 = clean, high = identities blended).
+
+Identities are compared through a descriptor: the histogram of the pixels' nearest palette
+colours, plus how often neighbouring pixels change colour in each of four directions (which
+tells stripes of one angle from another, checks from dots, a gradient from halves).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .scenes import CLASSES, COLORS, NUM_IDENTITIES, SIZE, draw_background, draw_subject, is_held_out, random_scene
+
+_PALETTE = np.array(list(COLORS.values()), np.float32)
+MIN_REGION_PIXELS = 6
+# Training identities every identity is compared against (fixed, so scores are comparable).
+COMPARISON_IDENTITIES = tuple(int(i) for i in np.random.default_rng(1234).choice(
+    [i for i in range(NUM_IDENTITIES) if not is_held_out(i)], 50, replace=False))  # fmt: skip
+
+
+class Segmenter(nn.Module):
+    """Per-pixel class logits (background + one per class) for 64x64 images; a small U-Net."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())  # fmt: skip
+
+        self.enc1, self.enc2, self.enc3 = block(3, width), block(width, 2 * width), block(2 * width, 3 * width)
+        self.dec2, self.dec1 = block(5 * width, 2 * width), block(3 * width, width)
+        self.head = nn.Conv2d(width, 1 + len(CLASSES), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(F.avg_pool2d(e1, 2))
+        e3 = self.enc3(F.avg_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.head(d1)
+
+
+def _label_map(scene) -> np.ndarray:
+    labels = np.zeros(scene.image.shape[:2], np.int64)
+    for subject, mask in zip(scene.subjects, scene.masks):
+        labels[mask] = 1 + CLASSES.index(subject.cls)
+    return labels
+
+
+def train_segmenter(vae, steps: int = 1500, batch: int = 32, seed: int = 0, log: Callable = print) -> Segmenter:
+    """Train on fresh scenes (all identities: the segmenter judges shape, not identity), half of them
+    passed through the VAE so that it also reads the softer images the diffusion model makes."""
+    torch.manual_seed(seed)
+    model = Segmenter()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
+        scenes = [random_scene(np.random.default_rng([seed, 7, step, k]), held_out=k % 2 == 0) for k in range(batch)]
+        x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            half = batch // 2
+            x[:half] = vae.decode(vae.encode(x[:half]).latent_dist.mode()).sample.clamp(-1, 1)
+        labels = torch.from_numpy(np.stack([_label_map(s) for s in scenes]))
+        loss = F.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0:
+            log(f"segmenter step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
+    return model.eval()
+
+
+def save_segmenter(model: Segmenter, path: str | os.PathLike) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def load_segmenter(path: str | os.PathLike) -> Segmenter:
+    from safetensors.torch import load_file
+
+    model = Segmenter()
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return model.eval()
+
+
+# ---- regions and identity descriptors -----------------------------------------------------------------
+def connected_regions(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected regions of a boolean mask, largest first (each a boolean mask)."""
+    labels = np.zeros(mask.shape, np.int32)
+    regions = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        label = len(regions) + 1
+        stack, pixels = [(y0, x0)], []
+        labels[y0, x0] = label
+        while stack:
+            y, x = stack.pop()
+            pixels.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        regions.append(labels == label)
+    return sorted(regions, key=lambda r: -int(r.sum()))
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _nearest_colors(pixels: np.ndarray) -> np.ndarray:
+    return ((pixels[:, None, :].astype(np.float32) - _PALETTE[None]) ** 2).sum(-1).argmin(1)
+
+
+def descriptor(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Identity descriptor of the pixels under `mask`: palette histogram (12) + colour changes (4)."""
+    color = np.full(mask.shape, -1)
+    color[mask] = _nearest_colors(image[mask])
+    hist = np.bincount(color[mask], minlength=len(_PALETTE)).astype(np.float32)
+    hist /= max(hist.sum(), 1)
+    changes = []
+    h, w = mask.shape
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # each pixel against its neighbour at (dy, dx)
+        a = color[: h - dy, max(0, -dx) : w - max(0, dx)]
+        b = color[dy:, max(0, dx) : w - max(0, -dx)]
+        both = (a >= 0) & (b >= 0)
+        changes.append(float((a[both] != b[both]).mean()) if both.any() else 0.0)
+    return np.concatenate([hist, np.array(changes, np.float32)])
+
+
+def descriptor_distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a[:12] - b[:12]).sum() + np.abs(a[12:] - b[12:]).sum())
+
+
+_IDENTITY_CACHE: dict[int, np.ndarray] = {}
+
+
+def identity_descriptor(identity: int) -> np.ndarray:
+    """Descriptor of a canonical rendering of an identity (a large upright circle on grey)."""
+    if identity not in _IDENTITY_CACHE:
+        canvas = draw_background("plain", np.random.default_rng(0))
+        mask = draw_subject(canvas, "circle", identity, (SIZE / 2, SIZE / 2), 48, 0.0)
+        _IDENTITY_CACHE[identity] = descriptor(canvas.round().astype(np.uint8), mask)
+    return _IDENTITY_CACHE[identity]
+
+
+# ---- evaluation --------------------------------------------------------------------------------------
+@dataclass
+class SubjectResult:
+    cls: str
+    identity: int
+    box: tuple[float, float, float, float]
+    found: bool
+    iou: float
+    identity_correct: bool
+    mixing: float
+    found_box: tuple[float, float, float, float] | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AskedSubject:
+    cls: str
+    identity: int
+    box: tuple[float, float, float, float]
+
+
+class WorldEvaluator:
+    """Scores generated world images against what was asked (classes, identities, boxes)."""
+
+    def __init__(self, segmenter: Segmenter):
+        self.segmenter = segmenter.eval()
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "WorldEvaluator":
+        return cls(load_segmenter(path))
+
+    @torch.no_grad()
+    def class_maps(self, images: np.ndarray) -> np.ndarray:
+        """(N, H, W) predicted label per pixel (0 background, 1 + class index) of (N, H, W, 3) uint8 images."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        if x.shape[-2:] != (SIZE, SIZE):
+            x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return self.segmenter(x).argmax(1).numpy()
+
+    def evaluate(self, image: np.ndarray, asked: Sequence[AskedSubject], class_map: np.ndarray | None = None) -> list[SubjectResult]:
+        """Results for one image (H, W, 3 uint8) and the subjects it was asked to show."""
+        if image.shape[:2] != (SIZE, SIZE):
+            import PIL.Image
+
+            image = np.asarray(PIL.Image.fromarray(image).resize((SIZE, SIZE), PIL.Image.BICUBIC))
+        if class_map is None:
+            class_map = self.class_maps(image[None])[0]
+        regions_by_class = {
+            c: [r for r in connected_regions(class_map == 1 + CLASSES.index(c)) if r.sum() >= MIN_REGION_PIXELS]
+            for c in {s.cls for s in asked}
+        }
+        from .scenes import mask_box
+
+        results = []
+        for k, subject in enumerate(asked):
+            best, best_iou = None, 0.0
+            for region in regions_by_class[subject.cls]:
+                iou = box_iou(mask_box(region), subject.box)
+                if iou > best_iou:
+                    best, best_iou = region, iou
+            correct, mixing = False, 0.0
+            if best is not None:
+                found_descriptor = descriptor(image, best)
+                others = [s.identity for j, s in enumerate(asked) if j != k and s.identity != subject.identity]
+                rivals = others + [i for i in COMPARISON_IDENTITIES if i != subject.identity]
+                own = descriptor_distance(found_descriptor, identity_descriptor(subject.identity))
+                correct = all(own < descriptor_distance(found_descriptor, identity_descriptor(i)) for i in rivals)
+                mixing = _mixing(image, best, subject.identity, others)
+            results.append(SubjectResult(
+                subject.cls, subject.identity, tuple(subject.box), bool(best_iou >= 0.5), float(best_iou), bool(correct), mixing,
+                None if best is None else mask_box(best),
+            ))  # fmt: skip
+        return results
+
+
+def _identity_colors(identity: int) -> set[int]:
+    from .scenes import COLOR_NAMES, identity_parts
+
+    a, b, _ = identity_parts(identity)
+    return {COLOR_NAMES.index(a), COLOR_NAMES.index(b)}
+
+
+def _mixing(image: np.ndarray, region: np.ndarray, identity: int, others: list[int]) -> float:
+    colors = _nearest_colors(image[region])
+    own = _identity_colors(identity)
+    foreign = set().union(*[_identity_colors(i) for i in others]) - own if others else set()
+    return float(np.isin(colors, list(foreign)).mean()) if foreign else 0.0
+
+
+def summarize(results: list[list[SubjectResult]]) -> dict:
+    """Rates over images, overall and by the number of subjects per image."""
+    def rates(group: list[SubjectResult]) -> dict:
+        n = len(group)
+        return {
+            "subjects": n,
+            "found": sum(r.found for r in group) / n if n else float("nan"),
+            "mean_iou": float(np.mean([r.iou for r in group])) if n else float("nan"),
+            "identity_correct": sum(r.identity_correct for r in group) / n if n else float("nan"),
+            "found_and_correct": sum(r.found and r.identity_correct for r in group) / n if n else float("nan"),
+            "mixing": float(np.mean([r.mixing for r in group])) if n else float("nan"),
+        }
+
+    summary = {"all": rates([r for image in results for r in image])}
+    for count in sorted({len(image) for image in results}):
+        summary[f"{count} subjects"] = rates([r for image in results if len(image) == count for r in image])
+    return summary
+
+
+def ground_truth_check(evaluator: WorldEvaluator, count: int = 100, seed: int = 99) -> dict:
+    """The evaluator on real held-out scenes (what a perfect generator would score)."""
+    results = []
+    for i in range(count):
+        scene = random_scene(np.random.default_rng([seed, i]), held_out=True)
+        asked = [AskedSubject(s.cls, s.identity, s.box) for s in scene.subjects]
+        results.append(evaluator.evaluate(scene.image, asked))
+    return summarize(results)
+
+
+# ---- held-out generations ----------------------------------------------------------------------------
+@dataclass
+class WorldJob:
+    """One held-out generation: what to ask the pipeline, and what the evaluator checks."""
+
+    prompt: str
+    subjects: list[AskedSubject]
+    references: list[np.ndarray]  # one rendering per subject (another size, angle, background)
+
+
+def held_out_jobs(count: int, seed: int = 0, subject_counts: Sequence[int] = (1, 2, 3, 4)) -> list[WorldJob]:
+    """`count` jobs of held-out identities, the subject counts taking turns.
+
+    Boxes are the tight boxes of a real rendering of the layout (so they have the shapes' true
+    proportions); the references are separate renderings of each subject.
+    """
+    from .scenes import BACKGROUNDS, caption_for, random_subjects, render_reference, render_scene
+
+    jobs = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, 5, i])
+        n = subject_counts[i % len(subject_counts)]
+        scene = render_scene(rng, random_subjects(rng, n, held_out=True), background=str(rng.choice(list(BACKGROUNDS))))
+        asked = [AskedSubject(s.cls, s.identity, tuple(float(c) for c in s.box)) for s in scene.subjects]
+        references = [render_reference(rng, s.cls, s.identity)[0] for s in asked]
+        jobs.append(WorldJob(caption_for([s.cls for s in asked], scene.background), asked, references))
+    return jobs
+
+
+def generate_world_jobs(
+    pipe, jobs: Sequence[WorldJob], seed: int = 0, batch_size: int = 8, no_boxes: bool = False, **settings
+) -> list[np.ndarray]:
+    """Images (uint8 arrays) of `jobs`, each with its own generator (`seed + k`), in batches.
+
+    `no_boxes=True` gives the pipeline all-zero boxes (the subjects are still scored against the
+    jobs' boxes: that measures what the boxes contribute)."""
+    import PIL.Image
+
+    images = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
+        output = pipe(
+            prompt=[job.prompt for job in chunk],
+            subject_images=[[PIL.Image.fromarray(r) for r in job.references] for job in chunk],
+            subject_phrases=[[s.cls for s in job.subjects] for job in chunk],
+            subject_boxes=[[[0.0] * 4 if no_boxes else list(s.box) for s in job.subjects] for job in chunk],
+            generator=generators,
+            height=SIZE,
+            width=SIZE,
+            **settings,
+        )
+        images += [np.asarray(image.convert("RGB")) for image in output.images]
+    return images
+
+
+def evaluate_world(
+    pipe, evaluator: WorldEvaluator, count: int = 200, seed: int = 0, no_boxes: bool = False, **settings
+) -> tuple[dict, list]:
+    """Generate `count` held-out jobs with `settings` (pipeline arguments) and score them."""
+    jobs = held_out_jobs(count, seed)
+    images = generate_world_jobs(pipe, jobs, seed=seed, no_boxes=no_boxes, **settings)
+    maps = evaluator.class_maps(np.stack(images))
+    results = [evaluator.evaluate(image, job.subjects, m) for image, job, m in zip(images, jobs, maps)]
+    return summarize(results), results

@@ -1,0 +1,123 @@
+"""The world's models: SDXL's architecture at a size that trains on a 2-core CPU.
+
+Everything here is an ordinary diffusers / transformers class with SDXL's structure: an
+`AutoencoderKL` (4x down-sampling: 64 px images, 16x16 latents), two CLIP text encoders whose
+penultimate states are concatenated (cross-attention width 64 + 64), a `UNet2DConditionModel`
+with SDXL's block types, added time ids and pooled text embeddings, and a
+`CLIPVisionModelWithProjection` for the references. The adapter is the project's own, trained by
+`msdiff train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..resampler import ResamplerConfig
+from ..tiny import write_tiny_tokenizer
+from .scenes import BACKGROUNDS, CLASSES, SIZE
+
+# Every word a world caption can hold is one token of the world's tokenizer.
+VOCABULARY = sorted({"a", "an", "and", "on", *CLASSES, *(w for name in BACKGROUNDS for w in name.split())})
+TEXT_WIDTH = 64  # each text encoder; the UNet's cross-attention width is twice this
+IMAGE_ENCODER_WIDTH = 64
+# The adapter's resampler; the grounding MLP width follows the release's rule 2 * (phrase + 8 * 2 * 4).
+RESAMPLER = ResamplerConfig(
+    dim=128, depth=2, dim_head=32, heads=4, num_queries=16, embedding_dim=IMAGE_ENCODER_WIDTH,
+    output_dim=2 * TEXT_WIDTH, ff_mult=2, phrase_dim=TEXT_WIDTH, num_freqs=8,
+    grounding_hidden_dim=2 * (TEXT_WIDTH + 8 * 2 * 4),
+)  # fmt: skip
+
+
+def tokenizers(directory: str | os.PathLike):
+    from transformers import CLIPTokenizer
+
+    path = write_tiny_tokenizer(directory, VOCABULARY)
+    return CLIPTokenizer.from_pretrained(path), CLIPTokenizer.from_pretrained(path, pad_token="!")
+
+
+def vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(16, 32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=SIZE,
+    )
+
+
+def text_encoders(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_attention_heads=4, num_hidden_layers=3,
+        vocab_size=len(tokenizer), hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
+    )  # fmt: skip
+    return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
+
+
+def unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 128),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 1, 1),
+        attention_head_dim=(1, 2, 4),  # 32 channels per head (SDXL: 64) at a tenth of SDXL's width
+        use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_WIDTH,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=16,
+        projection_class_embeddings_input_dim=6 * 16 + TEXT_WIDTH,
+        norm_num_groups=16,
+    )
+
+
+def image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=IMAGE_ENCODER_WIDTH, intermediate_size=4 * IMAGE_ENCODER_WIDTH, num_attention_heads=4,
+        num_hidden_layers=3, image_size=SIZE, patch_size=8, projection_dim=IMAGE_ENCODER_WIDTH,
+    )  # fmt: skip
+    return CLIPVisionModelWithProjection(config)
+
+
+def image_processor():
+    """CLIP preprocessing at the world's size (the references are squashed to a square first anyway)."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+
+
+def scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )  # fmt: skip  (SDXL base's scheduler settings)
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,170 @@
+"""The world's whole recipe: data, VAE, base, image encoder, evaluator, adapter, export.
+
+`msdiff world build --out runs/world` runs every stage that is not finished yet, in order, with
+fixed seeds, and prints how long each took. Each stage writes its result under `--out`; the long
+ones (VAE, base, adapter) checkpoint as they go, so a run that is stopped resumes where it was
+(the adapter through `msdiff train --resume-from-checkpoint latest`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import models
+from .base import BaseRecipe, save_base, train_base, train_vae
+from .data import MANIFEST, write_dataset
+
+STAGES = ("data", "vae", "base", "image_encoder", "evaluator", "adapter", "export")
+
+
+@dataclass
+class WorldRecipe:
+    num_scenes: int = 24000
+    base: BaseRecipe = field(default_factory=BaseRecipe)
+    segmenter_steps: int = 1200
+    # `msdiff train` settings of the adapter (the rest are the release's defaults)
+    adapter_steps: int = 3500
+    adapter_batch: int = 32
+    adapter_lr: float = 3e-4
+    adapter_checkpoint_every: int = 250
+    seed: int = 0
+
+
+def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
+    """The `msdiff train` config of the world's adapter (written to `out/adapter.yaml`)."""
+    return {
+        "base": str(out / "base"),
+        "image_encoder": str(out / "image_encoder"),
+        "manifest": str(out / "data" / MANIFEST),
+        "resolution": models.SIZE,
+        "max_subjects": 4,
+        "crop": "center",  # scenes are already at the training size: nothing to crop
+        "mask_references": False,  # references keep their backgrounds: demo references have one too
+        "dataloader_workers": 1,
+        "pin_memory": False,
+        "resampler": {k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")},
+        "learning_rate": recipe.adapter_lr,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "train_batch_size": recipe.adapter_batch,
+        "max_train_steps": recipe.adapter_steps,
+        "seed": recipe.seed,
+        "output_dir": str(out / "adapter-train"),
+        "checkpointing_steps": recipe.adapter_checkpoint_every,
+        "checkpoints_total_limit": 2,
+        "log_every": 25,
+        "report_to": "none",
+        "validation_steps": 0,
+    }
+
+
+def build(
+    out: str | Path,
+    recipe: WorldRecipe | None = None,
+    stages: tuple[str, ...] = STAGES,
+    export_to: str | Path | None = None,
+    log: Callable = print,
+) -> dict:
+    """Run the recipe's unfinished stages; returns {stage: seconds} for the stages run now."""
+    recipe = recipe or WorldRecipe()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    timings: dict[str, float] = {}
+    timings_file = out / "timings.json"
+    recorded = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+
+    def stage(name: str, done: bool, work: Callable[[], None]) -> None:
+        if name not in stages:
+            return
+        if done:
+            log(f"[{name}] done already")
+            return
+        log(f"[{name}] ...")
+        start = time.perf_counter()
+        work()
+        timings[name] = time.perf_counter() - start
+        recorded[name] = recorded.get(name, 0.0) + timings[name]  # a resumed stage adds up its sittings
+        timings_file.write_text(json.dumps(recorded, indent=2) + "\n")
+        log(f"[{name}] {timings[name]:.0f} s")
+
+    manifest = out / "data" / MANIFEST
+    stage("data", manifest.exists(), lambda: write_dataset(out / "data", recipe.num_scenes, recipe.seed))
+    work = out / "base-train"
+    stage("vae", (work / "vae" / "config.json").exists(), lambda: train_vae(work, recipe.base, log))
+
+    def base_stage() -> None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(work / "vae")
+        save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer")
+
+    stage("base", (out / "base" / "model_index.json").exists(), base_stage)
+
+    def image_encoder_stage() -> None:
+        # Kept random and frozen: its features already carry colour and pattern per patch, and the
+        # resampler learns to read them (docs/world.md compares it with a contrastively trained one).
+        torch.manual_seed(recipe.seed + 3)
+        models.image_encoder().to(torch.float16).save_pretrained(out / "image_encoder")
+        models.image_processor().save_pretrained(out / "image_encoder")
+
+    stage("image_encoder", (out / "image_encoder" / "config.json").exists(), image_encoder_stage)
+
+    def evaluator_stage() -> None:
+        from diffusers import AutoencoderKL
+
+        from .evaluate import save_segmenter, train_segmenter
+
+        vae = AutoencoderKL.from_pretrained(work / "vae")
+        save_segmenter(train_segmenter(vae, recipe.segmenter_steps, seed=recipe.seed, log=log), out / "evaluator.safetensors")
+
+    stage("evaluator", (out / "evaluator.safetensors").exists(), evaluator_stage)
+
+    def adapter_stage() -> None:
+        import yaml
+
+        config = out / "adapter.yaml"
+        config.write_text(yaml.safe_dump(adapter_config(out, recipe), sort_keys=False))
+        command = [sys.executable, "-m", "msdiffusion", "train", "--config", str(config)]
+        if any((out / "adapter-train").glob("checkpoint-*")):
+            command += ["--resume-from-checkpoint", "latest"]
+        log("  " + " ".join(command))
+        subprocess.run(command, check=True)
+
+    stage("adapter", (out / "adapter-train" / "adapter").exists(), adapter_stage)
+    stage("export", False, lambda: export(out, export_to, log=log))
+    return timings
+
+
+def export(out: str | Path, destination: str | Path | None = None, log: Callable = print) -> Path:
+    """Copy the trained models into the package's weights folder (fp16), as `msdiff demo` loads them."""
+    from ..adapter import MSAdapterCheckpoint, load_checkpoint
+    from .weights import WEIGHTS_DIR
+
+    out = Path(out)
+    destination = Path(destination or WEIGHTS_DIR)
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    shutil.copytree(out / "base", destination / "base")
+    shutil.copytree(out / "image_encoder", destination / "image_encoder")
+    shutil.copy(out / "evaluator.safetensors", destination / "evaluator.safetensors")
+    trained = load_checkpoint(out / "adapter-train" / "adapter")
+    MSAdapterCheckpoint(
+        {k: v.half() for k, v in trained.image_proj.items()},
+        {i: {k: v.half() for k, v in weights.items()} for i, weights in trained.attention.items()},
+        trained.dummy_image_tokens.half(),
+        trained.resampler_config,
+    ).save(destination / "adapter")
+    size = sum(p.stat().st_size for p in destination.rglob("*") if p.is_file())
+    log(f"exported to {destination} ({size / 2**20:.1f} MiB)")
+    return destination
