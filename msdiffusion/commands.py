@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .cli import UserInputError
+from .release import RELEASE_NEGATIVE_PROMPT
 
 DEMO_PROMPT = "a dog and a cat on the beach"
 DEMO_BOXES = ([0.05, 0.35, 0.47, 0.95], [0.53, 0.35, 0.95, 0.95])
@@ -33,7 +34,10 @@ def register(subparsers) -> None:
     models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default 1.0)")
     what = generate.add_argument_group("what to draw")
     what.add_argument("--prompt")
-    what.add_argument("--negative-prompt")
+    what.add_argument(
+        "--negative-prompt", metavar="TEXT",
+        help=f'default: the release\'s "{RELEASE_NEGATIVE_PROMPT}"; "" for none (SDXL then uses zero embeddings)',
+    )  # fmt: skip
     what.add_argument(
         "--subject", action="append", nargs="+", metavar="ARG",
         help="IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]; repeat per subject. IMAGE may be a+b.jpg for several "

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import UserInputError
+from .release import RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_IMAGE_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 # Pseudo model id: base, adapter and image encoder all set to it build `msdiffusion.tiny`'s random
@@ -65,7 +66,7 @@ class Job:
     subjects: list[SubjectSpec]
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     adapter_weight_name: str | None = None
-    negative_prompt: str | None = None
+    negative_prompt: str | None = RELEASE_NEGATIVE_PROMPT  # the release's; None (or "") for none
     size: list[int] = field(default_factory=lambda: [1024, 1024])  # width, height
     seed: int | None = None
     images: int = 1
@@ -100,7 +101,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "image_encoder": ((str,), "a hub id or folder of a CLIP vision model"),
     "adapter_weight_name": ((str, type(None)), "a file name inside the adapter repo/folder"),
     "prompt": ((str,), "text that names every subject's phrase"),
-    "negative_prompt": ((str, type(None)), "text"),
+    "negative_prompt": ((str, type(None)), f"text (default: the release's {RELEASE_NEGATIVE_PROMPT!r}), or null / \"\" for none"),
     "subjects": ((list,), "a list of {image, phrase, box, scale}"),
     "size": ((list, int), "[width, height] in pixels, multiples of 8 (or one number for a square)"),
     "seed": ((int, type(None)), "an integer (omit for a random one)"),
@@ -167,6 +168,8 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
             raise JobError(f"{source}: {name}: got {value!r}; expected {allowed}.")
 
     values = dict(data)
+    if values.get("negative_prompt") == "":
+        values["negative_prompt"] = None  # no negative prompt: SDXL then uses zero embeddings
     for name in ("base", "adapter", "image_encoder"):
         if name in values:
             values[name] = _model_ref(values[name], base_dir)

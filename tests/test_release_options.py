@@ -44,3 +44,88 @@ def test_tiny_adapter_uses_the_release_rule_and_loading_reads_the_width_from_the
     loaded = load_checkpoint(path)
     assert loaded.resampler_config.grounding_hidden_dim == 40
     assert loaded.image_proj["latent_proj.0.weight"].shape == (40, 32 + 64)
+
+
+# --- 3. the release's negative prompt by default ----------------------------------------------------
+
+RELEASE_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+
+class _RecordingPipe:
+    """Stands in for the pipeline in `run_job`: records each call's arguments, returns blank images."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_progress_bar_config(self, **_):
+        pass
+
+    def __call__(self, **kwargs):
+        import PIL.Image
+
+        self.calls.append(kwargs)
+        count = kwargs.get("num_images_per_prompt") or 1
+        image = PIL.Image.new("RGB", (kwargs["width"], kwargs["height"]))
+        return types.SimpleNamespace(images=[image] * count, auto_layout_maps=None)
+
+
+def _job_dict(tmp_path, **extra):
+    import PIL.Image
+
+    PIL.Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "dog.png")
+    return {
+        "base": "b", "adapter": "a", "prompt": "a dog", "size": [64, 64], "seed": 3, "output": str(tmp_path / "out"),
+        "preview": False, "subjects": [{"image": str(tmp_path / "dog.png"), "phrase": "dog", "box": [0, 0, 1, 1]}],
+        **extra,
+    }  # fmt: skip
+
+
+def test_jobs_and_the_cli_default_to_the_release_negative_prompt(tmp_path, capsys):
+    from msdiffusion.cli import build_parser
+    from msdiffusion.commands import _flag_overrides
+    from msdiffusion.jobs import job_from_dict, run_job
+    from msdiffusion.release import RELEASE_NEGATIVE_PROMPT
+
+    assert RELEASE_NEGATIVE_PROMPT == RELEASE_NEGATIVE
+    job = job_from_dict(_job_dict(tmp_path))
+    assert job.negative_prompt == RELEASE_NEGATIVE
+    pipe = _RecordingPipe()
+    run_job(job, pipe=pipe, progress=False, log=lambda *_: None)
+    assert pipe.calls[0]["negative_prompt"] == RELEASE_NEGATIVE
+    # "" and null both mean no negative prompt (diffusers' None)
+    for value in ("", None):
+        assert job_from_dict(_job_dict(tmp_path, negative_prompt=value)).negative_prompt is None
+    args = build_parser().parse_args(["generate", "--negative-prompt", ""])
+    assert job_from_dict({**_job_dict(tmp_path), **_flag_overrides(args)}).negative_prompt is None
+    # --help shows the default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    assert "monochrome, lowres, bad" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_python_pipeline_keeps_diffusers_none():
+    import inspect
+
+    from msdiffusion import MSDiffusionXLPipeline
+
+    parameters = inspect.signature(MSDiffusionXLPipeline.__call__).parameters
+    assert "negative_prompt" not in parameters or parameters["negative_prompt"].default is None
+
+
+def test_training_validation_defaults_to_the_release_negative_prompt(tmp_path):
+    import PIL.Image
+
+    from msdiffusion.train import TrainConfig
+    from msdiffusion.train.validation import validation_entries
+
+    PIL.Image.new("RGB", (16, 16)).save(tmp_path / "r.png")
+    subject = {"image": str(tmp_path / "r.png"), "phrase": "dog", "box": [0, 0, 1, 1]}
+    entries = [{"prompt": "a dog", "subjects": [subject]},
+               {"prompt": "a dog", "subjects": [subject], "negative_prompt": "blurry"},
+               {"prompt": "a dog", "subjects": [subject], "negative_prompt": None}]  # fmt: skip
+    config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries)
+    assert config.validation_negative_prompt == RELEASE_NEGATIVE
+    got = [entry.negative_prompt for entry in validation_entries(config, dataset=None)]
+    assert got == [RELEASE_NEGATIVE, "blurry", None]
+    config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries[:1], validation_negative_prompt=None)
+    assert validation_entries(config, dataset=None)[0].negative_prompt is None

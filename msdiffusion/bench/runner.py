@@ -19,10 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..release import RELEASE_NEGATIVE_PROMPT  # the released inference code's default
 from .definitions import Sample, reference_files
-
-# The released inference code's defaults (MS-Diffusion `inference.py` / `MSAdapter.generate`).
-RELEASE_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 MANIFEST = "manifest.jsonl"
 RUN_CONFIG = "run_config.json"
 

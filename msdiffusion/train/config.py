@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..release import RELEASE_NEGATIVE_PROMPT
+
 
 class ConfigError(ValueError):
     """A training configuration with problems; the message lists each one by field."""
@@ -141,6 +143,10 @@ class TrainConfig:
     validation_guidance_scale: float = option(7.5, "classifier-free guidance of validation images", "validation")
     validation_ms_scale: float = option(0.6, "subject scale of validation images", "validation")
     validation_seed: int = option(0, "seed of validation images", "validation")
+    validation_negative_prompt: str | None = option(
+        RELEASE_NEGATIVE_PROMPT, "negative prompt of validation entries that give none (the release's; none = no "
+        "negative prompt)", "validation",
+    )
 
     # ---------------------------------------------------------------------------------------------
     @property
