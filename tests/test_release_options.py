@@ -129,3 +129,40 @@ def test_training_validation_defaults_to_the_release_negative_prompt(tmp_path):
     assert got == [RELEASE_NEGATIVE, "blurry", None]
     config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries[:1], validation_negative_prompt=None)
     assert validation_entries(config, dataset=None)[0].negative_prompt is None
+
+
+# --- 2. masked references: black, as the release's multiplication by the mask -------------------------
+
+
+def test_masked_references_are_black_by_default_like_multiplying_by_the_mask(tmp_path):
+    import json
+
+    import numpy as np
+    import PIL.Image
+
+    from msdiffusion.cli import build_parser
+    from msdiffusion.data.dataset import MSDiffusionDataset
+    from msdiffusion.train import TrainConfig
+    from msdiffusion.train.data import build_dataset
+
+    rng = np.random.default_rng(0)
+    reference = PIL.Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    reference.save(tmp_path / "ref.png")
+    mask = np.zeros((24, 24), dtype=np.uint8)
+    mask[4:20, 6:18] = 255
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    subject = {"phrase": "dog", "box": [0, 0, 1, 1], "reference": {"image": "ref.png", "mask": "mask.png"}}
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "ref.png", "caption": "a dog", "subjects": [subject]}) + "\n")
+
+    def background(dataset):
+        return np.asarray(dataset.reference_image(dataset.sample(0).subjects[0].reference, {}, "here", 0))
+
+    released = np.asarray(reference) * (mask[..., None] // 255)  # the release: image times its 0/1 mask
+    config = TrainConfig(base="b", image_encoder="e", manifest=str(tmp_path / "manifest.jsonl"), resolution=32)
+    assert config.mask_color == "black"
+    assert np.array_equal(background(build_dataset(config)), released)
+    assert np.array_equal(background(MSDiffusionDataset(config.manifest, resolution=32)), released)
+    white = background(build_dataset(TrainConfig(**{**config.to_dict(), "mask_color": "white"})))
+    assert (white[mask == 0] == 255).all() and np.array_equal(white[mask > 0], np.asarray(reference)[mask > 0])
+    args = build_parser().parse_args(["data", "cache", "m.jsonl", "--out", "c", "--base", "b", "--image-encoder", "e"])
+    assert args.mask_color == "black"
