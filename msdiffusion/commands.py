@@ -52,6 +52,10 @@ def register(subparsers) -> None:
     how.add_argument("--scale", type=float, help="subject strength (0.6 default; 0.4 for backgrounds)")
     how.add_argument("--mask-threshold", type=float, help="enable auto layout with this threshold (e.g. 0.5)")
     how.add_argument("--start-step", type=int, help="step at which auto layout takes over (default 5)")
+    how.add_argument(
+        "--phrase-matching", choices=["tokens", "release"],
+        help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
+    )  # fmt: skip
     how.add_argument("--drop-grounding", action="store_true", default=None, help="use learned grounding tokens")
     out = generate.add_argument_group("output")
     out.add_argument("--output", help="folder for the images (default: outputs)")
@@ -134,7 +138,8 @@ def _flag_overrides(args) -> dict:
         "image_encoder": args.image_encoder, "scheduler": args.scheduler, "prompt": args.prompt,
         "negative_prompt": args.negative_prompt, "seed": args.seed, "images": args.images, "steps": args.steps,
         "guidance": args.guidance, "scale": args.scale, "mask_threshold": args.mask_threshold,
-        "start_step": args.start_step, "drop_grounding": args.drop_grounding, "output": args.output,
+        "start_step": args.start_step, "phrase_matching": args.phrase_matching,
+        "drop_grounding": args.drop_grounding, "output": args.output,
         "preview": args.preview, "save_masks": args.save_masks, "device": args.device, "dtype": args.dtype,
     }  # fmt: skip
     overrides = {k: v for k, v in fields.items() if v is not None}

@@ -75,6 +75,7 @@ class Job:
     scale: float = 0.6
     mask_threshold: float | None = None
     start_step: int = 5
+    phrase_matching: str = "tokens"  # or "release": the released code's phrase positions (auto layout)
     drop_grounding: bool = False
     scheduler: str | None = None
     controlnet: ControlNetSpec | None = None
@@ -111,6 +112,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "scale": ((int, float), "a number, 0.6 by default (0.4 suits background-like subjects)"),
     "mask_threshold": ((int, float, type(None)), "a number in [0, 1) to enable auto layout, or null"),
     "start_step": ((int,), "a positive integer"),
+    "phrase_matching": ((str,), "tokens (default) or release (the released code's positions of repeated phrases)"),
     "drop_grounding": ((bool,), "true or false"),
     "scheduler": ((str, type(None)), "a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler"),
     "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number}"),
@@ -188,6 +190,8 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
     for name in ("guidance", "scale"):
         if name in values and not math.isfinite(values[name]):
             raise JobError(f"{source}: {name}: must be a finite number.")
+    if values.get("phrase_matching", "tokens") not in ("tokens", "release"):
+        raise JobError(f"{source}: phrase_matching: got {values['phrase_matching']!r}; expected {_FIELDS['phrase_matching'][1]}.")
     if values.get("dtype") is not None and values["dtype"] not in DTYPES:
         raise JobError(f"{source}: dtype: got {values['dtype']!r}; expected {_FIELDS['dtype'][1]}.")
     if values.get("controlnet") is not None:
@@ -355,6 +359,7 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             drop_grounding_tokens=job.drop_grounding,
             mask_threshold=job.mask_threshold,
             start_step=job.start_step,
+            phrase_matching=job.phrase_matching,
             num_inference_steps=job.steps,
             guidance_scale=job.guidance,
             height=height,

@@ -166,3 +166,85 @@ def test_masked_references_are_black_by_default_like_multiplying_by_the_mask(tmp
     assert (white[mask == 0] == 255).all() and np.array_equal(white[mask > 0], np.asarray(reference)[mask > 0])
     args = build_parser().parse_args(["data", "cache", "m.jsonl", "--out", "c", "--base", "b", "--image-encoder", "e"])
     assert args.mask_color == "black"
+
+
+# --- 5. repeated phrases: token matching by default, the release's positions as an option ----------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from msdiffusion.tiny import tiny_tokenizers
+
+    return tiny_tokenizers(tmp_path_factory.mktemp("tokenizer"))[0]
+
+
+def test_release_phrase_positions_reproduce_the_released_word_matching(tokenizer):
+    from msdiffusion.layout import phrase_token_positions, release_phrase_token_positions
+
+    prompt = "a cat, a cat, and a cat"
+    assert phrase_token_positions(tokenizer, prompt, ["cat"] * 3) == [[2], [5], [9]]  # where the tokens are
+    assert phrase_token_positions(tokenizer, prompt, ["cat"] * 3, "release") == [[2], [3], [5]]  # the release
+    # single occurrences agree; the release is case-sensitive, matches "-word" inside a word and strips one
+    # trailing punctuation mark of the last matched word only
+    assert release_phrase_token_positions(tokenizer, "a dog and a cat.", ["dog", "cat"]) == [[2], [5]]
+    assert release_phrase_token_positions(tokenizer, "a Dog", ["dog"]) == [[]]
+    assert phrase_token_positions(tokenizer, "a Dog", ["dog"]) == [[2]]
+    assert release_phrase_token_positions(tokenizer, "a teddy-bear", ["bear"]) == [[2, 3, 4]]
+    assert release_phrase_token_positions(tokenizer, "a red dog, on the beach", ["red dog"]) == [[2, 3]]
+    assert release_phrase_token_positions(tokenizer, "a dog", ["cat", ""]) == [[], []]
+    with pytest.raises(ValueError, match="phrase_matching"):
+        phrase_token_positions(tokenizer, prompt, ["cat"], "words")
+
+
+def test_release_positions_differ_on_1014_msbench_prompts_with_the_sdxl_tokenizer(shared_dir):
+    from transformers import CLIPTokenizer
+
+    from msdiffusion.bench.definitions import load_benchmark
+    from msdiffusion.layout import phrase_token_positions
+
+    sdxl = CLIPTokenizer.from_pretrained(shared_dir / "sdxl-base", subfolder="tokenizer")
+    samples = load_benchmark("msbench").samples
+    differing = sum(
+        phrase_token_positions(sdxl, s.prompt, phrases) != phrase_token_positions(sdxl, s.prompt, phrases, "release")
+        for s in samples
+        for phrases in [[subject.phrase for subject in s.subjects]]
+    )
+    assert (differing, len(samples)) == (1014, 4488)
+
+
+def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp_path, tokenizer):
+    from msdiffusion.bench.runner import GenerationSettings, check_run_config
+    from msdiffusion.cli import build_parser
+    from msdiffusion.commands import _flag_overrides
+    from msdiffusion.jobs import JobError, job_from_dict, run_job
+    from msdiffusion.tiny import tiny_pipeline
+    from msdiffusion.subjects import Subject
+
+    pipe = tiny_pipeline(seed=0, work_dir=tmp_path / "tiny")
+    subjects = [[Subject([None], "cat", (0.0, 0.0, 0.5, 0.5)), Subject([None], "cat", (0.5, 0.5, 1.0, 1.0))]]
+    args = (["a cat and a cat"], subjects, 64, 64, 0.6, 0.5, 5)
+    assert pipe.subject_layout(*args).phrase_positions == [[[2], [5]]]
+    # the release skips the first "cat" without counting it: the second lands on "a" (4), not "cat" (5)
+    assert pipe.subject_layout(*args, phrase_matching="release").phrase_positions == [[[2], [4]]]
+
+    recorder = _RecordingPipe()
+    job = job_from_dict(_job_dict(tmp_path, phrase_matching="release"))
+    run_job(job, pipe=recorder, progress=False, log=lambda *_: None)
+    assert recorder.calls[0]["phrase_matching"] == "release"
+    assert job_from_dict(_job_dict(tmp_path)).phrase_matching == "tokens"
+    with pytest.raises(JobError, match="phrase_matching"):
+        job_from_dict(_job_dict(tmp_path, phrase_matching="words"))
+    flags = build_parser().parse_args(["generate", "--phrase-matching", "release"])
+    assert _flag_overrides(flags)["phrase_matching"] == "release"
+
+    bench = build_parser().parse_args(["bench", "run", "--images", "i", "--output", "o", "--base", "b", "--adapter", "a",
+                                       "--image-encoder", "e", "--phrase-matching", "release"])  # fmt: skip
+    assert bench.phrase_matching == "release"
+    # a run directory made before the setting existed resumes with the default
+    settings = GenerationSettings(base="b", adapter="a", image_encoder="e")
+    old = {k: v for k, v in settings.to_dict().items() if k != "phrase_matching"}
+    (tmp_path / "run_config.json").write_text(__import__("json").dumps({"benchmark": "msbench", "settings": old}))
+    check_run_config(tmp_path, "msbench", settings, tmp_path)
+    with pytest.raises(ValueError, match="phrase_matching"):
+        check_run_config(tmp_path, "msbench", GenerationSettings(base="b", adapter="a", image_encoder="e",
+                                                                 phrase_matching="release"), tmp_path)  # fmt: skip

@@ -50,6 +50,10 @@ def register(subparsers) -> None:
     run.add_argument("--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '")
     run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold")
     run.add_argument("--start-step", type=int, default=5)
+    run.add_argument(
+        "--phrase-matching", choices=["tokens", "release"], default="tokens",
+        help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
+    )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
     run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                      help="auto: float16 on a GPU, float32 on the CPU")  # fmt: skip
@@ -190,7 +194,7 @@ def _run(args) -> int:
         seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample, steps=args.steps,
         guidance_scale=args.guidance_scale, ms_scale=args.ms_scale, height=args.height, width=args.width,
         negative_prompt=args.negative_prompt, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
-        start_step=args.start_step, dtype=dtype,
+        start_step=args.start_step, phrase_matching=args.phrase_matching, dtype=dtype,
     )  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
     try:
