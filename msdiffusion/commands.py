@@ -47,6 +47,11 @@ def register(subparsers) -> None:
     how.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1344x768 (multiples of 8)")
     how.add_argument("--seed", type=int)
     how.add_argument("--images", type=int, help="number of images (seeds seed, seed+1, ...)")
+    how.add_argument(
+        "--seed-mode", choices=["per-image", "release"],
+        help="per-image (default): image k from a CPU generator seeded seed+k; release: one generator on the "
+        "device draws the batch, as the released code (its images seed for seed, e.g. with --device cuda)",
+    )  # fmt: skip
     how.add_argument("--steps", type=int)
     how.add_argument("--guidance", type=float)
     how.add_argument("--scale", type=float, help="subject strength (0.6 default; 0.4 for backgrounds)")
@@ -136,7 +141,7 @@ def _flag_overrides(args) -> dict:
     fields = {
         "base": args.base, "adapter": args.adapter, "adapter_weight_name": args.adapter_weight_name,
         "image_encoder": args.image_encoder, "scheduler": args.scheduler, "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt, "seed": args.seed, "images": args.images, "steps": args.steps,
+        "negative_prompt": args.negative_prompt, "seed": args.seed, "seed_mode": args.seed_mode, "images": args.images, "steps": args.steps,
         "guidance": args.guidance, "scale": args.scale, "mask_threshold": args.mask_threshold,
         "start_step": args.start_step, "phrase_matching": args.phrase_matching,
         "drop_grounding": args.drop_grounding, "output": args.output,

@@ -37,6 +37,7 @@ DEFAULT_IMAGE_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 TINY = "tiny-random"
 PNG_METADATA_KEY = "msdiffusion-job"
 DTYPES = ("fp32", "fp16", "bf16")
+SEED_MODES = ("per-image", "release")
 
 
 class JobError(UserInputError):
@@ -69,6 +70,7 @@ class Job:
     negative_prompt: str | None = RELEASE_NEGATIVE_PROMPT  # the release's; None (or "") for none
     size: list[int] = field(default_factory=lambda: [1024, 1024])  # width, height
     seed: int | None = None
+    seed_mode: str = "per-image"  # or "release": one generator on the device draws the whole batch
     images: int = 1
     steps: int = 30
     guidance: float = 7.5
@@ -106,6 +108,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "subjects": ((list,), "a list of {image, phrase, box, scale}"),
     "size": ((list, int), "[width, height] in pixels, multiples of 8 (or one number for a square)"),
     "seed": ((int, type(None)), "an integer (omit for a random one)"),
+    "seed_mode": ((str,), "per-image (image k: a CPU generator seeded seed + k) or release (one generator on the "
+                  "device seeded seed draws all images at once, as the released code)"),
     "images": ((int,), "a positive integer"),
     "steps": ((int,), "a positive integer"),
     "guidance": ((int, float), "a number (1 disables classifier-free guidance)"),
@@ -190,6 +194,8 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
     for name in ("guidance", "scale"):
         if name in values and not math.isfinite(values[name]):
             raise JobError(f"{source}: {name}: must be a finite number.")
+    if values.get("seed_mode", "per-image") not in SEED_MODES:
+        raise JobError(f"{source}: seed_mode: got {values['seed_mode']!r}; expected {_FIELDS['seed_mode'][1]}.")
     if values.get("phrase_matching", "tokens") not in ("tokens", "release"):
         raise JobError(f"{source}: phrase_matching: got {values['phrase_matching']!r}; expected {_FIELDS['phrase_matching'][1]}.")
     if values.get("dtype") is not None and values["dtype"] not in DTYPES:
@@ -345,30 +351,40 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
     if job.controlnet is not None:
         control = {"image": PIL.Image.open(job.controlnet.image).convert("RGB"), "controlnet_conditioning_scale": job.controlnet.scale}
 
+    arguments = dict(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        subject_images=subject_images,
+        subject_phrases=[s.phrase for s in job.subjects],
+        subject_boxes=[s.box for s in job.subjects],
+        subject_scales=[s.scale for s in job.subjects] if any(s.scale is not None for s in job.subjects) else None,
+        ms_scale=job.scale,
+        drop_grounding_tokens=job.drop_grounding,
+        mask_threshold=job.mask_threshold,
+        start_step=job.start_step,
+        phrase_matching=job.phrase_matching,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance,
+        height=height,
+        width=width,
+        **control,
+    )
+    if job.seed_mode == "release":
+        # As the released generate(): one generator on the pipeline's device draws every image's noise
+        # in one batch, so its images can be matched seed for seed (on the same kind of device).
+        generator = torch.Generator(pipe._execution_device).manual_seed(seed)
+        out = pipe(**arguments, num_images_per_prompt=job.images, generator=generator)
+        record = dataclasses.replace(job, seed=seed).to_dict()  # the batch is made again as a whole
+        results = [(out.images[i], seed, record, _maps(out, i)) for i in range(job.images)]
+    else:
+        results = []
+        for i in range(job.images):  # each image its own CPU generator: the same noise on any device
+            out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
+            record = dataclasses.replace(job, seed=seed + i, images=1).to_dict()
+            results.append((out.images[0], seed + i, record, _maps(out, 0)))
+
     written = []
-    for i in range(job.images):
-        image_seed = seed + i
-        out = pipe(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            subject_images=subject_images,
-            subject_phrases=[s.phrase for s in job.subjects],
-            subject_boxes=[s.box for s in job.subjects],
-            subject_scales=[s.scale for s in job.subjects] if any(s.scale is not None for s in job.subjects) else None,
-            ms_scale=job.scale,
-            drop_grounding_tokens=job.drop_grounding,
-            mask_threshold=job.mask_threshold,
-            start_step=job.start_step,
-            phrase_matching=job.phrase_matching,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            height=height,
-            width=width,
-            generator=torch.Generator("cpu").manual_seed(image_seed),
-            **control,
-        )
-        image = out.images[0]
-        record = dataclasses.replace(job, seed=image_seed, images=1).to_dict()
+    for image, image_seed, record, maps in results:
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(PNG_METADATA_KEY, json.dumps(record))
         info.add_text("prompt", job.prompt)
@@ -383,13 +399,19 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             references = [images[0] for images in subject_images]
             subjects_sheet(references, phrases, preview).save(folder / f"{stem}-sheet.png")
             written += [folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"]
-        if job.save_masks and out.auto_layout_maps is not None:
+        if job.save_masks and maps is not None:
             for j, subject in enumerate(job.subjects):
                 mask_path = folder / f"{stem}-mask{j}-{_slug(subject.phrase)}.png"
-                attention_map_image(out.auto_layout_maps[0, j], image.size).save(mask_path)
+                attention_map_image(maps[j], image.size).save(mask_path)
                 written.append(mask_path)
-        log(f"wrote {path} (seed {image_seed})")
+        log(f"wrote {path} (seed {image_seed}{', release draw' if job.seed_mode == 'release' else ''})")
     return written
+
+
+def _maps(out, index: int):
+    """Auto-layout maps (N, h, w) of image `index` of a pipeline output, if auto layout ran."""
+    maps = getattr(out, "auto_layout_maps", None)
+    return None if maps is None else maps[index]
 
 
 def _slug(text: str) -> str:

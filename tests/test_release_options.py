@@ -54,6 +54,8 @@ RELEASE_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality"
 class _RecordingPipe:
     """Stands in for the pipeline in `run_job`: records each call's arguments, returns blank images."""
 
+    _execution_device = "cpu"
+
     def __init__(self):
         self.calls = []
 
@@ -248,3 +250,47 @@ def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp
     with pytest.raises(ValueError, match="phrase_matching"):
         check_run_config(tmp_path, "msbench", GenerationSettings(base="b", adapter="a", image_encoder="e",
                                                                  phrase_matching="release"), tmp_path)  # fmt: skip
+
+
+# --- 7. seeds: a CPU generator per image by default, the release's batch draw as an option -----------
+
+
+def test_release_seed_mode_draws_the_batch_from_one_generator_like_the_release(tmp_path):
+    import json
+
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from msdiffusion.cli import build_parser
+    from msdiffusion.commands import _flag_overrides
+    from msdiffusion.jobs import PNG_METADATA_KEY, JobError, job_from_dict, run_job
+    from msdiffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0, work_dir=tmp_path / "tiny")
+    common = dict(images=2, steps=2, seed=11, negative_prompt=None)
+
+    def run(mode):
+        job = job_from_dict(_job_dict(tmp_path, seed_mode=mode, output=str(tmp_path / mode), **common))
+        paths = [p for p in run_job(job, pipe=pipe, progress=False, log=lambda *_: None) if p.suffix == ".png"]
+        return paths, [np.asarray(PIL.Image.open(p)) for p in paths]
+
+    paths, release = run("release")
+    # the release: MSAdapter.generate(num_samples=2, seed=11) -> one Generator(device).manual_seed(11) for the batch
+    direct = pipe(
+        prompt="a dog", negative_prompt=None, subject_images=[PIL.Image.open(tmp_path / "dog.png")], subject_phrases=["dog"],
+        subject_boxes=[[0, 0, 1, 1]], num_inference_steps=2, height=64, width=64, num_images_per_prompt=2,
+        generator=torch.Generator("cpu").manual_seed(11), output_type="pil",
+    ).images  # fmt: skip
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(release, direct))
+    recorded = json.loads(PIL.Image.open(paths[1]).text[PNG_METADATA_KEY])
+    assert (recorded["seed"], recorded["images"], recorded["seed_mode"]) == (11, 2, "release")  # --from redoes the batch
+
+    _, per_image = run("per-image")
+    assert np.array_equal(per_image[0], release[0])  # the first image's noise is the same draw on the CPU
+    assert not np.array_equal(per_image[1], release[1])  # later ones are not: seed + 1 vs the batch's continuation
+
+    assert job_from_dict(_job_dict(tmp_path)).seed_mode == "per-image"
+    with pytest.raises(JobError, match="seed_mode"):
+        job_from_dict(_job_dict(tmp_path, seed_mode="batch"))
+    assert _flag_overrides(build_parser().parse_args(["generate", "--seed-mode", "release"]))["seed_mode"] == "release"
