@@ -32,6 +32,10 @@ def register(subparsers) -> None:
     models.add_argument("--controlnet", help="ControlNet hub id or folder (needs --control-image)")
     models.add_argument("--control-image", help="control image for the ControlNet")
     models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default 1.0)")
+    models.add_argument(
+        "--controlnet-image-tokens", action="store_true", default=None,
+        help="let the ControlNet attend over the subject tokens too, as the released inference_controlnet.py",
+    )  # fmt: skip
     what = generate.add_argument_group("what to draw")
     what.add_argument("--prompt")
     what.add_argument(
@@ -152,12 +156,14 @@ def _flag_overrides(args) -> dict:
         overrides["size"] = _size(args.size)
     if args.subject:
         overrides["subjects"] = [_subject_from_flag(values) for values in args.subject]
-    if args.controlnet or args.control_image or args.controlnet_scale is not None:
+    if args.controlnet or args.control_image or args.controlnet_scale is not None or args.controlnet_image_tokens:
         if not (args.controlnet and args.control_image):
             raise UserInputError("--controlnet and --control-image go together.")
         overrides["controlnet"] = {"model": args.controlnet, "image": args.control_image}
         if args.controlnet_scale is not None:
             overrides["controlnet"]["scale"] = args.controlnet_scale
+        if args.controlnet_image_tokens:
+            overrides["controlnet"]["image_tokens"] = True
     return overrides
 
 

@@ -57,6 +57,7 @@ class ControlNetSpec:
     model: str
     image: str
     scale: float = 1.0
+    image_tokens: bool = False  # true: attend over the subject tokens too, as the released script
 
 
 @dataclass
@@ -119,7 +120,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "phrase_matching": ((str,), "tokens (default) or release (the released code's positions of repeated phrases)"),
     "drop_grounding": ((bool,), "true or false"),
     "scheduler": ((str, type(None)), "a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler"),
-    "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number}"),
+    "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number, image_tokens: bool}"),
     "output": ((str,), "a folder to write images into"),
     "preview": ((bool,), "true or false"),
     "save_masks": ((bool,), "true or false"),
@@ -236,7 +237,7 @@ def _subject(data: Any, where: str, base_dir: Path | None) -> SubjectSpec:
 
 
 def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec:
-    allowed = {"model", "image", "scale"}
+    allowed = {"model", "image", "scale", "image_tokens"}
     for name in data:
         if name not in allowed:
             raise _unknown(name, allowed, where)
@@ -245,7 +246,11 @@ def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec
     scale = data.get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise JobError(f"{where}.scale: got {scale!r}; expected a number.")
-    return ControlNetSpec(_model_ref(data["model"], base_dir), _path(data["image"], base_dir, f"{where}.image"), float(scale))
+    image_tokens = data.get("image_tokens", False)
+    if not isinstance(image_tokens, bool):
+        raise JobError(f"{where}.image_tokens: got {image_tokens!r}; expected true or false.")
+    model, image = _model_ref(data["model"], base_dir), _path(data["image"], base_dir, f"{where}.image")
+    return ControlNetSpec(model, image, float(scale), image_tokens)
 
 
 def read_job_file(path: str | Path) -> dict:
@@ -349,7 +354,11 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
     width, height = job.size
     control = {}
     if job.controlnet is not None:
-        control = {"image": PIL.Image.open(job.controlnet.image).convert("RGB"), "controlnet_conditioning_scale": job.controlnet.scale}
+        control = {
+            "image": PIL.Image.open(job.controlnet.image).convert("RGB"),
+            "controlnet_conditioning_scale": job.controlnet.scale,
+            "controlnet_image_tokens": job.controlnet.image_tokens,
+        }
 
     arguments = dict(
         prompt=job.prompt,

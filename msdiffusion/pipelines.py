@@ -23,6 +23,7 @@ from .adapter import (
     AdapterMismatchError,
     MSAdapterCheckpoint,
     MSImageProjection,
+    attach_full_attention,
     attach_ms_attention,
     attach_text_only,
     check_fits_unet,
@@ -366,7 +367,12 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
 
 
 class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControlNetPipeline):
-    """SDXL + ControlNet (one or several) with MS-Diffusion subjects; ControlNets see only the text tokens."""
+    """SDXL + ControlNet (one or several) with MS-Diffusion subjects.
+
+    ControlNets see only the text tokens (the intent of the released code's `CNAttnProcessor`);
+    `controlnet_image_tokens=True` lets them attend over the subject tokens too, which is what the
+    released `inference_controlnet.py` actually runs, for reproducing its images.
+    """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "ms_image_projection"]
@@ -399,6 +405,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         self,
         prompt: str | list[str] | None = None,
         image: Any = None,
+        controlnet_image_tokens: bool = False,
         subject_images: Any = None,
         subject_phrases: Any = None,
         subject_boxes: Any = None,
@@ -414,7 +421,10 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
         state = ms_attention_state(self.unet)
-        if state is not None:  # the ControlNet may have been swapped since the adapter was loaded
+        # set on every call: the option may change between calls, the ControlNet may have been swapped
+        if controlnet_image_tokens:
+            attach_full_attention(self.controlnet)
+        elif state is not None:
             attach_text_only(self.controlnet, state)
         kwargs.update(image=image, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return self._generate(
@@ -423,4 +433,8 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
             phrase_matching, kwargs,
         )  # fmt: skip
 
-    __call__.__doc__ = "Generate images with subjects in their boxes, guided by ControlNet `image`(s)." + _SUBJECT_DOC
+    __call__.__doc__ = (
+        "Generate images with subjects in their boxes, guided by ControlNet `image`(s).\n\n"
+        "        controlnet_image_tokens: let the ControlNet attend over the subject tokens as well as the text, as the\n"
+        "            released inference_controlnet.py does (default False: text tokens only)." + _SUBJECT_DOC
+    )

@@ -294,3 +294,56 @@ def test_release_seed_mode_draws_the_batch_from_one_generator_like_the_release(t
     with pytest.raises(JobError, match="seed_mode"):
         job_from_dict(_job_dict(tmp_path, seed_mode="batch"))
     assert _flag_overrides(build_parser().parse_args(["generate", "--seed-mode", "release"]))["seed_mode"] == "release"
+
+
+# --- 4. ControlNet: text tokens only by default, the released script's full attention as an option ---
+
+
+def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_stays_default(tmp_path):
+    import numpy as np
+    import PIL.Image
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from msdiffusion.attention import TextOnlyAttnProcessor
+    from msdiffusion.cli import build_parser
+    from msdiffusion.commands import _flag_overrides
+    from msdiffusion.jobs import job_from_dict, run_job
+    from msdiffusion.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0, controlnet=True, work_dir=tmp_path / "tiny")
+    name = next(n for n in pipe.controlnet.attn_processors if n.endswith("attn2.processor"))
+    layer = pipe.controlnet.get_submodule(name.removesuffix(".processor"))
+    seen = []
+    layer.register_forward_hook(
+        lambda module, args, kwargs, out: seen.append((args[0], kwargs["encoder_hidden_states"], out)), with_kwargs=True
+    )
+    image = PIL.Image.new("RGB", (40, 40), (120, 30, 200))
+    depth = PIL.Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))).convert("RGB")
+    args = dict(prompt="a dog and a cat", image=depth, subject_images=[image, image], subject_phrases=["dog", "cat"],
+                subject_boxes=[[0, 0.2, 0.5, 0.8], [0.5, 0.2, 1, 0.8]], num_inference_steps=2, height=64, width=64,
+                output_type="np")  # fmt: skip
+
+    def run(**extra):
+        seen.clear()
+        return pipe(generator=torch.Generator().manual_seed(0), **args, **extra).images
+
+    plain = AttnProcessor2_0()
+    released = run(controlnet_image_tokens=True)
+    hidden, states, out = seen[0]
+    assert states.shape[1] == 77 + 4 + 2 * 16  # the ControlNet is fed text, dummy and subject tokens
+    torch.testing.assert_close(out, plain(layer, hidden, states))  # and attends over all of them
+    default = run()
+    assert all(isinstance(p, TextOnlyAttnProcessor) for n, p in pipe.controlnet.attn_processors.items() if "attn2" in n)
+    hidden, states, out = seen[0]
+    torch.testing.assert_close(out, plain(layer, hidden, states[:, :77]))  # the text tokens only
+    assert not np.allclose(released, default, atol=1e-4)
+
+    # job files and msdiff generate
+    depth.save(tmp_path / "depth.png")
+    job = job_from_dict(_job_dict(tmp_path, controlnet={"model": "cn", "image": str(tmp_path / "depth.png"), "image_tokens": True}))
+    recorder = _RecordingPipe()
+    run_job(job, pipe=recorder, progress=False, log=lambda *_: None)
+    assert recorder.calls[0]["controlnet_image_tokens"] is True
+    flags = build_parser().parse_args(["generate", "--controlnet", "cn", "--control-image", "d.png", "--controlnet-image-tokens"])
+    assert _flag_overrides(flags)["controlnet"] == {"model": "cn", "image": "d.png", "image_tokens": True}
