@@ -347,3 +347,54 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
     assert recorder.calls[0]["controlnet_image_tokens"] is True
     flags = build_parser().parse_args(["generate", "--controlnet", "cn", "--control-image", "d.png", "--controlnet-image-tokens"])
     assert _flag_overrides(flags)["controlnet"] == {"model": "cn", "image": "d.png", "image_tokens": True}
+
+
+# --- 8. benchmark metrics: DreamBooth's protocol, DINO's resize-256 / centre-crop-224 -----------------
+
+
+def test_scoring_defaults_follow_dreambooths_protocol(tmp_path):
+    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, ScoringConfig
+    from msdiffusion.cli import build_parser
+
+    assert DEFAULT_CLIP_MODEL == "openai/clip-vit-base-patch32"  # CLIP ViT-B/32
+    assert DEFAULT_DINO_MODEL == "facebook/dino-vits16"  # DINO ViT-S/16
+    assert ScoringConfig().dino_preprocessing == "resize-crop"
+    args = build_parser().parse_args(["bench", "score", "--output", str(tmp_path)])
+    assert (args.clip_model, args.dino_model, args.dino_preprocessing) == (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, "resize-crop")
+
+
+def _red_square_on_blue(width: int, height: int):
+    import PIL.Image
+
+    image = PIL.Image.new("RGB", (width, height), (0, 0, 255))
+    side = min(width, height)
+    image.paste((255, 0, 0), ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2))
+    return image
+
+
+def test_dino_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
+    import numpy as np
+    import torch
+    from test_bench_tiny_models import save_tiny_dino
+
+    from msdiffusion.bench.scoring import DinoEmbedder, resize_and_centre_crop
+
+    wide = _red_square_on_blue(400, 200)  # the centre square is red, the sides blue
+    cropped = np.asarray(resize_and_centre_crop(wide))
+    assert cropped.shape == (224, 224, 3)
+    assert (cropped[..., 0] > 250).all() and (cropped[..., 2] < 5).all()  # 400x200 -> 512x256 -> x 144..368: red only
+    tall = np.asarray(resize_and_centre_crop(_red_square_on_blue(200, 300)))
+    assert tall.shape == (224, 224, 3) and (tall[..., 0] > 250).all()
+    assert np.asarray(resize_and_centre_crop(_red_square_on_blue(256, 256)))[0, 0].tolist() == [255, 0, 0]
+
+    folder = save_tiny_dino(tmp_path / "dino")
+    crop = DinoEmbedder(str(folder), "cpu")
+    squash = DinoEmbedder(str(folder), "cpu", preprocessing="squash")
+    size = crop.model.config.image_size  # the tiny model's input: the crop keeps DINO's 256 : 224 ratio
+    mean, std = np.asarray(crop.processor.image_mean), np.asarray(crop.processor.image_std)
+    expected = (np.asarray(resize_and_centre_crop(wide, size * 256 // 224, size), dtype=np.float32) / 255 - mean) / std
+    torch.testing.assert_close(crop.pixels([wide])[0], torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1))
+    squashed = squash.pixels([wide])[0]
+    assert squashed.shape == (3, size, size) and squashed[2, :, 0].mean() > squashed[2, :, size // 2].mean()  # blue sides kept
+    square = _red_square_on_blue(200, 200)
+    assert float(crop.images([wide]) @ crop.images([square]).T) > float(squash.images([wide]) @ squash.images([square]).T)

@@ -61,12 +61,18 @@ def register(subparsers) -> None:
     run.set_defaults(func=_run)
 
     score = actions.add_parser("score", help="CLIP-T, CLIP-I, DINO and per-subject detection scores of a run")
-    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL
+    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
 
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
     score.add_argument("--images", type=Path, help="subject photos (default: the directory the run used)")
-    score.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL)
-    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL)
+    score.add_argument(
+        "--clip-model", default=DEFAULT_CLIP_MODEL, help="default: CLIP ViT-B/32, as DreamBooth's protocol"
+    )  # fmt: skip
+    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="default: DINO ViT-S/16, as DreamBooth's protocol")
+    score.add_argument(
+        "--dino-preprocessing", choices=DINO_PREPROCESSING, default="resize-crop",
+        help="resize-crop (default: short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
+    )  # fmt: skip
     score.add_argument("--detector", default=DEFAULT_DETECTOR, help="OWL-ViT, OWLv2 or Grounding DINO folder or hub id")
     score.add_argument("--detection-threshold", type=float, help="default: the detector family's own")
     score.add_argument("--batch-size", type=int, default=16)
@@ -250,7 +256,9 @@ def _score(args) -> int:
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
 
-    requested = ScoringConfig(args.clip_model, args.dino_model, args.detector, args.detection_threshold)
+    requested = ScoringConfig(
+        args.clip_model, args.dino_model, args.detector, args.detection_threshold, args.dino_preprocessing
+    )  # fmt: skip
     scores_path, config_path = output / SCORES, output / SCORES_CONFIG
     existing: dict[str, dict] = {}
     if scores_path.is_file() and not args.overwrite:
@@ -259,7 +267,7 @@ def _score(args) -> int:
         differing = [k for k, v in wanted.items() if v is not None and previous.get(k) != v]
         if differing:
             raise UserInputError(
-                f"{scores_path} was computed with other models ({', '.join(f'{k}={previous.get(k)!r}' for k in differing)}); "
+                f"{scores_path} was computed with other models or preprocessing ({', '.join(f'{k}={previous.get(k)!r}' for k in differing)}); "
                 "pass --overwrite to rescore every image with the new ones."
             )
         existing = {r["image"]: r for r in (json.loads(line) for line in scores_path.read_text().splitlines() if line.strip())}
