@@ -398,3 +398,47 @@ def test_dino_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
     assert squashed.shape == (3, size, size) and squashed[2, :, 0].mean() > squashed[2, :, size // 2].mean()  # blue sides kept
     square = _red_square_on_blue(200, 200)
     assert float(crop.images([wide]) @ crop.images([square]).T) > float(squash.images([wide]) @ squash.images([square]).T)
+
+
+# --- 6. training data defaults: documented, with the release's behaviour as settings -----------------
+
+
+def test_training_docs_list_every_difference_from_the_release():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    assert "## Differences from the release" in text
+    section = text.split("## Differences from the release", 1)[1]
+    for words in ("grounding MLP width", "mask_color", "validation_negative_prompt", "crop: center",
+                  "min_visible_fraction: 0", "bilinear", "teddy-bear", "mixed_precision: no", "controlnet_image_tokens",
+                  "phrase_matching", "seed_mode", "dino-preprocessing"):  # fmt: skip
+        assert words in section, words
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "docs/training.md#differences-from-the-release" in readme
+
+
+def test_centre_crop_and_no_visibility_threshold_give_the_release_crop_and_clamped_boxes(tmp_path):
+    import json
+
+    import PIL.Image
+    import torch
+
+    from msdiffusion.train import TrainConfig
+    from msdiffusion.train.data import build_dataset
+
+    PIL.Image.new("RGB", (200, 100), "red").save(tmp_path / "wide.png")
+    boxes = [[0.25, 0.1, 0.5, 0.9], [0.7, 0.2, 0.9, 0.8], [0.0, 0.0, 0.2, 1.0]]  # inside, 25 % visible, outside
+    subjects = [{"phrase": f"s{i}", "box": box, "reference": "wide.png"} for i, box in enumerate(boxes)]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "wide.png", "caption": "s0 s1 s2", "subjects": subjects}) + "\n")
+    config = TrainConfig(base="b", image_encoder="e", manifest=str(tmp_path / "m.jsonl"), resolution=64,
+                         crop="center", min_visible_fraction=0.0)  # fmt: skip
+    item = build_dataset(config)[0]
+    # the release: resize the short side to 64 (200x100 -> 128x64), centre crop, boxes * scale - offset, clamped
+    top, left = (64 - 64) // 2, (128 - 64) // 2
+    assert item["crop_top_left"] == (top, left)
+    released = (torch.tensor(boxes) * torch.tensor([128, 64, 128, 64]) - torch.tensor([left, top, left, top])).clamp(0, 64) / 64
+    assert item["subject_phrases"][:2] == ["s0", "s1"]  # the release also keeps s2, as an empty box covering no cell
+    torch.testing.assert_close(item["subject_boxes"][:2], released[:2])
+    assert released[2, 2] - released[2, 0] == 0
+    default = build_dataset(TrainConfig(**{**config.to_dict(), "min_visible_fraction": 0.3}))[0]
+    assert default["subject_phrases"][:2] == ["s0", ""]  # 25 % visible is dropped by default
