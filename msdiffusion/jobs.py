@@ -378,22 +378,9 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
         width=width,
         **control,
     )
-    if job.seed_mode == "release":
-        # As the released generate(): one generator on the pipeline's device draws every image's noise
-        # in one batch, so its images can be matched seed for seed (on the same kind of device).
-        generator = torch.Generator(pipe._execution_device).manual_seed(seed)
-        out = pipe(**arguments, num_images_per_prompt=job.images, generator=generator)
-        record = dataclasses.replace(job, seed=seed).to_dict()  # the batch is made again as a whole
-        results = [(out.images[i], seed, record, _maps(out, i)) for i in range(job.images)]
-    else:
-        results = []
-        for i in range(job.images):  # each image its own CPU generator: the same noise on any device
-            out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
-            record = dataclasses.replace(job, seed=seed + i, images=1).to_dict()
-            results.append((out.images[0], seed + i, record, _maps(out, 0)))
+    written: list[Path] = []
 
-    written = []
-    for image, image_seed, record, maps in results:
+    def write(image, image_seed: int, record: dict, maps) -> None:
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(PNG_METADATA_KEY, json.dumps(record))
         info.add_text("prompt", job.prompt)
@@ -407,13 +394,26 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             preview.save(folder / f"{stem}-layout.png")
             references = [images[0] for images in subject_images]
             subjects_sheet(references, phrases, preview).save(folder / f"{stem}-sheet.png")
-            written += [folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"]
+            written.extend([folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"])
         if job.save_masks and maps is not None:
             for j, subject in enumerate(job.subjects):
                 mask_path = folder / f"{stem}-mask{j}-{_slug(subject.phrase)}.png"
                 attention_map_image(maps[j], image.size).save(mask_path)
                 written.append(mask_path)
         log(f"wrote {path} (seed {image_seed}{', release draw' if job.seed_mode == 'release' else ''})")
+
+    if job.seed_mode == "release":
+        # As the released generate(): one generator on the pipeline's device draws every image's noise
+        # in one batch, so its images can be matched seed for seed (on the same kind of device).
+        generator = torch.Generator(pipe._execution_device).manual_seed(seed)
+        out = pipe(**arguments, num_images_per_prompt=job.images, generator=generator)
+        record = dataclasses.replace(job, seed=seed).to_dict()  # the batch is made again as a whole
+        for i in range(job.images):
+            write(out.images[i], seed, record, _maps(out, i))
+    else:
+        for i in range(job.images):  # each image its own CPU generator: the same noise on any device
+            out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
+            write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1).to_dict(), _maps(out, 0))
     return written
 
 
