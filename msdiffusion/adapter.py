@@ -334,6 +334,18 @@ def attach_text_only(controlnets, state: MSAttentionState) -> None:
         controlnet.set_attn_processor(processors)
 
 
+def attach_full_attention(controlnets) -> None:
+    """Plain attention on the ControlNets' `attn2`: they attend over all encoder hidden states, subject
+    tokens included. This is what the released `inference_controlnet.py` does (it never hands the
+    ControlNet to the adapter); `attach_text_only` is the intended behaviour and the default."""
+    for controlnet in _controlnet_list(controlnets):
+        processors = {
+            name: AttnProcessor2_0() if name.endswith("attn2.processor") else processor
+            for name, processor in controlnet.attn_processors.items()
+        }
+        controlnet.set_attn_processor(processors)
+
+
 def _controlnet_list(controlnets) -> list:
     if controlnets is None:
         return []

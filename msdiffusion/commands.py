@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from .cli import UserInputError
+from .release import RELEASE_NEGATIVE_PROMPT
 
 DEMO_PROMPT = "a dog and a cat on the beach"
 DEMO_BOXES = ([0.05, 0.35, 0.47, 0.95], [0.53, 0.35, 0.95, 0.95])
@@ -35,9 +36,16 @@ def register(subparsers) -> None:
     models.add_argument("--controlnet", help="ControlNet hub id or folder (needs --control-image)")
     models.add_argument("--control-image", help="control image for the ControlNet")
     models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default 1.0)")
+    models.add_argument(
+        "--controlnet-image-tokens", action="store_true", default=None,
+        help="let the ControlNet attend over the subject tokens too, as the released inference_controlnet.py",
+    )  # fmt: skip
     what = generate.add_argument_group("what to draw")
     what.add_argument("--prompt")
-    what.add_argument("--negative-prompt")
+    what.add_argument(
+        "--negative-prompt", metavar="TEXT",
+        help=f'default: the release\'s "{RELEASE_NEGATIVE_PROMPT}"; "" for none (SDXL then uses zero embeddings)',
+    )  # fmt: skip
     what.add_argument(
         "--subject", action="append", nargs="+", metavar="ARG",
         help="IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]; repeat per subject. IMAGE may be a+b.jpg for several "
@@ -47,11 +55,20 @@ def register(subparsers) -> None:
     how.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1344x768 (multiples of 8)")
     how.add_argument("--seed", type=int)
     how.add_argument("--images", type=int, help="number of images (seeds seed, seed+1, ...)")
+    how.add_argument(
+        "--seed-mode", choices=["per-image", "release"],
+        help="per-image (default): image k from a CPU generator seeded seed+k; release: one generator on the "
+        "device draws the batch, as the released code (its images seed for seed, e.g. with --device cuda)",
+    )  # fmt: skip
     how.add_argument("--steps", type=int)
     how.add_argument("--guidance", type=float)
     how.add_argument("--scale", type=float, help="subject strength (0.6 default; 0.4 for backgrounds)")
     how.add_argument("--mask-threshold", type=float, help="enable auto layout with this threshold (e.g. 0.5)")
     how.add_argument("--start-step", type=int, help="step at which auto layout takes over (default 5)")
+    how.add_argument(
+        "--phrase-matching", choices=["tokens", "release"],
+        help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
+    )  # fmt: skip
     how.add_argument("--drop-grounding", action="store_true", default=None, help="use learned grounding tokens")
     out = generate.add_argument_group("output")
     out.add_argument("--output", help="folder for the images (default: outputs)")
@@ -136,9 +153,10 @@ def _flag_overrides(args) -> dict:
     fields = {
         "base": args.base, "adapter": args.adapter, "adapter_weight_name": args.adapter_weight_name,
         "image_encoder": args.image_encoder, "scheduler": args.scheduler, "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt, "seed": args.seed, "images": args.images, "steps": args.steps,
+        "negative_prompt": args.negative_prompt, "seed": args.seed, "seed_mode": args.seed_mode, "images": args.images, "steps": args.steps,
         "guidance": args.guidance, "scale": args.scale, "mask_threshold": args.mask_threshold,
-        "start_step": args.start_step, "drop_grounding": args.drop_grounding, "output": args.output,
+        "start_step": args.start_step, "phrase_matching": args.phrase_matching,
+        "drop_grounding": args.drop_grounding, "output": args.output,
         "preview": args.preview, "save_masks": args.save_masks, "device": args.device, "dtype": args.dtype,
     }  # fmt: skip
     overrides = {k: v for k, v in fields.items() if v is not None}
@@ -146,12 +164,14 @@ def _flag_overrides(args) -> dict:
         overrides["size"] = _size(args.size)
     if args.subject:
         overrides["subjects"] = [_subject_from_flag(values) for values in args.subject]
-    if args.controlnet or args.control_image or args.controlnet_scale is not None:
+    if args.controlnet or args.control_image or args.controlnet_scale is not None or args.controlnet_image_tokens:
         if not (args.controlnet and args.control_image):
             raise UserInputError("--controlnet and --control-image go together.")
         overrides["controlnet"] = {"model": args.controlnet, "image": args.control_image}
         if args.controlnet_scale is not None:
             overrides["controlnet"]["scale"] = args.controlnet_scale
+        if args.controlnet_image_tokens:
+            overrides["controlnet"]["image_tokens"] = True
     return overrides
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .cli import UserInputError
+from .release import RELEASE_NEGATIVE_PROMPT
 
 DEFAULT_IMAGE_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 # Pseudo model id: base, adapter and image encoder all set to it build `msdiffusion.tiny`'s random
@@ -39,6 +40,7 @@ TINY = "tiny-random"
 from .world.weights import WORLD  # noqa: E402  (a constant; the module imports nothing heavy)
 PNG_METADATA_KEY = "msdiffusion-job"
 DTYPES = ("fp32", "fp16", "bf16")
+SEED_MODES = ("per-image", "release")
 
 
 class JobError(UserInputError):
@@ -58,6 +60,7 @@ class ControlNetSpec:
     model: str
     image: str
     scale: float = 1.0
+    image_tokens: bool = False  # true: attend over the subject tokens too, as the released script
 
 
 @dataclass
@@ -68,15 +71,17 @@ class Job:
     subjects: list[SubjectSpec]
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     adapter_weight_name: str | None = None
-    negative_prompt: str | None = None
+    negative_prompt: str | None = RELEASE_NEGATIVE_PROMPT  # the release's; None (or "") for none
     size: list[int] = field(default_factory=lambda: [1024, 1024])  # width, height
     seed: int | None = None
+    seed_mode: str = "per-image"  # or "release": one generator on the device draws the whole batch
     images: int = 1
     steps: int = 30
     guidance: float = 7.5
     scale: float = 0.6
     mask_threshold: float | None = None
     start_step: int = 5
+    phrase_matching: str = "tokens"  # or "release": the released code's phrase positions (auto layout)
     drop_grounding: bool = False
     scheduler: str | None = None
     controlnet: ControlNetSpec | None = None
@@ -103,19 +108,22 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "image_encoder": ((str,), "a hub id or folder of a CLIP vision model"),
     "adapter_weight_name": ((str, type(None)), "a file name inside the adapter repo/folder"),
     "prompt": ((str,), "text that names every subject's phrase"),
-    "negative_prompt": ((str, type(None)), "text"),
+    "negative_prompt": ((str, type(None)), f"text (default: the release's {RELEASE_NEGATIVE_PROMPT!r}), or null / \"\" for none"),
     "subjects": ((list,), "a list of {image, phrase, box, scale}"),
     "size": ((list, int), "[width, height] in pixels, multiples of 8 (or one number for a square)"),
     "seed": ((int, type(None)), "an integer (omit for a random one)"),
+    "seed_mode": ((str,), "per-image (image k: a CPU generator seeded seed + k) or release (one generator on the "
+                  "device seeded seed draws all images at once, as the released code)"),
     "images": ((int,), "a positive integer"),
     "steps": ((int,), "a positive integer"),
     "guidance": ((int, float), "a number (1 disables classifier-free guidance)"),
     "scale": ((int, float), "a number, 0.6 by default (0.4 suits background-like subjects)"),
     "mask_threshold": ((int, float, type(None)), "a number in [0, 1) to enable auto layout, or null"),
     "start_step": ((int,), "a positive integer"),
+    "phrase_matching": ((str,), "tokens (default) or release (the released code's positions of repeated phrases)"),
     "drop_grounding": ((bool,), "true or false"),
     "scheduler": ((str, type(None)), "a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler"),
-    "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number}"),
+    "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number, image_tokens: bool}"),
     "output": ((str,), "a folder to write images into"),
     "preview": ((bool,), "true or false"),
     "save_masks": ((bool,), "true or false"),
@@ -170,6 +178,8 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
             raise JobError(f"{source}: {name}: got {value!r}; expected {allowed}.")
 
     values = dict(data)
+    if values.get("negative_prompt") == "":
+        values["negative_prompt"] = None  # no negative prompt: SDXL then uses zero embeddings
     for name in ("base", "adapter", "image_encoder"):
         if name in values:
             values[name] = _model_ref(values[name], base_dir)
@@ -188,6 +198,10 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
     for name in ("guidance", "scale"):
         if name in values and not math.isfinite(values[name]):
             raise JobError(f"{source}: {name}: must be a finite number.")
+    if values.get("seed_mode", "per-image") not in SEED_MODES:
+        raise JobError(f"{source}: seed_mode: got {values['seed_mode']!r}; expected {_FIELDS['seed_mode'][1]}.")
+    if values.get("phrase_matching", "tokens") not in ("tokens", "release"):
+        raise JobError(f"{source}: phrase_matching: got {values['phrase_matching']!r}; expected {_FIELDS['phrase_matching'][1]}.")
     if values.get("dtype") is not None and values["dtype"] not in DTYPES:
         raise JobError(f"{source}: dtype: got {values['dtype']!r}; expected {_FIELDS['dtype'][1]}.")
     if values.get("controlnet") is not None:
@@ -226,7 +240,7 @@ def _subject(data: Any, where: str, base_dir: Path | None) -> SubjectSpec:
 
 
 def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec:
-    allowed = {"model", "image", "scale"}
+    allowed = {"model", "image", "scale", "image_tokens"}
     for name in data:
         if name not in allowed:
             raise _unknown(name, allowed, where)
@@ -235,7 +249,11 @@ def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec
     scale = data.get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise JobError(f"{where}.scale: got {scale!r}; expected a number.")
-    return ControlNetSpec(_model_ref(data["model"], base_dir), _path(data["image"], base_dir, f"{where}.image"), float(scale))
+    image_tokens = data.get("image_tokens", False)
+    if not isinstance(image_tokens, bool):
+        raise JobError(f"{where}.image_tokens: got {image_tokens!r}; expected true or false.")
+    model, image = _model_ref(data["model"], base_dir), _path(data["image"], base_dir, f"{where}.image")
+    return ControlNetSpec(model, image, float(scale), image_tokens)
 
 
 def read_job_file(path: str | Path) -> dict:
@@ -361,31 +379,33 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
     width, height = job.size
     control = {}
     if job.controlnet is not None:
-        control = {"image": PIL.Image.open(job.controlnet.image).convert("RGB"), "controlnet_conditioning_scale": job.controlnet.scale}
+        control = {
+            "image": PIL.Image.open(job.controlnet.image).convert("RGB"),
+            "controlnet_conditioning_scale": job.controlnet.scale,
+            "controlnet_image_tokens": job.controlnet.image_tokens,
+        }
 
-    written = []
-    for i in range(job.images):
-        image_seed = seed + i
-        out = pipe(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            subject_images=subject_images,
-            subject_phrases=[s.phrase for s in job.subjects],
-            subject_boxes=[s.box for s in job.subjects],
-            subject_scales=[s.scale for s in job.subjects] if any(s.scale is not None for s in job.subjects) else None,
-            ms_scale=job.scale,
-            drop_grounding_tokens=job.drop_grounding,
-            mask_threshold=job.mask_threshold,
-            start_step=job.start_step,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            height=height,
-            width=width,
-            generator=torch.Generator("cpu").manual_seed(image_seed),
-            **control,
-        )
-        image = out.images[0]
-        record = dataclasses.replace(job, seed=image_seed, images=1).to_dict()
+    arguments = dict(
+        prompt=job.prompt,
+        negative_prompt=job.negative_prompt,
+        subject_images=subject_images,
+        subject_phrases=[s.phrase for s in job.subjects],
+        subject_boxes=[s.box for s in job.subjects],
+        subject_scales=[s.scale for s in job.subjects] if any(s.scale is not None for s in job.subjects) else None,
+        ms_scale=job.scale,
+        drop_grounding_tokens=job.drop_grounding,
+        mask_threshold=job.mask_threshold,
+        start_step=job.start_step,
+        phrase_matching=job.phrase_matching,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance,
+        height=height,
+        width=width,
+        **control,
+    )
+    written: list[Path] = []
+
+    def write(image, image_seed: int, record: dict, maps) -> None:
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(PNG_METADATA_KEY, json.dumps(record))
         info.add_text("prompt", job.prompt)
@@ -399,14 +419,33 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             preview.save(folder / f"{stem}-layout.png")
             references = [images[0] for images in subject_images]
             subjects_sheet(references, phrases, preview).save(folder / f"{stem}-sheet.png")
-            written += [folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"]
-        if job.save_masks and out.auto_layout_maps is not None:
+            written.extend([folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"])
+        if job.save_masks and maps is not None:
             for j, subject in enumerate(job.subjects):
                 mask_path = folder / f"{stem}-mask{j}-{_slug(subject.phrase)}.png"
-                attention_map_image(out.auto_layout_maps[0, j], image.size).save(mask_path)
+                attention_map_image(maps[j], image.size).save(mask_path)
                 written.append(mask_path)
-        log(f"wrote {path} (seed {image_seed})")
+        log(f"wrote {path} (seed {image_seed}{', release draw' if job.seed_mode == 'release' else ''})")
+
+    if job.seed_mode == "release":
+        # As the released generate(): one generator on the pipeline's device draws every image's noise
+        # in one batch, so its images can be matched seed for seed (on the same kind of device).
+        generator = torch.Generator(pipe._execution_device).manual_seed(seed)
+        out = pipe(**arguments, num_images_per_prompt=job.images, generator=generator)
+        record = dataclasses.replace(job, seed=seed).to_dict()  # the batch is made again as a whole
+        for i in range(job.images):
+            write(out.images[i], seed, record, _maps(out, i))
+    else:
+        for i in range(job.images):  # each image its own CPU generator: the same noise on any device
+            out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
+            write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1).to_dict(), _maps(out, 0))
     return written
+
+
+def _maps(out, index: int):
+    """Auto-layout maps (N, h, w) of image `index` of a pipeline output, if auto layout ran."""
+    maps = getattr(out, "auto_layout_maps", None)
+    return None if maps is None else maps[index]
 
 
 def _slug(text: str) -> str:

@@ -7,6 +7,7 @@ once per generation and grid size (see `attention.MSAttentionState`), never per 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -16,6 +17,10 @@ import torch
 MASK_BIAS = -10000.0
 # Added to the max-min range when normalising auto-layout maps.
 NORM_EPS = 1e-5
+# How subject phrases are found in the prompt (auto layout's attention maps): "tokens" matches the
+# phrase's tokens, the k-th subject of a phrase at its k-th occurrence; "release" reproduces the
+# released code's word matching, repeated-phrase quirk included (see `release_phrase_token_positions`).
+PHRASE_MATCHING = ("tokens", "release")
 
 
 @dataclass
@@ -134,13 +139,18 @@ def auto_layout_regions(mean_maps: torch.Tensor, threshold: float) -> torch.Tens
     return (mean_maps - low) / (high - low + NORM_EPS) > threshold
 
 
-def phrase_token_positions(tokenizer, prompt: str, phrases: list[str]) -> list[list[int]]:
+def phrase_token_positions(tokenizer, prompt: str, phrases: list[str], matching: str = "tokens") -> list[list[int]]:
     """Token positions of each phrase in the tokenized prompt (position 0 is the start token).
 
     Matching uses the tokenizer's own tokens, so case and punctuation are handled as the text
     encoder sees them. The k-th subject with a given phrase maps to the k-th occurrence of it.
-    An empty list means "not found".
+    An empty list means "not found". `matching="release"` gives the released code's positions
+    instead (`release_phrase_token_positions`).
     """
+    if matching == "release":
+        return release_phrase_token_positions(tokenizer, prompt, phrases)
+    if matching != "tokens":
+        raise ValueError(f"phrase_matching must be one of {', '.join(PHRASE_MATCHING)}, got {matching!r}.")
     max_length = getattr(tokenizer, "model_max_length", 77)
     prompt_ids = tokenizer(prompt, truncation=True, max_length=max_length).input_ids
     occurrences_used: dict[tuple[int, ...], int] = {}
@@ -152,6 +162,57 @@ def phrase_token_positions(tokenizer, prompt: str, phrases: list[str]) -> list[l
         occurrences_used[ids] = k + 1
         positions.append(list(range(starts[k], starts[k] + len(ids))) if k < len(starts) and ids else [])
     return positions
+
+
+def release_phrase_token_positions(tokenizer, prompt: str, phrases: list[str]) -> list[list[int]]:
+    """The phrase positions the released inference code computes, for reproducing its images exactly.
+
+    It works on whitespace-separated words: a prompt word matches a phrase word when they are equal
+    once one trailing `.!?,:` is dropped from the prompt word (case-sensitive), or when the prompt
+    word contains `-word` ("hot-dog" matches "dog"); positions are counted by tokenizing each word on
+    its own. The k-th subject of a phrase (counted by its exact text) skips k earlier matches, but
+    the release skips them without counting their tokens, so every repeated phrase after the first
+    lands earlier than its real place ("a cat, a cat, and a cat": [[2], [3], [5]] where the tokens
+    are at [[2], [5], [9]]). That only changes auto-layout maps; `phrase_token_positions` with its
+    default matching is the intended behaviour.
+    """
+    used: dict[str, int] = {}
+    positions = []
+    for phrase in phrases:
+        skip = used.get(phrase, 0)
+        used[phrase] = skip + 1
+        positions.append(_release_positions(tokenizer, phrase, prompt.split(), skip))
+    return positions
+
+
+def _release_positions(tokenizer, phrase: str, words: list[str], skip: int) -> list[int]:
+    wanted = phrase.split()
+    if not wanted:
+        return []
+    position = 1  # after the start token
+    for i in range(len(words)):
+        window = words[i : i + len(wanted)]
+        if len(window) == len(wanted) and all(_release_word_match(w, p) for w, p in zip(window, wanted)):
+            if skip:
+                skip -= 1
+                continue  # as released: the skipped occurrence's tokens are not counted
+            counted = window[:-1] + [_strip_end_punctuation(window[-1])]
+            length = sum(_word_token_count(tokenizer, w) for w in counted)
+            return list(range(position, position + length))
+        position += _word_token_count(tokenizer, words[i])
+    return []
+
+
+def _strip_end_punctuation(word: str) -> str:
+    return re.sub(r"[.!?,:]$", "", word)
+
+
+def _release_word_match(prompt_word: str, phrase_word: str) -> bool:
+    return f"-{phrase_word}" in prompt_word or phrase_word == _strip_end_punctuation(prompt_word)
+
+
+def _word_token_count(tokenizer, word: str) -> int:
+    return len(tokenizer(word, add_special_tokens=False).input_ids)
 
 
 def _occurrences(sequence: list[int], pattern: tuple[int, ...]) -> list[int]:

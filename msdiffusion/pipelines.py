@@ -23,6 +23,7 @@ from .adapter import (
     AdapterMismatchError,
     MSAdapterCheckpoint,
     MSImageProjection,
+    attach_full_attention,
     attach_ms_attention,
     attach_text_only,
     check_fits_unet,
@@ -31,7 +32,7 @@ from .adapter import (
     load_checkpoint,
     ms_attention_state,
 )
-from .layout import SubjectLayout, phrase_token_positions, warn_missing_phrases
+from .layout import PHRASE_MATCHING, SubjectLayout, phrase_token_positions, warn_missing_phrases
 from .subjects import (
     REFERENCE_SQUARE_SIZE,
     Subject,
@@ -177,6 +178,7 @@ class MSDiffusionMixin:
         ms_scale: float,
         mask_threshold: float | None,
         start_step: int,
+        phrase_matching: str = "tokens",
     ) -> SubjectLayout:
         """The layout the attention processors use, one row per prompt."""
         num_subjects = max(len(row) for row in subjects)
@@ -187,7 +189,7 @@ class MSDiffusionMixin:
         positions = []
         for b, (prompt, row) in enumerate(zip(prompts, subjects)):
             phrases = [s.phrase for s in row]
-            found = phrase_token_positions(self.tokenizer, prompt, phrases)
+            found = phrase_token_positions(self.tokenizer, prompt, phrases, phrase_matching)
             warn_missing_phrases(prompt, phrases, found, auto_layout=mask_threshold is not None)
             positions.append(found + [[] for _ in range(num_subjects - len(row))])
             for j, subject in enumerate(row):
@@ -226,6 +228,7 @@ class MSDiffusionMixin:
         mask_threshold: float | None,
         start_step: int,
         reference_size: int,
+        phrase_matching: str,
         kwargs: dict,
     ) -> MSDiffusionPipelineOutput | tuple:
         return_dict = kwargs.pop("return_dict", True)
@@ -241,6 +244,8 @@ class MSDiffusionMixin:
             raise ValueError(f"mask_threshold must be in [0, 1) (normalised attention), got {mask_threshold}.")
         if start_step < 1:
             raise ValueError(f"start_step must be >= 1, got {start_step}.")
+        if phrase_matching not in PHRASE_MATCHING:
+            raise ValueError(f"phrase_matching must be one of {', '.join(PHRASE_MATCHING)}, got {phrase_matching!r}.")
         batched = not isinstance(prompt, str)
         prompts = list(prompt) if batched else [prompt]
         subjects = build_subjects(len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched)
@@ -267,7 +272,7 @@ class MSDiffusionMixin:
         prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
         if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
             negative_embeds = torch.cat([negative_embeds, torch.zeros_like(image_tokens)], dim=1)
-        layout = self.subject_layout(prompts, subjects, height, width, ms_scale, mask_threshold, start_step)
+        layout = self.subject_layout(prompts, subjects, height, width, ms_scale, mask_threshold, start_step, phrase_matching)
         layout = layout.repeat_interleave(kwargs.get("num_images_per_prompt") or 1)
 
         with state.activate(layout, static_image_tokens=True):
@@ -299,6 +304,9 @@ _SUBJECT_DOC = """
             mask_threshold, start_step: auto layout; from step `start_step` each layer's subject regions come from
                 its averaged phrase attention maps thresholded at `mask_threshold` (good for overlapping boxes).
             reference_size: the square the references are squashed to before CLIP preprocessing (512 released).
+            phrase_matching: how phrases are located in the prompt for auto layout: "tokens" (default; the k-th
+                subject of a repeated phrase at its k-th occurrence) or "release" (the released code's positions,
+                which differ for repeated phrases; for reproducing its images).
 """
 
 
@@ -343,6 +351,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         mask_threshold: float | None = None,
         start_step: int = 5,
         reference_size: int = REFERENCE_SQUARE_SIZE,
+        phrase_matching: str = "tokens",
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
@@ -350,14 +359,20 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return self._generate(
             StableDiffusionXLPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
-            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size, kwargs,
+            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
+            phrase_matching, kwargs,
         )  # fmt: skip
 
     __call__.__doc__ = "Generate images with subjects in their boxes." + _SUBJECT_DOC
 
 
 class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControlNetPipeline):
-    """SDXL + ControlNet (one or several) with MS-Diffusion subjects; ControlNets see only the text tokens."""
+    """SDXL + ControlNet (one or several) with MS-Diffusion subjects.
+
+    ControlNets see only the text tokens (the intent of the released code's `CNAttnProcessor`);
+    `controlnet_image_tokens=True` lets them attend over the subject tokens too, which is what the
+    released `inference_controlnet.py` actually runs, for reproducing its images.
+    """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
     _optional_components = [*StableDiffusionXLControlNetPipeline._optional_components, "ms_image_projection"]
@@ -390,6 +405,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         self,
         prompt: str | list[str] | None = None,
         image: Any = None,
+        controlnet_image_tokens: bool = False,
         subject_images: Any = None,
         subject_phrases: Any = None,
         subject_boxes: Any = None,
@@ -399,17 +415,26 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         mask_threshold: float | None = None,
         start_step: int = 5,
         reference_size: int = REFERENCE_SQUARE_SIZE,
+        phrase_matching: str = "tokens",
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
         state = ms_attention_state(self.unet)
-        if state is not None:  # the ControlNet may have been swapped since the adapter was loaded
+        # set on every call: the option may change between calls, the ControlNet may have been swapped
+        if controlnet_image_tokens:
+            attach_full_attention(self.controlnet)
+        elif state is not None:
             attach_text_only(self.controlnet, state)
         kwargs.update(image=image, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return self._generate(
             StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
-            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size, kwargs,
+            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
+            phrase_matching, kwargs,
         )  # fmt: skip
 
-    __call__.__doc__ = "Generate images with subjects in their boxes, guided by ControlNet `image`(s)." + _SUBJECT_DOC
+    __call__.__doc__ = (
+        "Generate images with subjects in their boxes, guided by ControlNet `image`(s).\n\n"
+        "        controlnet_image_tokens: let the ControlNet attend over the subject tokens as well as the text, as the\n"
+        "            released inference_controlnet.py does (default False: text tokens only)." + _SUBJECT_DOC
+    )

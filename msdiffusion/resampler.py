@@ -75,7 +75,7 @@ class ResamplerConfig:
     ff_mult: int = 4
     phrase_dim: int = 768  # first text encoder hidden size
     num_freqs: int = 8
-    grounding_hidden_dim: int = 1664
+    grounding_hidden_dim: int = 1664  # released rule: released_grounding_hidden_dim(phrase_dim, num_freqs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,6 +99,15 @@ class ResamplerConfig:
             num_freqs=num_freqs,
             grounding_hidden_dim=grounding_hidden_dim,
         )
+
+
+def released_grounding_hidden_dim(phrase_dim: int, num_freqs: int = 8) -> int:
+    """Hidden width of `latent_proj` in the release: twice its input (phrase embedding + box features).
+
+    For SDXL's 768-d phrases that is 2 * (768 + 64) = 1664, which happens to equal ViT-bigG's width;
+    with another image encoder the two differ, and only this rule gives adapters the released code loads.
+    """
+    return 2 * (phrase_dim + 8 * num_freqs)
 
 
 class GroundingResampler(nn.Module):

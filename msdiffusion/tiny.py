@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .adapter import MSAdapterCheckpoint, initial_checkpoint
-from .resampler import ResamplerConfig
+from .resampler import ResamplerConfig, released_grounding_hidden_dim
 
 # Words the tiny tokenizer knows as whole tokens; others are split into characters (still valid).
 TINY_VOCABULARY = (
@@ -145,7 +145,7 @@ def tiny_image_encoder(seed: int = 0):
 
 TINY_RESAMPLER = ResamplerConfig(
     dim=128, depth=2, dim_head=64, heads=2, num_queries=16, embedding_dim=32, output_dim=64,
-    ff_mult=2, phrase_dim=32, num_freqs=8, grounding_hidden_dim=32,
+    ff_mult=2, phrase_dim=32, num_freqs=8, grounding_hidden_dim=released_grounding_hidden_dim(32, 8),
 )  # fmt: skip
 
 

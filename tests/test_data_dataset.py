@@ -85,17 +85,17 @@ def test_sample_keys_shapes_and_centre_crop_geometry(wide, processor):
 def test_references_are_cropped_masked_and_clip_preprocessed(wide, processor):
     reference = PIL.Image.open(wide.parent / "ref.png").convert("RGB")
     crop = reference.crop((20, 0, 40, 40))  # [0.5, 0, 1, 1] of a 40x40 image: the blue half
-    masked = PIL.Image.new("RGB", (40, 40), (255, 255, 255))
+    masked = PIL.Image.new("RGB", (40, 40), (0, 0, 0))  # black background by default, as in the release
     masked.paste(reference.crop((10, 10, 30, 30)), (10, 10))
     dataset = MSDiffusionDataset(wide, resolution=64, crop="center", image_processor=processor)
     item = dataset[0]
     expected = prepare_reference_pixels([crop, masked], processor, 64)
     assert torch.equal(item["subject_pixel_values"][:2], expected)
 
-    black = MSDiffusionDataset(wide, resolution=64, crop="center", image_processor=processor, mask_color=(0, 0, 0))
-    masked_black = PIL.Image.new("RGB", (40, 40), (0, 0, 0))
-    masked_black.paste(reference.crop((10, 10, 30, 30)), (10, 10))
-    assert torch.equal(black[0]["subject_pixel_values"][1], prepare_reference_pixels([masked_black], processor, 64)[0])
+    white = MSDiffusionDataset(wide, resolution=64, crop="center", image_processor=processor, mask_color=(255, 255, 255))
+    masked_white = PIL.Image.new("RGB", (40, 40), (255, 255, 255))
+    masked_white.paste(reference.crop((10, 10, 30, 30)), (10, 10))
+    assert torch.equal(white[0]["subject_pixel_values"][1], prepare_reference_pixels([masked_white], processor, 64)[0])
 
     unmasked = MSDiffusionDataset(wide, resolution=64, crop="center", image_processor=processor, mask_references=False)
     assert torch.equal(unmasked[0]["subject_pixel_values"][1], prepare_reference_pixels([reference], processor, 64)[0])

@@ -50,6 +50,10 @@ def register(subparsers) -> None:
     run.add_argument("--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '")
     run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold")
     run.add_argument("--start-step", type=int, default=5)
+    run.add_argument(
+        "--phrase-matching", choices=["tokens", "release"], default="tokens",
+        help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
+    )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
     run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                      help="auto: float16 on a GPU, float32 on the CPU")  # fmt: skip
@@ -57,12 +61,18 @@ def register(subparsers) -> None:
     run.set_defaults(func=_run)
 
     score = actions.add_parser("score", help="CLIP-T, CLIP-I, DINO and per-subject detection scores of a run")
-    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL
+    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
 
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
     score.add_argument("--images", type=Path, help="subject photos (default: the directory the run used)")
-    score.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL)
-    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL)
+    score.add_argument(
+        "--clip-model", default=DEFAULT_CLIP_MODEL, help="default: CLIP ViT-B/32, as DreamBooth's protocol"
+    )  # fmt: skip
+    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="default: DINO ViT-S/16, as DreamBooth's protocol")
+    score.add_argument(
+        "--dino-preprocessing", choices=DINO_PREPROCESSING, default="resize-crop",
+        help="resize-crop (default: short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
+    )  # fmt: skip
     score.add_argument("--detector", default=DEFAULT_DETECTOR, help="OWL-ViT, OWLv2 or Grounding DINO folder or hub id")
     score.add_argument("--detection-threshold", type=float, help="default: the detector family's own")
     score.add_argument("--batch-size", type=int, default=16)
@@ -190,7 +200,7 @@ def _run(args) -> int:
         seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample, steps=args.steps,
         guidance_scale=args.guidance_scale, ms_scale=args.ms_scale, height=args.height, width=args.width,
         negative_prompt=args.negative_prompt, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
-        start_step=args.start_step, dtype=dtype,
+        start_step=args.start_step, phrase_matching=args.phrase_matching, dtype=dtype,
     )  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
     try:
@@ -246,7 +256,9 @@ def _score(args) -> int:
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
 
-    requested = ScoringConfig(args.clip_model, args.dino_model, args.detector, args.detection_threshold)
+    requested = ScoringConfig(
+        args.clip_model, args.dino_model, args.detector, args.detection_threshold, args.dino_preprocessing
+    )  # fmt: skip
     scores_path, config_path = output / SCORES, output / SCORES_CONFIG
     existing: dict[str, dict] = {}
     if scores_path.is_file() and not args.overwrite:
@@ -255,7 +267,7 @@ def _score(args) -> int:
         differing = [k for k, v in wanted.items() if v is not None and previous.get(k) != v]
         if differing:
             raise UserInputError(
-                f"{scores_path} was computed with other models ({', '.join(f'{k}={previous.get(k)!r}' for k in differing)}); "
+                f"{scores_path} was computed with other models or preprocessing ({', '.join(f'{k}={previous.get(k)!r}' for k in differing)}); "
                 "pass --overwrite to rescore every image with the new ones."
             )
         existing = {r["image"]: r for r in (json.loads(line) for line in scores_path.read_text().splitlines() if line.strip())}

@@ -16,13 +16,11 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from ..release import RELEASE_NEGATIVE_PROMPT  # the released inference code's default
 from .definitions import Sample, reference_files
-
-# The released inference code's defaults (MS-Diffusion `inference.py` / `MSAdapter.generate`).
-RELEASE_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 MANIFEST = "manifest.jsonl"
 RUN_CONFIG = "run_config.json"
 
@@ -46,10 +44,15 @@ class GenerationSettings:
     prompt_prefix: str = ""
     mask_threshold: float | None = None
     start_step: int = 5
+    phrase_matching: str = "tokens"  # "release": the released code's phrase positions (auto layout)
     dtype: str = "float16"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def check_run_config(output_dir: Path, benchmark: str, settings: GenerationSetti
         existing = json.loads(path.read_text())
         if existing.get("benchmark") != benchmark:
             raise ValueError(f"{output_dir} holds a {existing.get('benchmark')} run; use another --output for {benchmark}.")
-        old = existing.get("settings", {})
+        # a setting added since the directory was made counts as its default
+        old = {**GenerationSettings.defaults(), **existing.get("settings", {})}
         differing = [key for key in config["settings"] if old.get(key) != config["settings"][key]]
         if differing:
             changes = "; ".join(f"{key}: {old.get(key)!r} -> {config['settings'][key]!r}" for key in differing)
@@ -219,6 +223,7 @@ def generate_items(
             ms_scale=settings.ms_scale,
             mask_threshold=settings.mask_threshold,
             start_step=settings.start_step,
+            phrase_matching=settings.phrase_matching,
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
             height=settings.height,

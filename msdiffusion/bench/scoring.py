@@ -18,7 +18,7 @@ of the detection rate and the layout score.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +27,15 @@ import PIL.Image
 if TYPE_CHECKING:  # torch is imported where it is used, so that `msdiff --help` stays instant
     import torch
 
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"  # the paper's CLIP-T / CLIP-I model
-DEFAULT_DINO_MODEL = "facebook/dino-vits16"  # DINO ViT-S/16, as in DreamBooth's DINO metric
+# DreamBooth's protocol, which defines DreamBench's metrics: CLIP ViT-B/32 for CLIP-T and CLIP-I, DINO
+# ViT-S/16 for DINO with DINO's evaluation preprocessing (short side to 256, centre crop 224). The
+# MS-Diffusion paper's own choice of backbones could not be verified (docs/benchmark.md).
+DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
+DEFAULT_DINO_MODEL = "facebook/dino-vits16"
+# How images reach DINO: "resize-crop" (short side to 256 bicubic, centre crop 224: DINO's evaluation
+# transform and DreamBooth's) or "squash" (the model's own processor: stretched to 224 x 224).
+DINO_PREPROCESSING = ("resize-crop", "squash")
+DINO_RESIZE, DINO_CROP = 256, 224  # for a 224-px model; other input sizes keep the 256 : 224 ratio
 DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
 # Per detector family: score threshold above which a detection counts (each family's documented default).
 DEFAULT_THRESHOLDS = {"owlv2": 0.1, "owlvit": 0.1, "grounding-dino": 0.35, "mm-grounding-dino": 0.35}
@@ -42,6 +49,7 @@ class ScoringConfig:
     dino_model: str = DEFAULT_DINO_MODEL
     detector: str = DEFAULT_DETECTOR
     detection_threshold: float | None = None  # None: the detector family's default
+    dino_preprocessing: str = "resize-crop"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -152,10 +160,31 @@ class ClipEmbedder:
         return _embed(texts, self.batch_size, embed)
 
 
-class DinoEmbedder:
-    """Self-supervised ViT embeddings: the final CLS token, as DreamBooth's DINO score uses."""
+def resize_and_centre_crop(image: PIL.Image.Image, resize: int = DINO_RESIZE, crop: int = DINO_CROP) -> PIL.Image.Image:
+    """DINO's evaluation transform: the short side to `resize` (bicubic, aspect kept), then the central
+    `crop` x `crop` square (sizes and offsets rounded as torchvision's Resize / CenterCrop do)."""
+    width, height = image.size
+    if width <= height:
+        size = (resize, int(resize * height / width))
+    else:
+        size = (int(resize * width / height), resize)
+    image = image.resize(size, PIL.Image.BICUBIC)
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))
 
-    def __init__(self, model_id: str, device: str, batch_size: int = 32):
+
+class DinoEmbedder:
+    """Self-supervised ViT embeddings: the final CLS token, as DreamBooth's DINO score uses.
+
+    `preprocessing="resize-crop"` (default) keeps the aspect ratio: short side to 256, centre crop
+    224, then the model's normalisation; "squash" uses the model's processor as is (for ViT
+    checkpoints: stretched to 224 x 224, which changes cosines of non-square photos markedly).
+    """
+
+    def __init__(self, model_id: str, device: str, batch_size: int = 32, preprocessing: str = "resize-crop"):
+        if preprocessing not in DINO_PREPROCESSING:
+            raise ValueError(f"DINO preprocessing must be one of {', '.join(DINO_PREPROCESSING)}, got {preprocessing!r}.")
+        self.preprocessing = preprocessing
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
         config = AutoConfig.from_pretrained(model_id)
@@ -165,9 +194,26 @@ class DinoEmbedder:
         self.processor = AutoImageProcessor.from_pretrained(model_id)
         self.device, self.batch_size = device, batch_size
 
+    def pixels(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        """The model's input for `images` (N, 3, H, W), float32 on the CPU."""
+        import numpy as np
+        import torch
+
+        if self.preprocessing == "squash":
+            return self.processor(images=list(images), return_tensors="pt").pixel_values
+        mean = np.asarray(self.processor.image_mean, dtype=np.float32)
+        std = np.asarray(self.processor.image_std, dtype=np.float32)
+        crop = int(getattr(self.model.config, "image_size", DINO_CROP))
+        resize = crop * DINO_RESIZE // DINO_CROP
+        arrays = [
+            (np.asarray(resize_and_centre_crop(i.convert("RGB"), resize, crop), dtype=np.float32) / 255 - mean) / std
+            for i in images
+        ]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
     def images(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         def embed(chunk):
-            pixels = self.processor(images=chunk, return_tensors="pt").pixel_values.to(self.device)
+            pixels = self.pixels(chunk).to(self.device)
             return self.model(pixel_values=pixels).last_hidden_state[:, 0]
 
         return _embed(images, self.batch_size, embed)
@@ -256,9 +302,10 @@ class Scorers:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         detector = Detector(config.detector, device, config.detection_threshold, batch_size=max(1, batch_size // 4))
         # record the threshold actually used, so scores say what they were computed with
-        config = ScoringConfig(config.clip_model, config.dino_model, config.detector, detector.threshold)
+        config = replace(config, detection_threshold=detector.threshold)
         clip = ClipEmbedder(config.clip_model, device, batch_size)
-        return cls(clip, DinoEmbedder(config.dino_model, device, batch_size), detector, config)
+        dino = DinoEmbedder(config.dino_model, device, batch_size, config.dino_preprocessing)
+        return cls(clip, dino, detector, config)
 
 
 # --- scoring manifest records ---------------------------------------------------------------------

@@ -42,6 +42,9 @@ from .buckets import nearest_bucket
 from .manifest import DEFAULT_MAX_PROBLEMS, ManifestError, Sample, crop_pixels, iter_lines, parse_line
 
 CROP_MODES = ("random", "center")
+# Background colours for masked references, by name (the training config's `mask_color`). The
+# release multiplies a reference by its 0/1 mask, which leaves a black background.
+MASK_COLORS = {"black": (0, 0, 0), "white": (255, 255, 255)}
 
 
 @dataclass
@@ -69,7 +72,8 @@ class MSDiffusionDataset(Dataset):
         min_visible_fraction: a subject whose box keeps less than this fraction of its area inside the
             crop is dropped (one fully outside is always dropped); others have their box clipped.
         mask_references: blank the background of references that have a mask.
-        mask_color: RGB colour of the blanked background (white by default, as in the release).
+        mask_color: RGB colour of the blanked background: black by default, as in the release's training
+            code (it multiplies the reference by its mask); `MASK_COLORS["white"]` for white.
         reference_square_size: side of the square references are squashed to before CLIP preprocessing
             (default: the larger side of `resolution`, as in training).
         image_processor: CLIP image processor (default: CLIP's standard, PIL backend).
@@ -89,7 +93,7 @@ class MSDiffusionDataset(Dataset):
         crop: str = "random",
         min_visible_fraction: float = 0.3,
         mask_references: bool = True,
-        mask_color: Sequence[int] = (255, 255, 255),
+        mask_color: Sequence[int] = MASK_COLORS["black"],
         reference_square_size: int | None = None,
         image_processor: Any = None,
         seed: int = 0,

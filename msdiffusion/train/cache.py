@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..data.dataset import MSDiffusionDataset
+from ..data.dataset import MASK_COLORS, MSDiffusionDataset
 from ..data.manifest import iter_lines
 from .conditioning import NullFeatures
 from .models import reference_pixels_size
@@ -93,6 +93,7 @@ def write_cache(
     settings: dict[str, Any],
     reference_size: int,
     mask_references: bool = True,
+    mask_color: tuple[int, int, int] = MASK_COLORS["black"],
     batch_size: int = 16,
     workers: int = 0,
     shard_size: int = DEFAULT_SHARD_SIZE,
@@ -108,14 +109,14 @@ def write_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = MSDiffusionDataset(
-        manifest, resolution=reference_size, mask_references=mask_references, reference_square_size=reference_size,
-        image_processor=image_processor, validate=True,
+        manifest, resolution=reference_size, mask_references=mask_references, mask_color=mask_color,
+        reference_square_size=reference_size, image_processor=image_processor, validate=True,
     )  # fmt: skip
     lines = list(iter_lines(manifest))
     info = {
         "format": CACHE_FORMAT, "version": CACHE_VERSION, "manifest": str(Path(manifest).resolve()),
         "num_samples": len(lines), "shard_size": shard_size, "reference_size": reference_size,
-        "mask_references": mask_references, "mask_color": list(dataset.mask_color),
+        "mask_references": mask_references, "mask_color": list(dataset.mask_color) if mask_references else None,
         "dtype": str(dtype).removeprefix("torch."), **settings,
     }  # fmt: skip
     # Shards of other settings are useless; lines and shard contents are matched by hash below.

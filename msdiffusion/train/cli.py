@@ -91,6 +91,10 @@ def add_cache_parser(commands: argparse._SubParsersAction) -> None:
         help="square the references are squashed to: the training config's reference_size, or its resolution (default 1024)",
     )
     cache.add_argument("--no-mask-references", action="store_true", help="as mask_references: false in training")
+    cache.add_argument(
+        "--mask-color", choices=("black", "white"), default="black",
+        help="background of masked references: the training config's mask_color (default black, as in the release)",
+    )  # fmt: skip
     cache.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     cache.add_argument(
         "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
@@ -115,6 +119,7 @@ def run_cache(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..data.dataset import MASK_COLORS
     from ..data.manifest import ManifestError
     from .cache import write_cache
     from .config import TrainConfig
@@ -138,6 +143,7 @@ def run_cache(args: argparse.Namespace) -> int:
             args.manifest, args.out, text_encoders, image_encoder, image_processor,
             settings={"base": args.base, "image_encoder": args.image_encoder},
             reference_size=args.reference_size, mask_references=not args.no_mask_references,
+            mask_color=MASK_COLORS[args.mask_color],
             batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, dtype=dtype, device=device,
             progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr, end="\r"),
         )  # fmt: skip

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..release import RELEASE_NEGATIVE_PROMPT
+
 
 class ConfigError(ValueError):
     """A training configuration with problems; the message lists each one by field."""
@@ -43,6 +45,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 REPORT_TO = ("tensorboard", "wandb", "none")
 CROP_MODES = ("random", "center")
+MASK_COLOR_NAMES = ("black", "white")  # msdiffusion.data.dataset.MASK_COLORS
 # Architecture fields of the resampler that follow from the models, not from the user.
 INFERRED_RESAMPLER_FIELDS = ("embedding_dim", "output_dim", "phrase_dim")
 
@@ -77,6 +80,10 @@ class TrainConfig:
     crop: str = option("random", "crop of the target after resizing", "data", CROP_MODES)
     min_visible_fraction: float = option(0.3, "drop a subject keeping less of its box inside the crop", "data")
     mask_references: bool = option(True, "blank reference backgrounds where the manifest gives a mask", "data")
+    mask_color: str = option(
+        "black", "colour of blanked reference backgrounds: black (the release multiplies by the mask) or white", "data",
+        MASK_COLOR_NAMES,
+    )
     reference_size: int | None = option(
         None, "square the references are squashed to before CLIP (default: the training size's larger side)", "data"
     )
@@ -141,6 +148,10 @@ class TrainConfig:
     validation_guidance_scale: float = option(7.5, "classifier-free guidance of validation images", "validation")
     validation_ms_scale: float = option(0.6, "subject scale of validation images", "validation")
     validation_seed: int = option(0, "seed of validation images", "validation")
+    validation_negative_prompt: str | None = option(
+        RELEASE_NEGATIVE_PROMPT, "negative prompt of validation entries that give none (the release's; none = no "
+        "negative prompt)", "validation",
+    )
 
     # ---------------------------------------------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.buckets import BucketBatchSampler, sdxl_buckets
-from ..data.dataset import MSDiffusionDataset, collate_subjects
+from ..data.dataset import MASK_COLORS, MSDiffusionDataset, collate_subjects
 from .config import ConfigError, TrainConfig
 
 
@@ -61,6 +61,7 @@ def build_dataset(config: TrainConfig, image_processor=None, cache=None, cache_s
         crop=config.crop,
         min_visible_fraction=config.min_visible_fraction,
         mask_references=config.mask_references,
+        mask_color=MASK_COLORS[config.mask_color],
         reference_square_size=config.reference_size,
         image_processor=image_processor,
         seed=config.seed,

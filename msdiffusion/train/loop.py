@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..data.dataset import MASK_COLORS
 from .config import ConfigError, TrainConfig
 from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
 
@@ -181,6 +182,7 @@ class TrainingRun:
             "image_encoder": c.image_encoder,
             "reference_size": c.reference_size or c.resolution,
             "mask_references": c.mask_references,
+            "mask_color": list(MASK_COLORS[c.mask_color]) if c.mask_references else None,
         }
 
     # ---- one step ---------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..adapter import (
 )
 from ..attention import MSAttentionState, MSAttnProcessor
 from ..layout import SubjectLayout
-from ..resampler import ResamplerConfig
+from ..resampler import ResamplerConfig, released_grounding_hidden_dim
 from .config import TrainConfig
 
 
@@ -127,9 +127,16 @@ def encoder_widths(config: TrainConfig) -> tuple[int, int]:
 
 
 def resampler_config(config: TrainConfig, unet, image_width: int, phrase_width: int) -> ResamplerConfig:
-    """The released architecture (or the config's overrides), with the widths the models fix."""
-    values = {**ResamplerConfig().to_dict(), "grounding_hidden_dim": image_width, **config.resampler}
+    """The released architecture (or the config's overrides), with the widths the models fix.
+
+    The grounding MLP's hidden width follows the release's rule, `2 * (phrase_dim + 8 * num_freqs)`,
+    not the image encoder's width (they coincide only for ViT-bigG), so that an adapter trained with
+    any encoder loads into the released code.
+    """
+    values = {**ResamplerConfig().to_dict(), **config.resampler}
     values.update(embedding_dim=image_width, output_dim=unet.config.cross_attention_dim, phrase_dim=phrase_width)
+    if "grounding_hidden_dim" not in config.resampler:
+        values["grounding_hidden_dim"] = released_grounding_hidden_dim(phrase_width, values["num_freqs"])
     return ResamplerConfig(**values)
 
 

@@ -34,7 +34,8 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
                 images=[load_image(s["image"], f"validation subject {s['phrase']!r}") for s in entry["subjects"]],
                 phrases=[s["phrase"] for s in entry["subjects"]],
                 boxes=[tuple(float(v) for v in s["box"]) for s in entry["subjects"]],
-                negative_prompt=entry.get("negative_prompt"),
+                # an entry's own negative prompt (null for none), else the config's (the release's by default)
+                negative_prompt=entry["negative_prompt"] if "negative_prompt" in entry else config.validation_negative_prompt,
             )
             for entry in config.validation
         ]
@@ -50,7 +51,12 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
         opened: dict = {}
         # The dataset's own reference preparation (crop, mask), so validation sees what training sees.
         images = [dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(subjects)]
-        entries.append(ValidationEntry(sample.caption, images, [s.phrase for s in subjects], [s.box for s in subjects]))
+        entries.append(
+            ValidationEntry(
+                sample.caption, images, [s.phrase for s in subjects], [s.box for s in subjects],
+                negative_prompt=config.validation_negative_prompt,
+            )
+        )  # fmt: skip
     return entries
 
 
