@@ -1,0 +1,128 @@
+"""The procedural world: scenes, their manifest, the held-out split and the evaluator's measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from msdiffusion.world.evaluate import (
+    COMPARISON_IDENTITIES,
+    box_iou,
+    connected_regions,
+    descriptor,
+    descriptor_distance,
+    held_out_jobs,
+    identity_descriptor,
+)
+from msdiffusion.world.scenes import (
+    CLASSES,
+    NUM_IDENTITIES,
+    SIZE,
+    SubjectSpec,
+    identity_parts,
+    is_held_out,
+    mask_box,
+    random_scene,
+    render_reference,
+    render_scene,
+)
+
+
+def test_world_has_classes_and_thousands_of_identities_with_a_held_out_tenth():
+    assert len(CLASSES) >= 8
+    assert NUM_IDENTITIES >= 2000
+    held = [i for i in range(NUM_IDENTITIES) if is_held_out(i)]
+    assert 0.09 < len(held) / NUM_IDENTITIES < 0.11
+    assert len({identity_parts(i) for i in range(NUM_IDENTITIES)}) == NUM_IDENTITIES  # all distinct
+
+
+def test_scene_caption_boxes_and_masks_agree():
+    for i in range(20):
+        scene = random_scene(np.random.default_rng([3, i]))
+        assert scene.image.shape == (SIZE, SIZE, 3) and scene.image.dtype == np.uint8
+        assert 1 <= len(scene.subjects) <= 4
+        words = scene.caption.replace(",", "").split()
+        for subject, mask in zip(scene.subjects, scene.masks):
+            assert subject.cls in words
+            assert not is_held_out(subject.identity)
+            assert mask.sum() > 20
+            assert subject.box == mask_box(mask)
+            x0, y0, x1, y1 = subject.box
+            assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+        # one caption word per subject, in order
+        assert [w for w in words if w in CLASSES] == [s.cls for s in scene.subjects]
+
+
+def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
+    a = random_scene(np.random.default_rng([1, 2]))
+    b = random_scene(np.random.default_rng([1, 2]))
+    assert np.array_equal(a.image, b.image) and a.caption == b.caption
+    held = random_scene(np.random.default_rng([1, 2]), held_out=True)
+    assert all(is_held_out(s.identity) for s in held.subjects)
+
+
+def test_reference_is_another_rendering_of_the_same_subject():
+    rng = np.random.default_rng(0)
+    scene = render_scene(rng, [SubjectSpec("star", 630), SubjectSpec("ring", 1050)], background="a grid")
+    reference, mask = render_reference(rng, "star", 630)
+    assert reference.shape == (SIZE, SIZE, 3) and mask.sum() > scene.masks[0].sum()  # larger
+    own = descriptor(reference, mask)
+    # the reference's pixels describe the star's identity, not the ring's
+    assert descriptor_distance(own, descriptor(scene.image, scene.masks[0])) < descriptor_distance(
+        own, descriptor(scene.image, scene.masks[1])
+    )
+
+
+def test_identity_descriptor_tells_held_out_identities_from_the_comparison_set():
+    """On clean renderings the evaluator's identity test is right for (nearly) every subject."""
+    correct = total = 0
+    for i in range(40):
+        scene = random_scene(np.random.default_rng([11, i]), held_out=True)
+        for subject, mask in zip(scene.subjects, scene.masks):
+            found = descriptor(scene.image, mask)
+            rivals = [s.identity for s in scene.subjects if s.identity != subject.identity] + list(COMPARISON_IDENTITIES)
+            own = descriptor_distance(found, identity_descriptor(subject.identity))
+            correct += all(own < descriptor_distance(found, identity_descriptor(r)) for r in rivals)
+            total += 1
+    assert correct / total >= 0.9, f"{correct}/{total}"
+
+
+def test_connected_regions_and_iou():
+    mask = np.zeros((8, 8), bool)
+    mask[1:3, 1:3] = True
+    mask[5:8, 4:8] = True
+    regions = connected_regions(mask)
+    assert [int(r.sum()) for r in regions] == [12, 4]
+    assert mask_box(regions[1]) == (1 / 8, 1 / 8, 3 / 8, 3 / 8)
+    assert box_iou((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == 1.0
+    assert box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)) == 0.0
+    assert box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) == pytest.approx(1 / 3)
+
+
+def test_held_out_jobs_name_every_subject_and_take_turns_in_count():
+    jobs = held_out_jobs(8, seed=1)
+    assert [len(j.subjects) for j in jobs] == [1, 2, 3, 4, 1, 2, 3, 4]
+    for job in jobs:
+        assert all(is_held_out(s.identity) for s in job.subjects)
+        assert all(s.cls in job.prompt for s in job.subjects)
+        assert len(job.references) == len(job.subjects)
+
+
+def test_world_dataset_is_an_ordinary_manifest(tmp_path):
+    from msdiffusion.world.data import write_dataset
+
+    manifest = write_dataset(tmp_path / "data", 12, seed=4, workers=1)
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert len(lines) == 12
+    assert all(not is_held_out(s["meta"]["identity"]) for line in lines for s in line["subjects"])
+    again = write_dataset(tmp_path / "again", 12, seed=4, workers=2)  # same files whatever the workers
+    assert again.read_text() == manifest.read_text()
+    check = subprocess.run(
+        [sys.executable, "-m", "msdiffusion", "data", "check", str(manifest)], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "problems: none" in check.stdout
