@@ -56,13 +56,18 @@ def test_help_lists_the_commands(capsys):
         assert command in text
 
 
-def test_demo_writes_images(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path / "demo"), "--steps", "2", "--size", "128x96"]) == 0
+def test_demo_random_writes_images(tmp_path, capsys):
+    assert main(["demo", "--random", "--output", str(tmp_path / "demo"), "--steps", "2", "--size", "128x96"]) == 0
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert names == ["msdiff-00001-layout.png", "msdiff-00001-sheet.png", "msdiff-00001.png"]
     out = capsys.readouterr().out
     assert "TINY RANDOM" in out and "not quality" in out
     assert PIL.Image.open(tmp_path / "demo/msdiff-00001.png").size == (128, 96)
+
+
+def test_demo_random_refuses_real_models(tmp_path, capsys):
+    assert main(["demo", "--random", "--base", "b", "--adapter", "a", "--image-encoder", "e"]) == 2
+    assert "--random" in capsys.readouterr().err
 
 
 def test_generate_job_file_non_square_and_regenerate_from_png(tmp_path, models, subject_files):

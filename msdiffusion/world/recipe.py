@@ -32,7 +32,7 @@ class WorldRecipe:
     base: BaseRecipe = field(default_factory=BaseRecipe)
     segmenter_steps: int = 1200
     # `msdiff train` settings of the adapter (the rest are the release's defaults)
-    adapter_steps: int = 3500
+    adapter_steps: int = 2500
     adapter_batch: int = 32
     adapter_lr: float = 3e-4
     adapter_checkpoint_every: int = 250
@@ -49,7 +49,7 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "max_subjects": 4,
         "crop": "center",  # scenes are already at the training size: nothing to crop
         "mask_references": False,  # references keep their backgrounds: demo references have one too
-        "dataloader_workers": 1,
+        "dataloader_workers": 0,  # 2 cores: a worker process would compete with the training threads
         "pin_memory": False,
         "resampler": {k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")},
         "learning_rate": recipe.adapter_lr,
