@@ -186,7 +186,17 @@ def load_checkpoint(
     **hub_kwargs,
 ) -> MSAdapterCheckpoint:
     """Read an adapter from a `.bin` file, a project folder, a folder holding `ms_adapter.bin`, or a hub repo."""
+    from .checks import safetensors_problem, torch_file_problem
+
     path = resolve_adapter_path(path_or_id, weight_name, subfolder, **hub_kwargs)
+    # Check the file before reading it: a truncated or foreign file otherwise fails deep in
+    # safetensors or pickle with a message that does not say which file or what was expected.
+    weights = path / PROJECT_WEIGHT_NAME if path.is_dir() else path
+    if path.is_dir() and not weights.is_file():
+        raise FileNotFoundError(f"{path} has {PROJECT_CONFIG_NAME} but no {PROJECT_WEIGHT_NAME}.")
+    problem = safetensors_problem(weights) if weights.suffix == ".safetensors" else torch_file_problem(weights)
+    if problem:
+        raise AdapterMismatchError(f"Cannot read the adapter {weights}: {problem}.")
     if path.is_dir():
         return MSAdapterCheckpoint.load_project(path)
     if path.suffix == ".safetensors":
@@ -199,7 +209,7 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors have many types
-        raise AdapterMismatchError(f"Cannot read {path} as a torch checkpoint: {error}") from error
+        raise AdapterMismatchError(f"Cannot read {path} as a torch checkpoint: {type(error).__name__}: {error}") from error
     if not isinstance(state, dict):
         raise AdapterMismatchError(f"{path} holds a {type(state).__name__}, not an MS-Diffusion checkpoint dict.")
     return MSAdapterCheckpoint.from_released(state)

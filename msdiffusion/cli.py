@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 # Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
@@ -26,9 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A comma-separated list of numbers starting with a minus sign (a box such as -0.1,0.2,0.5,0.8).
+_NEGATIVE_LIST = re.compile(r"^-\d*\.?\d+(,-?\d*\.?\d*)+$")
+
+
+def _shield_negative_lists(argv: list[str]) -> list[str]:
+    """argparse reads `-0.1,0.2,...` as an unknown option; with a leading space it is a value (argparse's own
+    rule for words containing a space), so the command can check the box and name what is wrong with it."""
+    return [" " + word if _NEGATIVE_LIST.match(word) else word for word in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_shield_negative_lists(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -121,19 +121,19 @@ def register(subparsers) -> None:
 
 # ---- generate ----------------------------------------------------------------------------------
 def _size(text: str, what: str = "--size") -> list[int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserInputError(f"{what}: expected WIDTHxHEIGHT such as 1344x768, got {text!r}.") from None
-    return [width, height]
+    from .jobs import parse_size
+
+    return parse_size(text, what)
 
 
 def _subject_from_flag(values: list[str]) -> dict:
     """`IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]` -> a job-file subject."""
     usage = "--subject IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]"
+    values = [v.strip() for v in values]  # cli.main may have shielded a negative box with a space
     if len(values) < 2 or len(values) > 4:
         raise UserInputError(f"{usage}: got {' '.join(values)!r}.")
-    images = values[0].split("+")
+    # `a+b.jpg` is two photos of one subject, unless a file of that whole name exists.
+    images = [values[0]] if Path(values[0]).exists() else values[0].split("+")
     subject: dict = {"image": images if len(images) > 1 else images[0], "phrase": values[1]}
     for extra in values[2:]:
         if extra.startswith("scale="):
@@ -176,7 +176,7 @@ def _flag_overrides(args) -> dict:
 
 
 def run_generate(args) -> int:
-    from .jobs import job_from_dict, read_job_file, read_job_from_png, run_job
+    from .jobs import job_from_dict, read_job_file, read_job_from_png
 
     if args.job and args.from_image:
         raise UserInputError("give a job file or --from IMAGE, not both.")
@@ -190,9 +190,20 @@ def run_generate(args) -> int:
     if not data:
         raise UserInputError("nothing to generate: give a job file, --from IMAGE, or --base/--adapter/--prompt/--subject flags.")
     job = job_from_dict(data, "flags" if not args.job else f"{args.job} (with flags)", Path.cwd())
-    written = run_job(job, progress=not args.quiet)
+    written = _run_checked(job, "generate", progress=not args.quiet)
     print(f"{len(written)} file(s) in {Path(job.output)}")
     return 0
+
+
+def _run_checked(job, command: str, progress: bool) -> list[Path]:
+    """Warn (one line each) about settings that are valid but odd, then run the job."""
+    import sys
+
+    from .jobs import job_warnings, run_job
+
+    for warning in job_warnings(job):
+        print(f"msdiff {command}: warning: {warning}", file=sys.stderr)
+    return run_job(job, progress=progress)
 
 
 # ---- demo --------------------------------------------------------------------------------------
@@ -201,7 +212,7 @@ def _asset(name: str) -> str:
 
 
 def run_demo(args) -> int:
-    from .jobs import TINY, WORLD, Job, SubjectSpec, run_job
+    from .jobs import TINY, WORLD, Job, SubjectSpec
 
     real = [args.base, args.adapter, args.image_encoder]
     if any(real) and not all(real):
@@ -237,7 +248,7 @@ def run_demo(args) -> int:
                   "path (subject encoding, grounding resampler, box-masked attention, SDXL denoising, VAE) but the "
                   "image is noise: it shows the wiring, not quality.")  # fmt: skip
     start = time.perf_counter()
-    written = run_job(job, progress=True)
+    written = _run_checked(job, "demo", progress=True)
     print(f"demo: {len(written)} files in {job.output} ({time.perf_counter() - start:.1f} s): "
           + ", ".join(p.name for p in written))  # fmt: skip
     boxes = "; ".join(f"{s.phrase} -> {s.box}" for s in job.subjects)
@@ -262,6 +273,12 @@ def run_convert(args) -> int:
     dest = Path(args.dest)
     if dest.exists() and not args.force:
         raise UserInputError(f"{dest} exists; pass --force to overwrite it.")
+    if dest.suffix.lower() in (".safetensors", ".pt", ".pth", ".ckpt", ".json"):
+        # The project format is a folder; a DEST named like a file would silently become one.
+        raise UserInputError(
+            f"{dest}: DEST is a .bin file (released format) or a folder (project format: ms_adapter.safetensors + "
+            f"ms_adapter_config.json inside it), e.g. {dest.with_suffix('')}/ ; a single {dest.suffix} file is not a format msdiff writes."
+        )
     checkpoint = _load(args.source, args.weight_name)
     written = checkpoint.save(dest)
     kind = "released .bin" if dest.suffix == ".bin" else "project format (safetensors + config)"

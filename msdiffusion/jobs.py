@@ -110,14 +110,14 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "prompt": ((str,), "text that names every subject's phrase"),
     "negative_prompt": ((str, type(None)), f"text (default: the release's {RELEASE_NEGATIVE_PROMPT!r}), or null / \"\" for none"),
     "subjects": ((list,), "a list of {image, phrase, box, scale}"),
-    "size": ((list, int), "[width, height] in pixels, multiples of 8 (or one number for a square)"),
+    "size": ((list, int, str), "[width, height] or WIDTHxHEIGHT in pixels, multiples of 8 and at least 64 (one number for a square)"),
     "seed": ((int, type(None)), "an integer (omit for a random one)"),
     "seed_mode": ((str,), "per-image (image k: a CPU generator seeded seed + k) or release (one generator on the "
                   "device seeded seed draws all images at once, as the released code)"),
     "images": ((int,), "a positive integer"),
     "steps": ((int,), "a positive integer"),
-    "guidance": ((int, float), "a number (1 disables classifier-free guidance)"),
-    "scale": ((int, float), "a number, 0.6 by default (0.4 suits background-like subjects)"),
+    "guidance": ((int, float), "a number >= 0 (1 or less disables classifier-free guidance)"),
+    "scale": ((int, float), "a number >= 0, 0.6 by default (0.4 suits background-like subjects)"),
     "mask_threshold": ((int, float, type(None)), "a number in [0, 1) to enable auto layout, or null"),
     "start_step": ((int,), "a positive integer"),
     "phrase_matching": ((str,), "tokens (default) or release (the released code's positions of repeated phrases)"),
@@ -184,11 +184,7 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
         if name in values:
             values[name] = _model_ref(values[name], base_dir)
     values["subjects"] = [_subject(s, f"{source}: subjects[{i}]", base_dir) for i, s in enumerate(data["subjects"])]
-    size = values.get("size", [1024, 1024])
-    size = [size, size] if isinstance(size, int) else size
-    if len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0 for v in size):
-        raise JobError(f"{source}: size: got {values.get('size')!r}; expected {_FIELDS['size'][1]}.")
-    values["size"] = list(size)
+    values["size"] = parse_size(values.get("size", [1024, 1024]), f"{source}: size")
     for name in ("images", "steps", "start_step"):
         if name in values and values[name] < 1:
             raise JobError(f"{source}: {name}: got {values[name]}; expected a positive integer.")
@@ -198,6 +194,8 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
     for name in ("guidance", "scale"):
         if name in values and not math.isfinite(values[name]):
             raise JobError(f"{source}: {name}: must be a finite number.")
+        if name in values and values[name] < 0:
+            raise JobError(f"{source}: {name}: got {values[name]}; expected {_FIELDS[name][1]}.")
     if values.get("seed_mode", "per-image") not in SEED_MODES:
         raise JobError(f"{source}: seed_mode: got {values['seed_mode']!r}; expected {_FIELDS['seed_mode'][1]}.")
     if values.get("phrase_matching", "tokens") not in ("tokens", "release"):
@@ -209,6 +207,44 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
     if "output" in values:
         values["output"] = _path(values["output"], base_dir, f"{source}: output", must_exist=False)
     return Job(**values)
+
+
+MIN_SIZE = 64  # the UNet halves the 1/8 latent twice; below this its deepest grid is 2x2 or less
+
+
+def parse_size(value: Any, what: str = "size") -> list[int]:
+    """[width, height] from `[w, h]`, a number (square), or text `WxH` / `N` (flags and job files alike)."""
+    allowed = _FIELDS["size"][1]
+    size = value
+    if isinstance(value, str):
+        try:
+            size = [int(v) for v in value.lower().replace(" ", "").split("x")]
+        except ValueError:
+            raise JobError(f"{what}: got {value!r}; expected {allowed}, e.g. 1344x768.") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = [value]
+    if not isinstance(size, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise JobError(f"{what}: got {value!r}; expected {allowed}.")
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or not all(v % 8 == 0 and v >= MIN_SIZE for v in size):
+        raise JobError(f"{what}: got {value!r}; expected {allowed}.")
+    return size
+
+
+def job_warnings(job: Job) -> list[str]:
+    """Settings that are valid but probably not what was meant (one line each)."""
+    warnings = []
+    if job.mask_threshold is not None and job.start_step >= job.steps:
+        warnings.append(
+            f"start_step {job.start_step} is not below steps {job.steps}: auto layout never takes over "
+            f"(lower --start-step, or raise --steps)."
+        )
+    if job.base != TINY and min(job.size) < 512:
+        warnings.append(f"size {job.size[0]}x{job.size[1]}: SDXL was trained at about 1024x1024 and degrades below 512.")
+    if 0 < job.guidance < 1:
+        warnings.append(f"guidance {job.guidance} is below 1: classifier-free guidance is off (as with 1).")
+    return warnings
 
 
 def _subject(data: Any, where: str, base_dir: Path | None) -> SubjectSpec:
@@ -234,8 +270,8 @@ def _subject(data: Any, where: str, base_dir: Path | None) -> SubjectSpec:
     except ValueError as error:
         raise JobError(str(error)) from None
     scale = data.get("scale")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise JobError(f"{where}.scale: got {scale!r}; expected a number (the subject's own strength).")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0):
+        raise JobError(f"{where}.scale: got {scale!r}; expected a number >= 0 (the subject's own strength).")
     return SubjectSpec(paths, phrase, box, None if scale is None else float(scale))
 
 
@@ -286,6 +322,63 @@ def read_job_from_png(path: str | Path) -> dict:
     return json.loads(text)
 
 
+def check_inputs(job: Job) -> None:
+    """Decode every subject and control image (cheap; done before any model loads)."""
+    from .checks import check_image_file
+
+    for j, subject in enumerate(job.subjects):
+        for k, image in enumerate(subject.images):
+            label = f"subjects[{j}].image" + (f"[{k}]" if len(subject.images) > 1 else "") + f" ({subject.phrase})"
+            check_image_file(image, label)
+    if job.controlnet is not None:
+        check_image_file(job.controlnet.image, "controlnet.image")
+
+
+def check_models(job: Job):
+    """Check the device and every model location before loading; returns the adapter checkpoint, read.
+
+    Local paths must exist and hold the expected files (safetensors headers are checked, which finds
+    truncated downloads); hub ids must be in the local cache or the hub reachable. The adapter is
+    small next to SDXL, so it is read here in full and handed to `load_pipeline`.
+    """
+    from .adapter import PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME, AdapterMismatchError, load_checkpoint
+    from .checks import (
+        InputCheckError,
+        check_device,
+        check_model_location,
+        go_offline_if_unreachable,
+        hub_offline,
+        hub_reachable,
+        in_hub_cache,
+        looks_local,
+    )
+
+    check_device(job.device)
+    if job.base in (TINY, WORLD):  # built or shipped with the package
+        return None
+    check_model_location(job.base, "base", "base")
+    check_model_location(job.image_encoder, "image_encoder", "image_encoder")
+    if job.controlnet is not None:
+        check_model_location(job.controlnet.model, "controlnet", "controlnet.model")
+    hub_ids = [v for v in (job.base, job.image_encoder, job.controlnet and job.controlnet.model) if v and not looks_local(v) and not Path(v).exists()]
+    adapter = job.adapter
+    if not looks_local(adapter) and not Path(adapter).exists():
+        names = [job.adapter_weight_name] if job.adapter_weight_name else [PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME]
+        if not any(in_hub_cache(adapter, name) for name in names):
+            reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if hub_reachable() else "the Hugging Face hub cannot be reached (no network?)"
+            if reason:
+                raise InputCheckError(
+                    f"adapter: {adapter!r} is not in the local Hugging Face cache and {reason}: download it where there "
+                    f"is network (`hf download {adapter}`), then run again, or give a local file or folder."
+                )
+        hub_ids.append(adapter)
+    go_offline_if_unreachable(hub_ids)  # everything is cached: do not let the hub client retry
+    try:
+        return load_checkpoint(adapter, weight_name=job.adapter_weight_name)
+    except (FileNotFoundError, AdapterMismatchError, OSError) as error:
+        raise InputCheckError(f"adapter: {error}") from None
+
+
 def choose_device(device: str | None, dtype: str | None) -> tuple[str, Any]:
     """CUDA fp16, else Apple MPS fp16, else CPU fp32; either overridable."""
     import torch
@@ -297,8 +390,11 @@ def choose_device(device: str | None, dtype: str | None) -> tuple[str, Any]:
     return device, {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
 
 
-def load_pipeline(job: Job, device: str, dtype):
-    """The pipeline a job asks for (base, ControlNet, adapter, image encoder, scheduler) on `device`."""
+def load_pipeline(job: Job, device: str, dtype, adapter=None):
+    """The pipeline a job asks for (base, ControlNet, adapter, image encoder, scheduler) on `device`.
+
+    `adapter`: the adapter checkpoint already read (by `check_models`), else `job.adapter` is read.
+    """
     import diffusers
     import torch
 
@@ -338,7 +434,7 @@ def load_pipeline(job: Job, device: str, dtype):
         pipe = cls.from_single_file(job.base, **kwargs)
     else:
         pipe = cls.from_pretrained(job.base, **kwargs)
-    pipe.load_ms_adapter(job.adapter, image_encoder=job.image_encoder, weight_name=job.adapter_weight_name)
+    pipe.load_ms_adapter(adapter or job.adapter, image_encoder=job.image_encoder, weight_name=job.adapter_weight_name)
     if job.scheduler:
         _set_scheduler(pipe, job.scheduler)
     return pipe.to(device)
@@ -367,10 +463,20 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
 
     from .preview import attention_map_image, draw_layout, subjects_sheet
 
+    check_inputs(job)
     if pipe is None:
+        adapter = check_models(job)
         device, dtype = choose_device(job.device, job.dtype)
         log(f"Loading {job.base} + {job.adapter} on {device} ({dtype})")
-        pipe = load_pipeline(job, device, dtype)
+        try:
+            pipe = load_pipeline(job, device, dtype, adapter)
+        except (OSError, ValueError) as error:
+            if isinstance(error, UserInputError):
+                raise
+            # The locations were checked; what is left is a library refusing a model's files.
+            text = str(error).strip()
+            first_line = text.splitlines()[0] if text else type(error).__name__
+            raise JobError(f"cannot load the models: {type(error).__name__}: {first_line}") from error
     pipe.set_progress_bar_config(disable=not progress)
     seed = job.seed if job.seed is not None else random.randrange(2**31)
     folder = Path(job.output)

@@ -107,7 +107,7 @@ def test_generate_from_flags_with_auto_layout_masks(tmp_path, subject_files, mon
     [
         ({"sise": [64, 64]}, "unknown field 'sise' (did you mean 'size'?)"),
         ({"prompt": None}, "prompt: required field is missing"),
-        ({"size": [100, 64]}, "size: got [100, 64]; expected [width, height] in pixels, multiples of 8"),
+        ({"size": [100, 64]}, "size: got [100, 64]; expected [width, height] or WIDTHxHEIGHT in pixels, multiples of 8"),
         ({"steps": "many"}, "steps: got 'many'; expected a positive integer"),
         ({"images": 0}, "images: got 0; expected a positive integer"),
         ({"mask_threshold": 2}, "mask_threshold: got 2; expected a number in [0, 1)"),
