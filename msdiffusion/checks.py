@@ -153,6 +153,7 @@ _FOLDER_MARKERS = {
     "controlnet": (("config.json",), "a diffusers ControlNet folder (with config.json)"),
     "vae": (("config.json",), "a diffusers VAE folder (with config.json)"),
     "lora": (("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"), "a LoRA file or a folder with pytorch_lora_weights.safetensors"),
+    "transformers": (("config.json",), "a transformers model folder (with config.json)"),
 }
 # A file the hub repo of each kind must have (to ask the local cache about).
 _HUB_FILES = {
@@ -160,6 +161,7 @@ _HUB_FILES = {
     "image_encoder": "config.json",
     "controlnet": "config.json",
     "vae": "config.json",
+    "transformers": "config.json",
     "adapter": None,  # ms_adapter_config.json or ms_adapter.bin: checked when the adapter is read
     "lora": None,
 }
@@ -172,7 +174,7 @@ def check_model_location(value: str, kind: str, what: str, subfolder: str | None
         if not path.exists():
             raise InputCheckError(f"{what}: {value!r} does not exist (expected {_expected(kind)}).")
         if path.is_file():
-            if kind in ("image_encoder", "controlnet") or (kind == "vae" and path.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
+            if kind in ("image_encoder", "controlnet", "transformers") or (kind == "vae" and path.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
                 raise InputCheckError(f"{what}: {value!r} is a file; expected {_expected(kind)}.")
             if path.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
                 raise InputCheckError(f"{what}: {value!r} is not a model file (expected .safetensors or .ckpt, or {_expected(kind)}).")
@@ -251,3 +253,45 @@ def go_offline_if_unreachable(repo_ids: list[str]) -> bool:
 
     constants.HF_HUB_OFFLINE = True
     return True
+
+
+def check_adapter_location(value: str, weight_name: str | None = None, what: str = "adapter") -> None:
+    """A local adapter must exist (it is read, with its own checks, by `load_checkpoint`); a hub one must be
+    cached or the hub reachable."""
+    from .adapter import PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME
+
+    if looks_local(value) or Path(value).expanduser().exists():
+        if not Path(value).expanduser().exists():
+            raise InputCheckError(f"{what}: {value!r} does not exist (expected {_expected('adapter')}).")
+        return
+    names = [weight_name] if weight_name else [PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME]
+    if any(in_hub_cache(value, name) for name in names):
+        return
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if hub_reachable() else "the Hugging Face hub cannot be reached (no network?)"
+    if reason:
+        raise InputCheckError(
+            f"{what}: {value!r} is not in the local Hugging Face cache and {reason}: download it where there "
+            f"is network (`hf download {value}`), then run again, or give a local file or folder."
+        )
+
+
+def check_locations(
+    models: list[tuple[str | None, str, str]], device: str | None = None, adapter_weight_name: str | None = None
+) -> None:
+    """Check `(value, kind, what)` model locations (kind "adapter" included) and a device, before loading.
+
+    When every hub model is cached but the hub cannot be reached, the hub client is switched to
+    offline mode so that loading does not retry for minutes.
+    """
+    check_device(device)
+    hub_ids = []
+    for value, kind, what in models:
+        if not value:
+            continue
+        if kind == "adapter":
+            check_adapter_location(value, adapter_weight_name, what)
+        else:
+            check_model_location(value, kind, what)
+        if not looks_local(value) and not Path(value).expanduser().exists():
+            hub_ids.append(value)
+    go_offline_if_unreachable(hub_ids)

@@ -341,40 +341,21 @@ def check_models(job: Job):
     truncated downloads); hub ids must be in the local cache or the hub reachable. The adapter is
     small next to SDXL, so it is read here in full and handed to `load_pipeline`.
     """
-    from .adapter import PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME, AdapterMismatchError, load_checkpoint
-    from .checks import (
-        InputCheckError,
-        check_device,
-        check_model_location,
-        go_offline_if_unreachable,
-        hub_offline,
-        hub_reachable,
-        in_hub_cache,
-        looks_local,
-    )
+    from .adapter import AdapterMismatchError, load_checkpoint
+    from .checks import InputCheckError, check_device, check_locations
 
     check_device(job.device)
     if job.base in (TINY, WORLD):  # built or shipped with the package
         return None
-    check_model_location(job.base, "base", "base")
-    check_model_location(job.image_encoder, "image_encoder", "image_encoder")
-    if job.controlnet is not None:
-        check_model_location(job.controlnet.model, "controlnet", "controlnet.model")
-    hub_ids = [v for v in (job.base, job.image_encoder, job.controlnet and job.controlnet.model) if v and not looks_local(v) and not Path(v).exists()]
-    adapter = job.adapter
-    if not looks_local(adapter) and not Path(adapter).exists():
-        names = [job.adapter_weight_name] if job.adapter_weight_name else [PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME]
-        if not any(in_hub_cache(adapter, name) for name in names):
-            reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if hub_reachable() else "the Hugging Face hub cannot be reached (no network?)"
-            if reason:
-                raise InputCheckError(
-                    f"adapter: {adapter!r} is not in the local Hugging Face cache and {reason}: download it where there "
-                    f"is network (`hf download {adapter}`), then run again, or give a local file or folder."
-                )
-        hub_ids.append(adapter)
-    go_offline_if_unreachable(hub_ids)  # everything is cached: do not let the hub client retry
+    models = [
+        (job.base, "base", "base"),
+        (job.image_encoder, "image_encoder", "image_encoder"),
+        (job.controlnet.model if job.controlnet else None, "controlnet", "controlnet.model"),
+        (job.adapter, "adapter", "adapter"),
+    ]
+    check_locations(models, adapter_weight_name=job.adapter_weight_name)
     try:
-        return load_checkpoint(adapter, weight_name=job.adapter_weight_name)
+        return load_checkpoint(job.adapter, weight_name=job.adapter_weight_name)
     except (FileNotFoundError, AdapterMismatchError, OSError) as error:
         raise InputCheckError(f"adapter: {error}") from None
 

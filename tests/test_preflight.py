@@ -70,7 +70,7 @@ def test_unreadable_subject_images(files, models, capsys, image, message):
     [
         ("--base", "./nobase", "base: './nobase' does not exist (expected a diffusers SDXL folder"),
         ("--image-encoder", "./noenc", "image_encoder: './noenc' does not exist"),
-        ("--adapter", "nonexistent_dir", "neither an existing file or folder nor a hub repo id"),
+        ("--adapter", "nonexistent_dir", "adapter: 'nonexistent_dir' does not exist (expected an ms_adapter.bin file"),
         ("--adapter", "garbage.bin", "not a torch checkpoint (expected a file written by torch.save"),
         ("--adapter", "truncated.safetensors", "truncated: its header describes"),
         ("--base", "truncated.safetensors", "base: "),
@@ -196,3 +196,14 @@ def test_file_checks(files, models):
     data = models["released_adapter"].read_bytes()
     (files / "cut.bin").write_bytes(data[: len(data) // 2])
     assert "truncated or corrupt" in torch_file_problem(files / "cut.bin")
+
+
+def test_train_and_bench_check_models_first(files, models, capsys):
+    (files / "m.jsonl").write_text("")
+    code, errors = run(capsys, "train", "--base", "./nobase", "--image-encoder", str(models["image_encoder"]), "--manifest", "m.jsonl")
+    assert code == 2 and "base: './nobase' does not exist" in errors[0], errors
+    code, errors = run(
+        capsys, "bench", "run", "--photos", str(files), "--output", "run", "--base", str(models["base"]),
+        "--adapter", "garbage.bin", "--image-encoder", "./noenc",
+    )  # fmt: skip
+    assert code == 2 and "--image-encoder: './noenc' does not exist" in errors[0], errors

@@ -123,4 +123,4 @@ def test_cache_command_errors(cached, tmp_path, capsys):
     args = list(cached["args"])
     args[6] = str(tmp_path / "no-base")
     assert main(args) == 2
-    assert "cannot load the models" in capsys.readouterr().err
+    assert "--base: " in (err := capsys.readouterr().err) and "no-base' does not exist" in err

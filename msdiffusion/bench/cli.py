@@ -179,6 +179,10 @@ def _run(args) -> int:
     if args.start_step < 1:
         raise UserInputError(f"--start-step must be at least 1, got {args.start_step}.")
 
+    from msdiffusion.checks import check_locations
+
+    models = [(args.base, "base", "--base"), (args.adapter, "adapter", "--adapter"), (args.image_encoder, "image_encoder", "--image-encoder")]
+    check_locations(models, adapter_weight_name=args.weight_name)  # before minutes of loading
     state = process_state()
     log = print if state.is_main_process else (lambda *a, **k: None)
     availability = check_images(samples, images_dir)
@@ -280,6 +284,10 @@ def _score(args) -> int:
         )
     print(f"{len(records)} images in the manifest, {len(existing)} already scored, {len(todo)} to score")
     if todo:
+        from msdiffusion.checks import check_locations
+
+        models = [(args.clip_model, "transformers", "--clip-model"), (args.dino_model, "transformers", "--dino-model"), (args.detector, "transformers", "--detector")]
+        check_locations(models, device=args.device)
         scorers = Scorers.load(requested, args.device, args.batch_size)
         bar = tqdm(total=len(todo), desc="scoring")
         try:

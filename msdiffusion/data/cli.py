@@ -193,6 +193,10 @@ def run_build(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.items()) or "no images found"
         raise UserInputError(f"no captioned items in {args.source} ({reasons}); see docs/data.md for the layouts")
 
+    from ..checks import check_locations
+
+    segmenter_name = args.segmenter or (DEFAULT_SEGMENTER if args.masks else None)
+    check_locations([(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")], device=args.device)
     device = args.device or default_device()
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
     if dtype is None:

@@ -47,7 +47,16 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
 
     from ..adapter import AdapterMismatchError
+    from ..checks import check_locations
     from ..data.manifest import ManifestError
+
+    models = [
+        (config.base, "base", "base"),
+        (None if config.cache else config.image_encoder, "image_encoder", "image_encoder"),  # a cache replaces it
+        (config.vae, "vae", "vae"),
+        (config.init_adapter, "adapter", "init_adapter"),
+    ]
+    check_locations(models)  # before minutes of loading
     from .cache import CacheError
     from .loop import TrainingRun
 
@@ -116,6 +125,10 @@ def run_cache(args: argparse.Namespace) -> int:
         raise UserInputError("--workers must be 0 or more")
     if not args.manifest.is_file():
         raise UserInputError(f"manifest not found: {args.manifest}")
+
+    from ..checks import check_locations
+
+    check_locations([(args.base, "base", "--base"), (args.image_encoder, "image_encoder", "--image-encoder")], device=args.device)
 
     import torch
 
