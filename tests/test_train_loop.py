@@ -228,3 +228,45 @@ def test_validation_entries_from_the_config(setup, tmp_path):
     run.train()
     assert (tmp_path / "validation" / "step-000001" / "0-layout.png").is_file()
     assert not (tmp_path / "validation" / "step-000001" / "1.png").exists()
+
+
+def _manifest_with_a_truncated_image(setup, tmp_path):
+    """The setup's manifest, copied with its photos, with line 2's target image cut in half."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["manifest"].parent, data)
+    line = json.loads((data / "manifest.jsonl").read_text().splitlines()[1])
+    image = data / line["image"]
+    raw = image.read_bytes()
+    image.write_bytes(raw[: len(raw) // 2])
+    return data / "manifest.jsonl"
+
+
+def test_unreadable_image_stops_before_the_first_step(setup, tmp_path, capsys):
+    from msdiffusion.cli import main
+
+    manifest = _manifest_with_a_truncated_image(setup, tmp_path)
+    models = setup["models"]
+    args = ["train", "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]), "--manifest", str(manifest),
+            "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--dataloader-workers", "0", "--resolution", "64",
+            "--train-batch-size", "2", "--max-train-steps", "1", "--validation-steps", "0"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "manifest.jsonl:2: image: cannot read" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "config.yaml").exists()  # stopped before training started
+
+
+def test_unreadable_image_is_skipped_and_counted(setup, tmp_path, caplog):
+    manifest = _manifest_with_a_truncated_image(setup, tmp_path)
+    run = _run_on(setup, manifest, tmp_path / "run", bad_samples="skip", max_train_steps=3, train_batch_size=2)
+    with caplog.at_level("WARNING", logger="msdiffusion.train"):
+        summary = run.train()
+    assert summary["steps"] == 3 and summary["skipped_bad_samples"] >= 1
+    assert "skipped an unreadable sample (bad_samples: skip)" in caplog.text and "manifest.jsonl:2: image" in caplog.text
+
+
+def _run_on(setup, manifest, output_dir, **overrides):
+    from msdiffusion.train.loop import TrainingRun
+
+    return TrainingRun(tiny_config(setup["models"], manifest, output_dir, **overrides))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -39,31 +40,57 @@ def _add_check(commands) -> None:
     check = commands.add_parser(
         "check",
         help="report a manifest's problems and statistics",
-        description="Validate a JSON-lines manifest (line-numbered problems) and print statistics. "
-        "Exit code 1 when there are problems.",
+        description="Validate a JSON-lines manifest (line-numbered problems) and print statistics. Every image, "
+        "reference and mask is decoded (in parallel, with a progress bar), so a truncated file is found here rather "
+        "than hours into training. Exit code 1 when there are problems (an empty manifest is one).",
     )
     check.add_argument("manifest", type=Path, help="the manifest (.jsonl)")
-    check.add_argument("--max-problems", type=int, default=50, help="problems to list (all are counted; default 50)")
-    check.add_argument(
-        "--no-open", action="store_true",
-        help="only check that files exist, without opening image headers (faster on slow disks)",
+    check.add_argument("--max-problems", type=int, default=50, help="problems to list (all are counted)")
+    speed = check.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--headers-only", action="store_true",
+        help="open image headers instead of decoding every pixel (faster; misses truncated files)",
     )
+    speed.add_argument(
+        "--no-open", action="store_true",
+        help="only check that files exist, without opening them (fastest; misses unreadable files)",
+    )
+    check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
+    check.add_argument("--quiet", action="store_true", help="no progress bar")
     check.set_defaults(func=run_check)
 
 
 def run_check(args: argparse.Namespace) -> int:
     from ..cli import UserInputError
-    from .manifest import validate_manifest
+    from .manifest import Problem, validate_manifest
 
     if not args.manifest.is_file():
         raise UserInputError(f"manifest not found: {args.manifest}")
     if args.max_problems < 1:
         raise UserInputError("--max-problems must be at least 1")
+    if args.workers < 1:
+        raise UserInputError("--workers must be at least 1")
+    bar = None
+    if not args.no_open and not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="decoding images" if not args.headers_only else "opening images", unit="sample", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     samples, problems, total = validate_manifest(
-        args.manifest, check_files=True, open_images=not args.no_open, max_problems=args.max_problems
-    )
+        args.manifest, check_files=True, open_images=not args.no_open, max_problems=args.max_problems,
+        decode=not args.headers_only, workers=args.workers, progress=progress if bar is not None else None,
+    )  # fmt: skip
+    if bar is not None:
+        bar.close()
+    if not samples and not total:  # nothing to train on is not a pass
+        problems = [Problem(0, "", "the manifest has no samples (no non-blank lines)", "empty")]
+        total = 1
     for problem in problems:
-        print(problem.format(args.manifest))
+        print(problem.format(args.manifest) if problem.line else f"{args.manifest}: {problem.message}")
     if total > len(problems):
         print(f"... and {total - len(problems)} more problems (raise --max-problems to list them)")
     print(format_statistics(samples, problems, total, args.manifest))
@@ -74,7 +101,7 @@ def format_statistics(samples, problems, total: int, manifest: Path) -> str:
     import numpy as np
 
     lines = [f"manifest: {manifest}"]
-    bad_lines = len({p.line for p in problems})
+    bad_lines = len({p.line for p in problems if p.line})
     more = "+" if total > len(problems) else ""
     lines.append(f"samples: {len(samples)} valid, {bad_lines}{more} line(s) with problems")
     per_sample = Counter(len(s.subjects) for s in samples)
@@ -101,6 +128,9 @@ def format_statistics(samples, problems, total: int, manifest: Path) -> str:
         phrases = Counter(s.phrase.lower() for s in subjects)
         lines.append("top phrases: " + ", ".join(f"{p} ({n})" for p, n in phrases.most_common(10)))
     kinds = Counter(p.kind for p in problems)
+    if kinds["empty"]:
+        lines.append("problems: 1 (the manifest is empty)")
+        return "\n".join(lines)
     lines.append(
         f"problems: {total} (missing files: {kinds['missing']}{more}, unreadable images: {kinds['unreadable']}{more})"
         if total else "problems: none"

@@ -316,6 +316,8 @@ def collate_subjects(batch: list[dict[str, Any]]) -> dict[str, Any]:
         out[key] = torch.tensor([item[key] for item in batch], dtype=torch.long)
     out["caption"] = [item["caption"] for item in batch]
     out["subject_phrases"] = [list(item["subject_phrases"]) for item in batch]
+    if any("bad_samples" in item for item in batch):  # unreadable samples the training loader skipped
+        out["bad_samples"] = [message for item in batch for message in item.get("bad_samples", ())]
     return out
 
 
@@ -330,11 +332,15 @@ def _image_size(sample: Sample, where: str) -> tuple[int, int]:
         raise ValueError(f"{where}: image: cannot read {sample.image} as an image ({error})") from error
 
 
+class SampleReadError(ValueError):
+    """An image of a manifest sample that cannot be read; the message starts with `manifest:line`."""
+
+
 def _open_rgb(path: Path, what: str) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as opened:
             return opened.convert("RGB")
     except FileNotFoundError:
-        raise ValueError(f"{what}: file not found: {path}") from None
-    except (OSError, PIL.UnidentifiedImageError) as error:
-        raise ValueError(f"{what}: cannot read {path} as an image ({error})") from error
+        raise SampleReadError(f"{what}: file not found: {path}") from None
+    except (OSError, PIL.UnidentifiedImageError, SyntaxError) as error:
+        raise SampleReadError(f"{what}: cannot read {path} as an image ({error})") from None

@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import PIL.Image
 
@@ -299,10 +299,14 @@ def _check_repeated_phrases(entries: list, caption: str, check: _Checker) -> Non
             )
 
 
-def check_sample_files(sample: Sample) -> list[Problem]:
-    """Open the sample's images (headers only) and check readability, declared sizes and mask sizes."""
+def check_sample_files(sample: Sample, decode: bool = False) -> list[Problem]:
+    """Open the sample's images and check readability, declared sizes and mask sizes.
+
+    Headers only by default; `decode=True` decodes every pixel, which finds truncated files (their
+    headers are intact, and training would fail on them mid-run).
+    """
     problems: list[Problem] = []
-    size = _image_size(sample.image, sample.line, "image", problems)
+    size = _image_size(sample.image, sample.line, "image", problems, decode)
     if size and sample.width is not None and (sample.width, sample.height) != size:
         problems.append(Problem(
             sample.line, "width",
@@ -311,10 +315,10 @@ def check_sample_files(sample: Sample) -> list[Problem]:
         ))
     for j, subject in enumerate(sample.subjects):
         where = f"subjects[{j}].reference"
-        ref_size = _image_size(subject.reference.image, sample.line, f"{where}.image", problems)
+        ref_size = _image_size(subject.reference.image, sample.line, f"{where}.image", problems, decode)
         if subject.reference.mask is None:
             continue
-        mask_size = _image_size(subject.reference.mask, sample.line, f"{where}.mask", problems)
+        mask_size = _image_size(subject.reference.mask, sample.line, f"{where}.mask", problems, decode)
         if ref_size and mask_size:
             allowed = {ref_size}
             if subject.reference.crop is not None:
@@ -341,13 +345,15 @@ def crop_pixels(crop: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, min(right, width) - left, min(bottom, height) - top
 
 
-def _image_size(path: Path, line: int, where: str, problems: list[Problem]) -> tuple[int, int] | None:
+def _image_size(path: Path, line: int, where: str, problems: list[Problem], decode: bool = False) -> tuple[int, int] | None:
     try:
         with PIL.Image.open(path) as image:
+            if decode:
+                image.load()
             return image.size
     except FileNotFoundError:
         problems.append(Problem(line, where, f"file not found: {path}", "missing"))
-    except (OSError, PIL.UnidentifiedImageError) as error:
+    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError) as error:  # SyntaxError: broken PNG chunks
         problems.append(Problem(line, where, f"cannot read {path} as an image ({error})", "unreadable"))
     return None
 
@@ -367,25 +373,49 @@ def validate_manifest(
     check_files: bool = True,
     open_images: bool = False,
     max_problems: int = DEFAULT_MAX_PROBLEMS,
+    decode: bool = False,
+    workers: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Sample], list[Problem], int]:
-    """Check every line; returns the valid samples, the first `max_problems` problems and the problem count."""
+    """Check every line; returns the valid samples, the first `max_problems` problems and the problem count.
+
+    `open_images` opens every image (headers; with `decode`, every pixel) on `workers` threads (image
+    decoding releases the GIL); `progress(done, total)` is called as samples are checked.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
     base = path.parent
+    parsed = [parse_line(text, number, base, check_files) for number, _, text in iter_lines(path)]
+    if open_images:
+        to_open = [sample for sample, found in parsed if sample is not None]
+        checked = iter(_check_files_parallel(to_open, decode, workers, progress))
+        parsed = [(sample, next(checked)) if sample is not None else (sample, found) for sample, found in parsed]
     samples: list[Sample] = []
     problems: list[Problem] = []
     total = 0
-    for number, _, text in iter_lines(path):
-        sample, found = parse_line(text, number, base, check_files)
-        if sample is not None and open_images:
-            found = check_sample_files(sample)
+    for sample, found in parsed:
         if found:
             total += len(found)
             problems.extend(found[: max(0, max_problems - len(problems))])
         else:
             samples.append(sample)
     return samples, problems, total
+
+
+def _check_files_parallel(
+    samples: list[Sample], decode: bool, workers: int, progress: Callable[[int, int], None] | None
+) -> list[list[Problem]]:
+    """`check_sample_files` of each sample, in order, on `workers` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list[list[Problem]] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found in pool.map(lambda sample: check_sample_files(sample, decode), samples):
+            results.append(found)
+            if progress is not None:
+                progress(len(results), len(samples))
+    return results
 
 
 def read_manifest(path: str | os.PathLike, check_files: bool = True, max_problems: int = DEFAULT_MAX_PROBLEMS) -> list[Sample]:

@@ -48,7 +48,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     from ..adapter import AdapterMismatchError
     from ..checks import check_locations
+    from ..data.dataset import SampleReadError
     from ..data.manifest import ManifestError
+    from .cache import CacheError
+    from .loop import TrainingRun
 
     models = [
         (config.base, "base", "base"),
@@ -57,9 +60,6 @@ def run_train(args: argparse.Namespace) -> int:
         (config.init_adapter, "adapter", "init_adapter"),
     ]
     check_locations(models)  # before minutes of loading
-    from .cache import CacheError
-    from .loop import TrainingRun
-
     user_errors = (ConfigError, ManifestError, CacheError, AdapterMismatchError)
     try:
         run = TrainingRun(config)
@@ -69,6 +69,10 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserInputError(str(error)) from None
     try:
         summary = run.train()
+    except SampleReadError as error:
+        # From a DataLoader worker the message carries the worker's traceback; its last line is the problem.
+        problem = str(error).strip().splitlines()[-1].removeprefix("msdiffusion.data.dataset.SampleReadError: ")
+        raise UserInputError(f"{problem} (training stopped; `bad_samples: skip` replaces unreadable samples instead)") from None
     except (*user_errors, FileNotFoundError) as error:
         raise UserInputError(str(error)) from None
     if "adapter" in summary:  # the main process wrote it

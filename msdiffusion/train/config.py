@@ -46,6 +46,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 REPORT_TO = ("tensorboard", "wandb", "none")
 CROP_MODES = ("random", "center")
 MASK_COLOR_NAMES = ("black", "white")  # msdiffusion.data.dataset.MASK_COLORS
+BAD_SAMPLES = ("stop", "skip")
 # Architecture fields of the resampler that follow from the models, not from the user.
 INFERRED_RESAMPLER_FIELDS = ("embedding_dim", "output_dim", "phrase_dim")
 
@@ -86,6 +87,11 @@ class TrainConfig:
     )
     reference_size: int | None = option(
         None, "square the references are squashed to before CLIP (default: the training size's larger side)", "data"
+    )
+    bad_samples: str = option(
+        "stop", "a sample whose image cannot be read: stop (every image is decoded before the first step, and the run "
+        "stops naming the manifest line) or skip (replaced by the next sample, counted and logged; no check up front)",
+        "data", BAD_SAMPLES,
     )
     dataloader_workers: int = option(4, "DataLoader worker processes", "data")
     pin_memory: bool = option(True, "pinned host memory for batches (faster copies to the GPU)", "data")

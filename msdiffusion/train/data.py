@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.buckets import BucketBatchSampler, sdxl_buckets
-from ..data.dataset import MASK_COLORS, MSDiffusionDataset, collate_subjects
+from ..data.dataset import MASK_COLORS, MSDiffusionDataset, SampleReadError, collate_subjects
 from .config import ConfigError, TrainConfig
 
 
@@ -39,10 +39,19 @@ class EpochTaggedBatches(Sampler):
 
 
 class EpochTaggedDataset(Dataset):
-    """Reads `(epoch, index)` keys: sets the wrapped dataset's epoch in the reading process, then reads."""
+    """Reads `(epoch, index)` keys: sets the wrapped dataset's epoch in the reading process, then reads.
 
-    def __init__(self, dataset: MSDiffusionDataset):
+    With `skip_bad=True` a sample whose image cannot be read is replaced by the next readable one,
+    and the item lists the skipped samples (`bad_samples`: their `manifest:line: problem` messages)
+    for the training loop to count and report; otherwise the `SampleReadError` propagates.
+    """
+
+    # Consecutive unreadable samples after which reading gives up (the data is broken, not a file).
+    MAX_CONSECUTIVE_BAD = 100
+
+    def __init__(self, dataset: MSDiffusionDataset, skip_bad: bool = False):
         self.dataset = dataset
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -51,7 +60,28 @@ class EpochTaggedDataset(Dataset):
         epoch, index = key
         if self.dataset.epoch != epoch:
             self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+        bad: list[str] = []
+        candidates = self._replacements(index)
+        for attempt in range(min(len(candidates), self.MAX_CONSECUTIVE_BAD)):
+            try:
+                item = self.dataset[int(candidates[attempt])]
+            except SampleReadError as error:
+                if not self.skip_bad:
+                    raise
+                bad.append(str(error))
+                continue
+            item["bad_samples"] = bad
+            return item
+        raise SampleReadError(f"{len(bad)} samples in a row cannot be read, the last: {bad[-1]}")
+
+    def _replacements(self, index: int):
+        """`index`, then the following samples of its bucket (a batch holds one size), wrapping around."""
+        import numpy as np
+
+        ids = self.dataset.bucket_ids
+        same = np.arange(len(self.dataset)) if ids is None else np.flatnonzero(ids == ids[index])
+        start = int(np.searchsorted(same, index))
+        return np.roll(same, -start)
 
 
 def build_dataset(config: TrainConfig, image_processor=None, cache=None, cache_settings: dict | None = None) -> MSDiffusionDataset:
@@ -92,7 +122,7 @@ def build_dataloader(config: TrainConfig, dataset: MSDiffusionDataset, cached: b
 
         collate = collate_cached
     loader = DataLoader(
-        EpochTaggedDataset(dataset),
+        EpochTaggedDataset(dataset, skip_bad=config.bad_samples == "skip"),
         batch_sampler=batches,
         collate_fn=collate,
         num_workers=workers,

@@ -102,6 +102,9 @@ class TrainingRun:
         cache = FeatureCache(config.cache) if config.cache else None
         self.dataset = build_dataset(config, image_processor, cache, self._cache_settings() if cache else None)
         dataloader, self.batches = build_dataloader(config, self.dataset, cached=cache is not None)
+        if config.bad_samples == "stop":
+            self._check_images()
+        self.bad_samples = 0
 
         unet, vae = load_unet_and_vae(config)
         if cache is None:
@@ -173,6 +176,27 @@ class TrainingRun:
                 "image_processor": image_processor,
             }  # fmt: skip
             self.validator = Validator(config, entries, components, self.noise_scheduler.config, self.device, self.weight_dtype)
+
+    def _check_images(self) -> None:
+        """Decode every image of the manifest now, so a broken file stops the run before its first step."""
+        import os
+
+        from tqdm.auto import tqdm
+
+        from ..data.manifest import ManifestError, validate_manifest
+
+        logger.info("decoding every image of the manifest (bad_samples: stop; skip instead to replace bad samples as they come)")
+        bar = tqdm(desc="checking images", unit="sample", disable=not self.accelerator.is_local_main_process)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        workers = max(1, self.config.dataloader_workers, min(8, os.cpu_count() or 1))
+        _, problems, total = validate_manifest(self.config.manifest, open_images=True, decode=True, workers=workers, progress=progress)
+        bar.close()
+        if problems:
+            raise ManifestError(self.config.manifest, problems, total)
 
     def _cache_settings(self) -> dict[str, Any]:
         """What the cached features depend on, as the training config has it."""
@@ -280,6 +304,9 @@ class TrainingRun:
             fetch_start = time.perf_counter()
             for batch in loader:
                 window.data_time += time.perf_counter() - fetch_start
+                for message in batch.pop("bad_samples", ()):
+                    self.bad_samples += 1
+                    logger.warning("skipped an unreadable sample (bad_samples: skip): %s", message)
                 loss = self.training_step(batch)
                 window.add_loss(loss)
                 if accelerator.sync_gradients:
@@ -455,6 +482,7 @@ class TrainingRun:
             "num_processes": accelerator.num_processes,
             "replica_fingerprints": fingerprints.tolist(),
             "replicas_in_sync": bool((fingerprints == fingerprints[0]).all()),
+            "skipped_bad_samples": self.bad_samples,  # this process's
         }
         if not summary["replicas_in_sync"]:
             logger.warning("the processes' adapter weights differ: %s", fingerprints.tolist())
