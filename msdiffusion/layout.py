@@ -238,8 +238,25 @@ def phrase_weights(phrase_positions: list[list[list[int]]], num_text_tokens: int
     return weights
 
 
-def warn_missing_phrases(prompt: str, phrases: list[str], positions: list[list[int]], auto_layout: bool) -> None:
+def phrases_past_token_limit(tokenizer, prompt: str, phrases: list[str], positions: list[list[int]]) -> list[bool]:
+    """For each phrase not found in the (truncated) prompt: whether it is there, but past the token limit."""
+    prompt_ids = tokenizer(prompt, truncation=False, verbose=False).input_ids  # no "longer than 77" warning
+    occurrences_used: dict[tuple[int, ...], int] = {}
+    past = []
     for phrase, found in zip(phrases, positions):
+        ids = tuple(tokenizer(phrase, add_special_tokens=False).input_ids)
+        k = occurrences_used.get(ids, 0)
+        occurrences_used[ids] = k + 1
+        past.append(not found and bool(ids) and k < len(_occurrences(prompt_ids, ids)))
+    return past
+
+
+def warn_missing_phrases(
+    prompt: str, phrases: list[str], positions: list[list[int]], auto_layout: bool, tokenizer=None
+) -> None:
+    """Warn about each phrase that cannot be located in the prompt; with `tokenizer`, say when it was cut off."""
+    past = phrases_past_token_limit(tokenizer, prompt, phrases, positions) if tokenizer is not None else [False] * len(phrases)
+    for phrase, found, cut_off in zip(phrases, positions, past):
         if found:
             continue
         consequence = (
@@ -247,8 +264,15 @@ def warn_missing_phrases(prompt: str, phrases: list[str], positions: list[list[i
             if auto_layout
             else "its phrase embedding is still used, but it cannot be located in the text"
         )
-        warnings.warn(
-            f"Subject phrase {phrase!r} was not found in the prompt {prompt!r} (or not as often as it is "
-            f"given): {consequence}. Use the exact words of the prompt as the phrase.",
-            stacklevel=3,
-        )
+        if cut_off:
+            limit = getattr(tokenizer, "model_max_length", 77)
+            message = (
+                f"Subject phrase {phrase!r} lies past the {limit}th token of the prompt, where SDXL's text encoders "
+                f"stop reading: {consequence}. Move it earlier or shorten the prompt."
+            )
+        else:
+            message = (
+                f"Subject phrase {phrase!r} was not found in the prompt {prompt!r} (or not as often as it is "
+                f"given): {consequence}. Use the exact words of the prompt as the phrase."
+            )
+        warnings.warn(message, stacklevel=3)

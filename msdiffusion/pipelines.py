@@ -190,7 +190,7 @@ class MSDiffusionMixin:
         for b, (prompt, row) in enumerate(zip(prompts, subjects)):
             phrases = [s.phrase for s in row]
             found = phrase_token_positions(self.tokenizer, prompt, phrases, phrase_matching)
-            warn_missing_phrases(prompt, phrases, found, auto_layout=mask_threshold is not None)
+            warn_missing_phrases(prompt, phrases, found, auto_layout=mask_threshold is not None, tokenizer=self.tokenizer)
             positions.append(found + [[] for _ in range(num_subjects - len(row))])
             for j, subject in enumerate(row):
                 boxes[b, j] = torch.tensor(subject.box, dtype=torch.float64)

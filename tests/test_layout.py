@@ -96,3 +96,21 @@ def test_layout_repeat_interleave_and_validation():
         SubjectLayout(boxes=torch.rand(2, 4), latent_size=(8, 8))
     with pytest.raises(ValueError, match="token positions"):
         SubjectLayout(boxes=torch.rand(1, 1, 4), latent_size=(8, 8), mask_threshold=0.3)
+
+
+def test_phrase_past_the_token_limit_is_named_as_such(tokenizer):
+    import warnings
+
+    from msdiffusion.layout import warn_missing_phrases
+
+    prompt = "a photo of " + "the red beach " * 30 + "with a dog"  # "dog" is far past token 77
+    phrases = ["dog", "cat", "photo"]
+    positions = phrase_token_positions(tokenizer, prompt, phrases)
+    assert positions[0] == [] and positions[1] == [] and positions[2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_missing_phrases(prompt, phrases, positions, auto_layout=False, tokenizer=tokenizer)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert "'dog' lies past the 77th token of the prompt" in messages[0]
+    assert "'cat' was not found in the prompt" in messages[1]
