@@ -17,14 +17,73 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.dat
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="msdiff",
-        description="MS-Diffusion: layout-guided multi-subject personalization on SDXL.",
+        description="MS-Diffusion: layout-guided multi-subject personalization on SDXL. "
+        "Every command has its own --help.",
     )
+    parser.add_argument("--version", action="version", version=f"msdiff {__version__}", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    _finish(parser)
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text or not action.option_strings:
+            return help_text
+        return help_text + " (default: %(default)s)"
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """One help style everywhere: defaults shown, and a description for every (sub)command."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                if subparser.description is None and helps.get(name):
+                    subparser.description = helps[name][0].upper() + helps[name][1:] + "."
+                _finish(subparser)
+
+
+class _DeprecatedOption(argparse.Action):
+    def __init__(self, option_strings, dest, replacement: str, convert=None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.replacement, self.convert = replacement, convert
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, self.convert(values) if self.convert else values)
+
+
+def deprecated_option(parser, old: str, replacement: str, dest: str, convert=None, **kwargs) -> None:
+    """Keep an old option name working (hidden from --help, with a warning naming its replacement)."""
+    parser.add_argument(
+        old, dest=dest, action=_DeprecatedOption, replacement=replacement, convert=convert,
+        default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs,
+    )  # fmt: skip
+
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16", "float": "fp32"}
+
+
+def dtype_name(text: str) -> str:
+    """`--dtype` value: fp32, fp16, bf16 (auto where a command offers it); the torch names still work."""
+    return _DTYPE_ALIASES.get(text.lower(), text.lower())
+
+
+def torch_dtype_name(name: str) -> str:
+    """fp16 -> float16 (the attribute of torch)."""
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name]
 
 
 # A comma-separated list of numbers starting with a minus sign (a box such as -0.1,0.2,0.5,0.8).

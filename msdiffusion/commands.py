@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from .cli import UserInputError
+from .cli import DTYPE_CHOICES, UserInputError, deprecated_option, dtype_name
+from .jobs import DEFAULT_IMAGE_ENCODER  # jobs imports nothing heavy at module level
 from .release import RELEASE_NEGATIVE_PROMPT
 
 DEMO_PROMPT = "a dog and a cat on the beach"
@@ -25,23 +26,27 @@ def register(subparsers) -> None:
         description="Generate images with subjects in boxes. Give a job file (YAML/JSON, see README), "
         "flags, or both (flags override the file); or --from an image msdiff wrote, to make it again.",
     )
-    generate.add_argument("job", nargs="?", help="job file (.yaml / .json)")
+    generate.add_argument("job", nargs="?", help="job file (.yaml / .json); flags override its fields")
     generate.add_argument("--from", dest="from_image", metavar="PNG", help="regenerate from the job recorded in an image")
     models = generate.add_argument_group("models")
-    models.add_argument("--base", help="SDXL: hub id, diffusers folder, or single .safetensors file")
-    models.add_argument("--adapter", help="MS-Diffusion adapter: hub id, ms_adapter.bin, or project folder")
-    models.add_argument("--adapter-weight-name", help="file name of the adapter inside a repo or folder")
-    models.add_argument("--image-encoder", help="CLIP vision encoder: hub id or folder")
-    models.add_argument("--scheduler", help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler")
+    models.add_argument("--base", help="SDXL: hub id, diffusers folder, or single .safetensors file (required)")
+    models.add_argument("--adapter", help="MS-Diffusion adapter: hub id, ms_adapter.bin, or project folder (required)")
+    models.add_argument(
+        "--adapter-weight-name",
+        help="file name of the adapter inside a repo or folder (default: ms_adapter_config.json + "
+        "ms_adapter.safetensors, else ms_adapter.bin)",
+    )
+    models.add_argument("--image-encoder", help=f"CLIP vision encoder: hub id or folder (default: {DEFAULT_IMAGE_ENCODER})")
+    models.add_argument("--scheduler", help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler (default: the base's)")
     models.add_argument("--controlnet", help="ControlNet hub id or folder (needs --control-image)")
     models.add_argument("--control-image", help="control image for the ControlNet")
-    models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default 1.0)")
+    models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default: 1.0)")
     models.add_argument(
         "--controlnet-image-tokens", action="store_true", default=None,
         help="let the ControlNet attend over the subject tokens too, as the released inference_controlnet.py",
     )  # fmt: skip
     what = generate.add_argument_group("what to draw")
-    what.add_argument("--prompt")
+    what.add_argument("--prompt", help="the text; it must contain every subject's phrase (required)")
     what.add_argument(
         "--negative-prompt", metavar="TEXT",
         help=f'default: the release\'s "{RELEASE_NEGATIVE_PROMPT}"; "" for none (SDXL then uses zero embeddings)',
@@ -49,34 +54,36 @@ def register(subparsers) -> None:
     what.add_argument(
         "--subject", action="append", nargs="+", metavar="ARG",
         help="IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]; repeat per subject. IMAGE may be a+b.jpg for several "
-        "references of one subject; the box is in [0, 1] of the output (omit it for auto layout).",
+        "references of one subject (unless a file of that whole name exists); the box is in [0, 1] of the output (omit it for auto layout).",
     )  # fmt: skip
     how = generate.add_argument_group("how")
-    how.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1344x768 (multiples of 8)")
-    how.add_argument("--seed", type=int)
-    how.add_argument("--images", type=int, help="number of images (seeds seed, seed+1, ...)")
+    how.add_argument("--size", help="WIDTHxHEIGHT, e.g. 1344x768, or one number for a square; multiples of 8 (default: 1024x1024)")
+    how.add_argument("--seed", type=int, help="seed of the first image; image k uses seed + k (default: random)")
+    how.add_argument("--images", type=int, help="number of images (default: 1)")
     how.add_argument(
         "--seed-mode", choices=["per-image", "release"],
         help="per-image (default): image k from a CPU generator seeded seed+k; release: one generator on the "
         "device draws the batch, as the released code (its images seed for seed, e.g. with --device cuda)",
     )  # fmt: skip
-    how.add_argument("--steps", type=int)
-    how.add_argument("--guidance", type=float)
-    how.add_argument("--scale", type=float, help="subject strength (0.6 default; 0.4 for backgrounds)")
-    how.add_argument("--mask-threshold", type=float, help="enable auto layout with this threshold (e.g. 0.5)")
-    how.add_argument("--start-step", type=int, help="step at which auto layout takes over (default 5)")
+    how.add_argument("--steps", type=int, help="denoising steps (default: 30)")
+    how.add_argument("--guidance", type=float, help="classifier-free guidance; 1 turns it off (default: 7.5)")
+    how.add_argument("--scale", type=float, help="subject strength; 0.4 suits background-like subjects (default: 0.6)")
+    how.add_argument("--mask-threshold", type=float, help="turn on auto layout with this threshold, e.g. 0.5 (default: off)")
+    how.add_argument("--start-step", type=int, help="step at which auto layout takes over (default: 5)")
     how.add_argument(
         "--phrase-matching", choices=["tokens", "release"],
         help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
     )  # fmt: skip
-    how.add_argument("--drop-grounding", action="store_true", default=None, help="use learned grounding tokens")
+    how.add_argument("--drop-grounding", action="store_true", default=None, help="use the learned grounding tokens instead of phrase + box")
+    deprecated_option(how, "--guidance-scale", "--guidance", "guidance", type=float)
+    deprecated_option(how, "--ms-scale", "--scale", "scale", type=float)
+    deprecated_option(models, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     out = generate.add_argument_group("output")
     out.add_argument("--output", help="folder for the images (default: outputs)")
-    out.add_argument("--no-preview", dest="preview", action="store_false", default=None, help="skip the layout preview")
-    out.add_argument("--no-masks", dest="save_masks", action="store_false", default=None, help="skip auto-layout masks")
-    out.add_argument("--device", help="cuda, mps or cpu (default: best available)")
-    out.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
-    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    out.add_argument("--no-preview", dest="preview", action="store_false", default=None, help="skip the layout preview and sheet")
+    out.add_argument("--no-masks", dest="save_masks", action="store_false", default=None, help="skip the auto-layout masks")
+    _add_device_arguments(out)
+    out.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
     generate.set_defaults(func=run_generate)
 
     demo = subparsers.add_parser(
@@ -88,16 +95,15 @@ def register(subparsers) -> None:
         "--base/--adapter/--image-encoder: the dog-and-cat example on those models. With --random: tiny "
         "random SDXL-shaped models, which check the wiring (the image is noise).",
     )
-    demo.add_argument("--output", default="msdiff-demo", help="folder to write into (default: msdiff-demo)")
+    demo.add_argument("--output", default="msdiff-demo", help="folder to write into")
     demo.add_argument("--base", help="real SDXL (hub id / folder / file); needs --adapter and --image-encoder too")
-    demo.add_argument("--adapter")
-    demo.add_argument("--image-encoder")
+    demo.add_argument("--adapter", help="MS-Diffusion adapter (hub id, ms_adapter.bin or project folder), with --base")
+    demo.add_argument("--image-encoder", help="CLIP vision encoder (hub id or folder), with --base")
     demo.add_argument("--random", action="store_true", help="tiny random models instead of the world's trained ones")
-    demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    demo.add_argument("--steps", type=int, help="default: 25 world, 20 random, 30 real")
-    demo.add_argument("--size", help="WIDTHxHEIGHT (default: 64x64 world, 512x384 random, 1024x1024 real)")
-    demo.add_argument("--device")
-    demo.add_argument("--dtype", choices=["fp32", "fp16", "bf16"])
+    demo.add_argument("--seed", type=int, default=0, help="seed")
+    demo.add_argument("--steps", type=int, help="denoising steps (default: 25 world, 20 random, 30 real)")
+    demo.add_argument("--size", help="WIDTHxHEIGHT or one number (default: 64x64 world, 512x384 random, 1024x1024 real)")
+    _add_device_arguments(demo)
     demo.set_defaults(func=run_demo)
 
     convert = subparsers.add_parser(
@@ -108,15 +114,28 @@ def register(subparsers) -> None:
     )
     convert.add_argument("source", help="ms_adapter.bin, project folder, or hub id")
     convert.add_argument("dest", help="output: a path ending in .bin, or a folder")
-    convert.add_argument("--weight-name", help="file name inside SOURCE when it is a repo or folder")
+    convert.add_argument("--adapter-weight-name", help="file name inside SOURCE when it is a repo or folder")
+    deprecated_option(convert, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     convert.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     convert.set_defaults(func=run_convert)
 
-    inspect = subparsers.add_parser("inspect", help="describe an adapter checkpoint")
+    inspect = subparsers.add_parser(
+        "inspect", help="describe an adapter checkpoint",
+        description="Describe an adapter checkpoint: format, size, resampler architecture, attention layers, "
+        "and which UNet it fits. Reads no other model.",
+    )  # fmt: skip
     inspect.add_argument("source", help="ms_adapter.bin, project folder, or hub id")
-    inspect.add_argument("--weight-name", help="file name inside SOURCE when it is a repo or folder")
+    inspect.add_argument("--adapter-weight-name", help="file name inside SOURCE when it is a repo or folder")
+    deprecated_option(inspect, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=run_inspect)
+
+
+def _add_device_arguments(group) -> None:
+    group.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
+    group.add_argument(
+        "--dtype", type=dtype_name, choices=DTYPE_CHOICES, help="weights' precision (default: fp16 on a GPU, fp32 on the CPU)"
+    )
 
 
 # ---- generate ----------------------------------------------------------------------------------
@@ -279,7 +298,7 @@ def run_convert(args) -> int:
             f"{dest}: DEST is a .bin file (released format) or a folder (project format: ms_adapter.safetensors + "
             f"ms_adapter_config.json inside it), e.g. {dest.with_suffix('')}/ ; a single {dest.suffix} file is not a format msdiff writes."
         )
-    checkpoint = _load(args.source, args.weight_name)
+    checkpoint = _load(args.source, args.adapter_weight_name)
     written = checkpoint.save(dest)
     kind = "released .bin" if dest.suffix == ".bin" else "project format (safetensors + config)"
     print(f"wrote {written} ({kind})")
@@ -320,7 +339,7 @@ def describe_checkpoint(source: str, weight_name: str | None = None) -> dict:
 
 
 def run_inspect(args) -> int:
-    info = describe_checkpoint(args.source, args.weight_name)
+    info = describe_checkpoint(args.source, args.adapter_weight_name)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -146,7 +146,7 @@ def test_cli_list(capsys, tmp_path):
     assert "living_object_scene" in out and "400 combinations" in out
 
     _touch(tmp_path / "photos" / "living" / "dog.jpg")
-    assert main(["bench", "list", "--images", str(tmp_path / "photos")]) == 0
+    assert main(["bench", "list", "--photos", str(tmp_path / "photos")]) == 0
     out = capsys.readouterr().out
     assert "buildable from" in out and ": 0 of 4488 samples" in out and "missing living/cat1.jpg" in out
     assert "missing living/dog.jpg" not in out
@@ -161,7 +161,7 @@ def test_cli_list(capsys, tmp_path):
 
 
 def test_cli_list_on_shared_images(capsys, shared_dir):
-    assert main(["bench", "list", "--images", str(shared_dir / "msbench")]) == 0
+    assert main(["bench", "list", "--photos", str(shared_dir / "msbench")]) == 0
     out = capsys.readouterr().out
     assert "missing living/cat1.jpg (subject cat1: file not found): 452 samples cannot be built" in out
 

@@ -90,9 +90,9 @@ def tiny_models(tmp_path_factory):
 
 def _run_args(models, photos, output, *extra):
     return [
-        "bench", "run", "--images", str(photos), "--output", str(output), "--only", *SELECTION,
+        "bench", "run", "--photos", str(photos), "--output", str(output), "--only", *SELECTION,
         "--base", str(models["base"]), "--adapter", str(models["adapter"]), "--image-encoder", str(models["image_encoder"]),
-        "--images-per-sample", "2", "--steps", "2", "--height", "64", "--width", "64", "--seed", "3", *extra,
+        "--images-per-sample", "2", "--steps", "2", "--size", "64", "--seed", "3", *extra,
     ]  # fmt: skip
 
 
@@ -145,8 +145,9 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "one" / "images").rglob("*.png")}
 
     # resuming with other settings would mix images: refused
-    assert main(_run_args(tiny_models, photos, tmp_path / "one", "--guidance-scale", "3")) == 2
-    assert "guidance_scale: 7.5 -> 3.0" in capsys.readouterr().err
+    assert main(_run_args(tiny_models, photos, tmp_path / "one", "--guidance-scale", "3")) == 2  # the old name still works
+    err = capsys.readouterr().err
+    assert "guidance_scale: 7.5 -> 3.0" in err and "--guidance-scale is deprecated; use --guidance" in err
     assert main(_run_args(tiny_models, photos, tmp_path / "strict", "--require-all")) == 2
     assert "cannot be built" in capsys.readouterr().err
 

@@ -203,7 +203,7 @@ def test_train_and_bench_check_models_first(files, models, capsys):
     code, errors = run(capsys, "train", "--base", "./nobase", "--image-encoder", str(models["image_encoder"]), "--manifest", "m.jsonl")
     assert code == 2 and "base: './nobase' does not exist" in errors[0], errors
     code, errors = run(
-        capsys, "bench", "run", "--images", str(files), "--output", "run", "--base", str(models["base"]),
+        capsys, "bench", "run", "--photos", str(files), "--output", "run", "--base", str(models["base"]),
         "--adapter", "garbage.bin", "--image-encoder", "./noenc",
     )  # fmt: skip
     assert code == 2 and "--image-encoder: './noenc' does not exist" in errors[0], errors

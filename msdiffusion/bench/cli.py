@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from msdiffusion.cli import UserInputError
+from msdiffusion.cli import DTYPE_CHOICES, UserInputError, deprecated_option, dtype_name, torch_dtype_name
 
 from .definitions import BENCHMARKS, check_images, load_benchmark, select_samples
 from .runner import RELEASE_NEGATIVE_PROMPT
@@ -24,39 +24,43 @@ def register(subparsers) -> None:
     bench.set_defaults(func=lambda args: bench.print_help() or 2)
     actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
 
-    listing = actions.add_parser("list", help="count the samples; with --images, what can be built from a directory")
+    listing = actions.add_parser("list", help="count the samples; with --photos, what can be built from a directory")
     _add_benchmark_args(listing)
-    listing.add_argument("--images", type=Path, help="directory of subject photos to check")
+    _add_photos_arg(listing, "directory of subject photos to check")
     listing.add_argument("--samples", action="store_true", help="print every sample id with its prompt")
     listing.set_defaults(func=_list)
 
     run = actions.add_parser("run", help="generate the benchmark's images (resumable; shard with accelerate launch)")
     _add_benchmark_args(run)
     _add_selection_args(run)
-    run.add_argument("--images", type=Path, required=True, help="directory of subject photos (e.g. ../shared/msbench)")
+    _add_photos_arg(run, "directory of subject photos, e.g. ../shared/msbench (required)")
     run.add_argument("--output", type=Path, required=True, help="run directory: images, manifest.jsonl, run_config.json")
     run.add_argument("--base", required=True, help="SDXL pipeline: folder, hub id or single file")
     run.add_argument("--adapter", required=True, help="MS-Diffusion adapter: ms_adapter.bin, project folder or hub id")
-    run.add_argument("--weight-name", help="file inside a hub adapter repo, e.g. ms_adapter.bin")
+    run.add_argument("--adapter-weight-name", help="file inside a hub adapter repo, e.g. ms_adapter.bin")
+    deprecated_option(run, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     run.add_argument("--image-encoder", required=True, help="CLIP ViT-bigG/14 vision encoder: folder or hub id")
     run.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its sample id")
     run.add_argument("--images-per-sample", type=int, help="images per sample (default: the benchmark's own)")
-    run.add_argument("--steps", type=int, default=30)
-    run.add_argument("--guidance-scale", type=float, default=7.5)
-    run.add_argument("--ms-scale", type=float, default=0.6)
-    run.add_argument("--height", type=int, default=1024)
-    run.add_argument("--width", type=int, default=1024)
-    run.add_argument("--negative-prompt", default=RELEASE_NEGATIVE_PROMPT)
+    run.add_argument("--steps", type=int, default=30, help="denoising steps")
+    run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance")
+    deprecated_option(run, "--guidance-scale", "--guidance", "guidance", type=float)
+    run.add_argument("--scale", type=float, default=0.6, help="subject strength")
+    deprecated_option(run, "--ms-scale", "--scale", "scale", type=float)
+    run.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, or one number for a square")
+    deprecated_option(run, "--height", "--size WIDTHxHEIGHT", "height", type=int)
+    deprecated_option(run, "--width", "--size WIDTHxHEIGHT", "width", type=int)
+    run.add_argument("--negative-prompt", default=RELEASE_NEGATIVE_PROMPT, help="the released evaluation's negative prompt by default")
     run.add_argument("--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '")
-    run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold")
-    run.add_argument("--start-step", type=int, default=5)
+    run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold (default: off)")
+    run.add_argument("--start-step", type=int, default=5, help="step at which auto layout takes over")
     run.add_argument(
         "--phrase-matching", choices=["tokens", "release"], default="tokens",
-        help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
+        help="where auto layout finds repeated phrases: tokens or the released code's positions",
     )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
-    run.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
-                     help="auto: float16 on a GPU, float32 on the CPU")  # fmt: skip
+    run.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
+                     help="weights' precision; auto: fp16 on a GPU, fp32 on the CPU")  # fmt: skip
     run.add_argument("--require-all", action="store_true", help="fail if any selected sample cannot be built")
     run.set_defaults(func=_run)
 
@@ -64,31 +68,37 @@ def register(subparsers) -> None:
     from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
 
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
-    score.add_argument("--images", type=Path, help="subject photos (default: the directory the run used)")
+    _add_photos_arg(score, "subject photos (default: the directory the run used)")
     score.add_argument(
-        "--clip-model", default=DEFAULT_CLIP_MODEL, help="default: CLIP ViT-B/32, as DreamBooth's protocol"
+        "--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model for CLIP-T and CLIP-I (ViT-B/32, as DreamBooth's protocol)"
     )  # fmt: skip
-    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="default: DINO ViT-S/16, as DreamBooth's protocol")
+    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT for the DINO score (ViT-S/16, as DreamBooth's protocol)")
     score.add_argument(
         "--dino-preprocessing", choices=DINO_PREPROCESSING, default="resize-crop",
-        help="resize-crop (default: short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
+        help="resize-crop (short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
     )  # fmt: skip
     score.add_argument("--detector", default=DEFAULT_DETECTOR, help="OWL-ViT, OWLv2 or Grounding DINO folder or hub id")
-    score.add_argument("--detection-threshold", type=float, help="default: the detector family's own")
-    score.add_argument("--batch-size", type=int, default=16)
-    score.add_argument("--device", help="default: cuda when available, else cpu")
+    score.add_argument("--detection-threshold", type=float, help="minimum detection score (default: the detector family's own)")
+    score.add_argument("--batch-size", type=int, default=16, help="images per model batch")
+    score.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     score.add_argument("--overwrite", action="store_true", help="rescore every image (needed after changing models)")
     score.set_defaults(func=_score)
 
     report = actions.add_parser("report", help="tables (markdown + JSON) and image grids from a scored run")
     report.add_argument("--output", type=Path, required=True, help="the run directory")
-    report.add_argument("--images", type=Path, help="subject photos (default: the directory the run used)")
+    _add_photos_arg(report, "subject photos (default: the directory the run used)")
     report.add_argument("--grid-samples", type=int, default=8, help="samples per grid (one grid per group)")
     report.set_defaults(func=_report)
 
 
 def _add_benchmark_args(parser) -> None:
-    parser.add_argument("--bench", choices=list(BENCHMARKS), default="msbench")
+    parser.add_argument("--bench", choices=list(BENCHMARKS), default="msbench", help="which benchmark")
+
+
+def _add_photos_arg(parser, help_text: str) -> None:
+    # `--images` is a count in `msdiff generate` (as in job files); the photo folder is `--photos`.
+    parser.add_argument("--photos", type=Path, help=help_text)
+    deprecated_option(parser, "--images", "--photos", "photos", type=Path)
 
 
 def _add_selection_args(parser) -> None:
@@ -106,6 +116,15 @@ def _selected(args):
         raise UserInputError(str(error)) from None
 
 
+def _size(args) -> tuple[int, int]:
+    """(width, height) from --size, or from the deprecated --width/--height."""
+    from msdiffusion.jobs import parse_size
+
+    width, height = parse_size(args.size, "--size")
+    width, height = parse_size([getattr(args, "width", width), getattr(args, "height", height)], "--size")
+    return width, height
+
+
 def _existing_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise UserInputError(f"{what} {path} is not a directory.")
@@ -116,8 +135,8 @@ def _existing_dir(path: Path, what: str) -> Path:
 
 
 def _list(args) -> int:
-    if args.images is not None:
-        _existing_dir(args.images, "--images")
+    if args.photos is not None:
+        _existing_dir(args.photos, "--photos")
     benchmark = load_benchmark(args.bench)
     print(benchmark.summary())
     width = max(map(len, benchmark.groups))
@@ -126,9 +145,9 @@ def _list(args) -> int:
         samples = [s for s in benchmark.samples if s.group == group]
         combinations = len({s.combination for s in samples})
         print(f"  {group:<{width}}  {combinations:>4} {unit}  {len(samples):>5} samples")
-    if args.images is not None:
-        availability = check_images(benchmark.samples, args.images)
-        for line in availability.describe(args.images, len(benchmark.samples)):
+    if args.photos is not None:
+        availability = check_images(benchmark.samples, args.photos)
+        for line in availability.describe(args.photos, len(benchmark.samples)):
             print(line)
     if args.samples:
         for sample in benchmark.samples:
@@ -167,8 +186,11 @@ def _run(args) -> int:
     )
 
     benchmark, samples = _selected(args)
-    images_dir = _existing_dir(args.images, "--images")
-    positive = {"--steps": args.steps, "--batch-size": args.batch_size, "--height": args.height, "--width": args.width}
+    if args.photos is None:
+        raise UserInputError("--photos: required (the directory of subject photos).")
+    images_dir = _existing_dir(args.photos, "--photos")
+    width, height = _size(args)
+    positive = {"--steps": args.steps, "--batch-size": args.batch_size}
     for name, value in positive.items():
         if value < 1:
             raise UserInputError(f"{name} must be at least 1, got {value}.")
@@ -182,7 +204,7 @@ def _run(args) -> int:
     from msdiffusion.checks import check_locations
 
     models = [(args.base, "base", "--base"), (args.adapter, "adapter", "--adapter"), (args.image_encoder, "image_encoder", "--image-encoder")]
-    check_locations(models, adapter_weight_name=args.weight_name)  # before minutes of loading
+    check_locations(models, adapter_weight_name=args.adapter_weight_name)  # before minutes of loading
     state = process_state()
     log = print if state.is_main_process else (lambda *a, **k: None)
     availability = check_images(samples, images_dir)
@@ -198,13 +220,13 @@ def _run(args) -> int:
 
     dtype = args.dtype
     if dtype == "auto":
-        dtype = "float16" if state.device.type == "cuda" else "float32"
-    settings = GenerationSettings(
-        base=args.base, adapter=args.adapter, image_encoder=args.image_encoder, weight_name=args.weight_name,
+        dtype = "fp16" if state.device.type == "cuda" else "fp32"
+    settings = GenerationSettings(  # its field names are those of run_config.json files already written
+        base=args.base, adapter=args.adapter, image_encoder=args.image_encoder, weight_name=args.adapter_weight_name,
         seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample, steps=args.steps,
-        guidance_scale=args.guidance_scale, ms_scale=args.ms_scale, height=args.height, width=args.width,
+        guidance_scale=args.guidance, ms_scale=args.scale, height=height, width=width,
         negative_prompt=args.negative_prompt, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
-        start_step=args.start_step, phrase_matching=args.phrase_matching, dtype=dtype,
+        start_step=args.start_step, phrase_matching=args.phrase_matching, dtype=torch_dtype_name(dtype),
     )  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
     try:
@@ -255,8 +277,8 @@ def _score(args) -> int:
         records = read_manifest(output)
     except FileNotFoundError as error:
         raise UserInputError(str(error)) from None
-    if args.images is not None:
-        _existing_dir(args.images, "--images")
+    if args.photos is not None:
+        _existing_dir(args.photos, "--photos")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
 
@@ -291,7 +313,7 @@ def _score(args) -> int:
         scorers = Scorers.load(requested, args.device, args.batch_size)
         bar = tqdm(total=len(todo), desc="scoring")
         try:
-            new = score_records(todo, output, scorers, args.images, args.batch_size, bar.update)
+            new = score_records(todo, output, scorers, args.photos, args.batch_size, bar.update)
         except FileNotFoundError as error:
             raise UserInputError(str(error)) from None
         bar.close()
@@ -316,9 +338,9 @@ def _report(args) -> int:
         raise UserInputError(f"No {SCORES} in {output}: run `msdiff bench score --output {output}` first.")
     if args.grid_samples < 0:
         raise UserInputError(f"--grid-samples must be 0 or more, got {args.grid_samples}.")
-    if args.images is not None:
-        _existing_dir(args.images, "--images")
-    paths = write_report(output, grid_samples=args.grid_samples, images_dir=args.images)
+    if args.photos is not None:
+        _existing_dir(args.photos, "--photos")
+    paths = write_report(output, grid_samples=args.grid_samples, images_dir=args.photos)
     for path in paths:
         print(path)
     return 0

@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..cli import DTYPE_CHOICES, dtype_name
 from . import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
 
 AREA_BINS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -173,7 +174,7 @@ def _add_build(commands) -> None:
     models.add_argument("--masks", action="store_true", help=f"segment subjects with SAM to mask the reference crops (default model {DEFAULT_SEGMENTER})")
     models.add_argument("--segmenter", help="SAM hub id or folder (implies --masks)")
     models.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
-    models.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto", help="model precision (auto: float16 on CUDA, float32 elsewhere)")
+    models.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto", help="model precision; auto: fp16 on CUDA, fp32 elsewhere")
     models.add_argument("--batch-size", type=int, default=8, help="images per detector batch (default 8)")
 
     filters = build.add_argument_group("filters")
@@ -228,7 +229,7 @@ def run_build(args: argparse.Namespace) -> int:
     segmenter_name = args.segmenter or (DEFAULT_SEGMENTER if args.masks else None)
     check_locations([(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")], device=args.device)
     device = args.device or default_device()
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     try:

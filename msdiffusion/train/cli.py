@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import DTYPE_CHOICES, dtype_name
 from .config import add_config_arguments
 
 
@@ -28,14 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved, validated config as YAML and exit"
+        "--print-config", action="store_true",
+        help="print the resolved, validated config as YAML and exit; alone, a commented template of every field",
     )
 
 
 def run_train(args: argparse.Namespace) -> int:
     from ..cli import UserInputError
-    from .config import ConfigError, load_config_from_args
+    from .config import ConfigError, config_template, load_config_from_args, overrides_from_args
 
+    if args.print_config and args.config is None and not overrides_from_args(args):
+        print(config_template(), end="")
+        return 0
     try:
         config = load_config_from_args(args)
     except ConfigError as error:
@@ -110,8 +115,8 @@ def add_cache_parser(commands: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     cache.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     cache.add_argument(
-        "--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
-        help="precision of the encoders and the stored features (auto: float16 on CUDA, float32 elsewhere)",
+        "--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
+        help="precision of the encoders and the stored features; auto: fp16 on CUDA, fp32 elsewhere",
     )
     cache.add_argument("--batch-size", type=int, default=16, help="samples per encoder batch (default 16)")
     cache.add_argument("--workers", type=int, default=4, help="processes reading the reference images (default 4)")
@@ -143,7 +148,7 @@ def run_cache(args: argparse.Namespace) -> int:
     from .models import load_image_encoder, load_text_encoders
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     models = TrainConfig(base=args.base, image_encoder=args.image_encoder, variant=args.variant, revision=args.revision)

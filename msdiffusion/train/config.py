@@ -388,6 +388,24 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     return config_from_dict(values, str(path) if path else None)
 
 
+def config_template() -> str:
+    """Every field with its default and help as a commented YAML config (`msdiff train --print-config`)."""
+    import yaml
+
+    lines = ["# msdiff train config: every field with its default (docs/training.md). Fill in the required ones."]
+    group = None
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            lines += ["", f"# --- {group} " + "-" * (60 - len(group))]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        value = yaml.safe_dump({f.name: default}, default_flow_style=True, width=10**6).strip().removeprefix("{").removesuffix("}")
+        choices = f.metadata.get("choices")
+        lines.append(f"# {f.metadata['help']}" + (f" ({' | '.join(choices)})" if choices else ""))
+        lines.append(value)
+    return "\n".join(lines) + "\n"
+
+
 # --- command-line flags ----------------------------------------------------------------------------
 
 

@@ -1,0 +1,99 @@
+"""One command line: every (sub)command described, every option explained with its default, shared names."""
+
+import argparse
+
+import pytest
+import yaml
+
+from msdiffusion.cli import build_parser, main
+
+
+def _parsers(parser, path=("msdiff",)):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, (*path, name))
+
+
+PARSERS = list(_parsers(build_parser()))
+
+
+@pytest.mark.parametrize("path,parser", PARSERS, ids=[" ".join(p) for p, _ in PARSERS])
+def test_every_command_and_option_is_described(path, parser):
+    assert parser.description, f"{' '.join(path)} has no description"
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest} has no help"
+    text = parser.format_help()
+    for action in parser._actions:  # a default worth showing is shown
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
+            assert "default" in (action.help or "") or "(default:" in text, (path, action.option_strings)
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "denoising steps (default: 30)" in text and "classifier-free guidance (default: 7.5)" in text
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1024x1024)" in text and "(default: 0.6)" in text
+
+
+def test_version(capsys):
+    from msdiffusion import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"msdiff {__version__}"
+
+
+def test_same_names_across_commands():
+    """The job file's vocabulary: --guidance, --scale, --size, --adapter-weight-name, --dtype fp16."""
+    parser = build_parser()
+
+    def options(*path):
+        sub = parser
+        for name in path:
+            sub = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+        return {s for a in sub._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
+
+    generate, bench_run = options("generate"), options("bench", "run")
+    for name in ("--guidance", "--scale", "--size", "--adapter-weight-name", "--steps", "--seed", "--dtype", "--negative-prompt"):
+        assert name in generate and name in bench_run, name
+    for path in (("convert",), ("inspect",)):
+        assert "--adapter-weight-name" in options(*path)
+    assert "--photos" in bench_run and "--images" not in bench_run  # --images is a count, in generate
+    args = parser.parse_args(["data", "build", "src", "--out", "o", "--dtype", "fp16"])
+    assert args.dtype == "fp16"
+    assert parser.parse_args(["data", "build", "src", "--out", "o", "--dtype", "float16"]).dtype == "fp16"  # old name
+
+
+def test_old_names_still_work_with_a_warning(capsys):
+    parser = build_parser()
+    args = parser.parse_args(["bench", "run", "--images", "p", "--output", "o", "--base", "b", "--adapter", "a",
+                              "--image-encoder", "e", "--guidance-scale", "3", "--ms-scale", "0.4", "--height", "64",
+                              "--weight-name", "w.bin"])  # fmt: skip
+    assert (str(args.photos), args.guidance, args.scale, args.height, args.adapter_weight_name) == ("p", 3.0, 0.4, 64, "w.bin")
+    err = capsys.readouterr().err
+    for old, new in (("--images", "--photos"), ("--guidance-scale", "--guidance"), ("--ms-scale", "--scale"), ("--weight-name", "--adapter-weight-name")):
+        assert f"{old} is deprecated; use {new}" in err
+    args = parser.parse_args(["generate", "--guidance-scale", "3"])
+    assert args.guidance == 3.0
+
+
+def test_train_print_config_template(capsys, tmp_path):
+    import dataclasses
+
+    from msdiffusion.train.config import TrainConfig, config_from_dict
+
+    assert main(["train", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    values = yaml.safe_load(text)
+    assert set(values) == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert "# training manifest (.jsonl, docs/data.md) (required)" in text and "mixed_precision: 'no'" in text
+    values.update(base="b", image_encoder="e", manifest="m.jsonl")
+    assert config_from_dict(values) == TrainConfig(base="b", image_encoder="e", manifest="m.jsonl")
