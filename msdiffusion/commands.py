@@ -38,6 +38,16 @@ def register(subparsers) -> None:
     )
     models.add_argument("--image-encoder", help=f"CLIP vision encoder: hub id or folder (default: {DEFAULT_IMAGE_ENCODER})")
     models.add_argument("--scheduler", help="diffusers scheduler class name, e.g. DPMSolverMultistepScheduler (default: the base's)")
+    models.add_argument("--variant", help="weight variant of the base's files, e.g. fp16: half the download (default: the full files)")
+    models.add_argument("--vae", help="another VAE: hub id, folder or .safetensors, e.g. madebyollin/sdxl-vae-fp16-fix (default: the base's)")
+    models.add_argument(
+        "--lora", action="append", nargs="+", metavar="ARG",
+        help="PATH [SCALE]: a LoRA (.safetensors file, folder or hub id) at SCALE (default 1.0); repeat for several",
+    )
+    models.add_argument(
+        "--cpu-offload", action="store_true", default=None,
+        help="keep each model on the CPU until it runs: much less GPU memory, somewhat slower",
+    )
     models.add_argument("--controlnet", help="ControlNet hub id or folder (needs --control-image)")
     models.add_argument("--control-image", help="control image for the ControlNet")
     models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default: 1.0)")
@@ -130,6 +140,31 @@ def register(subparsers) -> None:
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=run_inspect)
 
+    tiny = subparsers.add_parser(
+        "tiny-models",
+        help="write tiny random SDXL-shaped models to a folder, to try commands without weights",
+        description="Write tiny random models the way real ones lie on disk: FOLDER/base (a diffusers SDXL "
+        "folder), FOLDER/adapter (project format), FOLDER/ms_adapter.bin (released format) and "
+        "FOLDER/image_encoder. Every command accepts them where it takes real models; their images show "
+        "the wiring, not quality.",
+    )
+    tiny.add_argument("folder", type=Path, help="where to write them (created; must be empty or absent)")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    tiny.set_defaults(func=run_tiny_models)
+
+
+def run_tiny_models(args) -> int:
+    folder = args.folder
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise UserInputError(f"{folder} exists and is not an empty folder; choose another.")
+    from .tiny import save_tiny_models
+
+    paths = save_tiny_models(folder, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    print(f"try: msdiff demo --base {paths['base']} --adapter {paths['adapter']} --image-encoder {paths['image_encoder']} --size 256x192")
+    return 0
+
 
 def _add_device_arguments(group) -> None:
     group.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available)")
@@ -168,6 +203,19 @@ def _subject_from_flag(values: list[str]) -> dict:
     return subject
 
 
+def _lora_from_flag(values: list[str]) -> dict:
+    """`PATH [SCALE]` -> a job-file LoRA entry."""
+    if len(values) > 2:
+        raise UserInputError(f"--lora PATH [SCALE]: got {' '.join(values)!r}.")
+    lora: dict = {"path": values[0]}
+    if len(values) == 2:
+        try:
+            lora["scale"] = float(values[1])
+        except ValueError:
+            raise UserInputError(f"--lora PATH [SCALE]: SCALE must be a number, got {values[1]!r}.") from None
+    return lora
+
+
 def _flag_overrides(args) -> dict:
     fields = {
         "base": args.base, "adapter": args.adapter, "adapter_weight_name": args.adapter_weight_name,
@@ -177,12 +225,15 @@ def _flag_overrides(args) -> dict:
         "start_step": args.start_step, "phrase_matching": args.phrase_matching,
         "drop_grounding": args.drop_grounding, "output": args.output,
         "preview": args.preview, "save_masks": args.save_masks, "device": args.device, "dtype": args.dtype,
+        "variant": args.variant, "vae": args.vae, "cpu_offload": args.cpu_offload,
     }  # fmt: skip
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.size:
         overrides["size"] = _size(args.size)
     if args.subject:
         overrides["subjects"] = [_subject_from_flag(values) for values in args.subject]
+    if args.lora:
+        overrides["loras"] = [_lora_from_flag(values) for values in args.lora]
     if args.controlnet or args.control_image or args.controlnet_scale is not None or args.controlnet_image_tokens:
         if not (args.controlnet and args.control_image):
             raise UserInputError("--controlnet and --control-image go together.")

@@ -64,6 +64,13 @@ class ControlNetSpec:
 
 
 @dataclass
+class LoraSpec:
+    path: str  # a .safetensors file, a folder, or a hub id
+    scale: float = 1.0
+    weight_name: str | None = None  # the file inside a folder or hub repo
+
+
+@dataclass
 class Job:
     base: str
     adapter: str
@@ -71,6 +78,9 @@ class Job:
     subjects: list[SubjectSpec]
     image_encoder: str = DEFAULT_IMAGE_ENCODER
     adapter_weight_name: str | None = None
+    variant: str | None = None
+    vae: str | None = None
+    loras: list[LoraSpec] = field(default_factory=list)
     negative_prompt: str | None = RELEASE_NEGATIVE_PROMPT  # the release's; None (or "") for none
     size: list[int] = field(default_factory=lambda: [1024, 1024])  # width, height
     seed: int | None = None
@@ -90,6 +100,7 @@ class Job:
     save_masks: bool = True
     device: str | None = None
     dtype: str | None = None
+    cpu_offload: bool = False
 
     def to_dict(self) -> dict:
         """The job in job-file form (what `job_from_dict` reads back)."""
@@ -107,6 +118,9 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "adapter": ((str,), "a hub id, an ms_adapter.bin file, or a project adapter folder"),
     "image_encoder": ((str,), "a hub id or folder of a CLIP vision model"),
     "adapter_weight_name": ((str, type(None)), "a file name inside the adapter repo/folder"),
+    "variant": ((str, type(None)), "a weight variant of the base's files, e.g. fp16 (half the download)"),
+    "vae": ((str, type(None)), "another VAE: a hub id, a diffusers folder or a .safetensors file, e.g. madebyollin/sdxl-vae-fp16-fix"),
+    "loras": ((list,), "a list of {path, scale, weight_name}: LoRA .safetensors files, folders or hub ids"),
     "prompt": ((str,), "text that names every subject's phrase"),
     "negative_prompt": ((str, type(None)), f"text (default: the release's {RELEASE_NEGATIVE_PROMPT!r}), or null / \"\" for none"),
     "subjects": ((list,), "a list of {image, phrase, box, scale}"),
@@ -129,6 +143,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "save_masks": ((bool,), "true or false"),
     "device": ((str, type(None)), "cuda, cuda:N, mps or cpu"),
     "dtype": ((str, type(None)), f"one of {', '.join(DTYPES)}"),
+    "cpu_offload": ((bool,), "true or false: keep each model on the CPU until it runs (less GPU memory, slower)"),
 }
 _REQUIRED = ("base", "adapter", "prompt", "subjects")
 _SUBJECT_FIELDS = {"image", "phrase", "box", "scale"}
@@ -180,9 +195,11 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
     values = dict(data)
     if values.get("negative_prompt") == "":
         values["negative_prompt"] = None  # no negative prompt: SDXL then uses zero embeddings
-    for name in ("base", "adapter", "image_encoder"):
-        if name in values:
+    for name in ("base", "adapter", "image_encoder", "vae"):
+        if values.get(name) is not None:
             values[name] = _model_ref(values[name], base_dir)
+    if "loras" in values:
+        values["loras"] = [_lora(entry, f"{source}: loras[{i}]", base_dir) for i, entry in enumerate(values["loras"])]
     values["subjects"] = [_subject(s, f"{source}: subjects[{i}]", base_dir) for i, s in enumerate(data["subjects"])]
     values["size"] = parse_size(values.get("size", [1024, 1024]), f"{source}: size")
     for name in ("images", "steps", "start_step"):
@@ -275,6 +292,26 @@ def _subject(data: Any, where: str, base_dir: Path | None) -> SubjectSpec:
     return SubjectSpec(paths, phrase, box, None if scale is None else float(scale))
 
 
+def _lora(data: Any, where: str, base_dir: Path | None) -> LoraSpec:
+    if isinstance(data, str):
+        data = {"path": data}
+    if not isinstance(data, dict):
+        raise JobError(f"{where}: expected {{path, scale}} (or just a path), got {data!r}.")
+    allowed = {"path", "scale", "weight_name"}
+    for name in data:
+        if name not in allowed:
+            raise _unknown(name, allowed, where)
+    if not isinstance(data.get("path"), str) or not data["path"]:
+        raise JobError(f"{where}: needs `path` (a LoRA .safetensors file, folder or hub id).")
+    scale = data.get("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise JobError(f"{where}.scale: got {scale!r}; expected a number (1.0 is the LoRA's full strength).")
+    weight_name = data.get("weight_name")
+    if weight_name is not None and not isinstance(weight_name, str):
+        raise JobError(f"{where}.weight_name: got {weight_name!r}; expected a file name.")
+    return LoraSpec(_model_ref(data["path"], base_dir), float(scale), weight_name)
+
+
 def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec:
     allowed = {"model", "image", "scale", "image_tokens"}
     for name in data:
@@ -345,13 +382,21 @@ def check_models(job: Job):
     from .checks import InputCheckError, check_device, check_locations
 
     check_device(job.device)
+    loras = [
+        (str(Path(lora.path) / lora.weight_name) if lora.weight_name and Path(lora.path).is_dir() else lora.path, "lora", f"loras[{i}]")
+        for i, lora in enumerate(job.loras)
+        if not lora.weight_name or Path(lora.path).is_dir()
+    ]
     if job.base in (TINY, WORLD):  # built or shipped with the package
+        check_locations(loras)
         return None
     models = [
         (job.base, "base", "base"),
         (job.image_encoder, "image_encoder", "image_encoder"),
         (job.controlnet.model if job.controlnet else None, "controlnet", "controlnet.model"),
         (job.adapter, "adapter", "adapter"),
+        (job.vae, "vae", "vae"),
+        *loras,
     ]
     check_locations(models, adapter_weight_name=job.adapter_weight_name)
     try:
@@ -391,33 +436,46 @@ def load_pipeline(job: Job, device: str, dtype, adapter=None):
     if job.base == TINY:
         from .tiny import tiny_pipeline
 
-        pipe = tiny_pipeline(seed=0, controlnet=job.controlnet is not None).to(device)
-        return pipe if dtype == torch.float32 else pipe.to(dtype)
-    if job.base == WORLD:
+        pipe = tiny_pipeline(seed=0, controlnet=job.controlnet is not None)
+        pipe = pipe if dtype == torch.float32 else pipe.to(dtype)
+    elif job.base == WORLD:
         if job.controlnet is not None:
             raise JobError(f"{WORLD!r} has no ControlNet: remove controlnet from the job.")
         from .world.weights import load_world_pipeline
 
         try:
-            pipe = load_world_pipeline(device, dtype)
+            pipe = load_world_pipeline("cpu", dtype)  # moved to `device` (or offloaded) below
         except FileNotFoundError as error:
             raise JobError(str(error)) from None
-        if job.scheduler:
-            _set_scheduler(pipe, job.scheduler)
-        return pipe
-
-    kwargs: dict = {"dtype": dtype}
-    cls = MSDiffusionXLPipeline
-    if job.controlnet is not None:
-        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet.model, dtype=dtype)
-        cls = MSDiffusionXLControlNetPipeline
-    if Path(job.base).suffix in (".safetensors", ".ckpt"):
-        pipe = cls.from_single_file(job.base, **kwargs)
     else:
-        pipe = cls.from_pretrained(job.base, **kwargs)
-    pipe.load_ms_adapter(adapter or job.adapter, image_encoder=job.image_encoder, weight_name=job.adapter_weight_name)
+        kwargs: dict = {"dtype": dtype}
+        cls = MSDiffusionXLPipeline
+        if job.controlnet is not None:
+            kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet.model, dtype=dtype)
+            cls = MSDiffusionXLControlNetPipeline
+        if job.vae:
+            vae_class = diffusers.AutoencoderKL
+            load = vae_class.from_single_file if Path(job.vae).suffix in (".safetensors", ".ckpt") else vae_class.from_pretrained
+            kwargs["vae"] = load(job.vae, dtype=dtype)
+        if Path(job.base).suffix in (".safetensors", ".ckpt"):
+            pipe = cls.from_single_file(job.base, **kwargs)
+        else:
+            pipe = cls.from_pretrained(job.base, variant=job.variant, **kwargs)
+        pipe.load_ms_adapter(adapter or job.adapter, image_encoder=job.image_encoder, weight_name=job.adapter_weight_name)
     if job.scheduler:
         _set_scheduler(pipe, job.scheduler)
+    if job.loras:  # after the adapter, as the tests check: diffusers' LoRA layers wrap the UNet's projections
+        names = []
+        for i, lora in enumerate(job.loras):
+            path, weight_name = Path(lora.path), lora.weight_name
+            source = str(path.parent) if path.is_file() else lora.path
+            weight_name = path.name if path.is_file() else weight_name
+            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=f"lora{i}")
+            names.append(f"lora{i}")
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in job.loras])
+    if job.cpu_offload:  # each model moves to `device` only while it runs
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 

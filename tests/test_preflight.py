@@ -207,3 +207,53 @@ def test_train_and_bench_check_models_first(files, models, capsys):
         "--adapter", "garbage.bin", "--image-encoder", "./noenc",
     )  # fmt: skip
     assert code == 2 and "--image-encoder: './noenc' does not exist" in errors[0], errors
+
+
+def test_job_options_of_the_python_api(tmp_path, monkeypatch, capsys):
+    """loras, cpu_offload and variant/vae from flags and job files; `msdiff tiny-models` writes the models."""
+    peft = pytest.importorskip("peft", reason="LoRA loading needs peft (in the test extra)")
+    import json
+
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    from msdiffusion.tiny import tiny_pipeline
+
+    monkeypatch.chdir(tmp_path)
+    donor = tiny_pipeline(seed=0).unet
+    donor.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, param in donor.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(donor))
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers={k: v for k, v in layers.items() if "processor" not in k})
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save("dog.jpg")
+
+    base = ["generate", "--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random",
+            "--prompt", "a dog", "--subject", "dog.jpg", "dog", "0.1,0.1,0.9,0.9", "--size", "64", "--steps", "2",
+            "--seed", "0", "--quiet", "--no-preview"]  # fmt: skip
+    assert main([*base, "--output", "plain"]) == 0
+    assert main([*base, "--output", "lora", "--lora", "lora/pytorch_lora_weights.safetensors", "0.8", "--cpu-offload"]) == 0
+    plain = np.asarray(PIL.Image.open("plain/msdiff-00001.png"), dtype=float)
+    with_lora = PIL.Image.open("lora/msdiff-00001.png")
+    assert np.abs(plain - np.asarray(with_lora, dtype=float)).mean() > 0.5  # the LoRA changed the image
+    record = json.loads(with_lora.text["msdiffusion-job"])
+    assert record["loras"][0]["scale"] == 0.8 and record["cpu_offload"] is True
+    # the recorded job makes the same image again
+    assert main(["generate", "--from", "lora/msdiff-00001.png", "--quiet"]) == 0
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open("lora/msdiff-00002.png")), np.asarray(with_lora))
+
+    assert main([*base, "--lora", "missing.safetensors"]) == 2
+    assert "loras[0]: 'missing.safetensors' does not exist" in capsys.readouterr().err
+    job = jobs.job_from_dict({"base": "b/c", "adapter": "a/b", "prompt": "a dog", "variant": "fp16", "vae": "x/vae",
+                              "subjects": [{"image": "dog.jpg", "phrase": "dog"}], "size": "128x64"})  # fmt: skip
+    assert (job.variant, job.vae, job.size) == ("fp16", "x/vae", [128, 64])
+    with pytest.raises(jobs.JobError, match=r"loras\[0\]: unknown field 'scal'"):
+        jobs.job_from_dict({"base": "b/c", "adapter": "a/b", "prompt": "a dog", "loras": [{"path": "x", "scal": 1}],
+                            "subjects": [{"image": "dog.jpg", "phrase": "dog"}]})  # fmt: skip
+
+    assert main(["tiny-models", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "base: tiny/base" in out and (tmp_path / "tiny/base/model_index.json").is_file()
+    assert (tmp_path / "tiny/ms_adapter.bin").is_file() and (tmp_path / "tiny/image_encoder/config.json").is_file()
+    assert main(["tiny-models", "tiny"]) == 2  # not over an existing folder
