@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import logging
 import re
 import sys
+import warnings
 
 # Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
 _SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.data.cli", "msdiffusion.train.cli", "msdiffusion.bench.cli", "msdiffusion.world.cli")
@@ -102,11 +105,54 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    logging.getLogger("transformers.utils.import_utils").addFilter(_DROP_TORCHVISION_FALLBACK)
+    if getattr(args, "quiet", False):
+        quiet_libraries(import_them=False)  # the command imports them when it needs them, then calls this again
+    original_showwarning = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        # A user of the command needs the message, not the library line that raised it.
+        print(f"msdiff {args.command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = one_line
     try:
         return int(args.func(args) or 0)
     except UserInputError as error:
         print(f"msdiff {args.command}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = original_showwarning
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers warns on every run that torchvision is absent and it uses the PIL image processors;
+    those are the ones this project uses on purpose (they match the released preprocessing)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+_DROP_TORCHVISION_FALLBACK = _DropTorchvisionFallback()
+
+
+def quiet_libraries(import_them: bool = True) -> None:
+    """No loading bars or info lines from diffusers, transformers and the hub client (`--quiet`).
+
+    `import_them=False` only sets what is read at import time and silences the libraries already imported.
+    """
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub when it is imported
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("huggingface_hub", "transformers", "diffusers"):
+        if name in sys.modules or (import_them and importlib.util.find_spec(name) is not None):
+            module = importlib.import_module(f"{name}.utils")
+            disable = getattr(module, "disable_progress_bars", None) or getattr(module.logging, "disable_progress_bar", None)
+            if disable is not None:
+                disable()
+            if hasattr(module, "logging") and hasattr(module.logging, "set_verbosity_error"):
+                module.logging.set_verbosity_error()
 
 
 class UserInputError(Exception):

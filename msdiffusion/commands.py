@@ -260,12 +260,12 @@ def run_generate(args) -> int:
     if not data:
         raise UserInputError("nothing to generate: give a job file, --from IMAGE, or --base/--adapter/--prompt/--subject flags.")
     job = job_from_dict(data, "flags" if not args.job else f"{args.job} (with flags)", Path.cwd())
-    written = _run_checked(job, "generate", progress=not args.quiet)
+    written = _run_checked(job, "generate", progress=not args.quiet, log=(lambda *a: None) if args.quiet else print)
     print(f"{len(written)} file(s) in {Path(job.output)}")
     return 0
 
 
-def _run_checked(job, command: str, progress: bool) -> list[Path]:
+def _run_checked(job, command: str, progress: bool, log=print) -> list[Path]:
     """Warn (one line each) about settings that are valid but odd, then run the job."""
     import sys
 
@@ -273,7 +273,7 @@ def _run_checked(job, command: str, progress: bool) -> list[Path]:
 
     for warning in job_warnings(job):
         print(f"msdiff {command}: warning: {warning}", file=sys.stderr)
-    return run_job(job, progress=progress)
+    return run_job(job, progress=progress, log=log)
 
 
 # ---- demo --------------------------------------------------------------------------------------

@@ -503,6 +503,10 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
     from .preview import attention_map_image, draw_layout, subjects_sheet
 
     check_inputs(job)
+    if not progress:
+        from .cli import quiet_libraries
+
+        quiet_libraries()
     if pipe is None:
         adapter = check_models(job)
         device, dtype = choose_device(job.device, job.dtype)
@@ -516,7 +520,7 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             text = str(error).strip()
             first_line = text.splitlines()[0] if text else type(error).__name__
             raise JobError(f"cannot load the models: {type(error).__name__}: {first_line}") from error
-    pipe.set_progress_bar_config(disable=not progress)
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
     seed = job.seed if job.seed is not None else random.randrange(2**31)
     folder = Path(job.output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -560,10 +564,12 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
         written.append(path)
         if job.preview:
             phrases = [s.phrase for s in job.subjects]
-            preview = draw_layout(image, [s.box for s in job.subjects], phrases)
+            regions = None
+            if maps is not None:  # where auto layout put each subject (shown for those without a box)
+                regions = [(maps[j] > job.mask_threshold).cpu().numpy() for j in range(len(job.subjects))]
+            preview = draw_layout(image, [s.box for s in job.subjects], phrases, regions=regions)
             preview.save(folder / f"{stem}-layout.png")
-            references = [images[0] for images in subject_images]
-            subjects_sheet(references, phrases, preview).save(folder / f"{stem}-sheet.png")
+            subjects_sheet(subject_images, phrases, preview).save(folder / f"{stem}-sheet.png")
             written.extend([folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"])
         if job.save_masks and maps is not None:
             for j, subject in enumerate(job.subjects):
@@ -582,6 +588,8 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             write(out.images[i], seed, record, _maps(out, i))
     else:
         for i in range(job.images):  # each image its own CPU generator: the same noise on any device
+            if job.images > 1:  # the step bar says which image it is drawing
+                pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"image {i + 1}/{job.images}")
             out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
             write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1).to_dict(), _maps(out, 0))
     return written

@@ -97,3 +97,49 @@ def test_train_print_config_template(capsys, tmp_path):
     assert "# training manifest (.jsonl, docs/data.md) (required)" in text and "mixed_precision: 'no'" in text
     values.update(base="b", image_encoder="e", manifest="m.jsonl")
     assert config_from_dict(values) == TrainConfig(base="b", image_encoder="e", manifest="m.jsonl")
+
+
+def test_library_noise_is_filtered_and_warnings_are_one_line(tmp_path, capsys, monkeypatch):
+    import logging
+    import warnings
+
+    from msdiffusion import cli
+
+    monkeypatch.setattr(cli.warnings, "showwarning", warnings.showwarning)
+
+    def noisy(args):
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+        )
+        warnings.warn("Subject phrase 'dog' was not found in the prompt", UserWarning)
+        return 0
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    generate = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["generate"]
+    generate.set_defaults(func=noisy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["generate", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "torchvision" not in err
+    assert err.strip() == "msdiff generate: warning: Subject phrase 'dog' was not found in the prompt"
+
+
+def test_quiet_silences_library_progress_bars(monkeypatch):
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        monkeypatch.setenv(name, "")  # restored after the test: quiet_libraries sets them
+        monkeypatch.delenv(name)
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    from msdiffusion.cli import quiet_libraries
+
+    try:
+        quiet_libraries()
+        assert not diffusers_logging.is_progress_bar_enabled() and not transformers_logging.is_progress_bar_enabled()
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity_warning()
+        transformers_logging.set_verbosity_warning()

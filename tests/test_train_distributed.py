@@ -46,7 +46,7 @@ def test_two_processes_train_in_step(tmp_path):
     first, second = summary["replica_fingerprints"]
     assert first == second and summary["replicas_in_sync"]
     # 8 samples in batches of 2 over 2 processes: 2 batches each per epoch, different ones per process.
-    assert "2 batches/epoch/process" in result.stderr
+    assert "2 batches per epoch on each process" in result.stderr and "mixed precision: no" in result.stderr
     # Each process wrote its own random generator state; both continue from the same weights.
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert (checkpoint / "generator_0.pt").is_file() and (checkpoint / "generator_1.pt").is_file()

@@ -273,8 +273,8 @@ class TrainingRun:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
-        from accelerate import skip_first_batches
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         config, accelerator = self.config, self.accelerator
         global_step = self._resume() if config.resume_from_checkpoint else 0
@@ -290,6 +290,14 @@ class TrainingRun:
         self._log_plan(global_step)
 
         progress = tqdm(total=self.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+        with logging_redirect_tqdm():  # log lines are printed above the bar instead of through it
+            summary = self._train_loop(global_step, progress)
+        return summary
+
+    def _train_loop(self, global_step: int, progress) -> dict[str, Any]:
+        from accelerate import skip_first_batches
+
+        config, accelerator = self.config, self.accelerator
         window = _Window(time.perf_counter())
         run_start, start_step = time.perf_counter(), global_step
         samples_per_step = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
@@ -343,12 +351,14 @@ class TrainingRun:
         trainable = sum(p.numel() for p in self.params)
         frozen = sum(p.numel() for p in self.model.unet.parameters() if not p.requires_grad)
         logger.info(
-            "training: %d samples, %d batches/epoch/process, %d steps/epoch, %d steps (from %d); batch %d x %d processes "
-            "x %d accumulation = %d; trainable %.1fM parameters, frozen UNet %.1fM; %s, %s features",
-            len(self.dataset), len(self.dataloader), self.steps_per_epoch, self.max_train_steps, global_step,
-            c.train_batch_size, a.num_processes, c.gradient_accumulation_steps,
-            c.train_batch_size * a.num_processes * c.gradient_accumulation_steps, trainable / 1e6, frozen / 1e6,
-            c.mixed_precision, "cached" if c.cache else "encoded",
+            "training plan: %d samples; %d batches per epoch on each process; %d steps per epoch; %d steps in all%s; "
+            "%d samples per step (batch %d x %d process(es) x %d accumulation); %.1fM trainable parameters, frozen "
+            "UNet %.1fM; mixed precision: %s; text and image features: %s",
+            len(self.dataset), len(self.dataloader), self.steps_per_epoch, self.max_train_steps,
+            f" (resuming at step {global_step})" if global_step else "",
+            c.train_batch_size * a.num_processes * c.gradient_accumulation_steps, c.train_batch_size, a.num_processes,
+            c.gradient_accumulation_steps, trainable / 1e6, frozen / 1e6, c.mixed_precision,
+            "read from the cache" if c.cache else "encoded at each step",
         )  # fmt: skip
 
     def _log(self, window: "_Window", step: int, samples_per_step: int, progress) -> float:
