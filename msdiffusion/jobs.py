@@ -257,7 +257,7 @@ def job_warnings(job: Job) -> list[str]:
             f"start_step {job.start_step} is not below steps {job.steps}: auto layout never takes over "
             f"(lower --start-step, or raise --steps)."
         )
-    if job.base != TINY and min(job.size) < 512:
+    if job.base not in (TINY, WORLD) and min(job.size) < 512:
         warnings.append(f"size {job.size[0]}x{job.size[1]}: SDXL was trained at about 1024x1024 and degrades below 512.")
     if 0 < job.guidance < 1:
         warnings.append(f"guidance {job.guidance} is below 1: classifier-free guidance is off (as with 1).")
