@@ -134,9 +134,23 @@ def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
         sample = _images_to_tensor(np.concatenate([_vae_batch(recipe.seed + 1, k, 256)[0] for k in range(4)]))
         std = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(256)]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
+    pin_posterior_variance(vae)
     vae.save_pretrained(out / "vae")
     log(f"vae: scaling_factor {1.0 / std:.4f}; written to {out / 'vae'}")
     return vae
+
+
+def pin_posterior_variance(vae, log_variance: float = -30.0) -> None:
+    """Make the posterior's variance ~0, so that a sample is the mean.
+
+    The VAE is trained on its posterior mean (its log-variance outputs never learn anything), and
+    the base trains on means; `msdiff train`, like every diffusers training script, samples the
+    posterior. With the variance pinned both see the same latents.
+    """
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = log_variance
 
 
 # ---- stage 2: UNet + text encoders ----------------------------------------------------------------------
