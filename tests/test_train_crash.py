@@ -22,6 +22,7 @@ from train_fixtures import tiny_config, write_manifest
 
 import msdiffusion
 from msdiffusion.tiny import save_tiny_models
+from msdiffusion.train.loop import SIGTERM_REPEAT_WINDOW_S
 from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV, STATE_FILE, find_checkpoints, partial_checkpoints
 
 ROOT = Path(msdiffusion.__file__).resolve().parents[1]
@@ -52,7 +53,8 @@ class Run:
     def output(self) -> str:
         return self.stdout.read_text() + self.stderr.read_text()
 
-    def wait_until(self, condition, what: str, timeout: float = 240) -> None:
+    # Generous limits: these runs take seconds, but minutes on a machine busy with other work.
+    def wait_until(self, condition, what: str, timeout: float = 1200) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.process.poll() is not None:
@@ -70,20 +72,20 @@ class Run:
             os.killpg(self.process.pid, signal.SIGKILL)
         else:
             self.process.kill()
-        self.process.wait(timeout=60)
+        self.process.wait(timeout=600)
 
-    def finish(self, timeout: float = 300) -> str:
+    def finish(self, timeout: float = 1200) -> str:
         self.process.wait(timeout=timeout)
         output = self.output()
         assert self.process.returncode == 0, output[-5000:]
         return output
 
 
-def _train(config_file: Path, folder: Path, name: str, pause: str | None = None, resume: bool = False) -> Run:
-    command = [sys.executable, "-m", "msdiffusion", "train", "--config", str(config_file)]
+def _train(config_file: Path, folder: Path, name: str, pause: str | None = None, resume: bool = False, flags=()) -> Run:
+    command = [sys.executable, "-m", "msdiffusion", "train", "--config", str(config_file), *flags]
     if resume:
         command += ["--resume-from-checkpoint", "latest"]
-    return Run(command, folder, name, pause)
+    return Run(command, folder, name, pause, new_session=True)
 
 
 def _weights(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -154,15 +156,16 @@ def test_killed_at_each_moment_of_a_save_or_stopped_by_sigterm_resumes_to_the_un
     complete, incomplete = find_checkpoints(run_dir)
     assert _names(complete) == ["checkpoint-4", "checkpoint-6"] and not incomplete
 
-    # 4. resumed from checkpoint-6; SIGTERM after step 7 (no checkpoint due): it saves checkpoint-7 at the
-    # end of that step and exits cleanly, saying how to resume; the run is not finished, so no export
-    run = _train(config_file, tmp_path, "4", pause="step@7", resume=True)
+    # 4. resumed from checkpoint-6, with DataLoader workers; SIGTERM after step 7 (no checkpoint due) to every
+    # process of the run, as Slurm sends it: it saves checkpoint-7 at the end of that step and exits cleanly,
+    # saying how to resume; the run is not finished, so no export
+    run = _train(config_file, tmp_path, "4", pause="step@7", resume=True, flags=("--dataloader-workers", "2"))
     run.wait_for_pause()
     assert f"resumed from {run_dir / 'checkpoint-6'} at step 6" in run.output()
-    run.process.send_signal(signal.SIGTERM)
+    os.killpg(run.process.pid, signal.SIGTERM)  # its own session: the run and its workers
     run.wait_until(lambda: "SIGTERM received" in run.output(), "the SIGTERM message")
     run.flag.unlink()  # let it go on
-    run.process.wait(timeout=120)
+    run.process.wait(timeout=1200)
     output = run.output()
     assert run.process.returncode == 128 + signal.SIGTERM, output[-4000:]
     assert "Traceback" not in output
@@ -187,8 +190,9 @@ def test_a_second_sigterm_stops_at_once(setup, tmp_path):
     run.wait_for_pause()
     run.process.send_signal(signal.SIGTERM)
     run.wait_until(lambda: "SIGTERM received" in run.output(), "the SIGTERM message")
+    time.sleep(SIGTERM_REPEAT_WINDOW_S + 0.5)  # sooner, it counts as the same one delivered twice
     run.process.send_signal(signal.SIGTERM)  # while the first is still waiting for the end of the step
-    run.process.wait(timeout=60)
+    run.process.wait(timeout=600)
     assert run.process.returncode == -signal.SIGTERM
     assert "second SIGTERM: stopping at once" in run.output()
     complete, _ = find_checkpoints(run_dir)
@@ -228,3 +232,19 @@ def test_a_feature_cache_killed_while_writing_a_shard_has_no_partial_shard_and_c
     for index in range(6):
         a, b = resumed.read(index), whole.read(index)
         assert all(torch.equal(a[k], b[k]) if a[k] is not None else b[k] is None for k in a), index
+
+
+def test_a_sigterm_repeated_at_once_is_one_request(monkeypatch):
+    from msdiffusion.train import loop
+
+    stopped = []
+    with loop._StopRequest() as stop:
+        for _ in range(2):  # as when a launcher forwards the SIGTERM its processes also got
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs in this (main) thread
+        assert stop.signal_name == "SIGTERM"  # and this process is still alive
+        monkeypatch.setattr(os, "kill", lambda pid, sig: stopped.append(sig))
+        stop._received_at -= loop.SIGTERM_REPEAT_WINDOW_S  # a later one
+        stop._handle(signal.SIGTERM, None)
+    assert stopped == [signal.SIGTERM]  # re-raised with the default action: the process would end now
+    assert signal.getsignal(signal.SIGTERM) != stop._handle  # restored on exit

@@ -53,7 +53,7 @@ def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_pa
     config_file = tmp_path / "train.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
 
-    result = subprocess.run(_launch(config_file), env=_env(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(_launch(config_file), env=_env(), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
@@ -82,11 +82,11 @@ def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_pa
             _launch(killed_file), env=_env(**{PAUSE_ENV: "written@2:1", PAUSE_FILE_ENV: str(flag)}),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 1200
     while not flag.exists() and launched.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(launched.pid, signal.SIGKILL)  # the session this test started: the launcher and its workers
-    launched.wait(timeout=60)
+    launched.wait(timeout=600)
     assert flag.exists(), (tmp_path / "killed.log").read_text()[-5000:]
     complete, incomplete = find_checkpoints(tmp_path / "killed")
     assert [p.name for p in complete] == ["checkpoint-1"]

@@ -31,10 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, replace_path, write_text_atomic
+from ..atomic import atomic_path, remove_stale_temporaries, replace_path, write_text_atomic
 from ..data.dataset import MASK_COLORS
 from .checkpoints import (
-    CHECKPOINT_PREFIX,
     STATE_FILE,
     check_checkpoint,
     checkpoint_path,
@@ -420,6 +419,7 @@ class TrainingRun:
         if accelerator.is_main_process:
             write_state(partial, {"step": step, "num_processes": accelerator.num_processes})
             pause_for_tests("marked", step, index)
+            remove_stale_temporaries(final)  # an earlier checkpoint-N moved aside when a crash came
             replace_path(partial, final)  # replaces a checkpoint-N an earlier run left in output_dir
             pause_for_tests("renamed", step, index)
             self._remove_old_checkpoints(final)
@@ -575,14 +575,20 @@ class _Window:
         return self._loss_sum / max(self._count, 1)
 
 
+# A SIGTERM this soon after the first is the same request delivered twice: Slurm signals every process of a
+# job step, and `accelerate launch`, also signalled, forwards it to its processes.
+SIGTERM_REPEAT_WINDOW_S = 3.0
+
+
 class _StopRequest:
     """While active: SIGTERM (what schedulers send before preempting) asks the run to save a checkpoint at
-    the end of the current step and stop; a second SIGTERM stops at once. SIGINT (Ctrl-C) keeps Python's
-    behaviour, an immediate KeyboardInterrupt. Signal handlers can only be set in the main thread; elsewhere
-    SIGTERM keeps its default (the process ends at once)."""
+    the end of the current step and stop; a second SIGTERM (more than `SIGTERM_REPEAT_WINDOW_S` later) stops
+    at once. SIGINT (Ctrl-C) keeps Python's behaviour, an immediate KeyboardInterrupt. Signal handlers can
+    only be set in the main thread; elsewhere SIGTERM keeps its default (the process ends at once)."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self._received_at = 0.0
         self._previous = None
 
     def __enter__(self) -> "_StopRequest":
@@ -595,12 +601,15 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
         if self.signal_name is not None:
+            if now - self._received_at < SIGTERM_REPEAT_WINDOW_S:
+                return
             logger.warning("second SIGTERM: stopping at once, without saving")
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        self.signal_name = "SIGTERM"
+        self.signal_name, self._received_at = "SIGTERM", now
         logger.warning(
             "SIGTERM received: saving a checkpoint at the end of this step, then stopping "
             "(another SIGTERM, or Ctrl-C, stops at once without saving)"
