@@ -102,11 +102,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _assert_close(a, b) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_close(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_close(x, y)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-3)
+    else:
+        assert a == b
+
+
 def _files(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_models, capsys):  # noqa: F811
+def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_models, capsys, monkeypatch):  # noqa: F811
     photos = _photos(tmp_path / "photos")
 
     # one process; one thread, like each process of the sharded run below (float sums depend on threads)
@@ -168,6 +183,35 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert "4 already scored, 0 to score" in capsys.readouterr().out
     assert main(score_args[:-1] + [str(scoring_models["grounding_dino"])]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+    # a rescoring that dies after its first batch keeps that batch's scores (saved as it goes), then resumes
+    import msdiffusion.bench.cli as bench_cli
+    import msdiffusion.bench.scoring as scoring
+
+    scores_file = tmp_path / "one" / "scores.jsonl"
+    scored = scores_file.read_text()
+    real_chunk, calls = scoring._score_chunk, []
+
+    def dies_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_chunk(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(bench_cli, "SCORES_SAVE_INTERVAL_S", 0.0)
+        patch.setattr(scoring, "_score_chunk", dies_on_the_second_batch)
+        with pytest.raises(RuntimeError, match="killed"):
+            main(score_args + ["--overwrite"])
+    assert len(scores_file.read_text().splitlines()) == 3  # the first batch of 3
+    assert not [p for p in (tmp_path / "one").iterdir() if p.name.startswith(".")]  # no temporaries
+    capsys.readouterr()
+    assert main(score_args) == 0
+    assert "3 already scored, 1 to score" in capsys.readouterr().out
+    lines, before = scores_file.read_text().splitlines(), scored.splitlines()
+    assert lines[:3] == before[:3]  # kept as saved
+    # the fourth was scored alone now, in a batch of 3 before: equal up to the batch's rounding
+    _assert_close(json.loads(lines[3]), json.loads(before[3]))
 
     assert main(["bench", "report", "--output", str(tmp_path / "one"), "--grid-samples", "2"]) == 0
     report = json.loads((tmp_path / "one" / "report.json").read_text())

@@ -1,12 +1,15 @@
-"""Two processes through `accelerate launch`, for real, on the CPU: DDP keeps their adapters identical."""
+"""Two processes through `accelerate launch`, for real, on the CPU: DDP keeps their adapters identical, and a
+run killed while one process is saving resumes to the same weights."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import torch
 import yaml
@@ -22,23 +25,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_in_step(tmp_path):
-    models = save_tiny_models(tmp_path / "models")
-    manifest = write_manifest(tmp_path / "data", 8)
-    config = tiny_config(models, manifest, tmp_path / "run", max_train_steps=2, checkpointing_steps=1, learning_rate=1e-3)
-    config_file = tmp_path / "train.yaml"
-    config_file.write_text(yaml.safe_dump(config.to_dict()))
-
+def _launch(config_file, *flags: str) -> list[str]:
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     # On a machine without GPUs: `--multi_gpu` starts the processes (accelerate's `--cpu` starts only one) and
     # ACCELERATE_USE_CPU=1 makes them join over gloo on the CPU (docs/training.md says the same).
-    command = [
+    return [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "msdiffusion.train", "--config", str(config_file),
+        "-m", "msdiffusion.train", "--config", str(config_file), *flags,
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in (PAUSE_ENV, PAUSE_FILE_ENV)}
+    return {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_path):
+    from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV, find_checkpoints
+
+    models = save_tiny_models(tmp_path / "models")
+    manifest = write_manifest(tmp_path / "data", 8)
+    settings = dict(max_train_steps=2, checkpointing_steps=1, learning_rate=1e-3, drop_image=0.3, drop_grounding=0.3)
+    config = tiny_config(models, manifest, tmp_path / "run", **settings)
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump(config.to_dict()))
+
+    result = subprocess.run(_launch(config_file), env=_env(), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
@@ -54,3 +69,36 @@ def test_two_processes_train_in_step(tmp_path):
     trained = load_file(tmp_path / "run" / "adapter" / "ms_adapter.safetensors")
     initial = load_file(checkpoint.parent / "checkpoint-1" / "adapter" / "ms_adapter.safetensors")
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+    # The same run killed (SIGKILL, launcher and workers) while process 1 has written its part of
+    # checkpoint-2 and process 0 waits for it: checkpoint-2 stays incomplete, `latest` resumes from
+    # checkpoint-1, and both processes end with the uninterrupted run's weights.
+    killed_config = tiny_config(models, manifest, tmp_path / "killed", **settings)
+    killed_file = tmp_path / "killed.yaml"
+    killed_file.write_text(yaml.safe_dump(killed_config.to_dict()))
+    flag = tmp_path / "paused"
+    with open(tmp_path / "killed.log", "w") as log:
+        launched = subprocess.Popen(
+            _launch(killed_file), env=_env(**{PAUSE_ENV: "written@2:1", PAUSE_FILE_ENV: str(flag)}),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 1200
+    while not flag.exists() and launched.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(launched.pid, signal.SIGKILL)  # the session this test started: the launcher and its workers
+    launched.wait(timeout=600)
+    assert flag.exists(), (tmp_path / "killed.log").read_text()[-5000:]
+    complete, incomplete = find_checkpoints(tmp_path / "killed")
+    assert [p.name for p in complete] == ["checkpoint-1"]
+    assert [p.name for p, _ in incomplete] == ["checkpoint-2.partial"]
+
+    resumed = subprocess.run(
+        _launch(killed_file, "--resume-from-checkpoint", "latest"), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "skipping " + str(tmp_path / "killed" / "checkpoint-2.partial") in resumed.stderr
+    assert "resumed from " + str(tmp_path / "killed" / "checkpoint-1") + " at step 1" in resumed.stderr
+    again = json.loads((tmp_path / "killed" / "train_summary.json").read_text())
+    assert again["replica_fingerprints"] == summary["replica_fingerprints"]
+    resumed_weights = load_file(tmp_path / "killed" / "adapter" / "ms_adapter.safetensors")
+    assert all(torch.equal(trained[k], resumed_weights[k]) for k in trained)

@@ -87,6 +87,32 @@ def test_resume_latest_and_a_missing_checkpoint(setup, tmp_path):
         _run(setup, tmp_path, resume_from_checkpoint=str(tmp_path / "nowhere")).train()
 
 
+def test_latest_skips_incomplete_checkpoints_and_an_incomplete_one_is_refused(setup, tmp_path, caplog):
+    import shutil
+
+    from msdiffusion.train.checkpoints import IncompleteCheckpointError
+
+    _run(setup, tmp_path, max_train_steps=3, checkpointing_steps=1).train()
+    state = json.loads((tmp_path / "checkpoint-3" / "train_state.json").read_text())
+    assert state["step"] == 3 and "optimizer.bin" in state["files"] and "adapter/ms_adapter.safetensors" in state["files"]
+    (tmp_path / "checkpoint-3" / "optimizer.bin").unlink()  # lost since: no longer complete
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-4.partial")  # an interrupted save
+    (tmp_path / "checkpoint-2" / "scheduler.bin").write_bytes(b"")  # truncated
+
+    reset_accelerate()
+    with caplog.at_level("INFO", logger="msdiffusion.train"):
+        resumed = _run(setup, tmp_path, max_train_steps=3, resume_from_checkpoint="latest")
+        assert resumed._resume() == 1
+    assert f"skipping {tmp_path / 'checkpoint-3'}: optimizer.bin is missing" in caplog.text
+    assert f"skipping {tmp_path / 'checkpoint-4.partial'}: its save was interrupted" in caplog.text
+    assert f"skipping {tmp_path / 'checkpoint-2'}: scheduler.bin has 0 bytes" in caplog.text
+
+    for damaged, why in (("checkpoint-3", "optimizer.bin is missing"), ("checkpoint-4.partial", "save was interrupted")):
+        reset_accelerate()
+        with pytest.raises(IncompleteCheckpointError, match=f"is incomplete \\(.*{why}.*'latest', which takes the newest complete"):
+            _run(setup, tmp_path, resume_from_checkpoint=str(tmp_path / damaged)).train()
+
+
 def test_exported_adapter_loads_in_the_inference_pipeline_and_generates(setup, tmp_path):
     from msdiffusion import MSDiffusionXLPipeline
     from msdiffusion.adapter import checkpoint_from_models, load_checkpoint

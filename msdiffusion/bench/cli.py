@@ -12,6 +12,7 @@ from .runner import RELEASE_NEGATIVE_PROMPT
 
 SCORES = "scores.jsonl"
 SCORES_CONFIG = "scores_config.json"
+SCORES_SAVE_INTERVAL_S = 60.0  # `bench score` saves its progress this often
 
 
 def register(subparsers) -> None:
@@ -266,6 +267,7 @@ def _run(args) -> int:
 
 def _score(args) -> int:
     import json
+    import time
 
     from tqdm.auto import tqdm
 
@@ -305,24 +307,41 @@ def _score(args) -> int:
             "with the same arguments to regenerate them."
         )
     print(f"{len(records)} images in the manifest, {len(existing)} already scored, {len(todo)} to score")
+    manifest_images = {r["image"] for r in records}
+
+    def save(scores: dict[str, dict]) -> list[dict]:
+        kept = [scores[key] for key in sorted(scores) if key in manifest_images]
+        write_json_atomic(scores_path, kept, lines=True)
+        return kept
+
     if todo:
         from msdiffusion.checks import check_locations
 
         models = [(args.clip_model, "transformers", "--clip-model"), (args.dino_model, "transformers", "--dino-model"), (args.detector, "transformers", "--detector")]
         check_locations(models, device=args.device)
         scorers = Scorers.load(requested, args.device, args.batch_size)
+        if not existing:
+            # A fresh start (first scoring, or --overwrite): remove the old scores before recording the new
+            # models, so that scores.jsonl never holds scores of models other than scores_config.json's.
+            scores_path.unlink(missing_ok=True)
+        write_json_atomic(config_path, scorers.config.to_dict())
+        last_save = time.monotonic()
+
+        def save_progress(new: list[dict]) -> None:  # a killed run keeps what it scored (minus the last minute)
+            nonlocal last_save
+            if time.monotonic() - last_save >= SCORES_SAVE_INTERVAL_S:
+                save({**existing, **{record["image"]: record for record in new}})
+                last_save = time.monotonic()
+
         bar = tqdm(total=len(todo), desc="scoring")
         try:
-            new = score_records(todo, output, scorers, args.photos, args.batch_size, bar.update)
+            new = score_records(todo, output, scorers, args.photos, args.batch_size, bar.update, save_progress)
         except FileNotFoundError as error:
             raise UserInputError(str(error)) from None
         bar.close()
         for record in new:
             existing[record["image"]] = record
-        write_json_atomic(config_path, scorers.config.to_dict())
-    manifest_images = {r["image"] for r in records}
-    kept = [existing[key] for key in sorted(existing) if key in manifest_images]
-    write_json_atomic(scores_path, kept, lines=True)
+    kept = save(existing)
     print(f"scores: {len(kept)} images in {scores_path}")
     return 0
 

@@ -17,6 +17,7 @@ import PIL.Image
 import PIL.ImageDraw
 
 from .definitions import DATA_DIR, check_images, load_benchmark
+from ..atomic import atomic_path, write_text_atomic
 from .runner import RUN_CONFIG, read_manifest, write_json_atomic
 from .scoring import is_background
 
@@ -186,7 +187,7 @@ def write_report(output_dir: Path, grid_samples: int = 8, images_dir: Path | Non
         report["paper"] = paper
     paths = [output_dir / "report.json", output_dir / "report.md"]
     write_json_atomic(paths[0], report)
-    paths[1].write_text(markdown(benchmark.name, table, cover, paper, scoring_config))
+    write_text_atomic(paths[1], markdown(benchmark.name, table, cover, paper, scoring_config))
 
     if grid_samples:
         (output_dir / "grids").mkdir(exist_ok=True)
@@ -194,6 +195,7 @@ def write_report(output_dir: Path, grid_samples: int = 8, images_dir: Path | Non
             chosen = [s for s in sorted(scores, key=lambda s: s["image"]) if s["group"] == group and s["index"] == 0]
             if chosen:
                 path = output_dir / "grids" / f"{group}.png"
-                grid(output_dir, chosen[:grid_samples], manifest, images_dir).save(path)
+                with atomic_path(path) as tmp:
+                    grid(output_dir, chosen[:grid_samples], manifest, images_dir).save(tmp)
                 paths.append(path)
     return paths

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from ..atomic import atomic_path
 from ..release import RELEASE_NEGATIVE_PROMPT  # the released inference code's default
 from .definitions import Sample, reference_files
 MANIFEST = "manifest.jsonl"
@@ -136,13 +136,11 @@ def check_run_config(output_dir: Path, benchmark: str, settings: GenerationSetti
 
 
 def write_json_atomic(path: Path, data, lines: bool = False) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if lines:
-        tmp.write_text("".join(json.dumps(item) + "\n" for item in data))
-    else:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write JSON (or JSON lines) so that `path` holds the old content or all of the new, whenever a crash comes."""
+    from ..atomic import write_text_atomic
+
+    text = "".join(json.dumps(item) + "\n" for item in data) if lines else json.dumps(data, indent=1) + "\n"
+    write_text_atomic(path, text)
 
 
 def read_manifest(output_dir: Path) -> list[dict]:
@@ -233,9 +231,8 @@ def generate_items(
         for item, image in zip(batch, images):
             path = output_dir / item.image
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-            image.save(tmp)
-            os.replace(tmp, path)  # a crash never leaves a half-written image that a resume would skip
+            with atomic_path(path) as tmp:  # a crash never leaves a half-written image that a resume would skip
+                image.save(tmp)
         result.generated += len(batch)
         if progress:
             progress(len(batch))

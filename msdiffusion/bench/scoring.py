@@ -338,8 +338,11 @@ def score_records(
     images_dir: Path | None = None,
     batch_size: int = 16,
     progress: Callable[[int], None] | None = None,
+    on_scored: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """Score manifest records (see `runner.py`); returns one score record per generated image."""
+    """Score manifest records (see `runner.py`); returns one score record per generated image.
+
+    `on_scored` is called after each batch with the records scored so far (to save progress)."""
     run_dir = Path(run_dir)
     references = ReferenceCache(scorers)
     results = []
@@ -347,6 +350,8 @@ def score_records(
         results.extend(_score_chunk(chunk, run_dir, images_dir, scorers, references))
         if progress:
             progress(len(chunk))
+        if on_scored:
+            on_scored(results)
     return results
 
 

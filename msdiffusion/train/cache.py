@@ -11,7 +11,9 @@ Layout of a cache folder:
   order `{i}.phrase_embeds` (S, 768) and `{i}.image_features` (S, L, E). Each shard's metadata maps
   `i` to a hash of the manifest line, so an edited line is caught instead of read stale.
 
-A shard whose lines are unchanged is kept when the command runs again (interrupted runs resume).
+Every file is written under a temporary name, flushed and renamed, so a shard is either complete or
+absent whenever the command is killed. A shard whose lines are unchanged is kept when the command runs
+again (interrupted runs resume).
 Size: about 0.9 MB per subject in float16 with ViT-bigG (257 x 1664 features), plus 0.3 MB per caption.
 """
 
@@ -25,8 +27,10 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic import atomic_path, write_text_atomic
 from ..data.dataset import MASK_COLORS, MSDiffusionDataset
 from ..data.manifest import iter_lines
+from .checkpoints import pause_for_tests
 from .conditioning import NullFeatures
 from .models import reference_pixels_size
 
@@ -125,10 +129,11 @@ def write_cache(
     if previous is not None and any(previous.get(k) != v for k, v in info.items() if k not in unchecked):
         for path in [p for p in out.iterdir() if p.name.startswith("shard-")]:
             path.unlink()
-    (out / CACHE_CONFIG).write_text(json.dumps(info, indent=2) + "\n")  # before any shard: they follow it
+    write_text_atomic(out / CACHE_CONFIG, json.dumps(info, indent=2) + "\n")  # before any shard: they follow it
     pixels_shape = (3, *reference_pixels_size(image_processor))
     nulls = null_features(text_encoders, image_encoder, device, pixels_shape)
-    save_file({k: v.to(dtype).contiguous().cpu() for k, v in nulls.tensors().items()}, out / NULLS_FILE)
+    with atomic_path(out / NULLS_FILE) as tmp:
+        save_file({k: v.to(dtype).contiguous().cpu() for k, v in nulls.tensors().items()}, tmp)
 
     counts = {"written": 0, "kept": 0}
     num_shards = -(-len(lines) // shard_size)
@@ -150,9 +155,9 @@ def write_cache(
             counts["written"] += len(items)
             if progress:
                 progress(counts["written"] + counts["kept"], len(lines))
-        partial = out / (shard_name(shard) + ".partial")
-        save_file(tensors, partial, metadata=hashes)
-        os.replace(partial, out / shard_name(shard))
+        with atomic_path(out / shard_name(shard)) as tmp:
+            save_file(tensors, tmp, metadata=hashes)
+            pause_for_tests("shard", shard, 0)
     for path in out.glob("shard-*.safetensors"):  # past the end of a manifest that got shorter
         if int(path.stem.removeprefix("shard-")) >= num_shards:
             path.unlink()

@@ -13,6 +13,10 @@ from pathlib import Path
 from ..cli import DTYPE_CHOICES, dtype_name
 from .config import add_config_arguments
 
+# A run stopped by SIGTERM (after saving a checkpoint) exits with the status a shell gives a process that
+# SIGTERM ended, so that scripts and schedulers see that it did not finish.
+STOPPED_EXIT_STATUS = 128 + 15
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -80,6 +84,14 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserInputError(f"{problem} (training stopped; `bad_samples: skip` replaces unreadable samples instead)") from None
     except (*user_errors, FileNotFoundError) as error:
         raise UserInputError(str(error)) from None
+    if "stopped_by" in summary:
+        print(
+            f"stopped by {summary['stopped_by']} at step {summary['steps']} of {summary['max_train_steps']}: "
+            f"{summary['checkpoint']} holds everything to resume; run the same command with "
+            "--resume-from-checkpoint latest to continue",
+            file=sys.stderr,
+        )
+        return STOPPED_EXIT_STATUS
     if "adapter" in summary:  # the main process wrote it
         print(f"adapter: {summary['adapter']} (project format) and {summary['released_adapter']} (released format)")
     return 0

@@ -8,6 +8,7 @@ a resumed run reads exactly the items an uninterrupted one would.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import torch
@@ -129,5 +130,31 @@ def build_dataloader(config: TrainConfig, dataset: MSDiffusionDataset, cached: b
         pin_memory=config.pin_memory and torch.cuda.is_available(),
         persistent_workers=config.persistent_workers and workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_leave_sigterm_to_the_main_process if workers > 0 else None,
     )
     return loader, batches
+
+
+def _leave_sigterm_to_the_main_process(worker_id: int) -> None:
+    """Schedulers such as Slurm send SIGTERM to every process of a job: a worker it ended would make the
+    main process fail at the next batch instead of saving a checkpoint and stopping (loop.py).
+
+    A worker therefore waits for SIGTERM in a thread, and ends on one sent by the main process (which
+    stops workers that way) as PyTorch's own handler does, ignoring the others. (Ignoring every SIGTERM
+    would hang the main process at exit: it terminates leftover workers with SIGTERM and joins them.)
+    """
+    import signal
+    import threading
+
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: keep PyTorch's behaviour
+        return
+    # Threads started later inherit the mask, so the waiting thread below is the only one that gets it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-main-process", daemon=True).start()

@@ -8,6 +8,10 @@ sample) comes from one `torch.Generator` per process, seeded from `(seed, proces
 in each checkpoint; the data order and crops depend on `(seed, epoch, index)` only; optimizer, LR
 schedule, grad-scaler and EMA states are saved by `accelerator.save_state`. A run resumed from step
 k therefore continues exactly as if it had not stopped (with the same number of processes).
+
+Crashes: a checkpoint is visible under its name only once complete (`checkpoints.py`); the run's
+exports are replaced atomically (`..atomic`); SIGTERM stops the run after saving a checkpoint at the
+end of the current step.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,17 +31,28 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..atomic import atomic_path, remove_stale_temporaries, replace_path, write_text_atomic
 from ..data.dataset import MASK_COLORS
+from .checkpoints import (
+    STATE_FILE,
+    check_checkpoint,
+    checkpoint_path,
+    checkpoint_step,
+    find_checkpoints,
+    list_checkpoints,
+    partial_checkpoints,
+    partial_path,
+    pause_for_tests,
+    write_state,
+)
 from .config import ConfigError, TrainConfig
 from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
 
 logger = logging.getLogger("msdiffusion.train")
 
-CHECKPOINT_PREFIX = "checkpoint-"
 ADAPTER_DIR = "adapter"  # project format, the weights to use (EMA when on)
 RELEASED_FILE = "ms_adapter.bin"  # released format, the same weights
 TRAINABLE_DIR = "trainable"  # with EMA: the raw training weights a resume continues from
-STATE_FILE = "train_state.json"
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -285,7 +303,8 @@ class TrainingRun:
             )  # fmt: skip
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.save(self.output_dir / "config.yaml")
+            with atomic_path(self.output_dir / "config.yaml") as tmp:
+                config.save(tmp)
             accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
         self._log_plan(global_step)
 
@@ -302,49 +321,80 @@ class TrainingRun:
         run_start, start_step = time.perf_counter(), global_step
         samples_per_step = config.train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
         last_loss = None
-        while global_step < self.max_train_steps:
-            epoch, done = divmod(global_step, self.steps_per_epoch)
-            loader = self.dataloader
-            if done:  # resume mid-epoch: the batches of the steps already taken are skipped, not re-read
-                loader = skip_first_batches(self.dataloader, done * config.gradient_accumulation_steps)
-            loader.set_epoch(epoch)
-            self.batches.set_epoch(epoch)
-            fetch_start = time.perf_counter()
-            for batch in loader:
-                window.data_time += time.perf_counter() - fetch_start
-                for message in batch.pop("bad_samples", ()):
-                    self.bad_samples += 1
-                    logger.warning("skipped an unreadable sample (bad_samples: skip): %s", message)
-                loss = self.training_step(batch)
-                window.add_loss(loss)
-                if accelerator.sync_gradients:
-                    global_step += 1
-                    window.steps += 1
-                    progress.update(1)
-                    if self.ema is not None:
-                        self.ema.step(self.params)
-                    if global_step % config.log_every == 0 or global_step == self.max_train_steps:
-                        last_loss = self._log(window, global_step, samples_per_step, progress)
-                        window = _Window(time.perf_counter())
-                    pause = time.perf_counter()  # checkpoints and validation do not count in samples/s
-                    if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                        self.save_checkpoint(global_step)
-                    if config.validation_steps and global_step % config.validation_steps == 0:
-                        self.validate(global_step)
-                    window.start += time.perf_counter() - pause
-                    if global_step >= self.max_train_steps:
-                        break
+        stopped_at: Path | None = None  # the checkpoint a SIGTERM stop saved
+        with _StopRequest() as stop:
+            while global_step < self.max_train_steps and stopped_at is None:
+                epoch, done = divmod(global_step, self.steps_per_epoch)
+                loader = self.dataloader
+                if done:  # resume mid-epoch: the batches of the steps already taken are skipped, not re-read
+                    loader = skip_first_batches(self.dataloader, done * config.gradient_accumulation_steps)
+                loader.set_epoch(epoch)
+                self.batches.set_epoch(epoch)
                 fetch_start = time.perf_counter()
-        progress.close()
+                for batch in loader:
+                    window.data_time += time.perf_counter() - fetch_start
+                    for message in batch.pop("bad_samples", ()):
+                        self.bad_samples += 1
+                        logger.warning("skipped an unreadable sample (bad_samples: skip): %s", message)
+                    loss = self.training_step(batch)
+                    window.add_loss(loss)
+                    if accelerator.sync_gradients:
+                        global_step += 1
+                        window.steps += 1
+                        progress.update(1)
+                        if self.ema is not None:
+                            self.ema.step(self.params)
+                        if global_step % config.log_every == 0 or global_step == self.max_train_steps:
+                            last_loss = self._log(window, global_step, samples_per_step, progress)
+                            window = _Window(time.perf_counter())
+                        pause_for_tests("step", global_step, accelerator.process_index)
+                        pause = time.perf_counter()  # checkpoints and validation do not count in samples/s
+                        stopping = global_step < self.max_train_steps and self._stop_agreed(stop)
+                        saved = None
+                        if stopping or (config.checkpointing_steps and global_step % config.checkpointing_steps == 0):
+                            saved = self.save_checkpoint(global_step)
+                        if not stopping and config.validation_steps and global_step % config.validation_steps == 0:
+                            self.validate(global_step)
+                        if saved is not None and not stopping and global_step < self.max_train_steps:
+                            stopping = self._stop_agreed(stop)  # SIGTERM during this save: it is the one to resume from
+                        window.start += time.perf_counter() - pause
+                        if stopping:
+                            stopped_at = saved
+                            break
+                        if global_step >= self.max_train_steps:
+                            break
+                    fetch_start = time.perf_counter()
+            progress.close()
+            if stopped_at is not None:
+                return self._stopped(global_step, stopped_at, stop.signal_name)
 
-        if config.checkpointing_steps and global_step % config.checkpointing_steps:
-            self.save_checkpoint(global_step)  # so a longer run can resume from the end
-        if config.validation_steps and global_step % config.validation_steps:
-            self.validate(global_step)
-        elapsed = time.perf_counter() - run_start
-        summary = self._finish(global_step, last_loss, (global_step - start_step) * samples_per_step / max(elapsed, 1e-9))
+            if config.checkpointing_steps and global_step % config.checkpointing_steps:
+                self.save_checkpoint(global_step)  # so a longer run can resume from the end
+            if config.validation_steps and global_step % config.validation_steps:
+                self.validate(global_step)
+            elapsed = time.perf_counter() - run_start
+            summary = self._finish(global_step, last_loss, (global_step - start_step) * samples_per_step / max(elapsed, 1e-9))
         accelerator.end_training()
         return summary
+
+    def _stop_agreed(self, stop: "_StopRequest") -> bool:
+        """Whether any process was asked to stop; all processes must stop (and save) at the same step."""
+        requested = stop.signal_name is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(requested)], device=self.device)
+            requested = bool(self.accelerator.gather(flag).max().item())
+        return requested
+
+    def _stopped(self, step: int, checkpoint: Path, signal_name: str | None) -> dict[str, Any]:
+        """End a run stopped by a signal: no export or summary (the run is not finished), trackers closed."""
+        signal_name = signal_name or "a signal to another process"
+        if self.accelerator.is_main_process:
+            logger.warning(
+                "stopped by %s at step %d of %d; %s holds everything to resume: run the same command with "
+                "--resume-from-checkpoint latest", signal_name, step, self.max_train_steps, checkpoint,
+            )  # fmt: skip
+        self.accelerator.end_training()
+        return {"steps": step, "stopped_by": signal_name, "checkpoint": str(checkpoint), "max_train_steps": self.max_train_steps}
 
     def _log_plan(self, global_step: int) -> None:
         c, a = self.config, self.accelerator
@@ -383,27 +433,58 @@ class TrainingRun:
 
     # ---- checkpoints, export, validation ------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:
-        path = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        if self.accelerator.is_main_process and self.config.checkpoints_total_limit is not None:
-            existing = list_checkpoints(self.output_dir)
-            for old in existing[: max(0, len(existing) - self.config.checkpoints_total_limit + 1)]:
-                logger.info("removing %s (checkpoints_total_limit=%d)", old, self.config.checkpoints_total_limit)
-                shutil.rmtree(old)
+        """Write `checkpoint-{step}`: under a temporary name until every process has written its part.
+
+        The main process then records the files in the state file (written last), renames the folder,
+        and only then removes checkpoints beyond `checkpoints_total_limit`: at every moment of a crash
+        the newest complete checkpoint is still there (`checkpoints.py`).
+        """
+        accelerator, index = self.accelerator, self.accelerator.process_index
+        final, partial = checkpoint_path(self.output_dir, step), partial_path(self.output_dir, step)
+        if accelerator.is_main_process:
+            if partial.exists():  # left by an interrupted save of the same step
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        pause_for_tests("begin", step, index)
         self._step_being_saved = step
-        self.accelerator.save_state(str(path))  # every process: each saves its own random states
-        self.accelerator.wait_for_everyone()
-        logger.info("saved %s", path)
-        return path
+        accelerator.save_state(str(partial))  # every process: each saves its own random states
+        pause_for_tests("written", step, index)
+        # Files are flushed to a shared file system when closed, before this barrier; the main process
+        # then fsyncs them all (on one machine the page cache is shared) before marking them complete.
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_state(partial, {"step": step, "num_processes": accelerator.num_processes})
+            pause_for_tests("marked", step, index)
+            remove_stale_temporaries(final)  # an earlier checkpoint-N moved aside when a crash came
+            replace_path(partial, final)  # replaces a checkpoint-N an earlier run left in output_dir
+            pause_for_tests("renamed", step, index)
+            self._remove_old_checkpoints(final)
+        accelerator.wait_for_everyone()
+        logger.info("saved %s", final)
+        return final
+
+    def _remove_old_checkpoints(self, newest: Path) -> None:
+        """After `newest` is complete: remove interrupted saves, and checkpoints beyond the limit."""
+        for leftover in partial_checkpoints(self.output_dir):  # never resumable; can be large
+            logger.info("removing %s (an interrupted save)", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        limit = self.config.checkpoints_total_limit
+        if limit is not None:
+            others = [p for p in list_checkpoints(self.output_dir) if p != newest]
+            for old in others[: max(0, len(others) - limit + 1)]:
+                logger.info("removing %s (checkpoints_total_limit=%d)", old, limit)
+                shutil.rmtree(old)
 
     def _save_hook(self, models, weights, output_dir) -> None:
         output_dir = Path(output_dir)
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(models[0])
             self.export(output_dir)
+            pause_for_tests("hook", self._step_being_saved, self.accelerator.process_index)
             if self.ema is not None:
                 _checkpoint(model).save(output_dir / TRAINABLE_DIR)
-            state = {"step": self._step_being_saved, "num_processes": self.accelerator.num_processes}
-            (output_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        # (the state file, which says the checkpoint is complete, is written by save_checkpoint, last)
         torch.save(self.generator.get_state(), output_dir / f"generator_{self.accelerator.process_index}.pt")
         weights.clear()  # the frozen UNet is not checkpointed: only the adapter (above) is
 
@@ -428,30 +509,40 @@ class TrainingRun:
 
     def _resume(self) -> int:
         value = self.config.resume_from_checkpoint
+        main = self.accelerator.is_main_process
         if value == "latest":
-            found = list_checkpoints(self.output_dir)
-            if not found:
-                logger.info("no checkpoint in %s: starting a new run", self.output_dir)
+            complete, incomplete = find_checkpoints(self.output_dir)
+            newest = checkpoint_step(complete[-1]) if complete else -1
+            for skipped, why in incomplete:
+                if main and checkpoint_step(skipped) > newest:
+                    logger.warning("skipping %s: %s", skipped, why)
+            if not complete:
+                if main:
+                    logger.info("no complete checkpoint in %s: starting a new run", self.output_dir)
                 return 0
-            path = found[-1]
+            path = complete[-1]
         else:
-            path = Path(value)
-            if not (path / STATE_FILE).is_file():
-                raise FileNotFoundError(
-                    f"resume_from_checkpoint: {path} is not a training checkpoint (no {STATE_FILE}); give a "
-                    f"{CHECKPOINT_PREFIX}N folder of a run, or 'latest'"
-                )
+            path = check_checkpoint(value)  # a clear error for a missing or incomplete one
         self.accelerator.load_state(str(path))
         step = json.loads((path / STATE_FILE).read_text())["step"]
         logger.info("resumed from %s at step %d", path, step)
         return step
 
     def export(self, directory: Path) -> dict[str, Path]:
-        """Write the adapter (EMA weights when on) in the project format and as the released `ms_adapter.bin`."""
+        """Write the adapter (EMA weights when on) in the project format and as the released `ms_adapter.bin`.
+
+        Each is written under a temporary name and renamed when complete, so a crash never leaves a
+        half-written adapter where a finished one is expected.
+        """
         model = self.accelerator.unwrap_model(self.prepared_model)
         with self._ema_weights():
             checkpoint = _checkpoint(model)
-        return {"adapter": checkpoint.save(directory / ADAPTER_DIR), "released_adapter": checkpoint.save(directory / RELEASED_FILE)}
+        written = {}
+        for key, name in (("adapter", ADAPTER_DIR), ("released_adapter", RELEASED_FILE)):
+            with atomic_path(directory / name) as tmp:
+                checkpoint.save(tmp)
+            written[key] = directory / name
+        return written
 
     def validate(self, step: int) -> None:
         if self.validator is not None and self.validator.entries:
@@ -498,7 +589,7 @@ class TrainingRun:
             logger.warning("the processes' adapter weights differ: %s", fingerprints.tolist())
         if accelerator.is_main_process:
             summary.update({k: str(v) for k, v in self.export(self.output_dir).items()})
-            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            write_text_atomic(self.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
             logger.info("adapter written: %s and %s", summary["adapter"], summary["released_adapter"])
         accelerator.wait_for_everyone()
         return summary
@@ -522,6 +613,47 @@ class _Window:
         return self._loss_sum / max(self._count, 1)
 
 
+# A SIGTERM this soon after the first is the same request delivered twice: Slurm signals every process of a
+# job step, and `accelerate launch`, also signalled, forwards it to its processes.
+SIGTERM_REPEAT_WINDOW_S = 3.0
+
+
+class _StopRequest:
+    """While active: SIGTERM (what schedulers send before preempting) asks the run to save a checkpoint at
+    the end of the current step and stop; a second SIGTERM (more than `SIGTERM_REPEAT_WINDOW_S` later) stops
+    at once. SIGINT (Ctrl-C) keeps Python's behaviour, an immediate KeyboardInterrupt. Signal handlers can
+    only be set in the main thread; elsewhere SIGTERM keeps its default (the process ends at once)."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._received_at = 0.0
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if self.signal_name is not None:
+            if now - self._received_at < SIGTERM_REPEAT_WINDOW_S:
+                return
+            logger.warning("second SIGTERM: stopping at once, without saving")
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        self.signal_name, self._received_at = "SIGTERM", now
+        logger.warning(
+            "SIGTERM received: saving a checkpoint at the end of this step, then stopping "
+            "(another SIGTERM, or Ctrl-C, stops at once without saving)"
+        )
+
+
 def _process_seed(seed: int, process_index: int) -> int:
     return seed * 1_000_003 + process_index
 
@@ -530,15 +662,6 @@ def _checkpoint(model):
     from ..adapter import checkpoint_from_models
 
     return checkpoint_from_models(model.unet, model.projection)
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """`checkpoint-N` folders of a run, oldest first."""
-    if not Path(output_dir).is_dir():
-        return []
-    found = [p for p in Path(output_dir).iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    found = [p for p in found if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def weights_fingerprint(params: list[torch.Tensor]) -> torch.Tensor:
