@@ -56,8 +56,11 @@ class MSAttentionState:
         # for them are built on activation. None: every level down to 1x1.
         self.levels = levels
         self._cache: dict = {}
-        self._masks: dict[int, tuple] = {}  # cells -> (h, w, bias (B,1,hw,T), inside*scale (B,1,hw,1))
+        # cells -> (h, w, bias (B,1,hw,T), inside*scale (B,1,hw,1), box regions (B,N,hw) if auto layout)
+        self._masks: dict[int, tuple] = {}
         self._scale: torch.Tensor | None = None
+        self._phrase_weights: torch.Tensor | None = None
+        self._auto_layout: tuple[torch.Tensor, torch.Tensor] | None = None  # (mask_threshold, start_step)
         self.processors: list[MSAttnProcessor] = []
 
     @contextlib.contextmanager
@@ -77,20 +80,23 @@ class MSAttentionState:
         processors = self.processors
         previous = (
             self.layout, self.static_image_tokens, self.generation, self._cache, self._masks, self._scale,
-            [p._static_kv for p in processors],
+            self._phrase_weights, self._auto_layout, [p._static_kv for p in processors],
         )  # fmt: skip
         self.layout, self.static_image_tokens = layout, static_image_tokens or image_tokens is not None
         self._generations += 1
         self.generation = self._generations  # never reused: per-layer caches are keyed by it
-        self._cache, self._masks, self._scale = {}, {}, None
+        self._cache, self._masks, self._scale, self._phrase_weights, self._auto_layout = {}, {}, None, None, None
         for p in processors:
             p._static_kv = None
+            if layout is not None:
+                p._maps = None  # a new running mean per generation (kept after the block: see auto_layout_maps)
         try:
             if layout is not None:
                 self._prepare(layout, image_tokens)
             yield self
         finally:  # blocks nest: the outer layout (or none) is active again
-            self.layout, self.static_image_tokens, outer_generation, self._cache, self._masks, self._scale, kvs = previous
+            (self.layout, self.static_image_tokens, outer_generation, self._cache, self._masks, self._scale,
+             self._phrase_weights, self._auto_layout, kvs) = previous  # fmt: skip
             for p, kv in zip(processors, kvs):
                 p._static_kv = kv
             if self.layout is not None:
@@ -108,6 +114,10 @@ class MSAttentionState:
             if h == w == 1:
                 break
             h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if layout.mask_threshold is not None:  # (B, P, N) over the text positions 0..P-1 that phrases use
+            length = 1 + max((p for row in layout.phrase_positions for ps in row for p in ps), default=0)
+            self._phrase_weights = phrase_weights(layout.phrase_positions, length, layout.num_subjects).to(weight.device)
+            self.auto_layout_settings(weight.device)  # tensors: a compiled UNet does not specialise on them
         if image_tokens is None:
             return
         if image_tokens.shape[:2] != (layout.batch_size, layout.num_image_tokens):
@@ -138,7 +148,8 @@ class MSAttentionState:
         return self._cached(("box", h, w, device, dtype), build)
 
     def image_masks(self, cells: int, device, dtype, grid: tuple[int, int] | None = None) -> tuple:
-        """(h, w, bias (B,1,hw,T), inside * scale (B,1,hw,1)) for a layer with `cells` query cells.
+        """(h, w, bias (B,1,hw,T), inside * scale (B,1,hw,1), box regions (B,N,hw) or None) for a
+        layer with `cells` query cells; the regions only with auto layout, which falls back to them.
 
         Built on activation for the processors' device and dtype; another device or dtype (model
         offloading, autocast) builds its own on first use.
@@ -147,7 +158,10 @@ class MSAttentionState:
         if entry is None or entry[2].device != device or entry[2].dtype != dtype:
             h, w = grid or self.grid(cells)
             bias, inside = self.box_masks(h, w, device, dtype)
-            entry = (h, w, bias, (inside * self.image_scale(device, dtype))[:, None])
+            regions = None
+            if self.layout.mask_threshold is not None:
+                regions = box_regions(self.layout.boxes, h, w).to(device)
+            entry = (h, w, bias, (inside * self.image_scale(device, dtype))[:, None], regions)
             self._masks[cells] = entry
         return entry
 
@@ -174,7 +188,20 @@ class MSAttentionState:
 
         return self._cached(("scales", device, dtype), build)
 
+    def auto_layout_settings(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask_threshold, start_step) as 0-d tensors (made on activation)."""
+        settings = self._auto_layout
+        if settings is None or settings[0].device != device:
+            layout = self.layout
+            settings = (torch.tensor(float(layout.mask_threshold), device=device), torch.tensor(float(layout.start_step), device=device))
+            self._auto_layout = settings
+        return settings
+
     def phrase_weights(self, num_text_tokens: int, device) -> torch.Tensor:
+        """(B, P, N) phrase averaging weights over the first P <= `num_text_tokens` text tokens."""
+        weights = self._phrase_weights
+        if weights is not None and weights.shape[1] <= num_text_tokens and weights.device == device:
+            return weights
         layout = self.layout
         return self._cached(
             ("phrases", num_text_tokens, device),
@@ -184,7 +211,7 @@ class MSAttentionState:
     def auto_layout_maps(self) -> torch.Tensor | None:
         """(B, N, h, w) auto-layout attention maps of the last generation, averaged over layers
         at the finest grid and min-max normalised; None if auto layout was off."""
-        maps = [p.mean_map() for p in self.processors if p._maps is not None and p._maps[0] == self.generation]
+        maps = [p.mean_map() for p in self.processors if p._maps is not None]
         if not maps:
             return None
         largest = max(maps, key=lambda m: m.shape[-1] * m.shape[-2])
@@ -207,13 +234,13 @@ class MSAttnProcessor(nn.Module):
         state.processors.append(self)
         self._kv_cache: tuple | None = None
         self._static_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # set by `state.activate(image_tokens=...)`
-        self._maps: tuple | None = None  # (generation, grid, running sum (B,N,hw), count)
+        self._maps: tuple | None = None  # (grid, running sum (B,N,hw), count (0-d tensor)) of the last generation
 
     def mean_map(self) -> torch.Tensor | None:
         """(B, N, h, w) mean of this layer's recorded phrase attention maps."""
         if self._maps is None:
             return None
-        _, (h, w), total, count = self._maps
+        (h, w), total, count = self._maps
         return (total / count).view(*total.shape[:2], h, w)
 
     def project_image_tokens(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,12 +309,11 @@ class MSAttnProcessor(nn.Module):
             raise ValueError(f"UNet batch of {batch} does not match a layout of {rows} samples (or twice that with CFG).")
 
         # Built on activation: a dictionary lookup here. `inside` is 0 outside every box, else the scale.
-        h, w, bias, inside = state.image_masks(cells, query.device, query.dtype)
-        if layout.mask_threshold is not None:
-            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w)
-            if regions is not None:
-                bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, query.dtype)
-                inside = (inside * state.image_scale(query.device, query.dtype))[:, None]
+        h, w, bias, inside, boxes = state.image_masks(cells, query.device, query.dtype)
+        if boxes is not None:  # auto layout (a compiled UNet would specialise on `layout.mask_threshold`)
+            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w, boxes)
+            bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, query.dtype)
+            inside = (inside * state.image_scale(query.device, query.dtype))[:, None]
 
         kv = self._static_kv
         if kv is None:
@@ -320,22 +346,25 @@ class MSAttnProcessor(nn.Module):
         self._kv_cache = (state.generation, result) if state.static_image_tokens else None
         return result
 
-    def _record_and_auto_layout(self, attn, query, key, h: int, w: int) -> torch.Tensor | None:
-        """Record this step's phrase attention maps; once `start_step` maps are in, return the
-        (B, N, hw) regions thresholded from their running mean (else None: use the boxes)."""
+    def _record_and_auto_layout(self, attn, query, key, h: int, w: int, boxes: torch.Tensor) -> torch.Tensor:
+        """Record this step's phrase attention maps and return the (B, N, hw) regions to use: the
+        boxes until `start_step` maps are in, then the thresholded running mean of the maps.
+
+        The step count is a tensor and the choice a `torch.where`, so a compiled UNet runs the same
+        graph at every step (a Python counter would be a new constant, and a recompilation, per step).
+        """
         layout, state = self.state.layout, self.state
         probs = torch.softmax((query.float() @ key.float().transpose(-2, -1)) * attn.scale, dim=-1)
         weights = state.phrase_weights(key.shape[-2], query.device)  # (B, T_text, N)
-        maps = (probs.mean(dim=1) @ weights).transpose(1, 2)  # (B, N, hw)
-        if self._maps is None or self._maps[0] != state.generation:
-            self._maps = (state.generation, (h, w), maps, 1)
+        maps = (probs.mean(dim=1)[..., : weights.shape[1]] @ weights).transpose(1, 2)  # (B, N, hw)
+        if self._maps is None:  # first step of this generation
+            total, count = maps, torch.ones((), device=maps.device)
         else:
-            _, grid, total, count = self._maps
-            self._maps = (state.generation, grid, total + maps, count + 1)
-        _, _, total, count = self._maps
-        if count < layout.start_step:
-            return None
-        return auto_layout_regions(total / count, layout.mask_threshold)
+            _, total, count = self._maps
+            total, count = total + maps, count + 1
+        self._maps = ((h, w), total, count)
+        threshold, start_step = state.auto_layout_settings(maps.device)
+        return torch.where(count >= start_step, auto_layout_regions(total / count, threshold), boxes)
 
 
 class TextOnlyAttnProcessor:

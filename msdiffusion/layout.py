@@ -144,7 +144,7 @@ def regions_to_bias(
     return bias, inside[..., None].to(dtype)
 
 
-def auto_layout_regions(mean_maps: torch.Tensor, threshold: float) -> torch.Tensor:
+def auto_layout_regions(mean_maps: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """(B, N, hw) averaged attention maps -> (B, N, hw) bool regions: min-max normalise each map, threshold."""
     low = mean_maps.amin(dim=-1, keepdim=True)
     high = mean_maps.amax(dim=-1, keepdim=True)
