@@ -332,7 +332,7 @@ def attach_ms_attention(
     processors = dict(unet.attn_processors)
     for i, name in cross_attention_layers(unet).items():
         layer = unet.get_submodule(name)
-        processor = MSAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, state)
+        processor = MSAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, state, heads=layer.heads)
         if attention is not None:
             processor.load_state_dict(attention[i])
         else:

@@ -225,9 +225,10 @@ class MSAttentionState:
 class MSAttnProcessor(nn.Module):
     """Cross-attention over text plus layout-masked subject tokens, for one UNet `attn2`."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState, heads: int | None = None):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.heads = heads  # the layer's; when known, keys/values made on activation are split into heads there
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.state = state  # shared by every processor of the UNet
@@ -244,14 +245,18 @@ class MSAttnProcessor(nn.Module):
         return (total / count).view(*total.shape[:2], h, w)
 
     def project_image_tokens(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, C) image tokens -> keys and values (B, T, hidden), values times the per-subject scales."""
+        """(B, T, C) image tokens -> keys and values (B, T, hidden), values times the per-subject scales
+        (split into (B, heads, T, head_dim) when the layer's head count is known)."""
         weight = self.to_k_ip.weight
         image_states = image_states.to(weight.device, weight.dtype)
         value = self.to_v_ip(image_states)
         scales = self.state.value_scales(value.device, value.dtype)
         if scales is not None:
             value = value * scales
-        return self.to_k_ip(image_states), value
+        key = self.to_k_ip(image_states)
+        if self.heads is not None:
+            return _heads(key, self.heads), _heads(value, self.heads)
+        return key, value
 
     def __call__(
         self,
@@ -319,9 +324,9 @@ class MSAttnProcessor(nn.Module):
         if kv is None:
             kv = self._image_key_value(encoder_hidden_states[cond, num_text:])
         key_ip, value_ip = kv
-        image_out = F.scaled_dot_product_attention(
-            query[cond], _heads(key_ip, attn.heads), _heads(value_ip, attn.heads), attn_mask=bias
-        )
+        if key_ip.ndim == 3:
+            key_ip, value_ip = _heads(key_ip, attn.heads), _heads(value_ip, attn.heads)
+        image_out = F.scaled_dot_product_attention(query[cond], key_ip, value_ip, attn_mask=bias)
         if cond.start == 0:
             out = torch.addcmul(out, image_out, inside)
         elif torch.is_grad_enabled():  # the attention's backward needs `out` unmodified
