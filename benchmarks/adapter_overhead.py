@@ -1,19 +1,25 @@
 """Cost of the MS-Diffusion adapter over bare SDXL, measured in one run.
 
 Times whole generations (text encoding, subject encoding, denoising, VAE decode) on SDXL's real
-architecture with random weights (see `sdxl_architecture.py`), interleaving three variants so that
+architecture with random weights (see `sdxl_architecture.py`), interleaving the variants so that
 machine noise hits them alike:
 
 - `bare`:  SDXL alone (plain attention processors);
 - `ours`:  MS-Diffusion with 2 subjects in boxes (this project's processors);
+- `auto`:  `ours` with auto layout (`mask_threshold=0.5, start_step=5`), with `--auto-layout`;
 - `naive`: the same computation written the straightforward way (materialised image-branch
            probabilities, the CFG negative half computed too, masks and image keys/values rebuilt
            at every layer call), a model of the released implementation's structure.
 
-Prints medians and the ratios ours/bare (target <= 1.03) and naive/ours.
+Prints medians and the ratios to bare. `--profile` then profiles one generation per variant
+(torch.profiler) and prints host time, GPU kernel time, the attention kernels used, the host time
+and operator count per cross-attention call, and the top kernels. `--compile` runs the UNet
+through `torch.compile`.
 
     python benchmarks/adapter_overhead.py                       # CPU, fp32, 512 px, quarter width
     python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1
+    python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1 \
+        --steps 30 --repeats 5 --skip-naive --auto-layout --output-type latent --profile
 """
 
 from __future__ import annotations
@@ -70,6 +76,62 @@ def set_processors(unet, cls):
     unet.set_attn_processor(processors)
 
 
+def cross_attention_hooks(unet) -> list:
+    """Mark every `attn2` call as a profiler range named "attn2" (for bare and ours alike)."""
+    handles = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            ranges = []
+
+            def enter(module, args, ranges=ranges):
+                ranges.append(torch.profiler.record_function("attn2"))
+                ranges[-1].__enter__()
+
+            def leave(module, args, output, ranges=ranges):
+                ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    return handles
+
+
+def profile_generation(name: str, run, unet, device: str, top: int) -> None:
+    """Profile one generation of `run` and print where its host and GPU time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    handles = cross_attention_hooks(unet)
+    try:
+        with profile(activities=activities) as prof:
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = prof.events()
+    host = sum(e.self_cpu_time_total for e in events) / 1e6
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu = sum(e.self_device_time_total for e in kernels) / 1e6
+
+    # Operators dispatched from inside cross-attention calls: top-level aten ops under an "attn2" range.
+    calls = [e for e in events if e.name == "attn2"]
+    ops = 0
+    for e in events:
+        parent = e.cpu_parent
+        if e.name.startswith("aten::") and parent is not None and parent.name == "attn2":
+            ops += 1
+    attention = {}
+    for e in events:
+        if "scaled_dot_product" in e.name and e.name.startswith("aten::_"):
+            attention[e.name] = attention.get(e.name, 0) + 1
+    print(f"  {name}: host (CPU) self time {host:.3f} s" + (f", GPU kernel time {gpu:.3f} s" if kernels else ""))
+    if calls:
+        per_call = sum(e.cpu_time_total for e in calls) / len(calls)
+        print(f"    attn2 calls: {len(calls)}, host time {per_call:.0f} us per call, {ops / len(calls):.1f} aten ops per call")
+    print("    attention kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(attention.items())))
+    sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=70)
+    print("    " + table.replace("\n", "\n    "))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
@@ -78,57 +140,91 @@ def main() -> None:
     parser.add_argument("--width-divisor", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--skip-naive", action="store_true", help="time only bare and ours")
+    parser.add_argument("--skip-naive", action="store_true", help="time only bare and ours (and auto)")
+    parser.add_argument("--auto-layout", action="store_true", help="also time ours with auto layout (0.5, step 5)")
+    parser.add_argument("--profile", action="store_true", help="profile one generation per variant after timing")
+    parser.add_argument("--top", type=int, default=12, help="rows of the profiler's kernel table")
+    parser.add_argument("--compile", action="store_true", help="pipe.unet = torch.compile(pipe.unet)")
+    parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
+    parser.add_argument("--output-type", choices=["np", "latent"], default="np", help="latent: skip the VAE decode")
+    parser.add_argument("--shared", type=Path, default=None, help="folder with sdxl-base/ and the image encoder config")
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
-    pipe, checkpoint, image_encoder = build_sdxl(args.width_divisor, args.device, dtype)
+    start = time.perf_counter()
+    shared = {"shared": args.shared} if args.shared else {}
+    pipe, checkpoint, image_encoder = build_sdxl(args.width_divisor, args.device, dtype, **shared)
+    print(f"built the models on {args.device} in {time.perf_counter() - start:.1f} s", flush=True)
+    unet = pipe.unet
+    if args.compile:
+        pipe.unet = torch.compile(unet, mode=args.compile_mode)
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(2)]
     common = dict(prompt="a dog and a cat on the beach", num_inference_steps=args.steps, guidance_scale=7.5,
-                  height=args.size, width=args.size, output_type="np")  # fmt: skip
+                  height=args.size, width=args.size, output_type=args.output_type)  # fmt: skip
     subjects = dict(subject_images=images, subject_phrases=["dog", "cat"],
                     subject_boxes=[[0.0, 0.25, 0.5, 0.75], [0.5, 0.25, 1.0, 0.75]])  # fmt: skip
 
-    def timed(fn) -> float:
+    def synchronize():
         if args.device == "cuda":
             torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        synchronize()
         start = time.perf_counter()
         fn()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - start
+
+    def generate(**extra):
+        return lambda: pipe(generator=torch.Generator().manual_seed(0), **common, **extra)
 
     def bare():
         pipe.unload_ms_adapter()
-        return timed(lambda: pipe(generator=torch.Generator().manual_seed(0), **common))
+        return generate()
 
     def ours():
         pipe.load_ms_adapter(checkpoint, image_encoder=image_encoder)
-        return timed(lambda: pipe(generator=torch.Generator().manual_seed(0), **common, **subjects))
+        return generate(**subjects)
+
+    def auto():
+        pipe.load_ms_adapter(checkpoint, image_encoder=image_encoder)
+        return generate(**subjects, mask_threshold=0.5, start_step=5)
 
     def naive():
         pipe.load_ms_adapter(checkpoint, image_encoder=image_encoder)
-        set_processors(pipe.unet, NaiveMSProcessor)
-        return timed(lambda: pipe(generator=torch.Generator().manual_seed(0), **common, **subjects))
+        set_processors(unet, NaiveMSProcessor)
+        return generate(**subjects)
 
-    variants = {"bare": bare, "ours": ours} if args.skip_naive else {"bare": bare, "ours": ours, "naive": naive}
-    for fn in variants.values():  # warm-up (allocator, kernels, lazy inits)
-        fn()
+    variants = {"bare": bare, "ours": ours}
+    if args.auto_layout:
+        variants["auto"] = auto
+    if not args.skip_naive:
+        variants["naive"] = naive
+    for name, setup in variants.items():  # warm-up (allocator, kernels, lazy inits, compilation)
+        start = time.perf_counter()
+        setup()()
+        synchronize()
+        print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for name, fn in variants.items():
-            times[name].append(fn())
+        for name, setup in variants.items():
+            times[name].append(timed(setup()))
 
     median = {name: statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    compiled = f", torch.compile({args.compile_mode or 'default'})" if args.compile else ""
     print(f"SDXL architecture at 1/{args.width_divisor} width, {args.size}x{args.size}, {args.steps} steps, "
-          f"CFG, {args.dtype}, {device}; {args.repeats} interleaved repeats")  # fmt: skip
+          f"CFG, {args.dtype}, output {args.output_type}{compiled}, {device}, torch {torch.__version__}; {args.repeats} interleaved repeats")  # fmt: skip
     for name, t in times.items():
         print(f"  {name:6s} median {median[name]:8.3f} s   runs: " + ", ".join(f"{x:.3f}" for x in t))
-    print(f"ours / bare  = {median['ours'] / median['bare']:.4f}   (adapter overhead; target <= 1.03)")
-    if "naive" in median:
-        print(f"naive / ours = {median['naive'] / median['ours']:.4f}   (speed-up over the straightforward computation)")
+    for name in median:
+        if name != "bare":
+            print(f"{name} / bare = {median[name] / median['bare']:.4f}")
+    if args.profile:
+        print("profile of one generation per variant:")
+        for name, setup in variants.items():
+            profile_generation(name, setup(), unet, args.device, args.top)
 
 
 if __name__ == "__main__":

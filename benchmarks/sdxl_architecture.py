@@ -3,7 +3,8 @@
 Configs come from `../shared/sdxl-base` (UNet, VAE, text encoders, scheduler, tokenizers) and
 `../shared/clip-vit-bigg-image-encoder`. `width_divisor=4` divides every channel width by 4 and
 keeps depth, layer counts, token counts and resolutions: the same shapes of computation at about
-1/16 of the FLOPs, which makes CPU timings feasible.
+1/16 of the FLOPs, which makes CPU timings feasible. Models are built directly on the target device
+(full-width SDXL built on a CPU first takes minutes before it ever reaches the GPU).
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def _load(path: Path) -> dict:
     if not path.is_file():
-        raise SystemExit(f"{path} not found: benchmarks need ../shared (SDXL configs) beside the checkout.")
+        raise SystemExit(
+            f"{path} not found: benchmarks need the SDXL configs of ../shared beside the checkout (or pass --shared)."
+        )
     return json.loads(path.read_text())
 
 
-def build_sdxl(width_divisor: int = 4, device: str = "cpu", dtype=torch.float32, seed: int = 0):
-    """(MSDiffusionXLPipeline without adapter, MSAdapterCheckpoint, image encoder) at 1/width_divisor width."""
+def build_sdxl(width_divisor: int = 4, device: str = "cpu", dtype=torch.float32, seed: int = 0, shared: Path = SHARED):
+    """(MSDiffusionXLPipeline without adapter, MSAdapterCheckpoint, image encoder) at 1/width_divisor width,
+    with random weights made on `device`."""
+    with torch.device(device):
+        return _build(width_divisor, device, dtype, seed, Path(shared))
+
+
+def _build(width_divisor: int, device: str, dtype, seed: int, shared: Path):
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
@@ -40,7 +49,7 @@ def build_sdxl(width_divisor: int = 4, device: str = "cpu", dtype=torch.float32,
     from msdiffusion.resampler import ResamplerConfig
 
     d = width_divisor
-    base = SHARED / "sdxl-base"
+    base = shared / "sdxl-base"
     torch.manual_seed(seed)
 
     te1 = _load(base / "text_encoder/config.json")
@@ -64,7 +73,7 @@ def build_sdxl(width_divisor: int = 4, device: str = "cpu", dtype=torch.float32,
     vae_config["norm_num_groups"] = math.gcd(vae_config.get("norm_num_groups", 32), *vae_config["block_out_channels"])
     vae = AutoencoderKL.from_config(vae_config)
 
-    vision = _load(SHARED / "clip-vit-bigg-image-encoder/clip_config.json")["vision_config"]
+    vision = _load(shared / "clip-vit-bigg-image-encoder/clip_config.json")["vision_config"]
     vision_config = CLIPVisionConfig(
         hidden_size=vision["hidden_size"] // d, intermediate_size=vision["intermediate_size"] // d,
         num_attention_heads=vision["num_attention_heads"], num_hidden_layers=vision["num_hidden_layers"],

@@ -291,6 +291,26 @@ def cross_attention_layers(unet) -> dict[int, str]:
     }
 
 
+def cross_attention_levels(unet) -> tuple[int, ...] | None:
+    """The UNet levels (number of 2x downsamplings of the latent) where `attn2` layers run, read
+    from their names (down_blocks.i: level i; up_blocks.i: depth - 1 - i; mid_block: the lowest);
+    None for a UNet named otherwise (masks are then built for every level)."""
+    depth = len(getattr(unet.config, "block_out_channels", ()))
+    levels = set()
+    for name in cross_attention_layers(unet).values():
+        block, _, rest = name.partition(".")
+        index = rest.partition(".")[0]
+        if block == "down_blocks" and index.isdigit():
+            levels.add(int(index))
+        elif block == "up_blocks" and index.isdigit() and depth:
+            levels.add(depth - 1 - int(index))
+        elif block == "mid_block" and depth:
+            levels.add(depth - 1)
+        else:
+            return None
+    return tuple(sorted(levels))
+
+
 def expected_attention_shapes(unet) -> dict[str, tuple]:
     """The released-format keys (`{i}.to_k_ip.weight`, ...) and shapes an adapter for `unet` must have."""
     shapes = {}
@@ -318,11 +338,11 @@ def attach_ms_attention(
 ) -> MSAttentionState:
     """Give every `attn2` of `unet` an `MSAttnProcessor` (weights from `attention`, or initialised
     from the layer's `to_k` / `to_v` as in training) and ControlNets text-only processors."""
-    state = MSAttentionState()
+    state = MSAttentionState(levels=cross_attention_levels(unet))
     processors = dict(unet.attn_processors)
     for i, name in cross_attention_layers(unet).items():
         layer = unet.get_submodule(name)
-        processor = MSAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, state)
+        processor = MSAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, state, heads=layer.heads)
         if attention is not None:
             processor.load_state_dict(attention[i])
         else:

@@ -6,16 +6,19 @@ whose keys/values come from `to_k_ip` / `to_v_ip` and whose visibility follows t
 ControlNets get `TextOnlyAttnProcessor`, which drops the image tokens.
 
 Differences from a literal implementation of the released computation, all exact up to rounding:
-- fused `scaled_dot_product_attention` for both branches; the -10000 bias is its float mask;
+- fused `scaled_dot_product_attention` for both branches; the -10000 bias is its float mask, in
+  the query's dtype and laid out so that CUDA's fused kernels accept it (`layout.regions_to_bias`);
 - zeroing the image probabilities of cells outside every box == zeroing those cells' output;
 - multiplying subject j's probabilities by its scale == multiplying its value vectors by it;
 - the negative (CFG) half has zero image tokens, hence zero image output: it is skipped;
-- the image tokens are fixed during a generation: their keys/values are projected once.
+- the image tokens are fixed during a generation: their keys/values are projected once;
+- the global scale multiplies the 0/1 "inside a box" mask once per generation (one `addcmul`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -36,36 +39,94 @@ from .layout import (
 class MSAttentionState:
     """What all processors of one UNet share during a generation (or a training step).
 
-    Holds the active layout and everything derived from it once per generation: per-grid masks,
-    per-token value scales, phrase averaging weights.
+    Holds the active layout and everything derived from it once per activation, before the UNet
+    runs: per-grid masks, per-token value scales, phrase averaging weights and (for generation)
+    every layer's image keys/values. Inside the denoising loop a processor then only looks these
+    up: no host-device synchronisation, no Python work that grows with the layers, and nothing
+    that `torch.compile` has to guard on besides tensor shapes (a new layout, new boxes or new
+    scales reuse the compiled UNet).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, levels: tuple[int, ...] | None = None) -> None:
         self.layout: SubjectLayout | None = None
         self.generation = 0
         self._generations = 0
         self.static_image_tokens = False
+        # UNet levels (number of 2x downsamplings of the latent) that have cross-attention; masks
+        # for them are built on activation. None: every level down to 1x1.
+        self.levels = levels
         self._cache: dict = {}
+        # cells -> (h, w, bias (B,1,hw,T), inside*scale (B,1,hw,1), box regions (B,N,hw) if auto layout)
+        self._masks: dict[int, tuple] = {}
+        self._scale: torch.Tensor | None = None
+        self._phrase_weights: torch.Tensor | None = None
+        self._auto_layout: tuple[torch.Tensor, torch.Tensor] | None = None  # (mask_threshold, start_step)
         self.processors: list[MSAttnProcessor] = []
 
     @contextlib.contextmanager
-    def activate(self, layout: SubjectLayout | None, static_image_tokens: bool = False) -> Iterator["MSAttentionState"]:
+    def activate(
+        self,
+        layout: SubjectLayout | None,
+        static_image_tokens: bool = False,
+        image_tokens: torch.Tensor | None = None,
+    ) -> Iterator["MSAttentionState"]:
         """Use `layout` for every UNet call inside the block.
 
         `static_image_tokens=True` promises the image tokens do not change inside the block (true
-        for one generation), so each layer projects them once.
+        for one generation), so each layer projects them once. `image_tokens` (B, T, C), the
+        conditional rows' image tokens, goes further: every layer projects them here, before the
+        UNet runs (what the pipeline does; it implies `static_image_tokens`).
         """
-        previous = (self.layout, self.static_image_tokens, self.generation, self._cache)
-        self.layout, self.static_image_tokens = layout, static_image_tokens
+        processors = self.processors
+        previous = (
+            self.layout, self.static_image_tokens, self.generation, self._cache, self._masks, self._scale,
+            self._phrase_weights, self._auto_layout, [p._static_kv for p in processors],
+        )  # fmt: skip
+        self.layout, self.static_image_tokens = layout, static_image_tokens or image_tokens is not None
         self._generations += 1
         self.generation = self._generations  # never reused: per-layer caches are keyed by it
-        self._cache = {}
+        self._cache, self._masks, self._scale, self._phrase_weights, self._auto_layout = {}, {}, None, None, None
+        for p in processors:
+            p._static_kv = None
+            if layout is not None:
+                p._maps = None  # a new running mean per generation (kept after the block: see auto_layout_maps)
         try:
+            if layout is not None:
+                self._prepare(layout, image_tokens)
             yield self
         finally:  # blocks nest: the outer layout (or none) is active again
-            self.layout, self.static_image_tokens, outer_generation, self._cache = previous
+            (self.layout, self.static_image_tokens, outer_generation, self._cache, self._masks, self._scale,
+             self._phrase_weights, self._auto_layout, kvs) = previous  # fmt: skip
+            for p, kv in zip(processors, kvs):
+                p._static_kv = kv
             if self.layout is not None:
                 self.generation = outer_generation
+
+    def _prepare(self, layout: SubjectLayout, image_tokens: torch.Tensor | None) -> None:
+        """Build, for the processors' device and dtype, what every layer call of this activation reads."""
+        if not self.processors:
+            return
+        weight = self.processors[0].to_k_ip.weight
+        h, w = layout.latent_size
+        for level in range(max(h, w).bit_length() + 1):
+            if self.levels is None or level in self.levels:
+                self.image_masks(h * w, weight.device, weight.dtype, grid=(h, w))
+            if h == w == 1:
+                break
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if layout.mask_threshold is not None:  # (B, P, N) over the text positions 0..P-1 that phrases use
+            length = 1 + max((p for row in layout.phrase_positions for ps in row for p in ps), default=0)
+            self._phrase_weights = phrase_weights(layout.phrase_positions, length, layout.num_subjects).to(weight.device)
+            self.auto_layout_settings(weight.device)  # tensors: a compiled UNet does not specialise on them
+        if image_tokens is None:
+            return
+        if image_tokens.shape[:2] != (layout.batch_size, layout.num_image_tokens):
+            raise ValueError(
+                f"image_tokens has shape {tuple(image_tokens.shape)}; the layout expects "
+                f"({layout.batch_size}, {layout.num_image_tokens}, C): the conditional rows' image tokens only."
+            )
+        for p in self.processors:
+            p._static_kv = p.project_image_tokens(image_tokens)
 
     def _cached(self, key, build):
         if key not in self._cache:
@@ -86,6 +147,34 @@ class MSAttentionState:
 
         return self._cached(("box", h, w, device, dtype), build)
 
+    def image_masks(self, cells: int, device, dtype, grid: tuple[int, int] | None = None) -> tuple:
+        """(h, w, bias (B,1,hw,T), inside * scale (B,1,hw,1), box regions (B,N,hw) or None) for a
+        layer with `cells` query cells; the regions only with auto layout, which falls back to them.
+
+        Built on activation for the processors' device and dtype; another device or dtype (model
+        offloading, autocast) builds its own on first use.
+        """
+        entry = self._masks.get(cells)
+        if entry is None or entry[2].device != device or entry[2].dtype != dtype:
+            h, w = grid or self.grid(cells)
+            bias, inside = self.box_masks(h, w, device, dtype)
+            regions = None
+            if self.layout.mask_threshold is not None:
+                regions = box_regions(self.layout.boxes, h, w).to(device)
+            entry = (h, w, bias, (inside * self.image_scale(device, dtype))[:, None], regions)
+            self._masks[cells] = entry
+        return entry
+
+    def image_scale(self, device, dtype) -> torch.Tensor:
+        """The global image scale as a 0-d tensor (1 with per-subject scales, which act on the values):
+        a tensor, so that a compiled UNet does not specialise on its value."""
+        scale = self._scale
+        if scale is None or scale.device != device or scale.dtype != dtype:
+            layout = self.layout
+            scale = torch.tensor(1.0 if layout.subject_scales is not None else layout.scale, device=device, dtype=dtype)
+            self._scale = scale
+        return scale
+
     def value_scales(self, device, dtype) -> torch.Tensor | None:
         """(B, T, 1) per-image-token factors for per-subject scales (dummy tokens: 1), or None."""
         layout = self.layout
@@ -99,7 +188,20 @@ class MSAttentionState:
 
         return self._cached(("scales", device, dtype), build)
 
+    def auto_layout_settings(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask_threshold, start_step) as 0-d tensors (made on activation)."""
+        settings = self._auto_layout
+        if settings is None or settings[0].device != device:
+            layout = self.layout
+            settings = (torch.tensor(float(layout.mask_threshold), device=device), torch.tensor(float(layout.start_step), device=device))
+            self._auto_layout = settings
+        return settings
+
     def phrase_weights(self, num_text_tokens: int, device) -> torch.Tensor:
+        """(B, P, N) phrase averaging weights over the first P <= `num_text_tokens` text tokens."""
+        weights = self._phrase_weights
+        if weights is not None and weights.shape[1] <= num_text_tokens and weights.device == device:
+            return weights
         layout = self.layout
         return self._cached(
             ("phrases", num_text_tokens, device),
@@ -109,7 +211,7 @@ class MSAttentionState:
     def auto_layout_maps(self) -> torch.Tensor | None:
         """(B, N, h, w) auto-layout attention maps of the last generation, averaged over layers
         at the finest grid and min-max normalised; None if auto layout was off."""
-        maps = [p.mean_map() for p in self.processors if p._maps is not None and p._maps[0] == self.generation]
+        maps = [p.mean_map() for p in self.processors if p._maps is not None]
         if not maps:
             return None
         largest = max(maps, key=lambda m: m.shape[-1] * m.shape[-2])
@@ -123,22 +225,38 @@ class MSAttentionState:
 class MSAttnProcessor(nn.Module):
     """Cross-attention over text plus layout-masked subject tokens, for one UNet `attn2`."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState):
+    def __init__(self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState, heads: int | None = None):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.heads = heads  # the layer's; when known, keys/values made on activation are split into heads there
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.state = state  # shared by every processor of the UNet
         state.processors.append(self)
         self._kv_cache: tuple | None = None
-        self._maps: tuple | None = None  # (generation, grid, running sum (B,N,hw), count)
+        self._static_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # set by `state.activate(image_tokens=...)`
+        self._maps: tuple | None = None  # (grid, running sum (B,N,hw), count (0-d tensor)) of the last generation
 
     def mean_map(self) -> torch.Tensor | None:
         """(B, N, h, w) mean of this layer's recorded phrase attention maps."""
         if self._maps is None:
             return None
-        _, (h, w), total, count = self._maps
+        (h, w), total, count = self._maps
         return (total / count).view(*total.shape[:2], h, w)
+
+    def project_image_tokens(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C) image tokens -> keys and values (B, T, hidden), values times the per-subject scales
+        (split into (B, heads, T, head_dim) when the layer's head count is known)."""
+        weight = self.to_k_ip.weight
+        image_states = image_states.to(weight.device, weight.dtype)
+        value = self.to_v_ip(image_states)
+        scales = self.state.value_scales(value.device, value.dtype)
+        if scales is not None:
+            value = value * scales
+        key = self.to_k_ip(image_states)
+        if self.heads is not None:
+            return _heads(key, self.heads), _heads(value, self.heads)
+        return key, value
 
     def __call__(
         self,
@@ -148,7 +266,8 @@ class MSAttnProcessor(nn.Module):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        layout = self.state.layout
+        state = self.state
+        layout = state.layout
         if encoder_hidden_states is None or layout is None:
             return _text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
@@ -170,7 +289,6 @@ class MSAttnProcessor(nn.Module):
                 f"{layout.num_image_tokens} image tokens after the text: append the subject tokens to the prompt embeddings."
             )
         text_states = encoder_hidden_states[:, :num_text]
-        image_states = encoder_hidden_states[:, num_text:]
         if attn.norm_cross:
             text_states = attn.norm_encoder_hidden_states(text_states)
 
@@ -195,23 +313,26 @@ class MSAttnProcessor(nn.Module):
         else:
             raise ValueError(f"UNet batch of {batch} does not match a layout of {rows} samples (or twice that with CFG).")
 
-        h, w = self.state.grid(cells)
-        bias, inside = self.state.box_masks(h, w, query.device, query.dtype)
-        if layout.mask_threshold is not None:
-            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w)
-            if regions is not None:
-                bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, query.dtype)
+        # Built on activation: a dictionary lookup here. `inside` is 0 outside every box, else the scale.
+        h, w, bias, inside, boxes = state.image_masks(cells, query.device, query.dtype)
+        if boxes is not None:  # auto layout (a compiled UNet would specialise on `layout.mask_threshold`)
+            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w, boxes)
+            bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, query.dtype)
+            inside = (inside * state.image_scale(query.device, query.dtype))[:, None]
 
-        key_ip, value_ip = self._image_key_value(attn, image_states[cond])
+        kv = self._static_kv
+        if kv is None:
+            kv = self._image_key_value(encoder_hidden_states[cond, num_text:])
+        key_ip, value_ip = kv
+        if key_ip.ndim == 3:
+            key_ip, value_ip = _heads(key_ip, attn.heads), _heads(value_ip, attn.heads)
         image_out = F.scaled_dot_product_attention(query[cond], key_ip, value_ip, attn_mask=bias)
-        image_out = image_out * inside[:, None]
-        scale = 1.0 if layout.subject_scales is not None else layout.scale
         if cond.start == 0:
-            out = out + scale * image_out
-        elif torch.is_grad_enabled():
-            out = torch.cat([out[:rows], out[rows:] + scale * image_out])
+            out = torch.addcmul(out, image_out, inside)
+        elif torch.is_grad_enabled():  # the attention's backward needs `out` unmodified
+            out = torch.cat([out[:rows], torch.addcmul(out[rows:], image_out, inside)])
         else:  # inference: add into the conditional half in place, no copy of the batch
-            out[cond].add_(image_out, alpha=scale)
+            out[cond].addcmul_(image_out, inside)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -221,35 +342,34 @@ class MSAttnProcessor(nn.Module):
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _image_key_value(self, attn, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_key_value(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the image tokens when the state did not project them on activation."""
         state = self.state
         if state.static_image_tokens and self._kv_cache is not None and self._kv_cache[0] == state.generation:
             return self._kv_cache[1]
-        key_ip = _heads(self.to_k_ip(image_states), attn.heads)
-        value = self.to_v_ip(image_states)
-        scales = state.value_scales(value.device, value.dtype)
-        if scales is not None:
-            value = value * scales
-        result = (key_ip, _heads(value, attn.heads))
+        result = self.project_image_tokens(image_states)
         self._kv_cache = (state.generation, result) if state.static_image_tokens else None
         return result
 
-    def _record_and_auto_layout(self, attn, query, key, h: int, w: int) -> torch.Tensor | None:
-        """Record this step's phrase attention maps; once `start_step` maps are in, return the
-        (B, N, hw) regions thresholded from their running mean (else None: use the boxes)."""
+    def _record_and_auto_layout(self, attn, query, key, h: int, w: int, boxes: torch.Tensor) -> torch.Tensor:
+        """Record this step's phrase attention maps and return the (B, N, hw) regions to use: the
+        boxes until `start_step` maps are in, then the thresholded running mean of the maps.
+
+        The step count is a tensor and the choice a `torch.where`, so a compiled UNet runs the same
+        graph at every step (a Python counter would be a new constant, and a recompilation, per step).
+        """
         layout, state = self.state.layout, self.state
         probs = torch.softmax((query.float() @ key.float().transpose(-2, -1)) * attn.scale, dim=-1)
         weights = state.phrase_weights(key.shape[-2], query.device)  # (B, T_text, N)
-        maps = (probs.mean(dim=1) @ weights).transpose(1, 2)  # (B, N, hw)
-        if self._maps is None or self._maps[0] != state.generation:
-            self._maps = (state.generation, (h, w), maps, 1)
+        maps = (probs.mean(dim=1)[..., : weights.shape[1]] @ weights).transpose(1, 2)  # (B, N, hw)
+        if self._maps is None:  # first step of this generation
+            total, count = maps, torch.ones((), device=maps.device)
         else:
-            _, grid, total, count = self._maps
-            self._maps = (state.generation, grid, total + maps, count + 1)
-        _, _, total, count = self._maps
-        if count < layout.start_step:
-            return None
-        return auto_layout_regions(total / count, layout.mask_threshold)
+            _, total, count = self._maps
+            total, count = total + maps, count + 1
+        self._maps = ((h, w), total, count)
+        threshold, start_step = state.auto_layout_settings(maps.device)
+        return torch.where(count >= start_step, auto_layout_regions(total / count, threshold), boxes)
 
 
 class TextOnlyAttnProcessor:

@@ -21,6 +21,9 @@ NORM_EPS = 1e-5
 # phrase's tokens, the k-th subject of a phrase at its k-th occurrence; "release" reproduces the
 # released code's word matching, repeated-phrase quirk included (see `release_phrase_token_positions`).
 PHRASE_MATCHING = ("tokens", "release")
+# Row stride (elements) of the attention bias: CUDA's memory-efficient SDPA kernel needs every
+# stride but the last to be a multiple of 8 elements (16 covers every dtype and cuDNN's 16 bytes).
+BIAS_ALIGNMENT = 16
 
 
 @dataclass
@@ -124,15 +127,24 @@ def regions_to_bias(
 
     Subject j's tokens are visible only inside its region; the dummy tokens only outside every
     region, where the image branch is then zeroed.
+
+    The bias is laid out for CUDA's fused attention kernels: its last dimension has stride 1 (a
+    transposed mask sends `scaled_dot_product_attention` to its unfused math path) and its rows
+    start every `BIAS_ALIGNMENT` elements (else the memory-efficient kernel pads a copy of the
+    mask at every call); the padding columns are never read.
     """
+    batch, _, cells = regions.shape
     inside = regions.any(dim=1)  # (B, hw)
-    dummy = (~inside)[:, None, :].expand(-1, num_dummy_tokens, -1)
-    visible = torch.cat([dummy, regions.repeat_interleave(tokens_per_subject, dim=1)], dim=1)
-    bias = torch.zeros(visible.shape, dtype=dtype, device=regions.device).masked_fill_(~visible, MASK_BIAS)
-    return bias.transpose(1, 2)[:, None], inside[..., None].to(dtype)
+    dummy = (~inside)[..., None].expand(-1, -1, num_dummy_tokens)
+    visible = torch.cat([dummy, regions.transpose(1, 2).repeat_interleave(tokens_per_subject, dim=2)], dim=2)
+    tokens = visible.shape[-1]
+    row = -(-tokens // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
+    bias = torch.full((batch, 1, cells, row), MASK_BIAS, dtype=dtype, device=regions.device)[..., :tokens]
+    bias.masked_fill_(visible[:, None], 0.0)
+    return bias, inside[..., None].to(dtype)
 
 
-def auto_layout_regions(mean_maps: torch.Tensor, threshold: float) -> torch.Tensor:
+def auto_layout_regions(mean_maps: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """(B, N, hw) averaged attention maps -> (B, N, hw) bool regions: min-max normalise each map, threshold."""
     low = mean_maps.amin(dim=-1, keepdim=True)
     high = mean_maps.amax(dim=-1, keepdim=True)

@@ -273,9 +273,11 @@ class MSDiffusionMixin:
         if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
             negative_embeds = torch.cat([negative_embeds, torch.zeros_like(image_tokens)], dim=1)
         layout = self.subject_layout(prompts, subjects, height, width, ms_scale, mask_threshold, start_step, phrase_matching)
-        layout = layout.repeat_interleave(kwargs.get("num_images_per_prompt") or 1)
+        repeats = kwargs.get("num_images_per_prompt") or 1
+        layout = layout.repeat_interleave(repeats)
 
-        with state.activate(layout, static_image_tokens=True):
+        # Every layer projects the subject tokens once, here, not inside the denoising loop.
+        with state.activate(layout, image_tokens=image_tokens.repeat_interleave(repeats, 0)):
             output = parent_call(
                 self,
                 prompt_embeds=prompt_embeds,

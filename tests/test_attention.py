@@ -155,3 +155,89 @@ def test_activation_blocks_nest_and_restore_the_outer_layout():
         assert state.layout is layout
         torch.testing.assert_close(fast(attn, hidden, context), before)
     assert state.layout is None
+
+
+def cuda_fused_kernel_problems(query, key, value, mask) -> list[str]:
+    """Why CUDA's fused SDPA kernels (memory-efficient / cuDNN; flash takes no mask) would refuse
+    this call, by the checks of torch's `sdp_utils` that do not depend on the GPU; [] if none."""
+    problems = []
+    if mask is not None and mask.dtype not in (torch.bool, query.dtype):
+        problems.append(f"mask dtype {mask.dtype} != query dtype {query.dtype}")
+    for name, t in (("query", query), ("key", key), ("value", value), ("mask", mask)):
+        if t is not None and t.stride(-1) != 1:
+            problems.append(f"{name}.stride(-1) = {t.stride(-1)}: fused kernels need 1")
+    if query.shape[-1] % 8 or value.shape[-1] % 8:
+        problems.append("head_dim not a multiple of 8")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.storage_offset() * t.element_size() % 16:
+            problems.append(f"{name} storage offset not 16-byte aligned")
+    if mask is not None:
+        if mask.dim() != 4 or mask.shape[-2:] != (query.shape[-2], key.shape[-2]):
+            problems.append(f"mask shape {tuple(mask.shape)}")
+        elif mask.shape[0] not in (1, query.shape[0]) or mask.shape[1] not in (1, query.shape[1]):
+            problems.append(f"mask shape {tuple(mask.shape)} does not broadcast over batch/heads")
+        # not a refusal, but the memory-efficient kernel then pads a copy of the mask at every call
+        if any(s % 8 for s in mask.stride()[:-1]):
+            problems.append(f"mask strides {mask.stride()} not multiples of 8 (copied at every call)")
+    return problems
+
+
+def test_fused_kernel_check_flags_the_old_transposed_mask():
+    q = torch.randn(1, 4, 15, 16, dtype=torch.float16)
+    k = v = torch.randn(1, 4, 36, 16, dtype=torch.float16)
+    transposed = torch.zeros(1, 36, 15, dtype=torch.float16).transpose(1, 2)[:, None]
+    assert any("mask.stride(-1)" in p for p in cuda_fused_kernel_problems(q, k, v, transposed))
+    assert any("dtype" in p for p in cuda_fused_kernel_problems(q, k, v, torch.zeros(1, 1, 15, 36)))
+    assert cuda_fused_kernel_problems(q, k, v, None) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("auto_layout", [False, True])
+def test_image_branch_call_is_eligible_for_fused_kernels(monkeypatch, dtype, auto_layout):
+    attn, state, fast, _ = make_attention()
+    attn.to(dtype), fast.to(dtype)
+    extra = dict(mask_threshold=0.4, start_step=1, phrase_positions=[[[1], [2], []], [[5], [], []]]) if auto_layout else {}
+    layout = make_layout(**extra)
+    hidden, context = (x.to(dtype) for x in inputs(layout))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q, k, v, attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), state.activate(layout, image_tokens=context[2:, TEXT:]):
+        # The CPU's fused kernel must take the call too (no fallback to the math path).
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            fast(attn, hidden, context)
+    (text_call, image_call) = calls
+    assert cuda_fused_kernel_problems(*text_call) == []
+    assert cuda_fused_kernel_problems(*image_call) == []
+    assert image_call[3].dtype == dtype
+
+
+def test_processor_call_runs_no_math_attention_on_cpu():
+    attn, state, fast, _ = make_attention()
+    layout = make_layout()
+    hidden, context = inputs(layout)
+    with torch.no_grad(), state.activate(layout, image_tokens=context[2:, TEXT:]):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fast(attn, hidden, context)
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "attention_math" in n]
+    assert sum("scaled_dot_product_flash_attention" in n for n in names) == 2
+    # masks and the subject keys/values were made on activation: no projection of the image tokens here
+    assert sum(n == "aten::linear" for n in names) == 4  # to_q, to_k, to_v, to_out: as many as plain attention
+
+
+def test_activation_with_image_tokens_matches_per_call_projection():
+    attn, state, fast, _ = make_attention()
+    layout = make_layout(subject_scales=torch.tensor([[0.3, 1.2, 0.0], [0.8, 0.0, 0.0]]))
+    hidden, context = inputs(layout)
+    with state.activate(layout, image_tokens=context[2:, TEXT:]):
+        prepared = fast(attn, hidden, context)
+    torch.testing.assert_close(prepared, run(fast, attn, state, layout, hidden, context))
+    with pytest.raises(ValueError, match="conditional rows"):
+        with state.activate(layout, image_tokens=context[:, TEXT:]):
+            pass
