@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from msdiffusion.cli import DTYPE_CHOICES, UserInputError, deprecated_option, dtype_name, torch_dtype_name
+from msdiffusion.world.weights import WORLD, world_model_paths  # the module imports nothing heavy
 
 from .definitions import BENCHMARKS, check_images, load_benchmark, select_samples
 from .runner import RELEASE_NEGATIVE_PROMPT
@@ -18,9 +19,10 @@ SCORES_SAVE_INTERVAL_S = 60.0  # `bench score` saves its progress this often
 def register(subparsers) -> None:
     bench = subparsers.add_parser(
         "bench",
-        help="MS-Bench / DreamBench: list samples, generate, score, report",
+        help="MS-Bench / DreamBench / the world bench: list samples, generate, score, report",
         description="Reproduce the paper's evaluation: `list` the samples, `run` the generation "
-        "(accelerate launch shards it), `score` the images, `report` the tables. See docs/benchmark.md.",
+        "(accelerate launch shards it), `score` the images, `report` the tables. `--bench world` runs the same "
+        "steps on the procedural world's held-out subjects, on the CPU. See docs/benchmark.md.",
     )
     bench.set_defaults(func=lambda args: bench.print_help() or 2)
     actions = bench.add_subparsers(dest="bench_command", metavar="ACTION")
@@ -34,24 +36,37 @@ def register(subparsers) -> None:
     run = actions.add_parser("run", help="generate the benchmark's images (resumable; shard with accelerate launch)")
     _add_benchmark_args(run)
     _add_selection_args(run)
-    _add_photos_arg(run, "directory of subject photos, e.g. ../shared/msbench (required)")
+    _add_photos_arg(
+        run, "directory of subject photos, e.g. ../shared/msbench (required but for --bench world, which renders its "
+        "references there; default OUTPUT/references)",
+    )  # fmt: skip
     run.add_argument("--output", type=Path, required=True, help="run directory: images, manifest.jsonl, run_config.json")
-    run.add_argument("--base", required=True, help="SDXL pipeline: folder, hub id or single file")
-    run.add_argument("--adapter", required=True, help="MS-Diffusion adapter: ms_adapter.bin, project folder or hub id")
+    run.add_argument(
+        "--base", help=f"SDXL pipeline: folder, hub id or single file ({WORLD!r}: the world's, the default for --bench world)"
+    )  # fmt: skip
+    run.add_argument("--adapter", help=f"MS-Diffusion adapter: ms_adapter.bin, project folder or hub id (or {WORLD!r})")
     run.add_argument("--adapter-weight-name", help="file inside a hub adapter repo, e.g. ms_adapter.bin")
     deprecated_option(run, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
-    run.add_argument("--image-encoder", required=True, help="CLIP ViT-bigG/14 vision encoder: folder or hub id")
+    run.add_argument("--image-encoder", help=f"CLIP ViT-bigG/14 vision encoder: folder or hub id (or {WORLD!r})")
+    run.add_argument(
+        "--models", type=Path,
+        help="--bench world: a folder of world models laid out as the shipped weights (base/, adapter/, image_encoder/, "
+        "evaluator.safetensors) instead of the shipped ones",
+    )  # fmt: skip
     run.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its sample id")
     run.add_argument("--images-per-sample", type=int, help="images per sample (default: the benchmark's own)")
-    run.add_argument("--steps", type=int, default=30, help="denoising steps")
-    run.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance")
+    # defaults: the released inference settings; --bench world: the world's (msdiff demo's)
+    run.add_argument("--steps", type=int, help="denoising steps (default: 30; world: 25)")
+    run.add_argument("--guidance", type=float, help="classifier-free guidance (default: 7.5; world: 5.0)")
     deprecated_option(run, "--guidance-scale", "--guidance", "guidance", type=float)
-    run.add_argument("--scale", type=float, default=0.6, help="subject strength")
+    run.add_argument("--scale", type=float, help="subject strength (default: 0.6; world: 1.0)")
     deprecated_option(run, "--ms-scale", "--scale", "scale", type=float)
-    run.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, or one number for a square")
+    run.add_argument("--size", help="WIDTHxHEIGHT, or one number for a square (default: 1024x1024; world: 64x64)")
     deprecated_option(run, "--height", "--size WIDTHxHEIGHT", "height", type=int)
     deprecated_option(run, "--width", "--size WIDTHxHEIGHT", "width", type=int)
-    run.add_argument("--negative-prompt", default=RELEASE_NEGATIVE_PROMPT, help="the released evaluation's negative prompt by default")
+    run.add_argument(
+        "--negative-prompt", help="default: the released evaluation's negative prompt (world: empty)"
+    )  # fmt: skip
     run.add_argument("--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '")
     run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold (default: off)")
     run.add_argument("--start-step", type=int, default=5, help="step at which auto layout takes over")
@@ -71,14 +86,19 @@ def register(subparsers) -> None:
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
     _add_photos_arg(score, "subject photos (default: the directory the run used)")
     score.add_argument(
-        "--clip-model", default=DEFAULT_CLIP_MODEL, help="CLIP model for CLIP-T and CLIP-I (ViT-B/32, as DreamBooth's protocol)"
+        "--clip-model", help=f"CLIP model for CLIP-T and CLIP-I (default: {DEFAULT_CLIP_MODEL}, as DreamBooth's protocol)"
     )  # fmt: skip
-    score.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="DINO ViT for the DINO score (ViT-S/16, as DreamBooth's protocol)")
+    score.add_argument("--dino-model", help=f"DINO ViT for the DINO score (default: {DEFAULT_DINO_MODEL}, as DreamBooth's protocol)")
     score.add_argument(
-        "--dino-preprocessing", choices=DINO_PREPROCESSING, default="resize-crop",
-        help="resize-crop (short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
+        "--dino-preprocessing", choices=DINO_PREPROCESSING,
+        help="resize-crop (default: short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
     )  # fmt: skip
-    score.add_argument("--detector", default=DEFAULT_DETECTOR, help="OWL-ViT, OWLv2 or Grounding DINO folder or hub id")
+    score.add_argument("--detector", help=f"OWL-ViT, OWLv2 or Grounding DINO folder or hub id (default: {DEFAULT_DETECTOR})")
+    score.add_argument(
+        "--models", type=Path,
+        help="world runs: the folder of world models whose evaluator and image encoder score it "
+        "(default: the models the run used)",
+    )  # fmt: skip
     score.add_argument("--detection-threshold", type=float, help="minimum detection score (default: the detector family's own)")
     score.add_argument("--batch-size", type=int, default=16, help="images per model batch")
     score.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
@@ -124,6 +144,36 @@ def _size(args) -> tuple[int, int]:
     width, height = parse_size(args.size, "--size")
     width, height = parse_size([getattr(args, "width", width), getattr(args, "height", height)], "--size")
     return width, height
+
+
+def _resolve_models(args, world: bool) -> None:
+    """--models (a folder of world models) or --base/--adapter/--image-encoder; the world bench defaults
+    to the shipped world models."""
+    given = {"--base": args.base, "--adapter": args.adapter, "--image-encoder": args.image_encoder}
+    if args.models is not None:
+        if not world:
+            raise UserInputError("--models is a folder of world models: it applies to --bench world only.")
+        if any(given.values()):
+            raise UserInputError("give either --models or --base/--adapter/--image-encoder, not both.")
+        from .world import models_folder
+
+        try:
+            paths = models_folder(args.models)
+        except FileNotFoundError as error:
+            raise UserInputError(str(error)) from None
+        args.base, args.adapter, args.image_encoder = paths["base"], paths["adapter"], paths["image_encoder"]
+        return
+    if world and not any(given.values()):
+        args.base = args.adapter = args.image_encoder = WORLD
+        given = dict.fromkeys(given, WORLD)
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        raise UserInputError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (folders or hub ids).")
+    if WORLD in given.values():  # before anything is rendered or generated
+        try:
+            world_model_paths()
+        except FileNotFoundError as error:
+            raise UserInputError(f"{error} Or give other world models with --models.") from None
 
 
 def _existing_dir(path: Path, what: str) -> Path:
@@ -187,9 +237,26 @@ def _run(args) -> int:
     )
 
     benchmark, samples = _selected(args)
+    world = benchmark.key == "world"
+    _resolve_models(args, world)
+    defaults = {"steps": 30, "guidance": 7.5, "scale": 0.6, "size": "1024x1024", "negative_prompt": RELEASE_NEGATIVE_PROMPT}
+    if world:
+        from .world import world_settings
+
+        world_defaults = world_settings()
+        defaults = {
+            "steps": world_defaults["steps"], "guidance": world_defaults["guidance_scale"], "scale": world_defaults["ms_scale"],
+            "size": f"{world_defaults['width']}x{world_defaults['height']}", "negative_prompt": world_defaults["negative_prompt"],
+        }  # fmt: skip
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.photos is None:
-        raise UserInputError("--photos: required (the directory of subject photos).")
-    images_dir = _existing_dir(args.photos, "--photos")
+        if not world:
+            raise UserInputError("--photos: required (the directory of subject photos).")
+        args.photos = args.output / "references"
+    elif not world:
+        _existing_dir(args.photos, "--photos")
     width, height = _size(args)
     positive = {"--steps": args.steps, "--batch-size": args.batch_size}
     for name, value in positive.items():
@@ -204,10 +271,20 @@ def _run(args) -> int:
 
     from msdiffusion.checks import check_locations
 
-    models = [(args.base, "base", "--base"), (args.adapter, "adapter", "--adapter"), (args.image_encoder, "image_encoder", "--image-encoder")]
-    check_locations(models, adapter_weight_name=args.adapter_weight_name)  # before minutes of loading
+    if args.base != WORLD:  # the world's models were checked by _resolve_models
+        models = [(args.base, "base", "--base"), (args.adapter, "adapter", "--adapter"), (args.image_encoder, "image_encoder", "--image-encoder")]
+        check_locations(models, adapter_weight_name=args.adapter_weight_name)  # before minutes of loading
     state = process_state()
     log = print if state.is_main_process else (lambda *a, **k: None)
+    if world:  # the world's references are data: rendered (deterministically) where the run looks for them
+        from .world import render_references
+
+        # every process renders what it does not find (the same pixels, written atomically), so none
+        # depends on another's progress
+        definition = benchmark.definition
+        written = render_references(samples, args.photos, int(definition["references_per_subject"]), int(definition["seed"]))
+        log(f"references: {written} rendered into {args.photos}" if written else f"references: all in {args.photos}")
+    images_dir = _existing_dir(args.photos, "--photos")
     availability = check_images(samples, images_dir)
     log(f"{benchmark.name}: {len(samples)} samples selected")
     if availability.missing_sources:
@@ -272,7 +349,6 @@ def _score(args) -> int:
     from tqdm.auto import tqdm
 
     from .runner import read_manifest, write_json_atomic
-    from .scoring import Scorers, ScoringConfig, score_records
 
     output = _existing_dir(args.output, "--output")
     try:
@@ -284,14 +360,12 @@ def _score(args) -> int:
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
 
-    requested = ScoringConfig(
-        args.clip_model, args.dino_model, args.detector, args.detection_threshold, args.dino_preprocessing
-    )  # fmt: skip
+    world = bool(records) and records[0].get("benchmark") == "world"
+    wanted, load_scorer = (_world_scorer if world else _standard_scorer)(args, output)
     scores_path, config_path = output / SCORES, output / SCORES_CONFIG
     existing: dict[str, dict] = {}
     if scores_path.is_file() and not args.overwrite:
         previous = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        wanted = requested.to_dict()
         differing = [k for k, v in wanted.items() if v is not None and previous.get(k) != v]
         if differing:
             raise UserInputError(
@@ -315,16 +389,12 @@ def _score(args) -> int:
         return kept
 
     if todo:
-        from msdiffusion.checks import check_locations
-
-        models = [(args.clip_model, "transformers", "--clip-model"), (args.dino_model, "transformers", "--dino-model"), (args.detector, "transformers", "--detector")]
-        check_locations(models, device=args.device)
-        scorers = Scorers.load(requested, args.device, args.batch_size)
+        score, used = load_scorer()
         if not existing:
             # A fresh start (first scoring, or --overwrite): remove the old scores before recording the new
             # models, so that scores.jsonl never holds scores of models other than scores_config.json's.
             scores_path.unlink(missing_ok=True)
-        write_json_atomic(config_path, scorers.config.to_dict())
+        write_json_atomic(config_path, used)
         last_save = time.monotonic()
 
         def save_progress(new: list[dict]) -> None:  # a killed run keeps what it scored (minus the last minute)
@@ -335,8 +405,8 @@ def _score(args) -> int:
 
         bar = tqdm(total=len(todo), desc="scoring")
         try:
-            new = score_records(todo, output, scorers, args.photos, args.batch_size, bar.update, save_progress)
-        except FileNotFoundError as error:
+            new = score(todo, bar.update, save_progress)
+        except (FileNotFoundError, ValueError) as error:  # a missing reference; a manifest that is not a world run
             raise UserInputError(str(error)) from None
         bar.close()
         for record in new:
@@ -344,6 +414,75 @@ def _score(args) -> int:
     kept = save(existing)
     print(f"scores: {len(kept)} images in {scores_path}")
     return 0
+
+
+def _standard_scorer(args, output: Path):
+    """CLIP, DINO and a detector: the config to compare with earlier scores, and a loader."""
+    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, Scorers, ScoringConfig, score_records
+
+    if args.models is not None:
+        raise UserInputError("--models (world models) applies to runs of --bench world only.")
+    requested = ScoringConfig(
+        args.clip_model or DEFAULT_CLIP_MODEL, args.dino_model or DEFAULT_DINO_MODEL, args.detector or DEFAULT_DETECTOR,
+        args.detection_threshold, args.dino_preprocessing or "resize-crop",
+    )  # fmt: skip
+
+    def load():
+        from msdiffusion.checks import check_locations
+
+        models = [(requested.clip_model, "transformers", "--clip-model"), (requested.dino_model, "transformers", "--dino-model"),
+                  (requested.detector, "transformers", "--detector")]  # fmt: skip
+        check_locations(models, device=args.device)
+        scorers = Scorers.load(requested, args.device, args.batch_size)
+
+        def score(todo, progress, save_progress):
+            return score_records(todo, output, scorers, args.photos, args.batch_size, progress, save_progress)
+
+        return score, scorers.config.to_dict()
+
+    return requested.to_dict(), load
+
+
+def _world_scorer(args, output: Path):
+    """The world's evaluator and image encoder (those the run used, or --models)."""
+    import json
+
+    from .runner import RUN_CONFIG
+    from .world import WorldScorer, score_world_records, scoring_models, world_scoring_config
+
+    foreign = [
+        flag for flag, value in (("--clip-model", args.clip_model), ("--dino-model", args.dino_model),
+                                 ("--detector", args.detector), ("--detection-threshold", args.detection_threshold),
+                                 ("--dino-preprocessing", args.dino_preprocessing)) if value is not None
+    ]  # fmt: skip
+    if foreign:
+        raise UserInputError(
+            f"{', '.join(foreign)}: a world run is scored by the world's evaluator and image encoder, not by "
+            "CLIP, DINO or a detector; choose those with --models."
+        )
+    if not (output / RUN_CONFIG).is_file():
+        raise UserInputError(f"No {RUN_CONFIG} in {output}: it is not the run directory of `msdiff bench run`.")
+    settings = json.loads((output / RUN_CONFIG).read_text())["settings"]
+    try:
+        paths = scoring_models(settings, args.models)
+    except FileNotFoundError as error:
+        raise UserInputError(str(error)) from None
+    config = world_scoring_config(paths["evaluator"], paths["image_encoder"])
+    # the models' contents decide whether old scores can stay, not where the files are
+    wanted = {key: value for key, value in config.items() if key in ("scorer", "evaluator_sha256", "image_encoder_sha256")}
+
+    def load():
+        import torch
+
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        scorer = WorldScorer(paths["evaluator"], paths["image_encoder"], device, args.batch_size)
+
+        def score(todo, progress, save_progress):  # world runs score in minutes: saved at the end only
+            return score_world_records(todo, output, scorer, args.photos, args.batch_size, progress)
+
+        return score, scorer.config
+
+    return wanted, load
 
 
 # --- report ---------------------------------------------------------------------------------------

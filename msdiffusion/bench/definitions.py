@@ -1,8 +1,9 @@
-"""Benchmark definitions (MS-Bench, DreamBench) as data, and the samples they expand to.
+"""Benchmark definitions (MS-Bench, DreamBench, the world bench) as data, and the samples they expand to.
 
 A *sample* is one prompt with its subjects (reference images, phrase, box); the runner generates
 `images_per_sample` images for each. Definitions live in `data/*.json` inside the package so a fresh
-install can count, list and run them; the subject photos come from a directory the user points at.
+install can count, list and run them; the subject photos come from a directory the user points at
+(the world bench renders its own, see `world.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
-BENCHMARKS = {"msbench": "msbench.json", "dreambench": "dreambench.json"}
+BENCHMARKS = {"msbench": "msbench.json", "dreambench": "dreambench.json", "world": "world.json"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -28,13 +29,14 @@ class SubjectSpec:
     phrase: str  # its class word, as it appears in the prompt
     source: str  # reference file, or folder of reference photos, relative to the images directory
     box: tuple[float, float, float, float]
+    identity: int | None = None  # the world bench's subjects: which identity the references show
 
 
 @dataclass(frozen=True)
 class Sample:
     benchmark: str
     sample_id: str
-    group: str  # MS-Bench: combination type; DreamBench: "live" or "object"
+    group: str  # MS-Bench: combination type; DreamBench: "live" or "object"; world: subject count and layout
     prompt: str
     subjects: tuple[SubjectSpec, ...]
 
@@ -77,7 +79,12 @@ def load_definition(key: str) -> dict:
 def load_benchmark(key: str) -> Benchmark:
     """The packaged definition of `key`, expanded to samples and checked against its expected counts."""
     definition = load_definition(key)
-    samples = expand_msbench(definition) if key == "msbench" else expand_dreambench(definition)
+    if key == "world":
+        from .world import expand_world
+
+        samples = expand_world(definition)
+    else:
+        samples = expand_msbench(definition) if key == "msbench" else expand_dreambench(definition)
     benchmark = Benchmark(key, definition["name"], samples, int(definition.get("images_per_sample", 1)), definition)
     expected = definition.get("expected", {})
     found = {"combinations": benchmark.num_combinations, "subjects": benchmark.num_combinations, "samples": len(samples)}

@@ -6,6 +6,7 @@ Metrics per group (MS-Bench combination type, DreamBench live/object) and overal
 - `layout_iou`: IoU of each foreground subject's detection with its requested box (a miss counts 0);
 - `subject_clip_i`, `subject_dino`: the detected crop against the subject's references (a miss counts 0).
 Background subjects (boxes covering the whole image) count in the whole-image scores only.
+The world bench reports the world evaluator's rates instead (see `world.py`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,10 @@ def coverage(output_dir: Path, benchmark_key: str, scores: list[dict], images_di
         "scored_samples": len({s["sample_id"] for s in scores}),
         "images_dir": str(images_dir),
     }
-    if images_dir.is_dir():
+    if benchmark_key == "world":  # its references are rendered by `run`, never missing
+        out["buildable_samples"] = len(benchmark.samples)
+        out["missing_references"] = {}
+    elif images_dir.is_dir():
         availability = check_images(benchmark.samples, images_dir)
         out["buildable_samples"] = len(availability.buildable)
         out["missing_references"] = {source: len(samples) for source, samples in availability.missing_sources.items()}
@@ -182,12 +186,20 @@ def write_report(output_dir: Path, grid_samples: int = 8, images_dir: Path | Non
     order = {group: i for i, group in enumerate(benchmark.groups)}
     table["groups"] = dict(sorted(table["groups"].items(), key=lambda item: order.get(item[0], len(order))))
 
-    report = {"benchmark": benchmark.name, "metrics": METRICS, "coverage": cover, "scoring": scoring_config, **table}
-    if paper:
-        report["paper"] = paper
     paths = [output_dir / "report.json", output_dir / "report.md"]
-    write_json_atomic(paths[0], report)
-    write_text_atomic(paths[1], markdown(benchmark.name, table, cover, paper, scoring_config))
+    if benchmark_key == "world":
+        from .world import WORLD_METRICS, world_markdown, world_tables
+
+        tables = world_tables(scores, benchmark.groups)
+        report = {"benchmark": benchmark.name, "metrics": WORLD_METRICS, "coverage": cover, "scoring": scoring_config, **tables}
+        write_json_atomic(paths[0], report)
+        write_text_atomic(paths[1], world_markdown(benchmark.name, tables, cover, scoring_config))
+    else:
+        report = {"benchmark": benchmark.name, "metrics": METRICS, "coverage": cover, "scoring": scoring_config, **table}
+        if paper:
+            report["paper"] = paper
+        write_json_atomic(paths[0], report)
+        write_text_atomic(paths[1], markdown(benchmark.name, table, cover, paper, scoring_config))
 
     if grid_samples:
         (output_dir / "grids").mkdir(exist_ok=True)

@@ -95,6 +95,7 @@ def manifest_record(item: WorkItem, settings: GenerationSettings, images_dir: Pa
                 "box": list(subject.box),
                 "reference": files[0].relative_to(images_dir).as_posix(),  # what the generator saw
                 "references": [f.relative_to(images_dir).as_posix() for f in files],  # what scores compare with
+                **({} if subject.identity is None else {"identity": subject.identity}),  # the world bench's
             }
         )
     return {
@@ -173,9 +174,18 @@ def load_pipeline(settings: GenerationSettings, device):
 
     from msdiffusion import MSDiffusionXLPipeline
 
+    from msdiffusion.world.weights import WORLD, world_model_paths
+
     dtype = getattr(torch, settings.dtype)
-    pipe = MSDiffusionXLPipeline.from_pretrained(settings.base, dtype=dtype)
-    pipe.load_ms_adapter(settings.adapter, image_encoder=settings.image_encoder, weight_name=settings.weight_name)
+    base, adapter, image_encoder = settings.base, settings.adapter, settings.image_encoder
+    named = [name for name, value in (("--base", base), ("--adapter", adapter), ("--image-encoder", image_encoder)) if value == WORLD]
+    if named and len(named) != 3:
+        raise ValueError(f"{WORLD!r} is a whole model set: give it as --base, --adapter and --image-encoder together.")
+    if named:  # the shipped world models, wherever the package is
+        paths = world_model_paths()
+        base, adapter, image_encoder = paths["base"], paths["adapter"], paths["image_encoder"]
+    pipe = MSDiffusionXLPipeline.from_pretrained(base, dtype=dtype)
+    pipe.load_ms_adapter(adapter, image_encoder=image_encoder, weight_name=settings.weight_name)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)  # the run shows its own progress over images
     return pipe
