@@ -204,7 +204,9 @@ def job_to_page(data: dict, base_dir: Path | None, allowed_image_dirs: list[Path
             originals.append([])
         checked.append(subject)
     data["subjects"] = checked
-    for name in ("base", "adapter", "image_encoder", "adapter_weight_name", "controlnet", "output", "device", "dtype"):
+    # The models (and how they run) are the server's, not the job's.
+    for name in ("base", "adapter", "image_encoder", "adapter_weight_name", "controlnet", "output", "device", "dtype",
+                 "variant", "vae", "loras", "cpu_offload"):
         data.pop(name, None)
     job = job_from_dict({"base": "-", "adapter": "-", **data}, "imported job", base_dir)
     if len(job.subjects) > MAX_SUBJECTS:
@@ -509,8 +511,8 @@ def build_page(models: PageModels, pipe=None):
                 if missing:
                     raise gr.Error(f"subjects[{i}].image: {missing} not among the uploaded images {sorted(by_name)}.")
                 subject["image"] = [by_name[str(n)] for n in names]
-            for name in ("controlnet", "output", "device", "dtype"):
-                data.pop(name, None)
+            for name in ("controlnet", "output", "device", "dtype", "variant", "vae", "loras", "cpu_offload"):
+                data.pop(name, None)  # the server's models and how they run
             from .jobs import JobError, job_from_dict
 
             try:
