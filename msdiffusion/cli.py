@@ -16,7 +16,7 @@ import sys
 import warnings
 
 # Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.data.cli", "msdiffusion.train.cli", "msdiffusion.bench.cli", "msdiffusion.world.cli")
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.data.cli", "msdiffusion.train.cli", "msdiffusion.bench.cli", "msdiffusion.world.cli", "msdiffusion.ui")
 
 
 def build_parser() -> argparse.ArgumentParser:
