@@ -98,12 +98,13 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser(
         "demo",
-        help="end-to-end demo (the world's trained models unless others are given)",
+        help="end-to-end demo (the world's trained models when installed, unless others are given)",
         description="Generate an example and its layout preview and sheet. By default with the small models "
-        "trained in the procedural world and shipped in the package (docs/world.md): a star and a heart of "
-        "identities never seen in training, each drawn in its box, in seconds on a CPU. With "
-        "--base/--adapter/--image-encoder: the dog-and-cat example on those models. With --random: tiny "
-        "random SDXL-shaped models, which check the wiring (the image is noise).",
+        "trained in the procedural world (docs/world.md) when their weights are in the package "
+        "(msdiffusion/world/weights, written by `msdiff world build`): a star and a heart of identities never "
+        "seen in training, each in its box. Without them, or with --random: tiny random SDXL-shaped models, "
+        "which check the wiring (the image is noise). With --base/--adapter/--image-encoder: the dog-and-cat "
+        "example on those models.",
     )
     demo.add_argument("--output", default="msdiff-demo", help="folder to write into")
     demo.add_argument("--base", help="real SDXL (hub id / folder / file); needs --adapter and --image-encoder too")
@@ -281,6 +282,16 @@ def _asset(name: str) -> str:
     return str(Path(__file__).resolve().parent / "assets" / name)
 
 
+def world_weights_present() -> bool:
+    from .world.weights import world_model_paths
+
+    try:
+        world_model_paths()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def run_demo(args) -> int:
     from .jobs import TINY, WORLD, Job, SubjectSpec
 
@@ -290,6 +301,10 @@ def run_demo(args) -> int:
     if any(real) and args.random:
         raise UserInputError("--random builds its own tiny models: give it without --base/--adapter/--image-encoder.")
     kind = "real" if any(real) else "random" if args.random else "world"
+    if kind == "world" and not world_weights_present():
+        print("msdiff demo: the world's trained weights are not in this installation (msdiffusion/world/weights; "
+              "`msdiff world build` makes them, docs/world.md), so this runs the tiny random models (--random).")  # fmt: skip
+        kind = "random"
     output = str(Path(args.output).resolve())
     common = dict(seed=args.seed, output=output, device=args.device, dtype=args.dtype)
     if kind == "world":

@@ -62,11 +62,15 @@ class PageModels:
 
 
 def default_models() -> PageModels:
-    """What `msdiff demo` serves by default: the world's trained models and their settings."""
-    from .commands import WORLD_DEMO_SETTINGS
-    from .jobs import WORLD
+    """What `msdiff demo` serves by default: the world's trained models and their settings when they
+    are installed, else (as the demo) the tiny random models."""
+    from .commands import WORLD_DEMO_SETTINGS, world_weights_present
+    from .jobs import TINY, WORLD
 
-    return PageModels(WORLD, WORLD, WORLD, defaults=dict(WORLD_DEMO_SETTINGS))
+    if world_weights_present():
+        return PageModels(WORLD, WORLD, WORLD, defaults=dict(WORLD_DEMO_SETTINGS))
+    print("msdiff ui: the world's trained weights are not installed (docs/world.md): serving the tiny random models.")
+    return PageModels(TINY, TINY, TINY, defaults={"size": [512, 384], "steps": 20})
 
 
 # ---- page values <-> job ------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "denoising steps (default: 30)" in text and "classifier-free guidance (default: 7.5)" in text
+    assert "denoising steps (default: 30; world: 25)" in text and "classifier-free guidance (default: 7.5; world: 5.0)" in text
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
