@@ -359,8 +359,14 @@ def test_scoring_defaults_follow_dreambooths_protocol(tmp_path):
     assert DEFAULT_CLIP_MODEL == "openai/clip-vit-base-patch32"  # CLIP ViT-B/32
     assert DEFAULT_DINO_MODEL == "facebook/dino-vits16"  # DINO ViT-S/16
     assert ScoringConfig().dino_preprocessing == "resize-crop"
+    # The flags default to None (a world run refuses them when given); unset, the standard scorer uses these.
+    from msdiffusion.bench.cli import _standard_scorer
+
     args = build_parser().parse_args(["bench", "score", "--output", str(tmp_path)])
-    assert (args.clip_model, args.dino_model, args.dino_preprocessing) == (DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, "resize-crop")
+    requested, _ = _standard_scorer(args, tmp_path)
+    assert (requested["clip_model"], requested["dino_model"], requested["dino_preprocessing"]) == (
+        DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, "resize-crop"
+    )
 
 
 def _red_square_on_blue(width: int, height: int):
