@@ -324,7 +324,7 @@ def expected_attention_shapes(unet) -> dict[str, tuple]:
 def check_fits_unet(checkpoint: MSAdapterCheckpoint, unet) -> None:
     """Raise `AdapterMismatchError` naming the first key that does not fit `unet`."""
     given = {f"{i}.{k}": v for i, weights in checkpoint.attention.items() for k, v in weights.items()}
-    _check_shapes(given, expected_attention_shapes(unet), f"this UNet's cross-attention layers")
+    _check_shapes(given, expected_attention_shapes(unet), "this UNet's cross-attention layers")
     cross_dim = unet.config.cross_attention_dim
     if checkpoint.resampler_config.output_dim != cross_dim:
         raise AdapterMismatchError(

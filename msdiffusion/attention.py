@@ -358,7 +358,7 @@ class MSAttnProcessor(nn.Module):
         The step count is a tensor and the choice a `torch.where`, so a compiled UNet runs the same
         graph at every step (a Python counter would be a new constant, and a recompilation, per step).
         """
-        layout, state = self.state.layout, self.state
+        state = self.state
         probs = torch.softmax((query.float() @ key.float().transpose(-2, -1)) * attn.scale, dim=-1)
         weights = state.phrase_weights(key.shape[-2], query.device)  # (B, T_text, N)
         maps = (probs.mean(dim=1)[..., : weights.shape[1]] @ weights).transpose(1, 2)  # (B, N, hw)

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 def box_fourier_embedding(boxes: torch.Tensor, num_freqs: int = 8) -> torch.Tensor:

@@ -9,7 +9,6 @@ report. `test_scores_follow_the_pixels` checks the scorer on images drawn from t
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image

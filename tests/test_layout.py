@@ -99,7 +99,6 @@ def test_layout_repeat_interleave_and_validation():
 
 
 def test_phrase_past_the_token_limit_is_named_as_such(tokenizer):
-    import warnings
 
     from msdiffusion.layout import warn_missing_phrases
 
