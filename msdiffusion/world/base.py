@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,10 +50,11 @@ class BaseRecipe:
 
 
 def _save_atomic(state: dict, path: Path) -> None:
-    """Write to a temporary name, then rename: a kill during the save leaves the old file intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """A kill during the save leaves the previous checkpoint intact."""
+    from ..atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def _lr(step: int, total: int, warmup: int, peak: float) -> float:
