@@ -124,8 +124,12 @@ def build(
 
         from .evaluate import save_segmenter, train_segmenter
 
+        from ..atomic import atomic_path
+
         vae = AutoencoderKL.from_pretrained(work / "vae")
-        save_segmenter(train_segmenter(vae, recipe.segmenter_steps, seed=recipe.seed, log=log), out / "evaluator.safetensors")
+        segmenter = train_segmenter(vae, recipe.segmenter_steps, seed=recipe.seed, log=log)
+        with atomic_path(out / "evaluator.safetensors") as tmp:  # its existence marks the stage done
+            save_segmenter(segmenter, tmp)
 
     stage("evaluator", (out / "evaluator.safetensors").exists(), evaluator_stage)
 
