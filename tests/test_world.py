@@ -126,3 +126,32 @@ def test_world_dataset_is_an_ordinary_manifest(tmp_path):
     )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "problems: none" in check.stdout
+
+
+def test_world_training_state_resumes_exactly(tmp_path):
+    """A stage stopped after its checkpoint continues with the same weights, optimiser and draws."""
+    import torch
+
+    from msdiffusion.world.base import resume_training_state, save_training_state
+
+    def step(model, optimizer, generator):
+        x = torch.randn(4, 3, generator=generator)
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    step(model, optimizer, generator)
+    save_training_state(tmp_path / "state.pt", {"model": model}, optimizer, generator, 1)
+    step(model, optimizer, generator)
+
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    fresh_generator = torch.Generator()
+    assert resume_training_state(tmp_path / "state.pt", {"model": fresh}, fresh_optimizer, fresh_generator) == 1
+    step(fresh, fresh_optimizer, fresh_generator)
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
+    assert resume_training_state(tmp_path / "missing.pt", {"model": fresh}, fresh_optimizer, fresh_generator) == 0

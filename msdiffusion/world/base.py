@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -49,12 +49,27 @@ class BaseRecipe:
     seed: int = 0
 
 
-def _save_atomic(state: dict, path: Path) -> None:
-    """A kill during the save leaves the previous checkpoint intact."""
+def save_training_state(path: Path, modules: dict, optimizer, generator: torch.Generator, step: int) -> None:
+    """Everything a stage needs to resume exactly; a kill during the save leaves the previous file intact."""
     from ..atomic import atomic_path
 
+    state = {name: module.state_dict() for name, module in modules.items()}
+    state.update(optimizer=optimizer.state_dict(), generator=generator.get_state(), torch_rng=torch.get_rng_state(), step=step)
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def resume_training_state(path: Path, modules: dict, optimizer, generator: torch.Generator) -> int:
+    """Load what `save_training_state` wrote (if there is a file); returns the step to continue from."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
 
 
 def _lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -91,15 +106,9 @@ def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
     vae = models.vae()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(recipe.seed)
-    step = 0
     checkpoint = out / "vae-checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+    step = resume_training_state(checkpoint, {"model": vae}, optimizer, generator)
+    if step:
         log(f"vae: resumed at step {step}")
     vae.train()
     start, window = time.perf_counter(), []
@@ -125,10 +134,7 @@ def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
             log(f"vae step {step}/{recipe.vae_steps} loss {np.mean(window):.4f} ({time.perf_counter() - start:.0f} s)")
             window = []
         if step % recipe.checkpoint_every == 0 or step == recipe.vae_steps:
-            _save_atomic(
-                {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "step": step}, checkpoint,
-            )  # fmt: skip
+            save_training_state(checkpoint, {"model": vae}, optimizer, generator, step)
     vae.eval()
     with torch.no_grad():  # SDXL's latents have about unit variance after scaling; make ours so too
         sample = _images_to_tensor(np.concatenate([_vae_batch(recipe.seed + 1, k, 256)[0] for k in range(4)]))
@@ -204,16 +210,9 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
 
     generator = torch.Generator().manual_seed(recipe.seed + 2)
-    step = 0
     checkpoint = out / "base-checkpoint.pt"
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        step = state["step"]
+    step = resume_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator)
+    if step:
         log(f"base: resumed at step {step}")
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -250,11 +249,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
             log(f"base step {step}/{recipe.unet_steps} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)")
             window = []
         if step % recipe.checkpoint_every == 0 or step == recipe.unet_steps:
-            _save_atomic(
-                {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-                 "recipe": asdict(recipe)}, checkpoint,
-            )  # fmt: skip
+            save_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator, step)
     return ema.eval()
 
 
