@@ -8,6 +8,7 @@ the call. Everything else (schedulers, callbacks, LoRA, offload, ControlNet) is 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from .adapter import (
     ms_attention_state,
 )
 from .layout import PHRASE_MATCHING, SubjectLayout, phrase_token_positions, warn_missing_phrases
+from .release import REFERENCE_COMBINE
 from .subjects import (
     REFERENCE_SQUARE_SIZE,
     Subject,
@@ -143,19 +145,33 @@ class MSDiffusionMixin:
         device: torch.device,
         drop_grounding_tokens: bool = False,
         reference_size: int = REFERENCE_SQUARE_SIZE,
+        reference_combine: str = "concat",
     ) -> torch.Tensor:
-        """Per prompt `[dummy tokens | 16 tokens per subject | zero padding]`: (B, 4 + 16 * N, D)."""
+        """Per prompt `[dummy tokens | 16 tokens per subject | zero padding]`: (B, 4 + 16 * N, D).
+
+        A subject with several reference images: "concat" (the release) resamples the features of
+        all of them together into its 16 tokens; "mean" resamples each image alone and averages the
+        16-token sets (the world bench compares the two: docs/world.md)."""
         if self.ms_image_projection is None or self.image_encoder is None:
             raise ValueError("Subjects need the MS-Diffusion adapter: call pipe.load_ms_adapter(...) first.")
         flat = [subject for row in subjects for subject in row]
-        pixels = [prepare_reference_pixels(s.images, self.feature_extractor, reference_size) for s in flat]
+        if reference_combine == "mean":  # one entry per reference image, averaged back below
+            owners = [k for k, s in enumerate(flat) for _ in s.images]
+            entries = [dataclasses.replace(s, images=[image]) for s in flat for image in s.images]
+        else:
+            owners, entries = list(range(len(flat))), flat
+        pixels = [prepare_reference_pixels(s.images, self.feature_extractor, reference_size) for s in entries]
         features, feature_mask = encode_reference_images(self.image_encoder, pixels, device)
-        phrase_embeds = encode_phrases(self.tokenizer, self.text_encoder, [s.phrase for s in flat], device)
+        phrase_embeds = encode_phrases(self.tokenizer, self.text_encoder, [s.phrase for s in entries], device)
         projection = self.ms_image_projection
         dtype = projection.dtype
-        boxes = torch.tensor([s.box for s in flat], device=device, dtype=dtype)
-        drop = torch.full((len(flat),), drop_grounding_tokens, device=device) if drop_grounding_tokens else None
+        boxes = torch.tensor([s.box for s in entries], device=device, dtype=dtype)
+        drop = torch.full((len(entries),), drop_grounding_tokens, device=device) if drop_grounding_tokens else None
         tokens = projection(features.to(dtype), phrase_embeds.to(dtype), boxes, drop, feature_mask)
+        if len(entries) != len(flat):
+            owner = torch.tensor(owners, device=device)
+            summed = torch.zeros(len(flat), *tokens.shape[1:], device=device, dtype=tokens.dtype).index_add_(0, owner, tokens)
+            tokens = summed / torch.bincount(owner, minlength=len(flat)).to(tokens.dtype)[:, None, None]
 
         num_subjects = max(len(row) for row in subjects)
         per_subject = tokens.shape[1]
@@ -229,6 +245,7 @@ class MSDiffusionMixin:
         start_step: int,
         reference_size: int,
         phrase_matching: str,
+        reference_combine: str,
         kwargs: dict,
     ) -> MSDiffusionPipelineOutput | tuple:
         return_dict = kwargs.pop("return_dict", True)
@@ -246,6 +263,8 @@ class MSDiffusionMixin:
             raise ValueError(f"start_step must be >= 1, got {start_step}.")
         if phrase_matching not in PHRASE_MATCHING:
             raise ValueError(f"phrase_matching must be one of {', '.join(PHRASE_MATCHING)}, got {phrase_matching!r}.")
+        if reference_combine not in REFERENCE_COMBINE:
+            raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
         batched = not isinstance(prompt, str)
         prompts = list(prompt) if batched else [prompt]
         subjects = build_subjects(len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched)
@@ -267,7 +286,7 @@ class MSDiffusionMixin:
             lora_scale=cross_attention_kwargs.get("scale"),
             clip_skip=kwargs.get("clip_skip"),
         )
-        image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size)
+        image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size, reference_combine)
         image_tokens = image_tokens.to(prompt_embeds.dtype)
         prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
         if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
@@ -309,6 +328,8 @@ _SUBJECT_DOC = """
             phrase_matching: how phrases are located in the prompt for auto layout: "tokens" (default; the k-th
                 subject of a repeated phrase at its k-th occurrence) or "release" (the released code's positions,
                 which differ for repeated phrases; for reproducing its images).
+            reference_combine: a subject with several images: "concat" (default, the release: all images'
+                features resampled together) or "mean" (each image's 16 tokens, averaged).
 """
 
 
@@ -354,6 +375,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         start_step: int = 5,
         reference_size: int = REFERENCE_SQUARE_SIZE,
         phrase_matching: str = "tokens",
+        reference_combine: str = "concat",
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
@@ -362,7 +384,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         return self._generate(
             StableDiffusionXLPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
             subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
-            phrase_matching, kwargs,
+            phrase_matching, reference_combine, kwargs,
         )  # fmt: skip
 
     __call__.__doc__ = "Generate images with subjects in their boxes." + _SUBJECT_DOC
@@ -418,6 +440,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         start_step: int = 5,
         reference_size: int = REFERENCE_SQUARE_SIZE,
         phrase_matching: str = "tokens",
+        reference_combine: str = "concat",
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
@@ -432,7 +455,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         return self._generate(
             StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
             subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
-            phrase_matching, kwargs,
+            phrase_matching, reference_combine, kwargs,
         )  # fmt: skip
 
     __call__.__doc__ = (

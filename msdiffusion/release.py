@@ -10,3 +10,7 @@ from __future__ import annotations
 # pipelines keep diffusers' convention instead (`negative_prompt=None`: SDXL zeroes the negative
 # embeddings), so pass it explicitly there to match the release.
 RELEASE_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+# How several reference images of one subject become its 16 tokens: the release resamples all of
+# their features together ("concat", the default); "mean" resamples each image alone and averages.
+REFERENCE_COMBINE = ("concat", "mean")

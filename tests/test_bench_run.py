@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import PIL.Image
 import pytest
 import torch
 from test_bench_tiny_models import noise_image, scoring_models  # noqa: F401  (session fixture)
@@ -226,3 +227,43 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert "missing reference `living/cat1.jpg`: 452 samples cannot be built" in markdown
     for group in ("living_object", "object_scene"):
         assert (tmp_path / "one" / "grids" / f"{group}.png").is_file()
+
+
+def test_ablation_settings_reach_the_pipeline(tmp_path):
+    """--boxes, --subject-scales, --references, --reference-combine and --drop-grounding as the pipeline gets them."""
+    from msdiffusion.bench.definitions import Sample, SubjectSpec
+    from msdiffusion.bench.runner import GenerationSettings, WorkItem, generate_items
+
+    photos = tmp_path / "photos"
+    for name in ("a", "b"):
+        (photos / name).mkdir(parents=True)
+        for k in range(3):
+            PIL.Image.new("RGB", (8, 8), (k, 0, 0)).save(photos / name / f"{k}.png")
+    subjects = (SubjectSpec("dog", "dog", "a", (0.1, 0.1, 0.4, 0.4)), SubjectSpec("cat", "cat", "b", (0.5, 0.5, 0.9, 0.9)))
+    sample = Sample("msbench", "g.000", "g", "a dog and a cat", subjects)
+    calls = []
+
+    class Recorder:
+        def __call__(self, **kwargs):
+            calls.append(kwargs)
+            return type("Out", (), {"images": [PIL.Image.new("RGB", (8, 8))] * len(kwargs["prompt"])})()
+
+    def run(output, **ablation):
+        settings = GenerationSettings(base="b", adapter="a", image_encoder="e", **ablation)
+        generate_items([WorkItem(sample, 0)], tmp_path / output, photos, settings, Recorder)
+        return calls[-1]
+
+    default = run("default")
+    assert default["subject_boxes"] == [[[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]]]
+    assert [len(images) for images in default["subject_images"][0]] == [1, 1]
+    assert default["subject_scales"] is None and default["drop_grounding_tokens"] is False
+    assert default["reference_combine"] == "concat"
+    assert run("whole", boxes="whole")["subject_boxes"] == [[[0.0, 0.0, 1.0, 1.0]] * 2]
+    assert run("none", boxes="none")["subject_boxes"] == [[[0.0] * 4] * 2]
+    assert run("scales", subject_scales=[1.0], ms_scale=0.4)["subject_scales"] == [[1.0, 0.4]]
+    several = run("refs", references=2, reference_combine="mean")
+    assert [[p.name for p in images] for images in several["subject_images"][0]] == [["0.png", "1.png"]] * 2
+    assert several["reference_combine"] == "mean"
+    assert run("drop", drop_grounding_tokens=True)["drop_grounding_tokens"] is True
+    with pytest.raises(ValueError, match="4 references per subject asked"):
+        run("too-many", references=4)

@@ -181,3 +181,25 @@ def test_lora_and_model_offload_keep_working(subject_images, tmp_path):
     assert not np.allclose(before, with_lora, atol=1e-3)
     pipe.enable_model_cpu_offload(device="cpu")  # the hooks include the image projection component
     np.testing.assert_allclose(generate(pipe, **subjects(subject_images)), with_lora, atol=1e-5)
+
+
+def test_reference_combine_mean_averages_each_references_tokens(pipe, subject_images):
+    from msdiffusion.subjects import Subject
+
+    device = torch.device("cpu")
+    a, b = subject_images[0], subject_images[1]
+    box = tuple(BOXES[0])
+
+    def tokens(images, combine):
+        return pipe.encode_subjects([[Subject(images, "dog", box)]], device, reference_combine=combine)
+
+    mean = tokens([a, b], "mean")
+    n = pipe.ms_image_projection.dummy_image_tokens.shape[1]
+    expected = (tokens([a], "concat")[:, n:] + tokens([b], "concat")[:, n:]) / 2
+    torch.testing.assert_close(mean[:, n:], expected)
+    assert not torch.allclose(tokens([a, b], "concat")[:, n:], expected, atol=1e-4)  # concat resamples them together
+    torch.testing.assert_close(tokens([a], "mean"), tokens([a], "concat"))  # one image: the same
+    images = generate(pipe, **subjects([[a, b], subject_images[2]], reference_combine="mean"))
+    assert np.isfinite(images).all()
+    with pytest.raises(ValueError, match="reference_combine must be one of concat, mean"):
+        generate(pipe, **subjects(subject_images, reference_combine="average"))

@@ -10,19 +10,25 @@ import numpy as np
 import pytest
 
 from msdiffusion.world.evaluate import (
-    COMPARISON_IDENTITIES,
+    AskedSubject,
     box_iou,
     connected_regions,
     descriptor,
     descriptor_distance,
     held_out_jobs,
-    identity_descriptor,
+    identity_is_correct,
+    look_alikes,
 )
 from msdiffusion.world.scenes import (
+    _PAIRS,
     CLASSES,
+    COLOR_NAMES,
+    PATTERNS,
     NUM_IDENTITIES,
     SIZE,
     SubjectSpec,
+    draw_background,
+    draw_subject,
     identity_parts,
     is_held_out,
     mask_box,
@@ -77,18 +83,41 @@ def test_reference_is_another_rendering_of_the_same_subject():
     )
 
 
-def test_identity_descriptor_tells_held_out_identities_from_the_comparison_set():
-    """On clean renderings the evaluator's identity test is right for (nearly) every subject."""
+def test_identity_test_is_right_on_clean_renderings():
+    """On the world's own held-out scenes (true masks) the evaluator's identity test is right for
+    nearly every subject (measured: 320 of 333 over 150 scenes)."""
     correct = total = 0
     for i in range(40):
         scene = random_scene(np.random.default_rng([11, i]), held_out=True)
         for subject, mask in zip(scene.subjects, scene.masks):
-            found = descriptor(scene.image, mask)
-            rivals = [s.identity for s in scene.subjects if s.identity != subject.identity] + list(COMPARISON_IDENTITIES)
-            own = descriptor_distance(found, identity_descriptor(subject.identity))
-            correct += all(own < descriptor_distance(found, identity_descriptor(r)) for r in rivals)
+            asked = AskedSubject(subject.cls, subject.identity, subject.box)
+            others = [s.identity for s in scene.subjects if s.identity != subject.identity]
+            correct += identity_is_correct(scene.image, mask, asked, others)
             total += 1
     assert correct / total >= 0.9, f"{correct}/{total}"
+
+
+def test_descriptor_tells_directions_apart_and_look_alikes_render_alike():
+    def render(identity):
+        canvas = draw_background("plain", np.random.default_rng(0))
+        mask = draw_subject(canvas, "square", identity, (32, 32), 40, 0.0)
+        return canvas.round().astype(np.uint8), mask
+
+    def identity(a, b, pattern):
+        pair = _PAIRS.index((COLOR_NAMES.index(a), COLOR_NAMES.index(b)))
+        return pair * len(PATTERNS) + PATTERNS.index(pattern)
+
+    left_right, top_bottom = identity("red", "blue", ("halves", 0)), identity("red", "blue", ("halves", 90))
+    swapped = identity("blue", "red", ("halves", 0))
+    d = {i: descriptor(*render(i)) for i in (left_right, top_bottom, swapped)}
+    assert descriptor_distance(d[left_right], d[top_bottom]) > 0.5
+    assert descriptor_distance(d[left_right], d[swapped]) > 0.5
+    assert look_alikes(left_right) == set()  # mirrored halves are told apart
+    # a gradient from red to blue is the same picture as one from blue to red, reversed
+    gradient = identity("red", "blue", ("gradient", 0))
+    assert look_alikes(gradient) == {identity("blue", "red", ("gradient", 180))}
+    (twin,) = look_alikes(gradient)
+    assert np.abs(render(gradient)[0].astype(int) - render(twin)[0].astype(int)).max() <= 1
 
 
 def test_connected_regions_and_iou():

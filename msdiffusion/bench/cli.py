@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 
 from msdiffusion.cli import DTYPE_CHOICES, UserInputError, deprecated_option, dtype_name, torch_dtype_name
+from msdiffusion.release import REFERENCE_COMBINE
 from msdiffusion.world.weights import WORLD, world_model_paths  # the module imports nothing heavy
 
 from .definitions import BENCHMARKS, check_images, load_benchmark, select_samples
-from .runner import RELEASE_NEGATIVE_PROMPT
+from .runner import BOX_SETTINGS, RELEASE_NEGATIVE_PROMPT
 
 SCORES = "scores.jsonl"
 SCORES_CONFIG = "scores_config.json"
@@ -73,6 +74,19 @@ def register(subparsers) -> None:
     run.add_argument(
         "--phrase-matching", choices=["tokens", "release"], default="tokens",
         help="where auto layout finds repeated phrases: tokens or the released code's positions",
+    )  # fmt: skip
+    ablation = run.add_argument_group("ablations (docs/world.md)")
+    ablation.add_argument(
+        "--boxes", choices=BOX_SETTINGS, default="given",
+        help="given: the samples' boxes; none: all zeros (the image branch acts only through --mask-threshold); "
+        "whole: every box the whole image (no layout)",
+    )  # fmt: skip
+    ablation.add_argument("--drop-grounding", action="store_true", help="the resampler's learned grounding tokens (no phrase, no box)")
+    ablation.add_argument("--subject-scales", help="comma-separated strengths by subject position, e.g. 1.0,0.4 (the rest keep --scale)")
+    ablation.add_argument("--references", type=int, default=1, help="reference images per subject (the first of its folder)")
+    ablation.add_argument(
+        "--reference-combine", choices=REFERENCE_COMBINE, default="concat",
+        help="several references: concat (the release: resampled together) or mean (each resampled, tokens averaged)",
     )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
     run.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
@@ -296,6 +310,14 @@ def _run(args) -> int:
             )
         log(f"generating the {len(availability.buildable)} samples that can be built")
 
+    subject_scales = None
+    if args.subject_scales:
+        try:
+            subject_scales = [float(v) for v in args.subject_scales.split(",")]
+        except ValueError:
+            raise UserInputError(f"--subject-scales: give numbers separated by commas, e.g. 1.0,0.4 (got {args.subject_scales!r}).") from None
+    if args.references < 1:
+        raise UserInputError(f"--references must be at least 1, got {args.references}.")
     dtype = args.dtype
     if dtype == "auto":
         dtype = "fp16" if state.device.type == "cuda" else "fp32"
@@ -305,6 +327,8 @@ def _run(args) -> int:
         guidance_scale=args.guidance, ms_scale=args.scale, height=height, width=width,
         negative_prompt=args.negative_prompt, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
         start_step=args.start_step, phrase_matching=args.phrase_matching, dtype=torch_dtype_name(dtype),
+        boxes=args.boxes, drop_grounding_tokens=args.drop_grounding, subject_scales=subject_scales,
+        references=args.references, reference_combine=args.reference_combine,
     )  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
     try:

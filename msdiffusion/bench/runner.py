@@ -46,6 +46,14 @@ class GenerationSettings:
     start_step: int = 5
     phrase_matching: str = "tokens"  # "release": the released code's phrase positions (auto layout)
     dtype: str = "float16"
+    # Ablations (docs/world.md). boxes: "given" (the sample's), "none" (all zeros: by the released
+    # computation the image branch then acts only through auto layout) or "whole" (every box the
+    # whole image: a layout-free, IP-Adapter-like use of the subjects).
+    boxes: str = "given"
+    drop_grounding_tokens: bool = False
+    subject_scales: list[float] | None = None  # by subject position; subjects past the end keep ms_scale
+    references: int = 1  # reference images per subject, the first ones of its folder
+    reference_combine: str = "concat"  # several references: "concat" (the release) or "mean"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -191,6 +199,25 @@ def load_pipeline(settings: GenerationSettings, device):
     return pipe
 
 
+BOX_SETTINGS = ("given", "none", "whole")
+
+
+def _box(setting: str, box) -> list[float]:
+    return {"given": list(box), "none": [0.0] * 4, "whole": [0.0, 0.0, 1.0, 1.0]}[setting]
+
+
+def _references(images_dir: Path, source: str, count: int) -> list[Path]:
+    files = reference_files(images_dir, source)
+    if len(files) < count:
+        raise ValueError(f"{source}: {count} references per subject asked (--references), but {len(files)} found in {images_dir}.")
+    return files[:count]
+
+
+def _scales(settings: GenerationSettings, count: int) -> list[float]:
+    given = list(settings.subject_scales or ())[:count]
+    return given + [settings.ms_scale] * (count - len(given))
+
+
 @dataclass
 class RunResult:
     assigned: int  # work items this process was given
@@ -225,9 +252,12 @@ def generate_items(
         images = pipe(
             prompt=[settings.prompt_prefix + item.sample.prompt for item in batch],
             negative_prompt=[settings.negative_prompt] * len(batch),
-            subject_images=[[reference_files(images_dir, s.source)[0] for s in item.sample.subjects] for item in batch],
+            subject_images=[[_references(images_dir, s.source, settings.references) for s in item.sample.subjects] for item in batch],
             subject_phrases=[[s.phrase for s in item.sample.subjects] for item in batch],
-            subject_boxes=[[list(s.box) for s in item.sample.subjects] for item in batch],
+            subject_boxes=[[_box(settings.boxes, s.box) for s in item.sample.subjects] for item in batch],
+            subject_scales=None if settings.subject_scales is None else [_scales(settings, len(item.sample.subjects)) for item in batch],
+            drop_grounding_tokens=settings.drop_grounding_tokens,
+            reference_combine=settings.reference_combine,
             ms_scale=settings.ms_scale,
             mask_threshold=settings.mask_threshold,
             start_step=settings.start_step,

@@ -6,7 +6,7 @@ states in one file written atomically):
 1. `train_vae`: an `AutoencoderKL` on the world's scenes (L1 + MSE reconstruction of the
    posterior mean, subjects' pixels weighted up, a small KL term); its `scaling_factor` is then
    set so that latents have unit variance, as SDXL's is.
-2. `train_base`: text-to-image, epsilon prediction on SDXL's noise schedule, the UNet and both
+2. `train_base`: text-to-image, v prediction on SDXL's noise schedule (see `models.scheduler`), the UNet and both
    text encoders trained together from scratch; captions are emptied 10% of the time so that
    classifier-free guidance works. The weights kept are an exponential moving average.
 
@@ -39,10 +39,14 @@ class BaseRecipe:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_subject_weight: float = 2.0
-    unet_steps: int = 3500
+    unet_steps: int = 5000
     unet_batch: int = 32
-    unet_lr: float = 3e-4
+    unet_lr: float = 5e-4
     warmup_steps: int = 200
+    # A second cosine cycle after the first (a warm restart at a lower peak): the base keeps improving
+    # past `unet_steps`, and a finished first cycle can be extended without changing its steps.
+    refine_steps: int = 3000
+    refine_lr: float = 2e-4
     caption_drop: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every: int = 250
@@ -76,6 +80,13 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _base_lr(step: int, recipe: BaseRecipe) -> float:
+    """Warmup and cosine over `unet_steps`, then a second cosine from `refine_lr` over `refine_steps`."""
+    if step < recipe.unet_steps:
+        return _lr(step, recipe.unet_steps, recipe.warmup_steps, recipe.unet_lr)
+    return _lr(step - recipe.unet_steps + 1, recipe.refine_steps + 1, 1, recipe.refine_lr)
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -217,9 +228,10 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
     start, window = time.perf_counter(), []
-    while step < recipe.unet_steps:
+    total = recipe.unet_steps + recipe.refine_steps
+    while step < total:
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, recipe.unet_steps, recipe.warmup_steps, recipe.unet_lr)
+            group["lr"] = _base_lr(step, recipe)
         b = recipe.unet_batch
         index = torch.randint(len(entries), (b,), generator=generator)
         latents = mean[index] * scaling
@@ -234,7 +246,8 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
             noisy, timesteps, encoder_hidden_states=prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(b, -1)},
         ).sample  # fmt: skip
-        loss = F.mse_loss(prediction, noise)
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        loss = F.mse_loss(prediction, target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -246,9 +259,9 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         window.append(loss.item())
         if step % 50 == 0:
             elapsed = time.perf_counter() - start
-            log(f"base step {step}/{recipe.unet_steps} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)")
+            log(f"base step {step}/{total} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)")
             window = []
-        if step % recipe.checkpoint_every == 0 or step == recipe.unet_steps:
+        if step % recipe.checkpoint_every == 0 or step == total:
             save_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator, step)
     return ema.eval()
 

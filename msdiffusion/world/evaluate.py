@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scenes import CLASSES, COLORS, NUM_IDENTITIES, SIZE, draw_background, draw_subject, is_held_out, random_scene
+from .scenes import CLASSES, COLORS, NUM_IDENTITIES, SIZE, draw_background, draw_subject, identity_parts, is_held_out, random_scene
 
 _PALETTE = np.array(list(COLORS.values()), np.float32)
 MIN_REGION_PIXELS = 6
@@ -144,12 +144,25 @@ def _nearest_colors(pixels: np.ndarray) -> np.ndarray:
     return ((pixels[:, None, :].astype(np.float32) - _PALETTE[None]) ** 2).sum(-1).argmin(1)
 
 
+def _histogram(color: np.ndarray, where: np.ndarray) -> np.ndarray:
+    hist = np.bincount(color[where], minlength=len(_PALETTE)).astype(np.float32)
+    return hist / max(hist.sum(), 1)
+
+
 def descriptor(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Identity descriptor of the pixels under `mask`: palette histogram (12) + colour changes (4)."""
+    """Identity descriptor of the pixels under `mask`, 88 numbers: the palette histogram of the
+    whole region (12), of its left, right, top and bottom halves (4 x 12: the direction of halves
+    and gradients), of its outline pixels (12: a border pattern), and how often neighbouring pixels
+    change colour in each of four directions (4: stripes' angle, checks, dots)."""
     color = np.full(mask.shape, -1)
     color[mask] = _nearest_colors(image[mask])
-    hist = np.bincount(color[mask], minlength=len(_PALETTE)).astype(np.float32)
-    hist /= max(hist.sum(), 1)
+    ys, xs = np.nonzero(mask)
+    cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    yy, xx = np.mgrid[: mask.shape[0], : mask.shape[1]]
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    outline = mask & ~interior
+    parts = [mask, mask & (xx < cx), mask & (xx > cx), mask & (yy < cy), mask & (yy > cy), outline]
     changes = []
     h, w = mask.shape
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # each pixel against its neighbour at (dy, dx)
@@ -157,23 +170,46 @@ def descriptor(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         b = color[dy:, max(0, dx) : w - max(0, -dx)]
         both = (a >= 0) & (b >= 0)
         changes.append(float((a[both] != b[both]).mean()) if both.any() else 0.0)
-    return np.concatenate([hist, np.array(changes, np.float32)])
+    return np.concatenate([*[_histogram(color, part) for part in parts], np.array(changes, np.float32)])
+
+
+# Weights of the descriptor's parts in the distance: whole-region colours count most; the halves
+# (4 histograms) together as much as the whole; the outline and the colour changes half as much.
+_PART_WEIGHTS = np.concatenate([np.full(12, 1.0), np.full(48, 0.25), np.full(12, 0.5), np.full(4, 1.0)]).astype(np.float32)
 
 
 def descriptor_distance(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a[:12] - b[:12]).sum() + np.abs(a[12:] - b[12:]).sum())
+    return float((np.abs(a - b) * _PART_WEIGHTS).sum())
 
 
-_IDENTITY_CACHE: dict[int, np.ndarray] = {}
+_IDENTITY_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def identity_descriptor(identity: int) -> np.ndarray:
-    """Descriptor of a canonical rendering of an identity (a large upright circle on grey)."""
-    if identity not in _IDENTITY_CACHE:
+def identity_descriptor(identity: int, cls: str = "circle", size: float = 48.0) -> np.ndarray:
+    """Descriptor of a canonical rendering of an identity: the class at `size` px, upright, on grey
+    (size matters for an outline's share of the pixels)."""
+    key = (identity, cls, round(size / 4) * 4)
+    if key not in _IDENTITY_CACHE:
         canvas = draw_background("plain", np.random.default_rng(0))
-        mask = draw_subject(canvas, "circle", identity, (SIZE / 2, SIZE / 2), 48, 0.0)
-        _IDENTITY_CACHE[identity] = descriptor(canvas.round().astype(np.uint8), mask)
-    return _IDENTITY_CACHE[identity]
+        mask = draw_subject(canvas, cls, identity, (SIZE / 2, SIZE / 2), float(key[2]), 0.0)
+        _IDENTITY_CACHE[key] = descriptor(canvas.round().astype(np.uint8), mask)
+    return _IDENTITY_CACHE[key]
+
+
+def look_alikes(identity: int) -> set[int]:
+    """Identities rendered exactly like `identity` up to the pattern's phase: its colours swapped in
+    stripes or checks, or swapped with the gradient reversed. No image can tell these apart, so the
+    evaluator never counts one as another's rival."""
+    from .scenes import COLOR_NAMES, PATTERNS, _PAIRS
+
+    a, b, (kind, param) = identity_parts(identity)
+    if kind in ("stripes", "checks"):
+        twin = (kind, param)
+    elif kind == "gradient":
+        twin = (kind, (param + 180) % 360)
+    else:
+        return set()
+    return {_PAIRS.index((COLOR_NAMES.index(b), COLOR_NAMES.index(a))) * len(PATTERNS) + PATTERNS.index(twin)}
 
 
 # ---- evaluation --------------------------------------------------------------------------------------
@@ -240,17 +276,26 @@ class WorldEvaluator:
                     best, best_iou = region, iou
             correct, mixing = False, 0.0
             if best is not None:
-                found_descriptor = descriptor(image, best)
                 others = [s.identity for j, s in enumerate(asked) if j != k and s.identity != subject.identity]
-                rivals = others + [i for i in COMPARISON_IDENTITIES if i != subject.identity]
-                own = descriptor_distance(found_descriptor, identity_descriptor(subject.identity))
-                correct = all(own < descriptor_distance(found_descriptor, identity_descriptor(i)) for i in rivals)
+                correct = identity_is_correct(image, best, subject, others)
                 mixing = _mixing(image, best, subject.identity, others)
             results.append(SubjectResult(
                 subject.cls, subject.identity, tuple(subject.box), bool(best_iou >= 0.5), float(best_iou), bool(correct), mixing,
                 None if best is None else mask_box(best),
             ))  # fmt: skip
         return results
+
+
+def identity_is_correct(image: np.ndarray, region: np.ndarray, subject: AskedSubject, others: Sequence[int]) -> bool:
+    """Whether the pixels of `region` look more like `subject`'s identity than like every rival:
+    the other subjects of the image and the fixed training identities (look-alikes excepted)."""
+    found = descriptor(image, region)
+    same = {subject.identity} | look_alikes(subject.identity)
+    rivals = [i for i in [*others, *COMPARISON_IDENTITIES] if i not in same]
+    # Canonical renderings in the asked class at the asked box's size (an outline's share of pixels).
+    size = SIZE * max(subject.box[2] - subject.box[0], subject.box[3] - subject.box[1])
+    own = descriptor_distance(found, identity_descriptor(subject.identity, subject.cls, size))
+    return all(own < descriptor_distance(found, identity_descriptor(i, subject.cls, size)) for i in rivals)
 
 
 def _identity_colors(identity: int) -> set[int]:

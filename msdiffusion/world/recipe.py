@@ -32,7 +32,7 @@ class WorldRecipe:
     base: BaseRecipe = field(default_factory=BaseRecipe)
     segmenter_steps: int = 1200
     # `msdiff train` settings of the adapter (the rest are the release's defaults)
-    adapter_steps: int = 2000
+    adapter_steps: int = 3000
     adapter_batch: int = 32
     adapter_lr: float = 3e-4
     adapter_checkpoint_every: int = 250
