@@ -29,8 +29,8 @@ ABLATIONS = {
     "refs_3_concat": ("3 references per subject, tokens from all together (the release)", ["--references", "3"]),
     "refs_3_mean": ("3 references per subject, each resampled, tokens averaged", ["--references", "3", "--reference-combine", "mean"]),
 }
-COLUMNS = ("found", "identity_correct", "found_and_correct", "mixing", "mean_iou", "subject_clip_i")
-RATES = ("found", "identity_correct", "found_and_correct")
+COLUMNS = ("found", "placed", "identity_correct", "found_and_correct", "mixing", "mean_iou", "subject_clip_i")
+RATES = ("found", "placed", "identity_correct", "found_and_correct")
 
 
 def run(name: str, out: Path, models: str | None) -> dict:
@@ -52,7 +52,7 @@ def run(name: str, out: Path, models: str | None) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = "| ablation | images | found (IoU>=0.5) | identity correct | found and correct | mixing | mean IoU | subject CLIP-I | found, 4 subjects |"
+    head = "| ablation | images | found (IoU>=0.5) | placed (any shape) | identity correct | found and correct | mixing | mean IoU | subject CLIP-I | found, 4 subjects |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, tables in results.items():
         row = tables["overall"]

@@ -169,7 +169,7 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     for score in scores:
         assert score["clip_t"] is None and -1 <= score["clip_i"] <= 1 and -1 <= score["dino"] <= 1
         for subject in score["subjects"]:
-            assert {"found", "iou", "identity_correct", "mixing", "identity"} <= set(subject)
+            assert {"found", "placed", "iou", "identity_correct", "mixing", "identity"} <= set(subject)
             assert (subject["detection"] is None) == (subject["crop_clip_i"] is None) == (not subject["detected"])
     config = json.loads((one / "scores_config.json").read_text())
     assert config["scorer"] == "world" and config["evaluator"] == str((world_models / "evaluator.safetensors").resolve())
@@ -266,7 +266,7 @@ def test_scores_follow_the_pixels(tmp_path, world_models, monkeypatch):
     scores = score_world_records(records, tmp_path / "run", scorer, batch_size=8)
     straight, swapped = scores[:2], scores[2]
     for score in straight:
-        assert all(s["found"] and s["iou"] > 0.7 and s["identity_correct"] for s in score["subjects"]), score
+        assert all(s["found"] and s["placed"] and s["iou"] > 0.7 and s["identity_correct"] for s in score["subjects"]), score
         assert all(s["mixing"] < 0.2 for s in score["subjects"])
     assert all(s["found"] and not s["identity_correct"] for s in swapped["subjects"]), swapped
     assert all(s["mixing"] > 0.3 for s in swapped["subjects"])

@@ -184,3 +184,19 @@ def test_world_training_state_resumes_exactly(tmp_path):
     step(fresh, fresh_optimizer, fresh_generator)
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
     assert resume_training_state(tmp_path / "missing.pt", {"model": fresh}, fresh_optimizer, fresh_generator) == 0
+
+
+def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():
+    from msdiffusion.world.evaluate import Segmenter, WorldEvaluator, _label_map
+
+    scene = render_scene(np.random.default_rng(5), [SubjectSpec("star", 630)], background="a plain wall")
+    labels = _label_map(scene)  # a perfect segmentation of the scene
+    box = scene.subjects[0].box
+    evaluator = WorldEvaluator(Segmenter())
+    right, wrong_class, elsewhere = evaluator.evaluate(
+        scene.image, [AskedSubject("star", 630, box), AskedSubject("ring", 630, box), AskedSubject("star", 630, (0.0, 0.0, 0.1, 0.1))],
+        class_map=labels,
+    )
+    assert right.found and right.placed and right.identity_correct
+    assert not wrong_class.found and wrong_class.placed
+    assert not elsewhere.found and not elsewhere.placed

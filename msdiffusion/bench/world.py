@@ -34,6 +34,7 @@ OVERLAP = 0.3  # `overlapping`: the second box covers this share of the narrower
 MODEL_PARTS = ("base", "adapter", "image_encoder", "evaluator.safetensors")
 WORLD_METRICS = {
     "found": "found (IoU >= 0.5)",
+    "placed": "placed (any shape)",
     "mean_iou": "mean IoU",
     "identity_correct": "identity correct",
     "found_and_correct": "found and correct",
@@ -359,7 +360,7 @@ def score_world_records(
                     # the generic columns: "detected" = a region of the class overlaps the box at all
                     "detected": result.found_box is not None,
                     "detection": None if result.found_box is None else [round(v, 4) for v in result.found_box],
-                    "iou": result.iou, "found": result.found, "identity_correct": result.identity_correct,
+                    "iou": result.iou, "found": result.found, "placed": result.placed, "identity_correct": result.identity_correct,
                     "mixing": result.mixing, "crop_clip_i": None, "crop_dino": None,
                 }  # fmt: skip
                 if (i, j) in crop_index:
@@ -386,9 +387,12 @@ def _row(scores: list[dict]) -> dict:
     """The evaluator's rates over subjects (its own `summarize`), cosines: means over images / subjects."""
     from msdiffusion.world.evaluate import SubjectResult, summarize
 
+    if any("placed" not in s for score in scores for s in score["subjects"]):
+        raise ValueError("these scores predate the `placed` measure: rescore with `msdiff bench score --overwrite`.")
     results = [
         [SubjectResult(s["phrase"], s["identity"], tuple(s["box"]), s["found"], s["iou"], s["identity_correct"],
-                       s["mixing"], None if s["detection"] is None else tuple(s["detection"])) for s in score["subjects"]]
+                       s["mixing"], None if s["detection"] is None else tuple(s["detection"]), s["placed"])
+         for s in score["subjects"]]
         for score in scores
     ]  # fmt: skip
     rates = summarize(results)["all"]
@@ -396,7 +400,7 @@ def _row(scores: list[dict]) -> dict:
     return {
         "images": len(scores),
         "subjects": rates["subjects"],
-        **{key: rates[key] for key in ("found", "mean_iou", "identity_correct", "found_and_correct", "mixing")},
+        **{key: rates[key] for key in ("found", "placed", "mean_iou", "identity_correct", "found_and_correct", "mixing")},
         "clip_i": float(np.mean([s["clip_i"] for s in scores])),
         "dino": float(np.mean([s["dino"] for s in scores])),
         # a subject the evaluator did not find counts 0, as in MS-Bench's per-subject columns
@@ -420,7 +424,7 @@ def world_tables(scores: list[dict], group_order: Sequence[str]) -> dict:
 
 
 def _cell(key: str, value: float) -> str:
-    if key in ("found", "identity_correct", "found_and_correct"):
+    if key in ("found", "placed", "identity_correct", "found_and_correct"):
         return f"{value:.1%}"
     return f"{value:.3f}"
 
@@ -443,7 +447,7 @@ def world_markdown(name: str, tables: dict, cover: dict, config: dict) -> str:
         lines += [f"| **overall** | {overall['images']} | {overall['subjects']} | {cells} |", ""]
     lines += [
         "The evaluator's columns are rates over subjects: found = a region of the subject's class whose box has "
-        "IoU >= 0.5 with the box asked for; identity correct = its colours and pattern are nearer the subject's "
+        "IoU >= 0.5 with the box asked for; placed = the same for a region of shapes of any class (the layout obeyed, the shape right or not); identity correct = its colours and pattern are nearer the subject's "
         "identity than every other subject's of the image and a fixed set of training identities; mixing = the "
         "share of its pixels in another subject's colours. CLIP-I and DINO are cosines of the world's image "
         "encoder's projected embedding and final CLS token (whole image against each subject's references, "

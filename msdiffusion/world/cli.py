@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         "evaluate",
         help="generate held-out subjects and score them with the world's evaluator",
         description="Generate COUNT images of held-out identities (1 to 4 subjects, taking turns) and report, "
-        "per subject count: found in its box (IoU >= 0.5), mean IoU, identity correct, found and correct, "
+        "per subject count: found in its box (IoU >= 0.5), placed (a shape of any class there), mean IoU, identity correct, found and correct, "
         "and identity mixing.",
     )
     evaluate.add_argument("--models", help="a `world build --out` folder (default: the shipped weights)")
@@ -110,11 +110,11 @@ def run_evaluate(args) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    rows = ["| subjects per image | subjects | found (IoU>=0.5) | mean IoU | identity correct | found and correct | mixing |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = ["| subjects per image | subjects | found (IoU>=0.5) | placed (any shape) | mean IoU | identity correct | found and correct | mixing |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, r in summary.items():
         rows.append(
-            f"| {name} | {r['subjects']} | {r['found']:.1%} | {r['mean_iou']:.3f} | {r['identity_correct']:.1%} | "
+            f"| {name} | {r['subjects']} | {r['found']:.1%} | {r['placed']:.1%} | {r['mean_iou']:.3f} | {r['identity_correct']:.1%} | "
             f"{r['found_and_correct']:.1%} | {r['mixing']:.3f} |"
         )
     return "\n".join(rows)

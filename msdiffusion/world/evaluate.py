@@ -6,6 +6,8 @@ of shape covers it. For a subject asked for in a box:
 
 - **found**: a connected region of its class overlaps the box and the region's bounding box has
   IoU >= 0.5 with it;
+- **placed**: the same for a connected region of shapes of any class (the layout obeyed, whether or
+  not the shape drawn is the right one);
 - **iou**: that IoU (0 when no region of the class touches the box);
 - **identity correct**: the colours and pattern of the region's pixels are closer to the
   subject's own identity than to every other subject's in the image and to a fixed set of
@@ -223,6 +225,8 @@ class SubjectResult:
     identity_correct: bool
     mixing: float
     found_box: tuple[float, float, float, float] | None
+    # Some shape (of any class) fills the box: layout control, apart from whether the shape is right.
+    placed: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -267,6 +271,7 @@ class WorldEvaluator:
         }
         from .scenes import mask_box
 
+        shapes = [mask_box(r) for r in connected_regions(class_map > 0) if r.sum() >= MIN_REGION_PIXELS]
         results = []
         for k, subject in enumerate(asked):
             best, best_iou = None, 0.0
@@ -281,7 +286,7 @@ class WorldEvaluator:
                 mixing = _mixing(image, best, subject.identity, others)
             results.append(SubjectResult(
                 subject.cls, subject.identity, tuple(subject.box), bool(best_iou >= 0.5), float(best_iou), bool(correct), mixing,
-                None if best is None else mask_box(best),
+                None if best is None else mask_box(best), any(box_iou(b, subject.box) >= 0.5 for b in shapes),
             ))  # fmt: skip
         return results
 
@@ -319,6 +324,7 @@ def summarize(results: list[list[SubjectResult]]) -> dict:
         return {
             "subjects": n,
             "found": sum(r.found for r in group) / n if n else float("nan"),
+            "placed": sum(r.placed for r in group) / n if n else float("nan"),
             "mean_iou": float(np.mean([r.iou for r in group])) if n else float("nan"),
             "identity_correct": sum(r.identity_correct for r in group) / n if n else float("nan"),
             "found_and_correct": sum(r.found and r.identity_correct for r in group) / n if n else float("nan"),
