@@ -5,7 +5,8 @@
 
 Each ablation is an ordinary bench run (144 samples x 2 seeds = 288 generations of held-out
 subjects) with the shipped world models, scored by the world's evaluator; runs resume, so the
-script can be stopped and started again. It prints one markdown table (docs/world.md keeps it).
+script can be stopped and started again. It prints one markdown table (docs/world.md keeps it) and
+writes it, with the numbers behind it, to OUT/ablations.md and OUT/ablations.json after each run.
 """
 
 from __future__ import annotations
@@ -68,8 +69,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(ABLATIONS), help="a subset of the ablations")
     parser.add_argument("--models", help="a folder laid out as the shipped world weights (default: the shipped ones)")
     args = parser.parse_args()
-    results = {name: run(name, args.out, args.models) for name in (args.only or ABLATIONS)}
-    (args.out / "ablations.json").write_text(json.dumps(results, indent=1))
+    results = {}
+    for name in args.only or ABLATIONS:
+        results[name] = run(name, args.out, args.models)
+        # after every run, so that a stopped script leaves the table of what it finished
+        (args.out / "ablations.json").write_text(json.dumps(results, indent=1))
+        (args.out / "ablations.md").write_text(table(results) + "\n")
     print(table(results))
 
 

@@ -200,3 +200,15 @@ def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():
     assert right.found and right.placed and right.identity_correct
     assert not wrong_class.found and wrong_class.placed
     assert not elsewhere.found and not elsewhere.placed
+
+
+def test_base_schedule_is_a_cosine_then_a_warm_restart():
+    from msdiffusion.world.base import BaseRecipe, _base_lr
+
+    recipe = BaseRecipe(unet_steps=100, unet_lr=1e-3, warmup_steps=10, refine_steps=50, refine_lr=4e-4)
+    assert _base_lr(0, recipe) == pytest.approx(1e-4) and _base_lr(9, recipe) == pytest.approx(1e-3)
+    assert _base_lr(55, recipe) == pytest.approx(5e-4)  # half-way down the first cosine
+    assert _base_lr(99, recipe) < 1e-6  # the first cycle ends near zero...
+    assert _base_lr(100, recipe) == pytest.approx(4e-4)  # ...and the second starts at refine_lr
+    assert _base_lr(125, recipe) == pytest.approx(2e-4, rel=0.05)
+    assert _base_lr(149, recipe) < 1e-6
