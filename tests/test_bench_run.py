@@ -255,7 +255,7 @@ def test_ablation_settings_reach_the_pipeline(tmp_path):
 
     default = run("default")
     assert default["subject_boxes"] == [[[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]]]
-    assert [len(images) for images in default["subject_images"][0]] == [1, 1]
+    assert [p.name for p in default["subject_images"][0]] == ["0.png", "0.png"]  # one photo each
     assert default["subject_scales"] is None and default["drop_grounding_tokens"] is False
     assert default["reference_combine"] == "concat"
     assert run("whole", boxes="whole")["subject_boxes"] == [[[0.0, 0.0, 1.0, 1.0]] * 2]

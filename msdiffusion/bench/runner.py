@@ -206,11 +206,12 @@ def _box(setting: str, box) -> list[float]:
     return {"given": list(box), "none": [0.0] * 4, "whole": [0.0, 0.0, 1.0, 1.0]}[setting]
 
 
-def _references(images_dir: Path, source: str, count: int) -> list[Path]:
+def _references(images_dir: Path, source: str, count: int) -> Path | list[Path]:
+    """The subject's first `count` references (one image itself, as the pipeline takes a single photo)."""
     files = reference_files(images_dir, source)
     if len(files) < count:
         raise ValueError(f"{source}: {count} references per subject asked (--references), but {len(files)} found in {images_dir}.")
-    return files[:count]
+    return files[0] if count == 1 else files[:count]
 
 
 def _scales(settings: GenerationSettings, count: int) -> list[float]:
