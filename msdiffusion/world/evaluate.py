@@ -15,9 +15,10 @@ of shape covers it. For a subject asked for in a box:
 - **mixing**: the share of the region's pixels whose colour belongs to another subject of the
   image and not to this one (0 = clean, high = identities blended).
 
-Identities are compared through a descriptor: the histogram of the pixels' nearest palette
-colours, plus how often neighbouring pixels change colour in each of four directions (which
-tells stripes of one angle from another, checks from dots, a gradient from halves).
+Identities are compared through a descriptor (`descriptor`): histograms of the pixels' nearest
+palette colours over the region, its four halves and its outline, plus how often neighbouring
+pixels change colour in each of four directions (which tells stripes of one angle from another,
+checks from dots). Identities that render identically (`look_alikes`) are never rivals.
 """
 
 from __future__ import annotations
