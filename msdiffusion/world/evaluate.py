@@ -227,7 +227,7 @@ class SubjectResult:
     mixing: float
     found_box: tuple[float, float, float, float] | None
     # Some shape (of any class) fills the box: layout control, apart from whether the shape is right.
-    placed: bool = False
+    placed: bool
 
     def to_dict(self) -> dict:
         return asdict(self)
