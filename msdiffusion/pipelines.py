@@ -149,7 +149,7 @@ class MSDiffusionMixin:
     ) -> torch.Tensor:
         """Per prompt `[dummy tokens | 16 tokens per subject | zero padding]`: (B, 4 + 16 * N, D).
 
-        A subject with several reference images: "concat" (the release) resamples the features of
+        A subject with several reference images: "concat" (the default) resamples the features of
         all of them together into its 16 tokens; "mean" resamples each image alone and averages the
         16-token sets (the world bench compares the two: docs/world.md)."""
         if self.ms_image_projection is None or self.image_encoder is None:
@@ -328,7 +328,7 @@ _SUBJECT_DOC = """
             phrase_matching: how phrases are located in the prompt for auto layout: "tokens" (default; the k-th
                 subject of a repeated phrase at its k-th occurrence) or "release" (the released code's positions,
                 which differ for repeated phrases; for reproducing its images).
-            reference_combine: a subject with several images: "concat" (default, the release: all images'
+            reference_combine: a subject with several images: "concat" (default: all images'
                 features resampled together) or "mean" (each image's 16 tokens, averaged).
 """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 # embeddings), so pass it explicitly there to match the release.
 RELEASE_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
-# How several reference images of one subject become its 16 tokens: the release resamples all of
-# their features together ("concat", the default); "mean" resamples each image alone and averages.
+# How several reference images of one subject become its 16 tokens: "concat" (the default) resamples
+# all of their features together; "mean" resamples each image alone and averages. (The spec of the
+# released computation does not cover several references; kept here, free of heavy imports, for the CLI.)
 REFERENCE_COMBINE = ("concat", "mean")

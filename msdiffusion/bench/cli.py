@@ -86,7 +86,7 @@ def register(subparsers) -> None:
     ablation.add_argument("--references", type=int, default=1, help="reference images per subject (the first of its folder)")
     ablation.add_argument(
         "--reference-combine", choices=REFERENCE_COMBINE, default="concat",
-        help="several references: concat (the release: resampled together) or mean (each resampled, tokens averaged)",
+        help="several references: concat (resampled together) or mean (each resampled, tokens averaged)",
     )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
     run.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",

@@ -53,7 +53,7 @@ class GenerationSettings:
     drop_grounding_tokens: bool = False
     subject_scales: list[float] | None = None  # by subject position; subjects past the end keep ms_scale
     references: int = 1  # reference images per subject, the first ones of its folder
-    reference_combine: str = "concat"  # several references: "concat" (the release) or "mean"
+    reference_combine: str = "concat"  # several references: "concat" (the default) or "mean"
 
     def to_dict(self) -> dict:
         return asdict(self)
