@@ -25,6 +25,7 @@ through `torch.compile`.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdxl_architecture import build_sdxl  # noqa: E402
 
+from msdiffusion import MSDiffusionXLPipeline  # noqa: E402
 from msdiffusion.attention import MSAttnProcessor, _heads  # noqa: E402
 from msdiffusion.layout import box_regions, regions_to_bias  # noqa: E402
 
@@ -132,6 +134,30 @@ def profile_generation(name: str, run, unet, device: str, top: int) -> None:
     print("    " + table.replace("\n", "\n    "))
 
 
+def sync_check(name: str, run, unet) -> None:
+    """Run one generation with CUDA's sync debug mode on during UNet calls; print the synchronising lines."""
+    import warnings
+    from collections import Counter
+
+    def enter(module, args):
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def leave(module, args, output):
+        torch.cuda.set_sync_debug_mode("default")
+
+    handles = [unet.register_forward_pre_hook(enter), unet.register_forward_hook(leave)]
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        for handle in handles:
+            handle.remove()
+    syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"  {name}: {sum(syncs.values())} synchronisations" + "".join(f"\n    {n} x {where}" for where, n in syncs.most_common()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
@@ -146,6 +172,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="rows of the profiler's kernel table")
     parser.add_argument("--compile", action="store_true", help="pipe.unet = torch.compile(pipe.unet)")
     parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
+    parser.add_argument("--sync-check", action="store_true", help="count host-device synchronisations in UNet calls (CUDA)")
     parser.add_argument("--output-type", choices=["np", "latent"], default="np", help="latent: skip the VAE decode")
     parser.add_argument("--shared", type=Path, default=None, help="folder with sdxl-base/ and the image encoder config")
     args = parser.parse_args()
@@ -155,15 +182,35 @@ def main() -> None:
     shared = {"shared": args.shared} if args.shared else {}
     pipe, checkpoint, image_encoder = build_sdxl(args.width_divisor, args.device, dtype, **shared)
     print(f"built the models on {args.device} in {time.perf_counter() - start:.1f} s", flush=True)
-    unet = pipe.unet
-    if args.compile:
-        pipe.unet = torch.compile(unet, mode=args.compile_mode)
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(2)]
     common = dict(prompt="a dog and a cat on the beach", num_inference_steps=args.steps, guidance_scale=7.5,
                   height=args.size, width=args.size, output_type=args.output_type)  # fmt: skip
     subjects = dict(subject_images=images, subject_phrases=["dog", "cat"],
                     subject_boxes=[[0.0, 0.25, 0.5, 0.75], [0.5, 0.25, 1.0, 0.75]])  # fmt: skip
+
+    # One pipeline per kind of processor, each with its own copy of the same UNet weights, set up once:
+    # swapping processors between timed runs would make a compiled UNet recompile every time.
+    def pipeline_with(processors: type | None) -> MSDiffusionXLPipeline:
+        twin = MSDiffusionXLPipeline(**{**pipe.components, "unet": copy.deepcopy(pipe.unet)})
+        twin.set_progress_bar_config(disable=True)
+        if processors is not None:
+            twin.load_ms_adapter(checkpoint, image_encoder=image_encoder)
+            if processors is not MSAttnProcessor:
+                set_processors(twin.unet, processors)
+        return twin
+
+    pipes = {"bare": pipe, "ours": pipeline_with(MSAttnProcessor)}
+    pipes["auto"] = pipes["ours"]
+    settings = {"bare": {}, "ours": subjects, "auto": {**subjects, "mask_threshold": 0.5, "start_step": 5}, "naive": subjects}
+    variants = ["bare", "ours"] + ["auto"] * args.auto_layout
+    if not args.skip_naive:
+        pipes["naive"] = pipeline_with(NaiveMSProcessor)
+        variants.append("naive")
+    unets = {name: pipes[name].unet for name in variants}  # eager modules, for hooks
+    if args.compile:
+        for twin in dict.fromkeys(pipes.values()):
+            twin.unet = torch.compile(twin.unet, mode=args.compile_mode)
 
     def synchronize():
         if args.device == "cuda":
@@ -176,40 +223,18 @@ def main() -> None:
         synchronize()
         return time.perf_counter() - start
 
-    def generate(**extra):
-        return lambda: pipe(generator=torch.Generator().manual_seed(0), **common, **extra)
+    def generation(name: str):
+        return lambda: pipes[name](generator=torch.Generator().manual_seed(0), **common, **settings[name])
 
-    def bare():
-        pipe.unload_ms_adapter()
-        return generate()
-
-    def ours():
-        pipe.load_ms_adapter(checkpoint, image_encoder=image_encoder)
-        return generate(**subjects)
-
-    def auto():
-        pipe.load_ms_adapter(checkpoint, image_encoder=image_encoder)
-        return generate(**subjects, mask_threshold=0.5, start_step=5)
-
-    def naive():
-        pipe.load_ms_adapter(checkpoint, image_encoder=image_encoder)
-        set_processors(unet, NaiveMSProcessor)
-        return generate(**subjects)
-
-    variants = {"bare": bare, "ours": ours}
-    if args.auto_layout:
-        variants["auto"] = auto
-    if not args.skip_naive:
-        variants["naive"] = naive
-    for name, setup in variants.items():  # warm-up (allocator, kernels, lazy inits, compilation)
+    for name in variants:  # warm-up (allocator, kernels, lazy inits, compilation)
         start = time.perf_counter()
-        setup()()
+        generation(name)()
         synchronize()
         print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
-        for name, setup in variants.items():
-            times[name].append(timed(setup()))
+        for name in variants:
+            times[name].append(timed(generation(name)))
 
     median = {name: statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -221,10 +246,18 @@ def main() -> None:
     for name in median:
         if name != "bare":
             print(f"{name} / bare = {median[name] / median['bare']:.4f}")
+    if args.compile:
+        from torch._dynamo.utils import counters
+
+        print(f"dynamo: {dict(counters['stats'])}, graph breaks: {sum(counters['graph_break'].values())}")
+    if args.sync_check:
+        print("host-device synchronisations inside UNet calls, one generation per variant:")
+        for name in variants:
+            sync_check(name, generation(name), unets[name])
     if args.profile:
         print("profile of one generation per variant:")
-        for name, setup in variants.items():
-            profile_generation(name, setup(), unet, args.device, args.top)
+        for name in variants:
+            profile_generation(name, generation(name), unets[name], args.device, args.top)
 
 
 if __name__ == "__main__":

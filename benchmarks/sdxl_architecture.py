@@ -81,11 +81,13 @@ def _build(width_divisor: int, device: str, dtype, seed: int, shared: Path):
     )  # fmt: skip
     image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
 
+    with torch.device("cpu"):  # the scheduler's tables stay on the host, as diffusers' pipelines expect
+        scheduler = EulerDiscreteScheduler.from_config(_load(base / "scheduler/scheduler_config.json"))
     pipe = MSDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
         tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer_2"),
-        unet=unet, scheduler=EulerDiscreteScheduler.from_config(_load(base / "scheduler/scheduler_config.json")),
+        unet=unet, scheduler=scheduler,
     )  # fmt: skip
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)

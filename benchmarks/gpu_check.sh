@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/performance.md, each part under its own time limit so that one that
+# fails or overruns leaves the others' output. Logs go to LOG_DIR, one file per part.
+#
+#   benchmarks/gpu_check.sh [SHARED_DIR] [LOG_DIR] [PART ...]     (defaults: ../shared, gpu-logs, eager)
+#
+# Parts: fp16 (timings of bare / ours / auto, synchronisations inside UNet calls), profile (one
+# 10-step generation per variant under torch.profiler), bf16 (timings and kernels in bf16), compiled
+# (timings with a compiled UNet). "eager" is fp16 profile bf16 (about 5 minutes on an H200 with the
+# start); "compiled" alone takes 6-8 minutes (compiling SDXL's UNet twice took 95 s and 116 s there).
+set -u
+shared=${1:-../shared}
+logs=${2:-gpu-logs}
+shift 2 2>/dev/null || shift $#
+parts=("${@:-eager}")
+python=${PYTHON:-python3}
+mkdir -p "$logs"
+export PYTHONUNBUFFERED=1
+common=(--shared "$shared" --device cuda --size 1024 --width-divisor 1 --output-type latent --skip-naive)
+
+part() {  # part NAME SECONDS ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s)"
+    timeout "$limit" "$python" benchmarks/adapter_overhead.py "${common[@]}" "$@" >"$logs/$name.log" 2>&1
+    echo "exit status $?"
+    grep -v -e "^USDT" -e "^ *-\{5,\}" -e "should be kept in float32" "$logs/$name.log" | cut -c1-160
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+"$python" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+for p in "${parts[@]}"; do
+    case $p in
+        eager) set -- fp16 profile bf16 ;;
+        *) set -- "$p" ;;
+    esac
+    for q in "$@"; do
+        case $q in
+            fp16) part fp16 120 --dtype fp16 --steps 30 --repeats 5 --auto-layout --sync-check ;;
+            profile) part profile 150 --dtype fp16 --steps 10 --repeats 1 --auto-layout --profile --top 8 ;;
+            bf16) part bf16 90 --dtype bf16 --steps 10 --repeats 1 --profile --top 4 ;;
+            compiled) part compiled 540 --dtype fp16 --steps 30 --repeats 5 --auto-layout --compile ;;
+            *) echo "unknown part $q (fp16, profile, bf16, compiled, eager)"; exit 2 ;;
+        esac
+    done
+done
