@@ -46,15 +46,20 @@ def write_tiny_tokenizer(directory: str | os.PathLike, words=TINY_VOCABULARY) ->
     chars = list(_bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     known = set(vocab)
-    # Longer words first: their merges then outrank the pairs of shorter words inside them.
-    for word in sorted(dict.fromkeys(w.lower() for w in words), key=len, reverse=True):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(symbols) > 1:  # merge left to right so the whole word ends as one token
+    for word in dict.fromkeys(w.lower() for w in words):
+        # Where the merges made so far leave this word, as CLIP's BPE applies them (lowest rank
+        # first, anywhere in the word); then merge what is left left to right. The new merges rank
+        # after every earlier one, so they never change how an earlier word is split.
+        symbols = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        while len(symbols) > 1:
             pair = (symbols[0], symbols[1])
             merged = pair[0] + pair[1]
-            if merged not in known:
+            if pair not in ranks:
+                ranks[pair] = len(merges)
                 merges.append(pair)
+            if merged not in known:
                 vocab.append(merged)
                 known.add(merged)
             symbols = [merged] + symbols[2:]
@@ -63,6 +68,24 @@ def write_tiny_tokenizer(directory: str | os.PathLike, words=TINY_VOCABULARY) ->
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     return directory
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair encoding of one word as CLIP's tokenizer does it: merge the best-ranked pair, repeat."""
+    while len(symbols) > 1:
+        pair = min(zip(symbols, symbols[1:]), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
 
 
 def tiny_tokenizers(directory: str | os.PathLike):

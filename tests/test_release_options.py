@@ -287,8 +287,13 @@ def test_release_seed_mode_draws_the_batch_from_one_generator_like_the_release(t
     assert (recorded["seed"], recorded["images"], recorded["seed_mode"]) == (11, 2, "release")  # --from redoes the batch
 
     _, per_image = run("per-image")
-    assert np.array_equal(per_image[0], release[0])  # the first image's noise is the same draw on the CPU
-    assert not np.array_equal(per_image[1], release[1])  # later ones are not: seed + 1 vs the batch's continuation
+    def levels(a, b):  # largest difference in 8-bit levels
+        return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+    # The first image's noise is the same draw on the CPU; computed in a batch of 1 instead of 2, its
+    # floats may round differently, which can move a pixel by one level.
+    assert levels(per_image[0], release[0]) <= 1
+    assert levels(per_image[1], release[1]) > 8  # later ones are not: seed + 1 vs the batch's continuation
 
     assert job_from_dict(_job_dict(tmp_path)).seed_mode == "per-image"
     with pytest.raises(JobError, match="seed_mode"):

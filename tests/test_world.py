@@ -28,8 +28,10 @@ from msdiffusion.world.scenes import (
     SIZE,
     SubjectSpec,
     draw_background,
+    caption_for,
     draw_subject,
     identity_parts,
+    identity_words,
     is_held_out,
     mask_box,
     random_scene,
@@ -212,3 +214,44 @@ def test_base_schedule_is_a_cosine_then_a_warm_restart():
     assert _base_lr(100, recipe) == pytest.approx(4e-4)  # ...and the second starts at refine_lr
     assert _base_lr(125, recipe) == pytest.approx(2e-4, rel=0.05)
     assert _base_lr(149, recipe) < 1e-6
+
+
+def test_base_captions_describe_every_identity_differently_in_words_the_tokenizer_knows(tmp_path):
+    from msdiffusion.world import models
+
+    words = {identity_words(i) for i in range(NUM_IDENTITIES)}
+    assert len(words) == NUM_IDENTITIES  # a description names exactly one identity
+    a, b, _ = identity_parts(0)
+    assert identity_words(0).startswith(f"{a} {b} ")  # first colour first
+    assert caption_for(["star", "ring"], "a grid") == "a star and a ring on a grid"
+    described = caption_for(["star", "ring"], "a grid", [0, 1])
+    assert described == f"a {identity_words(0)} star and a {identity_words(1)} ring on a grid"
+    tokenizer, _ = models.tokenizers(tmp_path)
+    ids = tokenizer(described).input_ids[1:-1]
+    assert len(ids) == len(described.split())  # one token per word: none is split into pieces
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_base_batches_mix_described_plain_and_empty_captions(tmp_path):
+    import torch
+
+    from msdiffusion.world import models
+    from msdiffusion.world.base import _Captions
+
+    entries = []
+    for i in range(3):
+        scene = random_scene(np.random.default_rng([5, i]))
+        entries.append({
+            "caption": scene.caption, "meta": {"background": scene.background},
+            "subjects": [{"phrase": s.cls, "meta": {"identity": s.identity}} for s in scene.subjects],
+        })  # fmt: skip
+    tokenizer, tokenizer_2 = models.tokenizers(tmp_path)
+    captions = _Captions(entries, tokenizer, tokenizer_2)
+    keep = torch.tensor([[True], [True], [False]])
+    describe = torch.tensor([[True], [False], [True]])
+    for tok, ids in zip((tokenizer, tokenizer_2), captions.pick(torch.arange(3), keep, describe)):
+        texts = [tok.decode([i for i in row.tolist() if i != tok.pad_token_id], skip_special_tokens=True).replace(" ,", ",") for row in ids]
+        subjects = entries[0]["subjects"]
+        assert texts[0] == caption_for([s["phrase"] for s in subjects], entries[0]["meta"]["background"], [s["meta"]["identity"] for s in subjects])
+        assert texts[1] == entries[1]["caption"]
+        assert texts[2] == ""

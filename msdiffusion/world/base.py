@@ -8,7 +8,8 @@ states in one file written atomically):
    set so that latents have unit variance, as SDXL's is.
 2. `train_base`: text-to-image, v prediction on SDXL's noise schedule (see `models.scheduler`), the UNet and both
    text encoders trained together from scratch; captions are emptied 10% of the time so that
-   classifier-free guidance works. The weights kept are an exponential moving average.
+   classifier-free guidance works, and half of the others describe the subjects' identities. The
+   weights kept are an exponential moving average.
 
 The base is then written as an ordinary diffusers SDXL folder (`save_base`) and frozen; the
 adapter is trained on it with `msdiff train`. This is a plain loop, not `msdiffusion.train`:
@@ -45,9 +46,15 @@ class BaseRecipe:
     warmup_steps: int = 200
     # A second cosine cycle after the first (a warm restart at a lower peak): the base keeps improving
     # past `unet_steps`, and a finished first cycle can be extended without changing its steps.
-    refine_steps: int = 3000
+    refine_steps: int = 2000
     refine_lr: float = 2e-4
     caption_drop: float = 0.1
+    # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
+    # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A
+    # base that only ever saw class names has no reason to learn to draw a colour or pattern on
+    # command, and draws their average; with words for them its cross-attention learns to, and the
+    # adapter's subject tokens then have something to steer.
+    identity_captions: float = 0.5
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     seed: int = 0
@@ -172,14 +179,29 @@ def pin_posterior_variance(vae, log_variance: float = -30.0) -> None:
 
 # ---- stage 2: UNet + text encoders ----------------------------------------------------------------------
 class _Captions:
-    """Both tokenizers' ids of every caption, computed once."""
+    """Both tokenizers' ids of every scene's captions (class names only, and described), computed once."""
 
-    def __init__(self, captions: list[str], tokenizer, tokenizer_2):
+    def __init__(self, entries: list[dict], tokenizer, tokenizer_2):
+        from .scenes import caption_for
+
         def ids(tok, texts):
             return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-        self.ids = ids(tokenizer, captions), ids(tokenizer_2, captions)
+        plain = [e["caption"] for e in entries]
+        described = [
+            caption_for([s["phrase"] for s in e["subjects"]], e["meta"]["background"], [s["meta"]["identity"] for s in e["subjects"]])
+            for e in entries
+        ]  # fmt: skip
+        self.ids = ids(tokenizer, plain), ids(tokenizer_2, plain)
+        self.described = ids(tokenizer, described), ids(tokenizer_2, described)
         self.empty = ids(tokenizer, [""]), ids(tokenizer_2, [""])
+
+    def pick(self, index: torch.Tensor, keep: torch.Tensor, describe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids for a batch: described where `describe`, plain elsewhere, empty where not `keep` ((B, 1) masks)."""
+        return tuple(
+            torch.where(keep, torch.where(describe, described[index], plain[index]), empty)
+            for plain, described, empty in zip(self.ids, self.described, self.empty)
+        )  # fmt: skip
 
 
 def encode_prompts(text_encoder, text_encoder_2, ids, ids_2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +230,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
     noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)
     entries = read_manifest(manifest)
-    captions = _Captions([e["caption"] for e in entries], tokenizer, tokenizer_2)
+    captions = _Captions(entries, tokenizer, tokenizer_2)
 
     log(f"base: encoding {len(entries)} images with the VAE")
     images = load_images(manifest)
@@ -236,8 +258,8 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         index = torch.randint(len(entries), (b,), generator=generator)
         latents = mean[index] * scaling
         keep = (torch.rand(b, generator=generator) >= recipe.caption_drop)[:, None]
-        ids = torch.where(keep, captions.ids[0][index], captions.empty[0])
-        ids_2 = torch.where(keep, captions.ids[1][index], captions.empty[1])
+        describe = (torch.rand(b, generator=generator) < recipe.identity_captions)[:, None]
+        ids, ids_2 = captions.pick(index, keep, describe)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)

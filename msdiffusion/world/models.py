@@ -18,10 +18,11 @@ import torch
 
 from ..resampler import ResamplerConfig
 from ..tiny import write_tiny_tokenizer
-from .scenes import BACKGROUNDS, CLASSES, SIZE
+from .scenes import BACKGROUNDS, CLASSES, IDENTITY_VOCABULARY, SIZE
 
-# Every word a world caption can hold is one token of the world's tokenizer.
-VOCABULARY = sorted({"a", "an", "and", "on", *CLASSES, *(w for name in BACKGROUNDS for w in name.split())})
+# Every word a world caption can hold is one token of the world's tokenizer, the words that describe
+# identities in the base's captions included.
+VOCABULARY = sorted({"a", "an", "and", "on", *CLASSES, *IDENTITY_VOCABULARY, *(w for name in BACKGROUNDS for w in name.split())})
 # Latent channels: SDXL has 4 at 8x down-sampling; at 4x on 64 px images 4 channels lose the
 # subjects' colours, 16 (as SD3 and FLUX have) keep them and cost the UNet almost nothing.
 LATENT_CHANNELS = 16

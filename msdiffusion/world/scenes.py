@@ -62,6 +62,33 @@ def describe_identity(identity: int) -> str:
     return f"{a}/{b} {kind} {param}"
 
 
+# Words for each pattern in the base's descriptive captions (`identity_words`). Stripes at angle 0
+# vary along x, so they run vertically; a gradient at angle 0 goes from the first colour on the left
+# to the second on the right.
+_STRIPE_WORDS = {0: "vertical", 45: "diagonal", 90: "horizontal", 135: "slanted"}
+_GRADIENT_WORDS = {0: "rightward", 90: "downward", 180: "leftward", 270: "upward"}
+
+
+def identity_words(identity: int) -> str:
+    """An identity in words, as the base's captions describe it: 'red blue thin vertical striped'."""
+    a, b, (kind, param) = identity_parts(identity)
+    if kind == "stripes":
+        angle, period = param
+        pattern = f"{'thin' if period == 4 else 'wide'} {_STRIPE_WORDS[angle]} striped"
+    elif kind in ("checks", "dots"):
+        pattern = f"{'small' if param == (3 if kind == 'checks' else 5) else 'large'} {'checked' if kind == 'checks' else 'dotted'}"
+    elif kind == "gradient":
+        pattern = f"{_GRADIENT_WORDS[param]} fading"
+    elif kind == "halves":
+        pattern = f"{'vertical' if param == 0 else 'horizontal'} halved"
+    else:
+        pattern = "bordered"
+    return f"{a} {b} {pattern}"
+
+
+IDENTITY_VOCABULARY = tuple(sorted({w for i in range(len(PATTERNS) * len(_PAIRS)) for w in identity_words(i).split()}))
+
+
 @dataclass
 class SubjectSpec:
     cls: str
@@ -209,9 +236,10 @@ def draw_background(kind: str, rng: np.random.Generator, size: int = SIZE) -> np
 
 
 # ---- scenes ----------------------------------------------------------------------------------------
-def caption_for(classes: list[str], background: str) -> str:
-    """'a star and a ring on a grid', 'a star, a ring and a moon on sand'."""
-    names = [f"a {c}" for c in classes]
+def caption_for(classes: list[str], background: str, identities: list[int] | None = None) -> str:
+    """'a star and a ring on a grid', 'a star, a ring and a moon on sand'; with `identities`, each
+    class is described too: 'a red blue small dotted star and a ...' (the base's captions)."""
+    names = [f"a {c}" for c in classes] if identities is None else [f"a {identity_words(i)} {c}" for c, i in zip(classes, identities)]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{listed} on {background}"
 
