@@ -488,6 +488,7 @@ def save_untrained_models(directory: str | os.PathLike, seed: int = 0) -> Path:
         tokenizer_2=tokenizer_2, unet=unet, scheduler=models.scheduler(), force_zeros_for_empty_prompt=False,
     ).save_pretrained(directory / "base")  # fmt: skip
     initial_checkpoint(unet, models.RESAMPLER).save(directory / "adapter")
+    torch.manual_seed(seed + 3)  # the recipe's image encoder (random and frozen, seeded as `world build` seeds it)
     models.image_encoder().save_pretrained(directory / "image_encoder")
     models.image_processor().save_pretrained(directory / "image_encoder")
     save_segmenter(Segmenter(), directory / "evaluator.safetensors")

@@ -52,8 +52,8 @@ class BaseRecipe:
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A
     # base that only ever saw class names has no reason to learn to draw a colour or pattern on
-    # command, and draws their average; with words for them its cross-attention learns to, and the
-    # adapter's subject tokens then have something to steer.
+    # command, and draws their average; with words for them it learns to draw at least the colours
+    # named (docs/world.md, third build), which the adapter's subject tokens can then steer.
     identity_captions: float = 0.5
     ema_decay: float = 0.999
     checkpoint_every: int = 250
