@@ -14,7 +14,8 @@ machine noise hits them alike:
 Prints medians and the ratios to bare. `--profile` then profiles one generation per variant
 (torch.profiler) and prints host time, GPU kernel time, the attention kernels used, the host time
 and operator count per cross-attention call, and the top kernels. `--compile` runs the UNet
-through `torch.compile`.
+through `torch.compile`; `--sync-check` (CUDA) lists the host-device synchronisations inside UNet
+calls. Each variant has its own copy of the UNet, set up once (see `pipeline_with`).
 
     python benchmarks/adapter_overhead.py                       # CPU, fp32, 512 px, quarter width
     python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1

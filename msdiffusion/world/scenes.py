@@ -86,7 +86,7 @@ def identity_words(identity: int) -> str:
     return f"{a} {b} {pattern}"
 
 
-IDENTITY_VOCABULARY = tuple(sorted({w for i in range(len(PATTERNS) * len(_PAIRS)) for w in identity_words(i).split()}))
+IDENTITY_VOCABULARY = tuple(sorted({w for i in range(NUM_IDENTITIES) for w in identity_words(i).split()}))
 
 
 @dataclass
