@@ -255,3 +255,13 @@ def test_base_batches_mix_described_plain_and_empty_captions(tmp_path):
         assert texts[0] == caption_for([s["phrase"] for s in subjects], entries[0]["meta"]["background"], [s["meta"]["identity"] for s in subjects])
         assert texts[1] == entries[1]["caption"]
         assert texts[2] == ""
+
+
+def test_base_unet_width_is_a_recipe_setting():
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe
+
+    assert BaseRecipe().unet_channels == models.UNET_CHANNELS == (32, 64, 128)
+    wide = models.unet((64, 128, 128))
+    assert tuple(wide.config.block_out_channels) == (64, 128, 128)
+    assert models.parameter_count(wide) > models.parameter_count(models.unet())

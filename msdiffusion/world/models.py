@@ -70,7 +70,10 @@ def text_encoders(tokenizer):
     return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
-def unet():
+UNET_CHANNELS = (32, 64, 128)  # per level: 16x16 (no attention), 8x8, 4x4
+
+
+def unet(channels: tuple[int, int, int] = UNET_CHANNELS):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -79,7 +82,7 @@ def unet():
         out_channels=LATENT_CHANNELS,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 128),
+        block_out_channels=tuple(channels),
         layers_per_block=2,
         transformer_layers_per_block=(1, 1, 1),
         attention_head_dim=(1, 2, 4),  # 32 channels per head (SDXL: 64) at a tenth of SDXL's width
