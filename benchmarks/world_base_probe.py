@@ -18,6 +18,25 @@ import numpy as np
 import torch
 
 
+def draw_picture(pipe, path: Path, steps: int, guidance: float) -> None:
+    """Top: a rendering of 8 training identities; bottom: the base's image for their described captions."""
+    import PIL.Image
+
+    from msdiffusion.world.scenes import SIZE, caption_for, random_subjects, render_reference
+
+    rng = np.random.default_rng(1)
+    prompts, references = [], []
+    for _ in range(8):
+        subject = random_subjects(rng, 1, held_out=False)[0]
+        prompts.append(caption_for([subject.cls], "a plain wall", [subject.identity]))
+        references.append(render_reference(rng, subject.cls, subject.identity)[0])
+    images = pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, height=SIZE, width=SIZE,
+                  generator=[torch.Generator().manual_seed(k) for k in range(8)]).images  # fmt: skip
+    grid = np.concatenate([np.concatenate(references, 1), np.concatenate([np.asarray(i) for i in images], 1)], 0)
+    PIL.Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), PIL.Image.NEAREST).save(path)
+    print(f"picture: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, required=True, help="a `msdiff world build --out` folder")
@@ -25,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--picture", type=Path, help="also draw 8 training identities from their described captions (docs/world.md)")
     args = parser.parse_args()
 
     from diffusers import StableDiffusionXLPipeline
@@ -35,6 +55,8 @@ def main() -> None:
     pipe = StableDiffusionXLPipeline.from_pretrained(args.models / "base", torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     evaluator = WorldEvaluator.from_file(args.models / "evaluator.safetensors")
+    if args.picture:
+        draw_picture(pipe, args.picture, args.steps, args.guidance)
     jobs = held_out_jobs(args.count, args.seed, subject_counts=(1,))
     for described in (False, True):
         found = correct = 0
