@@ -296,3 +296,15 @@ def _run_on(setup, manifest, output_dir, **overrides):
     from msdiffusion.train.loop import TrainingRun
 
     return TrainingRun(tiny_config(setup["models"], manifest, output_dir, **overrides))
+
+
+def test_a_finished_run_frees_its_models_before_the_interpreter_exits(setup, tmp_path):
+    """DDP's reducer keeps the process group alive; freed during interpreter shutdown, gloo could abort a
+    run that had succeeded (seen in CI as `terminate called without an active exception`)."""
+    import weakref
+
+    run = _run(setup, tmp_path, max_train_steps=1, checkpointing_steps=0)
+    run.train()
+    models = [weakref.ref(run.prepared_model), weakref.ref(run.model)]
+    run.release()
+    assert all(ref() is None for ref in models)

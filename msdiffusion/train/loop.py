@@ -58,7 +58,10 @@ SUMMARY_FILE = "train_summary.json"
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train as `config` says; returns the run summary (also written to `output_dir/train_summary.json`)."""
-    return TrainingRun(config).train()
+    run = TrainingRun(config)
+    summary = run.train()
+    run.release()
+    return summary
 
 
 class TrainingRun:
@@ -376,6 +379,20 @@ class TrainingRun:
             summary = self._finish(global_step, last_loss, (global_step - start_step) * samples_per_step / max(elapsed, 1e-9))
         accelerator.end_training()
         return summary
+
+    def release(self) -> None:
+        """Free the models, and with them the process group, while the interpreter is fully alive.
+
+        `end_training` unregisters the process group, but DDP's reducer keeps it alive; freed by the
+        garbage collector during interpreter shutdown, gloo's threads could abort the process
+        ("terminate called without an active exception") after a run that had succeeded.
+        Only after a finished run: on an error another process may still be inside a collective.
+        """
+        import gc
+
+        self.accelerator.free_memory()
+        self.__dict__.clear()
+        gc.collect()
 
     def _stop_agreed(self, stop: "_StopRequest") -> bool:
         """Whether any process was asked to stop; all processes must stop (and save) at the same step."""
