@@ -265,3 +265,23 @@ def test_base_unet_width_is_a_recipe_setting():
     wide = models.unet((64, 128, 128))
     assert tuple(wide.config.block_out_channels) == (64, 128, 128)
     assert models.parameter_count(wide) > models.parameter_count(models.unet())
+
+
+def test_world_unet_attends_at_every_level_and_the_subject_tokens_reach_the_16x16_cells():
+    """A world subject spans 2 to 4 cells at 8x8: the subject tokens must also act at 16x16 (docs/world.md)."""
+    from msdiffusion.adapter import attach_ms_attention, cross_attention_levels
+    from msdiffusion.attention import MSAttnProcessor
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe
+
+    assert BaseRecipe().unet_attention == models.UNET_ATTENTION == (True, True, True)
+    sdxl_like = models.unet(attention=(False, True, True))
+    assert sdxl_like.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert sdxl_like.config.up_block_types == ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
+    unet = models.unet()
+    attach_ms_attention(unet)
+    assert cross_attention_levels(unet) == (0, 1, 2)
+    processors = unet.attn_processors
+    assert isinstance(processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"], MSAttnProcessor)
+    assert isinstance(processors["up_blocks.2.attentions.2.transformer_blocks.0.attn2.processor"], MSAttnProcessor)

@@ -41,6 +41,7 @@ class BaseRecipe:
     vae_kl_weight: float = 1e-6
     vae_subject_weight: float = 2.0
     unet_channels: tuple[int, int, int] = models.UNET_CHANNELS
+    unet_attention: tuple[bool, bool, bool] = models.UNET_ATTENTION
     unet_steps: int = 5000
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -226,7 +227,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     tokenizer, tokenizer_2 = models.tokenizers(out / "tokenizer")
     torch.manual_seed(recipe.seed + 1)
     text_encoder, text_encoder_2 = models.text_encoders(tokenizer)
-    model = _Base(models.unet(recipe.unet_channels), text_encoder, text_encoder_2)
+    model = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), text_encoder, text_encoder_2)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
     noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)

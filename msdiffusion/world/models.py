@@ -3,7 +3,7 @@
 Everything here is an ordinary diffusers / transformers class with SDXL's structure: an
 `AutoencoderKL` (4x down-sampling: 64 px images, 16x16 latents), two CLIP text encoders whose
 penultimate states are concatenated (cross-attention width 64 + 64), a `UNet2DConditionModel`
-with SDXL's block types, added time ids and pooled text embeddings, and a
+with SDXL's added time ids and pooled text embeddings (and attention at every level), and a
 `CLIPVisionModelWithProjection` for the references. The adapter is the project's own, trained by
 `msdiff train`.
 """
@@ -70,18 +70,23 @@ def text_encoders(tokenizer):
     return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
-UNET_CHANNELS = (32, 64, 128)  # per level: 16x16 (no attention), 8x8, 4x4
+UNET_CHANNELS = (32, 64, 128)  # per level: 16x16, 8x8, 4x4
+# Which levels have attention. SDXL has none at its first level, but there a subject spans tens of
+# latent cells; a world subject (16 to 30 px) spans 2 to 4 cells of the 8x8 level, too coarse for the
+# subject tokens to draw an outline or a pattern, so the world's UNet attends at 16x16 too (4 px per
+# cell, as SD 1.5 does at its first level). docs/world.md, fourth build.
+UNET_ATTENTION = (True, True, True)
 
 
-def unet(channels: tuple[int, int, int] = UNET_CHANNELS):
+def unet(channels: tuple[int, int, int] = UNET_CHANNELS, attention: tuple[bool, bool, bool] = UNET_ATTENTION):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=SIZE // 4,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         block_out_channels=tuple(channels),
         layers_per_block=2,
         transformer_layers_per_block=(1, 1, 1),
