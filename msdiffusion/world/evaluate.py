@@ -87,7 +87,7 @@ def train_segmenter(vae, steps: int = 1500, batch: int = 32, seed: int = 0, log:
         x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
             half = batch // 2
-            x[:half] = vae.decode(vae.encode(x[:half]).latent_dist.mode()).sample.clamp(-1, 1)
+            x[:half] = vae_round_trip(vae, x[:half])
         labels = torch.from_numpy(np.stack([_label_map(s) for s in scenes]))
         loss = F.cross_entropy(model(x), labels)
         loss.backward()
@@ -96,6 +96,12 @@ def train_segmenter(vae, steps: int = 1500, batch: int = 32, seed: int = 0, log:
         if (step + 1) % 100 == 0:
             log(f"segmenter step {step + 1}/{steps} loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)")
     return model.eval()
+
+
+def vae_round_trip(vae, x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] encoded and decoded (the posterior mean): what a model drawing through this VAE could show."""
+    with torch.no_grad():
+        return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
 
 
 def save_segmenter(model: Segmenter, path: str | os.PathLike) -> None:
@@ -338,13 +344,18 @@ def summarize(results: list[list[SubjectResult]]) -> dict:
     return summary
 
 
-def ground_truth_check(evaluator: WorldEvaluator, count: int = 100, seed: int = 99) -> dict:
-    """The evaluator on real held-out scenes (what a perfect generator would score)."""
+def ground_truth_check(evaluator: WorldEvaluator, count: int = 100, seed: int = 99, vae=None) -> dict:
+    """The evaluator on real held-out scenes (what a perfect generator would score); with `vae`, on
+    the scenes after its round trip (the best a generator drawing through that VAE could score)."""
     results = []
     for i in range(count):
         scene = random_scene(np.random.default_rng([seed, i]), held_out=True)
+        image = scene.image
+        if vae is not None:
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+            image = ((vae_round_trip(vae, x)[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
         asked = [AskedSubject(s.cls, s.identity, s.box) for s in scene.subjects]
-        results.append(evaluator.evaluate(scene.image, asked))
+        results.append(evaluator.evaluate(image, asked))
     return summarize(results)
 
 

@@ -69,14 +69,19 @@ _STRIPE_WORDS = {0: "vertical", 45: "diagonal", 90: "horizontal", 135: "slanted"
 _GRADIENT_WORDS = {0: "rightward", 90: "downward", 180: "leftward", 270: "upward"}
 
 
+def _smallest(kind: str):
+    """The smallest size parameter of a pattern kind (the stripes' period, the cell of checks or dots)."""
+    return min(p[1] if kind == "stripes" else p for k, p in PATTERNS if k == kind)
+
+
 def identity_words(identity: int) -> str:
     """An identity in words, as the base's captions describe it: 'red blue thin vertical striped'."""
     a, b, (kind, param) = identity_parts(identity)
     if kind == "stripes":
         angle, period = param
-        pattern = f"{'thin' if period == 4 else 'wide'} {_STRIPE_WORDS[angle]} striped"
+        pattern = f"{'thin' if period == _smallest(kind) else 'wide'} {_STRIPE_WORDS[angle]} striped"
     elif kind in ("checks", "dots"):
-        pattern = f"{'small' if param == (3 if kind == 'checks' else 5) else 'large'} {'checked' if kind == 'checks' else 'dotted'}"
+        pattern = f"{'small' if param == _smallest(kind) else 'large'} {'checked' if kind == 'checks' else 'dotted'}"
     elif kind == "gradient":
         pattern = f"{_GRADIENT_WORDS[param]} fading"
     elif kind == "halves":
