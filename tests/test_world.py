@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from msdiffusion.world.evaluate import (
     AskedSubject,
@@ -285,3 +286,32 @@ def test_world_unet_attends_at_every_level_and_the_subject_tokens_reach_the_16x1
     processors = unet.attn_processors
     assert isinstance(processors["down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor"], MSAttnProcessor)
     assert isinstance(processors["up_blocks.2.attentions.2.transformer_blocks.0.attn2.processor"], MSAttnProcessor)
+
+
+def test_ground_truth_check_through_a_vae_scores_the_round_trip_images():
+    """With `vae`, each scene is scored after its round trip (benchmarks/world_vae_ceiling.py): a lossless
+    VAE gives back the rendered pixels exactly, a VAE that decodes to grey gives grey images."""
+    from types import SimpleNamespace
+
+    from msdiffusion.world.evaluate import Segmenter, WorldEvaluator, ground_truth_check
+
+    class Lossless:
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    class Grey(Lossless):
+        def decode(self, z):
+            return SimpleNamespace(sample=torch.zeros_like(z))
+
+    seen = []
+    evaluator = WorldEvaluator(Segmenter())
+    evaluator.evaluate = lambda image, asked: seen.append(image) or []
+    ground_truth_check(evaluator, count=3)
+    ground_truth_check(evaluator, count=3, vae=Lossless())
+    ground_truth_check(evaluator, count=3, vae=Grey())
+    rendered, lossless, grey = seen[:3], seen[3:6], seen[6:]
+    assert all(np.array_equal(a, b) for a, b in zip(rendered, lossless))
+    assert all(image.dtype == np.uint8 and image.shape == a.shape and set(np.unique(image)) <= {127, 128} for image, a in zip(grey, rendered))
