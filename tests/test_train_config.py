@@ -72,6 +72,7 @@ def test_flags_alone_suffice(capsys):
         ({"resampler": {"depth": 2}, "init_adapter": "ms_adapter.bin"}, "resampler: cannot be set with init_adapter"),
         ({"gradient_checkpointing": "yes"}, "gradient_checkpointing: expected true or false, got 'yes'"),
         ({"snr_gamma": -1.0}, "snr_gamma: must be positive"),
+        ({"high_noise_share": 1.5}, "high_noise_share: must be a probability in [0, 1]"),
         ({"cache": "c", "buckets": True}, "reference_size: required with both cache and buckets"),
         ({"validation": [{"prompt": "a dog", "subjects": [{"image": "nowhere.png", "phrase": "dog", "box": [0.5, 0, 0.2, 1]}]}]},
          "validation[0].subjects[0].image: must be an existing image file"),

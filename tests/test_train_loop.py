@@ -174,10 +174,10 @@ def test_activation_checkpointing_gives_the_same_gradients(setup, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_mixed_precision_min_snr_v_prediction_and_accumulation(setup, tmp_path):
+def test_mixed_precision_min_snr_v_prediction_high_noise_and_accumulation(setup, tmp_path):
     run = _run(
         setup, tmp_path, mixed_precision="bf16", snr_gamma=5.0, prediction_type="v_prediction", noise_offset=0.05,
-        gradient_accumulation_steps=2, max_train_steps=1,
+        high_noise_share=0.5, gradient_accumulation_steps=2, max_train_steps=1,
     )  # fmt: skip
     assert run.model.unet.conv_in.weight.dtype == torch.bfloat16
     assert run.features.text_encoders.text_encoder.dtype == torch.bfloat16
@@ -308,3 +308,15 @@ def test_a_finished_run_frees_its_models_before_the_interpreter_exits(setup, tmp
     models = [weakref.ref(run.prepared_model), weakref.ref(run.model)]
     run.release()
     assert all(ref() is None for ref in models)
+
+
+def test_timesteps_draw_the_high_noise_share_from_the_noisier_half_only_when_asked():
+    from msdiffusion.train.timesteps import draw_timesteps
+
+    uniform = draw_timesteps(4000, 1000, 0.0, torch.Generator().manual_seed(0))
+    assert uniform.float().mean() == pytest.approx(500, abs=20)
+    # without a share no extra numbers are drawn: the stream is the one runs before the option used
+    assert torch.equal(uniform, torch.randint(0, 1000, (4000,), generator=torch.Generator().manual_seed(0)))
+    skewed = draw_timesteps(4000, 1000, 0.5, torch.Generator().manual_seed(0))
+    assert (skewed >= 500).float().mean() == pytest.approx(0.75, abs=0.03)
+    assert skewed.min() >= 0 and skewed.max() < 1000

@@ -205,16 +205,19 @@ def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():
     assert not elsewhere.found and not elsewhere.placed
 
 
-def test_base_schedule_is_a_cosine_then_a_warm_restart():
+def test_base_schedule_is_a_cosine_then_warm_restarts():
     from msdiffusion.world.base import BaseRecipe, _base_lr
 
-    recipe = BaseRecipe(unet_steps=100, unet_lr=1e-3, warmup_steps=10, refine_steps=50, refine_lr=4e-4)
+    recipe = BaseRecipe(warmup_steps=10, cycles=((100, 1e-3, 0.0), (50, 4e-4, 0.0), (20, 1e-4, 0.5)))
     assert _base_lr(0, recipe) == pytest.approx(1e-4) and _base_lr(9, recipe) == pytest.approx(1e-3)
     assert _base_lr(55, recipe) == pytest.approx(5e-4)  # half-way down the first cosine
     assert _base_lr(99, recipe) < 1e-6  # the first cycle ends near zero...
-    assert _base_lr(100, recipe) == pytest.approx(4e-4)  # ...and the second starts at refine_lr
+    assert _base_lr(100, recipe) == pytest.approx(4e-4)  # ...and the second starts at its peak
     assert _base_lr(125, recipe) == pytest.approx(2e-4, rel=0.05)
     assert _base_lr(149, recipe) < 1e-6
+    assert _base_lr(150, recipe) == pytest.approx(1e-4)  # and the third at its own
+    with pytest.raises(ValueError, match="past the recipe's 170 steps"):
+        _base_lr(170, recipe)
 
 
 def test_base_captions_describe_every_identity_differently_in_words_the_tokenizer_knows(tmp_path):

@@ -47,6 +47,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, TrainConfig
 from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
+from .timesteps import draw_timesteps
 
 logger = logging.getLogger("msdiffusion.train")
 
@@ -250,9 +251,8 @@ class TrainingRun:
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         if config.noise_offset:
             noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.generator).to(self.device)
-        timesteps = torch.randint(
-            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=self.generator
-        ).to(self.device)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = draw_timesteps(batch_size, num_timesteps, config.high_noise_share, self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)

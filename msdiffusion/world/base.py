@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.timesteps import draw_timesteps
 from . import models
 from .data import load_images, read_manifest
 
@@ -42,14 +43,15 @@ class BaseRecipe:
     vae_subject_weight: float = 2.0
     unet_channels: tuple[int, int, int] = models.UNET_CHANNELS
     unet_attention: tuple[bool, bool, bool] = models.UNET_ATTENTION
-    unet_steps: int = 5000
     unet_batch: int = 32
-    unet_lr: float = 5e-4
     warmup_steps: int = 200
-    # A second cosine cycle after the first (a warm restart at a lower peak): the base keeps improving
-    # past `unet_steps`, and a finished first cycle can be extended without changing its steps.
-    refine_steps: int = 2000
-    refine_lr: float = 2e-4
+    # The UNet's learning-rate schedule: cosine cycles of (steps, peak learning rate, high-noise share),
+    # each a warm restart of the last. A finished build is extended by adding a cycle, which leaves
+    # every earlier step as it was. The share is the fraction of a batch's timesteps drawn from the
+    # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
+    # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
+    # and outlines are decided.
+    cycles: tuple[tuple[int, float, float], ...] = ((5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5))
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A
@@ -91,11 +93,22 @@ def _lr(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _cycle(step: int, recipe: BaseRecipe) -> tuple[int, int, float, float]:
+    """The cycle `step` belongs to: (its first step, its length, its peak learning rate, its high-noise share)."""
+    first = 0
+    for steps, peak, high_noise in recipe.cycles:
+        if step < first + steps:
+            return first, steps, peak, high_noise
+        first += steps
+    raise ValueError(f"step {step} is past the recipe's {first} steps")
+
+
 def _base_lr(step: int, recipe: BaseRecipe) -> float:
-    """Warmup and cosine over `unet_steps`, then a second cosine from `refine_lr` over `refine_steps`."""
-    if step < recipe.unet_steps:
-        return _lr(step, recipe.unet_steps, recipe.warmup_steps, recipe.unet_lr)
-    return _lr(step - recipe.unet_steps + 1, recipe.refine_steps + 1, 1, recipe.refine_lr)
+    """Warmup and cosine over the first cycle, then a cosine from each later cycle's peak."""
+    first, steps, peak, _ = _cycle(step, recipe)
+    if first == 0:
+        return _lr(step, steps, recipe.warmup_steps, peak)
+    return _lr(step - first + 1, steps + 1, 1, peak)
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -229,7 +242,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     text_encoder, text_encoder_2 = models.text_encoders(tokenizer)
     model = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), text_encoder, text_encoder_2)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.unet_lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.cycles[0][1], weight_decay=0.01)
     noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)
     entries = read_manifest(manifest)
     captions = _Captions(entries, tokenizer, tokenizer_2)
@@ -252,7 +265,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
     start, window = time.perf_counter(), []
-    total = recipe.unet_steps + recipe.refine_steps
+    total = sum(steps for steps, _, _ in recipe.cycles)
     while step < total:
         for group in optimizer.param_groups:
             group["lr"] = _base_lr(step, recipe)
@@ -263,7 +276,8 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         describe = (torch.rand(b, generator=generator) < recipe.identity_captions)[:, None]
         ids, ids_2 = captions.pick(index, keep, describe)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        high_noise = _cycle(step, recipe)[3]
+        timesteps = draw_timesteps(b, noise_scheduler.config.num_train_timesteps, high_noise, generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prompt_embeds, pooled = encode_prompts(model.text_encoder, model.text_encoder_2, ids, ids_2)
         prediction = model.unet(
