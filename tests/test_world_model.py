@@ -2,9 +2,10 @@
 
 These tests run the ordinary `MSDiffusionXLPipeline` on the weights in `msdiffusion/world/weights`
 and judge the images with the world's evaluator. The thresholds sit below the rates measured on
-these fixed jobs and seeds (docs/world.md). Each of the last three tests breaks one part of the
-method (the box masks, the resampler's box embedding, the order of the subject tokens) and checks
-that the same evaluation then falls below those thresholds: the tests notice such a break.
+these fixed jobs and seeds (docs/world.md). Three tests each break one part of the method (the box
+masks, the resampler's box embedding, the order of the subject tokens) and check that the same
+evaluation then falls below those thresholds: the tests notice such a break. The last runs
+`msdiff demo` and `msdiff generate --from` as a newcomer would.
 """
 
 from __future__ import annotations
