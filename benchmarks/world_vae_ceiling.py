@@ -28,7 +28,7 @@ def main() -> None:
     from msdiffusion.world.evaluate import WorldEvaluator, ground_truth_check
 
     root = Path(args.models)
-    vae = AutoencoderKL.from_pretrained(root / "base" / "vae", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(root / "base" / "vae", dtype=torch.float32)
     evaluator = WorldEvaluator.from_file(root / "evaluator.safetensors")
     print("| images | subjects | found (IoU>=0.5) | placed (any shape) | identity correct |")
     print("| --- | --- | --- | --- | --- |")

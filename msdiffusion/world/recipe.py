@@ -36,7 +36,7 @@ class WorldRecipe:
     adapter_batch: int = 32
     adapter_lr: float = 3e-4
     # Half of the adapter's timesteps from the noisier half: found 24% -> 28%, identity 14% -> 17% on the
-    # fifth build's base (docs/world.md), where the subject tokens decide shapes; the release draws uniformly.
+    # fifth build's base (docs/world.md), where the subject tokens decide shapes; `msdiff train` draws uniformly by default.
     adapter_high_noise_share: float = 0.5
     adapter_checkpoint_every: int = 250
     seed: int = 0
