@@ -97,8 +97,9 @@ def cross_attention_hooks(unet) -> list:
     return handles
 
 
-def profile_generation(name: str, run, unet, device: str, top: int) -> None:
-    """Profile one generation of `run` and print where its host and GPU time goes."""
+def profile_generation(name: str, run, unet, device: str, top: int) -> dict:
+    """Profile one generation of `run`, print where its host and GPU time goes; returns
+    {operator or kernel: (count, host self time s, GPU self time s)} for `compare_profiles`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -111,7 +112,8 @@ def profile_generation(name: str, run, unet, device: str, top: int) -> None:
             handle.remove()
     events = prof.events()
     host = sum(e.self_cpu_time_total for e in events) / 1e6
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # device-side events, without the "attn2" ranges, whose device time is that of the kernels inside them
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and e.name != "attn2"]
     gpu = sum(e.self_device_time_total for e in kernels) / 1e6
 
     # Operators dispatched from inside cross-attention calls: top-level aten ops under an "attn2" range.
@@ -131,8 +133,23 @@ def profile_generation(name: str, run, unet, device: str, top: int) -> None:
         print(f"    attn2 calls: {len(calls)}, host time {per_call:.0f} us per call, {ops / len(calls):.1f} aten ops per call")
     print("    attention kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(attention.items())))
     sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=70)
+    averages = prof.key_averages()
+    table = averages.table(sort_by=sort, row_limit=top, max_name_column_width=70)
     print("    " + table.replace("\n", "\n    "))
+    return {a.key: (a.count, a.self_cpu_time_total / 1e6, a.self_device_time_total / 1e6) for a in averages}
+
+
+def compare_profiles(name: str, bare: dict, other: dict, top: int) -> None:
+    """The operators and kernels whose host or GPU time differs most between bare and `name`: where
+    the variant's extra time goes (the whole-generation totals alone do not say)."""
+    rows = []
+    for key in bare.keys() | other.keys():
+        (nb, hb, gb), (no, ho, go) = bare.get(key, (0, 0.0, 0.0)), other.get(key, (0, 0.0, 0.0))
+        rows.append((max(abs(ho - hb), abs(go - gb)), key, nb, no, hb, ho, gb, go))
+    rows.sort(reverse=True)
+    print(f"  {name} against bare, largest differences (count, host self s, GPU self s; bare -> {name}):")
+    for _, key, nb, no, hb, ho, gb, go in rows[:top]:
+        print(f"    {key[:60]:60s} {nb:6d} -> {no:6d}   host {hb:7.3f} -> {ho:7.3f}   gpu {gb:7.3f} -> {go:7.3f}")
 
 
 def sync_check(name: str, run, unet) -> None:
@@ -257,8 +274,9 @@ def main() -> None:
             sync_check(name, generation(name), unets[name])
     if args.profile:
         print("profile of one generation per variant:")
-        for name in variants:
-            profile_generation(name, generation(name), unets[name], args.device, args.top)
+        profiles = {name: profile_generation(name, generation(name), unets[name], args.device, args.top) for name in variants}
+        for name in variants[1:]:
+            compare_profiles(name, profiles["bare"], profiles[name], args.top)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ class MSAttentionState:
         self.generation = 0
         self._generations = 0
         self.static_image_tokens = False
+        # Whether encoder_hidden_states carry the image tokens after the text (else text only: the
+        # processors take the keys/values projected on activation).
+        self.tokens_in_hidden_states = True
         # UNet levels (number of 2x downsamplings of the latent) that have cross-attention; masks
         # for them are built on activation. None: every level down to 1x1.
         self.levels = levels
@@ -69,20 +72,26 @@ class MSAttentionState:
         layout: SubjectLayout | None,
         static_image_tokens: bool = False,
         image_tokens: torch.Tensor | None = None,
+        tokens_in_hidden_states: bool = True,
     ) -> Iterator["MSAttentionState"]:
         """Use `layout` for every UNet call inside the block.
 
         `static_image_tokens=True` promises the image tokens do not change inside the block (true
         for one generation), so each layer projects them once. `image_tokens` (B, T, C), the
         conditional rows' image tokens, goes further: every layer projects them here, before the
-        UNet runs (what the pipeline does; it implies `static_image_tokens`).
+        UNet runs (what the pipeline does; it implies `static_image_tokens`). With them,
+        `tokens_in_hidden_states=False` says the UNet is given the text embeddings alone, as
+        bare SDXL is (what the pipeline does: no per-call slicing and copying of the text part).
         """
+        if not tokens_in_hidden_states and image_tokens is None:
+            raise ValueError("tokens_in_hidden_states=False needs image_tokens: the processors take the subjects' keys/values from them.")
         processors = self.processors
         previous = (
-            self.layout, self.static_image_tokens, self.generation, self._cache, self._masks, self._scale,
-            self._phrase_weights, self._auto_layout, [p._static_kv for p in processors],
+            self.layout, self.static_image_tokens, self.tokens_in_hidden_states, self.generation, self._cache,
+            self._masks, self._scale, self._phrase_weights, self._auto_layout, [p._static_kv for p in processors],
         )  # fmt: skip
         self.layout, self.static_image_tokens = layout, static_image_tokens or image_tokens is not None
+        self.tokens_in_hidden_states = tokens_in_hidden_states
         self._generations += 1
         self.generation = self._generations  # never reused: per-layer caches are keyed by it
         self._cache, self._masks, self._scale, self._phrase_weights, self._auto_layout = {}, {}, None, None, None
@@ -95,8 +104,8 @@ class MSAttentionState:
                 self._prepare(layout, image_tokens)
             yield self
         finally:  # blocks nest: the outer layout (or none) is active again
-            (self.layout, self.static_image_tokens, outer_generation, self._cache, self._masks, self._scale,
-             self._phrase_weights, self._auto_layout, kvs) = previous  # fmt: skip
+            (self.layout, self.static_image_tokens, self.tokens_in_hidden_states, outer_generation, self._cache,
+             self._masks, self._scale, self._phrase_weights, self._auto_layout, kvs) = previous  # fmt: skip
             for p, kv in zip(processors, kvs):
                 p._static_kv = kv
             if self.layout is not None:
@@ -132,6 +141,18 @@ class MSAttentionState:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
+
+    def num_text_tokens(self, encoder_hidden_states: torch.Tensor) -> int:
+        """How many of `encoder_hidden_states`' tokens are text (the rest are the layout's image tokens)."""
+        if not self.tokens_in_hidden_states:
+            return encoder_hidden_states.shape[1]
+        num_text = encoder_hidden_states.shape[1] - self.layout.num_image_tokens
+        if num_text <= 0:
+            raise ValueError(
+                f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens but the layout expects "
+                f"{self.layout.num_image_tokens} image tokens after the text: append the subject tokens to the prompt embeddings."
+            )
+        return num_text
 
     def grid(self, sequence_length: int) -> tuple[int, int]:
         return self._cached(("grid", sequence_length), lambda: latent_grid(self.layout.latent_size, sequence_length))
@@ -282,13 +303,9 @@ class MSAttnProcessor(nn.Module):
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         batch, cells, _ = hidden_states.shape
 
-        num_text = encoder_hidden_states.shape[1] - layout.num_image_tokens
-        if num_text <= 0:
-            raise ValueError(
-                f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens but the layout expects "
-                f"{layout.num_image_tokens} image tokens after the text: append the subject tokens to the prompt embeddings."
-            )
-        text_states = encoder_hidden_states[:, :num_text]
+        num_text = state.num_text_tokens(encoder_hidden_states)
+        # a slice that drops tokens is not contiguous: to_k and to_v would copy it at every call
+        text_states = encoder_hidden_states if num_text == encoder_hidden_states.shape[1] else encoder_hidden_states[:, :num_text]
         if attn.norm_cross:
             text_states = attn.norm_encoder_hidden_states(text_states)
 
@@ -381,7 +398,7 @@ class TextOnlyAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         layout = self.state.layout
         if encoder_hidden_states is not None and layout is not None:
-            num_text = encoder_hidden_states.shape[1] - layout.num_image_tokens
+            num_text = self.state.num_text_tokens(encoder_hidden_states)
             encoder_hidden_states = encoder_hidden_states[:, :num_text]
             if attention_mask is not None:
                 attention_mask = attention_mask[..., :num_text]

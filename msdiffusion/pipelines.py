@@ -33,6 +33,7 @@ from .adapter import (
     load_checkpoint,
     ms_attention_state,
 )
+from .attention import MSAttnProcessor
 from .layout import PHRASE_MATCHING, SubjectLayout, phrase_token_positions, warn_missing_phrases
 from .release import REFERENCE_COMBINE
 from .subjects import (
@@ -247,7 +248,12 @@ class MSDiffusionMixin:
         phrase_matching: str,
         reference_combine: str,
         kwargs: dict,
+        tokens_in_prompt_embeds: bool = False,
     ) -> MSDiffusionPipelineOutput | tuple:
+        """The subject-aware call around the parent pipeline's `__call__`. The UNet gets the text
+        embeddings alone, as bare SDXL does, and its processors the subjects' keys/values projected
+        once per generation; `tokens_in_prompt_embeds` appends the subject tokens to the embeddings
+        too, for ControlNets that attend over them."""
         return_dict = kwargs.pop("return_dict", True)
         state = ms_attention_state(self.unet)
         if subject_images is None and subject_phrases is None and subject_boxes is None:
@@ -288,15 +294,18 @@ class MSDiffusionMixin:
         )
         image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size, reference_combine)
         image_tokens = image_tokens.to(prompt_embeds.dtype)
-        prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
-        if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
-            negative_embeds = torch.cat([negative_embeds, torch.zeros_like(image_tokens)], dim=1)
+        tokens_in_prompt_embeds = tokens_in_prompt_embeds or not _processors_take_projected_tokens(self.unet)
+        if tokens_in_prompt_embeds:
+            prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
+            if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
+                negative_embeds = torch.cat([negative_embeds, torch.zeros_like(image_tokens)], dim=1)
         layout = self.subject_layout(prompts, subjects, height, width, ms_scale, mask_threshold, start_step, phrase_matching)
         repeats = kwargs.get("num_images_per_prompt") or 1
         layout = layout.repeat_interleave(repeats)
 
         # Every layer projects the subject tokens once, here, not inside the denoising loop.
-        with state.activate(layout, image_tokens=image_tokens.repeat_interleave(repeats, 0)):
+        image_tokens = image_tokens.repeat_interleave(repeats, 0)
+        with state.activate(layout, image_tokens=image_tokens, tokens_in_hidden_states=tokens_in_prompt_embeds):
             output = parent_call(
                 self,
                 prompt_embeds=prompt_embeds,
@@ -311,6 +320,15 @@ class MSDiffusionMixin:
         if not return_dict:
             return (output.images,)
         return MSDiffusionPipelineOutput(images=output.images, auto_layout_maps=maps)
+
+
+def _processors_take_projected_tokens(unet) -> bool:
+    """Whether every subject-aware processor of `unet` reads the keys/values projected on activation.
+    A subclass with its own `__call__` (the tests' literal reference, the benchmark's model of the
+    release) reads the subject tokens appended to the text, as the released processors do."""
+    return all(
+        type(p).__call__ is MSAttnProcessor.__call__ for p in unet.attn_processors.values() if isinstance(p, MSAttnProcessor)
+    )
 
 
 _SUBJECT_DOC = """
@@ -455,7 +473,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         return self._generate(
             StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
             subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
-            phrase_matching, reference_combine, kwargs,
+            phrase_matching, reference_combine, kwargs, tokens_in_prompt_embeds=controlnet_image_tokens,
         )  # fmt: skip
 
     __call__.__doc__ = (

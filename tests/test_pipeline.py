@@ -51,6 +51,35 @@ def test_same_images_as_literal_reference(pipe, subject_images, extra):
     np.testing.assert_allclose(fast, slow, atol=2e-4)
 
 
+def test_unet_gets_the_text_alone_unless_a_processor_reads_appended_tokens(pipe, subject_images):
+    """The project's processors take the subjects' keys/values projected on activation, so the UNet
+    is called as bare SDXL is (no per-call slice and copy of the text); processors of their own
+    (the literal reference here) still get the subject tokens appended to the text."""
+    lengths = []
+    hook = lambda module, args, kwargs: lengths.append(kwargs["encoder_hidden_states"].shape[1])  # noqa: E731
+
+    def run(p):
+        handle = p.unet.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            generate(p, num_inference_steps=1, **subjects(subject_images))
+            generate(p, num_inference_steps=1)
+        finally:
+            handle.remove()
+        return lengths.pop(0), lengths.pop(0)
+
+    text = pipe.tokenizer.model_max_length
+    assert run(pipe) == (text, text)
+    reference = tiny_pipeline(seed=0)
+    use_reference_processors(reference.unet)
+    from msdiffusion.adapter import ms_attention_state
+
+    with_subjects, plain = run(reference)
+    assert plain == text and with_subjects > text
+    with pytest.raises(ValueError, match="needs image_tokens"):
+        with ms_attention_state(pipe.unet).activate(None, tokens_in_hidden_states=False):
+            pass
+
+
 def test_non_square_masks_cell_by_cell(pipe, subject_images, monkeypatch):
     from msdiffusion.adapter import ms_attention_state
 
