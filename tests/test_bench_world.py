@@ -247,7 +247,11 @@ def test_scores_follow_the_pixels(tmp_path, world_models, monkeypatch):
     from msdiffusion.bench.runner import GenerationSettings, WorkItem, manifest_record
     from msdiffusion.bench.world import WorldScorer, score_world_records
 
-    samples = select_samples(load_benchmark("world"), ["two.000", "three.001"])
+    # Samples without a triangle (drawn upright and fitted to its box's width, a triangle misses its
+    # box's height: IoU about 0.6) and whose drawings the evaluator reads right: it reads about 94%
+    # of rendered identities right (benchmarks/world_vae_ceiling.py), and 6 of the first 16 "two"
+    # samples pass every check here.
+    samples = select_samples(load_benchmark("world"), ["two.005", "three.001"])
     render_references(samples, tmp_path / "refs", 1, seed=0)
     settings = GenerationSettings("b", "a", "e")
     records, truth = [], {}

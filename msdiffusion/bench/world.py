@@ -129,7 +129,7 @@ def _pair(rng: np.random.Generator, extents: list[tuple[float, float]], overlap:
 
 def expand_world(definition: dict) -> list[Sample]:
     """Samples of every group: classes, held-out identities, background and boxes drawn from the seed."""
-    from msdiffusion.world.scenes import BACKGROUNDS, CLASSES, MAX_SUBJECTS, NUM_IDENTITIES, caption_for, is_held_out
+    from msdiffusion.world.scenes import BACKGROUNDS, CLASSES, MAX_SUBJECTS, NUM_IDENTITIES, SUBJECT_SIZES, caption_for, is_held_out
 
     held_out = [i for i in range(NUM_IDENTITIES) if is_held_out(i)]
     samples = []
@@ -150,7 +150,7 @@ def expand_world(definition: dict) -> list[Sample]:
             background = str(rng.choice(list(BACKGROUNDS)))
             boxes = None
             while boxes is None:  # sizes that do not fit the layout are drawn again
-                sizes = rng.uniform(18, 30, n) if n <= 2 else rng.uniform(16, 24, n)
+                sizes = rng.uniform(*SUBJECT_SIZES[n], n)  # the training scenes' sizes
                 angles = rng.uniform(-15, 15, n)
                 extents = [_shape_extent(c, s, a) for c, s, a in zip(classes, sizes, angles)]
                 if layout == "apart":

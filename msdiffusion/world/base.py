@@ -51,7 +51,9 @@ class BaseRecipe:
     # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
     # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
     # and outlines are decided.
-    cycles: tuple[tuple[int, float, float], ...] = ((5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5))
+    cycles: tuple[tuple[int, float, float], ...] = (
+        (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5),
+    )  # fmt: skip
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A

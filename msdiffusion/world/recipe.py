@@ -39,12 +39,15 @@ class WorldRecipe:
     # fifth build's base (docs/world.md), where the subject tokens decide shapes; `msdiff train` draws uniformly by default.
     adapter_high_noise_share: float = 0.5
     adapter_checkpoint_every: int = 250
+    # An adapter checkpoint to start from (`msdiff train`'s init_adapter) instead of a random one: a
+    # build that changes the data or the base continues the last build's adapter.
+    adapter_init: str | None = None
     seed: int = 0
 
 
 def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
     """The `msdiff train` config of the world's adapter (written to `out/adapter.yaml`)."""
-    return {
+    config = {
         "base": str(out / "base"),
         "image_encoder": str(out / "image_encoder"),
         "manifest": str(out / "data" / MANIFEST),
@@ -69,6 +72,10 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "report_to": "none",
         "validation_steps": 0,
     }
+    if recipe.adapter_init:  # the checkpoint fixes the resampler's architecture
+        del config["resampler"]
+        config["init_adapter"] = recipe.adapter_init
+    return config
 
 
 def build(

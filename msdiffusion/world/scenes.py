@@ -39,6 +39,10 @@ PATTERNS = (
 _PAIRS = [(a, b) for a in range(len(COLORS)) for b in range(len(COLORS)) if a != b]
 NUM_IDENTITIES = len(_PAIRS) * len(PATTERNS)
 # Backgrounds: caption words -> kind. Muted tones keep subjects readable.
+# Side (px) of the square a subject is drawn in, by the number of subjects in its scene. Large enough
+# that a subject spans 5 to 10 latent cells a side (the fifth build found 21% of subjects under 16 px
+# and 50% from 26 px; docs/world.md), small enough that four fit side by side.
+SUBJECT_SIZES = {1: (26, 42), 2: (22, 34), 3: (20, 28), 4: (18, 26)}
 BACKGROUNDS = {"a grid": "grid", "a gradient": "gradient", "sand": "speckle", "a plain wall": "plain"}
 MAX_SUBJECTS = 4
 
@@ -250,8 +254,10 @@ def caption_for(classes: list[str], background: str, identities: list[int] | Non
 
 
 def _place(rng: np.random.Generator, n: int, taken: list[tuple[float, float, float]]) -> tuple[float, float, float] | None:
-    for _ in range(60):
-        size = float(rng.uniform(18, 30) if n <= 2 else rng.uniform(16, 24))
+    low, high = SUBJECT_SIZES[n]
+    for attempt in range(60):
+        # where a large subject finds no room, try smaller ones, down to the smallest of the range
+        size = float(rng.uniform(low, high - (high - low) * attempt / 60))
         half = size / 2
         cx, cy = (float(rng.uniform(half, SIZE - half)) for _ in range(2))
         # boxes may touch or overlap a little, not hide each other
