@@ -66,6 +66,30 @@ def test_scene_caption_boxes_and_masks_agree():
         assert [w for w in words if w in CLASSES] == [s.cls for s in scene.subjects]
 
 
+def test_subjects_are_drawn_at_their_scene_counts_sizes_and_most_scenes_keep_every_subject():
+    from msdiffusion.world.scenes import SUBJECT_SIZES
+
+    kept = 0
+    for i in range(200):
+        scene = random_scene(np.random.default_rng([4, i]))
+        n = int(np.random.default_rng([4, i]).choice([1, 2, 3, 4], p=[0.25, 0.3, 0.25, 0.2]))
+        kept += len(scene.subjects) == n
+        assert all(SUBJECT_SIZES[n][0] <= s.size <= SUBJECT_SIZES[n][1] for s in scene.subjects)
+    assert kept >= 190  # a subject that finds no room is dropped; smaller retries make that rare
+
+
+def test_recipe_adapter_can_start_from_an_earlier_adapter(tmp_path):
+    from msdiffusion.train.config import config_from_dict
+    from msdiffusion.world.recipe import WorldRecipe, adapter_config
+
+    fresh = adapter_config(tmp_path, WorldRecipe())
+    assert "resampler" in fresh and "init_adapter" not in fresh
+    continued = adapter_config(tmp_path, WorldRecipe(adapter_init=str(tmp_path / "adapter")))
+    assert continued["init_adapter"] == str(tmp_path / "adapter") and "resampler" not in continued
+    for config in (fresh, continued):  # both are valid `msdiff train` configs
+        config_from_dict(config)
+
+
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
     a = random_scene(np.random.default_rng([1, 2]))
     b = random_scene(np.random.default_rng([1, 2]))
