@@ -72,7 +72,7 @@ def text_encoders(tokenizer):
 
 UNET_CHANNELS = (32, 64, 128)  # per level: 16x16, 8x8, 4x4
 # Which levels have attention. SDXL has none at its first level, but there a subject spans tens of
-# latent cells; a world subject (16 to 30 px) spans 2 to 4 cells of the 8x8 level, too coarse for the
+# latent cells; a world subject (16 to 30 px then, 18 to 42 now) spans 2 to 5 cells of the 8x8 level, too coarse for the
 # subject tokens to draw an outline or a pattern, so the world's UNet attends at 16x16 too (4 px per
 # cell, as SD 1.5 does at its first level). docs/world.md, fourth build.
 UNET_ATTENTION = (True, True, True)
