@@ -320,7 +320,7 @@ def run_demo(args) -> int:
             subjects=[SubjectSpec([_asset(image)], phrase, list(box)) for image, phrase, box in WORLD_DEMO_SUBJECTS],
             **settings, **common,
         )  # fmt: skip
-        print("msdiff demo: the world's models (trained on a CPU in a procedural world, docs/world.md); the star "
+        print("msdiff demo: the world's models (trained on a CPU in a procedural world, docs/world.md); the ring "
               "and the heart have identities the model never saw in training.")  # fmt: skip
     else:
         tiny = kind == "random"

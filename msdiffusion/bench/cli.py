@@ -85,8 +85,9 @@ def register(subparsers) -> None:
     ablation.add_argument("--subject-scales", help="comma-separated strengths by subject position, e.g. 1.0,0.4 (the rest keep --scale)")
     ablation.add_argument("--references", type=int, default=1, help="reference images per subject (the first of its folder)")
     ablation.add_argument(
-        "--reference-combine", choices=REFERENCE_COMBINE, default="concat",
-        help="several references: concat (resampled together) or mean (each resampled, tokens averaged)",
+        "--reference-combine", choices=REFERENCE_COMBINE, default=None,
+        help="several references: concat (resampled together; MS-Bench's default, the release's) or mean "
+        "(each resampled, tokens averaged; the world bench's default)",
     )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
     run.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
@@ -253,7 +254,8 @@ def _run(args) -> int:
     benchmark, samples = _selected(args)
     world = benchmark.key == "world"
     _resolve_models(args, world)
-    defaults = {"steps": 30, "guidance": 7.5, "scale": 0.6, "size": "1024x1024", "negative_prompt": RELEASE_NEGATIVE_PROMPT}
+    defaults = {"steps": 30, "guidance": 7.5, "scale": 0.6, "size": "1024x1024", "negative_prompt": RELEASE_NEGATIVE_PROMPT,
+                "reference_combine": "concat"}  # fmt: skip
     if world:
         from .world import world_settings
 
@@ -261,6 +263,7 @@ def _run(args) -> int:
         defaults = {
             "steps": world_defaults["steps"], "guidance": world_defaults["guidance_scale"], "scale": world_defaults["ms_scale"],
             "size": f"{world_defaults['width']}x{world_defaults['height']}", "negative_prompt": world_defaults["negative_prompt"],
+            "reference_combine": world_defaults["reference_combine"],
         }  # fmt: skip
     for name, value in defaults.items():
         if getattr(args, name) is None:
