@@ -395,8 +395,8 @@ class MSAttnProcessor(nn.Module):
         """
         state = self.state
         # One fused attention call with the phrase weights as values gives each head's maps: the
-        # text-attention probabilities are never materialised (the same as the text branch's scale).
-        per_head = F.scaled_dot_product_attention(query, key, self.phrase_values(query, key.shape[-2]))
+        # text-attention probabilities are never materialised.
+        per_head = F.scaled_dot_product_attention(query, key, self.phrase_values(query, key.shape[-2]), scale=attn.scale)
         maps = per_head[..., : state.layout.num_subjects].float().mean(dim=1).transpose(1, 2)  # (B, N, hw)
         if self._maps is None:  # first step of this generation
             total, count = maps, torch.ones((), device=maps.device)
