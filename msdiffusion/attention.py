@@ -88,8 +88,7 @@ class MSAttentionState:
         processors = self.processors
         previous = (
             self.layout, self.static_image_tokens, self.tokens_in_hidden_states, self.generation, self._cache,
-            self._masks, self._scale, self._phrase_weights, self._auto_layout,
-            [(p._static_kv, p._phrase_values) for p in processors],
+            self._masks, self._scale, self._phrase_weights, self._auto_layout, [p._static_kv for p in processors],
         )  # fmt: skip
         self.layout, self.static_image_tokens = layout, static_image_tokens or image_tokens is not None
         self.tokens_in_hidden_states = tokens_in_hidden_states
@@ -97,7 +96,7 @@ class MSAttentionState:
         self.generation = self._generations  # never reused: per-layer caches are keyed by it
         self._cache, self._masks, self._scale, self._phrase_weights, self._auto_layout = {}, {}, None, None, None
         for p in processors:
-            p._static_kv, p._phrase_values = None, None
+            p._static_kv = None
             if layout is not None:
                 p._maps = None  # a new running mean per generation (kept after the block: see auto_layout_maps)
         try:
@@ -107,8 +106,8 @@ class MSAttentionState:
         finally:  # blocks nest: the outer layout (or none) is active again
             (self.layout, self.static_image_tokens, self.tokens_in_hidden_states, outer_generation, self._cache,
              self._masks, self._scale, self._phrase_weights, self._auto_layout, kvs) = previous  # fmt: skip
-            for p, (kv, values) in zip(processors, kvs):
-                p._static_kv, p._phrase_values = kv, values
+            for p, kv in zip(processors, kvs):
+                p._static_kv = kv
             if self.layout is not None:
                 self.generation = outer_generation
 
@@ -230,6 +229,22 @@ class MSAttentionState:
             lambda: phrase_weights(layout.phrase_positions, num_text_tokens, layout.num_subjects).to(device),
         )
 
+    def phrase_values(self, query: torch.Tensor, num_text: int) -> torch.Tensor:
+        """(B, heads, T_text, W) attention values that average the text-attention probabilities over
+        each subject's phrase positions (column j: 1/len at subject j's positions; zeros elsewhere).
+        W is at least the head width, so that the call qualifies for the fused kernels (flash and
+        cuDNN need equal head widths). Built once per activation for each shape, shared by the layers."""
+        batch, heads, _, width = query.shape
+
+        def build():
+            weights = self.phrase_weights(num_text, query.device)  # (B, P, N), P <= T_text
+            _, positions, subjects = weights.shape
+            values = query.new_zeros(batch, 1, num_text, max(width, -(-subjects // 8) * 8))
+            values[:, 0, :positions, :subjects] = weights.to(query.dtype)
+            return values.expand(-1, heads, -1, -1).contiguous()
+
+        return self._cached(("phrase_values", heads, num_text, width, query.device, query.dtype), build)
+
     def auto_layout_maps(self) -> torch.Tensor | None:
         """(B, N, h, w) auto-layout attention maps of the last generation, averaged over layers
         at the finest grid and min-max normalised; None if auto layout was off."""
@@ -258,7 +273,6 @@ class MSAttnProcessor(nn.Module):
         self._kv_cache: tuple | None = None
         self._static_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # set by `state.activate(image_tokens=...)`
         self._maps: tuple | None = None  # (grid, running sum (B,N,hw), count (0-d tensor)) of the last generation
-        self._phrase_values: torch.Tensor | None = None  # auto layout's attention values (see `phrase_values`)
 
     def mean_map(self) -> torch.Tensor | None:
         """(B, N, h, w) mean of this layer's recorded phrase attention maps."""
@@ -370,22 +384,6 @@ class MSAttnProcessor(nn.Module):
         self._kv_cache = (state.generation, result) if state.static_image_tokens else None
         return result
 
-    def phrase_values(self, query: torch.Tensor, num_text: int) -> torch.Tensor:
-        """(B, heads, T_text, W) attention values that average the text-attention probabilities over
-        each subject's phrase positions (column j: 1/len at subject j's positions; zeros elsewhere).
-        W is at least the head width, so that the call qualifies for the fused kernels (flash and
-        cuDNN need equal head widths). Built on this generation's first call."""
-        values = self._phrase_values
-        heads = query.shape[1]
-        if values is None or values.shape[1:3] != (heads, num_text) or values.dtype != query.dtype or values.device != query.device:
-            weights = self.state.phrase_weights(num_text, query.device)  # (B, P, N), P <= T_text
-            batch, positions, subjects = weights.shape
-            values = query.new_zeros(batch, 1, num_text, max(query.shape[-1], -(-subjects // 8) * 8))
-            values[:, 0, :positions, :subjects] = weights.to(query.dtype)
-            values = values.expand(-1, heads, -1, -1).contiguous()
-            self._phrase_values = values
-        return values
-
     def _record_and_auto_layout(self, attn, query, key, h: int, w: int, boxes: torch.Tensor) -> torch.Tensor:
         """Record this step's phrase attention maps and return the (B, N, hw) regions to use: the
         boxes until `start_step` maps are in, then the thresholded running mean of the maps.
@@ -396,7 +394,7 @@ class MSAttnProcessor(nn.Module):
         state = self.state
         # One fused attention call with the phrase weights as values gives each head's maps: the
         # text-attention probabilities are never materialised.
-        per_head = F.scaled_dot_product_attention(query, key, self.phrase_values(query, key.shape[-2]), scale=attn.scale)
+        per_head = F.scaled_dot_product_attention(query, key, state.phrase_values(query, key.shape[-2]), scale=attn.scale)
         maps = per_head[..., : state.layout.num_subjects].float().mean(dim=1).transpose(1, 2)  # (B, N, hw)
         if self._maps is None:  # first step of this generation
             total, count = maps, torch.ones((), device=maps.device)

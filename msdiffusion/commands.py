@@ -20,6 +20,7 @@ WORLD_DEMO_PROMPT = "a ring and a heart on a plain wall"
 # The boxes keep a gap: the world's model draws a subject a little beyond its box, and touching
 # subjects merge into one shape (with these boxes both land in their boxes for 8 seeds of 8).
 WORLD_DEMO_SUBJECTS = (("world/ring-2010.png", "ring", [0.06, 0.32, 0.4, 0.66]), ("world/heart-1170.png", "heart", [0.6, 0.32, 0.94, 0.66]))
+WORLD_DEMO_PHRASES = [phrase for _, phrase, _ in WORLD_DEMO_SUBJECTS]
 WORLD_DEMO_SETTINGS = {"size": [64, 64], "steps": 25, "guidance": 5.0, "scale": 1.0, "negative_prompt": ""}
 
 
@@ -105,8 +106,9 @@ def register(subparsers) -> None:
         help="end-to-end demo (the world's trained models when installed, unless others are given)",
         description="Generate an example and its layout preview and sheet. By default with the small models "
         "trained in the procedural world (docs/world.md) when their weights are in the package "
-        "(msdiffusion/world/weights, written by `msdiff world build`): a ring and a heart of identities never "
-        "seen in training, each in its box. Without them, or with --random: tiny random SDXL-shaped models, "
+        "(msdiffusion/world/weights, written by `msdiff world build`): "
+        + " and ".join(f"a {phrase}" for phrase in WORLD_DEMO_PHRASES)
+        + " of identities never seen in training, each in its box. Without them, or with --random: tiny random SDXL-shaped models, "
         "which check the wiring (the image is noise). With --base/--adapter/--image-encoder: the dog-and-cat "
         "example on those models.",
     )
@@ -320,8 +322,9 @@ def run_demo(args) -> int:
             subjects=[SubjectSpec([_asset(image)], phrase, list(box)) for image, phrase, box in WORLD_DEMO_SUBJECTS],
             **settings, **common,
         )  # fmt: skip
-        print("msdiff demo: the world's models (trained on a CPU in a procedural world, docs/world.md); the ring "
-              "and the heart have identities the model never saw in training.")  # fmt: skip
+        the = " and ".join(f"the {phrase}" for phrase in WORLD_DEMO_PHRASES)
+        print("msdiff demo: the world's models (trained on a CPU in a procedural world, docs/world.md); "
+              f"{the} have identities the model never saw in training.")  # fmt: skip
     else:
         tiny = kind == "random"
         size = _size(args.size) if args.size else ([512, 384] if tiny else [1024, 1024])
