@@ -172,7 +172,7 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     record = manifest[0]
     assert record["seed"] == sample_seed(3, record["sample_id"], record["index"])
     assert record["settings"]["steps"] == 2 and record["settings"]["dtype"] == "float32"
-    assert record["settings"]["reference_combine"] == "concat"  # the release's way, MS-Bench's default
+    assert record["settings"]["reference_combine"] == "concat"  # the pipelines' default, MS-Bench's
     assert record["subjects"][0]["reference"] == "living/dog.jpg"
 
     # score and report

@@ -86,7 +86,7 @@ def register(subparsers) -> None:
     ablation.add_argument("--references", type=int, default=1, help="reference images per subject (the first of its folder)")
     ablation.add_argument(
         "--reference-combine", choices=REFERENCE_COMBINE, default=None,
-        help="several references: concat (resampled together; MS-Bench's default, the release's) or mean "
+        help="several references: concat (resampled together; MS-Bench's default, the pipelines') or mean "
         "(each resampled, tokens averaged; the world bench's default)",
     )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")

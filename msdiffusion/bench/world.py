@@ -49,7 +49,8 @@ WORLD_METRICS = {
 # Several references per subject: their tokens averaged. On the sixth build's 288 bench images with 3
 # references, averaging placed 46 subjects that concatenating did not, against 13 the other way
 # (found 40 against 27, identity the same); the third and fifth builds leaned the same way
-# (docs/world.md, Ablations). The release concatenates, and MS-Bench keeps that default.
+# (docs/world.md, Ablations). MS-Bench keeps the pipelines' default, "concat" (the spec of the released
+# computation does not say how several references combine).
 WORLD_REFERENCE_COMBINE = "mean"
 
 
