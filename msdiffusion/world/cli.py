@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     build.add_argument("--out", default="runs/world", help="working folder (default: runs/world)")
     build.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
     build.add_argument(
+        "--image-encoder", choices=("random", "trained"), default="random",
+        help="keep the image encoder random and frozen (default), or train it contrastively on the world first",
+    )  # fmt: skip
+    build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
     )
     build.set_defaults(func=run_build)
@@ -55,7 +59,8 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    from .recipe import STAGES, build
+    from .image_encoder import ImageEncoderRecipe
+    from .recipe import STAGES, WorldRecipe, build
 
     stages = STAGES
     if args.stages:
@@ -64,7 +69,8 @@ def run_build(args) -> int:
         if unknown:
             raise UserInputError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)}).")
     start = time.perf_counter()
-    timings = build(args.out, stages=stages, export_to=args.export_to)
+    recipe = WorldRecipe(image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None)
+    timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
     print("stage times (this run): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
     return 0
