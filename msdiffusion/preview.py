@@ -101,7 +101,7 @@ def draw_layout(
     draw = PIL.ImageDraw.Draw(canvas)
     for j, (box, phrase) in enumerate(zip(boxes, phrases)):
         colour = PALETTE[j % len(PALETTE)]
-        label = f"{j}: {phrase}"
+        label = f"{j + 1}: {phrase}"  # numbered from 1, as the page's subjects are
         if any(box):
             x0, y0, x1, y1 = (v * s for v, s in zip(box, (canvas.width, canvas.height) * 2))
             draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=line)
@@ -160,7 +160,7 @@ def subjects_sheet(
         for thumb in thumbs:
             sheet.paste(thumb, (tx, pad))
             tx += thumb.width + 2
-        label = f"{j}: {phrase}" + (f" ({len(thumbs)} photos)" if len(thumbs) > 1 else "")
+        label = f"{j + 1}: {phrase}" + (f" ({len(thumbs)} photos)" if len(thumbs) > 1 else "")
         draw.text((x, pad + height - label_h + 2), label, fill=PALETTE[j % len(PALETTE)], font=label_font(label))
         x += group_width + pad
     arrow = label_font("->")

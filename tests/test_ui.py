@@ -3,7 +3,8 @@
 The browser test starts `python -m msdiffusion ui` with the tiny random models on a free port and
 drives Debian's Chromium with Playwright (both installed by .ci/run); it skips, saying why, where
 either is missing. `MSDIFF_UI_URL` points it at a page already running with the tiny models instead;
-`MSDIFF_UI_SCREENSHOT=docs/images/ui.png` saves the README's picture.
+`MSDIFF_UI_SCREENSHOT=FILE` saves a screenshot of the page (the README's, with the world models, is
+`benchmarks/ui_screenshot.py`'s).
 """
 
 from __future__ import annotations
@@ -328,7 +329,7 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
     again = tmp_path / "msdiff-00001.png"  # written beside the downloaded PNG
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(again)), np.asarray(PIL.Image.open(png)))
 
-    # README's picture (docs/images/ui.png) is this screenshot: MSDIFF_UI_SCREENSHOT=docs/images/ui.png.
+    # MSDIFF_UI_SCREENSHOT=FILE keeps this screenshot (the README's picture is benchmarks/ui_screenshot.py's).
     page.screenshot(path=os.environ.get("MSDIFF_UI_SCREENSHOT") or str(tmp_path / "ui.png"), full_page=True)
 
     # Importing a job file fills the page, and the canvas draws its boxes in the subjects' colours.
