@@ -92,10 +92,10 @@ def test_recipe_adapter_can_start_from_an_earlier_adapter(tmp_path):
 
 def test_image_encoder_learns_to_tell_held_out_subjects_apart_from_training_renderings():
     from msdiffusion.world import models
-    from msdiffusion.world.image_encoder import ImageEncoderRecipe, identity_retrieval, random_subjects, train_image_encoder
+    from msdiffusion.world.image_encoder import ImageEncoderRecipe, identity_retrieval, subject_pool, train_image_encoder
 
     recipe = ImageEncoderRecipe(steps=120, batch=48, pool_subjects=160, views=2, warmup_steps=5)
-    assert all(not is_held_out(i) for _, i in random_subjects(200, held_out=False, seed=0))
+    assert all(not is_held_out(i) for _, i in subject_pool(200, held_out=False, seed=0))
     torch.manual_seed(recipe.seed)
     untrained = identity_retrieval(models.image_encoder().eval(), count=48)
     trained = identity_retrieval(train_image_encoder(recipe, log=lambda *_: None), count=48)

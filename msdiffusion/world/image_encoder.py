@@ -8,8 +8,8 @@ subject in the batch a negative (InfoNCE both ways, a fixed temperature). Traini
 only: the held-out ones stay unseen by every model.
 
 The resampler reads the encoder's penultimate hidden states, not the embedding this loss shapes;
-in a 3-layer ViT those states are what the last layer pools from, so they learn to carry class
-and identity as well (`identity_retrieval` measures both).
+in a 3-layer ViT those states are what the last layer pools from (`identity_retrieval` measures
+both). Whether the trained encoder serves the adapter better than a random one: docs/world.md.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def render_views(subjects: list[tuple[str, int]], views: int, seed: int) -> torc
     return torch.stack(pixels)
 
 
-def random_subjects(count: int, held_out: bool, seed: int) -> list[tuple[str, int]]:
+def subject_pool(count: int, held_out: bool, seed: int) -> list[tuple[str, int]]:
+    """`count` random (class, identity) pairs, from the training identities or the held-out ones."""
     rng = np.random.default_rng([seed, 8, int(held_out)])
     pool = [i for i in range(NUM_IDENTITIES) if is_held_out(i) == held_out]
     return [(str(rng.choice(CLASSES)), int(rng.choice(pool))) for _ in range(count)]
@@ -68,7 +69,7 @@ def train_image_encoder(recipe: ImageEncoderRecipe, log: Callable = print):
     """A `CLIPVisionModelWithProjection` of `models.image_encoder`'s shape, trained as above."""
     torch.manual_seed(recipe.seed)
     encoder = models.image_encoder()
-    subjects = random_subjects(recipe.pool_subjects, held_out=False, seed=recipe.seed)
+    subjects = subject_pool(recipe.pool_subjects, held_out=False, seed=recipe.seed)
     pixels = render_views(subjects, recipe.views, recipe.seed)
     keys = torch.tensor([CLASSES.index(c) * NUM_IDENTITIES + i for c, i in subjects])
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=recipe.learning_rate, weight_decay=0.05)
@@ -96,9 +97,9 @@ def train_image_encoder(recipe: ImageEncoderRecipe, log: Callable = print):
 @torch.no_grad()
 def identity_retrieval(encoder, count: int = 500, seed: int = 1) -> dict[str, float]:
     """Top-1 retrieval among `count` held-out subjects: for each, is its nearest other rendering
-    its own? Measured on the penultimate states (mean over tokens, as the resampler sees them)
-    and on the projected embedding."""
-    subjects = random_subjects(count, held_out=True, seed=seed)
+    its own (class and identity)? On the projected embedding, and on the penultimate states that the
+    resampler reads (averaged over tokens: a crude summary of what it sees)."""
+    subjects = subject_pool(count, held_out=True, seed=seed)
     pixels = render_views(subjects, 2, seed)
     out = encoder(pixel_values=pixels.flatten(0, 1).to(encoder.dtype), output_hidden_states=True)
     keys = torch.tensor([CLASSES.index(c) * NUM_IDENTITIES + i for c, i in subjects])
