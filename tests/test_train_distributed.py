@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -41,6 +42,30 @@ def _env(**extra: str) -> dict[str, str]:
 
     env = {k: v for k, v in os.environ.items() if k not in (PAUSE_ENV, PAUSE_FILE_ENV)}
     return {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _kill_processes_running(config_file: Path) -> None:
+    """SIGKILL every process whose command line names `config_file`, and wait until they are gone."""
+    if not Path("/proc").is_dir():  # no process table to read (not Linux): nothing this test can do
+        return
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(config_file).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                pids.append(int(proc.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return "X"
 
 
 def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_path):
@@ -85,8 +110,11 @@ def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_pa
     deadline = time.monotonic() + 1200
     while not flag.exists() and launched.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(launched.pid, signal.SIGKILL)  # the session this test started: the launcher and its workers
+    # The launcher's session, then the workers: torch's elastic agent starts each worker in a session
+    # of its own, so killing the launcher's alone would leave them running (waiting forever).
+    os.killpg(launched.pid, signal.SIGKILL)
     launched.wait(timeout=600)
+    _kill_processes_running(killed_file)
     assert flag.exists(), (tmp_path / "killed.log").read_text()[-5000:]
     complete, incomplete = find_checkpoints(tmp_path / "killed")
     assert [p.name for p in complete] == ["checkpoint-1"]
