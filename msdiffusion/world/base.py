@@ -89,7 +89,8 @@ def resume_training_state(path: Path, modules: dict, optimizer, generator: torch
     return state["step"]
 
 
-def _lr(step: int, total: int, warmup: int, peak: float) -> float:
+def warmup_cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then a cosine to zero at `total`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
@@ -109,8 +110,8 @@ def _base_lr(step: int, recipe: BaseRecipe) -> float:
     """Warmup and cosine over the first cycle, then a cosine from each later cycle's peak."""
     first, steps, peak, _ = _cycle(step, recipe)
     if first == 0:
-        return _lr(step, steps, recipe.warmup_steps, peak)
-    return _lr(step - first + 1, steps + 1, 1, peak)
+        return warmup_cosine_lr(step, steps, recipe.warmup_steps, peak)
+    return warmup_cosine_lr(step - first + 1, steps + 1, 1, peak)
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -149,7 +150,7 @@ def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
     start, window = time.perf_counter(), []
     while step < recipe.vae_steps:
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, recipe.vae_steps, 50, recipe.vae_lr)
+            group["lr"] = warmup_cosine_lr(step, recipe.vae_steps, 50, recipe.vae_lr)
         images, masks = _vae_batch(recipe.seed, step, recipe.vae_batch)
         x = _images_to_tensor(images)
         # Subjects cover a fifth of the pixels but carry what matters (class, colours, pattern).

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..subjects import prepare_reference_pixels
 from . import models
+from .base import warmup_cosine_lr
 from .scenes import CLASSES, NUM_IDENTITIES, is_held_out, render_reference
 
 
@@ -57,6 +58,11 @@ def subject_pool(count: int, held_out: bool, seed: int) -> list[tuple[str, int]]
     return [(str(rng.choice(CLASSES)), int(rng.choice(pool))) for _ in range(count)]
 
 
+def _subject_keys(subjects: list[tuple[str, int]]) -> torch.Tensor:
+    """One integer per (class, identity): equal keys are the same subject."""
+    return torch.tensor([CLASSES.index(c) * NUM_IDENTITIES + i for c, i in subjects])
+
+
 def _infonce(a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE; `same` marks pairs of rows that show one subject (not counted as negatives)."""
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
@@ -71,12 +77,11 @@ def train_image_encoder(recipe: ImageEncoderRecipe, log: Callable = print):
     encoder = models.image_encoder()
     subjects = subject_pool(recipe.pool_subjects, held_out=False, seed=recipe.seed)
     pixels = render_views(subjects, recipe.views, recipe.seed)
-    keys = torch.tensor([CLASSES.index(c) * NUM_IDENTITIES + i for c, i in subjects])
+    keys = _subject_keys(subjects)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=recipe.learning_rate, weight_decay=0.05)
     generator = torch.Generator().manual_seed(recipe.seed)
     for step in range(recipe.steps):
-        lr = recipe.learning_rate * min(1.0, (step + 1) / recipe.warmup_steps)
-        lr *= 0.5 * (1 + np.cos(np.pi * max(0, step - recipe.warmup_steps) / (recipe.steps - recipe.warmup_steps)))
+        lr = warmup_cosine_lr(step, recipe.steps, recipe.warmup_steps, recipe.learning_rate)
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = torch.randint(len(subjects), (recipe.batch,), generator=generator)
@@ -102,7 +107,7 @@ def identity_retrieval(encoder, count: int = 500, seed: int = 1) -> dict[str, fl
     subjects = subject_pool(count, held_out=True, seed=seed)
     pixels = render_views(subjects, 2, seed)
     out = encoder(pixel_values=pixels.flatten(0, 1).to(encoder.dtype), output_hidden_states=True)
-    keys = torch.tensor([CLASSES.index(c) * NUM_IDENTITIES + i for c, i in subjects])
+    keys = _subject_keys(subjects)
     rates = {}
     for name, features in (("penultimate", out.hidden_states[-2].mean(1)), ("embedding", out.image_embeds)):
         features = F.normalize(features.float(), dim=-1).view(count, 2, -1)
