@@ -59,7 +59,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from playwright.sync_api import sync_playwright
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise SystemExit("playwright is not installed: pip install playwright (and the ui extra: pip install -e \".[ui]\")")
+    if not Path(CHROMIUM).is_file():
+        raise SystemExit(f"no Chromium at {CHROMIUM}: apt-get install chromium")
 
     from msdiffusion.commands import WORLD_DEMO_PROMPT, WORLD_DEMO_SUBJECTS, _asset
 

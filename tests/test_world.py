@@ -101,6 +101,8 @@ def test_image_encoder_learns_to_tell_held_out_subjects_apart_from_training_rend
     trained = identity_retrieval(train_image_encoder(recipe, log=lambda *_: None), count=48)
     # chance is 1 in 48 (measured: 4% untrained, 58% trained); held-out identities never enter training
     assert trained["embedding"] >= 0.35 and trained["embedding"] > untrained["embedding"] + 0.25
+    with pytest.raises(ValueError, match="views, batch and pool_subjects must be at least 2"):
+        train_image_encoder(ImageEncoderRecipe(views=1), log=lambda *_: None)
 
 
 def test_recipe_image_encoder_stage_trains_it_or_keeps_it_random(tmp_path):

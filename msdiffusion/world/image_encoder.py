@@ -73,6 +73,12 @@ def _infonce(a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, temperature: 
 
 def train_image_encoder(recipe: ImageEncoderRecipe, log: Callable = print):
     """A `CLIPVisionModelWithProjection` of `models.image_encoder`'s shape, trained as above."""
+    if recipe.views < 2 or recipe.batch < 2 or recipe.pool_subjects < 2 or recipe.steps < 1:
+        raise ValueError(
+            f"ImageEncoderRecipe: views, batch and pool_subjects must be at least 2 (a positive pair needs two "
+            f"renderings, a negative another subject) and steps at least 1; got views={recipe.views}, "
+            f"batch={recipe.batch}, pool_subjects={recipe.pool_subjects}, steps={recipe.steps}."
+        )
     torch.manual_seed(recipe.seed)
     encoder = models.image_encoder()
     subjects = subject_pool(recipe.pool_subjects, held_out=False, seed=recipe.seed)
