@@ -78,6 +78,30 @@ def test_subjects_are_drawn_at_their_scene_counts_sizes_and_most_scenes_keep_eve
     assert kept >= 190  # a subject that finds no room is dropped; smaller retries make that rare
 
 
+def test_saved_base_keeps_no_path_of_the_machine_that_trained_it(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from msdiffusion.world import models
+    from msdiffusion.world.base import _Base, save_base
+
+    models.vae().save_pretrained(tmp_path / "trained-vae")  # the recipe loads its VAE from a folder
+    vae = AutoencoderKL.from_pretrained(tmp_path / "trained-vae")
+    tokenizer, _ = models.tokenizers(tmp_path / "tokenizer")
+    base = _Base(models.unet((16, 16, 16)), *models.text_encoders(tokenizer))
+    out = save_base(base, vae, tmp_path / "base", tmp_path / "tokenizer")
+    configs = {p.relative_to(out).as_posix(): p.read_text() for p in out.rglob("*.json")}
+    assert "vae/config.json" in configs
+    assert not [name for name, text in configs.items() if str(tmp_path) in text or "_name_or_path" in text]
+
+
+def test_shipped_weights_keep_no_local_paths():
+    from msdiffusion.world.weights import WEIGHTS_DIR
+
+    texts = {p.relative_to(WEIGHTS_DIR).as_posix(): p.read_text() for p in WEIGHTS_DIR.rglob("*.json")}
+    assert len(texts) >= 8
+    assert not [name for name, text in texts.items() if "_name_or_path" in text or "/work/" in text or "runs/" in text]
+
+
 def test_recipe_adapter_can_start_from_an_earlier_adapter(tmp_path):
     from msdiffusion.train.config import config_from_dict
     from msdiffusion.world.recipe import WorldRecipe, adapter_config

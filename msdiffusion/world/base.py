@@ -19,6 +19,7 @@ that module trains an adapter around a frozen UNet, while here everything is tra
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -318,4 +319,10 @@ def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path) -> P
         force_zeros_for_empty_prompt=False,  # trained with the empty caption as the unconditional input
     )  # fmt: skip
     pipe.to(torch.float16).save_pretrained(out)
+    # A model loaded from a folder keeps that folder in its config as `_name_or_path`: a path on the
+    # machine that trained it, meaningless in a shipped copy.
+    for config in Path(out).rglob("config.json"):
+        fields = json.loads(config.read_text())
+        if fields.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
     return Path(out)

@@ -38,7 +38,7 @@ PATTERNS = (
     *[("stripes", (a, p)) for a in (0, 45, 90, 135) for p in (8, 12)],
     ("checks", 6), ("checks", 9), ("dots", 8), ("dots", 11),
     *[("gradient", a) for a in (0, 90, 180, 270)],
-    ("halves", 0), ("halves", 90), ("border", 2),
+    ("halves", 0), ("halves", 90), ("border", 2.5),
 )  # fmt: skip
 _PAIRS = [(a, b) for a in range(len(COLORS)) for b in range(len(COLORS)) if a != b]
 NUM_IDENTITIES = len(_PAIRS) * len(PATTERNS)
@@ -63,11 +63,6 @@ def identity_parts(identity: int) -> tuple[str, str, tuple]:
     pair, pattern = divmod(identity, len(PATTERNS))
     a, b = _PAIRS[pair]
     return COLOR_NAMES[a], COLOR_NAMES[b], PATTERNS[pattern]
-
-
-def describe_identity(identity: int) -> str:
-    a, b, (kind, param) = identity_parts(identity)
-    return f"{a}/{b} {kind} {param}"
 
 
 # Words for each pattern in the base's descriptive captions (`identity_words`). Stripes at angle 0
@@ -207,10 +202,10 @@ def draw_subject(
     u, v = lx / half, ly / half
     inside = shape_mask(cls, u, v)
     colors = _pattern(identity, u, v, lx + 64, ly + 64)
-    if identity_parts(identity)[2][0] == "border":
-        shrunk = shape_mask(cls, u * half / max(half - 2.5, 1), v * half / max(half - 2.5, 1))
-        edge = inside & ~shrunk
-        colors[edge] = np.array(COLORS[identity_parts(identity)[1]], np.float32)
+    _, second, (kind, width) = identity_parts(identity)
+    if kind == "border":
+        shrunk = shape_mask(cls, u * half / max(half - width, 1), v * half / max(half - width, 1))
+        colors[inside & ~shrunk] = np.array(COLORS[second], np.float32)
     coverage = inside.reshape(h, ss, w, ss).mean(axis=(1, 3))
     color = (colors * inside[..., None]).reshape(h, ss, w, ss, 3).sum(axis=(1, 3)) / np.maximum(
         inside.reshape(h, ss, w, ss).sum(axis=(1, 3)), 1
