@@ -9,6 +9,8 @@ the call. Everything else (schedulers, callbacks, LoRA, offload, ControlNet) is 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -254,6 +256,7 @@ class MSDiffusionMixin:
         embeddings alone, as bare SDXL does, and its processors the subjects' keys/values projected
         once per generation; `tokens_in_prompt_embeds` appends the subject tokens to the embeddings
         too, for ControlNets that attend over them."""
+        _reject_unknown_arguments(self, parent_call, kwargs)
         return_dict = kwargs.pop("return_dict", True)
         state = ms_attention_state(self.unet)
         if subject_images is None and subject_phrases is None and subject_boxes is None:
@@ -320,6 +323,28 @@ class MSDiffusionMixin:
         if not return_dict:
             return (output.images,)
         return MSDiffusionPipelineOutput(images=output.images, auto_layout_maps=maps)
+
+
+# diffusers still accepts these through the `**kwargs` of its `__call__`, with a deprecation warning.
+_DEPRECATED_DIFFUSERS_ARGUMENTS = ("callback", "callback_steps")
+
+
+def _reject_unknown_arguments(pipeline, parent_call: Callable, kwargs: dict) -> None:
+    """diffusers' SDXL `__call__` takes `**kwargs` for its deprecated callbacks and drops every other
+    name unread, so `pipe(..., scale=0.3)` would run at the default `ms_scale`: a wrong image with no
+    error. Names neither call declares are refused here instead."""
+    declared = {
+        name
+        for call in (parent_call, type(pipeline).__call__)
+        for name, parameter in inspect.signature(call).parameters.items()
+        if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL) and name != "self"
+    }
+    unknown = sorted(set(kwargs) - declared - set(_DEPRECATED_DIFFUSERS_ARGUMENTS))
+    if not unknown:
+        return
+    hints = [f"{name!r} (did you mean {' or '.join(close)}?)" if (close := difflib.get_close_matches(name, sorted(declared), n=2, cutoff=0.75))
+             else repr(name) for name in unknown]  # fmt: skip
+    raise TypeError(f"{type(pipeline).__name__}() got unexpected keyword argument(s) {', '.join(hints)}.")
 
 
 def _processors_take_projected_tokens(unet) -> bool:

@@ -191,6 +191,16 @@ def test_other_sdxl_arguments_keep_working(pipe, subject_images):
     assert steps == [0, 1, 2]
 
 
+def test_a_misspelt_argument_is_refused_not_dropped(pipe, subject_images):
+    """diffusers' own `__call__` drops unknown keywords unread: `scale=0.3` would run at ms_scale 0.6."""
+    with pytest.raises(TypeError, match=r"'scale' \(did you mean ms_scale\?\)"):
+        generate(pipe, scale=0.3, **subjects(subject_images))
+    with pytest.raises(TypeError, match="'num_inference_step' .*num_inference_steps"):
+        generate(pipe, num_inference_step=2)  # the plain-SDXL path too
+    with pytest.warns(FutureWarning):  # diffusers' deprecated callbacks still reach it
+        generate(pipe, callback_steps=1, callback=lambda *a: None, **subjects(subject_images))
+
+
 def test_lora_and_model_offload_keep_working(subject_images, tmp_path):
     peft = pytest.importorskip("peft", reason="LoRA loading needs peft (in the test extra)")
     from diffusers.utils import convert_state_dict_to_diffusers
