@@ -146,7 +146,7 @@ def test_recipe_image_encoder_stage_trains_it_or_keeps_it_random(tmp_path):
     assert WorldRecipe().image_encoder is None  # the shipped builds' (docs/world.md)
 
 
-def test_world_build_command_passes_the_image_encoder_choice_to_the_recipe(tmp_path, monkeypatch):
+def test_world_build_command_passes_the_image_encoder_and_unet_width_to_the_recipe(tmp_path, monkeypatch):
     from msdiffusion.cli import main
     from msdiffusion.world import recipe as recipe_module
 
@@ -156,6 +156,12 @@ def test_world_build_command_passes_the_image_encoder_choice_to_the_recipe(tmp_p
         assert main(["world", "build", "--out", str(tmp_path), "--stages", "image_encoder", "--image-encoder", choice]) == 0
     assert seen[0][0].image_encoder is not None and seen[1][0].image_encoder is None
     assert seen[0][1] == ("image_encoder",)
+    assert seen[0][0].base.unet_channels == (32, 64, 128)  # the shipped base's
+    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--unet-channels", "64,96,128"]) == 0
+    assert seen[2][0].base.unet_channels == (64, 96, 128)
+    for bad in ("64,96", "64,96,130", "wide"):
+        assert main(["world", "build", "--out", str(tmp_path), "--unet-channels", bad]) == 2
+    assert len(seen) == 3
 
 
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():

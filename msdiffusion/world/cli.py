@@ -32,6 +32,10 @@ def register(subparsers) -> None:
         help="keep the image encoder random and frozen (default), or train it contrastively on the world first",
     )  # fmt: skip
     build.add_argument(
+        "--unet-channels",
+        help="the base UNet's channels at 16x16, 8x8 and 4x4 (default: the shipped base's, 32,64,128; the eighth build's: 64,96,128)",
+    )  # fmt: skip
+    build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
     )
     build.set_defaults(func=run_build)
@@ -59,7 +63,9 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
+    from .base import BaseRecipe
     from .image_encoder import ImageEncoderRecipe
+    from .models import UNET_CHANNELS
     from .recipe import STAGES, WorldRecipe, build
 
     stages = STAGES
@@ -69,7 +75,15 @@ def run_build(args) -> int:
         if unknown:
             raise UserInputError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)}).")
     start = time.perf_counter()
-    recipe = WorldRecipe(image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None)
+    try:
+        channels = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else UNET_CHANNELS
+    except ValueError:
+        channels = ()
+    if len(channels) != 3 or min(channels) < 16 or any(c % 16 for c in channels):
+        raise UserInputError(f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}.")
+    recipe = WorldRecipe(
+        base=BaseRecipe(unet_channels=channels), image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None
+    )
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
     print("stage times (this run): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
