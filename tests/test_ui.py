@@ -200,11 +200,22 @@ def _free_port() -> int:
 
 
 # ---- the page in a real browser -------------------------------------------------------------------
+def _browser_or_skip():
+    """Playwright's sync API, or a skip that says what is missing (Playwright, Debian's Chromium)."""
+    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    return playwright_api
+
+
 @pytest.fixture(scope="module")
 def ui_url():
+    # Checked before a server is started: without them the browser test must skip, not error in setup.
+    _browser_or_skip()
     if os.environ.get("MSDIFF_UI_URL"):
         yield os.environ["MSDIFF_UI_URL"]
         return
+    pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     server = subprocess.Popen(
@@ -232,10 +243,7 @@ def ui_url():
 
 @pytest.fixture(scope="module")
 def browser_page(ui_url):
-    pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
+    playwright_api = _browser_or_skip()
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1400}, accept_downloads=True)
