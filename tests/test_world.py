@@ -303,6 +303,29 @@ def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():
     assert not elsewhere.found and not elsewhere.placed
 
 
+def test_vae_loss_asks_the_decoder_to_draw_the_averaged_image_from_the_averaged_latent():
+    import torch.nn.functional as F
+
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe, vae_loss
+
+    torch.manual_seed(0)
+    vae = models.vae().eval()
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    weight = 1 + torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        plain = vae_loss(vae, x, weight, BaseRecipe(vae_scale_equivariance=0.0))
+        regularised = vae_loss(vae, x, weight, BaseRecipe(vae_scale_equivariance=0.5))
+        latents = vae.encode(x).latent_dist.mode()
+        expected = []
+        for factor, size in ((2, SIZE // 2), (4, SIZE // 4)):
+            coarse = vae.decode(F.avg_pool2d(latents, factor)).sample
+            assert coarse.shape[-1] == size  # an 8x8 (4x4) latent decodes to a 32x32 (16x16) image
+            error, w = coarse - F.avg_pool2d(x, factor), F.avg_pool2d(weight, factor)
+            expected.append((error.abs() * w).mean() + (error.square() * w).mean())
+    assert regularised - plain == pytest.approx(0.5 * float(sum(expected)) / 2, rel=1e-4)
+
+
 def test_base_schedule_is_a_cosine_then_warm_restarts():
     from msdiffusion.world.base import BaseRecipe, _base_lr
 

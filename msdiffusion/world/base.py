@@ -4,8 +4,8 @@ Two stages, each resumable exactly from its last checkpoint (model, optimiser, E
 states in one file written atomically):
 
 1. `train_vae`: an `AutoencoderKL` on the world's scenes (L1 + MSE reconstruction of the
-   posterior mean, subjects' pixels weighted up, a small KL term); its `scaling_factor` is then
-   set so that latents have unit variance, as SDXL's is.
+   posterior mean, subjects' pixels weighted up, a small KL term, and optionally scale
+   equivariance); its `scaling_factor` is then set so that latents have unit variance, as SDXL's is.
 2. `train_base`: text-to-image, v prediction on SDXL's noise schedule (see `models.scheduler`), the UNet and both
    text encoders trained together from scratch; captions are emptied 10% of the time so that
    classifier-free guidance works, and half of the others describe the subjects' identities. The
@@ -42,6 +42,12 @@ class BaseRecipe:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_subject_weight: float = 2.0
+    # Weight of a scale-equivariance term (Skorokhodov et al. 2025, "Improving the diffusability of
+    # autoencoders"): the decoder must also turn the latent averaged over 2x2 and 4x4 cells into the
+    # image averaged over the same areas. It gives the world's latents the image's spectrum and
+    # keeps the round trip as good, but a base trained on them restored fewer shapes than one on the
+    # plain VAE's latents after as many steps (docs/world.md, ninth build), so it is off.
+    vae_scale_equivariance: float = 0.0
     unet_channels: tuple[int, int, int] = models.UNET_CHANNELS
     unet_attention: tuple[bool, bool, bool] = models.UNET_ATTENTION
     unet_batch: int = 32
@@ -130,6 +136,31 @@ def _vae_batch(seed: int, step: int, batch: int) -> tuple[np.ndarray, np.ndarray
     return np.stack([s.image for s in scenes]), np.stack(masks)
 
 
+# Down-sampling factors of the scale-equivariance term: the latent averaged to 8x8 and 4x4 cells.
+SCALE_EQUIVARIANCE_FACTORS = (2, 4)
+
+
+def _weighted_error(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (error.abs() * weight).mean() + (error.square() * weight).mean()
+
+
+def vae_loss(vae, x: torch.Tensor, weight: torch.Tensor, recipe: BaseRecipe) -> torch.Tensor:
+    """Reconstruction (L1 + MSE, per-pixel `weight`), a small KL term, and scale equivariance: the
+    decoder turns the latent averaged over 2x2 (and 4x4) cells into the image averaged likewise."""
+    posterior = vae.encode(x).latent_dist
+    # Decoding the posterior's mean, not a sample: with a KL weight this small the sampled noise
+    # only slows learning, and the base trains on the means too.
+    latents = posterior.mode()
+    loss = _weighted_error(vae.decode(latents).sample - x, weight) + recipe.vae_kl_weight * posterior.kl().mean()
+    if recipe.vae_scale_equivariance:
+        coarse = [
+            _weighted_error(vae.decode(F.avg_pool2d(latents, f)).sample - F.avg_pool2d(x, f), F.avg_pool2d(weight, f))
+            for f in SCALE_EQUIVARIANCE_FACTORS
+        ]  # fmt: skip
+        loss = loss + recipe.vae_scale_equivariance * sum(coarse) / len(coarse)
+    return loss
+
+
 def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
     """Train the VAE on fresh scenes (resuming from `out/vae-checkpoint.pt`), write `out/vae/`."""
     out = Path(out)
@@ -156,11 +187,7 @@ def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
         x = _images_to_tensor(images)
         # Subjects cover a fifth of the pixels but carry what matters (class, colours, pattern).
         weight = 1 + recipe.vae_subject_weight * torch.from_numpy(masks).float()[:, None]
-        posterior = vae.encode(x).latent_dist
-        # Decoding the posterior's mean, not a sample: with a KL weight this small the sampled noise
-        # only slows learning, and the base trains on the means too.
-        error = vae.decode(posterior.mode()).sample - x
-        loss = (error.abs() * weight).mean() + (error.square() * weight).mean() + recipe.vae_kl_weight * posterior.kl().mean()
+        loss = vae_loss(vae, x, weight, recipe)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
