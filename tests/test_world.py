@@ -146,7 +146,7 @@ def test_recipe_image_encoder_stage_trains_it_or_keeps_it_random(tmp_path):
     assert WorldRecipe().image_encoder is None  # the shipped builds' (docs/world.md)
 
 
-def test_world_build_command_passes_the_image_encoder_and_unet_width_to_the_recipe(tmp_path, monkeypatch):
+def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight_to_the_recipe(tmp_path, monkeypatch):
     from msdiffusion.cli import main
     from msdiffusion.world import recipe as recipe_module
 
@@ -162,6 +162,18 @@ def test_world_build_command_passes_the_image_encoder_and_unet_width_to_the_reci
     for bad in ("64,96", "64,96,130", "wide"):
         assert main(["world", "build", "--out", str(tmp_path), "--unet-channels", bad]) == 2
     assert len(seen) == 3
+    assert seen[2][0].base.subject_loss_weight == 0.0  # a plain mean unless asked
+    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--subject-loss-weight", "3"]) == 0
+    assert seen[3][0].base.subject_loss_weight == 3.0
+    assert main(["world", "build", "--out", str(tmp_path), "--subject-loss-weight", "-1"]) == 2
+    assert seen[3][0].base.init_from is None
+    snapshot = tmp_path / "snapshots" / "step-5000"
+    assert main(["world", "build", "--out", str(tmp_path), "--init-base", str(snapshot)]) == 2  # not a snapshot yet
+    snapshot.mkdir(parents=True)
+    (snapshot / "training_step.json").write_text('{"step": 5000}')
+    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--init-base", str(snapshot)]) == 0
+    assert seen[4][0].base.init_from == str(snapshot)
+    assert len(seen) == 5
 
 
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
@@ -324,6 +336,86 @@ def test_vae_loss_asks_the_decoder_to_draw_the_averaged_image_from_the_averaged_
             error, w = coarse - F.avg_pool2d(x, factor), F.avg_pool2d(weight, factor)
             expected.append((error.abs() * w).mean() + (error.square() * w).mean())
     assert regularised - plain == pytest.approx(0.5 * float(sum(expected)) / 2, rel=1e-4)
+
+
+def test_box_cover_is_the_share_of_each_latent_cell_inside_a_box():
+    from msdiffusion.world.base import box_cover
+
+    entries = [
+        {"subjects": [{"box": [0.0, 0.0, 0.5, 0.25]}, {"box": [0.375, 0.625, 1.0, 1.0]}]},
+        {"subjects": [{"box": [0.125, 0.125, 0.3125, 0.3125]}]},  # edges through the middle of cells
+        {"subjects": []},
+    ]
+    cover = box_cover(entries, 8)
+    assert cover.shape == (3, 1, 8, 8)
+    assert cover[0, 0, :2, :4].eq(1).all() and cover[0, 0, 5:, 3:].eq(1).all()
+    assert cover[0].sum() == 2 * 4 + 3 * 5  # nothing outside the two boxes
+    assert cover[1, 0, 1, 1] == 1 and cover[1, 0, 2, 2] == 0.25 and cover[1, 0, 1, 2] == 0.5
+    assert cover[1].sum() == pytest.approx(64 * 0.1875**2)  # the box's area in cells
+    assert cover[2].sum() == 0
+
+
+def test_diffusion_loss_weights_cells_inside_boxes_and_keeps_the_plain_mean_at_zero():
+    from msdiffusion.world.base import diffusion_loss
+
+    prediction, target = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
+    cover = torch.zeros(2, 1, 8, 8)
+    cover[:, :, :4] = 1  # the top half of each latent is a subject
+    prediction[:, :, :4] = 1.0  # error 1 inside the boxes, 0 outside
+    assert diffusion_loss(prediction, target, cover, 0.0) == pytest.approx(0.5)
+    assert diffusion_loss(prediction, target, None, 0.0) == pytest.approx(0.5)
+    # weight 4 inside, 1 outside: (4 * 1 + 1 * 0) / (4 + 1)
+    assert diffusion_loss(prediction, target, cover, 3.0) == pytest.approx(0.8)
+    assert diffusion_loss(torch.full_like(target, 2.0), target, cover, 3.0) == pytest.approx(4.0)  # a uniform error is unchanged
+
+
+def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp_path):
+    from dataclasses import replace
+
+    from diffusers import UNet2DConditionModel
+
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe, _Base, load_snapshot, snapshot_from_checkpoint, train_base
+    from msdiffusion.world.data import MANIFEST, _write_scenes
+
+    data = tmp_path / "data"
+    for sub in ("images", "references"):
+        (data / sub).mkdir(parents=True)
+    manifest = data / MANIFEST
+    manifest.write_text("\n".join(line for _, line in _write_scenes(data, 0, range(4))) + "\n")
+    torch.manual_seed(0)
+    vae = models.vae().eval()
+    recipe = BaseRecipe(unet_channels=(16, 16, 32), unet_batch=2, warmup_steps=2, checkpoint_every=1,
+                        cycles=((2, 1e-3, 0.0), (2, 1e-3, 0.0), (1, 1e-3, 0.5)), subject_loss_weight=3.0)  # fmt: skip
+    train_base(manifest, vae, tmp_path / "first", recipe, log=lambda *_: None)
+    snapshots = tmp_path / "first" / "snapshots"
+    assert sorted(p.name for p in snapshots.iterdir()) == ["step-2", "step-4", "step-5"]
+    assert json.loads((snapshots / "step-2" / "training_step.json").read_text())["step"] == 2
+    # the last checkpoint's EMA is the last snapshot
+    again = snapshot_from_checkpoint(tmp_path / "first" / "base-checkpoint.pt", vae, tmp_path / "again", tmp_path / "first" / "tokenizer", recipe)
+    last, exported = (UNet2DConditionModel.from_pretrained(f / "unet").state_dict() for f in (snapshots / "step-5", again))
+    assert all(torch.equal(tensor, exported[name]) for name, tensor in last.items())
+
+    # a warm restart loads the snapshot's weights and trains the cycles after it
+    warm = replace(recipe, init_from=str(snapshots / "step-2"))
+    tokenizer, _ = models.tokenizers(tmp_path / "tok")
+    model = _Base(models.unet(recipe.unet_channels), *models.text_encoders(tokenizer))
+    assert load_snapshot(model, warm) == 2
+    saved = UNet2DConditionModel.from_pretrained(snapshots / "step-2" / "unet", torch_dtype=torch.float32).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in model.unet.state_dict().items())
+    logs = []
+    train_base(manifest, vae, tmp_path / "second", warm, log=logs.append)
+    assert any("warm restart" in line and "at step 2" in line for line in logs)
+    assert torch.load(tmp_path / "second" / "base-checkpoint.pt", weights_only=False)["step"] == 5
+    assert sorted(p.name for p in (tmp_path / "second" / "snapshots").iterdir()) == ["step-4", "step-5"]
+
+    # a snapshot that ends no cycle before the last, or of another UNet, is refused with the reason
+    with pytest.raises(ValueError, match="not the end of one of this recipe's cycles"):
+        load_snapshot(model, replace(recipe, init_from=str(snapshots / "step-5")))
+    with pytest.raises(ValueError, match="--unet-channels"):
+        load_snapshot(model, replace(warm, unet_channels=(16, 32, 32)))
+    with pytest.raises(FileNotFoundError, match="training_step.json"):
+        load_snapshot(model, replace(recipe, init_from=str(tmp_path)))
 
 
 def test_base_schedule_is_a_cosine_then_warm_restarts():

@@ -61,6 +61,11 @@ class BaseRecipe:
     cycles: tuple[tuple[int, float, float], ...] = (
         (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5),
     )  # fmt: skip
+    # The UNet's loss on latent cells inside subjects' boxes is weighted by 1 + this (0: a plain
+    # mean). Backgrounds (a grid, sand speckle) fill most of a scene and most of a plain loss, and
+    # their noise-like texture cannot be predicted from mid noise anyway; the subjects' outlines,
+    # which the bases lose from mid noise (docs/world.md, eighth build), get a larger share.
+    subject_loss_weight: float = 0.0
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A
@@ -70,6 +75,12 @@ class BaseRecipe:
     identity_captions: float = 0.5
     ema_decay: float = 0.999
     checkpoint_every: int = 250
+    # A snapshot (`save_snapshot`: the EMA base at a cycle's end, as `train_base` writes under
+    # `snapshots/`) to start from when there is no checkpoint: the next cycle starts from its weights
+    # with a fresh optimiser and `warmup_steps` of warmup. A warm restart, not an exact resume: the
+    # exact state (model, EMA and AdamW moments in fp32) is 150 MB for the wide base, too large to
+    # commit, while a snapshot is 18 MB of fp16, and a sitting can end at a cycle's end.
+    init_from: str | None = None
     seed: int = 0
 
 
@@ -94,6 +105,18 @@ def resume_training_state(path: Path, modules: dict, optimizer, generator: torch
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"]
+
+
+SNAPSHOT_STEP = "training_step.json"
+
+
+def cycle_ends(recipe: BaseRecipe) -> list[int]:
+    """The steps at which the recipe's cycles end (the last is its total)."""
+    ends, total = [], 0
+    for steps, _, _ in recipe.cycles:
+        total += steps
+        ends.append(total)
+    return ends
 
 
 def warmup_cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
@@ -257,6 +280,33 @@ def encode_prompts(text_encoder, text_encoder_2, ids, ids_2) -> tuple[torch.Tens
     return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
+def box_cover(entries: list[dict], size: int) -> torch.Tensor:
+    """(N, 1, size, size): the share of each cell of a size x size grid that lies inside a subject's
+    box of each manifest entry (the largest share over its subjects)."""
+    edges = torch.arange(size + 1, dtype=torch.float32) / size
+    low, high = edges[:-1], edges[1:]
+
+    def overlap(a: float, b: float) -> torch.Tensor:  # share of each cell's span inside [a, b]
+        return (torch.minimum(high, torch.tensor(b)) - torch.maximum(low, torch.tensor(a))).clamp(min=0) * size
+
+    cover = torch.zeros(len(entries), 1, size, size)
+    for n, entry in enumerate(entries):
+        for subject in entry["subjects"]:
+            x0, y0, x1, y1 = subject["box"]
+            cover[n, 0] = torch.maximum(cover[n, 0], overlap(y0, y1)[:, None] * overlap(x0, x1)[None, :])
+    return cover
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, cover: torch.Tensor | None, subject_weight: float) -> torch.Tensor:
+    """Mean squared error, each cell weighted by 1 + `subject_weight` x its box `cover` ((B, 1, h, w)),
+    normalised by the mean weight so that its scale stays that of the plain mean."""
+    error = (prediction.float() - target.float()).square()
+    if not subject_weight:
+        return error.mean()
+    weight = 1 + subject_weight * cover
+    return (error * weight).mean() / weight.mean()
+
+
 class _Base(torch.nn.Module):
     def __init__(self, unet, text_encoder, text_encoder_2):
         super().__init__()
@@ -287,19 +337,33 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     scaling = vae.config.scaling_factor
     size = models.SIZE
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+    cover = box_cover(entries, mean.shape[-1]) if recipe.subject_loss_weight else None
 
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     checkpoint = out / "base-checkpoint.pt"
     step = resume_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator)
-    if step:
+    warm_start = None
+    if recipe.init_from:
+        # Known on every sitting, so that an exact resume inside the restart's warmup keeps it.
+        warm_start = json.loads((Path(recipe.init_from) / SNAPSHOT_STEP).read_text())["step"] if step else load_snapshot(model, recipe)
+        if not step:
+            ema.load_state_dict(model.state_dict())
+            step = warm_start
+            generator.manual_seed(recipe.seed + 2 + step)  # not the first cycle's batches again
+            log(f"base: warm restart from {recipe.init_from} at step {step} (fresh optimiser)")
+    if step and step != warm_start:
         log(f"base: resumed at step {step}")
+    ends = cycle_ends(recipe)
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
     start, window = time.perf_counter(), []
     total = sum(steps for steps, _, _ in recipe.cycles)
     while step < total:
+        lr = _base_lr(step, recipe)
+        if warm_start is not None:  # fresh AdamW moments: their first steps are the largest
+            lr *= min(1.0, (step - warm_start + 1) / recipe.warmup_steps)
         for group in optimizer.param_groups:
-            group["lr"] = _base_lr(step, recipe)
+            group["lr"] = lr
         b = recipe.unet_batch
         index = torch.randint(len(entries), (b,), generator=generator)
         latents = mean[index] * scaling
@@ -316,7 +380,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(b, -1)},
         ).sample  # fmt: skip
         target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
-        loss = F.mse_loss(prediction, target)
+        loss = diffusion_loss(prediction, target, None if cover is None else cover[index], recipe.subject_loss_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -332,7 +396,54 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
             window = []
         if step % recipe.checkpoint_every == 0 or step == total:
             save_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator, step)
+        if step in ends:
+            save_snapshot(ema, vae, out / "snapshots" / f"step-{step}", out / "tokenizer", step, recipe)
     return ema.eval()
+
+
+def save_snapshot(ema: _Base, vae, folder: str | Path, tokenizer_dir: str | Path, step: int, recipe: BaseRecipe) -> Path:
+    """The EMA base after `step` steps as an ordinary SDXL folder (fp16), with the step and the
+    settings a warm restart must share (`BaseRecipe.init_from`)."""
+    folder = save_base(ema, vae, folder, tokenizer_dir)
+    record = {"step": step, "unet_channels": list(recipe.unet_channels), "unet_attention": list(recipe.unet_attention),
+              "cycles": [list(c) for c in recipe.cycles], "subject_loss_weight": recipe.subject_loss_weight}  # fmt: skip
+    (folder / SNAPSHOT_STEP).write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+def snapshot_from_checkpoint(checkpoint: str | Path, vae, folder: str | Path, tokenizer_dir: str | Path, recipe: BaseRecipe) -> Path:
+    """`save_snapshot` of the EMA in a `train_base` checkpoint file (to probe a base while it trains)."""
+    tokenizer, _ = models.tokenizers(tokenizer_dir)
+    ema = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), *models.text_encoders(tokenizer))
+    state = torch.load(checkpoint, weights_only=False)
+    ema.load_state_dict(state["ema"])
+    return save_snapshot(ema, vae, folder, tokenizer_dir, state["step"], recipe)
+
+
+def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
+    """Load `recipe.init_from`'s weights into `model`; returns its step, checked to end one of the recipe's cycles."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(recipe.init_from)
+    if not (folder / SNAPSHOT_STEP).exists():
+        raise FileNotFoundError(f"{folder}: no {SNAPSHOT_STEP}; init_from takes a snapshot that train_base wrote under base-train/snapshots/.")
+    record = json.loads((folder / SNAPSHOT_STEP).read_text())
+    step, ends = record["step"], cycle_ends(recipe)
+    if step not in ends[:-1]:
+        raise ValueError(
+            f"{folder} was taken after {step} steps, which is not the end of one of this recipe's cycles before its last "
+            f"(they end at {', '.join(map(str, ends))}): a warm restart starts a new cycle, so give the cycles it was trained with."
+        )
+    if tuple(record["unet_channels"]) != tuple(recipe.unet_channels) or tuple(record["unet_attention"]) != tuple(recipe.unet_attention):
+        raise ValueError(
+            f"{folder} is a UNet with channels {record['unet_channels']} and attention {record['unet_attention']}; "
+            f"the recipe asks for {list(recipe.unet_channels)} and {list(recipe.unet_attention)} (--unet-channels)."
+        )
+    parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    for name, cls in parts.items():
+        getattr(model, name).load_state_dict(cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict())
+    return step
 
 
 def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path) -> Path:

@@ -36,6 +36,15 @@ def register(subparsers) -> None:
         help="the base UNet's channels at 16x16, 8x8 and 4x4 (default: the shipped base's, 32,64,128; the eighth build's: 64,96,128)",
     )  # fmt: skip
     build.add_argument(
+        "--subject-loss-weight", type=float, default=0.0,
+        help="weight the base's loss inside subjects' boxes by 1 + this (default: 0, a plain mean; the tenth build's: 3)",
+    )  # fmt: skip
+    build.add_argument(
+        "--init-base",
+        help="a base snapshot (base-train/snapshots/step-N, written at each cycle's end) to start the base stage from: "
+        "a warm restart of the next cycle with a fresh optimiser, not an exact resume (docs/world.md)",
+    )  # fmt: skip
+    build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
     )
     build.set_defaults(func=run_build)
@@ -81,8 +90,14 @@ def run_build(args) -> int:
         channels = ()
     if len(channels) != 3 or min(channels) < 16 or any(c % 16 for c in channels):
         raise UserInputError(f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}.")
+    if args.init_base and not (Path(args.init_base) / "training_step.json").exists():
+        raise UserInputError(f"--init-base {args.init_base}: not a base snapshot (no training_step.json); snapshots are written "
+                             "to base-train/snapshots/step-N at the end of each cycle.")
+    if not args.subject_loss_weight >= 0:
+        raise UserInputError(f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}.")
     recipe = WorldRecipe(
-        base=BaseRecipe(unet_channels=channels), image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None
+        base=BaseRecipe(unet_channels=channels, subject_loss_weight=args.subject_loss_weight, init_from=args.init_base),
+        image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None
     )
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
     print("stage times (this run): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
