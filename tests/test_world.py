@@ -391,6 +391,9 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
     snapshots = tmp_path / "first" / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == ["step-2", "step-4", "step-5"]
     assert json.loads((snapshots / "step-2" / "training_step.json").read_text())["step"] == 2
+    (snapshots / "step-5" / "training_step.json").unlink()  # as if stopped while writing the last snapshot
+    train_base(manifest, vae, tmp_path / "first", recipe, log=lambda *_: None)  # resumes at the end: writes it
+    assert json.loads((snapshots / "step-5" / "training_step.json").read_text())["step"] == 5
     # the last checkpoint's EMA is the last snapshot
     again = snapshot_from_checkpoint(tmp_path / "first" / "base-checkpoint.pt", vae, tmp_path / "again", tmp_path / "first" / "tokenizer", recipe)
     last, exported = (UNet2DConditionModel.from_pretrained(f / "unet").state_dict() for f in (snapshots / "step-5", again))
@@ -416,6 +419,30 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
         load_snapshot(model, replace(warm, unet_channels=(16, 32, 32)))
     with pytest.raises(FileNotFoundError, match="training_step.json"):
         load_snapshot(model, replace(recipe, init_from=str(tmp_path)))
+
+
+def test_a_build_restarted_from_a_snapshot_takes_its_vae_and_refuses_another(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe, _Base, save_snapshot
+    from msdiffusion.world.recipe import WorldRecipe, build, check_same_vae
+
+    recipe = BaseRecipe(unet_channels=(16, 16, 32), cycles=((2, 1e-3, 0.0), (2, 1e-3, 0.0)))
+    tokenizer, _ = models.tokenizers(tmp_path / "tok")
+    torch.manual_seed(0)
+    vae = models.vae()
+    snapshot = save_snapshot(_Base(models.unet(recipe.unet_channels), *models.text_encoders(tokenizer)), vae,
+                             tmp_path / "snapshot", tmp_path / "tok", 2, recipe)  # fmt: skip
+    recipe.init_from = str(snapshot)
+    build(tmp_path / "out", WorldRecipe(base=recipe), stages=("vae",), log=lambda *_: None)
+    copied = AutoencoderKL.from_pretrained(tmp_path / "out" / "base-train" / "vae")
+    assert copied.dtype == torch.float32
+    theirs = AutoencoderKL.from_pretrained(snapshot / "vae")
+    check_same_vae(copied, theirs, snapshot)  # the same VAE passes
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="is not the VAE of"):
+        check_same_vae(models.vae(), theirs, snapshot)
 
 
 def test_base_schedule_is_a_cosine_then_warm_restarts():

@@ -351,9 +351,11 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
             step = warm_start
             generator.manual_seed(recipe.seed + 2 + step)  # not the first cycle's batches again
             log(f"base: warm restart from {recipe.init_from} at step {step} (fresh optimiser)")
+    ends = cycle_ends(recipe)
     if step and step != warm_start:
         log(f"base: resumed at step {step}")
-    ends = cycle_ends(recipe)
+        if step in ends and not (out / "snapshots" / f"step-{step}" / SNAPSHOT_STEP).exists():  # stopped while writing it
+            save_snapshot(ema, vae, out / "snapshots" / f"step-{step}", out / "tokenizer", step, recipe)
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
     start, window = time.perf_counter(), []

@@ -116,12 +116,26 @@ def build(
     manifest = out / "data" / MANIFEST
     stage("data", manifest.exists(), lambda: write_dataset(out / "data", recipe.num_scenes, recipe.seed))
     work = out / "base-train"
-    stage("vae", (work / "vae" / "config.json").exists(), lambda: train_vae(work, recipe.base, log))
+    snapshot = Path(recipe.base.init_from) if recipe.base.init_from else None
+
+    def vae_stage() -> None:
+        if snapshot is None:
+            train_vae(work, recipe.base, log)
+            return
+        from diffusers import AutoencoderKL
+
+        # A base restarted from a snapshot must keep the latents it was trained on: its own VAE.
+        AutoencoderKL.from_pretrained(snapshot / "vae", torch_dtype=torch.float32).save_pretrained(work / "vae")
+        log(f"  the VAE of {snapshot}")
+
+    stage("vae", (work / "vae" / "config.json").exists(), vae_stage)
 
     def base_stage() -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(work / "vae")
+        if snapshot is not None:
+            check_same_vae(vae, AutoencoderKL.from_pretrained(snapshot / "vae"), snapshot)
         save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer")
 
     stage("base", (out / "base" / "model_index.json").exists(), base_stage)
@@ -165,6 +179,19 @@ def build(
     stage("adapter", (out / "adapter-train" / "adapter").exists(), adapter_stage)
     stage("export", False, lambda: export(out, export_to, log=log))
     return timings
+
+
+def check_same_vae(vae, snapshot_vae, snapshot: Path) -> None:
+    """A warm restart on another VAE's latents would train the base on a different problem: refuse it."""
+    theirs = snapshot_vae.state_dict()
+    same = vae.config.scaling_factor == snapshot_vae.config.scaling_factor and all(
+        name in theirs and torch.equal(tensor.to(theirs[name].dtype), theirs[name]) for name, tensor in vae.state_dict().items()
+    )
+    if not same:
+        raise ValueError(
+            f"base-train/vae is not the VAE of {snapshot} (the base there was trained on that VAE's latents): "
+            "use a fresh --out, whose vae stage copies the snapshot's."
+        )
 
 
 def export(out: str | Path, destination: str | Path | None = None, log: Callable = print) -> Path:
