@@ -343,14 +343,13 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     checkpoint = out / "base-checkpoint.pt"
     step = resume_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator)
     warm_start = None
-    if recipe.init_from:
-        # Known on every sitting, so that an exact resume inside the restart's warmup keeps it.
-        warm_start = json.loads((Path(recipe.init_from) / SNAPSHOT_STEP).read_text())["step"] if step else load_snapshot(model, recipe)
-        if not step:
-            ema.load_state_dict(model.state_dict())
-            step = warm_start
-            generator.manual_seed(recipe.seed + 2 + step)  # not the first cycle's batches again
-            log(f"base: warm restart from {recipe.init_from} at step {step} (fresh optimiser)")
+    if recipe.init_from and step:  # an exact resume inside a restarted run keeps the restart's warmup
+        warm_start = json.loads((Path(recipe.init_from) / SNAPSHOT_STEP).read_text())["step"]
+    elif recipe.init_from:
+        warm_start = step = load_snapshot(model, recipe)
+        ema.load_state_dict(model.state_dict())
+        generator.manual_seed(recipe.seed + 2 + step)  # not the first cycle's batches again
+        log(f"base: warm restart from {recipe.init_from} at step {step} (fresh optimiser)")
     ends = cycle_ends(recipe)
     if step and step != warm_start:
         log(f"base: resumed at step {step}")
@@ -359,7 +358,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
     start, window = time.perf_counter(), []
-    total = sum(steps for steps, _, _ in recipe.cycles)
+    total = ends[-1]
     while step < total:
         lr = _base_lr(step, recipe)
         if warm_start is not None:  # fresh AdamW moments: their first steps are the largest

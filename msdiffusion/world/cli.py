@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    from .base import BaseRecipe
+    from .base import SNAPSHOT_STEP, BaseRecipe
     from .image_encoder import ImageEncoderRecipe
     from .models import UNET_CHANNELS
     from .recipe import STAGES, WorldRecipe, build
@@ -90,8 +90,8 @@ def run_build(args) -> int:
         channels = ()
     if len(channels) != 3 or min(channels) < 16 or any(c % 16 for c in channels):
         raise UserInputError(f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}.")
-    if args.init_base and not (Path(args.init_base) / "training_step.json").exists():
-        raise UserInputError(f"--init-base {args.init_base}: not a base snapshot (no training_step.json); snapshots are written "
+    if args.init_base and not (Path(args.init_base) / SNAPSHOT_STEP).exists():
+        raise UserInputError(f"--init-base {args.init_base}: not a base snapshot (no {SNAPSHOT_STEP}); snapshots are written "
                              "to base-train/snapshots/step-N at the end of each cycle.")
     if not args.subject_loss_weight >= 0:
         raise UserInputError(f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}.")
