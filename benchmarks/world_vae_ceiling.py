@@ -32,8 +32,9 @@ def main() -> None:
     evaluator = WorldEvaluator.from_file(root / "evaluator.safetensors")
     print("| images | subjects | found (IoU>=0.5) | placed (any shape) | identity correct |")
     print("| --- | --- | --- | --- | --- |")
-    for name, through in (("rendered", None), ("through the VAE", vae)):
-        rates = ground_truth_check(evaluator, args.count, args.seed, vae=through)["all"]
+    rows = (("rendered", None, False), ("through the VAE", vae, False), ("rendered, the wrong class asked", None, True))
+    for name, through, wrong in rows:
+        rates = ground_truth_check(evaluator, args.count, args.seed, vae=through, wrong_class=wrong)["all"]
         print(f"| {name} | {rates['subjects']} | {rates['found']:.1%} | {rates['placed']:.1%} | {rates['identity_correct']:.1%} |")
 
 

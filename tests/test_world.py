@@ -315,6 +315,52 @@ def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():
     assert not elsewhere.found and not elsewhere.placed
 
 
+def test_a_shape_split_between_classes_counts_as_the_class_most_of_its_pixels_have():
+    """The per-pixel map often marks a soft drawn shape's middle as one class and its points as
+    others: the whole shape is found as its majority class, and only as that one."""
+    from msdiffusion.world.evaluate import Segmenter, WorldEvaluator, _label_map
+    from msdiffusion.world.scenes import mask_box
+
+    scene = render_scene(np.random.default_rng(5), [SubjectSpec("star", 630)], background="a plain wall")
+    labels = _label_map(scene)
+    star, ring, square = (1 + CLASSES.index(c) for c in ("star", "ring", "square"))
+    rows = np.flatnonzero(labels.any(1))
+    third = len(rows) // 3
+    split = labels.copy()
+    split[rows[:third]] = np.where(labels[rows[:third]] > 0, ring, 0)  # its top third marked "ring",
+    split[rows[-third:]] = np.where(labels[rows[-third:]] > 0, square, 0)  # its bottom third "square"
+    assert (split == star).sum() > max((split == ring).sum(), (split == square).sum())
+    box = scene.subjects[0].box
+    assert box_iou(mask_box(split == star), box) < 0.5  # no single-class region fills the box
+    evaluator = WorldEvaluator(Segmenter())
+    as_star, as_ring = evaluator.evaluate(scene.image, [AskedSubject("star", 630, box), AskedSubject("ring", 630, box)], class_map=split)
+    assert as_star.found and as_star.identity_correct and as_star.iou > 0.9
+    assert not as_ring.found
+
+
+def test_ground_truth_check_asked_for_the_wrong_class_finds_nothing(monkeypatch):
+    import msdiffusion.world.evaluate as evaluate_module
+    from msdiffusion.world.evaluate import Segmenter, WorldEvaluator, _label_map, ground_truth_check
+
+    scenes = {}
+    real_random_scene = evaluate_module.random_scene
+
+    def remembered(*args, **kwargs):
+        scene = real_random_scene(*args, **kwargs)
+        scenes[scene.image.tobytes()] = scene
+        return scene
+
+    evaluator = WorldEvaluator(Segmenter())
+    real_evaluate = evaluator.evaluate
+    monkeypatch.setattr(evaluate_module, "random_scene", remembered)
+    # A perfect segmentation of each scene, so that only the asked classes differ between the runs.
+    monkeypatch.setattr(evaluator, "evaluate", lambda image, asked: real_evaluate(image, asked, class_map=_label_map(scenes[image.tobytes()])))
+    right = ground_truth_check(evaluator, count=6)["all"]
+    wrong = ground_truth_check(evaluator, count=6, wrong_class=True)["all"]
+    assert right["found"] > 0.8 and wrong["found"] == 0.0
+    assert wrong["placed"] == right["placed"]
+
+
 def test_vae_loss_asks_the_decoder_to_draw_the_averaged_image_from_the_averaged_latent():
     import torch.nn.functional as F
 
