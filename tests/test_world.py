@@ -102,6 +102,20 @@ def test_shipped_weights_keep_no_local_paths():
     assert not [name for name, text in texts.items() if "_name_or_path" in text or "/work/" in text or "runs/" in text]
 
 
+def test_shipped_weights_are_fp16_safetensors_within_25_mb():
+    from safetensors import safe_open
+
+    from msdiffusion.world.weights import WEIGHTS_DIR
+
+    files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
+    if not files:
+        pytest.skip("the world's weights are not in the package (msdiff world build)")
+    assert sum(p.stat().st_size for p in files) <= 25_000_000  # the issue's budget for the package
+    for path in WEIGHTS_DIR.rglob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
+
+
 def test_recipe_adapter_can_start_from_an_earlier_adapter(tmp_path):
     from msdiffusion.train.config import config_from_dict
     from msdiffusion.world.recipe import WorldRecipe, adapter_config
@@ -143,7 +157,7 @@ def test_recipe_image_encoder_stage_trains_it_or_keeps_it_random(tmp_path):
     weight = "vision_model.embeddings.patch_embedding.weight"
     assert not torch.equal(trained.state_dict()[weight], kept.state_dict()[weight])
     assert json.loads((tmp_path / "trained" / "recipe.json").read_text())["image_encoder"]["steps"] == 3
-    assert WorldRecipe().image_encoder is None  # the shipped builds' (docs/world.md)
+    assert WorldRecipe().image_encoder is not None  # the shipped build's (docs/world.md)
 
 
 def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight_to_the_recipe(tmp_path, monkeypatch):
@@ -156,15 +170,16 @@ def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight
         assert main(["world", "build", "--out", str(tmp_path), "--stages", "image_encoder", "--image-encoder", choice]) == 0
     assert seen[0][0].image_encoder is not None and seen[1][0].image_encoder is None
     assert seen[0][1] == ("image_encoder",)
-    assert seen[0][0].base.unet_channels == (32, 64, 128)  # the shipped base's
-    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--unet-channels", "64,96,128"]) == 0
-    assert seen[2][0].base.unet_channels == (64, 96, 128)
+    assert seen[0][0].base.unet_channels == (64, 96, 128)  # the shipped base's
+    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--unet-channels", "32,64,128"]) == 0
+    assert seen[2][0].base.unet_channels == (32, 64, 128)
+    assert seen[2][0].image_encoder is not None  # trained unless asked otherwise
     for bad in ("64,96", "64,96,130", "wide"):
         assert main(["world", "build", "--out", str(tmp_path), "--unet-channels", bad]) == 2
     assert len(seen) == 3
-    assert seen[2][0].base.subject_loss_weight == 0.0  # a plain mean unless asked
-    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--subject-loss-weight", "3"]) == 0
-    assert seen[3][0].base.subject_loss_weight == 3.0
+    assert seen[2][0].base.subject_loss_weight == 3.0  # the shipped build's
+    assert main(["world", "build", "--out", str(tmp_path), "--stages", "base", "--subject-loss-weight", "0"]) == 0
+    assert seen[3][0].base.subject_loss_weight == 0.0  # a plain mean
     assert main(["world", "build", "--out", str(tmp_path), "--subject-loss-weight", "-1"]) == 2
     assert seen[3][0].base.init_from is None
     snapshot = tmp_path / "snapshots" / "step-5000"
@@ -551,10 +566,10 @@ def test_base_unet_width_is_a_recipe_setting():
     from msdiffusion.world import models
     from msdiffusion.world.base import BaseRecipe
 
-    assert BaseRecipe().unet_channels == models.UNET_CHANNELS == (32, 64, 128)
-    wide = models.unet((64, 128, 128))
-    assert tuple(wide.config.block_out_channels) == (64, 128, 128)
-    assert models.parameter_count(wide) > models.parameter_count(models.unet())
+    assert BaseRecipe().unet_channels == models.UNET_CHANNELS == (64, 96, 128)
+    narrow = models.unet((32, 64, 128))
+    assert tuple(narrow.config.block_out_channels) == (32, 64, 128)
+    assert models.parameter_count(narrow) < models.parameter_count(models.unet())
 
 
 def test_world_unet_attends_at_every_level_and_the_subject_tokens_reach_the_16x16_cells():

@@ -65,7 +65,7 @@ class BaseRecipe:
     # mean). Backgrounds (a grid, sand speckle) fill most of a scene and most of a plain loss, and
     # their noise-like texture cannot be predicted from mid noise anyway; the subjects' outlines,
     # which the bases lose from mid noise (docs/world.md, eighth build), get a larger share.
-    subject_loss_weight: float = 0.0
+    subject_loss_weight: float = 3.0
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A

@@ -28,16 +28,16 @@ def register(subparsers) -> None:
     build.add_argument("--out", default="runs/world", help="working folder (default: runs/world)")
     build.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
     build.add_argument(
-        "--image-encoder", choices=("random", "trained"), default="random",
-        help="keep the image encoder random and frozen (default), or train it contrastively on the world first",
+        "--image-encoder", choices=("random", "trained"), default="trained",
+        help="train the image encoder contrastively on the world first (default, as the shipped build), or keep it random and frozen",
     )  # fmt: skip
     build.add_argument(
         "--unet-channels",
-        help="the base UNet's channels at 16x16, 8x8 and 4x4 (default: the shipped base's, 32,64,128; the eighth build's: 64,96,128)",
+        help="the base UNet's channels at 16x16, 8x8 and 4x4 (default: the shipped base's, 64,96,128; the seventh build's: 32,64,128)",
     )  # fmt: skip
     build.add_argument(
-        "--subject-loss-weight", type=float, default=0.0,
-        help="weight the base's loss inside subjects' boxes by 1 + this (default: 0, a plain mean; the tenth build's: 3)",
+        "--subject-loss-weight", type=float, default=3.0,
+        help="weight the base's loss inside subjects' boxes by 1 + this (default: 3, the shipped build's; 0 is a plain mean)",
     )  # fmt: skip
     build.add_argument(
         "--init-base",

@@ -70,7 +70,9 @@ def text_encoders(tokenizer):
     return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
-UNET_CHANNELS = (32, 64, 128)  # per level: 16x16, 8x8, 4x4
+# Per level: 16x16, 8x8, 4x4. The shipped (tenth) build's; the seventh's narrow (32, 64, 128) drew
+# fewer shapes from high noise (docs/world.md, eighth and tenth builds).
+UNET_CHANNELS = (64, 96, 128)
 # Which levels have attention. SDXL has none at its first level, but there a subject spans tens of
 # latent cells; a world subject (16 to 30 px then, 18 to 42 now) spans 2 to 5 cells of the 8x8 level, too coarse for the
 # subject tokens to draw an outline or a pattern, so the world's UNet attends at 16x16 too (4 px per

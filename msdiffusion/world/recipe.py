@@ -31,10 +31,10 @@ STAGES = ("data", "vae", "base", "image_encoder", "evaluator", "adapter", "expor
 class WorldRecipe:
     num_scenes: int = 24000
     base: BaseRecipe = field(default_factory=BaseRecipe)
-    # None keeps the image encoder random and frozen, as every shipped adapter was trained on it. A
-    # contrastively trained one gives a fresh adapter 19% identities correct after 1,000 steps instead
-    # of 14% (docs/world.md, "The image encoder: random or trained"): the next build should use it.
-    image_encoder: ImageEncoderRecipe | None = None
+    # Trained contrastively on the world, as the shipped (tenth) build's; None keeps it random and
+    # frozen, as the builds before it (a fresh adapter: 19% identities correct after 1,000 steps
+    # against 14%; docs/world.md, "The image encoder: random or trained").
+    image_encoder: ImageEncoderRecipe | None = field(default_factory=ImageEncoderRecipe)
     segmenter_steps: int = 1200
     # `msdiff train` settings of the adapter (the rest are the release's defaults)
     adapter_steps: int = 3000
