@@ -156,8 +156,32 @@ def test_recipe_image_encoder_stage_trains_it_or_keeps_it_random(tmp_path):
     assert trained.dtype == kept.dtype == torch.float16
     weight = "vision_model.embeddings.patch_embedding.weight"
     assert not torch.equal(trained.state_dict()[weight], kept.state_dict()[weight])
-    assert json.loads((tmp_path / "trained" / "recipe.json").read_text())["image_encoder"]["steps"] == 3
+    assert json.loads((tmp_path / "trained" / "recipe.json").read_text())["image_encoder"]["image_encoder"]["steps"] == 3
     assert WorldRecipe().image_encoder is not None  # the shipped build's (docs/world.md)
+
+
+def test_recipe_record_keeps_each_stage_recipe_when_later_calls_change_flags(tmp_path, capsys):
+    """`recipe.json` says what made each output: a later call with other settings for other stages
+    leaves a finished stage's entry alone (it used to rewrite one recipe for all)."""
+    from msdiffusion.cli import main
+    from msdiffusion.world.base import BaseRecipe
+    from msdiffusion.world.recipe import WorldRecipe, build
+
+    out = tmp_path / "build"
+    out.mkdir()
+    (out / "recipe.json").write_text('{"num_scenes": 24000, "seed": 0}')  # an earlier version's record
+    build(out, WorldRecipe(image_encoder=None), stages=("image_encoder",), log=lambda *_: None)
+    later = WorldRecipe(num_scenes=3, base=BaseRecipe(subject_loss_weight=0.0), image_encoder=None)
+    build(out, later, stages=("image_encoder", "data"), log=lambda *_: None)
+    record = json.loads((out / "recipe.json").read_text())
+    assert set(record) == {"earlier sittings", "image_encoder", "data"}
+    assert record["earlier sittings"]["num_scenes"] == 24000
+    assert record["image_encoder"]["num_scenes"] == 24000 and record["image_encoder"]["base"]["subject_loss_weight"] == 3.0
+    assert record["data"]["num_scenes"] == 3 and record["data"]["base"]["subject_loss_weight"] == 0.0
+
+    capsys.readouterr()
+    assert main(["world", "build", "--out", str(out), "--stages", "image_encoder,data"]) == 0
+    assert "stage times (this run): none, every stage was done already" in capsys.readouterr().out
 
 
 def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight_to_the_recipe(tmp_path, monkeypatch):

@@ -100,7 +100,7 @@ def run_build(args) -> int:
         image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None
     )
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
-    print("stage times (this run): " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print("stage times (this run): " + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none, every stage was done already"))
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
     return 0
 

@@ -94,10 +94,15 @@ def build(
     recipe = recipe or WorldRecipe()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2) + "\n")
     timings: dict[str, float] = {}
     timings_file = out / "timings.json"
     recorded = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    # What made each output: a stage's entry is the recipe of its latest sitting, so a later call
+    # with other flags for other stages does not rewrite the record of the finished ones.
+    recipes_file = out / "recipe.json"
+    recipes = json.loads(recipes_file.read_text()) if recipes_file.exists() else {}
+    if not set(recipes) <= {*STAGES, "earlier sittings"}:  # the one-recipe record of earlier versions
+        recipes = {"earlier sittings": recipes}
 
     def stage(name: str, done: bool, work: Callable[[], None]) -> None:
         if name not in stages:
@@ -106,6 +111,8 @@ def build(
             log(f"[{name}] done already")
             return
         log(f"[{name}] ...")
+        recipes[name] = asdict(recipe)
+        recipes_file.write_text(json.dumps(recipes, indent=2) + "\n")
         start = time.perf_counter()
         work()
         timings[name] = time.perf_counter() - start
