@@ -58,8 +58,9 @@ class BaseRecipe:
     # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
     # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
     # and outlines are decided.
+    # The shipped (eleventh) build's five (docs/world.md).
     cycles: tuple[tuple[int, float, float], ...] = (
-        (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5),
+        (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5), (3000, 3e-4, 0.5),
     )  # fmt: skip
     # The UNet's loss on latent cells inside subjects' boxes is weighted by 1 + this (0: a plain
     # mean). Backgrounds (a grid, sand speckle) fill most of a scene and most of a plain loss, and

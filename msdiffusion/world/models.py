@@ -70,8 +70,8 @@ def text_encoders(tokenizer):
     return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
-# Per level: 16x16, 8x8, 4x4. The shipped (tenth) build's; the seventh's narrow (32, 64, 128) drew
-# fewer shapes from high noise (docs/world.md, eighth and tenth builds).
+# Per level: 16x16, 8x8, 4x4. The shipped builds' since the tenth; the seventh's narrow (32, 64, 128)
+# drew fewer shapes from high noise (docs/world.md, eighth and tenth builds).
 UNET_CHANNELS = (64, 96, 128)
 # Which levels have attention. SDXL has none at its first level, but there a subject spans tens of
 # latent cells; a world subject (16 to 30 px then, 18 to 42 now) spans 2 to 5 cells of the 8x8 level, too coarse for the
