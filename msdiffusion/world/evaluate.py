@@ -273,25 +273,26 @@ class WorldEvaluator:
             image = np.asarray(PIL.Image.fromarray(image).resize((SIZE, SIZE), PIL.Image.BICUBIC))
         if class_map is None:
             class_map = self.class_maps(image[None])[0]
-        regions_by_class = {
-            c: [r for r in connected_regions(class_map == 1 + CLASSES.index(c)) if r.sum() >= MIN_REGION_PIXELS]
-            for c in {s.cls for s in asked}
-        }
         from .scenes import mask_box
 
-        shape_regions = [r for r in connected_regions(class_map > 0) if r.sum() >= MIN_REGION_PIXELS]
-        shapes = [mask_box(r) for r in shape_regions]
+        def regions(mask: np.ndarray) -> list[tuple[np.ndarray, tuple]]:
+            return [(r, mask_box(r)) for r in connected_regions(mask) if r.sum() >= MIN_REGION_PIXELS]
+
+        candidates = {c: regions(class_map == 1 + CLASSES.index(c)) for c in {s.cls for s in asked}}
+        shapes = regions(class_map > 0)
         # Each whole shape also counts as the class most of its pixels have: touching shapes merge
         # into one region whose box fits neither, so the class's own regions stay candidates too.
-        shape_classes = [CLASSES[np.bincount(class_map[r] - 1, minlength=len(CLASSES)).argmax()] for r in shape_regions]
+        for region, box in shapes:
+            majority = CLASSES[np.bincount(class_map[region] - 1, minlength=len(CLASSES)).argmax()]
+            if majority in candidates:
+                candidates[majority].append((region, box))
         results = []
         for k, subject in enumerate(asked):
-            best, best_iou = None, 0.0
-            whole = [r for r, c in zip(shape_regions, shape_classes) if c == subject.cls]
-            for region in regions_by_class[subject.cls] + whole:
-                iou = box_iou(mask_box(region), subject.box)
+            best, best_box, best_iou = None, None, 0.0
+            for region, box in candidates[subject.cls]:
+                iou = box_iou(box, subject.box)
                 if iou > best_iou:
-                    best, best_iou = region, iou
+                    best, best_box, best_iou = region, box, iou
             correct, mixing = False, 0.0
             if best is not None:
                 others = [s.identity for j, s in enumerate(asked) if j != k and s.identity != subject.identity]
@@ -299,7 +300,7 @@ class WorldEvaluator:
                 mixing = _mixing(image, best, subject.identity, others)
             results.append(SubjectResult(
                 subject.cls, subject.identity, tuple(subject.box), bool(best_iou >= 0.5), float(best_iou), bool(correct), mixing,
-                None if best is None else mask_box(best), any(box_iou(b, subject.box) >= 0.5 for b in shapes),
+                best_box, any(box_iou(box, subject.box) >= 0.5 for _, box in shapes),
             ))  # fmt: skip
         return results
 
