@@ -215,6 +215,35 @@ def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight
     assert len(seen) == 5
 
 
+def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path, monkeypatch, capsys):
+    from msdiffusion.cli import main
+    from msdiffusion.world import recipe as recipe_module
+    from msdiffusion.world.base import BaseRecipe
+
+    seen = []
+    monkeypatch.setattr(recipe_module, "build", lambda out, recipe, **kw: seen.append(recipe) or {})
+    snapshot = tmp_path / "step-16000"
+    snapshot.mkdir()
+    (snapshot / "training_step.json").write_text('{"step": 16000}')  # the end of the recipe's last cycle
+    assert main(["world", "build", "--out", str(tmp_path), "--init-base", str(snapshot)]) == 2
+    assert "--extra-cycle" in capsys.readouterr().err and not seen  # refused before any stage runs
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "ms_adapter_config.json").write_text("{}")
+    command = ["world", "build", "--out", str(tmp_path), "--init-base", str(snapshot), "--extra-cycle", "3000,3e-4,0.5",
+               "--extra-cycle", "1000,1e-4,0", "--adapter-steps", "2000", "--adapter-init", str(adapter)]  # fmt: skip
+    assert main(command) == 0
+    assert seen[0].base.cycles == BaseRecipe().cycles + ((3000, 3e-4, 0.5), (1000, 1e-4, 0.0))
+    assert (seen[0].base.init_from, seen[0].adapter_steps, seen[0].adapter_init) == (str(snapshot), 2000, str(adapter))
+    assert main(["world", "build", "--out", str(tmp_path)]) == 0
+    assert seen[1].base.cycles == BaseRecipe().cycles and seen[1].adapter_steps == 3000 and seen[1].adapter_init is None
+    for bad in (["--extra-cycle", "3000,3e-4"], ["--extra-cycle", "0,3e-4,0.5"], ["--extra-cycle", "3000,3e-4,2"],
+                ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")]):  # fmt: skip
+        assert main(["world", "build", "--out", str(tmp_path), *bad]) == 2
+        assert bad[0] in capsys.readouterr().err
+    assert len(seen) == 2
+
+
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
     a = random_scene(np.random.default_rng([1, 2]))
     b = random_scene(np.random.default_rng([1, 2]))

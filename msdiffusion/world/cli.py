@@ -45,6 +45,20 @@ def register(subparsers) -> None:
         "a warm restart of the next cycle with a fresh optimiser, not an exact resume (docs/world.md)",
     )  # fmt: skip
     build.add_argument(
+        "--extra-cycle", action="append", default=[], metavar="STEPS,LR,HIGH_NOISE_SHARE",
+        help="one more cosine cycle after the recipe's (BaseRecipe.cycles), like 3000,3e-4,0.5; repeat for more. "
+        "A warm restart from the recipe's last snapshot needs one (--init-base)",
+    )  # fmt: skip
+    build.add_argument(
+        "--adapter-steps", type=int, default=3000,
+        help="steps of the adapter stage (default: 3000, a fresh adapter's; the shipped builds continued theirs by 1,500 to 2,000)",
+    )  # fmt: skip
+    build.add_argument(
+        "--adapter-init",
+        help="an adapter the adapter stage continues instead of a random one (msdiff train's init_adapter: a build's "
+        "adapter-train/adapter, another project folder, a released ms_adapter.bin or a hub id)",
+    )  # fmt: skip
+    build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
     )
     build.set_defaults(func=run_build)
@@ -72,7 +86,8 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    from .base import SNAPSHOT_STEP, BaseRecipe
+    from ..checks import check_adapter_location
+    from .base import SNAPSHOT_STEP, BaseRecipe, cycle_ends
     from .image_encoder import ImageEncoderRecipe
     from .models import UNET_CHANNELS
     from .recipe import STAGES, WorldRecipe, build
@@ -95,14 +110,42 @@ def run_build(args) -> int:
                              "to base-train/snapshots/step-N at the end of each cycle.")
     if not args.subject_loss_weight >= 0:
         raise UserInputError(f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}.")
+    if args.adapter_steps < 1:
+        raise UserInputError(f"--adapter-steps: a positive number of steps; got {args.adapter_steps}.")
+    if args.adapter_init:
+        check_adapter_location(args.adapter_init, what="--adapter-init")  # msdiff train reads it, hours from now
     recipe = WorldRecipe(
-        base=BaseRecipe(unet_channels=channels, subject_loss_weight=args.subject_loss_weight, init_from=args.init_base),
-        image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None
-    )
+        base=BaseRecipe(unet_channels=channels, subject_loss_weight=args.subject_loss_weight, init_from=args.init_base,
+                        cycles=BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle)),
+        image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None,
+        adapter_steps=args.adapter_steps,
+        adapter_init=args.adapter_init,
+    )  # fmt: skip
+    if args.init_base:
+        step, ends = json.loads((Path(args.init_base) / SNAPSHOT_STEP).read_text()).get("step"), cycle_ends(recipe.base)
+        if step not in ends[:-1]:  # found here, not after the data and VAE stages
+            raise UserInputError(
+                f"--init-base {args.init_base} was taken after {step} steps, which is not the end of a cycle before the "
+                f"recipe's last (its cycles end at {', '.join(map(str, ends))}): a warm restart trains the cycles after "
+                "it; add one with --extra-cycle, like --extra-cycle 3000,3e-4,0.5."
+            )
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
     print("stage times (this run): " + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none, every stage was done already"))
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
     return 0
+
+
+def parse_cycle(text: str) -> tuple[int, float, float]:
+    """`--extra-cycle` "STEPS,LR,HIGH_NOISE_SHARE" -> a `BaseRecipe.cycles` entry."""
+    try:
+        steps, lr, share = text.split(",")
+        cycle = (int(steps), float(lr), float(share))
+    except ValueError:
+        cycle = None
+    if cycle is None or cycle[0] < 1 or not cycle[1] > 0 or not 0 <= cycle[2] <= 1:
+        raise UserInputError(f"--extra-cycle: STEPS,LR,HIGH_NOISE_SHARE with STEPS >= 1, LR > 0 and a share in [0, 1], "
+                             f"like 3000,3e-4,0.5; got {text!r}.")  # fmt: skip
+    return cycle
 
 
 def run_evaluate(args) -> int:
