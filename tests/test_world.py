@@ -124,8 +124,10 @@ def test_recipe_adapter_can_start_from_an_earlier_adapter(tmp_path):
     assert "resampler" in fresh and "init_adapter" not in fresh
     continued = adapter_config(tmp_path, WorldRecipe(adapter_init=str(tmp_path / "adapter")))
     assert continued["init_adapter"] == str(tmp_path / "adapter") and "resampler" not in continued
-    for config in (fresh, continued):  # both are valid `msdiff train` configs
-        config_from_dict(config)
+    weighted = adapter_config(tmp_path, WorldRecipe(adapter_subject_loss_weight=3.0))
+    assert fresh["subject_loss_weight"] == 0.0 and weighted["subject_loss_weight"] == 3.0
+    for config in (fresh, continued, weighted):  # all are valid `msdiff train` configs
+        assert config_from_dict(config).subject_loss_weight == config["subject_loss_weight"]
 
 
 def test_image_encoder_learns_to_tell_held_out_subjects_apart_from_training_renderings():
@@ -237,11 +239,14 @@ def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path,
     assert (seen[0].base.init_from, seen[0].adapter_steps, seen[0].adapter_init) == (str(snapshot), 2000, str(adapter))
     assert main(["world", "build", "--out", str(tmp_path)]) == 0
     assert seen[1].base.cycles == BaseRecipe().cycles and seen[1].adapter_steps == 3000 and seen[1].adapter_init is None
+    assert seen[1].adapter_subject_loss_weight == 0.0  # the plain mean, as every shipped adapter
+    assert main(["world", "build", "--out", str(tmp_path), "--adapter-subject-loss-weight", "3"]) == 0
+    assert seen[2].adapter_subject_loss_weight == 3.0
     for bad in (["--extra-cycle", "3000,3e-4"], ["--extra-cycle", "0,3e-4,0.5"], ["--extra-cycle", "3000,3e-4,2"],
-                ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")]):  # fmt: skip
+                ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")], ["--adapter-subject-loss-weight", "-1"]):  # fmt: skip
         assert main(["world", "build", "--out", str(tmp_path), *bad]) == 2
         assert bad[0] in capsys.readouterr().err
-    assert len(seen) == 2
+    assert len(seen) == 3
 
 
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
@@ -452,35 +457,15 @@ def test_vae_loss_asks_the_decoder_to_draw_the_averaged_image_from_the_averaged_
     assert regularised - plain == pytest.approx(0.5 * float(sum(expected)) / 2, rel=1e-4)
 
 
-def test_box_cover_is_the_share_of_each_latent_cell_inside_a_box():
-    from msdiffusion.world.base import box_cover
+def test_base_loss_covers_the_manifest_boxes():
+    from msdiffusion.train.loss import box_cover
+    from msdiffusion.world.base import entry_boxes
 
-    entries = [
-        {"subjects": [{"box": [0.0, 0.0, 0.5, 0.25]}, {"box": [0.375, 0.625, 1.0, 1.0]}]},
-        {"subjects": [{"box": [0.125, 0.125, 0.3125, 0.3125]}]},  # edges through the middle of cells
-        {"subjects": []},
-    ]
-    cover = box_cover(entries, 8)
-    assert cover.shape == (3, 1, 8, 8)
-    assert cover[0, 0, :2, :4].eq(1).all() and cover[0, 0, 5:, 3:].eq(1).all()
-    assert cover[0].sum() == 2 * 4 + 3 * 5  # nothing outside the two boxes
-    assert cover[1, 0, 1, 1] == 1 and cover[1, 0, 2, 2] == 0.25 and cover[1, 0, 1, 2] == 0.5
-    assert cover[1].sum() == pytest.approx(64 * 0.1875**2)  # the box's area in cells
-    assert cover[2].sum() == 0
-
-
-def test_diffusion_loss_weights_cells_inside_boxes_and_keeps_the_plain_mean_at_zero():
-    from msdiffusion.world.base import diffusion_loss
-
-    prediction, target = torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)
-    cover = torch.zeros(2, 1, 8, 8)
-    cover[:, :, :4] = 1  # the top half of each latent is a subject
-    prediction[:, :, :4] = 1.0  # error 1 inside the boxes, 0 outside
-    assert diffusion_loss(prediction, target, cover, 0.0) == pytest.approx(0.5)
-    assert diffusion_loss(prediction, target, None, 0.0) == pytest.approx(0.5)
-    # weight 4 inside, 1 outside: (4 * 1 + 1 * 0) / (4 + 1)
-    assert diffusion_loss(prediction, target, cover, 3.0) == pytest.approx(0.8)
-    assert diffusion_loss(torch.full_like(target, 2.0), target, cover, 3.0) == pytest.approx(4.0)  # a uniform error is unchanged
+    entries = [{"subjects": [{"box": [0.0, 0.0, 0.5, 0.25]}, {"box": [0.375, 0.625, 1.0, 1.0]}]}, {"subjects": []}]
+    boxes = entry_boxes(entries)
+    assert boxes.shape == (2, 2, 4) and boxes[1].eq(0).all()  # padded with boxes that cover nothing
+    cover = box_cover(boxes, 8, 8)
+    assert cover[0].sum() == 2 * 4 + 3 * 5 and cover[1].sum() == 0
 
 
 def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp_path):

@@ -105,6 +105,9 @@ class TrainConfig:
     ms_scale: float = option(1.0, "image-branch scale during training (1.0 in the release)", "recipe")
     noise_offset: float = option(0.0, "offset noise strength (0 = off; ~0.05 helps very dark/bright images)", "recipe")
     snr_gamma: float | None = option(None, "min-SNR loss weighting gamma (e.g. 5.0); off by default", "recipe")
+    subject_loss_weight: float = option(
+        0.0, "weight the loss on latent cells inside subjects' boxes by 1 + this (0: the plain mean, as the release)", "recipe"
+    )
     high_noise_share: float = option(
         0.0, "share of timesteps drawn from the noisier half of the schedule only (0: uniform, as diffusers' scripts)", "recipe"
     )
@@ -257,6 +260,7 @@ def _check_values(c: TrainConfig) -> list[str]:
         )
     need(c.noise_offset >= 0, "noise_offset", "must be 0 or more")
     need(c.snr_gamma is None or c.snr_gamma > 0, "snr_gamma", "must be positive (or null for off)")
+    need(c.subject_loss_weight >= 0, "subject_loss_weight", "must be 0 (off) or more")
     need(0 <= c.high_noise_share <= 1, "high_noise_share", "must be a probability in [0, 1]")
     need(c.learning_rate > 0, "learning_rate", "must be positive")
     need(c.weight_decay >= 0, "weight_decay", "must be 0 or more")

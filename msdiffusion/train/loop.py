@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..atomic import atomic_path, remove_stale_temporaries, replace_path, write_text_atomic
 from ..data.dataset import MASK_COLORS
@@ -47,6 +46,7 @@ from .checkpoints import (
 )
 from .config import ConfigError, TrainConfig
 from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
+from .loss import box_cover, diffusion_loss, min_snr_weights
 from .timesteps import draw_timesteps
 
 logger = logging.getLogger("msdiffusion.train")
@@ -261,19 +261,15 @@ class TrainingRun:
             noisy, timesteps, cond.prompt_embeds, cond.pooled_prompt_embeds, time_ids.to(self.device, self.weight_dtype),
             cond.image_features, cond.phrase_embeds, boxes, drops.grounding.to(self.device),
         )  # fmt: skip
-        return self._loss(prediction.float(), target.float(), timesteps)
+        return self._loss(prediction, target, timesteps, boxes)
 
-    def _loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        if self.config.snr_gamma is None:
-            return F.mse_loss(prediction, target)
-        from diffusers.training_utils import compute_snr
-
-        # min-SNR weighting (Hang et al. 2023): weight min(SNR, gamma) / SNR, or / (SNR + 1) for v-prediction
-        snr = compute_snr(self.noise_scheduler, timesteps)
-        clipped = torch.clamp(snr, max=self.config.snr_gamma)
-        weights = clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
-        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=list(range(1, prediction.ndim)))
-        return (per_sample * weights).mean()
+    def _loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        cover = box_cover(boxes, *prediction.shape[-2:]) if config.subject_loss_weight else None
+        sample_weights = None
+        if config.snr_gamma is not None:
+            sample_weights = min_snr_weights(self.noise_scheduler, timesteps, config.snr_gamma, self.prediction_type)
+        return diffusion_loss(prediction, target, cover, config.subject_loss_weight, sample_weights)
 
     def training_step(self, batch: dict) -> torch.Tensor:
         """One micro-batch: loss, backward, and (on accumulation boundaries) clip + optimiser step."""

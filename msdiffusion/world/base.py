@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..train.loss import box_cover, diffusion_loss
 from ..train.timesteps import draw_timesteps
 from . import models
 from .data import load_images, read_manifest
@@ -281,31 +282,13 @@ def encode_prompts(text_encoder, text_encoder_2, ids, ids_2) -> tuple[torch.Tens
     return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
-def box_cover(entries: list[dict], size: int) -> torch.Tensor:
-    """(N, 1, size, size): the share of each cell of a size x size grid that lies inside a subject's
-    box of each manifest entry (the largest share over its subjects)."""
-    edges = torch.arange(size + 1, dtype=torch.float32) / size
-    low, high = edges[:-1], edges[1:]
-
-    def overlap(a: float, b: float) -> torch.Tensor:  # share of each cell's span inside [a, b]
-        return (torch.minimum(high, torch.tensor(b)) - torch.maximum(low, torch.tensor(a))).clamp(min=0) * size
-
-    cover = torch.zeros(len(entries), 1, size, size)
+def entry_boxes(entries: list[dict]) -> torch.Tensor:
+    """(N, max subjects, 4) boxes of manifest entries, zeros for padding (`train.loss.box_cover`'s input)."""
+    boxes = torch.zeros(len(entries), max([len(e["subjects"]) for e in entries] + [1]), 4)
     for n, entry in enumerate(entries):
-        for subject in entry["subjects"]:
-            x0, y0, x1, y1 = subject["box"]
-            cover[n, 0] = torch.maximum(cover[n, 0], overlap(y0, y1)[:, None] * overlap(x0, x1)[None, :])
-    return cover
-
-
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, cover: torch.Tensor | None, subject_weight: float) -> torch.Tensor:
-    """Mean squared error, each cell weighted by 1 + `subject_weight` x its box `cover` ((B, 1, h, w)),
-    normalised by the mean weight so that its scale stays that of the plain mean."""
-    error = (prediction.float() - target.float()).square()
-    if not subject_weight:
-        return error.mean()
-    weight = 1 + subject_weight * cover
-    return (error * weight).mean() / weight.mean()
+        for k, subject in enumerate(entry["subjects"]):
+            boxes[n, k] = torch.tensor(subject["box"], dtype=torch.float32)
+    return boxes
 
 
 class _Base(torch.nn.Module):
@@ -338,7 +321,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     scaling = vae.config.scaling_factor
     size = models.SIZE
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
-    cover = box_cover(entries, mean.shape[-1]) if recipe.subject_loss_weight else None
+    cover = box_cover(entry_boxes(entries), *mean.shape[-2:]) if recipe.subject_loss_weight else None
 
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     checkpoint = out / "base-checkpoint.pt"

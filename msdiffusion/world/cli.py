@@ -59,6 +59,11 @@ def register(subparsers) -> None:
         "adapter-train/adapter, another project folder, a released ms_adapter.bin or a hub id)",
     )  # fmt: skip
     build.add_argument(
+        "--adapter-subject-loss-weight", type=float, default=0.0,
+        help="msdiff train's subject_loss_weight for the adapter: its loss inside subjects' boxes weighted by 1 + this "
+        "(default: 0, a plain mean, as every shipped build)",
+    )  # fmt: skip
+    build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
     )
     build.set_defaults(func=run_build)
@@ -110,6 +115,8 @@ def run_build(args) -> int:
                              "to base-train/snapshots/step-N at the end of each cycle.")
     if not args.subject_loss_weight >= 0:
         raise UserInputError(f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}.")
+    if not args.adapter_subject_loss_weight >= 0:
+        raise UserInputError(f"--adapter-subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.adapter_subject_loss_weight}.")
     if args.adapter_steps < 1:
         raise UserInputError(f"--adapter-steps: a positive number of steps; got {args.adapter_steps}.")
     if args.adapter_init:
@@ -120,6 +127,7 @@ def run_build(args) -> int:
         image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None,
         adapter_steps=args.adapter_steps,
         adapter_init=args.adapter_init,
+        adapter_subject_loss_weight=args.adapter_subject_loss_weight,
     )  # fmt: skip
     if args.init_base:
         step, ends = json.loads((Path(args.init_base) / SNAPSHOT_STEP).read_text()).get("step"), cycle_ends(recipe.base)

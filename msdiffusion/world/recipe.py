@@ -43,6 +43,9 @@ class WorldRecipe:
     # Half of the adapter's timesteps from the noisier half: found 24% -> 28%, identity 14% -> 17% on the
     # fifth build's base (docs/world.md), where the subject tokens decide shapes; `msdiff train` draws uniformly by default.
     adapter_high_noise_share: float = 0.5
+    # `msdiff train`'s subject_loss_weight: the base's weighting of the subjects' boxes, for the
+    # adapter; 0 (the plain mean) in every shipped build.
+    adapter_subject_loss_weight: float = 0.0
     adapter_checkpoint_every: int = 250
     # An adapter checkpoint to start from (`msdiff train`'s init_adapter) instead of a random one: a
     # build that changes the data or the base continues the last build's adapter.
@@ -65,6 +68,7 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "resampler": {k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")},
         "learning_rate": recipe.adapter_lr,
         "high_noise_share": recipe.adapter_high_noise_share,
+        "subject_loss_weight": recipe.adapter_subject_loss_weight,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 100,
         "train_batch_size": recipe.adapter_batch,
