@@ -106,7 +106,7 @@ class TrainConfig:
     noise_offset: float = option(0.0, "offset noise strength (0 = off; ~0.05 helps very dark/bright images)", "recipe")
     snr_gamma: float | None = option(None, "min-SNR loss weighting gamma (e.g. 5.0); off by default", "recipe")
     subject_loss_weight: float = option(
-        0.0, "weight the loss on latent cells inside subjects' boxes by 1 + this (0: the plain mean, as the release)", "recipe"
+        0.0, "weight the loss on latent cells inside subjects' boxes by 1 + this (0: the plain mean)", "recipe"
     )
     high_noise_share: float = option(
         0.0, "share of timesteps drawn from the noisier half of the schedule only (0: uniform, as diffusers' scripts)", "recipe"
