@@ -59,7 +59,7 @@ class BaseRecipe:
     # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
     # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
     # and outlines are decided.
-    # The shipped (eleventh) build's five (docs/world.md).
+    # The eleventh build's five; the shipped twelfth added a sixth like the last (`--extra-cycle`; docs/world.md).
     cycles: tuple[tuple[int, float, float], ...] = (
         (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5), (3000, 3e-4, 0.5),
     )  # fmt: skip
