@@ -229,6 +229,11 @@ def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path,
     (snapshot / "training_step.json").write_text('{"step": 16000}')  # the end of the recipe's last cycle
     assert main(["world", "build", "--out", str(tmp_path), "--init-base", str(snapshot)]) == 2
     assert "--extra-cycle" in capsys.readouterr().err and not seen  # refused before any stage runs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "training_step.json").write_text("{")  # cut short
+    assert main(["world", "build", "--out", str(tmp_path), "--init-base", str(broken)]) == 2
+    assert "not a snapshot record" in capsys.readouterr().err and not seen
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "ms_adapter_config.json").write_text("{}")

@@ -130,7 +130,12 @@ def run_build(args) -> int:
         adapter_subject_loss_weight=args.adapter_subject_loss_weight,
     )  # fmt: skip
     if args.init_base:
-        step, ends = json.loads((Path(args.init_base) / SNAPSHOT_STEP).read_text()).get("step"), cycle_ends(recipe.base)
+        try:
+            step = json.loads((Path(args.init_base) / SNAPSHOT_STEP).read_text())["step"]
+        except (ValueError, KeyError, TypeError):
+            raise UserInputError(f"--init-base {args.init_base}: {SNAPSHOT_STEP} is not a snapshot record (no step); "
+                                 "it is written by the base stage with each snapshot.") from None  # fmt: skip
+        ends = cycle_ends(recipe.base)
         if step not in ends[:-1]:  # found here, not after the data and VAE stages
             raise UserInputError(
                 f"--init-base {args.init_base} was taken after {step} steps, which is not the end of a cycle before the "
