@@ -405,21 +405,32 @@ def snapshot_from_checkpoint(checkpoint: str | Path, vae, folder: str | Path, to
     return save_snapshot(ema, vae, folder, tokenizer_dir, state["step"], recipe)
 
 
-def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
-    """Load `recipe.init_from`'s weights into `model`; returns its step, checked to end one of the recipe's cycles."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
+def snapshot_step(recipe: BaseRecipe) -> int:
+    """The step of `recipe.init_from`'s snapshot, checked to end one of the recipe's cycles before its last."""
     folder = Path(recipe.init_from)
     if not (folder / SNAPSHOT_STEP).exists():
         raise FileNotFoundError(f"{folder}: no {SNAPSHOT_STEP}; init_from takes a snapshot that train_base wrote under base-train/snapshots/.")
-    record = json.loads((folder / SNAPSHOT_STEP).read_text())
-    step, ends = record["step"], cycle_ends(recipe)
+    try:
+        step = json.loads((folder / SNAPSHOT_STEP).read_text())["step"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{folder}: {SNAPSHOT_STEP} is not a snapshot record (no step); train_base writes it with each snapshot.") from None
+    ends = cycle_ends(recipe)
     if step not in ends[:-1]:
         raise ValueError(
             f"{folder} was taken after {step} steps, which is not the end of one of this recipe's cycles before its last "
-            f"(they end at {', '.join(map(str, ends))}): a warm restart starts a new cycle, so give the cycles it was trained with."
+            f"(they end at {', '.join(map(str, ends))}): a warm restart trains the cycles after it, so give the cycles it was "
+            "trained with and at least one more (on the command line --extra-cycle, like --extra-cycle 3000,3e-4,0.5)."
         )
+    return step
+
+
+def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
+    """Load `recipe.init_from`'s weights into `model`; returns its step (`snapshot_step`)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    step, folder = snapshot_step(recipe), Path(recipe.init_from)
+    record = json.loads((folder / SNAPSHOT_STEP).read_text())
     if tuple(record["unet_channels"]) != tuple(recipe.unet_channels) or tuple(record["unet_attention"]) != tuple(recipe.unet_attention):
         raise ValueError(
             f"{folder} is a UNet with channels {record['unet_channels']} and attention {record['unet_attention']}; "

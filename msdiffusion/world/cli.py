@@ -92,7 +92,7 @@ def register(subparsers) -> None:
 
 def run_build(args) -> int:
     from ..checks import check_adapter_location
-    from .base import SNAPSHOT_STEP, BaseRecipe, cycle_ends
+    from .base import BaseRecipe, snapshot_step
     from .image_encoder import ImageEncoderRecipe
     from .models import UNET_CHANNELS
     from .recipe import STAGES, WorldRecipe, build
@@ -110,9 +110,6 @@ def run_build(args) -> int:
         channels = ()
     if len(channels) != 3 or min(channels) < 16 or any(c % 16 for c in channels):
         raise UserInputError(f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}.")
-    if args.init_base and not (Path(args.init_base) / SNAPSHOT_STEP).exists():
-        raise UserInputError(f"--init-base {args.init_base}: not a base snapshot (no {SNAPSHOT_STEP}); snapshots are written "
-                             "to base-train/snapshots/step-N at the end of each cycle.")
     if not args.subject_loss_weight >= 0:
         raise UserInputError(f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}.")
     if not args.adapter_subject_loss_weight >= 0:
@@ -130,18 +127,10 @@ def run_build(args) -> int:
         adapter_subject_loss_weight=args.adapter_subject_loss_weight,
     )  # fmt: skip
     if args.init_base:
-        try:
-            step = json.loads((Path(args.init_base) / SNAPSHOT_STEP).read_text())["step"]
-        except (ValueError, KeyError, TypeError):
-            raise UserInputError(f"--init-base {args.init_base}: {SNAPSHOT_STEP} is not a snapshot record (no step); "
-                                 "it is written by the base stage with each snapshot.") from None  # fmt: skip
-        ends = cycle_ends(recipe.base)
-        if step not in ends[:-1]:  # found here, not after the data and VAE stages
-            raise UserInputError(
-                f"--init-base {args.init_base} was taken after {step} steps, which is not the end of a cycle before the "
-                f"recipe's last (its cycles end at {', '.join(map(str, ends))}): a warm restart trains the cycles after "
-                "it; add one with --extra-cycle, like --extra-cycle 3000,3e-4,0.5."
-            )
+        try:  # found here, not after the data and VAE stages
+            snapshot_step(recipe.base)
+        except (FileNotFoundError, ValueError) as error:
+            raise UserInputError(f"--init-base: {error}") from None
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
     print("stage times (this run): " + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none, every stage was done already"))
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
