@@ -662,3 +662,32 @@ def test_ground_truth_check_through_a_vae_scores_the_round_trip_images():
     rendered, lossless, grey = seen[:3], seen[3:6], seen[6:]
     assert all(np.array_equal(a, b) for a, b in zip(rendered, lossless))
     assert all(image.dtype == np.uint8 and image.shape == a.shape and set(np.unique(image)) <= {127, 128} for image, a in zip(grey, rendered))
+
+
+def test_breakdowns_and_targets_count_the_right_subjects():
+    from msdiffusion.world.evaluate import SubjectResult, against_targets, breakdown
+
+    def result(cls: str, identity: int, found: bool, correct: bool) -> SubjectResult:
+        return SubjectResult(cls, identity, (0, 0, 1, 1), found, 0.9 if found else 0.0, correct, 0.0, None, found)
+
+    dots = next(i for i in range(NUM_IDENTITIES) if identity_parts(i)[2][0] == "dots")
+    border = next(i for i in range(NUM_IDENTITIES) if identity_parts(i)[2][0] == "border")
+    results = [
+        [result("star", dots, True, True)],  # 1 subject
+        [result("ring", border, True, False), result("star", border, False, False)],  # 2 subjects
+        [result("ring", dots, False, True)] * 4,  # 4 subjects
+    ]
+    by_pattern = breakdown(results, "pattern")
+    assert {k: (v["subjects"], v["identity_correct"]) for k, v in by_pattern.items()} == {"border": (2, 0.0), "dots": (5, 1.0)}
+    by_class = breakdown(results, "class")
+    assert {k: (v["subjects"], v["found"]) for k, v in by_class.items()} == {"ring": (5, 0.2), "star": (2, 0.5)}
+    with pytest.raises(ValueError, match="pattern, class"):
+        breakdown(results, "colour")
+
+    targets = {t["target"]: t for t in against_targets(results)}
+    one_two, four, identity = targets.values()
+    assert (one_two["subjects"], one_two["measured"], one_two["met"]) == (3, 2 / 3, False)
+    assert (four["subjects"], four["measured"], four["met"]) == (4, 0.0, False)
+    assert (identity["subjects"], identity["measured"], identity["met"]) == (7, 5 / 7, False)
+    assert against_targets([[result("star", dots, True, True)] * 4])[1]["met"] is True
+    assert not any(t["met"] for t in against_targets([]))

@@ -130,3 +130,24 @@ def test_demo_draws_the_shipped_model_and_generate_from_its_png_moves_the_subjec
     args = ["generate", "--from", str(tmp_path / "demo" / "msdiff-00001.png"), "--seed", "7", "--output", str(tmp_path / "moved")]
     assert main([*args, *subjects, "--quiet"]) == 0
     assert _placed(tmp_path / "moved" / "msdiff-00001.png", moved) == [True, True]
+
+
+def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
+    """`msdiff world evaluate` on the shipped weights: tables by subject count, pattern and class,
+    the targets with their measured rates, and all of it in --json, consistent with the results."""
+    import json
+
+    from msdiffusion.cli import main
+
+    out = tmp_path / "new" / "eval.json"
+    assert main(["world", "evaluate", "--count", "4", "--steps", "4", "--by", "pattern", "--by", "class", "--json", str(out)]) == 0  # its folder is made
+    printed = capsys.readouterr().out
+    for header in ("| subjects per image |", "| pattern |", "| class |", "| target | measured |", "at least 200 generations"):
+        assert header in printed, printed
+    record = json.loads(out.read_text())
+    subjects = [r for image in record["results"] for r in image]
+    assert len(subjects) == 1 + 2 + 3 + 4
+    assert sum(r["subjects"] for r in record["by_class"].values()) == len(subjects)
+    assert sum(r["subjects"] for r in record["by_pattern"].values()) == len(subjects)
+    assert [t["subjects"] for t in record["targets"]] == [3, 4, 10]
+    assert record["targets"][2]["measured"] == record["summary"]["all"]["identity_correct"]

@@ -73,7 +73,7 @@ def register(subparsers) -> None:
         help="generate held-out subjects and score them with the world's evaluator",
         description="Generate COUNT images of held-out identities (1 to 4 subjects, taking turns) and report, "
         "per subject count: found in its box (IoU >= 0.5), placed (a shape of any class there), mean IoU, identity correct, found and correct, "
-        "and identity mixing.",
+        "and identity mixing; then each of the world's targets (docs/world.md) with its measured rate.",
     )
     evaluate.add_argument("--models", help="a `world build --out` folder (default: the shipped weights)")
     evaluate.add_argument("--count", type=int, default=200, help="generations (default: 200)")
@@ -85,7 +85,13 @@ def register(subparsers) -> None:
     evaluate.add_argument("--start-step", type=int, default=5, help="auto layout start step (default: 5)")
     evaluate.add_argument("--no-boxes", action="store_true", help="give no boxes (all zeros)")
     evaluate.add_argument("--drop-grounding", action="store_true", help="learned grounding tokens (no phrase/box)")
-    evaluate.add_argument("--json", help="also write the summary and every subject's result to this file")
+    evaluate.add_argument(
+        "--by", action="append", choices=("pattern", "class"), default=[],
+        help="also report the rates by the identities' pattern kind or by class (repeatable)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--json", help="also write the summary, its breakdowns by pattern and by class, the targets and every subject's result to this file"
+    )
     evaluate.set_defaults(func=run_evaluate)
     world.set_defaults(func=lambda args: world.print_help() or 2)
 
@@ -153,7 +159,7 @@ def parse_cycle(text: str) -> tuple[int, float, float]:
 def run_evaluate(args) -> int:
     import torch
 
-    from .evaluate import WorldEvaluator, evaluate_world
+    from .evaluate import WorldEvaluator, against_targets, breakdown, evaluate_world
     from .weights import load_world_pipeline, world_model_paths
 
     if args.count < 1:
@@ -179,22 +185,44 @@ def run_evaluate(args) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance, ms_scale=args.scale,
         mask_threshold=args.mask_threshold, start_step=args.start_step, drop_grounding_tokens=args.drop_grounding,
     )  # fmt: skip
+    if args.json:  # before minutes of generation, not after
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summary, results = evaluate_world(pipe, evaluator, args.count, args.seed, no_boxes=args.no_boxes, **settings)
     print(f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({settings})")
     print(format_summary(summary))
+    for by in dict.fromkeys(args.by):
+        print("\n" + format_summary(breakdown(results, by), first_column=by))
+    targets = against_targets(results)
+    print("\n" + format_targets(targets))
+    if args.count < 200:
+        print(f"(the targets are asked over at least 200 generations; this run made {args.count})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"settings": settings, "summary": summary,
-                                               "results": [[r.to_dict() for r in image] for image in results]}, indent=1))  # fmt: skip
+        Path(args.json).write_text(json.dumps({
+            "settings": settings, "summary": summary, "by_pattern": breakdown(results, "pattern"),
+            "by_class": breakdown(results, "class"), "targets": targets,
+            "results": [[r.to_dict() for r in image] for image in results],
+        }, indent=1))  # fmt: skip
     return 0
 
 
-def format_summary(summary: dict) -> str:
-    rows = ["| subjects per image | subjects | found (IoU>=0.5) | placed (any shape) | mean IoU | identity correct | found and correct | mixing |",
+def format_summary(summary: dict, first_column: str = "subjects per image") -> str:
+    rows = [f"| {first_column} | subjects | found (IoU>=0.5) | placed (any shape) | mean IoU | identity correct | found and correct | mixing |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for name, r in summary.items():
         rows.append(
             f"| {name} | {r['subjects']} | {r['found']:.1%} | {r['placed']:.1%} | {r['mean_iou']:.3f} | {r['identity_correct']:.1%} | "
             f"{r['found_and_correct']:.1%} | {r['mixing']:.3f} |"
         )
+    return "\n".join(rows)
+
+
+def format_targets(targets: list[dict]) -> str:
+    rows = ["| target | measured | asked | subjects | met |", "| --- | --- | --- | --- | --- |"]
+    for t in targets:
+        if not t["subjects"]:
+            rows.append(f"| {t['target']} | - | {t['asked']:.0%} | 0 | no subjects of this kind were generated |")
+            continue
+        short = "" if t["met"] else f" ({(t['asked'] - t['measured']) * 100:.1f} points short)"
+        rows.append(f"| {t['target']} | {t['measured']:.1%} | {t['asked']:.0%} | {t['subjects']} | {'yes' if t['met'] else 'no' + short} |")
     return "\n".join(rows)

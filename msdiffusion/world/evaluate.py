@@ -331,24 +331,60 @@ def _mixing(image: np.ndarray, region: np.ndarray, identity: int, others: list[i
     return float(np.isin(colors, list(foreign)).mean()) if foreign else 0.0
 
 
+def _rates(group: list[SubjectResult]) -> dict:
+    n = len(group)
+    return {
+        "subjects": n,
+        "found": sum(r.found for r in group) / n if n else float("nan"),
+        "placed": sum(r.placed for r in group) / n if n else float("nan"),
+        "mean_iou": float(np.mean([r.iou for r in group])) if n else float("nan"),
+        "identity_correct": sum(r.identity_correct for r in group) / n if n else float("nan"),
+        "found_and_correct": sum(r.found and r.identity_correct for r in group) / n if n else float("nan"),
+        "mixing": float(np.mean([r.mixing for r in group])) if n else float("nan"),
+    }
+
+
 def summarize(results: list[list[SubjectResult]]) -> dict:
     """Rates over images, overall and by the number of subjects per image."""
-    def rates(group: list[SubjectResult]) -> dict:
-        n = len(group)
-        return {
-            "subjects": n,
-            "found": sum(r.found for r in group) / n if n else float("nan"),
-            "placed": sum(r.placed for r in group) / n if n else float("nan"),
-            "mean_iou": float(np.mean([r.iou for r in group])) if n else float("nan"),
-            "identity_correct": sum(r.identity_correct for r in group) / n if n else float("nan"),
-            "found_and_correct": sum(r.found and r.identity_correct for r in group) / n if n else float("nan"),
-            "mixing": float(np.mean([r.mixing for r in group])) if n else float("nan"),
-        }
-
-    summary = {"all": rates([r for image in results for r in image])}
+    summary = {"all": _rates([r for image in results for r in image])}
     for count in sorted({len(image) for image in results}):
-        summary[f"{count} subjects"] = rates([r for image in results if len(image) == count for r in image])
+        summary[f"{count} subjects"] = _rates([r for image in results if len(image) == count for r in image])
     return summary
+
+
+BREAKDOWNS = {
+    "pattern": lambda r: identity_parts(r.identity)[2][0],
+    "class": lambda r: r.cls,
+}
+
+
+def breakdown(results: list[list[SubjectResult]], by: str) -> dict:
+    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`) or their class."""
+    if by not in BREAKDOWNS:
+        raise ValueError(f"unknown breakdown {by!r}; choose one of {', '.join(BREAKDOWNS)}")
+    key = BREAKDOWNS[by]
+    subjects = [r for image in results for r in image]
+    return {name: _rates([r for r in subjects if key(r) == name]) for name in sorted({key(r) for r in subjects})}
+
+
+# What the world's model is asked to reach on held-out identities with default settings, over at
+# least 200 generations (docs/world.md): (name, subject counts per image or None for all, rate, target).
+TARGETS = (
+    ("found, 1-2 subjects per image", (1, 2), "found", 0.90),
+    ("found, 4 subjects per image", (4,), "found", 0.75),
+    ("identity correct, all subjects", None, "identity_correct", 0.80),
+)
+
+
+def against_targets(results: list[list[SubjectResult]]) -> list[dict]:
+    """Each of `TARGETS` with its measured rate, the number of subjects it rests on, and whether it is met."""
+    rows = []
+    for name, counts, rate, target in TARGETS:
+        group = [r for image in results if counts is None or len(image) in counts for r in image]
+        measured = _rates(group)[rate]
+        rows.append({"target": name, "measured": measured, "asked": target, "subjects": len(group),
+                     "met": bool(group) and measured >= target})  # fmt: skip
+    return rows
 
 
 def ground_truth_check(evaluator: WorldEvaluator, count: int = 100, seed: int = 99, vae=None, wrong_class: bool = False) -> dict:
