@@ -151,3 +151,18 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
     assert sum(r["subjects"] for r in record["by_pattern"].values()) == len(subjects)
     assert [t["subjects"] for t in record["targets"]] == [3, 4, 10]
     assert record["targets"][2]["measured"] == record["summary"]["all"]["identity_correct"]
+
+
+def test_evaluate_command_takes_an_exported_folder_and_names_what_a_folder_lacks(tmp_path, capsys):
+    """`--models` takes the folder `msdiff world build --export-to` writes (the package's layout), and
+    a folder that is neither that nor a finished build is refused with what it lacks."""
+    from msdiffusion.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["world", "evaluate", "--models", str(WEIGHTS_DIR), "--count", "1", "--steps", "2", "--json", str(out)]) == 0
+    assert out.exists()
+    (tmp_path / "build" / "base").mkdir(parents=True)
+    capsys.readouterr()
+    assert main(["world", "evaluate", "--models", str(tmp_path / "build"), "--count", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "adapter-train/adapter, image_encoder, evaluator.safetensors" in error and "--export-to" in error, error

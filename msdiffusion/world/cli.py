@@ -75,7 +75,9 @@ def register(subparsers) -> None:
         "per subject count: found in its box (IoU >= 0.5), placed (a shape of any class there), mean IoU, identity correct, found and correct, "
         "and identity mixing; then each of the world's targets (docs/world.md) with its measured rate.",
     )
-    evaluate.add_argument("--models", help="a `world build --out` folder (default: the shipped weights)")
+    evaluate.add_argument(
+        "--models", help="a `world build --out` folder, or the folder its --export-to wrote (default: the shipped weights)"
+    )
     evaluate.add_argument("--count", type=int, default=200, help="generations (default: 200)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the jobs and of the noise (default: 0)")
     evaluate.add_argument("--steps", type=int, default=25, help="denoising steps (default: 25)")
@@ -168,11 +170,16 @@ def run_evaluate(args) -> int:
         from ..pipelines import MSDiffusionXLPipeline
 
         root = Path(args.models)
-        missing = [p for p in ("base", "adapter-train/adapter", "image_encoder", "evaluator.safetensors") if not (root / p).exists()]
+        # A build folder keeps its adapter where `msdiff train` wrote it; an export (`--export-to`) in the package's layout.
+        adapter = root / "adapter" if (root / "adapter").is_dir() else root / "adapter-train" / "adapter"
+        missing = [str(p.relative_to(root)) for p in (root / "base", adapter, root / "image_encoder", root / "evaluator.safetensors") if not p.exists()]
         if missing:
-            raise UserInputError(f"--models {root}: missing {', '.join(missing)} (a finished `msdiff world build --out` folder).")
+            raise UserInputError(
+                f"--models {root}: missing {', '.join(missing)} (a finished `msdiff world build --out` folder, or the "
+                "folder its `--export-to` wrote)."
+            )
         pipe = MSDiffusionXLPipeline.from_pretrained(root / "base", dtype=torch.float32)
-        pipe.load_ms_adapter(str(root / "adapter-train" / "adapter"), image_encoder=str(root / "image_encoder"))
+        pipe.load_ms_adapter(str(adapter), image_encoder=str(root / "image_encoder"))
         pipe.set_progress_bar_config(disable=True)
         evaluator = WorldEvaluator.from_file(root / "evaluator.safetensors")
     else:
