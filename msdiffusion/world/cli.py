@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     build.add_argument(
         "--adapter-subject-loss-weight", type=float, default=0.0,
         help="msdiff train's subject_loss_weight for the adapter: its loss inside subjects' boxes weighted by 1 + this "
-        "(default: 0, a plain mean, as every shipped build)",
+        "(default: 0, a plain mean, as every shipped build; 3 moved the twelfth build by noise only, docs/world.md)",
     )  # fmt: skip
     build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
