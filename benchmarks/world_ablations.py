@@ -27,8 +27,8 @@ ABLATIONS = {
     "scale_0.4": ("scale 0.4", ["--scale", "0.4"]),
     "scale_0.6": ("scale 0.6 (the release's default)", ["--scale", "0.6"]),
     "first_subject_0.4": ("per-subject scales: the first subject 0.4, the others 1.0", ["--subject-scales", "0.4"]),
-    "refs_3_concat": ("3 references per subject, tokens from all together (the pipelines' default)", ["--references", "3", "--reference-combine", "concat"]),
-    "refs_3_mean": ("3 references per subject, each resampled, tokens averaged (the world's default)", ["--references", "3", "--reference-combine", "mean"]),
+    "refs_3_concat": ("3 references per subject, tokens from all together (the default)", ["--references", "3", "--reference-combine", "concat"]),
+    "refs_3_mean": ("3 references per subject, each resampled, tokens averaged", ["--references", "3", "--reference-combine", "mean"]),
 }
 COLUMNS = ("found", "placed", "identity_correct", "found_and_correct", "mixing", "mean_iou", "subject_clip_i")
 RATES = ("found", "placed", "identity_correct", "found_and_correct")

@@ -117,7 +117,7 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     settings = manifest[0]["settings"]
     assert (settings["steps"], settings["guidance_scale"], settings["ms_scale"]) == (2, 5.0, 1.0)
     assert (settings["height"], settings["width"], settings["negative_prompt"]) == (64, 64, "")
-    assert settings["reference_combine"] == "mean"  # the world's default for several references (MS-Bench: concat)
+    assert settings["reference_combine"] == "concat"  # several references resampled together, as MS-Bench
     assert settings["base"] == str((world_models / "base").resolve())
     four = next(r for r in manifest if r["sample_id"] == "four.000")
     expected = next(s for s in load_benchmark("world").samples if s.sample_id == "four.000")
