@@ -170,10 +170,10 @@ def _resolve_models(args, world: bool) -> None:
             raise UserInputError("--models is a folder of world models: it applies to --bench world only.")
         if any(given.values()):
             raise UserInputError("give either --models or --base/--adapter/--image-encoder, not both.")
-        from .world import models_folder
+        from msdiffusion.world.weights import world_models_folder
 
         try:
-            paths = models_folder(args.models)
+            paths = world_models_folder(args.models)
         except FileNotFoundError as error:
             raise UserInputError(str(error)) from None
         args.base, args.adapter, args.image_encoder = paths["base"], paths["adapter"], paths["image_encoder"]
@@ -260,10 +260,12 @@ def _run(args) -> int:
         from .world import world_settings
 
         world_defaults = world_settings()
-        defaults = {
+        # Several references stay resampled together ("concat") here too: averaging, the world bench's
+        # default until the twelfth build's ablations, placed 7 subjects that concatenating did not
+        # against 21 on that build (docs/world.md, Ablations).
+        defaults |= {
             "steps": world_defaults["steps"], "guidance": world_defaults["guidance_scale"], "scale": world_defaults["ms_scale"],
             "size": f"{world_defaults['width']}x{world_defaults['height']}", "negative_prompt": world_defaults["negative_prompt"],
-            "reference_combine": world_defaults["reference_combine"],
         }  # fmt: skip
     for name, value in defaults.items():
         if getattr(args, name) is None:

@@ -30,8 +30,6 @@ BENCH = "world"
 LAYOUTS = ("apart", "touching", "overlapping")
 GAP = 2 / 64  # `apart` boxes keep at least 2 px between them
 OVERLAP = 0.3  # `overlapping`: the second box covers this share of the narrower box's extent
-# What a models folder holds: the layout of the shipped weights (msdiffusion/world/weights).
-MODEL_PARTS = ("base", "adapter", "image_encoder", "evaluator.safetensors")
 WORLD_METRICS = {
     "found": "found (IoU >= 0.5)",
     "placed": "placed (any shape)",
@@ -46,14 +44,6 @@ WORLD_METRICS = {
 }
 
 
-# Several references per subject: resampled together, as the pipelines and MS-Bench do. On the shipped
-# (twelfth) build's 288 bench images with 3 references, concatenating placed 21 subjects that averaging
-# did not, against 7 (p = 0.013), and judged 41 identities correct against 24 (p = 0.046); on the
-# sixth and seventh builds averaging had placed more, so it was the world's default until then
-# (docs/world.md, Ablations).
-WORLD_REFERENCE_COMBINE = "concat"
-
-
 def world_settings() -> dict:
     """The world's generation settings (those of `msdiff demo`) as `GenerationSettings` fields."""
     from ..commands import WORLD_DEMO_SETTINGS as demo
@@ -62,7 +52,6 @@ def world_settings() -> dict:
     return {
         "steps": demo["steps"], "guidance_scale": demo["guidance"], "ms_scale": demo["scale"],
         "height": height, "width": width, "negative_prompt": demo["negative_prompt"],
-        "reference_combine": WORLD_REFERENCE_COMBINE,
     }  # fmt: skip
 
 
@@ -229,31 +218,16 @@ def render_references(samples: Sequence[Sample], directory: Path, per_subject: i
 # --- models ---------------------------------------------------------------------------------------
 
 
-def models_folder(models: str | os.PathLike) -> dict[str, str]:
-    """{base, adapter, image_encoder, evaluator} of a folder laid out as the shipped world weights."""
-    root = Path(models)
-    missing = [part for part in MODEL_PARTS if not (root / part).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"--models {root}: missing {', '.join(missing)}. A models folder is laid out as the shipped weights "
-            "(base/, adapter/, image_encoder/, evaluator.safetensors), as `msdiff world build --export-to FOLDER` "
-            "writes it."
-        )
-    paths = {part: str((root / part).resolve()) for part in ("base", "adapter", "image_encoder")}
-    paths["evaluator"] = str((root / "evaluator.safetensors").resolve())
-    return paths
-
-
 def scoring_models(run_settings: dict, models: str | os.PathLike | None = None) -> dict[str, str]:
     """The evaluator and image encoder to score a run with: `models` if given, else those the run used."""
-    from msdiffusion.world.weights import WORLD, world_model_paths
+    from msdiffusion.world.weights import WORLD, world_model_paths, world_models_folder
 
     if models is not None:
-        return models_folder(models)
+        return world_models_folder(models)
     if run_settings["image_encoder"] == WORLD:
         return world_model_paths()
     encoder = Path(run_settings["image_encoder"])
-    return models_folder(encoder.parent)  # a run made with --models: the evaluator sits beside the encoder
+    return world_models_folder(encoder.parent)  # a run made with --models: the evaluator sits beside the encoder
 
 
 def _digest(paths: Sequence[Path]) -> str:

@@ -159,35 +159,17 @@ def parse_cycle(text: str) -> tuple[int, float, float]:
 
 
 def run_evaluate(args) -> int:
-    import torch
-
-    from .evaluate import WorldEvaluator, against_targets, breakdown, evaluate_world
-    from .weights import load_world_pipeline, world_model_paths
+    from .evaluate import BREAKDOWNS, WorldEvaluator, against_targets, breakdown, evaluate_world
+    from .weights import load_world_pipeline, world_model_paths, world_models_folder
 
     if args.count < 1:
         raise UserInputError("--count must be a positive number of generations.")
-    if args.models:
-        from ..pipelines import MSDiffusionXLPipeline
-
-        root = Path(args.models)
-        # A build folder keeps its adapter where `msdiff train` wrote it; an export (`--export-to`) in the package's layout.
-        adapter = root / "adapter" if (root / "adapter").is_dir() else root / "adapter-train" / "adapter"
-        missing = [str(p.relative_to(root)) for p in (root / "base", adapter, root / "image_encoder", root / "evaluator.safetensors") if not p.exists()]
-        if missing:
-            raise UserInputError(
-                f"--models {root}: missing {', '.join(missing)} (a finished `msdiff world build --out` folder, or the "
-                "folder its `--export-to` wrote)."
-            )
-        pipe = MSDiffusionXLPipeline.from_pretrained(root / "base", dtype=torch.float32)
-        pipe.load_ms_adapter(str(adapter), image_encoder=str(root / "image_encoder"))
-        pipe.set_progress_bar_config(disable=True)
-        evaluator = WorldEvaluator.from_file(root / "evaluator.safetensors")
-    else:
-        try:
-            evaluator = WorldEvaluator.from_file(world_model_paths()["evaluator"])
-            pipe = load_world_pipeline()
-        except FileNotFoundError as error:
-            raise UserInputError(str(error)) from None
+    try:
+        paths = world_models_folder(args.models) if args.models else world_model_paths()
+    except FileNotFoundError as error:
+        raise UserInputError(str(error)) from None
+    evaluator = WorldEvaluator.from_file(paths["evaluator"])
+    pipe = load_world_pipeline(paths=paths)
     settings = dict(
         num_inference_steps=args.steps, guidance_scale=args.guidance, ms_scale=args.scale,
         mask_threshold=args.mask_threshold, start_step=args.start_step, drop_grounding_tokens=args.drop_grounding,
@@ -198,16 +180,17 @@ def run_evaluate(args) -> int:
     summary, results = evaluate_world(pipe, evaluator, args.count, args.seed, no_boxes=args.no_boxes, **settings)
     print(f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({settings})")
     print(format_summary(summary))
+    breakdowns = {by: breakdown(results, by) for by in BREAKDOWNS}
     for by in dict.fromkeys(args.by):
-        print("\n" + format_summary(breakdown(results, by), first_column=by))
+        print("\n" + format_summary(breakdowns[by], first_column=by))
     targets = against_targets(results)
     print("\n" + format_targets(targets))
     if args.count < 200:
         print(f"(the targets are asked over at least 200 generations; this run made {args.count})")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "settings": settings, "summary": summary, "by_pattern": breakdown(results, "pattern"),
-            "by_class": breakdown(results, "class"), "targets": targets,
+            "settings": settings, "summary": summary, "by_pattern": breakdowns["pattern"],
+            "by_class": breakdowns["class"], "targets": targets,
             "results": [[r.to_dict() for r in image] for image in results],
         }, indent=1))  # fmt: skip
     return 0

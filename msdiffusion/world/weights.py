@@ -26,14 +26,39 @@ def world_model_paths() -> dict[str, str]:
     return paths
 
 
-def load_world_pipeline(device: str = "cpu", dtype=None):
-    """`MSDiffusionXLPipeline` of the shipped world models (fp32 on the CPU by default)."""
+def world_models_folder(folder: str | Path) -> dict[str, str]:
+    """{base, adapter, image_encoder, evaluator} of another folder of world models: laid out as the
+    shipped weights (what `msdiff world build --export-to` writes), or a finished `--out` folder,
+    whose adapter is where `msdiff train` wrote it."""
+    root = Path(folder)
+
+    def layout(adapter: str) -> dict[str, Path]:
+        names = {"base": "base", "adapter": adapter, "image_encoder": "image_encoder", "evaluator": "evaluator.safetensors"}
+        return {key: root / name for key, name in names.items()}
+
+    def missing(parts: dict[str, Path]) -> str:
+        return ", ".join(str(path.relative_to(root)) for path in parts.values() if not path.exists())
+
+    exported, built = layout("adapter"), layout("adapter-train/adapter")
+    for parts in (exported, built):
+        if not missing(parts):
+            return {key: str(path.resolve()) for key, path in parts.items()}
+    raise FileNotFoundError(
+        f"--models {root}: missing {missing(exported)}, as a folder laid out as the shipped weights (base/, adapter/, "
+        "image_encoder/, evaluator.safetensors), which `msdiff world build --export-to FOLDER` writes; as a finished "
+        f"`msdiff world build --out` folder, missing {missing(built)}."
+    )
+
+
+def load_world_pipeline(device: str = "cpu", dtype=None, paths: dict[str, str] | None = None):
+    """`MSDiffusionXLPipeline` of the shipped world models, or of `paths` (`world_models_folder`); fp32
+    on the CPU by default."""
     import torch
 
     from ..pipelines import MSDiffusionXLPipeline
 
     dtype = dtype or torch.float32
-    paths = world_model_paths()
+    paths = paths or world_model_paths()
     pipe = MSDiffusionXLPipeline.from_pretrained(paths["base"], dtype=dtype)
     pipe.load_ms_adapter(paths["adapter"], image_encoder=paths["image_encoder"])
     pipe.set_progress_bar_config(disable=True)
