@@ -52,7 +52,7 @@ def register(subparsers) -> None:
     run.add_argument(
         "--models", type=Path,
         help="--bench world: a folder of world models laid out as the shipped weights (base/, adapter/, image_encoder/, "
-        "evaluator.safetensors) instead of the shipped ones",
+        "evaluator.safetensors), or a finished `msdiff world build --out` folder, instead of the shipped ones",
     )  # fmt: skip
     run.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its sample id")
     run.add_argument("--images-per-sample", type=int, help="images per sample (default: the benchmark's own)")
