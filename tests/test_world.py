@@ -247,11 +247,15 @@ def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path,
     assert seen[1].adapter_subject_loss_weight == 0.0  # the plain mean, as every shipped adapter
     assert main(["world", "build", "--out", str(tmp_path), "--adapter-subject-loss-weight", "3"]) == 0
     assert seen[2].adapter_subject_loss_weight == 3.0
+    assert seen[2].base.class_sampling == ()  # every scene as often
+    assert main(["world", "build", "--out", str(tmp_path), "--class-sampling", "hexagon=3", "--class-sampling", "star=1.5"]) == 0
+    assert seen[3].base.class_sampling == (("hexagon", 3.0), ("star", 1.5))
     for bad in (["--extra-cycle", "3000,3e-4"], ["--extra-cycle", "0,3e-4,0.5"], ["--extra-cycle", "3000,3e-4,2"],
-                ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")], ["--adapter-subject-loss-weight", "-1"]):  # fmt: skip
+                ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")], ["--adapter-subject-loss-weight", "-1"],
+                ["--class-sampling", "hexagon"], ["--class-sampling", "pentagon=2"], ["--class-sampling", "hexagon=0"]):  # fmt: skip
         assert main(["world", "build", "--out", str(tmp_path), *bad]) == 2
         assert bad[0] in capsys.readouterr().err
-    assert len(seen) == 3
+    assert len(seen) == 4
 
 
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
@@ -471,6 +475,36 @@ def test_base_loss_covers_the_manifest_boxes():
     assert boxes.shape == (2, 2, 4) and boxes[1].eq(0).all()  # padded with boxes that cover nothing
     cover = box_cover(boxes, 8, 8)
     assert cover[0].sum() == 2 * 4 + 3 * 5 and cover[1].sum() == 0
+
+
+def test_base_draws_scenes_of_the_classes_asked_more_often(tmp_path, monkeypatch):
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe, _Captions, scene_sampling_weights, train_base
+    from msdiffusion.world.data import MANIFEST, _write_scenes, read_manifest
+
+    entries = [{"subjects": [{"phrase": "hexagon"}, {"phrase": "star"}]}, {"subjects": [{"phrase": "ring"}]}, {"subjects": []}]
+    assert scene_sampling_weights(entries, ()) is None  # every scene as often: the earlier builds' draws
+    assert scene_sampling_weights(entries, (("star", 1.0),)) is None
+    assert scene_sampling_weights(entries, (("hexagon", 3.0),)).tolist() == [3.0, 1.0, 1.0]
+    assert scene_sampling_weights(entries, (("hexagon", 3.0), ("star", 5.0), ("ring", 0.5))).tolist() == [5.0, 0.5, 1.0]
+
+    data = tmp_path / "data"
+    for sub in ("images", "references"):
+        (data / sub).mkdir(parents=True)
+    manifest = data / MANIFEST
+    manifest.write_text("\n".join(line for _, line in _write_scenes(data, 0, range(6))) + "\n")
+    classes = [{s["phrase"] for s in e["subjects"]} for e in read_manifest(manifest)]
+    favoured = next(c for c in sorted(set().union(*classes)) if sum(c in scene for scene in classes) <= 2)
+    drawn = []
+    pick = _Captions.pick
+    monkeypatch.setattr(_Captions, "pick", lambda self, index, *a: drawn.extend(index.tolist()) or pick(self, index, *a))
+    torch.manual_seed(0)
+    recipe = BaseRecipe(unet_channels=(16, 16, 32), unet_batch=8, warmup_steps=1, checkpoint_every=100,
+                        cycles=((3, 1e-3, 0.0),), class_sampling=((favoured, 1e6),))  # fmt: skip
+    ema = train_base(manifest, models.vae().eval(), tmp_path / "out", recipe, log=lambda *_: None)
+    assert len(drawn) == 24 and all(favoured in classes[i] for i in drawn)
+    record = json.loads((tmp_path / "out" / "snapshots" / "step-3" / "training_step.json").read_text())
+    assert record["class_sampling"] == [[favoured, 1e6]] and ema is not None
 
 
 def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp_path):

@@ -50,6 +50,11 @@ def register(subparsers) -> None:
         "A warm restart from the recipe's last snapshot needs one (--init-base)",
     )  # fmt: skip
     build.add_argument(
+        "--class-sampling", action="append", default=[], metavar="CLASS=FACTOR",
+        help="draw the base's training scenes that hold a subject of CLASS FACTOR times as often, like hexagon=3 "
+        "(repeatable; default: every scene as often)",
+    )  # fmt: skip
+    build.add_argument(
         "--adapter-steps", type=int, default=3000,
         help="steps of the adapter stage (default: 3000, a fresh adapter's; the shipped builds continued theirs by 1,500 to 2,000)",
     )  # fmt: skip
@@ -128,7 +133,8 @@ def run_build(args) -> int:
         check_adapter_location(args.adapter_init, what="--adapter-init")  # msdiff train reads it, hours from now
     recipe = WorldRecipe(
         base=BaseRecipe(unet_channels=channels, subject_loss_weight=args.subject_loss_weight, init_from=args.init_base,
-                        cycles=BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle)),
+                        cycles=BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle),
+                        class_sampling=tuple(parse_class_sampling(c) for c in args.class_sampling)),
         image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None,
         adapter_steps=args.adapter_steps,
         adapter_init=args.adapter_init,
@@ -156,6 +162,21 @@ def parse_cycle(text: str) -> tuple[int, float, float]:
         raise UserInputError(f"--extra-cycle: STEPS,LR,HIGH_NOISE_SHARE with STEPS >= 1, LR > 0 and a share in [0, 1], "
                              f"like 3000,3e-4,0.5; got {text!r}.")  # fmt: skip
     return cycle
+
+
+def parse_class_sampling(text: str) -> tuple[str, float]:
+    """`--class-sampling` "CLASS=FACTOR" -> a `BaseRecipe.class_sampling` entry."""
+    from .scenes import CLASSES
+
+    cls, _, factor = text.partition("=")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = 0.0
+    if cls not in CLASSES or not value > 0:
+        raise UserInputError(f"--class-sampling: CLASS=FACTOR with one of the world's classes ({', '.join(CLASSES)}) "
+                             f"and a factor > 0, like hexagon=3; got {text!r}.")  # fmt: skip
+    return cls, value
 
 
 def run_evaluate(args) -> int:
