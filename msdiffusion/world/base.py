@@ -59,7 +59,7 @@ class BaseRecipe:
     # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
     # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
     # and outlines are decided.
-    # The eleventh build's five; the shipped twelfth added a sixth like the last (`--extra-cycle`; docs/world.md).
+    # The eleventh build's five; the shipped thirteenth added a sixth and a seventh like the last (`--extra-cycle`; docs/world.md).
     cycles: tuple[tuple[int, float, float], ...] = (
         (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5), (3000, 3e-4, 0.5),
     )  # fmt: skip
@@ -70,9 +70,10 @@ class BaseRecipe:
     subject_loss_weight: float = 3.0
     # (class, factor) pairs: a scene holding a subject of one of these classes is drawn `factor` times
     # as often as the manifest has it (the largest factor of its subjects). Every class is as common
-    # in the data, but not as easy: the bases draw hexagons round, found 17% against 70% to 98% for
-    # the other classes (docs/world.md, twelfth build), and a hexagon's corners are a few latent cells
-    # of a plain loss. Empty: every scene as often, as in every build before the thirteenth.
+    # in the data, but not as easy: the bases draw hexagons round (found 17% to 28% against 70% to
+    # 100% for most others). The thirteenth build's seventh cycle drew hexagon scenes three times as
+    # often and hexagons stayed round (22% -> 28% found over 98; docs/world.md), so the shortfall is
+    # not exposure. Empty: every scene as often, as every cycle before that one.
     class_sampling: tuple[tuple[str, float], ...] = ()
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted

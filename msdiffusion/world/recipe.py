@@ -31,7 +31,7 @@ STAGES = ("data", "vae", "base", "image_encoder", "evaluator", "adapter", "expor
 class WorldRecipe:
     num_scenes: int = 24000
     base: BaseRecipe = field(default_factory=BaseRecipe)
-    # Trained contrastively on the world, as the shipped (twelfth) build's; None keeps it random and
+    # Trained contrastively on the world, as the shipped (thirteenth) build's; None keeps it random and
     # frozen, as the builds before it (a fresh adapter: 19% identities correct after 1,000 steps
     # against 14%; docs/world.md, "The image encoder: random or trained").
     image_encoder: ImageEncoderRecipe | None = field(default_factory=ImageEncoderRecipe)
