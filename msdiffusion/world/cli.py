@@ -173,9 +173,9 @@ def parse_class_sampling(text: str) -> tuple[str, float]:
         value = float(factor)
     except ValueError:
         value = 0.0
-    if cls not in CLASSES or not value > 0:
+    if cls not in CLASSES or not 0 < value < float("inf"):
         raise UserInputError(f"--class-sampling: CLASS=FACTOR with one of the world's classes ({', '.join(CLASSES)}) "
-                             f"and a factor > 0, like hexagon=3; got {text!r}.")  # fmt: skip
+                             f"and a finite factor > 0, like hexagon=3; got {text!r}.")  # fmt: skip
     return cls, value
 
 
