@@ -9,7 +9,8 @@ only: the held-out ones stay unseen by every model.
 
 The resampler reads the encoder's penultimate hidden states, not the embedding this loss shapes;
 in a 3-layer ViT those states are what the last layer pools from (`identity_retrieval` measures
-both). Whether the trained encoder serves the adapter better than a random one: docs/world.md.
+both), and `ImageEncoderRecipe.penultimate_weight` puts the same loss on them too. Whether the
+trained encoder serves the adapter better than a random one: docs/world.md.
 """
 
 from __future__ import annotations
