@@ -563,6 +563,11 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
         load_snapshot(model, replace(warm, unet_channels=(16, 32, 32)))
     with pytest.raises(FileNotFoundError, match="training_step.json"):
         load_snapshot(model, replace(recipe, init_from=str(tmp_path)))
+    bare = tmp_path / "bare"  # a record from before snapshots named their UNet
+    bare.mkdir()
+    (bare / "training_step.json").write_text('{"step": 2}')
+    with pytest.raises(ValueError, match="channels None.*--unet-channels"):
+        load_snapshot(model, replace(recipe, init_from=str(bare)))
 
 
 def test_a_build_restarted_from_a_snapshot_takes_its_vae_and_refuses_another(tmp_path):

@@ -425,13 +425,14 @@ def snapshot_from_checkpoint(checkpoint: str | Path, vae, folder: str | Path, to
     return save_snapshot(ema, vae, folder, tokenizer_dir, state["step"], recipe)
 
 
-def snapshot_step(recipe: BaseRecipe) -> int:
-    """The step of `recipe.init_from`'s snapshot, checked to end one of the recipe's cycles before its last."""
+def snapshot_record(recipe: BaseRecipe) -> dict:
+    """`recipe.init_from`'s snapshot record, checked to end one of the recipe's cycles before its last."""
     folder = Path(recipe.init_from)
     if not (folder / SNAPSHOT_STEP).exists():
         raise FileNotFoundError(f"{folder}: no {SNAPSHOT_STEP}; init_from takes a snapshot that train_base wrote under base-train/snapshots/.")
     try:
-        step = json.loads((folder / SNAPSHOT_STEP).read_text())["step"]
+        record = json.loads((folder / SNAPSHOT_STEP).read_text())
+        step = record["step"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{folder}: {SNAPSHOT_STEP} is not a snapshot record (no step); train_base writes it with each snapshot.") from None
     ends = cycle_ends(recipe)
@@ -441,7 +442,12 @@ def snapshot_step(recipe: BaseRecipe) -> int:
             f"(they end at {', '.join(map(str, ends))}): a warm restart trains the cycles after it, so give the cycles it was "
             "trained with and at least one more (on the command line --extra-cycle, like --extra-cycle 3000,3e-4,0.5)."
         )
-    return step
+    return record
+
+
+def snapshot_step(recipe: BaseRecipe) -> int:
+    """The step of `recipe.init_from`'s snapshot (`snapshot_record`)."""
+    return snapshot_record(recipe)["step"]
 
 
 def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
@@ -449,17 +455,17 @@ def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    step, folder = snapshot_step(recipe), Path(recipe.init_from)
-    record = json.loads((folder / SNAPSHOT_STEP).read_text())
-    if tuple(record["unet_channels"]) != tuple(recipe.unet_channels) or tuple(record["unet_attention"]) != tuple(recipe.unet_attention):
+    record, folder = snapshot_record(recipe), Path(recipe.init_from)
+    channels, attention = record.get("unet_channels"), record.get("unet_attention")
+    if channels is None or tuple(channels) != tuple(recipe.unet_channels) or tuple(attention or ()) != tuple(recipe.unet_attention):
         raise ValueError(
-            f"{folder} is a UNet with channels {record['unet_channels']} and attention {record['unet_attention']}; "
+            f"{folder} is a UNet with channels {channels} and attention {attention}; "
             f"the recipe asks for {list(recipe.unet_channels)} and {list(recipe.unet_attention)} (--unet-channels)."
         )
     parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for name, cls in parts.items():
         getattr(model, name).load_state_dict(cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict())
-    return step
+    return record["step"]
 
 
 def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path) -> Path:
