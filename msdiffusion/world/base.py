@@ -445,13 +445,8 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
     return record
 
 
-def snapshot_step(recipe: BaseRecipe) -> int:
-    """The step of `recipe.init_from`'s snapshot (`snapshot_record`)."""
-    return snapshot_record(recipe)["step"]
-
-
 def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
-    """Load `recipe.init_from`'s weights into `model`; returns its step (`snapshot_step`)."""
+    """Load `recipe.init_from`'s weights into `model`; returns its step (checked by `snapshot_record`)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 

@@ -105,7 +105,7 @@ def register(subparsers) -> None:
 
 def run_build(args) -> int:
     from ..checks import check_adapter_location
-    from .base import BaseRecipe, snapshot_step
+    from .base import BaseRecipe, snapshot_record
     from .image_encoder import ImageEncoderRecipe
     from .models import UNET_CHANNELS
     from .recipe import STAGES, WorldRecipe, build
@@ -142,7 +142,7 @@ def run_build(args) -> int:
     )  # fmt: skip
     if args.init_base:
         try:  # found here, not after the data and VAE stages
-            snapshot_step(recipe.base)
+            snapshot_record(recipe.base)
         except (FileNotFoundError, ValueError) as error:
             raise UserInputError(f"--init-base: {error}") from None
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
