@@ -26,10 +26,10 @@ import torch
 
 def asked_side_score(image: np.ndarray, shape: np.ndarray, identity: int, mirrored: bool = False) -> float:
     """> 0 when the first colour is on the side of the axis the identity asks for (the other side
-    when `mirrored`); nan when no shape was drawn."""
+    when `mirrored`); nan when no shape, or a shape on one side only, was drawn."""
     from msdiffusion.world.scenes import COLORS, identity_parts
 
-    first, second, (kind, direction) = identity_parts(identity)
+    first, second, (_, direction) = identity_parts(identity)
     if shape.sum() < 20:
         return float("nan")
     ys, xs = np.nonzero(shape)
@@ -37,6 +37,8 @@ def asked_side_score(image: np.ndarray, shape: np.ndarray, identity: int, mirror
     # halves and gradients at 0 and 90 degrees put the first colour left / on top; 180 and 270 right / below
     low_side = (xx < (xs.min() + xs.max()) / 2) if direction % 180 == 0 else (yy < (ys.min() + ys.max()) / 2)
     first_side = low_side if (direction < 180) != mirrored else ~low_side
+    if not (shape & first_side).any() or not (shape & ~first_side).any():
+        return float("nan")
     a, b = (np.array(COLORS[c], np.float32) for c in (first, second))
     near, far = (image[shape & side].astype(np.float32).mean(0) for side in (first_side, ~first_side))
     return float(np.linalg.norm(near - b) + np.linalg.norm(far - a) - np.linalg.norm(near - a) - np.linalg.norm(far - b))
