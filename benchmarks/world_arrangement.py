@@ -21,7 +21,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def asked_side_score(image: np.ndarray, shape: np.ndarray, identity: int, mirrored: bool = False) -> float:
@@ -59,11 +58,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from diffusers import StableDiffusionXLPipeline
-
     from msdiffusion.world.evaluate import AskedSubject, WorldEvaluator, WorldJob, generate_world_jobs
     from msdiffusion.world.scenes import (
-        NUM_IDENTITIES, SIZE, SubjectSpec, caption_for, identity_parts, is_held_out, render_reference, render_scene,
+        NUM_IDENTITIES, SubjectSpec, caption_for, identity_parts, is_held_out, render_reference, render_scene,
     )  # fmt: skip
     from msdiffusion.world.weights import load_world_pipeline, world_model_paths, world_models_folder
 
@@ -96,15 +93,9 @@ def main() -> None:
 
     own = scores(generate_world_jobs(pipe, jobs, seed=args.seed, **settings), mirrored=False)
     flipped = scores(generate_world_jobs(pipe, mirrored_jobs, seed=args.seed, **settings), mirrored=True)
-    base = StableDiffusionXLPipeline.from_pretrained(paths["base"], dtype=torch.float32)
-    base.set_progress_bar_config(disable=True)
-    words = []
-    for start in range(0, len(described), 8):
-        chunk = described[start : start + 8]
-        generators = [torch.Generator().manual_seed(args.seed + start + k) for k in range(len(chunk))]
-        out = base(prompt=chunk, num_inference_steps=25, guidance_scale=5.0, height=SIZE, width=SIZE, generator=generators)
-        words += [np.asarray(image.convert("RGB")) for image in out.images]
-    words = scores(words, mirrored=False)
+    # scale 0: the image branch adds nothing, so this is the base alone (docs/world.md, "Ablations")
+    worded = [WorldJob(caption, job.subjects, job.references) for caption, job in zip(described, jobs)]
+    words = scores(generate_world_jobs(pipe, worded, seed=args.seed, **{**settings, "ms_scale": 0.0}), mirrored=False)
 
     def rate(values: np.ndarray) -> str:
         drawn = values[~np.isnan(values)]
