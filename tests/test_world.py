@@ -254,14 +254,17 @@ def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path,
     assert seen[2].adapter_subject_loss_weight == 3.0
     assert seen[2].base.class_sampling == ()  # every scene as often
     assert main(["world", "build", "--out", str(tmp_path), "--class-sampling", "hexagon=3", "--class-sampling", "star=1.5"]) == 0
-    assert seen[3].base.class_sampling == (("hexagon", 3.0), ("star", 1.5))
+    assert seen[3].base.class_sampling == (("hexagon", 3.0), ("star", 1.5)) and seen[3].base.zero_snr_from_cycle is None
+    assert main(["world", "build", "--out", str(tmp_path), "--extra-cycle", "2500,3e-4,0.5", "--zero-terminal-snr-from", "6"]) == 0
+    assert seen[4].base.zero_snr_from_cycle == 5  # the extra cycle, 0-based
     for bad in (["--extra-cycle", "3000,3e-4"], ["--extra-cycle", "0,3e-4,0.5"], ["--extra-cycle", "3000,3e-4,2"],
                 ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")], ["--adapter-subject-loss-weight", "-1"],
                 ["--class-sampling", "hexagon"], ["--class-sampling", "pentagon=2"], ["--class-sampling", "hexagon=0"],
-                ["--class-sampling", "hexagon=inf"], ["--class-sampling", "hexagon=nan"]):  # fmt: skip
+                ["--class-sampling", "hexagon=inf"], ["--class-sampling", "hexagon=nan"],
+                ["--zero-terminal-snr-from", "0"], ["--zero-terminal-snr-from", "6"]):  # fmt: skip
         assert main(["world", "build", "--out", str(tmp_path), *bad]) == 2
         assert bad[0] in capsys.readouterr().err
-    assert len(seen) == 4
+    assert len(seen) == 5
 
 
 def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
@@ -516,7 +519,7 @@ def test_base_draws_scenes_of_the_classes_asked_more_often(tmp_path, monkeypatch
 def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp_path):
     from dataclasses import replace
 
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from msdiffusion.world import models
     from msdiffusion.world.base import BaseRecipe, _Base, load_snapshot, snapshot_from_checkpoint, train_base
@@ -530,11 +533,16 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
     torch.manual_seed(0)
     vae = models.vae().eval()
     recipe = BaseRecipe(unet_channels=(16, 16, 32), unet_batch=2, warmup_steps=2, checkpoint_every=1,
-                        cycles=((2, 1e-3, 0.0), (2, 1e-3, 0.0), (1, 1e-3, 0.5)), subject_loss_weight=3.0)  # fmt: skip
+                        cycles=((2, 1e-3, 0.0), (2, 1e-3, 0.0), (1, 1e-3, 0.5)), subject_loss_weight=3.0,
+                        zero_snr_from_cycle=1)  # fmt: skip
     train_base(manifest, vae, tmp_path / "first", recipe, log=lambda *_: None)
     snapshots = tmp_path / "first" / "snapshots"
     assert sorted(p.name for p in snapshots.iterdir()) == ["step-2", "step-4", "step-5"]
     assert json.loads((snapshots / "step-2" / "training_step.json").read_text())["step"] == 2
+    # each snapshot samples with the schedule its last cycle trained on, and `msdiff train` reads it from there
+    for name, zero in (("step-2", False), ("step-4", True), ("step-5", True)):
+        config = DDPMScheduler.from_pretrained(snapshots / name, subfolder="scheduler").config
+        assert (config.rescale_betas_zero_snr, config.timestep_spacing) == (zero, "trailing" if zero else "leading")
     (snapshots / "step-5" / "training_step.json").unlink()  # as if stopped while writing the last snapshot
     train_base(manifest, vae, tmp_path / "first", recipe, log=lambda *_: None)  # resumes at the end: writes it
     assert json.loads((snapshots / "step-5" / "training_step.json").read_text())["step"] == 5
@@ -561,6 +569,13 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
         load_snapshot(model, replace(recipe, init_from=str(snapshots / "step-5")))
     with pytest.raises(ValueError, match="--unet-channels"):
         load_snapshot(model, replace(warm, unet_channels=(16, 32, 32)))
+    # nor one whose cycles trained on another schedule than the recipe says
+    with pytest.raises(ValueError, match="1 cycles on SDXL's schedule.*--zero-terminal-snr-from a cycle after 1"):
+        load_snapshot(model, replace(warm, zero_snr_from_cycle=0))
+    later = replace(recipe, init_from=str(snapshots / "step-4"))
+    assert load_snapshot(model, later) == 4
+    with pytest.raises(ValueError, match="zero-terminal-SNR schedule from cycle 2.*--zero-terminal-snr-from 2"):
+        load_snapshot(model, replace(later, zero_snr_from_cycle=None))
     with pytest.raises(FileNotFoundError, match="training_step.json"):
         load_snapshot(model, replace(recipe, init_from=str(tmp_path)))
     bare = tmp_path / "bare"  # a record from before snapshots named their UNet
@@ -592,6 +607,28 @@ def test_a_build_restarted_from_a_snapshot_takes_its_vae_and_refuses_another(tmp
     torch.manual_seed(1)
     with pytest.raises(ValueError, match="is not the VAE of"):
         check_same_vae(models.vae(), theirs, snapshot)
+
+
+def test_zero_terminal_snr_schedule_leaves_nothing_of_the_image_at_the_last_step_and_samples_from_it():
+    from diffusers import DDPMScheduler
+
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe, zero_terminal_snr_at
+
+    sdxl, zero = (DDPMScheduler.from_config(models.scheduler(z).config) for z in (False, True))
+    assert sdxl.alphas_cumprod[-1].sqrt() == pytest.approx(0.068, abs=0.001)  # what the noise leaks of the image
+    assert zero.alphas_cumprod[-1] == 0 and zero.alphas_cumprod[0] == pytest.approx(sdxl.alphas_cumprod[0])
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    last = torch.tensor([999, 999])
+    assert torch.allclose(zero.add_noise(latents, noise, last), noise)
+    assert torch.allclose(zero.get_velocity(latents, noise, last), -latents)  # v at pure noise: the image itself
+    sampler = models.scheduler(zero_terminal_snr=True)
+    sampler.set_timesteps(25)
+    assert sampler.timesteps[0] == 999  # the first step sees what training saw at t = 999: noise only
+
+    recipe = BaseRecipe(cycles=((10, 1e-3, 0.0), (5, 1e-3, 0.5), (5, 1e-3, 0.5)), zero_snr_from_cycle=1)
+    assert [zero_terminal_snr_at(step, recipe) for step in (0, 9, 10, 19)] == [False, False, True, True]
+    assert not any(zero_terminal_snr_at(step, BaseRecipe()) for step in (0, 15999))
 
 
 def test_base_schedule_is_a_cosine_then_warm_restarts():

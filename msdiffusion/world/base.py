@@ -75,6 +75,11 @@ class BaseRecipe:
     # often and hexagons stayed round (22% -> 28% found over 98; docs/world.md), so the shortfall is
     # not exposure. Empty: every scene as often, as every cycle before that one.
     class_sampling: tuple[tuple[str, float], ...] = ()
+    # The first cycle (0-based index into `cycles`) trained on the zero-terminal-SNR schedule
+    # (`models.scheduler(zero_terminal_snr=True)`); from there on the base's saved scheduler samples
+    # with it too. None: SDXL's schedule throughout, as every shipped build. The fourteenth build
+    # moved the shipped base to it by one more cycle, which did not help (docs/world.md).
+    zero_snr_from_cycle: int | None = None
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A
@@ -143,6 +148,14 @@ def _cycle(step: int, recipe: BaseRecipe) -> tuple[int, int, float, float]:
             return first, steps, peak, high_noise
         first += steps
     raise ValueError(f"step {step} is past the recipe's {first} steps")
+
+
+def zero_terminal_snr_at(step: int, recipe: BaseRecipe) -> bool:
+    """Whether step `step` (0-based) trains on the zero-terminal-SNR schedule (`BaseRecipe.zero_snr_from_cycle`);
+    a base saved after it samples with the schedule it trained on."""
+    if recipe.zero_snr_from_cycle is None:
+        return False
+    return step >= sum(steps for steps, _, _ in recipe.cycles[: recipe.zero_snr_from_cycle])
 
 
 def _base_lr(step: int, recipe: BaseRecipe) -> float:
@@ -323,7 +336,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     model = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), text_encoder, text_encoder_2)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.cycles[0][1], weight_decay=0.01)
-    noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)
+    schedulers = {zero: DDPMScheduler.from_config(models.scheduler(zero).config) for zero in (False, True)}
     entries = read_manifest(manifest)
     captions = _Captions(entries, tokenizer, tokenizer_2)
     scene_weights = scene_sampling_weights(entries, recipe.class_sampling)
@@ -376,6 +389,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         ids, ids_2 = captions.pick(index, keep, describe)
         noise = torch.randn(latents.shape, generator=generator)
         high_noise = _cycle(step, recipe)[3]
+        noise_scheduler = schedulers[zero_terminal_snr_at(step, recipe)]
         timesteps = draw_timesteps(b, noise_scheduler.config.num_train_timesteps, high_noise, generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prompt_embeds, pooled = encode_prompts(model.text_encoder, model.text_encoder_2, ids, ids_2)
@@ -408,10 +422,10 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
 def save_snapshot(ema: _Base, vae, folder: str | Path, tokenizer_dir: str | Path, step: int, recipe: BaseRecipe) -> Path:
     """The EMA base after `step` steps as an ordinary SDXL folder (fp16), with the step and the
     settings a warm restart must share (`BaseRecipe.init_from`)."""
-    folder = save_base(ema, vae, folder, tokenizer_dir)
+    folder = save_base(ema, vae, folder, tokenizer_dir, zero_terminal_snr=zero_terminal_snr_at(step - 1, recipe))
     record = {"step": step, "unet_channels": list(recipe.unet_channels), "unet_attention": list(recipe.unet_attention),
               "cycles": [list(c) for c in recipe.cycles], "subject_loss_weight": recipe.subject_loss_weight,
-              "class_sampling": [list(c) for c in recipe.class_sampling]}  # fmt: skip
+              "class_sampling": [list(c) for c in recipe.class_sampling], "zero_snr_from_cycle": recipe.zero_snr_from_cycle}  # fmt: skip
     (folder / SNAPSHOT_STEP).write_text(json.dumps(record, indent=2) + "\n")
     return folder
 
@@ -442,6 +456,17 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
             f"(they end at {', '.join(map(str, ends))}): a warm restart trains the cycles after it, so give the cycles it was "
             "trained with and at least one more (on the command line --extra-cycle, like --extra-cycle 3000,3e-4,0.5)."
         )
+    done = ends.index(step) + 1  # the snapshot's cycles: this recipe must say what schedule they trained on
+    recorded, asked = record.get("zero_snr_from_cycle"), recipe.zero_snr_from_cycle
+    if not (recorded == asked or ((recorded is None or recorded >= done) and (asked is None or asked >= done))):
+        if recorded is None or recorded >= done:
+            said, flag = "SDXL's schedule", f"a cycle after {done}"
+        else:
+            said, flag = f"the zero-terminal-SNR schedule from cycle {recorded + 1}", str(recorded + 1)
+        raise ValueError(
+            f"{folder} trained its {done} cycles on {said}, and this recipe says otherwise: a warm restart cannot "
+            f"change the past, so give its setting (on the command line --zero-terminal-snr-from {flag})."
+        )
     return record
 
 
@@ -463,14 +488,15 @@ def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
     return record["step"]
 
 
-def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path) -> Path:
-    """Write the base as an ordinary diffusers SDXL folder (fp16 weights: they are shipped)."""
+def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path, zero_terminal_snr: bool = False) -> Path:
+    """Write the base as an ordinary diffusers SDXL folder (fp16 weights: they are shipped), with the
+    sampler of the schedule it was trained on last (`models.scheduler`)."""
     from diffusers import StableDiffusionXLPipeline
 
     tokenizer, tokenizer_2 = models.tokenizers(tokenizer_dir)
     pipe = StableDiffusionXLPipeline(
         vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(base.text_encoder), text_encoder_2=copy.deepcopy(base.text_encoder_2),
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=copy.deepcopy(base.unet), scheduler=models.scheduler(),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=copy.deepcopy(base.unet), scheduler=models.scheduler(zero_terminal_snr),
         force_zeros_for_empty_prompt=False,  # trained with the empty caption as the unconditional input
     )  # fmt: skip
     pipe.to(torch.float16).save_pretrained(out)

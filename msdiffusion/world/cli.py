@@ -55,6 +55,11 @@ def register(subparsers) -> None:
         "(repeatable; default: every scene as often)",
     )  # fmt: skip
     build.add_argument(
+        "--zero-terminal-snr-from", type=int, metavar="CYCLE",
+        help="train the base's cycles from CYCLE on (1 is the first; with --init-base, one after the snapshot's) on the "
+        "zero-terminal-SNR schedule, and sample with it (default: SDXL's schedule throughout; docs/world.md, fourteenth build)",
+    )  # fmt: skip
+    build.add_argument(
         "--adapter-steps", type=int, default=3000,
         help="steps of the adapter stage (default: 3000, a fresh adapter's; the shipped builds continued theirs by 1,500 to 2,000)",
     )  # fmt: skip
@@ -131,10 +136,14 @@ def run_build(args) -> int:
         raise UserInputError(f"--adapter-steps: a positive number of steps; got {args.adapter_steps}.")
     if args.adapter_init:
         check_adapter_location(args.adapter_init, what="--adapter-init")  # msdiff train reads it, hours from now
+    cycles = BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle)
+    if args.zero_terminal_snr_from is not None and not 1 <= args.zero_terminal_snr_from <= len(cycles):
+        raise UserInputError(f"--zero-terminal-snr-from: a cycle from 1 to {len(cycles)} (the recipe's {len(BaseRecipe().cycles)} "
+                             f"and {len(args.extra_cycle)} --extra-cycle); got {args.zero_terminal_snr_from}.")  # fmt: skip
     recipe = WorldRecipe(
         base=BaseRecipe(unet_channels=channels, subject_loss_weight=args.subject_loss_weight, init_from=args.init_base,
-                        cycles=BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle),
-                        class_sampling=tuple(parse_class_sampling(c) for c in args.class_sampling)),
+                        cycles=cycles, class_sampling=tuple(parse_class_sampling(c) for c in args.class_sampling),
+                        zero_snr_from_cycle=None if args.zero_terminal_snr_from is None else args.zero_terminal_snr_from - 1),
         image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None,
         adapter_steps=args.adapter_steps,
         adapter_init=args.adapter_init,

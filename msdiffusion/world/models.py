@@ -119,7 +119,7 @@ def image_processor():
     return CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
 
 
-def scheduler():
+def scheduler(zero_terminal_snr: bool = False):
     """SDXL base's noise schedule and sampler, predicting v instead of epsilon.
 
     With epsilon prediction the first build's base (3,500 steps) denoised well at low noise but its
@@ -127,12 +127,20 @@ def scheduler():
     small model's epsilon error is amplified 15x there, and every sample's layout is decided there.
     v prediction (as SD 2's 768 model) has no such amplification; `msdiff train` follows the
     base's scheduler, so the adapter trains on v too.
+
+    `zero_terminal_snr`: the same betas rescaled so that t = 999 is pure noise (Lin et al. 2024,
+    "Common diffusion noise schedules and sample steps are flawed"), sampled from t = 999
+    ("trailing"). SDXL's schedule leaves 0.07 of the image in x_999, so a model can learn to read
+    what the noise seems to hold instead of its conditioning; the world's bases let the noise decide
+    which of two colours goes on which side. Moving the shipped base and adapter to this schedule
+    did not change that, and cost placement (docs/world.md, fourteenth build), so no shipped base uses it.
     """
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing="leading", prediction_type="v_prediction",
+        timestep_spacing="trailing" if zero_terminal_snr else "leading", prediction_type="v_prediction",
+        rescale_betas_zero_snr=zero_terminal_snr,
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import models
-from .base import BaseRecipe, save_base, train_base, train_vae
+from .base import BaseRecipe, cycle_ends, save_base, train_base, train_vae, zero_terminal_snr_at
 from .data import MANIFEST, write_dataset
 from .image_encoder import ImageEncoderRecipe, train_image_encoder
 
@@ -148,7 +148,8 @@ def build(
         vae = AutoencoderKL.from_pretrained(work / "vae")
         if snapshot is not None:
             check_same_vae(vae, AutoencoderKL.from_pretrained(snapshot / "vae"), snapshot)
-        save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer")
+        save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer",
+                  zero_terminal_snr=zero_terminal_snr_at(cycle_ends(recipe.base)[-1] - 1, recipe.base))
 
     stage("base", (out / "base" / "model_index.json").exists(), base_stage)
 
