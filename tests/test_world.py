@@ -570,11 +570,11 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
     with pytest.raises(ValueError, match="--unet-channels"):
         load_snapshot(model, replace(warm, unet_channels=(16, 32, 32)))
     # nor one whose cycles trained on another schedule than the recipe says
-    with pytest.raises(ValueError, match="1 cycles on SDXL's schedule.*--zero-terminal-snr-from a cycle after 1"):
+    with pytest.raises(ValueError, match="its first cycle on SDXL's schedule.*--zero-terminal-snr-from a cycle after 1"):
         load_snapshot(model, replace(warm, zero_snr_from_cycle=0))
     later = replace(recipe, init_from=str(snapshots / "step-4"))
     assert load_snapshot(model, later) == 4
-    with pytest.raises(ValueError, match="zero-terminal-SNR schedule from cycle 2.*--zero-terminal-snr-from 2"):
+    with pytest.raises(ValueError, match="its first 2 cycles on the zero-terminal-SNR schedule from cycle 2.*--zero-terminal-snr-from 2"):
         load_snapshot(model, replace(later, zero_snr_from_cycle=None))
     with pytest.raises(FileNotFoundError, match="training_step.json"):
         load_snapshot(model, replace(recipe, init_from=str(tmp_path)))

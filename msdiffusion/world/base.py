@@ -464,8 +464,9 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
         else:
             said, flag = f"the zero-terminal-SNR schedule from cycle {recorded + 1}", str(recorded + 1)
         raise ValueError(
-            f"{folder} trained its {done} cycles on {said}, and this recipe says otherwise: a warm restart cannot "
-            f"change the past, so give its setting (on the command line --zero-terminal-snr-from {flag})."
+            f"{folder} trained {'its first cycle' if done == 1 else f'its first {done} cycles'} on {said}, and this recipe "
+            f"says otherwise: a warm restart cannot change the past, so give its setting (on the command line "
+            f"--zero-terminal-snr-from {flag})."
         )
     return record
 
