@@ -155,7 +155,7 @@ def zero_terminal_snr_at(step: int, recipe: BaseRecipe) -> bool:
     a base saved after it samples with the schedule it trained on."""
     if recipe.zero_snr_from_cycle is None:
         return False
-    return step >= sum(steps for steps, _, _ in recipe.cycles[: recipe.zero_snr_from_cycle])
+    return step >= ([0] + cycle_ends(recipe))[recipe.zero_snr_from_cycle]
 
 
 def _base_lr(step: int, recipe: BaseRecipe) -> float:
@@ -457,9 +457,12 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
             "trained with and at least one more (on the command line --extra-cycle, like --extra-cycle 3000,3e-4,0.5)."
         )
     done = ends.index(step) + 1  # the snapshot's cycles: this recipe must say what schedule they trained on
-    recorded, asked = record.get("zero_snr_from_cycle"), recipe.zero_snr_from_cycle
-    if not (recorded == asked or ((recorded is None or recorded >= done) and (asked is None or asked >= done))):
-        if recorded is None or recorded >= done:
+    def among_done(cycle: int | None) -> int | None:  # the first of the snapshot's cycles on zero terminal SNR
+        return None if cycle is None or cycle >= done else cycle
+
+    recorded = among_done(record.get("zero_snr_from_cycle"))
+    if recorded != among_done(recipe.zero_snr_from_cycle):
+        if recorded is None:
             said, flag = "SDXL's schedule", f"a cycle after {done}"
         else:
             said, flag = f"the zero-terminal-SNR schedule from cycle {recorded + 1}", str(recorded + 1)
