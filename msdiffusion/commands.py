@@ -14,7 +14,7 @@ DEMO_PROMPT = "a dog and a cat on the beach"
 DEMO_BOXES = ([0.05, 0.35, 0.47, 0.95], [0.53, 0.35, 0.95, 0.95])
 # The world demo: two held-out identities (never seen in training), each in its box. A ring and a
 # heart: of 12 random held-out pairs of three class pairs tried on the sixth build (docs/world.md),
-# rings and moons came out best and stars as blobs. With the thirteenth build (shipped), over 8 seeds
+# rings and moons came out best and stars as blobs. With the sixteenth build (shipped), over 8 seeds
 # both are found in their boxes every time, the ring with its identity 7 times and the heart 8 (the
 # seventh build: found 8 and 3 times, identities 8 and 5).
 WORLD_DEMO_PROMPT = "a ring and a heart on a plain wall"

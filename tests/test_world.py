@@ -253,14 +253,14 @@ def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path,
     assert main(["world", "build", "--out", str(tmp_path), "--adapter-subject-loss-weight", "3"]) == 0
     assert seen[2].adapter_subject_loss_weight == 3.0
     assert seen[2].base.class_sampling == ()  # every scene as often
-    assert main(["world", "build", "--out", str(tmp_path), "--class-sampling", "hexagon=3", "--class-sampling", "star=1.5"]) == 0
-    assert seen[3].base.class_sampling == (("hexagon", 3.0), ("star", 1.5)) and seen[3].base.zero_snr_from_cycle is None
+    assert main(["world", "build", "--out", str(tmp_path), "--class-sampling", "hourglass=3", "--class-sampling", "star=1.5"]) == 0
+    assert seen[3].base.class_sampling == (("hourglass", 3.0), ("star", 1.5)) and seen[3].base.zero_snr_from_cycle is None
     assert main(["world", "build", "--out", str(tmp_path), "--extra-cycle", "2500,3e-4,0.5", "--zero-terminal-snr-from", "6"]) == 0
     assert seen[4].base.zero_snr_from_cycle == 5  # the extra cycle, 0-based
     for bad in (["--extra-cycle", "3000,3e-4"], ["--extra-cycle", "0,3e-4,0.5"], ["--extra-cycle", "3000,3e-4,2"],
                 ["--adapter-steps", "0"], ["--adapter-init", str(tmp_path / "missing")], ["--adapter-subject-loss-weight", "-1"],
-                ["--class-sampling", "hexagon"], ["--class-sampling", "pentagon=2"], ["--class-sampling", "hexagon=0"],
-                ["--class-sampling", "hexagon=inf"], ["--class-sampling", "hexagon=nan"],
+                ["--class-sampling", "hourglass"], ["--class-sampling", "hexagon=2"], ["--class-sampling", "hourglass=0"],
+                ["--class-sampling", "hourglass=inf"], ["--class-sampling", "hourglass=nan"],
                 ["--zero-terminal-snr-from", "0"], ["--zero-terminal-snr-from", "6"]):  # fmt: skip
         assert main(["world", "build", "--out", str(tmp_path), *bad]) == 2
         assert bad[0] in capsys.readouterr().err
@@ -491,11 +491,11 @@ def test_base_draws_scenes_of_the_classes_asked_more_often(tmp_path, monkeypatch
     from msdiffusion.world.base import BaseRecipe, _Captions, scene_sampling_weights, train_base
     from msdiffusion.world.data import MANIFEST, _write_scenes, read_manifest
 
-    entries = [{"subjects": [{"phrase": "hexagon"}, {"phrase": "star"}]}, {"subjects": [{"phrase": "ring"}]}, {"subjects": []}]
+    entries = [{"subjects": [{"phrase": "hourglass"}, {"phrase": "star"}]}, {"subjects": [{"phrase": "ring"}]}, {"subjects": []}]
     assert scene_sampling_weights(entries, ()) is None  # every scene as often: the earlier builds' draws
     assert scene_sampling_weights(entries, (("star", 1.0),)) is None
-    assert scene_sampling_weights(entries, (("hexagon", 3.0),)).tolist() == [3.0, 1.0, 1.0]
-    assert scene_sampling_weights(entries, (("hexagon", 3.0), ("star", 5.0), ("ring", 0.5))).tolist() == [5.0, 0.5, 1.0]
+    assert scene_sampling_weights(entries, (("hourglass", 3.0),)).tolist() == [3.0, 1.0, 1.0]
+    assert scene_sampling_weights(entries, (("hourglass", 3.0), ("star", 5.0), ("ring", 0.5))).tolist() == [5.0, 0.5, 1.0]
 
     data = tmp_path / "data"
     for sub in ("images", "references"):
@@ -583,6 +583,35 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
     (bare / "training_step.json").write_text('{"step": 2}')
     with pytest.raises(ValueError, match="channels None.*--unet-channels"):
         load_snapshot(model, replace(recipe, init_from=str(bare)))
+
+
+def test_a_warm_restart_carries_each_tokens_row_when_the_worlds_words_changed(tmp_path, monkeypatch):
+    from msdiffusion.world import models
+    from msdiffusion.world.base import BaseRecipe, _Base, load_snapshot, save_snapshot
+
+    recipe = BaseRecipe(unet_channels=(16, 16, 32), cycles=((2, 1e-3, 0.0), (2, 1e-3, 0.0)))
+    words = models.VOCABULARY
+    # the snapshot's world named its tenth class "hexagon": another tokenizer, other ids
+    monkeypatch.setattr(models, "VOCABULARY", sorted({*words, "hexagon"} - {"hourglass"}))
+    old_tokenizer, _ = models.tokenizers(tmp_path / "old")
+    torch.manual_seed(0)
+    old = _Base(models.unet(recipe.unet_channels), *models.text_encoders(old_tokenizer))
+    snapshot = save_snapshot(old, models.vae(), tmp_path / "snapshot", tmp_path / "old", 2, recipe)
+    monkeypatch.setattr(models, "VOCABULARY", words)
+    tokenizer, _ = models.tokenizers(tmp_path / "new")
+    model = _Base(models.unet(recipe.unet_channels), *models.text_encoders(tokenizer))
+    fresh = model.text_encoder_2.get_input_embeddings().weight.detach().clone()
+    logs = []
+    assert load_snapshot(model, BaseRecipe(unet_channels=recipe.unet_channels, cycles=recipe.cycles, init_from=str(snapshot)), logs.append) == 2
+    assert any("vocabulary changed" in line and "hourglass" in line for line in logs) and len(tokenizer) != len(old_tokenizer)
+    for encoder in ("text_encoder", "text_encoder_2"):
+        rows = getattr(model, encoder).get_input_embeddings().weight
+        theirs = getattr(old, encoder).get_input_embeddings().weight.half().float()  # snapshots are fp16
+        for token in ("star</w>", "red</w>", "grid</w>", "<|endoftext|>"):
+            assert torch.equal(rows[tokenizer.convert_tokens_to_ids(token)], theirs[old_tokenizer.convert_tokens_to_ids(token)])
+    # the new word starts from the new model's own initialisation
+    assert torch.equal(model.text_encoder_2.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("hourglass</w>")],
+                       fresh[tokenizer.convert_tokens_to_ids("hourglass</w>")])  # fmt: skip
 
 
 def test_a_build_restarted_from_a_snapshot_takes_its_vae_and_refuses_another(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.loss import box_cover, diffusion_loss
+from ..tiny import write_tiny_tokenizer
 from ..train.timesteps import draw_timesteps
 from . import models
 from .data import load_images, read_manifest
@@ -59,7 +61,7 @@ class BaseRecipe:
     # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
     # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
     # and outlines are decided.
-    # The eleventh build's five; the shipped thirteenth added a sixth and a seventh like the last (`--extra-cycle`; docs/world.md).
+    # The eleventh build's five; the shipped sixteenth added a sixth, a seventh and an eighth (`--extra-cycle`; docs/world.md).
     cycles: tuple[tuple[int, float, float], ...] = (
         (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5), (3000, 3e-4, 0.5),
     )  # fmt: skip
@@ -70,10 +72,11 @@ class BaseRecipe:
     subject_loss_weight: float = 3.0
     # (class, factor) pairs: a scene holding a subject of one of these classes is drawn `factor` times
     # as often as the manifest has it (the largest factor of its subjects). Every class is as common
-    # in the data, but not as easy: the bases draw hexagons round (found 17% to 28% against 70% to
-    # 100% for most others). The thirteenth build's seventh cycle drew hexagon scenes three times as
-    # often and hexagons stayed round (22% -> 28% found over 98; docs/world.md), so the shortfall is
-    # not exposure. Empty: every scene as often, as every cycle before that one.
+    # in the data, but not as easy: the bases drew hexagons (the tenth class up to the fifteenth
+    # build) round, found 17% to 28% against 70% to 100% for most others. The thirteenth build's
+    # seventh cycle drew hexagon scenes three times as often and hexagons stayed round (22% -> 28%
+    # found over 98; docs/world.md), so the shortfall was not exposure. A new class taught to a
+    # snapshot's base is the other use. Empty: every scene as often, as every cycle before those.
     class_sampling: tuple[tuple[str, float], ...] = ()
     # The first cycle (0-based index into `cycles`) trained on the zero-terminal-SNR schedule
     # (`models.scheduler(zero_terminal_snr=True)`); from there on the base's saved scheduler samples
@@ -359,7 +362,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     if recipe.init_from and step:  # an exact resume inside a restarted run keeps the restart's warmup
         warm_start = json.loads((Path(recipe.init_from) / SNAPSHOT_STEP).read_text())["step"]
     elif recipe.init_from:
-        warm_start = step = load_snapshot(model, recipe)
+        warm_start = step = load_snapshot(model, recipe, log)
         ema.load_state_dict(model.state_dict())
         generator.manual_seed(recipe.seed + 2 + step)  # not the first cycle's batches again
         log(f"base: warm restart from {recipe.init_from} at step {step} (fresh optimiser)")
@@ -474,7 +477,7 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
     return record
 
 
-def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
+def load_snapshot(model: _Base, recipe: BaseRecipe, log: Callable = print) -> int:
     """Load `recipe.init_from`'s weights into `model`; returns its step (checked by `snapshot_record`)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -488,8 +491,37 @@ def load_snapshot(model: _Base, recipe: BaseRecipe) -> int:
         )
     parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for name, cls in parts.items():
-        getattr(model, name).load_state_dict(cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict())
+        weights = cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict()
+        if name != "unet":
+            key = next(k for k in weights if k.endswith("embeddings.token_embedding.weight"))  # transformers 5 drops `text_model.`
+            weights[key] = carry_token_rows(weights[key], folder / "tokenizer", getattr(model, name).state_dict()[key], log)
+        getattr(model, name).load_state_dict(weights)
     return record["step"]
+
+
+def carry_token_rows(rows: torch.Tensor, snapshot_tokenizer: Path, fresh: torch.Tensor, log: Callable = print) -> torch.Tensor:
+    """A snapshot's token embedding `rows`, reordered for this world's vocabulary (`models.VOCABULARY`).
+
+    A world whose words changed (a class renamed) has another tokenizer: the ids of every token move.
+    Rows are carried by token string; a token the snapshot's tokenizer lacks keeps its `fresh` row
+    (the new model's initialisation), to be learnt in the cycles that follow.
+    """
+    from transformers import CLIPTokenizerFast
+
+    theirs = CLIPTokenizerFast.from_pretrained(snapshot_tokenizer).get_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = CLIPTokenizerFast.from_pretrained(write_tiny_tokenizer(tmp, models.VOCABULARY)).get_vocab()
+    if theirs == ours:
+        return rows
+    if len(theirs) != rows.shape[0] or len(ours) != fresh.shape[0]:
+        raise ValueError(f"{snapshot_tokenizer}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; not the tokenizer of that snapshot.")
+    carried = fresh.clone()
+    for token, i in ours.items():
+        if token in theirs:
+            carried[i] = rows[theirs[token]]
+    new = sorted(t[: -len("</w>")] for t in ours if t.endswith("</w>") and t not in theirs and t[:-4] in models.VOCABULARY)
+    log(f"  the world's vocabulary changed: {len(ours)} tokens, {len(set(ours) - set(theirs))} new ({', '.join(new)} among its words)")
+    return carried
 
 
 def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path, zero_terminal_snr: bool = False) -> Path:

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     build.add_argument(
         "--class-sampling", action="append", default=[], metavar="CLASS=FACTOR",
-        help="draw the base's training scenes that hold a subject of CLASS FACTOR times as often, like hexagon=3 "
+        help="draw the base's training scenes that hold a subject of CLASS FACTOR times as often, like hourglass=3 "
         "(repeatable; default: every scene as often)",
     )  # fmt: skip
     build.add_argument(
@@ -184,7 +184,7 @@ def parse_class_sampling(text: str) -> tuple[str, float]:
         value = 0.0
     if cls not in CLASSES or not 0 < value < float("inf"):
         raise UserInputError(f"--class-sampling: CLASS=FACTOR with one of the world's classes ({', '.join(CLASSES)}) "
-                             f"and a finite factor > 0, like hexagon=3; got {text!r}.")  # fmt: skip
+                             f"and a finite factor > 0, like hourglass=3; got {text!r}.")  # fmt: skip
     return cls, value
 
 

@@ -31,9 +31,9 @@ STAGES = ("data", "vae", "base", "image_encoder", "evaluator", "adapter", "expor
 class WorldRecipe:
     num_scenes: int = 24000
     base: BaseRecipe = field(default_factory=BaseRecipe)
-    # Trained contrastively on the world, as the shipped (thirteenth) build's; None keeps it random and
-    # frozen, as the builds before it (a fresh adapter: 19% identities correct after 1,000 steps
-    # against 14%; docs/world.md, "The image encoder: random or trained").
+    # Trained contrastively on the world, as the shipped (sixteenth) build's and every build's since the
+    # tenth; None keeps it random and frozen, as the builds before (a fresh adapter: 19% identities
+    # correct after 1,000 steps against 14%; docs/world.md, "The image encoder: random or trained").
     image_encoder: ImageEncoderRecipe | None = field(default_factory=ImageEncoderRecipe)
     segmenter_steps: int = 1200
     # `msdiff train` settings of the adapter (the rest are the release's defaults)

@@ -20,7 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SIZE = 64
-CLASSES = ("star", "ring", "square", "heart", "triangle", "circle", "cross", "diamond", "moon", "hexagon")
+# The tenth class was a hexagon up to the fifteenth build: at 18 to 42 px it differs from a circle by a
+# pixel or two, less than the drawn edges' softness, and every base drew it round (found 5 of 29 with
+# 1 to 2 subjects; docs/world.md). An hourglass is as simple and unlike every other class.
+CLASSES = ("star", "ring", "square", "heart", "triangle", "circle", "cross", "diamond", "moon", "hourglass")
 # Subject colours: saturated and far apart, so that an identity is a clear fact of the image.
 COLORS = {
     "red": (220, 30, 30), "orange": (255, 140, 0), "yellow": (250, 225, 40), "green": (30, 170, 50),
@@ -145,8 +148,8 @@ def shape_mask(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return abs(u) / 0.75 + abs(v) <= 0.98
     if cls == "triangle":
         return _polygon(u, v + 0.15, 3, 1.05, -math.pi / 2)
-    if cls == "hexagon":
-        return _polygon(u, v, 6, 0.95, 0.0)
+    if cls == "hourglass":
+        return (abs(v) <= 0.9) & (abs(u) <= 0.15 + 0.8 * abs(v))
     if cls == "cross":
         return (np.maximum(abs(u), abs(v)) <= 0.95) & (np.minimum(abs(u), abs(v)) <= 0.3)
     if cls == "star":
