@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..train.loss import box_cover, diffusion_loss
 from ..tiny import write_tiny_tokenizer
+from ..train.loss import box_cover, diffusion_loss
 from ..train.timesteps import draw_timesteps
 from . import models
 from .data import load_images, read_manifest
@@ -513,7 +513,7 @@ def carry_token_rows(rows: torch.Tensor, snapshot_tokenizer: Path, fresh: torch.
         ours = CLIPTokenizerFast.from_pretrained(write_tiny_tokenizer(tmp, models.VOCABULARY)).get_vocab()
     if theirs == ours:
         return rows
-    if len(theirs) != rows.shape[0] or len(ours) != fresh.shape[0]:
+    if len(theirs) != rows.shape[0]:
         raise ValueError(f"{snapshot_tokenizer}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; not the tokenizer of that snapshot.")
     carried = fresh.clone()
     for token, i in ours.items():
