@@ -31,7 +31,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tiny import write_tiny_tokenizer
 from ..train.loss import box_cover, diffusion_loss
 from ..train.timesteps import draw_timesteps
 from . import models
@@ -480,7 +479,7 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
 def load_snapshot(model: _Base, recipe: BaseRecipe, log: Callable = print) -> int:
     """Load `recipe.init_from`'s weights into `model`; returns its step (checked by `snapshot_record`)."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizerFast
 
     record, folder = snapshot_record(recipe), Path(recipe.init_from)
     channels, attention = record.get("unet_channels"), record.get("unet_attention")
@@ -489,38 +488,37 @@ def load_snapshot(model: _Base, recipe: BaseRecipe, log: Callable = print) -> in
             f"{folder} is a UNet with channels {channels} and attention {attention}; "
             f"the recipe asks for {list(recipe.unet_channels)} and {list(recipe.unet_attention)} (--unet-channels)."
         )
+    # Both text encoders share the world's vocabulary; the snapshot's may be another (a class renamed).
+    theirs = CLIPTokenizerFast.from_pretrained(folder / "tokenizer").get_vocab()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = models.tokenizers(tmp)[0].get_vocab()
     parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for name, cls in parts.items():
         weights = cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict()
-        if name != "unet":
+        if name != "unet" and theirs != ours:
             key = next(k for k in weights if k.endswith("embeddings.token_embedding.weight"))  # transformers 5 drops `text_model.`
-            weights[key] = carry_token_rows(weights[key], folder / "tokenizer", getattr(model, name).state_dict()[key], log)
+            weights[key] = carry_token_rows(weights[key], theirs, ours, getattr(model, name).state_dict()[key], folder)
         getattr(model, name).load_state_dict(weights)
+    if theirs != ours:
+        added = set(ours) - set(theirs)
+        words = sorted(t.removesuffix("</w>") for t in added if t.endswith("</w>") and t.removesuffix("</w>") in models.VOCABULARY)
+        log(f"  the world's vocabulary changed: {len(ours)} tokens, {len(added)} new ({', '.join(words)} among its words)")
     return record["step"]
 
 
-def carry_token_rows(rows: torch.Tensor, snapshot_tokenizer: Path, fresh: torch.Tensor, log: Callable = print) -> torch.Tensor:
-    """A snapshot's token embedding `rows`, reordered for this world's vocabulary (`models.VOCABULARY`).
+def carry_token_rows(rows: torch.Tensor, theirs: dict[str, int], ours: dict[str, int], fresh: torch.Tensor, snapshot: Path) -> torch.Tensor:
+    """A snapshot's token embedding `rows` (ids of `theirs`), reordered for the vocabulary `ours`.
 
     A world whose words changed (a class renamed) has another tokenizer: the ids of every token move.
     Rows are carried by token string; a token the snapshot's tokenizer lacks keeps its `fresh` row
     (the new model's initialisation), to be learnt in the cycles that follow.
     """
-    from transformers import CLIPTokenizerFast
-
-    theirs = CLIPTokenizerFast.from_pretrained(snapshot_tokenizer).get_vocab()
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = CLIPTokenizerFast.from_pretrained(write_tiny_tokenizer(tmp, models.VOCABULARY)).get_vocab()
-    if theirs == ours:
-        return rows
     if len(theirs) != rows.shape[0]:
-        raise ValueError(f"{snapshot_tokenizer}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; not the tokenizer of that snapshot.")
+        raise ValueError(f"{snapshot}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; its tokenizer is not its text encoders'.")
     carried = fresh.clone()
     for token, i in ours.items():
         if token in theirs:
             carried[i] = rows[theirs[token]]
-    new = sorted(t[: -len("</w>")] for t in ours if t.endswith("</w>") and t not in theirs and t[:-4] in models.VOCABULARY)
-    log(f"  the world's vocabulary changed: {len(ours)} tokens, {len(set(ours) - set(theirs))} new ({', '.join(new)} among its words)")
     return carried
 
 
