@@ -15,7 +15,9 @@ Prints medians and the ratios to bare. `--profile` then profiles one generation 
 (torch.profiler) and prints host time, GPU kernel time, the attention kernels used, the host time
 and operator count per cross-attention call, and the top kernels. `--compile` runs the UNet
 through `torch.compile`; `--sync-check` (CUDA) lists the host-device synchronisations inside UNet
-calls. Each variant has its own copy of the UNet, set up once (see `pipeline_with`).
+calls. Each variant has its own copy of the UNet, set up once (see `pipeline_with`). On CUDA the
+CUDA graphs recorded during each timed generation are counted (`--compile-mode reduce-overhead`).
+`--breakdown` times the work a generation of ours does outside the denoising loop, part by part.
 
     python benchmarks/adapter_overhead.py                       # CPU, fp32, 512 px, quarter width
     python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1
@@ -176,6 +178,45 @@ def sync_check(name: str, run, unet) -> None:
     print(f"  {name}: {sum(syncs.values())} synchronisations" + "".join(f"\n    {n} x {where}" for where, n in syncs.most_common()))
 
 
+def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: int, synchronize, repeats: int = 10) -> None:
+    """Median time of each part of a generation of ours outside the denoising loop (a fixed cost
+    per generation, which CUDA graphs do not remove), then of a whole 1-step generation."""
+    from msdiffusion.adapter import ms_attention_state
+    from msdiffusion.subjects import build_subjects
+
+    device, state = pipe._execution_device, ms_attention_state(pipe.unet)
+    subjects = build_subjects(1, images, phrases, boxes, None, False)
+    tokens = pipe.encode_subjects(subjects, device).to(pipe.unet.dtype)
+    layout = pipe.subject_layout([prompt], subjects, size, size, 0.6, None, 5)
+
+    def activate():
+        with state.activate(layout, image_tokens=tokens, tokens_in_hidden_states=False):
+            pass
+
+    def one_step(pipe, **subject_args):
+        return lambda: pipe(prompt=prompt, num_inference_steps=1, height=size, width=size, output_type="latent", **subject_args)
+
+    parts = {
+        "encode_prompt (bare does it too)": lambda: pipe.encode_prompt(prompt=[prompt], device=device, do_classifier_free_guidance=True),
+        "encode_subjects (references, image encoder, phrases, resampler)": lambda: pipe.encode_subjects(subjects, device),
+        "subject_layout": lambda: pipe.subject_layout([prompt], subjects, size, size, 0.6, None, 5),
+        "state.activate (masks, every layer's keys/values)": activate,
+        "a whole 1-step generation, bare": one_step(bare),
+        "a whole 1-step generation, ours": one_step(pipe, subject_images=images, subject_phrases=phrases, subject_boxes=boxes),
+    }
+    print(f"outside the denoising loop, median of {repeats} (ms):")
+    for name, fn in parts.items():
+        fn()
+        runs = []
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            runs.append(time.perf_counter() - start)
+        print(f"  {name:66s} {statistics.median(runs) * 1e3:9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
@@ -191,6 +232,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="pipe.unet = torch.compile(pipe.unet)")
     parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
     parser.add_argument("--sync-check", action="store_true", help="count host-device synchronisations in UNet calls (CUDA)")
+    parser.add_argument("--breakdown", action="store_true", help="time the parts of a generation outside the denoising loop")
     parser.add_argument("--output-type", choices=["np", "latent"], default="np", help="latent: skip the VAE decode")
     parser.add_argument("--shared", type=Path, default=None, help="folder with sdxl-base/ and the image encoder config")
     args = parser.parse_args()
@@ -234,11 +276,22 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
 
-    def timed(fn) -> float:
+    recorded = [0]  # CUDA graphs captured so far (torch.compile's "reduce-overhead" records them)
+    if args.device == "cuda":
+        capture_begin = torch.cuda.CUDAGraph.capture_begin
+
+        def counted_capture_begin(graph, *a, **k):
+            recorded[0] += 1
+            return capture_begin(graph, *a, **k)
+
+        torch.cuda.CUDAGraph.capture_begin = counted_capture_begin
+
+    def timed(fn, name: str) -> float:
         synchronize()
-        start = time.perf_counter()
+        before, start = recorded[0], time.perf_counter()
         fn()
         synchronize()
+        recordings[name].append(recorded[0] - before)
         return time.perf_counter() - start
 
     def generation(name: str):
@@ -250,9 +303,10 @@ def main() -> None:
         synchronize()
         print(f"warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in variants}
+    recordings: dict[str, list[int]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name in variants:
-            times[name].append(timed(generation(name)))
+            times[name].append(timed(generation(name), name))
 
     median = {name: statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -264,10 +318,15 @@ def main() -> None:
     for name in median:
         if name != "bare":
             print(f"{name} / bare = {median[name] / median['bare']:.4f}")
+    if recorded[0]:
+        print("CUDA graphs recorded during each timed generation: " + ", ".join(f"{n} {r}" for n, r in recordings.items()))
     if args.compile:
         from torch._dynamo.utils import counters
 
         print(f"dynamo: {dict(counters['stats'])}, graph breaks: {sum(counters['graph_break'].values())}")
+    if args.breakdown:
+        generation_breakdown(pipes["ours"], pipes["bare"], common["prompt"], images, subjects["subject_phrases"], subjects["subject_boxes"],
+                             args.size, synchronize)  # fmt: skip
     if args.sync_check:
         print("host-device synchronisations inside UNet calls, one generation per variant:")
         for name in variants:
