@@ -193,8 +193,8 @@ def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: 
         with state.activate(layout, image_tokens=tokens, tokens_in_hidden_states=False):
             pass
 
-    def one_step(pipe, **subject_args):
-        return lambda: pipe(prompt=prompt, num_inference_steps=1, height=size, width=size, output_type="latent", **subject_args)
+    def one_step(target, **subject_args):
+        return lambda: target(prompt=prompt, num_inference_steps=1, height=size, width=size, output_type="latent", **subject_args)
 
     parts = {
         "encode_prompt (bare does it too)": lambda: pipe.encode_prompt(prompt=[prompt], device=device, do_classifier_free_guidance=True),
