@@ -178,6 +178,15 @@ def sync_check(name: str, run, unet) -> None:
     print(f"  {name}: {sum(syncs.values())} synchronisations" + "".join(f"\n    {n} x {where}" for where, n in syncs.most_common()))
 
 
+def elapsed(fn, synchronize) -> float:
+    """Wall-clock seconds of `fn()`, the device's queued work included."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
 def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: int, synchronize, repeats: int = 10) -> None:
     """Median time of each part of a generation of ours outside the denoising loop (a fixed cost
     per generation, which CUDA graphs do not remove), then of a whole 1-step generation."""
@@ -207,13 +216,7 @@ def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: 
     print(f"outside the denoising loop, median of {repeats} (ms):")
     for name, fn in parts.items():
         fn()
-        runs = []
-        for _ in range(repeats):
-            synchronize()
-            start = time.perf_counter()
-            fn()
-            synchronize()
-            runs.append(time.perf_counter() - start)
+        runs = [elapsed(fn, synchronize) for _ in range(repeats)]
         print(f"  {name:66s} {statistics.median(runs) * 1e3:9.2f}")
 
 
@@ -287,12 +290,10 @@ def main() -> None:
         torch.cuda.CUDAGraph.capture_begin = counted_capture_begin
 
     def timed(fn, name: str) -> float:
-        synchronize()
-        before, start = recorded[0], time.perf_counter()
-        fn()
-        synchronize()
+        before = recorded[0]
+        seconds = elapsed(fn, synchronize)
         recordings[name].append(recorded[0] - before)
-        return time.perf_counter() - start
+        return seconds
 
     def generation(name: str):
         return lambda: pipes[name](generator=torch.Generator().manual_seed(0), **common, **settings[name])
