@@ -6,6 +6,7 @@ _EXPORTS = {
     "MSDiffusionXLPipeline": "pipelines",
     "MSDiffusionXLControlNetPipeline": "pipelines",
     "MSDiffusionPipelineOutput": "pipelines",
+    "PreparedSubjects": "pipelines",
     "MSImageProjection": "adapter",
     "MSAdapterCheckpoint": "adapter",
     "AdapterMismatchError": "adapter",

@@ -295,20 +295,22 @@ def cross_attention_levels(unet) -> tuple[int, ...] | None:
     """The UNet levels (number of 2x downsamplings of the latent) where `attn2` layers run, read
     from their names (down_blocks.i: level i; up_blocks.i: depth - 1 - i; mid_block: the lowest);
     None for a UNet named otherwise (masks are then built for every level)."""
+    levels = [layer_level(unet, name) for name in cross_attention_layers(unet).values()]
+    return None if None in levels else tuple(sorted(set(levels)))
+
+
+def layer_level(unet, name: str) -> int | None:
+    """The level of the layer called `name` (see `cross_attention_levels`), None if its name does not say."""
     depth = len(getattr(unet.config, "block_out_channels", ()))
-    levels = set()
-    for name in cross_attention_layers(unet).values():
-        block, _, rest = name.partition(".")
-        index = rest.partition(".")[0]
-        if block == "down_blocks" and index.isdigit():
-            levels.add(int(index))
-        elif block == "up_blocks" and index.isdigit() and depth:
-            levels.add(depth - 1 - int(index))
-        elif block == "mid_block" and depth:
-            levels.add(depth - 1)
-        else:
-            return None
-    return tuple(sorted(levels))
+    block, _, rest = name.partition(".")
+    index = rest.partition(".")[0]
+    if block == "down_blocks" and index.isdigit():
+        return int(index)
+    if block == "up_blocks" and index.isdigit() and depth:
+        return depth - 1 - int(index)
+    if block == "mid_block" and depth:
+        return depth - 1
+    return None
 
 
 def expected_attention_shapes(unet) -> dict[str, tuple]:
@@ -342,7 +344,9 @@ def attach_ms_attention(
     processors = dict(unet.attn_processors)
     for i, name in cross_attention_layers(unet).items():
         layer = unet.get_submodule(name)
-        processor = MSAttnProcessor(layer.to_k.out_features, layer.to_k.in_features, state, heads=layer.heads)
+        processor = MSAttnProcessor(
+            layer.to_k.out_features, layer.to_k.in_features, state, heads=layer.heads, level=layer_level(unet, name)
+        )
         if attention is not None:
             processor.load_state_dict(attention[i])
         else:

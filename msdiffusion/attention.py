@@ -73,6 +73,7 @@ class MSAttentionState:
         static_image_tokens: bool = False,
         image_tokens: torch.Tensor | None = None,
         tokens_in_hidden_states: bool = True,
+        num_text_tokens: int | None = None,
     ) -> Iterator["MSAttentionState"]:
         """Use `layout` for every UNet call inside the block.
 
@@ -82,6 +83,8 @@ class MSAttentionState:
         UNet runs (what the pipeline does; it implies `static_image_tokens`). With them,
         `tokens_in_hidden_states=False` says the UNet is given the text embeddings alone, as
         bare SDXL is (what the pipeline does: no per-call slicing and copying of the text part).
+        `num_text_tokens`, the text's length, lets auto layout make its phrase-averaging values here
+        too, so that no UNet call, the first included, builds anything (one compiled graph for all steps).
         """
         if not tokens_in_hidden_states and image_tokens is None:
             raise ValueError("tokens_in_hidden_states=False needs image_tokens: the processors take the subjects' keys/values from them.")
@@ -101,7 +104,7 @@ class MSAttentionState:
                 p._maps = None  # a new running mean per generation (kept after the block: see auto_layout_maps)
         try:
             if layout is not None:
-                self._prepare(layout, image_tokens)
+                self._prepare(layout, image_tokens, num_text_tokens)
             yield self
         finally:  # blocks nest: the outer layout (or none) is active again
             (self.layout, self.static_image_tokens, self.tokens_in_hidden_states, outer_generation, self._cache,
@@ -111,13 +114,15 @@ class MSAttentionState:
             if self.layout is not None:
                 self.generation = outer_generation
 
-    def _prepare(self, layout: SubjectLayout, image_tokens: torch.Tensor | None) -> None:
+    def _prepare(self, layout: SubjectLayout, image_tokens: torch.Tensor | None, num_text_tokens: int | None) -> None:
         """Build, for the processors' device and dtype, what every layer call of this activation reads."""
         if not self.processors:
             return
         weight = self.processors[0].to_k_ip.weight
         h, w = layout.latent_size
+        grids = {}
         for level in range(max(h, w).bit_length() + 1):
+            grids[level] = (h, w)
             if self.levels is None or level in self.levels:
                 self.image_masks(h * w, weight.device, weight.dtype, grid=(h, w))
             if h == w == 1:
@@ -127,6 +132,16 @@ class MSAttentionState:
             length = 1 + max((p for row in layout.phrase_positions for ps in row for p in ps), default=0)
             self._phrase_weights = phrase_weights(layout.phrase_positions, length, layout.num_subjects).to(weight.device)
             self.auto_layout_settings(weight.device)  # tensors: a compiled UNet does not specialise on them
+            # Each layer's running mean of its phrase maps, made here and added to in place: the
+            # denoising loop then runs one graph at every step, its first included, and under CUDA
+            # graphs the sums stay where they are, as the masks and keys/values do.
+            for p in self.processors:
+                if p.level in grids:
+                    (gh, gw), rows = grids[p.level], layout.batch_size
+                    total = torch.zeros(rows, layout.num_subjects, gh * gw, device=weight.device)
+                    p._maps = ((gh, gw), total, torch.zeros((), device=weight.device))
+                if num_text_tokens is not None and p.heads is not None:
+                    self._phrase_values(layout.batch_size, p.heads, p.hidden_size // p.heads, num_text_tokens, weight.device, weight.dtype)
         if image_tokens is None:
             return
         if image_tokens.shape[:2] != (layout.batch_size, layout.num_image_tokens):
@@ -233,17 +248,20 @@ class MSAttentionState:
         """(B, heads, T_text, W) attention values that average the text-attention probabilities over
         each subject's phrase positions (column j: 1/len at subject j's positions; zeros elsewhere).
         W is at least the head width, so that the call qualifies for the fused kernels (flash and
-        cuDNN need equal head widths). Built once per activation for each shape, shared by the layers."""
+        cuDNN need equal head widths). Built on activation for each shape the layers will ask for
+        (given the text length), else on first use; shared by the layers."""
         batch, heads, _, width = query.shape
+        return self._phrase_values(batch, heads, width, num_text, query.device, query.dtype)
 
+    def _phrase_values(self, batch: int, heads: int, width: int, num_text: int, device, dtype) -> torch.Tensor:
         def build():
-            weights = self.phrase_weights(num_text, query.device)  # (B, P, N), P <= T_text
+            weights = self.phrase_weights(num_text, device)  # (B, P, N), P <= T_text
             _, positions, subjects = weights.shape
-            values = query.new_zeros(batch, 1, num_text, max(width, -(-subjects // 8) * 8))
-            values[:, 0, :positions, :subjects] = weights.to(query.dtype)
+            values = torch.zeros(batch, 1, num_text, max(width, -(-subjects // 8) * 8), device=device, dtype=dtype)
+            values[:, 0, :positions, :subjects] = weights.to(dtype)
             return values.expand(-1, heads, -1, -1).contiguous()
 
-        return self._cached(("phrase_values", heads, num_text, width, query.device, query.dtype), build)
+        return self._cached(("phrase_values", heads, num_text, width, device, dtype), build)
 
     def auto_layout_maps(self) -> torch.Tensor | None:
         """(B, N, h, w) auto-layout attention maps of the last generation, averaged over layers
@@ -262,10 +280,13 @@ class MSAttentionState:
 class MSAttnProcessor(nn.Module):
     """Cross-attention over text plus layout-masked subject tokens, for one UNet `attn2`."""
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState, heads: int | None = None):
+    def __init__(
+        self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState, heads: int | None = None, level: int | None = None
+    ):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
         self.heads = heads  # the layer's; when known, keys/values made on activation are split into heads there
+        self.level = level  # the layer's UNet level; when known, auto layout's running mean is allocated on activation
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.state = state  # shared by every processor of the UNet
@@ -279,7 +300,7 @@ class MSAttnProcessor(nn.Module):
         if self._maps is None:
             return None
         (h, w), total, count = self._maps
-        return (total / count).view(*total.shape[:2], h, w)
+        return (total / count.clamp(min=1)).view(*total.shape[:2], h, w)  # zeros if the layer never ran
 
     def project_image_tokens(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, C) image tokens -> keys and values (B, T, hidden), values times the per-subject scales
@@ -396,12 +417,11 @@ class MSAttnProcessor(nn.Module):
         # text-attention probabilities are never materialised.
         per_head = F.scaled_dot_product_attention(query, key, state.phrase_values(query, key.shape[-2]), scale=attn.scale)
         maps = per_head[..., : state.layout.num_subjects].float().mean(dim=1).transpose(1, 2)  # (B, N, hw)
-        if self._maps is None:  # first step of this generation
-            total, count = maps, torch.ones((), device=maps.device)
-        else:
-            _, total, count = self._maps
-            total, count = total + maps, count + 1
-        self._maps = ((h, w), total, count)
+        if self._maps is None or self._maps[1].shape != maps.shape:  # not made on activation (level unknown)
+            self._maps = ((h, w), torch.zeros_like(maps), maps.new_zeros(()))
+        _, total, count = self._maps
+        total.add_(maps)
+        count.add_(1)
         threshold, start_step = state.auto_layout_settings(maps.device)
         return torch.where(count >= start_step, auto_layout_regions(total / count, threshold), boxes)
 

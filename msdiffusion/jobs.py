@@ -587,6 +587,9 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
         for i in range(job.images):
             write(out.images[i], seed, record, _maps(out, i))
     else:
+        if job.images > 1:  # the subjects are encoded once, for every image
+            subject_arguments = ("subject_images", "subject_phrases", "subject_boxes", "subject_scales", "drop_grounding_tokens")
+            arguments["prepared_subjects"] = pipe.prepare_subjects(**{name: arguments.pop(name) for name in subject_arguments})
         for i in range(job.images):  # each image its own CPU generator: the same noise on any device
             if job.images > 1:  # the step bar says which image it is drawing
                 pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"image {i + 1}/{job.images}")

@@ -8,13 +8,14 @@ the call. Everything else (schedulers, callbacks, LoRA, offload, ControlNet) is 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import PIL.Image
@@ -55,6 +56,35 @@ class MSDiffusionPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     auto_layout_maps: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PreparedSubjects:
+    """Subjects encoded once by `pipe.prepare_subjects(...)`, for generations that reuse them (other
+    seeds, other prompts naming the same phrases): `pipe(prompt, prepared_subjects=...)` then skips the
+    image encoder, the phrases' text encoder and the resampler, which otherwise run at every call.
+
+    The tokens were made from these subjects (references, phrases, boxes) with these settings: to
+    change any of them, prepare again. Like diffusers' `ip_adapter_image_embeds`, they are not
+    recomputed if the adapter's or the encoders' weights change afterwards."""
+
+    subjects: list[list[Subject]]  # one row per prompt (or one row shared by every prompt)
+    tokens: torch.Tensor  # (rows, dummy tokens + 16 per subject, D): `encode_subjects`' output
+    drop_grounding_tokens: bool
+    reference_size: int
+    reference_combine: str
+
+    def for_prompts(self, num_prompts: int) -> tuple[list[list[Subject]], torch.Tensor]:
+        """The subjects and tokens of `num_prompts` prompts (a single row is shared by all)."""
+        rows = len(self.subjects)
+        if rows == num_prompts:
+            return self.subjects, self.tokens
+        if rows == 1:
+            return self.subjects * num_prompts, self.tokens.expand(num_prompts, -1, -1)
+        raise ValueError(
+            f"prepared_subjects holds the subjects of {rows} prompts but {num_prompts} were given: "
+            f"prepare them with num_prompts={num_prompts} (or with one set of subjects, shared by every prompt)."
+        )
 
 
 class MSDiffusionMixin:
@@ -140,7 +170,48 @@ class MSDiffusionMixin:
             )
         return super().save_pretrained(*args, **kwargs)
 
+    @property
+    def _execution_device(self) -> torch.device:
+        # diffusers finds the device by walking every module of every component for offloading hooks
+        # (the image encoder adds ViT-bigG's); a generation with subjects asks once, then pins it for
+        # the parent's `__call__`, which would ask again.
+        pinned = self.__dict__.get("_pinned_execution_device")
+        return pinned if pinned is not None else super()._execution_device
+
+    @contextlib.contextmanager
+    def _execution_device_pinned(self, device: torch.device) -> Iterator[None]:
+        previous = self.__dict__.get("_pinned_execution_device")
+        self.__dict__["_pinned_execution_device"] = device
+        try:
+            yield
+        finally:
+            self.__dict__["_pinned_execution_device"] = previous
+
     # ---- subjects --------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_subjects(
+        self,
+        subject_images: Any,
+        subject_phrases: Any,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        num_prompts: int | None = None,
+        drop_grounding_tokens: bool = False,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        reference_combine: str = "concat",
+    ) -> PreparedSubjects:
+        """Encode subjects once for several generations (`pipe(..., prepared_subjects=...)`).
+
+        The subject arguments are those of `__call__`; `num_prompts=None` prepares them for a single
+        prompt (or to be shared by every prompt of a list), `num_prompts=K` for a list of K prompts,
+        with the list-of-lists forms that `__call__` accepts for a list of prompts."""
+        if reference_combine not in REFERENCE_COMBINE:
+            raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
+        batched = num_prompts is not None
+        subjects = build_subjects(num_prompts or 1, subject_images, subject_phrases, subject_boxes, subject_scales, batched)
+        tokens = self.encode_subjects(subjects, self._execution_device, drop_grounding_tokens, reference_size, reference_combine)
+        return PreparedSubjects(subjects, tokens, drop_grounding_tokens, reference_size, reference_combine)
+
     @torch.no_grad()
     def encode_subjects(
         self,
@@ -251,6 +322,7 @@ class MSDiffusionMixin:
         reference_combine: str,
         kwargs: dict,
         tokens_in_prompt_embeds: bool = False,
+        prepared_subjects: PreparedSubjects | None = None,
     ) -> MSDiffusionPipelineOutput | tuple:
         """The subject-aware call around the parent pipeline's `__call__`. The UNet gets the text
         embeddings alone, as bare SDXL does, and its processors the subjects' keys/values projected
@@ -258,8 +330,18 @@ class MSDiffusionMixin:
         too, for ControlNets that attend over them."""
         _reject_unknown_arguments(self, parent_call, kwargs)
         return_dict = kwargs.pop("return_dict", True)
-        state = ms_attention_state(self.unet)
-        if subject_images is None and subject_phrases is None and subject_boxes is None:
+        processors = _ms_processors(self.unet)
+        state = processors[0].state if processors else None
+        if prepared_subjects is not None:
+            given = [name for name, value in (("subject_images", subject_images), ("subject_phrases", subject_phrases),
+                     ("subject_boxes", subject_boxes), ("subject_scales", subject_scales)) if value is not None]  # fmt: skip
+            if given:
+                raise ValueError(
+                    f"Give either prepared_subjects or {', '.join(given)}, not both: prepared subjects carry their "
+                    "references, phrases, boxes and scales (prepare again to change them)."
+                )
+            _check_prepared_settings(prepared_subjects, drop_grounding_tokens, reference_size, reference_combine)
+        elif subject_images is None and subject_phrases is None and subject_boxes is None:
             output = parent_call(self, prompt=prompt, **kwargs)  # plain SDXL: no layout is active
             return output if return_dict else (output.images,)
         if state is None:
@@ -276,7 +358,11 @@ class MSDiffusionMixin:
             raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
         batched = not isinstance(prompt, str)
         prompts = list(prompt) if batched else [prompt]
-        subjects = build_subjects(len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched)
+        if prepared_subjects is not None:
+            subjects, image_tokens = prepared_subjects.for_prompts(len(prompts))
+        else:
+            subjects = build_subjects(len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched)
+            image_tokens = None
 
         device = self._execution_device
         height = kwargs.pop("height", None) or self.default_sample_size * self.vae_scale_factor
@@ -295,9 +381,11 @@ class MSDiffusionMixin:
             lora_scale=cross_attention_kwargs.get("scale"),
             clip_skip=kwargs.get("clip_skip"),
         )
-        image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size, reference_combine)
-        image_tokens = image_tokens.to(prompt_embeds.dtype)
-        tokens_in_prompt_embeds = tokens_in_prompt_embeds or not _processors_take_projected_tokens(self.unet)
+        if image_tokens is None:
+            image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size, reference_combine)
+        image_tokens = image_tokens.to(device, prompt_embeds.dtype)
+        text_length = prompt_embeds.shape[1]
+        tokens_in_prompt_embeds = tokens_in_prompt_embeds or not _processors_take_projected_tokens(processors)
         if tokens_in_prompt_embeds:
             prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
             if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
@@ -308,7 +396,10 @@ class MSDiffusionMixin:
 
         # Every layer projects the subject tokens once, here, not inside the denoising loop.
         image_tokens = image_tokens.repeat_interleave(repeats, 0)
-        with state.activate(layout, image_tokens=image_tokens, tokens_in_hidden_states=tokens_in_prompt_embeds):
+        activation = state.activate(
+            layout, image_tokens=image_tokens, tokens_in_hidden_states=tokens_in_prompt_embeds, num_text_tokens=text_length
+        )
+        with activation, self._execution_device_pinned(device):
             output = parent_call(
                 self,
                 prompt_embeds=prompt_embeds,
@@ -347,13 +438,32 @@ def _reject_unknown_arguments(pipeline, parent_call: Callable, kwargs: dict) -> 
     raise TypeError(f"{type(pipeline).__name__}() got unexpected keyword argument(s) {', '.join(hints)}.")
 
 
-def _processors_take_projected_tokens(unet) -> bool:
-    """Whether every subject-aware processor of `unet` reads the keys/values projected on activation.
-    A subclass with its own `__call__` (the tests' literal reference, the benchmark's model of the
+def _check_prepared_settings(prepared: PreparedSubjects, drop_grounding_tokens: bool, reference_size: int, reference_combine: str) -> None:
+    """A call's encoding settings must be left at their defaults or match those the subjects were prepared with."""
+    for name, given, default in (
+        ("drop_grounding_tokens", drop_grounding_tokens, False),
+        ("reference_size", reference_size, REFERENCE_SQUARE_SIZE),
+        ("reference_combine", reference_combine, "concat"),
+    ):
+        prepared_value = getattr(prepared, name)
+        if given != default and given != prepared_value:
+            raise ValueError(
+                f"{name}={given!r}, but the prepared subjects were encoded with {name}={prepared_value!r}: "
+                f"pass it to prepare_subjects(...) instead."
+            )
+
+
+def _ms_processors(unet) -> list[MSAttnProcessor]:
+    """The UNet's subject-aware processors, found in one walk of its modules (a generation needs them
+    once: each walk of SDXL's 2,140 modules costs milliseconds of host time)."""
+    return [p for p in unet.attn_processors.values() if isinstance(p, MSAttnProcessor)]
+
+
+def _processors_take_projected_tokens(processors: list[MSAttnProcessor]) -> bool:
+    """Whether every subject-aware processor reads the keys/values projected on activation. A
+    subclass with its own `__call__` (the tests' literal reference, the benchmark's model of the
     release) reads the subject tokens appended to the text, as the released processors do."""
-    return all(
-        type(p).__call__ is MSAttnProcessor.__call__ for p in unet.attn_processors.values() if isinstance(p, MSAttnProcessor)
-    )
+    return all(type(p).__call__ is MSAttnProcessor.__call__ for p in processors)
 
 
 _SUBJECT_DOC = """
@@ -373,6 +483,8 @@ _SUBJECT_DOC = """
                 which differ for repeated phrases; for reproducing its images).
             reference_combine: a subject with several images: "concat" (default: all images'
                 features resampled together) or "mean" (each image's 16 tokens, averaged).
+            prepared_subjects: subjects encoded once by `pipe.prepare_subjects(...)`, in place of the subject_*
+                arguments: reused across calls (other seeds, other prompts), they skip the encoders.
 """
 
 
@@ -419,6 +531,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         reference_size: int = REFERENCE_SQUARE_SIZE,
         phrase_matching: str = "tokens",
         reference_combine: str = "concat",
+        prepared_subjects: PreparedSubjects | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
@@ -427,7 +540,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         return self._generate(
             StableDiffusionXLPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
             subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
-            phrase_matching, reference_combine, kwargs,
+            phrase_matching, reference_combine, kwargs, prepared_subjects=prepared_subjects,
         )  # fmt: skip
 
     __call__.__doc__ = "Generate images with subjects in their boxes." + _SUBJECT_DOC
@@ -484,6 +597,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         reference_size: int = REFERENCE_SQUARE_SIZE,
         phrase_matching: str = "tokens",
         reference_combine: str = "concat",
+        prepared_subjects: PreparedSubjects | None = None,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
@@ -499,6 +613,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
             StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
             subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
             phrase_matching, reference_combine, kwargs, tokens_in_prompt_embeds=controlnet_image_tokens,
+            prepared_subjects=prepared_subjects,
         )  # fmt: skip
 
     __call__.__doc__ = (

@@ -242,3 +242,65 @@ def test_reference_combine_mean_averages_each_references_tokens(pipe, subject_im
     assert np.isfinite(images).all()
     with pytest.raises(ValueError, match="reference_combine must be one of concat, mean"):
         generate(pipe, **subjects(subject_images, reference_combine="average"))
+
+
+def test_prepared_subjects_give_the_same_images_without_encoding_again(pipe, subject_images):
+    prepared = pipe.prepare_subjects(subject_images[:2], ["dog", "cat"], BOXES)
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (pipe.image_encoder, pipe.ms_image_projection)]
+    try:
+        for seed in (0, 1):  # reused across generations
+            np.testing.assert_array_equal(generate(pipe, seed, prepared_subjects=prepared), generate(pipe, seed, **subjects(subject_images)))
+        assert len(calls) == 4  # two encodings of the subject arguments (encoder + resampler each), none of the prepared
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # a list of prompts: one row per prompt, or one row shared by all
+    prompts = [PROMPT, "a cat and a dog in the snow"]
+    per_prompt = dict(subject_images=[subject_images[:2], subject_images[1:]], subject_phrases=[["dog", "cat"], ["cat", "dog"]],
+                      subject_boxes=[BOXES, BOXES[::-1]])  # fmt: skip
+    rows = pipe.prepare_subjects(**per_prompt, num_prompts=2)
+    np.testing.assert_array_equal(generate(pipe, prompt=prompts, prepared_subjects=rows), generate(pipe, prompt=prompts, **per_prompt))
+    shared = generate(pipe, prompt=prompts, **subjects(subject_images))  # encodes the shared subjects once per prompt:
+    np.testing.assert_allclose(generate(pipe, prompt=prompts, prepared_subjects=prepared), shared, atol=1e-5)  # other batch, other rounding
+
+
+def test_prepared_subjects_refuse_what_they_would_ignore(pipe, subject_images):
+    prepared = pipe.prepare_subjects(subject_images[:2], ["dog", "cat"], BOXES, drop_grounding_tokens=True)
+    with pytest.raises(ValueError, match="either prepared_subjects or subject_boxes"):
+        generate(pipe, prepared_subjects=prepared, subject_boxes=BOXES)
+    with pytest.raises(ValueError, match=r"reference_size=224, but the prepared subjects were encoded with reference_size=512"):
+        generate(pipe, prepared_subjects=prepared, reference_size=224)
+    with pytest.raises(ValueError, match="subjects of 2 prompts but 3 were given"):
+        generate(pipe, prompt=[PROMPT] * 3, prepared_subjects=pipe.prepare_subjects(**subjects(subject_images), num_prompts=2))
+    expected = generate(pipe, drop_grounding_tokens=True, **subjects(subject_images))
+    np.testing.assert_array_equal(generate(pipe, prepared_subjects=prepared), expected)  # its own setting, unasked
+    np.testing.assert_array_equal(generate(pipe, prepared_subjects=prepared, drop_grounding_tokens=True), expected)
+
+
+def test_a_generation_walks_the_models_for_their_device_and_processors_once(pipe, subject_images, monkeypatch):
+    """diffusers finds the execution device by walking every module of every component, and the
+    processors by walking the UNet's: milliseconds each on SDXL, paid per generation on a GPU."""
+    import diffusers.hooks.group_offloading as group_offloading
+
+    walks = {"device": 0, "processors": 0}
+    find_device = group_offloading._get_group_onload_device
+    processors = type(pipe.unet).attn_processors
+
+    def counted_device(module):
+        walks["device"] += 1
+        return find_device(module)
+
+    def counted_processors(unet):
+        walks["processors"] += 1
+        return processors.fget(unet)
+
+    monkeypatch.setattr(group_offloading, "_get_group_onload_device", counted_device)
+    monkeypatch.setattr(type(pipe.unet), "attn_processors", property(counted_processors))
+    generate(pipe, num_inference_steps=1)
+    plain = walks["device"]
+    generate(pipe, num_inference_steps=1, **subjects(subject_images))
+    assert walks["device"] - plain == plain  # as many as plain SDXL (it was one more of every component)
+    assert walks["processors"] == 2  # one per generation
+    assert pipe._execution_device == torch.device("cpu")  # the pinned device does not outlive the call
