@@ -7,6 +7,8 @@ machine noise hits them alike:
 - `bare`:  SDXL alone (plain attention processors);
 - `ours`:  MS-Diffusion with 2 subjects in boxes (this project's processors);
 - `auto`:  `ours` with auto layout (`mask_threshold=0.5, start_step=5`), with `--auto-layout`;
+- `prepared`: `ours` with the subjects encoded once beforehand (`pipe.prepare_subjects`, as
+           `msdiff generate --images N` does), with `--prepared`: a generation that reuses them;
 - `naive`: the same computation written the straightforward way (materialised image-branch
            probabilities, the CFG negative half computed too, masks and image keys/values rebuilt
            at every layer call), a model of the released implementation's structure.
@@ -17,7 +19,8 @@ and operator count per cross-attention call, and the top kernels. `--compile` ru
 through `torch.compile`; `--sync-check` (CUDA) lists the host-device synchronisations inside UNet
 calls. Each variant has its own copy of the UNet, set up once (see `pipeline_with`). On CUDA the
 CUDA graphs recorded during each timed generation are counted (`--compile-mode reduce-overhead`).
-`--breakdown` times the work a generation of ours does outside the denoising loop, part by part.
+`--breakdown` times the work a generation of ours does outside the denoising loop, part by part,
+then profiles the host side of a 1-step generation of bare and ours (cProfile).
 
     python benchmarks/adapter_overhead.py                       # CPU, fp32, 512 px, quarter width
     python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1
@@ -218,6 +221,27 @@ def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: 
         fn()
         runs = [elapsed(fn, synchronize) for _ in range(repeats)]
         print(f"  {name:66s} {statistics.median(runs) * 1e3:9.2f}")
+    for name in ("bare", "ours"):
+        host_profile(f"a 1-step generation, {name}", parts[f"a whole 1-step generation, {name}"], synchronize)
+
+
+def host_profile(name: str, fn, synchronize, top: int = 25) -> None:
+    """cProfile of `fn()`: the Python functions with the most cumulative host time (where a
+    generation's fixed cost goes that no single part above names)."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    synchronize()
+    profiler.enable()
+    fn()
+    synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()][2:]  # from the totals line on
+    print(f"host profile of {name} (cProfile, top {top} by cumulative time):\n    " + "\n    ".join(lines))
 
 
 def main() -> None:
@@ -230,6 +254,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--skip-naive", action="store_true", help="time only bare and ours (and auto)")
     parser.add_argument("--auto-layout", action="store_true", help="also time ours with auto layout (0.5, step 5)")
+    parser.add_argument("--prepared", action="store_true", help="also time ours with the subjects prepared once (pipe.prepare_subjects)")
     parser.add_argument("--profile", action="store_true", help="profile one generation per variant after timing")
     parser.add_argument("--top", type=int, default=12, help="rows of the profiler's kernel table")
     parser.add_argument("--compile", action="store_true", help="pipe.unet = torch.compile(pipe.unet)")
@@ -264,9 +289,11 @@ def main() -> None:
         return twin
 
     pipes = {"bare": pipe, "ours": pipeline_with(MSAttnProcessor)}
-    pipes["auto"] = pipes["ours"]
+    pipes["auto"] = pipes["prepared"] = pipes["ours"]
     settings = {"bare": {}, "ours": subjects, "auto": {**subjects, "mask_threshold": 0.5, "start_step": 5}, "naive": subjects}
-    variants = ["bare", "ours"] + ["auto"] * args.auto_layout
+    if args.prepared:  # encoded once, outside the timed generations
+        settings["prepared"] = {"prepared_subjects": pipes["ours"].prepare_subjects(**subjects)}
+    variants = ["bare", "ours"] + ["auto"] * args.auto_layout + ["prepared"] * args.prepared
     if not args.skip_naive:
         pipes["naive"] = pipeline_with(NaiveMSProcessor)
         variants.append("naive")
@@ -315,7 +342,7 @@ def main() -> None:
     print(f"SDXL architecture at 1/{args.width_divisor} width, {args.size}x{args.size}, {args.steps} steps, "
           f"CFG, {args.dtype}, output {args.output_type}{compiled}, {device}, torch {torch.__version__}; {args.repeats} interleaved repeats")  # fmt: skip
     for name, t in times.items():
-        print(f"  {name:6s} median {median[name]:8.3f} s   runs: " + ", ".join(f"{x:.3f}" for x in t))
+        print(f"  {name:8s} median {median[name]:8.3f} s   runs: " + ", ".join(f"{x:.3f}" for x in t))
     for name in median:
         if name != "bare":
             print(f"{name} / bare = {median[name] / median['bare']:.4f}")

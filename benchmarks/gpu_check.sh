@@ -4,13 +4,17 @@
 #
 #   benchmarks/gpu_check.sh [SHARED_DIR] [LOG_DIR] [PART ...]     (defaults: ../shared, gpu-logs, eager)
 #
-# Parts: fp16 (timings of bare / ours / auto, synchronisations inside UNet calls), profile (one
-# 10-step generation per variant under torch.profiler, then what ours and auto add over bare, operator by
-# operator), bf16 (timings and kernels in bf16), compiled (bare and ours with a compiled UNet, 3
-# repeats), compiled-graphs (the same with CUDA graphs: mode "reduce-overhead"), compiled-auto (bare, ours
-# and auto layout with a compiled UNet, 5 repeats). "eager" is fp16 profile bf16
-# (about 5 minutes on an H200 with the start); compiling SDXL's UNet took 95 s (bare) and 116 s (ours)
-# there, so "compiled" takes about 5 minutes and "compiled-auto" 6 to 8.
+# Parts: fp16 (timings of bare / ours / auto / prepared, synchronisations inside UNet calls), profile
+# (one 10-step generation per variant under torch.profiler, then what ours and auto add over bare,
+# operator by operator), bf16 (timings and kernels in bf16), compiled (bare and ours with a compiled
+# UNet, 3 repeats), compiled-graphs (bare, ours and prepared subjects with CUDA graphs: mode
+# "reduce-overhead", 5 repeats), compiled-auto (bare, ours and auto layout with a compiled UNet, 5
+# repeats), compiled-graphs-auto (bare, ours and auto layout with CUDA graphs, 3 repeats), breakdown
+# (eager timings of bare / ours / auto, synchronisations, then ours' work outside the denoising loop
+# part by part, and a host profile of a 1-step generation). "eager" is fp16 profile bf16 (about 5
+# minutes on an H200 with the start); compiling SDXL's UNet took 95 s (bare) and 116 s (ours) there,
+# so "compiled" takes about 5 minutes, "compiled-auto" 6 to 8, and "compiled-graphs-auto" plus
+# "breakdown" took 587 s (2026-11-28, H200: 125 s, 129 s and 178 s of compiling).
 set -u
 shared=${1:-../shared}
 logs=${2:-gpu-logs}
@@ -39,13 +43,15 @@ for p in "${parts[@]}"; do
     esac
     for q in "$@"; do
         case $q in
-            fp16) part fp16 120 --dtype fp16 --steps 30 --repeats 5 --auto-layout --sync-check ;;
+            fp16) part fp16 120 --dtype fp16 --steps 30 --repeats 5 --auto-layout --prepared --sync-check ;;
             profile) part profile 150 --dtype fp16 --steps 10 --repeats 1 --auto-layout --profile --top 10 ;;
             bf16) part bf16 90 --dtype bf16 --steps 10 --repeats 1 --profile --top 4 ;;
             compiled) part compiled 300 --dtype fp16 --steps 30 --repeats 3 --compile ;;
-            compiled-graphs) part compiled-graphs 300 --dtype fp16 --steps 30 --repeats 3 --compile --compile-mode reduce-overhead ;;
+            compiled-graphs) part compiled-graphs 300 --dtype fp16 --steps 30 --repeats 5 --prepared --compile --compile-mode reduce-overhead ;;
             compiled-auto) part compiled-auto 540 --dtype fp16 --steps 30 --repeats 5 --auto-layout --compile ;;
-            *) echo "unknown part $q (fp16, profile, bf16, compiled, compiled-graphs, compiled-auto, eager)"; exit 2 ;;
+            compiled-graphs-auto) part compiled-graphs-auto 540 --dtype fp16 --steps 30 --repeats 3 --auto-layout --compile --compile-mode reduce-overhead ;;
+            breakdown) part breakdown 150 --dtype fp16 --steps 30 --repeats 3 --auto-layout --breakdown --sync-check ;;
+            *) echo "unknown part $q (fp16, profile, bf16, compiled, compiled-graphs, compiled-auto, compiled-graphs-auto, breakdown, eager)"; exit 2 ;;
         esac
     done
 done
