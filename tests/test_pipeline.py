@@ -250,7 +250,8 @@ def test_prepared_subjects_give_the_same_images_without_encoding_again(pipe, sub
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (pipe.image_encoder, pipe.ms_image_projection)]
     try:
         for seed in (0, 1):  # reused across generations
-            np.testing.assert_array_equal(generate(pipe, seed, prepared_subjects=prepared), generate(pipe, seed, **subjects(subject_images)))
+            expected = generate(pipe, seed, **subjects(subject_images))
+            np.testing.assert_array_equal(generate(pipe, seed, prepared_subjects=prepared), expected)
         assert len(calls) == 4  # two encodings of the subject arguments (encoder + resampler each), none of the prepared
     finally:
         for hook in hooks:
@@ -261,9 +262,11 @@ def test_prepared_subjects_give_the_same_images_without_encoding_again(pipe, sub
     per_prompt = dict(subject_images=[subject_images[:2], subject_images[1:]], subject_phrases=[["dog", "cat"], ["cat", "dog"]],
                       subject_boxes=[BOXES, BOXES[::-1]])  # fmt: skip
     rows = pipe.prepare_subjects(**per_prompt, num_prompts=2)
-    np.testing.assert_array_equal(generate(pipe, prompt=prompts, prepared_subjects=rows), generate(pipe, prompt=prompts, **per_prompt))
-    shared = generate(pipe, prompt=prompts, **subjects(subject_images))  # encodes the shared subjects once per prompt:
-    np.testing.assert_allclose(generate(pipe, prompt=prompts, prepared_subjects=prepared), shared, atol=1e-5)  # other batch, other rounding
+    expected = generate(pipe, prompt=prompts, **per_prompt)
+    np.testing.assert_array_equal(generate(pipe, prompt=prompts, prepared_subjects=rows), expected)
+    shared = generate(pipe, prompt=prompts, **subjects(subject_images))  # encodes the shared subjects once per prompt
+    got = generate(pipe, prompt=prompts, prepared_subjects=prepared)
+    np.testing.assert_allclose(got, shared, atol=1e-5)  # another batch of the encoders, other rounding
 
 
 def test_prepared_subjects_refuse_what_they_would_ignore(pipe, subject_images):
