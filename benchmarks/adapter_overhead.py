@@ -194,11 +194,10 @@ def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: 
     """Median time of each part of a generation of ours outside the denoising loop (a fixed cost
     per generation, which CUDA graphs do not remove), then of a whole 1-step generation."""
     from msdiffusion.adapter import ms_attention_state
-    from msdiffusion.subjects import build_subjects
 
     device, state = pipe._execution_device, ms_attention_state(pipe.unet)
-    subjects = build_subjects(1, images, phrases, boxes, None, False)
-    tokens = pipe.encode_subjects(subjects, device).to(pipe.unet.dtype)
+    prepared = pipe.prepare_subjects(images, phrases, boxes)
+    subjects, tokens = prepared.subjects, prepared.tokens.to(pipe.unet.dtype)
     layout = pipe.subject_layout([prompt], subjects, size, size, 0.6, None, 5)
 
     def activate():

@@ -137,11 +137,12 @@ class MSAttentionState:
             # graphs the sums stay where they are, as the masks and keys/values do.
             for p in self.processors:
                 if p.level in grids:
-                    (gh, gw), rows = grids[p.level], layout.batch_size
-                    total = torch.zeros(rows, layout.num_subjects, gh * gw, device=weight.device)
+                    gh, gw = grids[p.level]
+                    total = torch.zeros(layout.batch_size, layout.num_subjects, gh * gw, device=weight.device)
                     p._maps = ((gh, gw), total, torch.zeros((), device=weight.device))
-                if num_text_tokens is not None and p.heads is not None:
-                    self._phrase_values(layout.batch_size, p.heads, p.hidden_size // p.heads, num_text_tokens, weight.device, weight.dtype)
+            if num_text_tokens is not None:  # one set of values per head shape, shared by the layers
+                for heads, width in {(p.heads, p.hidden_size // p.heads) for p in self.processors if p.heads is not None}:
+                    self._phrase_values(layout.batch_size, heads, width, num_text_tokens, weight.device, weight.dtype)
         if image_tokens is None:
             return
         if image_tokens.shape[:2] != (layout.batch_size, layout.num_image_tokens):

@@ -34,7 +34,6 @@ from .adapter import (
     checkpoint_from_models,
     detach_ms_attention,
     load_checkpoint,
-    ms_attention_state,
 )
 from .attention import MSAttnProcessor
 from .layout import PHRASE_MATCHING, SubjectLayout, phrase_token_positions, warn_missing_phrases
@@ -205,8 +204,6 @@ class MSDiffusionMixin:
         The subject arguments are those of `__call__`; `num_prompts=None` prepares them for a single
         prompt (or to be shared by every prompt of a list), `num_prompts=K` for a list of K prompts,
         with the list-of-lists forms that `__call__` accepts for a list of prompts."""
-        if reference_combine not in REFERENCE_COMBINE:
-            raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
         batched = num_prompts is not None
         subjects = build_subjects(num_prompts or 1, subject_images, subject_phrases, subject_boxes, subject_scales, batched)
         tokens = self.encode_subjects(subjects, self._execution_device, drop_grounding_tokens, reference_size, reference_combine)
@@ -228,6 +225,8 @@ class MSDiffusionMixin:
         16-token sets (the world bench compares the two: docs/world.md)."""
         if self.ms_image_projection is None or self.image_encoder is None:
             raise ValueError("Subjects need the MS-Diffusion adapter: call pipe.load_ms_adapter(...) first.")
+        if reference_combine not in REFERENCE_COMBINE:
+            raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
         flat = [subject for row in subjects for subject in row]
         if reference_combine == "mean":  # one entry per reference image, averaged back below
             owners = [k for k, s in enumerate(flat) for _ in s.images]
@@ -323,6 +322,7 @@ class MSDiffusionMixin:
         kwargs: dict,
         tokens_in_prompt_embeds: bool = False,
         prepared_subjects: PreparedSubjects | None = None,
+        processors: list[MSAttnProcessor] | None = None,
     ) -> MSDiffusionPipelineOutput | tuple:
         """The subject-aware call around the parent pipeline's `__call__`. The UNet gets the text
         embeddings alone, as bare SDXL does, and its processors the subjects' keys/values projected
@@ -330,7 +330,7 @@ class MSDiffusionMixin:
         too, for ControlNets that attend over them."""
         _reject_unknown_arguments(self, parent_call, kwargs)
         return_dict = kwargs.pop("return_dict", True)
-        processors = _ms_processors(self.unet)
+        processors = _ms_processors(self.unet) if processors is None else processors
         state = processors[0].state if processors else None
         if prepared_subjects is not None:
             given = [name for name, value in (("subject_images", subject_images), ("subject_phrases", subject_phrases),
@@ -354,8 +354,6 @@ class MSDiffusionMixin:
             raise ValueError(f"start_step must be >= 1, got {start_step}.")
         if phrase_matching not in PHRASE_MATCHING:
             raise ValueError(f"phrase_matching must be one of {', '.join(PHRASE_MATCHING)}, got {phrase_matching!r}.")
-        if reference_combine not in REFERENCE_COMBINE:
-            raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
         batched = not isinstance(prompt, str)
         prompts = list(prompt) if batched else [prompt]
         if prepared_subjects is not None:
@@ -602,7 +600,8 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         guidance_scale: float = 7.5,
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
-        state = ms_attention_state(self.unet)
+        processors = _ms_processors(self.unet)
+        state = processors[0].state if processors else None
         # set on every call: the option may change between calls, the ControlNet may have been swapped
         if controlnet_image_tokens:
             attach_full_attention(self.controlnet)
@@ -613,7 +612,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
             StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
             subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
             phrase_matching, reference_combine, kwargs, tokens_in_prompt_embeds=controlnet_image_tokens,
-            prepared_subjects=prepared_subjects,
+            prepared_subjects=prepared_subjects, processors=processors,
         )  # fmt: skip
 
     __call__.__doc__ = (
