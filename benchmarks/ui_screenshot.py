@@ -66,7 +66,7 @@ def main() -> None:
     if not Path(CHROMIUM).is_file():
         raise SystemExit(f"no Chromium at {CHROMIUM}: apt-get install chromium")
 
-    from msdiffusion.commands import WORLD_DEMO_PROMPT, WORLD_DEMO_SUBJECTS, _asset
+    from msdiffusion.app.commands import WORLD_DEMO_PROMPT, WORLD_DEMO_SUBJECTS, _asset
 
     server, url = start_ui()
     try:

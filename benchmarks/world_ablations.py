@@ -23,7 +23,7 @@ ABLATIONS = {
     "auto_layout_0.3": ("no boxes, auto layout only, threshold 0.3", ["--boxes", "none", "--mask-threshold", "0.3"]),
     "auto_layout_0.5": ("no boxes, auto layout only, threshold 0.5", ["--boxes", "none", "--mask-threshold", "0.5"]),
     "whole_image_boxes": ("every box the whole image (IP-Adapter-like, no layout)", ["--boxes", "whole"]),
-    "no_grounding": ("drop_grounding_tokens: the resampler without phrase and box", ["--drop-grounding"]),
+    "no_grounding": ("drop_grounding: the resampler without phrase and box", ["--drop-grounding"]),
     "scale_0.4": ("scale 0.4", ["--scale", "0.4"]),
     "scale_0.6": ("scale 0.6 (the release's default)", ["--scale", "0.6"]),
     "first_subject_0.4": ("per-subject scales: the first subject 0.4, the others 1.0", ["--subject-scales", "0.4"]),
@@ -35,10 +35,10 @@ RATES = ("found", "placed", "identity_correct", "found_and_correct")
 
 
 def run(name: str, out: Path, models: str | None) -> dict:
-    from msdiffusion.bench.cli import SCORES
+    from msdiffusion.app.bench_commands import SCORES
     from msdiffusion.bench.definitions import load_benchmark
-    from msdiffusion.bench.world import world_tables
-    from msdiffusion.cli import main
+    from msdiffusion.world.bench import world_tables
+    from msdiffusion.app.cli import main
 
     output = out / name
     models_args = ["--models", models] if models else []

@@ -18,6 +18,7 @@ the same way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,13 @@ def main() -> None:
 
     from msdiffusion.world.evaluate import AskedSubject, WorldEvaluator, WorldJob, generate_world_jobs
     from msdiffusion.world.scenes import (
-        NUM_IDENTITIES, SubjectSpec, caption_for, identity_parts, is_held_out, render_reference, render_scene,
+        NUM_IDENTITIES, SceneSubject, caption_for, identity_parts, is_held_out, render_reference, render_scene,
     )  # fmt: skip
-    from msdiffusion.world.weights import load_world_pipeline, world_model_paths, world_models_folder
+    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+    from msdiffusion.world.weights import world_models_folder, world_pipeline
 
     paths = world_models_folder(args.models) if args.models else world_model_paths()
-    pipe = load_world_pipeline(paths=paths)
+    pipe = world_pipeline(paths)
     evaluator = WorldEvaluator.from_file(paths["evaluator"])
     arranged = [
         i for i in range(NUM_IDENTITIES)
@@ -76,7 +78,7 @@ def main() -> None:
         rng = np.random.default_rng([args.seed, 9, n])
         identity = int(rng.choice(arranged))
         cls = str(rng.choice(["square", "circle", "diamond", "heart"]))  # shapes the models draw most reliably
-        scene = render_scene(rng, [SubjectSpec(cls, identity)], background="a plain wall")
+        scene = render_scene(rng, [SceneSubject(cls, identity)], background="a plain wall")
         placed = scene.subjects[0]
         asked = [AskedSubject(cls, identity, tuple(float(c) for c in placed.box))]
         reference = render_reference(rng, cls, identity)[0]
@@ -85,17 +87,17 @@ def main() -> None:
         described.append(caption_for([cls], scene.background, [identity]))
         truth.append(asked_side_score(scene.image.astype(np.float32), scene.masks[0], identity))
     identities = [job.subjects[0].identity for job in jobs]
-    settings = dict(num_inference_steps=25, guidance_scale=5.0, ms_scale=1.0)
+    settings = named_settings(WORLD)
 
     def scores(images: list[np.ndarray], mirrored: bool) -> np.ndarray:
         maps = evaluator.class_maps(np.stack(images))
         return np.array([asked_side_score(im, m != 0, i, mirrored) for im, m, i in zip(images, maps, identities)])
 
-    own = scores(generate_world_jobs(pipe, jobs, seed=args.seed, **settings), mirrored=False)
-    flipped = scores(generate_world_jobs(pipe, mirrored_jobs, seed=args.seed, **settings), mirrored=True)
+    own = scores(generate_world_jobs(pipe, jobs, settings, seed=args.seed), mirrored=False)
+    flipped = scores(generate_world_jobs(pipe, mirrored_jobs, settings, seed=args.seed), mirrored=True)
     # scale 0: the image branch adds nothing, so this is the base alone (docs/world.md, "Ablations")
     worded = [WorldJob(caption, job.subjects, job.references) for caption, job in zip(described, jobs)]
-    words = scores(generate_world_jobs(pipe, worded, seed=args.seed, **{**settings, "ms_scale": 0.0}), mirrored=False)
+    words = scores(generate_world_jobs(pipe, worded, dataclasses.replace(settings, scale=0.0), seed=args.seed), mirrored=False)
 
     def rate(values: np.ndarray) -> str:
         drawn = values[~np.isnan(values)]

@@ -2,6 +2,6 @@
 
 import sys
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 
 sys.exit(main())

@@ -186,7 +186,7 @@ def load_checkpoint(
     **hub_kwargs,
 ) -> MSAdapterCheckpoint:
     """Read an adapter from a `.bin` file, a project folder, a folder holding `ms_adapter.bin`, or a hub repo."""
-    from .checks import safetensors_problem, torch_file_problem
+    from .weight_files import safetensors_problem, torch_file_problem
 
     path = resolve_adapter_path(path_or_id, weight_name, subfolder, **hub_kwargs)
     # Check the file before reading it: a truncated or foreign file otherwise fails deep in

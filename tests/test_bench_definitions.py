@@ -13,7 +13,7 @@ from msdiffusion.bench.definitions import (
     reference_files,
     select_samples,
 )
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 
 
 def test_msbench_counts_match_the_paper():
@@ -156,7 +156,7 @@ def test_cli_list(capsys, tmp_path):
     assert out.startswith("DreamBench: 30 subjects, 750 samples")
     assert "dreambench.dog.p10\ta dog wearing a red hat" in out
 
-    assert main(["bench", "list", "--images", str(tmp_path / "absent")]) == 2
+    assert main(["bench", "list", "--photos", str(tmp_path / "absent")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 

@@ -14,8 +14,8 @@ import torch
 from test_bench_tiny_models import noise_image, scoring_models  # noqa: F401  (session fixture)
 
 from msdiffusion.bench.definitions import load_benchmark, select_samples
-from msdiffusion.bench.runner import GenerationSettings, generate_items, sample_seed, shard, work_items
-from msdiffusion.cli import main
+from msdiffusion.bench.runner import BenchSettings, generate_items, sample_seed, shard, work_items
+from msdiffusion.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 # two buildable samples and one that needs living/cat1.jpg, which the photo folder below lacks
@@ -56,7 +56,7 @@ def test_generate_items_batches_and_skips(tmp_path):
     photos = _photos(tmp_path / "photos")
     samples = [s for s in select_samples(load_benchmark("msbench"), SELECTION[:2])]
     items = work_items(samples, 2)
-    settings = GenerationSettings("base", "adapter", "encoder", seed=5, prompt_prefix="best quality, ")
+    settings = BenchSettings(base="base", adapter="adapter", image_encoder="encoder", seed=5, prompt_prefix="best quality, ")
     pipe, built = RecordingPipeline(), []
     result = generate_items(items, tmp_path / "out", photos, settings, lambda: built.append(1) or pipe, batch_size=3)
     assert (result.generated, result.skipped, len(built)) == (4, 0, 1)
@@ -147,7 +147,7 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     launch = [
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "msdiffusion.bench", *_run_args(tiny_models, photos, tmp_path / "two")[1:],
+        "-m", "msdiffusion", "bench", *_run_args(tiny_models, photos, tmp_path / "two")[1:],
     ]  # fmt: skip
     done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -161,9 +161,8 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "one" / "images").rglob("*.png")}
 
     # resuming with other settings would mix images: refused
-    assert main(_run_args(tiny_models, photos, tmp_path / "one", "--guidance-scale", "3")) == 2  # the old name still works
-    err = capsys.readouterr().err
-    assert "guidance_scale: 7.5 -> 3.0" in err and "--guidance-scale is deprecated; use --guidance" in err
+    assert main(_run_args(tiny_models, photos, tmp_path / "one", "--guidance", "3")) == 2
+    assert "guidance: 7.5 -> 3.0" in capsys.readouterr().err
     assert main(_run_args(tiny_models, photos, tmp_path / "strict", "--require-all")) == 2
     assert "cannot be built" in capsys.readouterr().err
 
@@ -171,7 +170,7 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert len(manifest) == 4
     record = manifest[0]
     assert record["seed"] == sample_seed(3, record["sample_id"], record["index"])
-    assert record["settings"]["steps"] == 2 and record["settings"]["dtype"] == "float32"
+    assert record["settings"]["steps"] == 2 and record["settings"]["dtype"] == "fp32"
     assert record["settings"]["reference_combine"] == "concat"  # the pipelines' default, MS-Bench's
     assert record["subjects"][0]["reference"] == "living/dog.jpg"
 
@@ -187,7 +186,7 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert "--overwrite" in capsys.readouterr().err
 
     # a rescoring that dies after its first batch keeps that batch's scores (saved as it goes), then resumes
-    import msdiffusion.bench.cli as bench_cli
+    import msdiffusion.app.bench_commands as bench_cli
     import msdiffusion.bench.scoring as scoring
 
     scores_file = tmp_path / "one" / "scores.jsonl"
@@ -232,16 +231,16 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
 
 def test_ablation_settings_reach_the_pipeline(tmp_path):
     """--boxes, --subject-scales, --references, --reference-combine and --drop-grounding as the pipeline gets them."""
-    from msdiffusion.bench.definitions import Sample, SubjectSpec
-    from msdiffusion.bench.runner import GenerationSettings, WorkItem, generate_items
+    from msdiffusion.bench.definitions import BenchSample, BenchSubject
+    from msdiffusion.bench.runner import BenchSettings, WorkItem, generate_items
 
     photos = tmp_path / "photos"
     for name in ("a", "b"):
         (photos / name).mkdir(parents=True)
         for k in range(3):
             PIL.Image.new("RGB", (8, 8), (k, 0, 0)).save(photos / name / f"{k}.png")
-    subjects = (SubjectSpec("dog", "dog", "a", (0.1, 0.1, 0.4, 0.4)), SubjectSpec("cat", "cat", "b", (0.5, 0.5, 0.9, 0.9)))
-    sample = Sample("msbench", "g.000", "g", "a dog and a cat", subjects)
+    subjects = (BenchSubject("dog", "dog", "a", (0.1, 0.1, 0.4, 0.4)), BenchSubject("cat", "cat", "b", (0.5, 0.5, 0.9, 0.9)))
+    sample = BenchSample("msbench", "g.000", "g", "a dog and a cat", subjects)
     calls = []
 
     class Recorder:
@@ -250,7 +249,7 @@ def test_ablation_settings_reach_the_pipeline(tmp_path):
             return type("Out", (), {"images": [PIL.Image.new("RGB", (8, 8))] * len(kwargs["prompt"])})()
 
     def run(output, **ablation):
-        settings = GenerationSettings(base="b", adapter="a", image_encoder="e", **ablation)
+        settings = BenchSettings(base="b", adapter="a", image_encoder="e", **ablation)
         generate_items([WorkItem(sample, 0)], tmp_path / output, photos, settings, Recorder)
         return calls[-1]
 
@@ -261,10 +260,10 @@ def test_ablation_settings_reach_the_pipeline(tmp_path):
     assert default["reference_combine"] == "concat"
     assert run("whole", boxes="whole")["subject_boxes"] == [[[0.0, 0.0, 1.0, 1.0]] * 2]
     assert run("none", boxes="none")["subject_boxes"] == [[[0.0] * 4] * 2]
-    assert run("scales", subject_scales=[1.0], ms_scale=0.4)["subject_scales"] == [[1.0, 0.4]]
+    assert run("scales", subject_scales=[1.0], scale=0.4)["subject_scales"] == [[1.0, 0.4]]
     several = run("refs", references=2, reference_combine="mean")
     assert [[p.name for p in images] for images in several["subject_images"][0]] == [["0.png", "1.png"]] * 2
     assert several["reference_combine"] == "mean"
-    assert run("drop", drop_grounding_tokens=True)["drop_grounding_tokens"] is True
+    assert run("drop", drop_grounding=True)["drop_grounding_tokens"] is True
     with pytest.raises(ValueError, match="4 references per subject asked"):
         run("too-many", references=4)

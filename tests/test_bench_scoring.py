@@ -3,6 +3,8 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
+
+from msdiffusion.boxes import box_iou
 from test_bench_tiny_models import noise_image, scoring_models  # noqa: F401  (session fixture)
 
 from msdiffusion.bench.scoring import (
@@ -12,7 +14,7 @@ from msdiffusion.bench.scoring import (
     DinoEmbedder,
     Scorers,
     ScoringConfig,
-    box_iou,
+
     crop,
     match_subjects,
     non_max_suppression,

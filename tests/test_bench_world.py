@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from msdiffusion.bench.definitions import load_benchmark, load_definition, select_samples
-from msdiffusion.bench.world import expand_world, layout_checks, render_references
-from msdiffusion.cli import main
+from msdiffusion.world.bench import expand_world, layout_checks, render_references
+from msdiffusion.app.cli import main
 from msdiffusion.world.scenes import CLASSES, is_held_out
 
 # a handful of generations: 1, 2 (touching), 2 (overlapping) and 4 subjects
@@ -26,7 +26,7 @@ SELECTION = ["one.000", "two_touching.000", "two_overlapping.001", "four.000"]
 
 @pytest.fixture(scope="module")
 def world_models(tmp_path_factory):
-    from msdiffusion.bench.world import save_untrained_models
+    from msdiffusion.world.bench import save_untrained_models
 
     return save_untrained_models(tmp_path_factory.mktemp("world_models"))
 
@@ -100,7 +100,7 @@ class FakeProcess:
 
 
 def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
-    import msdiffusion.bench.cli as bench_cli
+    import msdiffusion.app.bench_commands as bench_cli
 
     one = tmp_path / "one"
     assert main(_run_args(world_models, one)) == 0
@@ -115,8 +115,8 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     assert PIL.Image.open(one / "images" / "four" / "four.000_0.png").size == (64, 64)
     manifest = [json.loads(line) for line in (one / "manifest.jsonl").read_text().splitlines()]
     settings = manifest[0]["settings"]
-    assert (settings["steps"], settings["guidance_scale"], settings["ms_scale"]) == (2, 5.0, 1.0)
-    assert (settings["height"], settings["width"], settings["negative_prompt"]) == (64, 64, "")
+    assert (settings["steps"], settings["guidance"], settings["scale"]) == (2, 5.0, 1.0)
+    assert (settings["size"], settings["negative_prompt"]) == ([64, 64], None)
     assert settings["reference_combine"] == "concat"  # several references resampled together, as MS-Bench
     assert settings["base"] == str((world_models / "base").resolve())
     four = next(r for r in manifest if r["sample_id"] == "four.000")
@@ -137,8 +137,9 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
         four["prompt"], [AskedSubject(s["phrase"], s["identity"], tuple(s["box"])) for s in four["subjects"]],
         [np.asarray(PIL.Image.open(one / "references" / s["reference"])) for s in four["subjects"]],
     )  # fmt: skip
-    generation = dict(num_inference_steps=2, guidance_scale=5.0, ms_scale=1.0)
-    [direct] = generate_world_jobs(pipe, [job], seed=four["seed"], batch_size=1, **generation)
+    from msdiffusion.loading import WORLD, named_settings
+
+    [direct] = generate_world_jobs(pipe, [job], named_settings(WORLD, steps=2), seed=four["seed"], batch_size=1)
     assert np.array_equal(direct, np.asarray(PIL.Image.open(one / four["image"]).convert("RGB")))
 
     # resumed: nothing generated, nothing rendered, nothing rewritten
@@ -148,7 +149,7 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     assert "references: all in" in out and "generated 0, 4 already on disk, of 4 images" in out
     assert before == {p: p.stat().st_mtime_ns for p in one.rglob("*.png")}
     assert main(_run_args(world_models, one, "--guidance", "3")) == 2
-    assert "guidance_scale: 5.0 -> 3.0" in capsys.readouterr().err
+    assert "guidance: 5.0 -> 3.0" in capsys.readouterr().err
 
     # sharded over two processes (the second first: the first writes the manifest): the same files
     two = tmp_path / "two"
@@ -208,11 +209,11 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
 
 
 def test_run_arguments_are_checked(tmp_path, capsys, monkeypatch):
-    import msdiffusion.world.weights as weights
+    import msdiffusion.loading as loading
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(weights, "WEIGHTS_DIR", empty)  # a package without its world weights
+    monkeypatch.setattr(loading, "WORLD_WEIGHTS", empty)  # a package without its world weights
     assert main(["bench", "run", "--bench", "world", "--output", str(tmp_path / "out")]) == 2
     assert "The world's weights are not in" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything was rendered or written
@@ -228,7 +229,7 @@ def test_run_arguments_are_checked(tmp_path, capsys, monkeypatch):
 
 def _perfect_image(sample, identities=None) -> tuple[np.ndarray, np.ndarray]:
     """Each subject drawn from the world into its box (upright; size fitted to the box), and the label map."""
-    from msdiffusion.bench.world import _shape_extent
+    from msdiffusion.world.bench import _shape_extent
     from msdiffusion.world.scenes import SIZE, draw_background, draw_subject
 
     canvas = draw_background("plain", np.random.default_rng(0))
@@ -245,8 +246,8 @@ def _perfect_image(sample, identities=None) -> tuple[np.ndarray, np.ndarray]:
 def test_scores_follow_the_pixels(tmp_path, world_models, monkeypatch):
     """On subjects drawn by the world itself (with a segmenter that sees the true classes), every subject
     is found with its identity; with the references' identities swapped, none has its identity."""
-    from msdiffusion.bench.runner import GenerationSettings, WorkItem, manifest_record
-    from msdiffusion.bench.world import WorldScorer, score_world_records
+    from msdiffusion.bench.runner import BenchSettings, WorkItem, manifest_record
+    from msdiffusion.world.bench import WorldScorer, score_world_records
 
     # Samples without a triangle (drawn upright and fitted to its box's width, a triangle misses its
     # box's height: IoU about 0.6) and whose drawings the evaluator reads right: it reads about 94%
@@ -254,7 +255,7 @@ def test_scores_follow_the_pixels(tmp_path, world_models, monkeypatch):
     # samples pass every check here.
     samples = select_samples(load_benchmark("world"), ["two.005", "three.001"])
     render_references(samples, tmp_path / "refs", 1, seed=0)
-    settings = GenerationSettings("b", "a", "e")
+    settings = BenchSettings(base="b", adapter="a", image_encoder="e")
     records, truth = [], {}
     for sample, swap in [(samples[0], False), (samples[1], False), (samples[0], True)]:
         identities = [s.identity for s in sample.subjects]

@@ -5,8 +5,8 @@ import PIL.Image
 import pytest
 import yaml
 
-from msdiffusion.cli import main
-from msdiffusion.jobs import PNG_METADATA_KEY
+from msdiffusion.app.cli import main
+from msdiffusion.app.jobs import PNG_METADATA_KEY
 from msdiffusion.tiny import save_tiny_models
 
 

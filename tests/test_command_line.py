@@ -5,7 +5,7 @@ import argparse
 import pytest
 import yaml
 
-from msdiffusion.cli import build_parser, main
+from msdiffusion.app.cli import build_parser, main
 
 
 def _parsers(parser, path=("msdiff",)):
@@ -69,20 +69,15 @@ def test_same_names_across_commands():
     assert "--photos" in bench_run and "--images" not in bench_run  # --images is a count, in generate
     args = parser.parse_args(["data", "build", "src", "--out", "o", "--dtype", "fp16"])
     assert args.dtype == "fp16"
-    assert parser.parse_args(["data", "build", "src", "--out", "o", "--dtype", "float16"]).dtype == "fp16"  # old name
 
 
-def test_old_names_still_work_with_a_warning(capsys):
+def test_one_vocabulary_no_second_names(capsys):
+    """The pipelines' keyword names are not flags: one name per setting (job files, flags, bench, validation)."""
     parser = build_parser()
-    args = parser.parse_args(["bench", "run", "--images", "p", "--output", "o", "--base", "b", "--adapter", "a",
-                              "--image-encoder", "e", "--guidance-scale", "3", "--ms-scale", "0.4", "--height", "64",
-                              "--weight-name", "w.bin"])  # fmt: skip
-    assert (str(args.photos), args.guidance, args.scale, args.height, args.adapter_weight_name) == ("p", 3.0, 0.4, 64, "w.bin")
-    err = capsys.readouterr().err
-    for old, new in (("--images", "--photos"), ("--guidance-scale", "--guidance"), ("--ms-scale", "--scale"), ("--weight-name", "--adapter-weight-name")):
-        assert f"{old} is deprecated; use {new}" in err
-    args = parser.parse_args(["generate", "--guidance-scale", "3"])
-    assert args.guidance == 3.0
+    for argv in (["generate", "--guidance-scale", "3"], ["generate", "--ms-scale", "0.4"], ["convert", "a", "b", "--weight-name", "w"],
+                 ["bench", "run", "--output", "o", "--height", "64"], ["data", "build", "s", "--out", "o", "--dtype", "float16"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
 
 
 def test_train_print_config_template(capsys, tmp_path):
@@ -103,7 +98,7 @@ def test_library_noise_is_filtered_and_warnings_are_one_line(tmp_path, capsys, m
     import logging
     import warnings
 
-    from msdiffusion import cli
+    from msdiffusion.app import cli
 
     monkeypatch.setattr(cli.warnings, "showwarning", warnings.showwarning)
 
@@ -133,7 +128,7 @@ def test_quiet_silences_library_progress_bars(monkeypatch):
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
 
-    from msdiffusion.cli import quiet_libraries
+    from msdiffusion.app.cli import quiet_libraries
 
     try:
         quiet_libraries()

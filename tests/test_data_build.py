@@ -7,9 +7,11 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import pytest
+
+from msdiffusion.boxes import box_iou
 import torch
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 from msdiffusion.data.build import SourceItem, build_manifest, collect_items, make_phrase_finder
 from msdiffusion.data.dataset import MSDiffusionDataset
 from msdiffusion.data.detection import (
@@ -18,7 +20,7 @@ from msdiffusion.data.detection import (
     OpenVocabularyDetector,
     SubjectFilter,
     _match_label,
-    box_iou,
+
     select_subjects,
 )
 from msdiffusion.data.manifest import read_manifest, validate_manifest

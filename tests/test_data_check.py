@@ -5,7 +5,7 @@ import json
 import numpy as np
 import PIL.Image
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 from msdiffusion.data.manifest import validate_manifest
 
 

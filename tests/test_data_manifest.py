@@ -5,7 +5,7 @@ import json
 import PIL.Image
 import pytest
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 from msdiffusion.data.manifest import (
     ManifestError,
     Reference,

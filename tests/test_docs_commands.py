@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from msdiffusion.cli import build_parser
+from msdiffusion.app.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
-MODULES = {"msdiffusion.bench": ["bench"], "msdiffusion.train": ["train"], "msdiffusion": [], "msdiffusion.cli": []}
+MODULES = {"msdiffusion": []}
 
 
 def commands(page: str):

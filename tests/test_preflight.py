@@ -5,9 +5,10 @@ import PIL.Image
 import pytest
 import torch
 
-from msdiffusion import jobs
-from msdiffusion.checks import safetensors_problem, torch_file_problem
-from msdiffusion.cli import main
+from msdiffusion import loading, settings
+from msdiffusion.app import jobs
+from msdiffusion.weight_files import safetensors_problem, torch_file_problem
+from msdiffusion.app.cli import main
 from msdiffusion.tiny import save_tiny_models
 
 
@@ -32,7 +33,7 @@ def files(tmp_path, monkeypatch, models):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(jobs, "load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "load_pipeline", no_loading)
     return tmp_path
 
 
@@ -160,16 +161,16 @@ def test_demo_size_is_validated(tmp_path, capsys):
 
 
 def test_size_accepts_one_number_and_jobs_accept_text():
-    assert jobs.parse_size("128") == [128, 128]
-    assert jobs.parse_size(128) == [128, 128]
-    assert jobs.parse_size("128x96") == [128, 96]
-    assert jobs.parse_size([1344, 768]) == [1344, 768]
+    assert settings.parse_size("128") == [128, 128]
+    assert settings.parse_size(128) == [128, 128]
+    assert settings.parse_size("128x96") == [128, 96]
+    assert settings.parse_size([1344, 768]) == [1344, 768]
     with pytest.raises(jobs.JobError, match="at least 64"):
-        jobs.parse_size("32x64")
+        settings.parse_size("32x64")
 
 
 def test_plus_in_an_existing_file_name_is_one_photo(tmp_path, monkeypatch):
-    from msdiffusion.commands import _subject_from_flag
+    from msdiffusion.app.commands import _subject_from_flag
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "dog+1.jpg").write_bytes(b"")

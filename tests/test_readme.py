@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 from msdiffusion.tiny import save_tiny_models
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -83,9 +83,9 @@ def _job_dict(tmp_path, **extra):
 
 
 def test_jobs_and_the_cli_default_to_the_release_negative_prompt(tmp_path, capsys):
-    from msdiffusion.cli import build_parser
-    from msdiffusion.commands import _flag_overrides
-    from msdiffusion.jobs import job_from_dict, run_job
+    from msdiffusion.app.cli import build_parser
+    from msdiffusion.app.commands import _flag_overrides
+    from msdiffusion.app.jobs import job_from_dict, run_job
     from msdiffusion.release import RELEASE_NEGATIVE_PROMPT
 
     assert RELEASE_NEGATIVE_PROMPT == RELEASE_NEGATIVE
@@ -118,7 +118,7 @@ def test_training_validation_defaults_to_the_release_negative_prompt(tmp_path):
     import PIL.Image
 
     from msdiffusion.train import TrainConfig
-    from msdiffusion.train.validation import validation_entries
+    from msdiffusion.train.validation import validation_entries, validation_settings
 
     PIL.Image.new("RGB", (16, 16)).save(tmp_path / "r.png")
     subject = {"image": str(tmp_path / "r.png"), "phrase": "dog", "box": [0, 0, 1, 1]}
@@ -126,10 +126,11 @@ def test_training_validation_defaults_to_the_release_negative_prompt(tmp_path):
                {"prompt": "a dog", "subjects": [subject], "negative_prompt": "blurry"},
                {"prompt": "a dog", "subjects": [subject], "negative_prompt": None}]  # fmt: skip
     config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries)
-    assert config.validation_negative_prompt == RELEASE_NEGATIVE
+    assert validation_settings(config).negative_prompt == RELEASE_NEGATIVE
     got = [entry.negative_prompt for entry in validation_entries(config, dataset=None)]
     assert got == [RELEASE_NEGATIVE, "blurry", None]
-    config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries[:1], validation_negative_prompt=None)
+    config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries[:1],
+                         validation_settings={"negative_prompt": None})
     assert validation_entries(config, dataset=None)[0].negative_prompt is None
 
 
@@ -142,7 +143,7 @@ def test_masked_references_are_black_by_default_like_multiplying_by_the_mask(tmp
     import numpy as np
     import PIL.Image
 
-    from msdiffusion.cli import build_parser
+    from msdiffusion.app.cli import build_parser
     from msdiffusion.data.dataset import MSDiffusionDataset
     from msdiffusion.train import TrainConfig
     from msdiffusion.train.data import build_dataset
@@ -215,10 +216,10 @@ def test_release_positions_differ_on_1014_msbench_prompts_with_the_sdxl_tokenize
 
 
 def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp_path, tokenizer):
-    from msdiffusion.bench.runner import GenerationSettings, check_run_config
-    from msdiffusion.cli import build_parser
-    from msdiffusion.commands import _flag_overrides
-    from msdiffusion.jobs import JobError, job_from_dict, run_job
+    from msdiffusion.bench.runner import BenchSettings, check_run_config
+    from msdiffusion.app.cli import build_parser
+    from msdiffusion.app.commands import _flag_overrides
+    from msdiffusion.app.jobs import JobError, job_from_dict, run_job
     from msdiffusion.tiny import tiny_pipeline
     from msdiffusion.subjects import Subject
 
@@ -239,16 +240,16 @@ def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp
     flags = build_parser().parse_args(["generate", "--phrase-matching", "release"])
     assert _flag_overrides(flags)["phrase_matching"] == "release"
 
-    bench = build_parser().parse_args(["bench", "run", "--images", "i", "--output", "o", "--base", "b", "--adapter", "a",
+    bench = build_parser().parse_args(["bench", "run", "--photos", "i", "--output", "o", "--base", "b", "--adapter", "a",
                                        "--image-encoder", "e", "--phrase-matching", "release"])  # fmt: skip
     assert bench.phrase_matching == "release"
     # a run directory made before the setting existed resumes with the default
-    settings = GenerationSettings(base="b", adapter="a", image_encoder="e")
+    settings = BenchSettings(base="b", adapter="a", image_encoder="e")
     old = {k: v for k, v in settings.to_dict().items() if k != "phrase_matching"}
     (tmp_path / "run_config.json").write_text(__import__("json").dumps({"benchmark": "msbench", "settings": old}))
     check_run_config(tmp_path, "msbench", settings, tmp_path)
     with pytest.raises(ValueError, match="phrase_matching"):
-        check_run_config(tmp_path, "msbench", GenerationSettings(base="b", adapter="a", image_encoder="e",
+        check_run_config(tmp_path, "msbench", BenchSettings(base="b", adapter="a", image_encoder="e",
                                                                  phrase_matching="release"), tmp_path)  # fmt: skip
 
 
@@ -262,9 +263,9 @@ def test_release_seed_mode_draws_the_batch_from_one_generator_like_the_release(t
     import PIL.Image
     import torch
 
-    from msdiffusion.cli import build_parser
-    from msdiffusion.commands import _flag_overrides
-    from msdiffusion.jobs import PNG_METADATA_KEY, JobError, job_from_dict, run_job
+    from msdiffusion.app.cli import build_parser
+    from msdiffusion.app.commands import _flag_overrides
+    from msdiffusion.app.jobs import PNG_METADATA_KEY, JobError, job_from_dict, run_job
     from msdiffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0, work_dir=tmp_path / "tiny")
@@ -311,9 +312,9 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from msdiffusion.attention import TextOnlyAttnProcessor
-    from msdiffusion.cli import build_parser
-    from msdiffusion.commands import _flag_overrides
-    from msdiffusion.jobs import job_from_dict, run_job
+    from msdiffusion.app.cli import build_parser
+    from msdiffusion.app.commands import _flag_overrides
+    from msdiffusion.app.jobs import job_from_dict, run_job
     from msdiffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0, controlnet=True, work_dir=tmp_path / "tiny")
@@ -359,13 +360,13 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
 
 def test_scoring_defaults_follow_dreambooths_protocol(tmp_path):
     from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, ScoringConfig
-    from msdiffusion.cli import build_parser
+    from msdiffusion.app.cli import build_parser
 
     assert DEFAULT_CLIP_MODEL == "openai/clip-vit-base-patch32"  # CLIP ViT-B/32
     assert DEFAULT_DINO_MODEL == "facebook/dino-vits16"  # DINO ViT-S/16
     assert ScoringConfig().dino_preprocessing == "resize-crop"
     # The flags default to None (a world run refuses them when given); unset, the standard scorer uses these.
-    from msdiffusion.bench.cli import _standard_scorer
+    from msdiffusion.app.bench_commands import _standard_scorer
 
     args = build_parser().parse_args(["bench", "score", "--output", str(tmp_path)])
     requested, _ = _standard_scorer(args, tmp_path)
@@ -420,7 +421,7 @@ def test_training_docs_list_every_difference_from_the_release():
     text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     assert "## Differences from the release" in text
     section = text.split("## Differences from the release", 1)[1]
-    for words in ("grounding MLP width", "mask_color", "validation_negative_prompt", "crop: center",
+    for words in ("grounding MLP width", "mask_color", "validation_settings", "crop: center",
                   "min_visible_fraction: 0", "bilinear", "teddy-bear", "mixed_precision: no", "controlnet_image_tokens",
                   "phrase_matching", "seed_mode", "dino-preprocessing"):  # fmt: skip
         assert words in section, words

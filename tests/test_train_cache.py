@@ -8,7 +8,7 @@ import pytest
 import torch
 from train_fixtures import reset_accelerate, tiny_config, write_manifest
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 from msdiffusion.tiny import save_tiny_models
 
 
@@ -20,7 +20,7 @@ def cached(tmp_path_factory):
     args = [
         "data", "cache", str(manifest), "--out", str(folder / "cache"), "--base", str(models["base"]),
         "--image-encoder", str(models["image_encoder"]), "--reference-size", "64", "--device", "cpu",
-        "--dtype", "float32", "--workers", "0", "--batch-size", "4", "--shard-size", "4",
+        "--dtype", "fp32", "--workers", "0", "--batch-size", "4", "--shard-size", "4",
     ]  # fmt: skip
     assert main(args) == 0
     return {"models": models, "manifest": manifest, "cache": folder / "cache", "args": args}
@@ -79,7 +79,7 @@ def test_training_from_the_cache_loads_no_encoder_until_validation(cached, tmp_p
     monkeypatch.setattr(models, "load_image_encoder", forbidden)
     config = tiny_config(
         cached["models"], cached["manifest"], tmp_path, cache=str(cached["cache"]), validation_steps=2,
-        validation_inference_steps=1, validation_samples=1,
+        validation_settings={"steps": 1}, validation_samples=1,
     )  # fmt: skip
     run = TrainingRun(config)
     monkeypatch.undo()  # validation images need the encoders: loaded then, on first use

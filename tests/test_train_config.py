@@ -8,9 +8,8 @@ import pytest
 import yaml
 from train_fixtures import reset_accelerate
 
-from msdiffusion.cli import main
+from msdiffusion.app.cli import main
 from msdiffusion.train import ConfigError, TrainConfig, load_config
-from msdiffusion.train.__main__ import main as module_main
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate():
@@ -43,7 +42,7 @@ def test_file_then_flags(tmp_path, capsys):
     as_json = tmp_path / "train.json"
     as_json.write_text(json.dumps({**REQUIRED, "max_train_steps": 10}))
     assert load_config(as_json).max_train_steps == 10
-    assert module_main(["--config", str(as_json), "--print-config"]) == 0  # python -m msdiffusion.train
+    assert main(["train", "--config", str(as_json), "--print-config"]) == 0  # python -m msdiffusion train
     assert "max_train_steps: 10" in capsys.readouterr().out
 
 

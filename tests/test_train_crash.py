@@ -200,7 +200,7 @@ def test_a_second_sigterm_stops_at_once(setup, tmp_path):
 
 
 def test_a_feature_cache_killed_while_writing_a_shard_has_no_partial_shard_and_completes(setup, tmp_path):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
     from msdiffusion.train.cache import FeatureCache
 
     models, manifest = setup["models"], setup["manifest"]
@@ -209,7 +209,7 @@ def test_a_feature_cache_killed_while_writing_a_shard_has_no_partial_shard_and_c
         return [
             "data", "cache", str(manifest), "--out", str(out), "--base", str(models["base"]),
             "--image-encoder", str(models["image_encoder"]), "--reference-size", "64", "--device", "cpu",
-            "--dtype", "float32", "--workers", "0", "--batch-size", "2", "--shard-size", "2",
+            "--dtype", "fp32", "--workers", "0", "--batch-size", "2", "--shard-size", "2",
         ]  # fmt: skip
 
     # killed after shard 1 was written under its temporary name, before the rename

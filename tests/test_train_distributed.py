@@ -33,7 +33,7 @@ def _launch(config_file, *flags: str) -> list[str]:
     return [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "msdiffusion.train", "--config", str(config_file), *flags,
+        "-m", "msdiffusion", "train", "--config", str(config_file), *flags,
     ]  # fmt: skip
 
 

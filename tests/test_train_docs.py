@@ -53,8 +53,8 @@ def _tokens(command: str) -> list[str]:
 def test_every_command_uses_real_flags():
     from accelerate.commands.launch import launch_command_parser
 
-    from msdiffusion.cli import build_parser
-    from msdiffusion.train.__main__ import main as module_main
+    from msdiffusion.app.cli import build_parser
+    from msdiffusion.app.cli import main
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     commands = doc_commands()
@@ -67,8 +67,9 @@ def test_every_command_uses_real_flags():
             kinds.add(" ".join(tokens[:2]))
         elif tokens[:2] == ["accelerate", "launch"]:
             args = launch_command_parser().parse_args(tokens[2:])
-            assert args.module and args.training_script == "msdiffusion.train", command
-            assert module_main([*args.training_script_args, "--print-config"]) == 0, command
+            assert args.module and args.training_script == "msdiffusion", command
+            assert args.training_script_args[0] == "train", command
+            assert main([*args.training_script_args, "--print-config"]) == 0, command
             kinds.add("accelerate launch")
         elif tokens[:2] == ["pip", "install"]:
             wanted = re.search(r"\[(.*)\]", tokens[-1])[1].split(",")
@@ -79,7 +80,7 @@ def test_every_command_uses_real_flags():
 
 
 def test_the_error_example_is_what_msdiff_prints(tmp_path, monkeypatch, capsys):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
 
     shown = re.search(r"```\n(msdiff train: error: .*?)```", DOC.read_text(), re.S)[1]
     monkeypatch.chdir(tmp_path)
@@ -108,7 +109,7 @@ def walkthrough_folder(tmp_path, monkeypatch):
 
 
 def test_the_walkthrough_runs_as_written(walkthrough_folder, tmp_path):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
 
     models = walkthrough_folder
     replace = {
@@ -122,12 +123,12 @@ def test_the_walkthrough_runs_as_written(walkthrough_folder, tmp_path):
     small_run = [  # the example config names the hub models: the tiny ones replace them
         "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]),
         "--resolution", "64", "--train-batch-size", "1", "--max-train-steps", "2", "--dataloader-workers", "0",
-        "--validation-steps", "2", "--validation-samples", "1", "--validation-inference-steps", "1", "--log-every", "1",
+        "--validation-steps", "2", "--validation-samples", "1", "--validation-settings", "{steps: 1}", "--log-every", "1",
     ]  # fmt: skip
     append = {
         "data build": ["--detector", str(models["detector"]), "--segmenter", str(models["segmenter"]), "--device", "cpu",
                        "--score-threshold", "0.0", "--min-box-area", "0.001", "--max-overlap", "1.0"],
-        "data cache": ["--device", "cpu", "--dtype", "float32", "--workers", "0"],
+        "data cache": ["--device", "cpu", "--dtype", "fp32", "--workers", "0"],
         "train": small_run,
         "generate": ["--size", "64x64", "--steps", "2", "--device", "cpu", "--dtype", "fp32"],
     }  # fmt: skip

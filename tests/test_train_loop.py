@@ -197,7 +197,7 @@ def test_fp16_on_the_cpu_is_refused_with_the_alternative(setup, tmp_path):
 
 def test_validation_images_logs_and_summary(setup, tmp_path):
     run = _run(
-        setup, tmp_path, max_train_steps=3, validation_steps=2, validation_inference_steps=2, report_to="tensorboard",
+        setup, tmp_path, max_train_steps=3, validation_steps=2, validation_settings={"steps": 2}, report_to="tensorboard",
         validation_samples=1,
     )  # fmt: skip
     summary = run.train()
@@ -229,7 +229,7 @@ def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(setup, tmp_path, m
 
 
 def test_train_command_reports_data_problems_clearly(setup, tmp_path, capsys):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
 
     models = setup["models"]
     base_args = ["train", "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]),
@@ -249,7 +249,7 @@ def test_validation_entries_from_the_config(setup, tmp_path):
     reference = str(setup["manifest"].parent / "photos" / "001.png")
     entries = [{"prompt": "a green toy on the table", "negative_prompt": "blurry",
                 "subjects": [{"image": reference, "phrase": "toy", "box": [0.1, 0.2, 0.6, 0.9]}]}]  # fmt: skip
-    run = _run(setup, tmp_path, max_train_steps=1, validation_steps=1, validation_inference_steps=1, validation=entries)
+    run = _run(setup, tmp_path, max_train_steps=1, validation_steps=1, validation_settings={"steps": 1}, validation=entries)
     assert [e.phrases for e in run.validator.entries] == [["toy"]]
     run.train()
     assert (tmp_path / "validation" / "step-000001" / "0-layout.png").is_file()
@@ -270,7 +270,7 @@ def _manifest_with_a_truncated_image(setup, tmp_path):
 
 
 def test_unreadable_image_stops_before_the_first_step(setup, tmp_path, capsys):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
 
     manifest = _manifest_with_a_truncated_image(setup, tmp_path)
     models = setup["models"]

@@ -24,10 +24,13 @@ import PIL.Image
 import pytest
 import yaml
 
-from msdiffusion.cli import main
-from msdiffusion.jobs import PNG_METADATA_KEY, TINY
+from msdiffusion.app.cli import main
+from msdiffusion.app.jobs import PNG_METADATA_KEY
+from msdiffusion.app.page import PageModels
+from msdiffusion.loading import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY_MODELS = PageModels(TINY, TINY, TINY)
 ASSETS = ROOT / "msdiffusion" / "assets"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -40,7 +43,7 @@ SLOW_MS = 300_000
 
 
 def _tiny_models():
-    from msdiffusion.ui import PageModels
+    from msdiffusion.app.page import PageModels
 
     return PageModels(TINY, TINY, TINY)
 
@@ -66,7 +69,7 @@ CAT = {"images": [str(ASSETS / "cat.jpg")], "phrase": "cat", "box": "0.55,0.3,0.
 
 # ---- the page's values <-> jobs (no Gradio needed) ----------------------------------------------
 def test_page_values_become_a_validated_job(tmp_path):
-    from msdiffusion.ui import page_to_job
+    from msdiffusion.app.page import page_to_job
 
     job, slots = page_to_job(_settings(), _subjects(DOG, {}, CAT), _tiny_models(), str(tmp_path))
     assert slots == [0, 2]  # the empty slot is skipped, the others keep their place on the page
@@ -87,7 +90,7 @@ def test_page_values_become_a_validated_job(tmp_path):
     ],
 )
 def test_bad_subject_input_names_the_field_and_its_subject(tmp_path, subject, slot, message):
-    from msdiffusion.ui import PageError, page_to_job
+    from msdiffusion.app.page import PageError, page_to_job
 
     with pytest.raises(PageError, match=message) as caught:
         page_to_job(_settings(), _subjects(DOG, subject), _tiny_models(), str(tmp_path))
@@ -96,7 +99,7 @@ def test_bad_subject_input_names_the_field_and_its_subject(tmp_path, subject, sl
 
 def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
     from msdiffusion.tiny import tiny_pipeline
-    from msdiffusion.ui import PageError, check_before_work, page_to_job
+    from msdiffusion.app.page import PageError, check_before_work, page_to_job
 
     with pytest.raises(PageError, match=r"^size: got \[100, 64\]; expected .*multiples of 8") as caught:
         page_to_job(_settings(width=100.0), _subjects(DOG), _tiny_models(), str(tmp_path))
@@ -120,8 +123,8 @@ def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
 
 
 def test_export_then_import_is_the_same_page(tmp_path):
-    from msdiffusion.ui import ASSETS as PAGE_ASSETS
-    from msdiffusion.ui import export_yaml, job_to_page, page_to_job
+    from msdiffusion.app.page import ASSETS as PAGE_ASSETS
+    from msdiffusion.app.page import export_yaml, job_to_page, page_to_job
 
     settings = _settings(auto_layout=True, mask_threshold=0.4, scheduler="DDIMScheduler")
     job, _ = page_to_job(settings, _subjects(DOG, CAT), _tiny_models(), str(tmp_path))
@@ -132,22 +135,22 @@ def test_export_then_import_is_the_same_page(tmp_path):
     job_file.write_text(text)
     assert main(["generate", str(job_file), "--steps", "1", "--output", str(tmp_path / "out"), "--quiet"]) == 0
 
-    page_settings, subjects, notes = job_to_page(data, tmp_path, [PAGE_ASSETS])
+    page_settings, subjects, notes = job_to_page(data, tmp_path, [PAGE_ASSETS], TINY_MODELS)
     assert notes == []
     assert page_settings == {**settings, "seed": 3, "negative_prompt": ""}
     assert subjects[0] == {"images": [str(ASSETS / "dog.jpg")], "phrase": "dog", "box": "0.05,0.3,0.45,0.9", "scale": ""}
     assert subjects[1]["scale"] == "0.8" and subjects[2] == subjects[3] == {"images": [], "phrase": "", "box": "", "scale": ""}
     # Photos outside the folders a visitor may see are not served: the notes ask for them again.
-    _, subjects, notes = job_to_page(data, tmp_path, [tmp_path / "uploads"])
+    _, subjects, notes = job_to_page(data, tmp_path, [tmp_path / "uploads"], TINY_MODELS)
     assert subjects[0]["images"] == [] and notes[0].startswith("subject 1: upload its photo again (dog.jpg")
 
 
 def test_import_refuses_a_bad_job_with_the_job_files_message(tmp_path):
-    from msdiffusion.jobs import JobError
-    from msdiffusion.ui import job_to_page
+    from msdiffusion.app.jobs import JobError
+    from msdiffusion.app.page import job_to_page
 
     with pytest.raises(JobError, match=r"imported job: subjects\[0\]: unknown field 'bx' \(did you mean 'box'\?\)"):
-        job_to_page({"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]}, tmp_path, [])
+        job_to_page({"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]}, tmp_path, [], TINY_MODELS)
 
 
 def test_ui_command_needs_gradio_or_says_how_to_install_it(monkeypatch, capsys):
@@ -166,7 +169,7 @@ def test_gradio_client_api_as_documented(tmp_path, monkeypatch):
     pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
     pytest.importorskip("gradio_client")
     from msdiffusion.tiny import tiny_pipeline
-    from msdiffusion.ui import build_page, launch
+    from msdiffusion.app.page import build_page, launch
 
     page = build_page(_tiny_models(), tiny_pipeline(seed=0))
     _, url, _ = launch(page, port=_free_port(), prevent_thread_lock=True, quiet=True)

@@ -8,11 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+
+from msdiffusion.boxes import box_iou
 import torch
 
 from msdiffusion.world.evaluate import (
     AskedSubject,
-    box_iou,
+
     connected_regions,
     descriptor,
     descriptor_distance,
@@ -27,7 +29,7 @@ from msdiffusion.world.scenes import (
     PATTERNS,
     NUM_IDENTITIES,
     SIZE,
-    SubjectSpec,
+    SceneSubject,
     draw_background,
     caption_for,
     draw_subject,
@@ -95,7 +97,7 @@ def test_saved_base_keeps_no_path_of_the_machine_that_trained_it(tmp_path):
 
 
 def test_shipped_weights_keep_no_local_paths():
-    from msdiffusion.world.weights import WEIGHTS_DIR
+    from msdiffusion.loading import WORLD_WEIGHTS as WEIGHTS_DIR
 
     texts = {p.relative_to(WEIGHTS_DIR).as_posix(): p.read_text() for p in WEIGHTS_DIR.rglob("*.json")}
     assert len(texts) >= 8
@@ -105,7 +107,7 @@ def test_shipped_weights_keep_no_local_paths():
 def test_shipped_weights_are_fp16_safetensors_within_25_mb():
     from safetensors import safe_open
 
-    from msdiffusion.world.weights import WEIGHTS_DIR
+    from msdiffusion.loading import WORLD_WEIGHTS as WEIGHTS_DIR
 
     files = [p for p in WEIGHTS_DIR.rglob("*") if p.is_file()]
     if not files:
@@ -170,7 +172,7 @@ def test_recipe_image_encoder_stage_trains_it_or_keeps_it_random(tmp_path):
 def test_recipe_record_keeps_each_stage_recipe_when_later_calls_change_flags(tmp_path, capsys):
     """`recipe.json` says what made each output: a later call with other settings for other stages
     leaves a finished stage's entry alone (it used to rewrite one recipe for all)."""
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
     from msdiffusion.world.base import BaseRecipe
     from msdiffusion.world.recipe import WorldRecipe, build
 
@@ -192,7 +194,7 @@ def test_recipe_record_keeps_each_stage_recipe_when_later_calls_change_flags(tmp
 
 
 def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight_to_the_recipe(tmp_path, monkeypatch):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
     from msdiffusion.world import recipe as recipe_module
 
     seen = []
@@ -223,7 +225,7 @@ def test_world_build_command_passes_the_image_encoder_unet_width_and_loss_weight
 
 
 def test_world_build_command_adds_base_cycles_and_continues_an_adapter(tmp_path, monkeypatch, capsys):
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
     from msdiffusion.world import recipe as recipe_module
     from msdiffusion.world.base import BaseRecipe
 
@@ -277,7 +279,7 @@ def test_scenes_are_deterministic_and_held_out_scenes_use_held_out_identities():
 
 def test_reference_is_another_rendering_of_the_same_subject():
     rng = np.random.default_rng(0)
-    scene = render_scene(rng, [SubjectSpec("star", 630), SubjectSpec("ring", 1050)], background="a grid")
+    scene = render_scene(rng, [SceneSubject("star", 630), SceneSubject("ring", 1050)], background="a grid")
     reference, mask = render_reference(rng, "star", 630)
     assert reference.shape == (SIZE, SIZE, 3) and mask.sum() > scene.masks[0].sum()  # larger
     own = descriptor(reference, mask)
@@ -393,7 +395,7 @@ def test_world_training_state_resumes_exactly(tmp_path):
 def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():
     from msdiffusion.world.evaluate import Segmenter, WorldEvaluator, _label_map
 
-    scene = render_scene(np.random.default_rng(5), [SubjectSpec("star", 630)], background="a plain wall")
+    scene = render_scene(np.random.default_rng(5), [SceneSubject("star", 630)], background="a plain wall")
     labels = _label_map(scene)  # a perfect segmentation of the scene
     box = scene.subjects[0].box
     evaluator = WorldEvaluator(Segmenter())
@@ -412,7 +414,7 @@ def test_a_shape_split_between_classes_counts_as_the_class_most_of_its_pixels_ha
     from msdiffusion.world.evaluate import Segmenter, WorldEvaluator, _label_map
     from msdiffusion.world.scenes import mask_box
 
-    scene = render_scene(np.random.default_rng(5), [SubjectSpec("star", 630)], background="a plain wall")
+    scene = render_scene(np.random.default_rng(5), [SceneSubject("star", 630)], background="a plain wall")
     labels = _label_map(scene)
     star, ring, square = (1 + CLASSES.index(c) for c in ("star", "ring", "square"))
     rows = np.flatnonzero(labels.any(1))

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from msdiffusion.world.weights import WEIGHTS_DIR
+from msdiffusion.loading import WORLD, named_settings
+from msdiffusion.loading import WORLD_WEIGHTS as WEIGHTS_DIR
 
 pytestmark = pytest.mark.skipif(
     not (WEIGHTS_DIR / "adapter").exists(), reason="the world's weights are not in the package (msdiff world build)"
 )
 
 JOBS = 24  # 1, 2, 3, 4 subjects taking turns
-SETTINGS = dict(num_inference_steps=20, guidance_scale=5.0, ms_scale=1.0)
+SETTINGS = named_settings(WORLD, steps=20)
 # Measured on these jobs (60 subjects) with the shipped weights (docs/world.md, sixteenth build):
 # found 98.3%, placed 76.7%, identity correct 68.3%. Each threshold sits 5 subjects below; each
 # break below takes its rate under it by 20 subjects or more (masks: placed 15.0%; mirrored
@@ -34,17 +35,18 @@ MIN_CORRECT = 0.60
 @pytest.fixture(scope="module")
 def world():
     from msdiffusion.world.evaluate import WorldEvaluator, held_out_jobs
-    from msdiffusion.world.weights import load_world_pipeline, world_model_paths
+    from msdiffusion.loading import world_model_paths
+    from msdiffusion.world.weights import world_pipeline
 
     torch.manual_seed(0)
-    return load_world_pipeline(), WorldEvaluator.from_file(world_model_paths()["evaluator"]), held_out_jobs(JOBS, seed=3)
+    return world_pipeline(), WorldEvaluator.from_file(world_model_paths()["evaluator"]), held_out_jobs(JOBS, seed=3)
 
 
 def score(world) -> dict:
     from msdiffusion.world.evaluate import generate_world_jobs, summarize
 
     pipe, evaluator, jobs = world
-    images = generate_world_jobs(pipe, jobs, seed=0, batch_size=12, **SETTINGS)
+    images = generate_world_jobs(pipe, jobs, SETTINGS, seed=0, batch_size=12)
     maps = evaluator.class_maps(np.stack(images))
     return summarize([evaluator.evaluate(im, job.subjects, m) for im, job, m in zip(images, jobs, maps)])["all"]
 
@@ -104,7 +106,7 @@ def _placed(image_path, subjects) -> list[bool]:
     import PIL.Image
 
     from msdiffusion.world.evaluate import AskedSubject, WorldEvaluator
-    from msdiffusion.world.weights import world_model_paths
+    from msdiffusion.loading import world_model_paths
 
     evaluator = WorldEvaluator.from_file(world_model_paths()["evaluator"])
     image = np.asarray(PIL.Image.open(image_path).convert("RGB"))
@@ -114,8 +116,8 @@ def _placed(image_path, subjects) -> list[bool]:
 def test_demo_draws_the_shipped_model_and_generate_from_its_png_moves_the_subjects(tmp_path, capsys):
     """`msdiff demo` uses the shipped weights by default; `msdiff generate --from` its PNG with other
     boxes and another seed draws the subjects in the new boxes."""
-    from msdiffusion.cli import main
-    from msdiffusion.commands import WORLD_DEMO_SUBJECTS, _asset
+    from msdiffusion.app.cli import main
+    from msdiffusion.app.commands import WORLD_DEMO_SUBJECTS, _asset
 
     assert main(["demo", "--output", str(tmp_path / "demo")]) == 0
     assert "msdiff-world (shipped)" in capsys.readouterr().out
@@ -137,7 +139,7 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
     the targets with their measured rates, and all of it in --json, consistent with the results."""
     import json
 
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
 
     out = tmp_path / "new" / "eval.json"
     assert main(["world", "evaluate", "--count", "4", "--steps", "4", "--by", "pattern", "--by", "class", "--json", str(out)]) == 0  # its folder is made
@@ -156,7 +158,7 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
 def test_evaluate_command_takes_an_exported_folder_and_names_what_a_folder_lacks(tmp_path, capsys):
     """`--models` takes the folder `msdiff world build --export-to` writes (the package's layout), and
     a folder that is neither that nor a finished build is refused with what it lacks."""
-    from msdiffusion.cli import main
+    from msdiffusion.app.cli import main
 
     out = tmp_path / "eval.json"
     assert main(["world", "evaluate", "--models", str(WEIGHTS_DIR), "--count", "1", "--steps", "2", "--json", str(out)]) == 0

@@ -13,18 +13,31 @@ import itertools
 import json
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
-BENCHMARKS = {"msbench": "msbench.json", "dreambench": "dreambench.json", "world": "world.json"}
+# key -> definition file. Benchmarks defined in a higher layer (the world's, `msdiffusion.world.bench`)
+# add themselves with `register_benchmark`, so this package never imports them.
+BENCHMARKS: dict[str, Path] = {"msbench": DATA_DIR / "msbench.json", "dreambench": DATA_DIR / "dreambench.json"}
+_EXPANDERS: dict[str, Callable[[dict], list]] = {}
+# key -> (metric names, report writer) for benchmarks whose report is not MS-Bench's table
+REPORTERS: dict[str, tuple[dict, Callable]] = {}
+
+
+def register_benchmark(key: str, definition: Path, expand: Callable[[dict], list], metrics: dict, report: Callable) -> None:
+    """Add a benchmark defined elsewhere: its definition file, how it expands to samples, and its report."""
+    BENCHMARKS[key] = definition
+    _EXPANDERS[key] = expand
+    REPORTERS[key] = (metrics, report)
+    load_benchmark.cache_clear()
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 @dataclass(frozen=True)
-class SubjectSpec:
+class BenchSubject:
     name: str  # the subject's key in the definition, e.g. "dog2"
     phrase: str  # its class word, as it appears in the prompt
     source: str  # reference file, or folder of reference photos, relative to the images directory
@@ -33,12 +46,12 @@ class SubjectSpec:
 
 
 @dataclass(frozen=True)
-class Sample:
+class BenchSample:
     benchmark: str
     sample_id: str
     group: str  # MS-Bench: combination type; DreamBench: "live" or "object"; world: subject count and layout
     prompt: str
-    subjects: tuple[SubjectSpec, ...]
+    subjects: tuple[BenchSubject, ...]
 
     @property
     def combination(self) -> tuple[str, ...]:
@@ -49,7 +62,7 @@ class Sample:
 class Benchmark:
     key: str
     name: str
-    samples: list[Sample]
+    samples: list[BenchSample]
     images_per_sample: int
     definition: dict = field(repr=False)
 
@@ -72,17 +85,15 @@ class Benchmark:
 def load_definition(key: str) -> dict:
     if key not in BENCHMARKS:
         raise ValueError(f"Unknown benchmark {key!r}; choose one of: {', '.join(BENCHMARKS)}.")
-    return json.loads((DATA_DIR / BENCHMARKS[key]).read_text())
+    return json.loads(BENCHMARKS[key].read_text())
 
 
 @cache
 def load_benchmark(key: str) -> Benchmark:
     """The packaged definition of `key`, expanded to samples and checked against its expected counts."""
     definition = load_definition(key)
-    if key == "world":
-        from .world import expand_world
-
-        samples = expand_world(definition)
+    if key in _EXPANDERS:
+        samples = _EXPANDERS[key](definition)
     else:
         samples = expand_msbench(definition) if key == "msbench" else expand_dreambench(definition)
     benchmark = Benchmark(key, definition["name"], samples, int(definition.get("images_per_sample", 1)), definition)
@@ -94,7 +105,7 @@ def load_benchmark(key: str) -> Benchmark:
     return benchmark
 
 
-def expand_msbench(definition: dict) -> list[Sample]:
+def expand_msbench(definition: dict) -> list[BenchSample]:
     """Combinations follow the definition's `note`: distinct unordered subjects when all types are the
     same, one subject per type otherwise; each combination takes every prompt template of its type."""
     subjects_by_type: dict[str, list[str]] = {}
@@ -112,25 +123,25 @@ def expand_msbench(definition: dict) -> list[Sample]:
             raise ValueError(f"{combination_type}: mixed repeated types {types} are not defined by MS-Bench.")
         for names in combinations:
             subjects = tuple(
-                SubjectSpec(name, definition["subjects"][name]["class"], definition["subjects"][name]["file"], tuple(box))
+                BenchSubject(name, definition["subjects"][name]["class"], definition["subjects"][name]["file"], tuple(box))
                 for name, box in zip(names, spec["boxes"])
             )
             for index, template in enumerate(spec["prompts"]):
                 prompt = template.format(*(subject.phrase for subject in subjects))
                 sample_id = f"{combination_type}.{'+'.join(names)}.p{index}"
-                samples.append(Sample("msbench", sample_id, combination_type, prompt, subjects))
+                samples.append(BenchSample("msbench", sample_id, combination_type, prompt, subjects))
     return samples
 
 
-def expand_dreambench(definition: dict) -> list[Sample]:
+def expand_dreambench(definition: dict) -> list[BenchSample]:
     samples = []
     box = tuple(definition["box"])
     for name, subject in definition["subjects"].items():
         group = "live" if subject["live"] else "object"
-        spec = SubjectSpec(name, subject["class"], subject["folder"], box)
+        spec = BenchSubject(name, subject["class"], subject["folder"], box)
         for index, template in enumerate(definition["prompts"][group]):
             prompt = template.format(subject["class"])
-            samples.append(Sample("dreambench", f"dreambench.{name}.p{index:02d}", group, prompt, (spec,)))
+            samples.append(BenchSample("dreambench", f"dreambench.{name}.p{index:02d}", group, prompt, (spec,)))
     return samples
 
 
@@ -151,12 +162,12 @@ def reference_files(images_dir: Path, source: str) -> list[Path]:
 class Availability:
     """Which samples can be built from an images directory, and why the others cannot."""
 
-    buildable: list[Sample]
-    missing_sources: dict[str, list[Sample]]  # subject source -> samples that need it
+    buildable: list[BenchSample]
+    missing_sources: dict[str, list[BenchSample]]  # subject source -> samples that need it
 
     @property
-    def unbuildable(self) -> list[Sample]:
-        seen: dict[str, Sample] = {}
+    def unbuildable(self) -> list[BenchSample]:
+        seen: dict[str, BenchSample] = {}
         for samples in self.missing_sources.values():
             for sample in samples:
                 seen.setdefault(sample.sample_id, sample)
@@ -172,10 +183,10 @@ class Availability:
         return lines
 
 
-def check_images(samples: Sequence[Sample], images_dir: Path) -> Availability:
+def check_images(samples: Sequence[BenchSample], images_dir: Path) -> Availability:
     images_dir = Path(images_dir)
     present: dict[str, bool] = {}
-    missing: dict[str, list[Sample]] = {}
+    missing: dict[str, list[BenchSample]] = {}
     buildable = []
     for sample in samples:
         ok = True
@@ -195,7 +206,7 @@ def check_images(samples: Sequence[Sample], images_dir: Path) -> Availability:
 
 def select_samples(
     benchmark: Benchmark, only: Sequence[str] | None = None, fraction: float | None = None, seed: int = 0
-) -> list[Sample]:
+) -> list[BenchSample]:
     """Samples matching any of `only` (a group name, or a glob on sample ids), then a seeded random
     `fraction` of them. The choice depends only on the arguments, never on the machine or process."""
     samples = benchmark.samples
@@ -217,5 +228,5 @@ def select_samples(
     return list(samples)
 
 
-def _matches(pattern: str, sample: Sample) -> bool:
+def _matches(pattern: str, sample: BenchSample) -> bool:
     return pattern == sample.group or fnmatch.fnmatchcase(sample.sample_id, pattern)

@@ -6,7 +6,7 @@ Metrics per group (MS-Bench combination type, DreamBench live/object) and overal
 - `layout_iou`: IoU of each foreground subject's detection with its requested box (a miss counts 0);
 - `subject_clip_i`, `subject_dino`: the detected crop against the subject's references (a miss counts 0).
 Background subjects (boxes covering the whole image) count in the whole-image scores only.
-The world bench reports the world evaluator's rates instead (see `world.py`).
+A benchmark registered with its own report (the world's) writes that instead.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import PIL.Image
 import PIL.ImageDraw
 
-from .definitions import DATA_DIR, check_images, load_benchmark
+from .definitions import DATA_DIR, REPORTERS, check_images, load_benchmark
 from ..atomic import atomic_path, write_text_atomic
-from .runner import RUN_CONFIG, read_manifest, write_json_atomic
+from .runner import RUN_CONFIG, read_run_manifest, write_json_atomic
 from .scoring import is_background
 
 METRICS = {
@@ -86,7 +86,7 @@ def coverage(output_dir: Path, benchmark_key: str, scores: list[dict], images_di
         "scored_samples": len({s["sample_id"] for s in scores}),
         "images_dir": str(images_dir),
     }
-    if benchmark_key == "world":  # its references are rendered by `run`, never missing
+    if benchmark_key in REPORTERS:  # its references are rendered by `run`, never missing
         out["buildable_samples"] = len(benchmark.samples)
         out["missing_references"] = {}
     elif images_dir.is_dir():
@@ -173,7 +173,7 @@ def write_report(output_dir: Path, grid_samples: int = 8, images_dir: Path | Non
     scores = read_scores(output_dir)
     if not scores:
         raise ValueError(f"{output_dir / 'scores.jsonl'} is empty: nothing was scored.")
-    manifest = {record["image"]: record for record in read_manifest(output_dir)}
+    manifest = {record["image"]: record for record in read_run_manifest(output_dir)}
     benchmark_key = manifest[scores[0]["image"]]["benchmark"]
     benchmark = load_benchmark(benchmark_key)
     scores_config_path = output_dir / "scores_config.json"
@@ -187,13 +187,12 @@ def write_report(output_dir: Path, grid_samples: int = 8, images_dir: Path | Non
     table["groups"] = dict(sorted(table["groups"].items(), key=lambda item: order.get(item[0], len(order))))
 
     paths = [output_dir / "report.json", output_dir / "report.md"]
-    if benchmark_key == "world":
-        from .world import WORLD_METRICS, world_markdown, world_tables
-
-        tables = world_tables(scores, benchmark.groups)
-        report = {"benchmark": benchmark.name, "metrics": WORLD_METRICS, "coverage": cover, "scoring": scoring_config, **tables}
+    if benchmark_key in REPORTERS:
+        metrics, tables_and_markdown = REPORTERS[benchmark_key]
+        tables, text = tables_and_markdown(benchmark, scores, cover, scoring_config)
+        report = {"benchmark": benchmark.name, "metrics": metrics, "coverage": cover, "scoring": scoring_config, **tables}
         write_json_atomic(paths[0], report)
-        write_text_atomic(paths[1], world_markdown(benchmark.name, tables, cover, scoring_config))
+        write_text_atomic(paths[1], text)
     else:
         report = {"benchmark": benchmark.name, "metrics": METRICS, "coverage": cover, "scoring": scoring_config, **table}
         if paper:

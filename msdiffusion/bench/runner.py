@@ -19,53 +19,41 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from ..atomic import atomic_path
-from ..release import RELEASE_NEGATIVE_PROMPT  # the released inference code's default
-from .definitions import Sample, reference_files
+from ..settings import GenerationSettings, ModelSettings
+from .definitions import BenchSample, reference_files
+
 MANIFEST = "manifest.jsonl"
 RUN_CONFIG = "run_config.json"
+BOX_SETTINGS = ("given", "none", "whole")
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that decides the pixels of a benchmark image, besides the sample itself."""
+@dataclass(kw_only=True)
+class BenchSettings(ModelSettings, GenerationSettings):
+    """Everything that decides the pixels of a benchmark image besides the sample itself: the models
+    and generation settings in the job file's words, and what a bench run adds."""
 
-    base: str
-    adapter: str
-    image_encoder: str
-    weight_name: str | None = None
     seed: int = 0
     images_per_sample: int = 1
-    steps: int = 30
-    guidance_scale: float = 7.5
-    ms_scale: float = 0.6
-    height: int = 1024
-    width: int = 1024
-    negative_prompt: str = RELEASE_NEGATIVE_PROMPT
     prompt_prefix: str = ""
-    mask_threshold: float | None = None
-    start_step: int = 5
-    phrase_matching: str = "tokens"  # "release": the released code's phrase positions (auto layout)
-    dtype: str = "float16"
     # Ablations (docs/world.md). boxes: "given" (the sample's), "none" (all zeros: by the released
     # computation the image branch then acts only through auto layout) or "whole" (every box the
     # whole image: a layout-free, IP-Adapter-like use of the subjects).
     boxes: str = "given"
-    drop_grounding_tokens: bool = False
-    subject_scales: list[float] | None = None  # by subject position; subjects past the end keep ms_scale
+    subject_scales: list[float] | None = None  # by subject position; subjects past the end keep `scale`
     references: int = 1  # reference images per subject, the first ones of its folder
-    reference_combine: str = "concat"  # several references: "concat" (the default) or "mean"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def defaults(cls) -> dict:
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
+                if f.default is not MISSING or f.default_factory is not MISSING}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    sample: Sample
+    sample: BenchSample
     index: int  # which of the sample's images
 
     @property
@@ -80,7 +68,7 @@ def sample_seed(base_seed: int, sample_id: str, index: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def work_items(samples: Sequence[Sample], images_per_sample: int) -> list[WorkItem]:
+def work_items(samples: Sequence[BenchSample], images_per_sample: int) -> list[WorkItem]:
     return [WorkItem(sample, k) for sample in samples for k in range(images_per_sample)]
 
 
@@ -91,7 +79,7 @@ def shard(items: Sequence, rank: int, world_size: int) -> list:
     return list(items[rank::world_size])
 
 
-def manifest_record(item: WorkItem, settings: GenerationSettings, images_dir: Path) -> dict:
+def manifest_record(item: WorkItem, settings: BenchSettings, images_dir: Path) -> dict:
     images_dir = Path(images_dir).resolve()
     subjects = []
     for subject in item.sample.subjects:
@@ -124,7 +112,7 @@ def manifest_record(item: WorkItem, settings: GenerationSettings, images_dir: Pa
 # --- run configuration: a resumed run must not mix settings ---------------------------------------
 
 
-def check_run_config(output_dir: Path, benchmark: str, settings: GenerationSettings, images_dir: Path) -> dict:
+def check_run_config(output_dir: Path, benchmark: str, settings: BenchSettings, images_dir: Path) -> dict:
     """The run config for `output_dir`; raises ValueError if images there were made differently."""
     config = {"benchmark": benchmark, "images_dir": str(Path(images_dir).resolve()), "settings": settings.to_dict()}
     path = Path(output_dir) / RUN_CONFIG
@@ -133,7 +121,7 @@ def check_run_config(output_dir: Path, benchmark: str, settings: GenerationSetti
         if existing.get("benchmark") != benchmark:
             raise ValueError(f"{output_dir} holds a {existing.get('benchmark')} run; use another --output for {benchmark}.")
         # a setting added since the directory was made counts as its default
-        old = {**GenerationSettings.defaults(), **existing.get("settings", {})}
+        old = {**BenchSettings.defaults(), **existing.get("settings", {})}
         differing = [key for key in config["settings"] if old.get(key) != config["settings"][key]]
         if differing:
             changes = "; ".join(f"{key}: {old.get(key)!r} -> {config['settings'][key]!r}" for key in differing)
@@ -152,19 +140,19 @@ def write_json_atomic(path: Path, data, lines: bool = False) -> None:
     write_text_atomic(path, text)
 
 
-def read_manifest(output_dir: Path) -> list[dict]:
+def read_run_manifest(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"No {MANIFEST} in {output_dir}: run `msdiff bench run --output {output_dir}` first.")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_manifest(output_dir: Path, items: Sequence[WorkItem], settings: GenerationSettings, images_dir: Path) -> int:
+def write_manifest(output_dir: Path, items: Sequence[WorkItem], settings: BenchSettings, images_dir: Path) -> int:
     """Rewrite the manifest from the images on disk: merged with earlier runs' lines, one line per image."""
     output_dir = Path(output_dir)
     records = {}
     if (output_dir / MANIFEST).is_file():
-        records = {r["image"]: r for r in read_manifest(output_dir)}
+        records = {r["image"]: r for r in read_run_manifest(output_dir)}
     for item in items:
         if (output_dir / item.image).is_file():
             records[item.image] = manifest_record(item, settings, images_dir)
@@ -176,30 +164,11 @@ def write_manifest(output_dir: Path, items: Sequence[WorkItem], settings: Genera
 # --- generation -----------------------------------------------------------------------------------
 
 
-def load_pipeline(settings: GenerationSettings, device):
-    """The project's pipeline with the adapter and image encoder, on `device`."""
-    import torch
+def load_pipeline(settings: BenchSettings, device):
+    """The pipeline of the run's models on `device` (`msdiffusion.loading`, the one loader)."""
+    from ..loading import load_pipeline as load
 
-    from msdiffusion import MSDiffusionXLPipeline
-
-    from msdiffusion.world.weights import WORLD, world_model_paths
-
-    dtype = getattr(torch, settings.dtype)
-    base, adapter, image_encoder = settings.base, settings.adapter, settings.image_encoder
-    named = [name for name, value in (("--base", base), ("--adapter", adapter), ("--image-encoder", image_encoder)) if value == WORLD]
-    if named and len(named) != 3:
-        raise ValueError(f"{WORLD!r} is a whole model set: give it as --base, --adapter and --image-encoder together.")
-    if named:  # the shipped world models, wherever the package is
-        paths = world_model_paths()
-        base, adapter, image_encoder = paths["base"], paths["adapter"], paths["image_encoder"]
-    pipe = MSDiffusionXLPipeline.from_pretrained(base, dtype=dtype)
-    pipe.load_ms_adapter(adapter, image_encoder=image_encoder, weight_name=settings.weight_name)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)  # the run shows its own progress over images
-    return pipe
-
-
-BOX_SETTINGS = ("given", "none", "whole")
+    return load(settings.model_settings(), device=str(device))
 
 
 def _box(setting: str, box) -> list[float]:
@@ -214,9 +183,9 @@ def _references(images_dir: Path, source: str, count: int) -> Path | list[Path]:
     return files[0] if count == 1 else files[:count]
 
 
-def _scales(settings: GenerationSettings, count: int) -> list[float]:
+def _scales(settings: BenchSettings, count: int) -> list[float]:
     given = list(settings.subject_scales or ())[:count]
-    return given + [settings.ms_scale] * (count - len(given))
+    return given + [settings.scale] * (count - len(given))
 
 
 @dataclass
@@ -230,7 +199,7 @@ def generate_items(
     items: Sequence[WorkItem],
     output_dir: Path,
     images_dir: Path,
-    settings: GenerationSettings,
+    settings: BenchSettings,
     pipeline_factory: Callable[[], object],
     batch_size: int = 1,
     progress: Callable[[int], None] | None = None,
@@ -250,24 +219,17 @@ def generate_items(
         batch = todo[start : start + batch_size]
         # a CPU generator per image: the same noise whatever the device or the batch it lands in
         generators = [torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i.sample.sample_id, i.index)) for i in batch]
+        arguments = settings.pipeline_arguments()
+        if arguments["negative_prompt"] is not None:  # None stays None: no negative prompt for any prompt
+            arguments["negative_prompt"] = [arguments["negative_prompt"]] * len(batch)
         images = pipe(
             prompt=[settings.prompt_prefix + item.sample.prompt for item in batch],
-            negative_prompt=[settings.negative_prompt] * len(batch),
             subject_images=[[_references(images_dir, s.source, settings.references) for s in item.sample.subjects] for item in batch],
             subject_phrases=[[s.phrase for s in item.sample.subjects] for item in batch],
             subject_boxes=[[_box(settings.boxes, s.box) for s in item.sample.subjects] for item in batch],
             subject_scales=None if settings.subject_scales is None else [_scales(settings, len(item.sample.subjects)) for item in batch],
-            drop_grounding_tokens=settings.drop_grounding_tokens,
-            reference_combine=settings.reference_combine,
-            ms_scale=settings.ms_scale,
-            mask_threshold=settings.mask_threshold,
-            start_step=settings.start_step,
-            phrase_matching=settings.phrase_matching,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance_scale,
-            height=settings.height,
-            width=settings.width,
             generator=generators,
+            **arguments,
         ).images
         for item, image in zip(batch, images):
             path = output_dir / item.image

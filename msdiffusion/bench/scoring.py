@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import PIL.Image
 
+from ..boxes import box_area, box_iou
+
 if TYPE_CHECKING:  # torch is imported where it is used, so that `msdiff --help` stays instant
     import torch
 
@@ -59,16 +61,6 @@ class ScoringConfig:
 class Detection:
     box: tuple[float, float, float, float]  # [x0, y0, x1, y1] in [0, 1] of the image
     score: float
-
-
-def box_area(box: Sequence[float]) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    inter = box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
-    union = box_area(a) + box_area(b) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def is_background(box: Sequence[float]) -> bool:
@@ -299,7 +291,9 @@ class Scorers:
     def load(cls, config: ScoringConfig, device: str | None = None, batch_size: int = 32) -> Scorers:
         import torch
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from ..loading import default_device
+
+        device = device or default_device()
         detector = Detector(config.detector, device, config.detection_threshold, batch_size=max(1, batch_size // 4))
         # record the threshold actually used, so scores say what they were computed with
         config = replace(config, detection_threshold=detector.threshold)

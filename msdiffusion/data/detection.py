@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..boxes import box_iou
 from .manifest import Box
 
 
@@ -53,16 +54,6 @@ class SubjectFilter:
             raise ValueError(f"max_overlap is an IoU in [0, 1], got {self.max_overlap}")
         if self.max_subjects < 1:
             raise ValueError(f"max_subjects must be at least 1, got {self.max_subjects}")
-
-
-def box_iou(a: Box, b: Box) -> float:
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    if width <= 0 or height <= 0:
-        return 0.0
-    inter = width * height
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def best_per_phrase(detections: Sequence[Detection], rules: SubjectFilter) -> dict[str, Detection]:
@@ -250,6 +241,3 @@ class BoxSegmenter:
             results[i] = [image_masks[k, 0].numpy() for k in range(len(boxes[i]))]
         return results
 
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")

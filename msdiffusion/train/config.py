@@ -156,14 +156,11 @@ class TrainConfig:
     validation: list = option(
         [], "validation entries: [{prompt, subjects: [{image, phrase, box}], negative_prompt?}]", "validation"
     )
-    validation_inference_steps: int = option(30, "denoising steps of validation images", "validation")
-    validation_guidance_scale: float = option(7.5, "classifier-free guidance of validation images", "validation")
-    validation_ms_scale: float = option(0.6, "subject scale of validation images", "validation")
-    validation_seed: int = option(0, "seed of validation images", "validation")
-    validation_negative_prompt: str | None = option(
-        RELEASE_NEGATIVE_PROMPT, "negative prompt of validation entries that give none (the release's; none = no "
-        "negative prompt)", "validation",
+    validation_settings: dict = option(
+        {}, "generation settings of validation images in job-file names, e.g. {steps: 30, guidance: 7.5, scale: 0.6, "
+        "negative_prompt: ...} (default: a job file's defaults; the size is `resolution`)", "validation",
     )
+    validation_seed: int = option(0, "seed of validation images", "validation")
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -283,7 +280,7 @@ def _check_values(c: TrainConfig) -> list[str]:
     need(c.log_every >= 1, "log_every", "must be at least 1")
     need(c.validation_steps >= 0, "validation_steps", "must be 0 (off) or more")
     need(c.validation_samples >= 0, "validation_samples", "must be 0 or more")
-    need(c.validation_inference_steps >= 1, "validation_inference_steps", "must be at least 1")
+    problems.extend(_check_validation_settings(c.validation_settings))
 
     if c.resampler and c.init_adapter:
         problems.append("resampler: cannot be set with init_adapter (the adapter's checkpoint fixes the architecture)")
@@ -306,6 +303,26 @@ def _check_values(c: TrainConfig) -> list[str]:
         )
     for k, entry in enumerate(c.validation):
         problems.extend(_check_validation_entry(entry, f"validation[{k}]"))
+    return problems
+
+
+def _check_validation_settings(values: Any) -> list[str]:
+    from ..settings import GENERATION_FIELDS, SettingsError, check_generation_values, check_types
+
+    if not isinstance(values, dict):
+        return [f"validation_settings: expected a mapping of generation settings, got {values!r}"]
+    problems = []
+    for name in values:
+        if name not in GENERATION_FIELDS or name == "size":
+            allowed = [n for n in GENERATION_FIELDS if n != "size"]
+            close = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(f"validation_settings.{name}: unknown field ({hint}allowed: {', '.join(allowed)}; the size is `resolution`)")
+    try:
+        check_types(values, GENERATION_FIELDS, "validation_settings")
+        check_generation_values(values, "validation_settings")
+    except SettingsError as error:
+        problems.append(str(error))
     return problems
 
 

@@ -1,6 +1,6 @@
 """The training loop: frozen SDXL, trainable MS-Diffusion adapter, everything distributed by accelerate.
 
-Run it with `msdiff train --config FILE` on one device, or `accelerate launch ... -m msdiffusion.train
+Run it with `msdiff train --config FILE` on one device, or `accelerate launch ... -m msdiffusion train
 --config FILE` on several GPUs or machines (docs/training.md).
 
 Determinism and resume: every random draw of a step (drops, timesteps, noise, the VAE's latent

@@ -11,6 +11,7 @@ import PIL.Image
 import torch
 
 from ..preview import draw_layout
+from ..settings import GenerationSettings, check_generation_values
 from ..subjects import load_image
 from .config import TrainConfig
 
@@ -24,6 +25,12 @@ class ValidationEntry:
     negative_prompt: str | None = None
 
 
+def validation_settings(config: TrainConfig) -> GenerationSettings:
+    """How validation images are made: `validation_settings` (job-file names) at the training resolution."""
+    values = check_generation_values(dict(config.validation_settings), "validation_settings")
+    return GenerationSettings(**{**values, "size": [config.resolution, config.resolution]})
+
+
 def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
     """The config's `validation` entries, or else the first `validation_samples` samples of the manifest
     that have subjects (their caption, references as training prepares them, and boxes)."""
@@ -35,7 +42,7 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
                 phrases=[s["phrase"] for s in entry["subjects"]],
                 boxes=[tuple(float(v) for v in s["box"]) for s in entry["subjects"]],
                 # an entry's own negative prompt (null for none), else the config's (the release's by default)
-                negative_prompt=entry["negative_prompt"] if "negative_prompt" in entry else config.validation_negative_prompt,
+                negative_prompt=entry["negative_prompt"] if "negative_prompt" in entry else validation_settings(config).negative_prompt,
             )
             for entry in config.validation
         ]
@@ -54,7 +61,7 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
         entries.append(
             ValidationEntry(
                 sample.caption, images, [s.phrase for s in subjects], [s.box for s in subjects],
-                negative_prompt=config.validation_negative_prompt,
+                negative_prompt=validation_settings(config).negative_prompt,
             )
         )  # fmt: skip
     return entries
@@ -121,17 +128,16 @@ class Validator:
             torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
         )
         previews = []
+        settings = validation_settings(self.config)
         try:
             for k, entry in enumerate(self.entries):
                 generator = torch.Generator("cpu").manual_seed(self.config.validation_seed + k)
                 with autocast:
+                    arguments = {**settings.pipeline_arguments(), "negative_prompt": entry.negative_prompt}
                     image = pipe(
-                        prompt=entry.prompt, negative_prompt=entry.negative_prompt, subject_images=entry.images,
-                        subject_phrases=entry.phrases, subject_boxes=entry.boxes, ms_scale=self.config.validation_ms_scale,
-                        num_inference_steps=self.config.validation_inference_steps,
-                        guidance_scale=self.config.validation_guidance_scale, height=self.config.resolution,
-                        width=self.config.resolution, generator=generator,
-                    ).images[0]  # fmt: skip
+                        prompt=entry.prompt, subject_images=entry.images, subject_phrases=entry.phrases,
+                        subject_boxes=entry.boxes, generator=generator, **arguments,
+                    ).images[0]
                 preview = draw_layout(image, entry.boxes, entry.phrases)
                 image.save(folder / f"{k}.png")
                 preview.save(folder / f"{k}-layout.png")

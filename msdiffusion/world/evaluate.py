@@ -33,6 +33,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..boxes import box_iou
+from ..settings import GenerationSettings
 import torch.nn.functional as F
 
 from .scenes import CLASSES, COLORS, NUM_IDENTITIES, SIZE, draw_background, draw_subject, identity_parts, is_held_out, random_scene
@@ -140,14 +143,6 @@ def connected_regions(mask: np.ndarray) -> list[np.ndarray]:
                     stack.append((ny, nx))
         regions.append(labels == label)
     return sorted(regions, key=lambda r: -int(r.sum()))
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _nearest_colors(pixels: np.ndarray) -> np.ndarray:
@@ -434,14 +429,21 @@ def held_out_jobs(count: int, seed: int = 0, subject_counts: Sequence[int] = (1,
 
 
 def generate_world_jobs(
-    pipe, jobs: Sequence[WorldJob], seed: int = 0, batch_size: int = 8, no_boxes: bool = False, **settings
+    pipe, jobs: Sequence[WorldJob], settings: GenerationSettings | None = None, seed: int = 0, batch_size: int = 8,
+    no_boxes: bool = False,
 ) -> list[np.ndarray]:
     """Images (uint8 arrays) of `jobs`, each with its own generator (`seed + k`), in batches.
 
-    `no_boxes=True` gives the pipeline all-zero boxes (the subjects are still scored against the
-    jobs' boxes: that measures what the boxes contribute)."""
+    `settings`: default the world's (`msdiff-world`'s named settings). `no_boxes=True` gives the
+    pipeline all-zero boxes (the subjects are still scored against the jobs' boxes: that measures
+    what the boxes contribute)."""
     import PIL.Image
 
+    from ..loading import WORLD, named_settings
+
+    arguments = (settings or named_settings(WORLD)).pipeline_arguments()
+    if (arguments["height"], arguments["width"]) != (SIZE, SIZE):
+        raise ValueError(f"the world's scenes are {SIZE}x{SIZE}; got settings of {arguments['width']}x{arguments['height']}.")
     images = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -452,20 +454,19 @@ def generate_world_jobs(
             subject_phrases=[[s.cls for s in job.subjects] for job in chunk],
             subject_boxes=[[[0.0] * 4 if no_boxes else list(s.box) for s in job.subjects] for job in chunk],
             generator=generators,
-            height=SIZE,
-            width=SIZE,
-            **settings,
+            **arguments,
         )
         images += [np.asarray(image.convert("RGB")) for image in output.images]
     return images
 
 
 def evaluate_world(
-    pipe, evaluator: WorldEvaluator, count: int = 200, seed: int = 0, no_boxes: bool = False, **settings
+    pipe, evaluator: WorldEvaluator, count: int = 200, seed: int = 0, no_boxes: bool = False,
+    settings: GenerationSettings | None = None,
 ) -> tuple[dict, list]:
-    """Generate `count` held-out jobs with `settings` (pipeline arguments) and score them."""
+    """Generate `count` held-out jobs with `settings` (default the world's) and score them."""
     jobs = held_out_jobs(count, seed)
-    images = generate_world_jobs(pipe, jobs, seed=seed, no_boxes=no_boxes, **settings)
+    images = generate_world_jobs(pipe, jobs, settings, seed=seed, no_boxes=no_boxes)
     maps = evaluator.class_maps(np.stack(images))
     results = [evaluator.evaluate(image, job.subjects, m) for image, job, m in zip(images, jobs, maps)]
     return summarize(results), results

@@ -210,10 +210,10 @@ def check_same_vae(vae, snapshot_vae, snapshot: Path) -> None:
 def export(out: str | Path, destination: str | Path | None = None, log: Callable = print) -> Path:
     """Copy the trained models into the package's weights folder (fp16), as `msdiff demo` loads them."""
     from ..adapter import MSAdapterCheckpoint, load_checkpoint
-    from .weights import WEIGHTS_DIR
+    from ..loading import WORLD_WEIGHTS
 
     out = Path(out)
-    destination = Path(destination or WEIGHTS_DIR)
+    destination = Path(destination or WORLD_WEIGHTS)
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)

@@ -101,7 +101,7 @@ IDENTITY_VOCABULARY = tuple(sorted({w for i in range(NUM_IDENTITIES) for w in id
 
 
 @dataclass
-class SubjectSpec:
+class SceneSubject:
     cls: str
     identity: int
 
@@ -270,7 +270,7 @@ def _place(rng: np.random.Generator, n: int, taken: list[tuple[float, float, flo
 
 def render_scene(
     rng: np.random.Generator,
-    subjects: list[SubjectSpec],
+    subjects: list[SceneSubject],
     background: str | None = None,
     layout: list[tuple[float, float, float]] | None = None,
 ) -> Scene:
@@ -314,14 +314,14 @@ def render_reference(rng: np.random.Generator, cls: str, identity: int) -> tuple
     return canvas.round().astype(np.uint8), mask
 
 
-def random_subjects(rng: np.random.Generator, n: int, held_out: bool) -> list[SubjectSpec]:
+def random_subjects(rng: np.random.Generator, n: int, held_out: bool) -> list[SceneSubject]:
     """n subjects with distinct identities, from the held-out identities or the training ones."""
     identities: list[int] = []
     while len(identities) < n:
         identity = int(rng.integers(NUM_IDENTITIES))
         if is_held_out(identity) == held_out and identity not in identities:
             identities.append(identity)
-    return [SubjectSpec(str(rng.choice(CLASSES)), identity) for identity in identities]
+    return [SceneSubject(str(rng.choice(CLASSES)), identity) for identity in identities]
 
 
 def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:

@@ -1,29 +1,14 @@
-"""The world's trained models, shipped inside the package (fp16 safetensors, a few MB).
+"""Where a world build's models lie, and a pipeline of them through the one loader.
 
-`WORLD` is the model id that jobs, `msdiff demo`, `msdiff generate` and `msdiff ui` accept for
-base, adapter and image encoder together: it names these folders, wherever the package is.
+The shipped weights are the named set `msdiff-world` (`msdiffusion.loading`); a build's own
+folder (`msdiff world build --out`, or what its export wrote) is read with `world_models_folder`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-WORLD = "msdiff-world"
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-PARTS = {"base": "base", "adapter": "adapter", "image_encoder": "image_encoder"}
-
-
-def world_model_paths() -> dict[str, str]:
-    """{base, adapter, image_encoder, evaluator} folders / files of the shipped world models."""
-    missing = [name for name in (*PARTS.values(), "evaluator.safetensors") if not (WEIGHTS_DIR / name).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"The world's weights are not in {WEIGHTS_DIR} (missing: {', '.join(missing)}). They ship with the "
-            "package; in a source checkout rebuild them with `msdiff world build --out runs/world` (docs/world.md)."
-        )
-    paths = {key: str(WEIGHTS_DIR / name) for key, name in PARTS.items()}
-    paths["evaluator"] = str(WEIGHTS_DIR / "evaluator.safetensors")
-    return paths
+from ..loading import world_model_paths
 
 
 def world_models_folder(folder: str | Path) -> dict[str, str]:
@@ -50,16 +35,11 @@ def world_models_folder(folder: str | Path) -> dict[str, str]:
     )
 
 
-def load_world_pipeline(device: str = "cpu", dtype=None, paths: dict[str, str] | None = None):
-    """`MSDiffusionXLPipeline` of the shipped world models, or of `paths` (`world_models_folder`); fp32
-    on the CPU by default."""
-    import torch
+def world_pipeline(paths: dict[str, str] | None = None, device: str = "cpu", dtype: str = "fp32"):
+    """`MSDiffusionXLPipeline` of the shipped world models, or of `paths` (`world_models_folder`)."""
+    from ..loading import load_pipeline
+    from ..settings import ModelSettings
 
-    from ..pipelines import MSDiffusionXLPipeline
-
-    dtype = dtype or torch.float32
     paths = paths or world_model_paths()
-    pipe = MSDiffusionXLPipeline.from_pretrained(paths["base"], dtype=dtype)
-    pipe.load_ms_adapter(paths["adapter"], image_encoder=paths["image_encoder"])
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    models = ModelSettings(base=paths["base"], adapter=paths["adapter"], image_encoder=paths["image_encoder"], dtype=dtype)
+    return load_pipeline(models, device=device)

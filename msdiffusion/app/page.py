@@ -1,6 +1,6 @@
 """`msdiff ui`: a Gradio page where people upload their subjects, draw their boxes and generate.
 
-The page speaks the job format of `msdiffusion.jobs`: what it generates is a `Job` validated by
+The page speaks the job format of `msdiffusion.app.jobs`: what it generates is a `Job` validated by
 `job_from_dict` and run by `run_job`, so its PNGs carry their job exactly as `msdiff generate`
 writes them, and its YAML export and import are job files. The models are the server's (given when
 it starts); everything a visitor uploads or makes lives in a folder of its own request.
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import UserInputError
+from msdiffusion.errors import UserInputError
 
 MAX_SUBJECTS = 4
 # SDXL's usual sizes (its training buckets), width x height, plus the small sizes of the CPU models.
@@ -33,7 +33,7 @@ SCHEDULERS = (
     "DDIMScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
 )  # fmt: skip
 MODEL_DEFAULT_SCHEDULER = "(model default)"
-ASSETS = Path(__file__).resolve().parent / "assets"
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # The page's fields, in the order of the generate function's inputs (and of `page_to_job`'s values).
 SETTING_FIELDS = (
     "prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance", "scale", "images",
@@ -54,6 +54,14 @@ class PageModels:
     dtype: str | None = None
     defaults: dict = field(default_factory=dict)  # job fields that start the page (size, steps, ...)
 
+    def model_settings(self):
+        from msdiffusion.settings import ModelSettings
+
+        return ModelSettings(
+            base=self.base, adapter=self.adapter, image_encoder=self.image_encoder,
+            adapter_weight_name=self.adapter_weight_name, device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+
     def job_fields(self) -> dict:
         return {
             "base": self.base, "adapter": self.adapter, "image_encoder": self.image_encoder,
@@ -64,13 +72,12 @@ class PageModels:
 def default_models() -> PageModels:
     """What `msdiff demo` serves by default: the world's trained models and their settings when they
     are installed, else (as the demo) the tiny random models."""
-    from .commands import WORLD_DEMO_SETTINGS, world_weights_present
-    from .jobs import TINY, WORLD
+    from msdiffusion.loading import NAMED_MODELS, TINY, WORLD, world_weights_present
 
     if world_weights_present():
-        return PageModels(WORLD, WORLD, WORLD, defaults=dict(WORLD_DEMO_SETTINGS))
+        return PageModels(WORLD, WORLD, WORLD, defaults=dict(NAMED_MODELS[WORLD].defaults))
     print("msdiff ui: the world's trained weights are not installed (docs/world.md): serving the tiny random models.")
-    return PageModels(TINY, TINY, TINY, defaults={"size": [512, 384], "steps": 20})
+    return PageModels(TINY, TINY, TINY, defaults=dict(NAMED_MODELS[TINY].defaults))
 
 
 # ---- page values <-> job ------------------------------------------------------------------------
@@ -109,7 +116,7 @@ def page_to_job(settings: dict, subjects: list[dict], models: PageModels, output
 
     `subjects` holds one dict per subject slot ({images, phrase, box, scale}); empty slots are skipped.
     """
-    from .jobs import JobError, job_from_dict
+    from msdiffusion.app.jobs import JobError, job_from_dict
 
     slots, listed = [], []
     for slot, subject in enumerate(subjects):
@@ -163,8 +170,8 @@ def _located(message: str, slots: list[int]) -> PageError:
 
 def check_before_work(job, slots: list[int], tokenizer) -> None:
     """What fails only later in the pipeline, checked before any work: unreadable photos, phrases not in the prompt."""
-    from .layout import phrase_token_positions
-    from .subjects import load_image
+    from msdiffusion.layout import phrase_token_positions
+    from msdiffusion.subjects import load_image
 
     for j, subject in enumerate(job.subjects):
         for path in subject.images:
@@ -184,14 +191,17 @@ def check_before_work(job, slots: list[int], tokenizer) -> None:
             )
 
 
-def job_to_page(data: dict, base_dir: Path | None, allowed_image_dirs: list[Path]) -> tuple[dict, list[dict], list[str]]:
+def job_to_page(
+    data: dict, base_dir: Path | None, allowed_image_dirs: list[Path], models: PageModels
+) -> tuple[dict, list[dict], list[str]]:
     """A job file's (or PNG's) fields as page values, validated by `job_from_dict`; and notes for the user.
 
-    The server's models stay (a job's base/adapter/encoder are ignored). Subject photos are filled in
+    The server's `models` stay (a job's base/adapter/encoder are ignored), and their defaults fill
+    what the job leaves out. Subject photos are filled in
     only from folders a visitor may see (the package's examples and the page's uploads); others are
     named in the notes, to be uploaded again.
     """
-    from .jobs import job_from_dict
+    from msdiffusion.app.jobs import job_from_dict
 
     data = dict(data)
     notes = []
@@ -212,7 +222,8 @@ def job_to_page(data: dict, base_dir: Path | None, allowed_image_dirs: list[Path
     for name in ("base", "adapter", "image_encoder", "adapter_weight_name", "controlnet", "output", "device", "dtype",
                  "variant", "vae", "loras", "cpu_offload"):
         data.pop(name, None)
-    job = job_from_dict({"base": "-", "adapter": "-", **data}, "imported job", base_dir)
+    served = {k: v for k, v in models.job_fields().items() if v is not None}
+    job = job_from_dict({**served, **data}, "imported job", base_dir)
     if len(job.subjects) > MAX_SUBJECTS:
         raise UserInputError(f"imported job: {len(job.subjects)} subjects; the page holds up to {MAX_SUBJECTS}.")
     subjects = []
@@ -245,7 +256,7 @@ def job_to_page(data: dict, base_dir: Path | None, allowed_image_dirs: list[Path
 
 def read_import(path: str) -> tuple[dict, Path]:
     """The raw job of an uploaded YAML/JSON job file or a PNG written by msdiff (and its folder)."""
-    from .jobs import read_job_file, read_job_from_png
+    from msdiffusion.app.jobs import read_job_file, read_job_from_png
 
     file = Path(path)
     data = read_job_from_png(file) if file.suffix.lower() == ".png" else read_job_file(file)
@@ -268,7 +279,7 @@ _PIPE_LOCK = threading.Lock()  # one generation at a time (the pipeline's attent
 
 def generate_files(job, pipe) -> list[Path]:
     """Run the job with the server's pipeline; `run_job` writes the PNGs (with their job), overlays and masks."""
-    from .jobs import run_job
+    from msdiffusion.app.jobs import run_job
 
     with _PIPE_LOCK:
         return run_job(job, pipe, progress=True, log=lambda *_: None)
@@ -292,7 +303,7 @@ def gallery_items(written: list[Path]) -> list[tuple[str, str]]:
 def _png_text(path: Path) -> str:
     import PIL.Image
 
-    from .jobs import PNG_METADATA_KEY
+    from msdiffusion.app.jobs import PNG_METADATA_KEY
 
     with PIL.Image.open(path) as image:
         return image.text.get(PNG_METADATA_KEY, "{}")
@@ -308,7 +319,7 @@ CSS = """
 
 
 def _canvas_html() -> str:
-    from .preview import PALETTE
+    from msdiffusion.preview import PALETTE
 
     buttons = "".join(
         f'<button type="button" data-subject="{i}" style="border-color: rgb{PALETTE[i]}; color: rgb{PALETTE[i]}">{i + 1}</button>'
@@ -323,9 +334,9 @@ def _canvas_html() -> str:
 
 
 def _canvas_js() -> str:
-    from .preview import PALETTE
+    from msdiffusion.preview import PALETTE
 
-    source = (Path(__file__).resolve().parent / "ui_canvas.js").read_text()
+    source = (Path(__file__).resolve().parent / "page_canvas.js").read_text()
     return source.replace("__SUBJECTS__", str(MAX_SUBJECTS)).replace("__PALETTE__", json.dumps([list(c) for c in PALETTE]))
 
 
@@ -346,13 +357,11 @@ def build_page(models: PageModels, pipe=None):
     pipe_lock = threading.Lock()
 
     def get_pipe():
-        from .jobs import choose_device, load_pipeline
+        from msdiffusion.loading import load_pipeline
 
         with pipe_lock:
             if pipes["pipe"] is None:
-                job, _ = page_to_job(dict(defaults, prompt="x"), [{"images": [str(ASSETS / "dog.jpg")], "phrase": "x"}], models, ".")
-                device, dtype = choose_device(models.device, models.dtype)
-                pipes["pipe"] = load_pipeline(job, device, dtype)
+                pipes["pipe"] = load_pipeline(models.model_settings())
             return pipes["pipe"]
 
     upload_dirs = [ASSETS, Path(tempfile.gettempdir()).resolve()]
@@ -469,7 +478,7 @@ def build_page(models: PageModels, pipe=None):
                 return [gr.skip()] * (len(setting_components) + len(subject_components)) + [""]
             try:
                 data, folder = read_import(path)
-                settings, subjects, notes = job_to_page(data, folder, upload_dirs)
+                settings, subjects, notes = job_to_page(data, folder, upload_dirs, models)
             except UserInputError as error:
                 return [gr.skip()] * (len(setting_components) + len(subject_components)) + [f"⚠ {error}"]
             values = [settings[name] for name in SETTING_FIELDS]
@@ -517,7 +526,7 @@ def build_page(models: PageModels, pipe=None):
                 subject["image"] = [by_name[str(n)] for n in names]
             for name in ("controlnet", "output", "device", "dtype", "variant", "vae", "loras", "cpu_offload"):
                 data.pop(name, None)  # the server's models and how they run
-            from .jobs import JobError, job_from_dict
+            from msdiffusion.app.jobs import JobError, job_from_dict
 
             try:
                 job_spec = job_from_dict({**data, **{k: v for k, v in models.job_fields().items() if v is not None},
@@ -566,7 +575,9 @@ def register(subparsers) -> None:
 
 def models_from_args(args) -> PageModels:
     """The served models: a job file's, overridden by flags; the world's models when none are given."""
-    from .jobs import DEFAULT_IMAGE_ENCODER, TINY, job_from_dict, read_job_file
+    from msdiffusion.app.jobs import job_from_dict, read_job_file
+    from msdiffusion.loading import NAMED_MODELS, TINY
+    from msdiffusion.settings import DEFAULT_IMAGE_ENCODER
 
     given = {"base": args.base, "adapter": args.adapter, "image_encoder": args.image_encoder}
     if args.job:
@@ -583,8 +594,8 @@ def models_from_args(args) -> PageModels:
         if not (args.base and args.adapter):
             raise UserInputError("give --base and --adapter (and --image-encoder, or its default) together, or none for the world's models.")
         models = PageModels(args.base, args.adapter, args.image_encoder or DEFAULT_IMAGE_ENCODER)
-        if args.base == TINY:
-            models.defaults = {"size": [512, 384], "steps": 20}  # what `msdiff demo --random` makes
+        if args.base in NAMED_MODELS:
+            models.defaults = dict(NAMED_MODELS[args.base].defaults)
     models.adapter_weight_name, models.device, models.dtype = args.adapter_weight_name, args.device, args.dtype
     return models
 
@@ -594,14 +605,14 @@ def run_ui(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise UserInputError('msdiff ui needs Gradio: pip install -e ".[ui]" (or pip install gradio).') from None
-    from .jobs import choose_device, job_from_dict, load_pipeline
+    from msdiffusion.loading import check_models, device_and_dtype, load_pipeline
 
     models = models_from_args(args)
-    probe = job_from_dict({**{k: v for k, v in models.job_fields().items() if v is not None}, "prompt": "x",
-                           "subjects": [{"image": str(ASSETS / "dog.jpg"), "phrase": "x"}]}, "models")  # fmt: skip
-    device, dtype = choose_device(models.device, models.dtype)
+    settings = models.model_settings()
+    adapter = check_models(settings)
+    device, dtype = device_and_dtype(models.device, models.dtype)
     print(f"msdiff ui: loading {models.base} + {models.adapter} + {models.image_encoder} on {device} ...", flush=True)
-    pipe = load_pipeline(probe, device, dtype)
+    pipe = load_pipeline(settings, device, dtype, adapter)
     page = build_page(models, pipe)
     launch(page, host=args.host, port=args.port)
     return 0

@@ -8,8 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ..cli import DTYPE_CHOICES, dtype_name
-from . import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
+from msdiffusion.app.cli import DTYPE_CHOICES, dtype_name
+from msdiffusion.data import DEFAULT_DETECTOR, DEFAULT_SEGMENTER
 
 AREA_BINS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: _usage(parser))
     _add_check(commands)
     _add_build(commands)
-    from ..train.cli import add_cache_parser  # `msdiff data cache` lives with the training code that reads it
+    from msdiffusion.app.train_commands import add_cache_parser  # `msdiff data cache` lives with the training code that reads it
 
     add_cache_parser(commands)
 
@@ -62,8 +62,8 @@ def _add_check(commands) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from ..cli import UserInputError
-    from .manifest import Problem, validate_manifest
+    from msdiffusion.errors import UserInputError
+    from msdiffusion.data.manifest import Problem, validate_manifest
 
     if not args.manifest.is_file():
         raise UserInputError(f"manifest not found: {args.manifest}")
@@ -194,7 +194,7 @@ def _add_build(commands) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from ..cli import UserInputError
+    from msdiffusion.errors import UserInputError
 
     manifest = args.out / "manifest.jsonl"
     if manifest.exists() and not args.overwrite:
@@ -207,10 +207,11 @@ def run_build(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .build import build_manifest, collect_items, make_phrase_finder
-    from .detection import BoxSegmenter, OpenVocabularyDetector, SubjectFilter, default_device
-    from .manifest import validate_manifest
-    from .phrases import load_vocabulary
+    from msdiffusion.data.build import build_manifest, collect_items, make_phrase_finder
+    from msdiffusion.data.detection import BoxSegmenter, OpenVocabularyDetector, SubjectFilter
+    from msdiffusion.loading import default_device
+    from msdiffusion.data.manifest import validate_manifest
+    from msdiffusion.data.phrases import load_vocabulary
 
     try:
         rules = SubjectFilter(args.score_threshold, args.min_box_area, args.max_box_area, args.max_overlap, args.max_subjects)
@@ -224,7 +225,7 @@ def run_build(args: argparse.Namespace) -> int:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.items()) or "no images found"
         raise UserInputError(f"no captioned items in {args.source} ({reasons}); see docs/data.md for the layouts")
 
-    from ..checks import check_locations
+    from msdiffusion.checks import check_locations
 
     segmenter_name = args.segmenter or (DEFAULT_SEGMENTER if args.masks else None)
     check_locations([(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")], device=args.device)

@@ -1,7 +1,7 @@
 """`msdiff train` and `msdiff data cache`.
 
 `msdiff train` runs in one process; for several GPUs or machines the same flags go to
-`accelerate launch ... -m msdiffusion.train` (docs/training.md).
+`accelerate launch ... -m msdiffusion train` (docs/training.md).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import DTYPE_CHOICES, dtype_name
-from .config import add_config_arguments
+from msdiffusion.app.cli import DTYPE_CHOICES, dtype_name
+from msdiffusion.train.config import add_config_arguments
 
 # A run stopped by SIGTERM (after saving a checkpoint) exits with the status a shell gives a process that
 # SIGTERM ended, so that scripts and schedulers see that it did not finish.
@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train an MS-Diffusion adapter",
         description="Train the MS-Diffusion adapter (grounding resampler + to_k_ip/to_v_ip) on a frozen SDXL base. "
         "Settings come from --config (YAML/JSON) and flags (which override it); see docs/training.md. "
-        "On several GPUs or machines use: accelerate launch [...] -m msdiffusion.train --config FILE.",
+        "On several GPUs or machines use: accelerate launch [...] -m msdiffusion train --config FILE.",
     )
     add_train_arguments(parser)
     parser.set_defaults(func=run_train)
@@ -39,8 +39,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..cli import UserInputError
-    from .config import ConfigError, config_template, load_config_from_args, overrides_from_args
+    from msdiffusion.errors import UserInputError
+    from msdiffusion.train.config import ConfigError, config_template, load_config_from_args, overrides_from_args
 
     if args.print_config and args.config is None and not overrides_from_args(args):
         print(config_template(), end="")
@@ -55,12 +55,12 @@ def run_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
 
-    from ..adapter import AdapterMismatchError
-    from ..checks import check_locations
-    from ..data.dataset import SampleReadError
-    from ..data.manifest import ManifestError
-    from .cache import CacheError
-    from .loop import TrainingRun
+    from msdiffusion.adapter import AdapterMismatchError
+    from msdiffusion.checks import check_locations
+    from msdiffusion.data.dataset import SampleReadError
+    from msdiffusion.data.manifest import ManifestError
+    from msdiffusion.train.cache import CacheError
+    from msdiffusion.train.loop import TrainingRun
 
     models = [
         (config.base, "base", "base"),
@@ -137,7 +137,7 @@ def add_cache_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
-    from ..cli import UserInputError
+    from msdiffusion.errors import UserInputError
 
     for name in ("reference_size", "batch_size", "shard_size"):
         if getattr(args, name) < 1:
@@ -147,19 +147,21 @@ def run_cache(args: argparse.Namespace) -> int:
     if not args.manifest.is_file():
         raise UserInputError(f"manifest not found: {args.manifest}")
 
-    from ..checks import check_locations
+    from msdiffusion.checks import check_locations
 
     check_locations([(args.base, "base", "--base"), (args.image_encoder, "image_encoder", "--image-encoder")], device=args.device)
 
     import torch
 
-    from ..data.dataset import MASK_COLORS
-    from ..data.manifest import ManifestError
-    from .cache import write_cache
-    from .config import TrainConfig
-    from .models import load_image_encoder, load_text_encoders
+    from msdiffusion.data.dataset import MASK_COLORS
+    from msdiffusion.data.manifest import ManifestError
+    from msdiffusion.train.cache import write_cache
+    from msdiffusion.train.config import TrainConfig
+    from msdiffusion.train.models import load_image_encoder, load_text_encoders
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+    from msdiffusion.loading import default_device
+
+    device = args.device or default_device()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32

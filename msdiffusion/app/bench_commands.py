@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from msdiffusion.cli import DTYPE_CHOICES, UserInputError, deprecated_option, dtype_name, torch_dtype_name
-from msdiffusion.release import REFERENCE_COMBINE
-from msdiffusion.world.weights import WORLD, world_model_paths  # the module imports nothing heavy
+import msdiffusion.world.bench  # noqa: F401  (registers the world bench with msdiffusion.bench)
+from msdiffusion.app.cli import DTYPE_CHOICES, UserInputError, dtype_name
+from msdiffusion.loading import NAMED_MODELS, WORLD, world_model_paths
+from msdiffusion.release import REFERENCE_COMBINE, RELEASE_NEGATIVE_PROMPT
 
-from .definitions import BENCHMARKS, check_images, load_benchmark, select_samples
-from .runner import BOX_SETTINGS, RELEASE_NEGATIVE_PROMPT
+from msdiffusion.bench.definitions import BENCHMARKS, check_images, load_benchmark, select_samples
+from msdiffusion.bench.runner import BOX_SETTINGS
 
 SCORES = "scores.jsonl"
 SCORES_CONFIG = "scores_config.json"
@@ -47,7 +48,6 @@ def register(subparsers) -> None:
     )  # fmt: skip
     run.add_argument("--adapter", help=f"MS-Diffusion adapter: ms_adapter.bin, project folder or hub id (or {WORLD!r})")
     run.add_argument("--adapter-weight-name", help="file inside a hub adapter repo, e.g. ms_adapter.bin")
-    deprecated_option(run, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     run.add_argument("--image-encoder", help=f"CLIP ViT-bigG/14 vision encoder: folder or hub id (or {WORLD!r})")
     run.add_argument(
         "--models", type=Path,
@@ -59,12 +59,8 @@ def register(subparsers) -> None:
     # defaults: the released inference settings; --bench world: the world's (msdiff demo's)
     run.add_argument("--steps", type=int, help="denoising steps (default: 30; world: 25)")
     run.add_argument("--guidance", type=float, help="classifier-free guidance (default: 7.5; world: 5.0)")
-    deprecated_option(run, "--guidance-scale", "--guidance", "guidance", type=float)
     run.add_argument("--scale", type=float, help="subject strength (default: 0.6; world: 1.0)")
-    deprecated_option(run, "--ms-scale", "--scale", "scale", type=float)
     run.add_argument("--size", help="WIDTHxHEIGHT, or one number for a square (default: 1024x1024; world: 64x64)")
-    deprecated_option(run, "--height", "--size WIDTHxHEIGHT", "height", type=int)
-    deprecated_option(run, "--width", "--size WIDTHxHEIGHT", "width", type=int)
     run.add_argument(
         "--negative-prompt", help="default: the released evaluation's negative prompt (world: empty)"
     )  # fmt: skip
@@ -87,7 +83,7 @@ def register(subparsers) -> None:
     ablation.add_argument(
         "--reference-combine", choices=REFERENCE_COMBINE, default=None,
         help="several references: concat (resampled together; MS-Bench's default, the pipelines') or mean "
-        "(each resampled, tokens averaged; the world bench's default)",
+        "(each resampled, tokens averaged)",
     )  # fmt: skip
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
     run.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
@@ -96,7 +92,7 @@ def register(subparsers) -> None:
     run.set_defaults(func=_run)
 
     score = actions.add_parser("score", help="CLIP-T, CLIP-I, DINO and per-subject detection scores of a run")
-    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
+    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
 
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
     _add_photos_arg(score, "subject photos (default: the directory the run used)")
@@ -134,7 +130,6 @@ def _add_benchmark_args(parser) -> None:
 def _add_photos_arg(parser, help_text: str) -> None:
     # `--images` is a count in `msdiff generate` (as in job files); the photo folder is `--photos`.
     parser.add_argument("--photos", type=Path, help=help_text)
-    deprecated_option(parser, "--images", "--photos", "photos", type=Path)
 
 
 def _add_selection_args(parser) -> None:
@@ -152,13 +147,10 @@ def _selected(args):
         raise UserInputError(str(error)) from None
 
 
-def _size(args) -> tuple[int, int]:
-    """(width, height) from --size, or from the deprecated --width/--height."""
-    from msdiffusion.jobs import parse_size
+def _size(args) -> list[int]:
+    from msdiffusion.settings import parse_size
 
-    width, height = parse_size(args.size, "--size")
-    width, height = parse_size([getattr(args, "width", width), getattr(args, "height", height)], "--size")
-    return width, height
+    return parse_size(args.size, "--size")
 
 
 def _resolve_models(args, world: bool) -> None:
@@ -187,7 +179,7 @@ def _resolve_models(args, world: bool) -> None:
     if WORLD in given.values():  # before anything is rendered or generated
         try:
             world_model_paths()
-        except FileNotFoundError as error:
+        except UserInputError as error:
             raise UserInputError(f"{error} Or give other world models with --models.") from None
 
 
@@ -239,9 +231,9 @@ def process_state():
 def _run(args) -> int:
     from tqdm.auto import tqdm
 
-    from .runner import (
+    from msdiffusion.bench.runner import (
         RUN_CONFIG,
-        GenerationSettings,
+        BenchSettings,
         check_run_config,
         generate_items,
         load_pipeline,
@@ -256,17 +248,9 @@ def _run(args) -> int:
     _resolve_models(args, world)
     defaults = {"steps": 30, "guidance": 7.5, "scale": 0.6, "size": "1024x1024", "negative_prompt": RELEASE_NEGATIVE_PROMPT,
                 "reference_combine": "concat"}  # fmt: skip
-    if world:
-        from .world import world_settings
-
-        world_defaults = world_settings()
-        # Several references stay resampled together ("concat") here too: averaging, the world bench's
-        # default until the twelfth build's ablations, placed 7 subjects that concatenating did not
-        # against 21 on that build (docs/world.md, Ablations).
-        defaults |= {
-            "steps": world_defaults["steps"], "guidance": world_defaults["guidance_scale"], "scale": world_defaults["ms_scale"],
-            "size": f"{world_defaults['width']}x{world_defaults['height']}", "negative_prompt": world_defaults["negative_prompt"],
-        }  # fmt: skip
+    named = NAMED_MODELS.get(args.base) or (NAMED_MODELS[WORLD] if world else None)
+    if named is not None:  # a named set's own settings (the world's, for the world bench and --models)
+        defaults |= named.defaults
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -276,7 +260,7 @@ def _run(args) -> int:
         args.photos = args.output / "references"
     elif not world:
         _existing_dir(args.photos, "--photos")
-    width, height = _size(args)
+    size = _size(args)
     positive = {"--steps": args.steps, "--batch-size": args.batch_size}
     for name, value in positive.items():
         if value < 1:
@@ -296,7 +280,7 @@ def _run(args) -> int:
     state = process_state()
     log = print if state.is_main_process else (lambda *a, **k: None)
     if world:  # the world's references are data: rendered (deterministically) where the run looks for them
-        from .world import render_references
+        from msdiffusion.world.bench import render_references
 
         # every process renders what it does not find (the same pixels, written atomically), so none
         # depends on another's progress
@@ -326,14 +310,14 @@ def _run(args) -> int:
     dtype = args.dtype
     if dtype == "auto":
         dtype = "fp16" if state.device.type == "cuda" else "fp32"
-    settings = GenerationSettings(  # its field names are those of run_config.json files already written
-        base=args.base, adapter=args.adapter, image_encoder=args.image_encoder, weight_name=args.adapter_weight_name,
-        seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample, steps=args.steps,
-        guidance_scale=args.guidance, ms_scale=args.scale, height=height, width=width,
-        negative_prompt=args.negative_prompt, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
-        start_step=args.start_step, phrase_matching=args.phrase_matching, dtype=torch_dtype_name(dtype),
-        boxes=args.boxes, drop_grounding_tokens=args.drop_grounding, subject_scales=subject_scales,
-        references=args.references, reference_combine=args.reference_combine,
+    settings = BenchSettings(  # in the job file's words, as run_config.json records them
+        base=args.base, adapter=args.adapter, image_encoder=args.image_encoder, adapter_weight_name=args.adapter_weight_name,
+        dtype=dtype, seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample,
+        steps=args.steps, guidance=args.guidance, scale=args.scale, size=size,
+        negative_prompt=args.negative_prompt or None, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
+        start_step=args.start_step, phrase_matching=args.phrase_matching, boxes=args.boxes,
+        drop_grounding=args.drop_grounding, subject_scales=subject_scales, references=args.references,
+        reference_combine=args.reference_combine,
     )  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
     try:
@@ -377,11 +361,11 @@ def _score(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .runner import read_manifest, write_json_atomic
+    from msdiffusion.bench.runner import read_run_manifest, write_json_atomic
 
     output = _existing_dir(args.output, "--output")
     try:
-        records = read_manifest(output)
+        records = read_run_manifest(output)
     except FileNotFoundError as error:
         raise UserInputError(str(error)) from None
     if args.photos is not None:
@@ -447,7 +431,7 @@ def _score(args) -> int:
 
 def _standard_scorer(args, output: Path):
     """CLIP, DINO and a detector: the config to compare with earlier scores, and a loader."""
-    from .scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, Scorers, ScoringConfig, score_records
+    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, Scorers, ScoringConfig, score_records
 
     if args.models is not None:
         raise UserInputError("--models (world models) applies to runs of --bench world only.")
@@ -476,8 +460,8 @@ def _world_scorer(args, output: Path):
     """The world's evaluator and image encoder (those the run used, or --models)."""
     import json
 
-    from .runner import RUN_CONFIG
-    from .world import WorldScorer, score_world_records, scoring_models, world_scoring_config
+    from msdiffusion.bench.runner import RUN_CONFIG
+    from msdiffusion.world.bench import WorldScorer, score_world_records, scoring_models, world_scoring_config
 
     foreign = [
         flag for flag, value in (("--clip-model", args.clip_model), ("--dino-model", args.dino_model),
@@ -501,9 +485,9 @@ def _world_scorer(args, output: Path):
     wanted = {key: value for key, value in config.items() if key in ("scorer", "evaluator_sha256", "image_encoder_sha256")}
 
     def load():
-        import torch
+        from msdiffusion.loading import default_device
 
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = args.device or default_device()
         scorer = WorldScorer(paths["evaluator"], paths["image_encoder"], device, args.batch_size)
 
         def score(todo, progress, save_progress):  # world runs score in minutes: saved at the end only
@@ -518,7 +502,7 @@ def _world_scorer(args, output: Path):
 
 
 def _report(args) -> int:
-    from .report import write_report
+    from msdiffusion.bench.report import write_report
 
     output = _existing_dir(args.output, "--output")
     if not (output / SCORES).is_file():

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import PIL.Image
 
-from .definitions import Sample, SubjectSpec
+from msdiffusion.bench.definitions import BenchSample, BenchSubject, register_benchmark
 
 if TYPE_CHECKING:
     import torch
@@ -42,20 +42,6 @@ WORLD_METRICS = {
     "subject_clip_i": "subject CLIP-I",
     "subject_dino": "subject DINO",
 }
-
-
-def world_settings() -> dict:
-    """The world's generation settings (those of `msdiff demo`) as `GenerationSettings` fields."""
-    from ..commands import WORLD_DEMO_SETTINGS as demo
-
-    width, height = demo["size"]
-    return {
-        "steps": demo["steps"], "guidance_scale": demo["guidance"], "ms_scale": demo["scale"],
-        "height": height, "width": width, "negative_prompt": demo["negative_prompt"],
-    }  # fmt: skip
-
-
-# --- the definition ---------------------------------------------------------------------------------
 
 
 def _stable_seed(text: str) -> int:
@@ -125,7 +111,7 @@ def _pair(rng: np.random.Generator, extents: list[tuple[float, float]], overlap:
     return [a, b]
 
 
-def expand_world(definition: dict) -> list[Sample]:
+def expand_world(definition: dict) -> list[BenchSample]:
     """Samples of every group: classes, held-out identities, background and boxes drawn from the seed."""
     from msdiffusion.world.scenes import BACKGROUNDS, CLASSES, MAX_SUBJECTS, NUM_IDENTITIES, SUBJECT_SIZES, caption_for, is_held_out
 
@@ -156,14 +142,14 @@ def expand_world(definition: dict) -> list[Sample]:
                 else:
                     boxes = _pair(rng, extents, OVERLAP if layout == "overlapping" else 0.0)
             subjects = tuple(
-                SubjectSpec(f"{c}-{i}", c, f"{c}-{i}", tuple(round(min(max(v, 0.0), 1.0), 4) for v in box), i)
+                BenchSubject(f"{c}-{i}", c, f"{c}-{i}", tuple(round(min(max(v, 0.0), 1.0), 4) for v in box), i)
                 for c, i, box in zip(classes, identities, boxes)
             )
-            samples.append(Sample(BENCH, f"{group}.{k:03d}", group, caption_for(classes, background), subjects))
+            samples.append(BenchSample(BENCH, f"{group}.{k:03d}", group, caption_for(classes, background), subjects))
     return samples
 
 
-def layout_checks(samples: Sequence[Sample]) -> dict[str, int]:
+def layout_checks(samples: Sequence[BenchSample]) -> dict[str, int]:
     """How many samples of each layout kind really are apart / touching / overlapping (for tests and `list`)."""
     counts = {"apart": 0, "touching": 0, "overlapping": 0}
     for sample in samples:
@@ -187,7 +173,7 @@ def layout_checks(samples: Sequence[Sample]) -> dict[str, int]:
 # --- references -----------------------------------------------------------------------------------
 
 
-def render_references(samples: Sequence[Sample], directory: Path, per_subject: int, seed: int) -> int:
+def render_references(samples: Sequence[BenchSample], directory: Path, per_subject: int, seed: int) -> int:
     """Render the references of `samples` missing from `directory` (`<class>-<identity>/<k>.png`).
 
     Each is a function of (seed, class, identity, k) alone, so every run, shard and machine renders
@@ -220,7 +206,8 @@ def render_references(samples: Sequence[Sample], directory: Path, per_subject: i
 
 def scoring_models(run_settings: dict, models: str | os.PathLike | None = None) -> dict[str, str]:
     """The evaluator and image encoder to score a run with: `models` if given, else those the run used."""
-    from msdiffusion.world.weights import WORLD, world_model_paths, world_models_folder
+    from msdiffusion.loading import WORLD, world_model_paths
+    from msdiffusion.world.weights import world_models_folder
 
     if models is not None:
         return world_models_folder(models)
@@ -299,7 +286,7 @@ def score_world_records(
     """Score world manifest records: the evaluator per subject, cosines per image and per found subject."""
     from msdiffusion.world.evaluate import AskedSubject
 
-    from .scoring import _load_rgb, _reference_paths, crop
+    from msdiffusion.bench.scoring import _load_rgb, _reference_paths, crop
 
     run_dir = Path(run_dir)
     cache: dict[Path, tuple] = {}
@@ -476,3 +463,11 @@ def save_untrained_models(directory: str | os.PathLike, seed: int = 0) -> Path:
     models.image_processor().save_pretrained(directory / "image_encoder")
     save_segmenter(Segmenter(), directory / "evaluator.safetensors")
     return directory
+
+
+def _report(benchmark, scores: list[dict], cover: dict, config: dict) -> tuple[dict, str]:
+    tables = world_tables(scores, benchmark.groups)
+    return tables, world_markdown(benchmark.name, tables, cover, config)
+
+
+register_benchmark(BENCH, Path(__file__).with_name("bench.json"), expand_world, WORLD_METRICS, _report)

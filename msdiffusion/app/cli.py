@@ -15,12 +15,21 @@ import re
 import sys
 import warnings
 
+from msdiffusion.errors import UserInputError
+
 # Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("msdiffusion.commands", "msdiffusion.data.cli", "msdiffusion.train.cli", "msdiffusion.bench.cli", "msdiffusion.world.cli", "msdiffusion.ui")
+_SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "msdiffusion.app.commands",
+    "msdiffusion.app.data_commands",
+    "msdiffusion.app.train_commands",
+    "msdiffusion.app.bench_commands",
+    "msdiffusion.app.world_commands",
+    "msdiffusion.app.page",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from msdiffusion import __version__
 
     parser = argparse.ArgumentParser(
         prog="msdiff",
@@ -57,36 +66,12 @@ def _finish(parser: argparse.ArgumentParser) -> None:
                 _finish(subparser)
 
 
-class _DeprecatedOption(argparse.Action):
-    def __init__(self, option_strings, dest, replacement: str, convert=None, **kwargs):
-        super().__init__(option_strings, dest, **kwargs)
-        self.replacement, self.convert = replacement, convert
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"{parser.prog}: warning: {option_string} is deprecated; use {self.replacement}", file=sys.stderr)
-        setattr(namespace, self.dest, self.convert(values) if self.convert else values)
-
-
-def deprecated_option(parser, old: str, replacement: str, dest: str, convert=None, **kwargs) -> None:
-    """Keep an old option name working (hidden from --help, with a warning naming its replacement)."""
-    parser.add_argument(
-        old, dest=dest, action=_DeprecatedOption, replacement=replacement, convert=convert,
-        default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs,
-    )  # fmt: skip
-
-
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
-_DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16", "float": "fp32"}
 
 
 def dtype_name(text: str) -> str:
-    """`--dtype` value: fp32, fp16, bf16 (auto where a command offers it); the torch names still work."""
-    return _DTYPE_ALIASES.get(text.lower(), text.lower())
-
-
-def torch_dtype_name(name: str) -> str:
-    """fp16 -> float16 (the attribute of torch)."""
-    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[name]
+    """`--dtype` value: fp32, fp16, bf16 (auto where a command offers it), in any case."""
+    return text.lower()
 
 
 # A comma-separated list of numbers starting with a minus sign (a box such as -0.1,0.2,0.5,0.8).
@@ -155,13 +140,3 @@ def quiet_libraries(import_them: bool = True) -> None:
                 module.logging.set_verbosity_error()
 
 
-class UserInputError(Exception):
-    """A problem with what the user asked for; printed without a traceback."""
-
-
-if __name__ == "__main__":
-    # `python -m msdiffusion.cli`: run the imported module's main, so that there is one
-    # UserInputError class (this file as __main__ would define a second one).
-    from msdiffusion.cli import main as package_main
-
-    sys.exit(package_main())

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from ..cli import UserInputError
+from msdiffusion.errors import UserInputError
 
 
 def register(subparsers) -> None:
@@ -109,11 +109,11 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    from ..checks import check_adapter_location
-    from .base import BaseRecipe, snapshot_record
-    from .image_encoder import ImageEncoderRecipe
-    from .models import UNET_CHANNELS
-    from .recipe import STAGES, WorldRecipe, build
+    from msdiffusion.checks import check_adapter_location
+    from msdiffusion.world.base import BaseRecipe, snapshot_record
+    from msdiffusion.world.image_encoder import ImageEncoderRecipe
+    from msdiffusion.world.models import UNET_CHANNELS
+    from msdiffusion.world.recipe import STAGES, WorldRecipe, build
 
     stages = STAGES
     if args.stages:
@@ -175,7 +175,7 @@ def parse_cycle(text: str) -> tuple[int, float, float]:
 
 def parse_class_sampling(text: str) -> tuple[str, float]:
     """`--class-sampling` "CLASS=FACTOR" -> a `BaseRecipe.class_sampling` entry."""
-    from .scenes import CLASSES
+    from msdiffusion.world.scenes import CLASSES
 
     cls, _, factor = text.partition("=")
     try:
@@ -189,8 +189,9 @@ def parse_class_sampling(text: str) -> tuple[str, float]:
 
 
 def run_evaluate(args) -> int:
-    from .evaluate import BREAKDOWNS, WorldEvaluator, against_targets, breakdown, evaluate_world
-    from .weights import load_world_pipeline, world_model_paths, world_models_folder
+    from msdiffusion.world.evaluate import BREAKDOWNS, WorldEvaluator, against_targets, breakdown, evaluate_world
+    from msdiffusion.loading import world_model_paths
+    from msdiffusion.world.weights import world_models_folder, world_pipeline
 
     if args.count < 1:
         raise UserInputError("--count must be a positive number of generations.")
@@ -199,16 +200,19 @@ def run_evaluate(args) -> int:
     except FileNotFoundError as error:
         raise UserInputError(str(error)) from None
     evaluator = WorldEvaluator.from_file(paths["evaluator"])
-    pipe = load_world_pipeline(paths=paths)
-    settings = dict(
-        num_inference_steps=args.steps, guidance_scale=args.guidance, ms_scale=args.scale,
-        mask_threshold=args.mask_threshold, start_step=args.start_step, drop_grounding_tokens=args.drop_grounding,
+    pipe = world_pipeline(paths)
+    from msdiffusion.loading import WORLD, named_settings
+
+    generation = dict(
+        steps=args.steps, guidance=args.guidance, scale=args.scale, mask_threshold=args.mask_threshold,
+        start_step=args.start_step, drop_grounding=args.drop_grounding,
     )  # fmt: skip
+    settings = named_settings(WORLD, **generation)
     if args.json:  # before minutes of generation, not after
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary, results = evaluate_world(pipe, evaluator, args.count, args.seed, no_boxes=args.no_boxes, **settings)
-    print(f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({settings})")
+    summary, results = evaluate_world(pipe, evaluator, args.count, args.seed, no_boxes=args.no_boxes, settings=settings)
+    print(f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({generation})")
     print(format_summary(summary))
     breakdowns = {by: breakdown(results, by) for by in BREAKDOWNS}
     for by in dict.fromkeys(args.by):
@@ -219,7 +223,7 @@ def run_evaluate(args) -> int:
         print(f"(the targets are asked over at least 200 generations; this run made {args.count})")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "settings": settings, "summary": summary, "by_pattern": breakdowns["pattern"],
+            "settings": generation, "summary": summary, "by_pattern": breakdowns["pattern"],
             "by_class": breakdowns["class"], "targets": targets,
             "results": [[r.to_dict() for r in image] for image in results],
         }, indent=1))  # fmt: skip

@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from .cli import DTYPE_CHOICES, UserInputError, deprecated_option, dtype_name
-from .jobs import DEFAULT_IMAGE_ENCODER  # jobs imports nothing heavy at module level
-from .release import RELEASE_NEGATIVE_PROMPT
+from msdiffusion.app.cli import DTYPE_CHOICES, UserInputError, dtype_name
+from msdiffusion.loading import NAMED_MODELS, TINY, WORLD
+from msdiffusion.release import REFERENCE_COMBINE, RELEASE_NEGATIVE_PROMPT
+from msdiffusion.settings import DEFAULT_IMAGE_ENCODER, parse_size
 
 DEMO_PROMPT = "a dog and a cat on the beach"
 DEMO_BOXES = ([0.05, 0.35, 0.47, 0.95], [0.53, 0.35, 0.95, 0.95])
@@ -22,7 +23,6 @@ WORLD_DEMO_PROMPT = "a ring and a heart on a plain wall"
 # subjects merge into one shape (with these boxes both land in their boxes for 8 seeds of 8).
 WORLD_DEMO_SUBJECTS = (("world/ring-2010.png", "ring", [0.06, 0.32, 0.4, 0.66]), ("world/heart-1170.png", "heart", [0.6, 0.32, 0.94, 0.66]))
 WORLD_DEMO_PHRASES = [phrase for _, phrase, _ in WORLD_DEMO_SUBJECTS]
-WORLD_DEMO_SETTINGS = {"size": [64, 64], "steps": 25, "guidance": 5.0, "scale": 1.0, "negative_prompt": ""}
 
 
 def register(subparsers) -> None:
@@ -91,9 +91,10 @@ def register(subparsers) -> None:
         help="where auto layout finds repeated phrases: tokens (default) or the released code's positions",
     )  # fmt: skip
     how.add_argument("--drop-grounding", action="store_true", default=None, help="use the learned grounding tokens instead of phrase + box")
-    deprecated_option(how, "--guidance-scale", "--guidance", "guidance", type=float)
-    deprecated_option(how, "--ms-scale", "--scale", "scale", type=float)
-    deprecated_option(models, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
+    how.add_argument(
+        "--reference-combine", choices=REFERENCE_COMBINE,
+        help="several photos of one subject: concat (default: resampled together) or mean (each alone, averaged)",
+    )  # fmt: skip
     out = generate.add_argument_group("output")
     out.add_argument("--output", help="folder for the images (default: outputs)")
     out.add_argument("--no-preview", dest="preview", action="store_false", default=None, help="skip the layout preview and sheet")
@@ -133,7 +134,6 @@ def register(subparsers) -> None:
     convert.add_argument("source", help="ms_adapter.bin, project folder, or hub id")
     convert.add_argument("dest", help="output: a path ending in .bin, or a folder")
     convert.add_argument("--adapter-weight-name", help="file name inside SOURCE when it is a repo or folder")
-    deprecated_option(convert, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     convert.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
     convert.set_defaults(func=run_convert)
 
@@ -144,7 +144,6 @@ def register(subparsers) -> None:
     )  # fmt: skip
     inspect.add_argument("source", help="ms_adapter.bin, project folder, or hub id")
     inspect.add_argument("--adapter-weight-name", help="file name inside SOURCE when it is a repo or folder")
-    deprecated_option(inspect, "--weight-name", "--adapter-weight-name", "adapter_weight_name")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     inspect.set_defaults(func=run_inspect)
 
@@ -165,7 +164,7 @@ def run_tiny_models(args) -> int:
     folder = args.folder
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise UserInputError(f"{folder} exists and is not an empty folder; choose another.")
-    from .tiny import save_tiny_models
+    from msdiffusion.tiny import save_tiny_models
 
     paths = save_tiny_models(folder, seed=args.seed)
     for name, path in paths.items():
@@ -183,8 +182,6 @@ def _add_device_arguments(group) -> None:
 
 # ---- generate ----------------------------------------------------------------------------------
 def _size(text: str, what: str = "--size") -> list[int]:
-    from .jobs import parse_size
-
     return parse_size(text, what)
 
 
@@ -231,7 +228,7 @@ def _flag_overrides(args) -> dict:
         "negative_prompt": args.negative_prompt, "seed": args.seed, "seed_mode": args.seed_mode, "images": args.images, "steps": args.steps,
         "guidance": args.guidance, "scale": args.scale, "mask_threshold": args.mask_threshold,
         "start_step": args.start_step, "phrase_matching": args.phrase_matching,
-        "drop_grounding": args.drop_grounding, "output": args.output,
+        "drop_grounding": args.drop_grounding, "reference_combine": args.reference_combine, "output": args.output,
         "preview": args.preview, "save_masks": args.save_masks, "device": args.device, "dtype": args.dtype,
         "variant": args.variant, "vae": args.vae, "cpu_offload": args.cpu_offload,
     }  # fmt: skip
@@ -254,7 +251,7 @@ def _flag_overrides(args) -> dict:
 
 
 def run_generate(args) -> int:
-    from .jobs import job_from_dict, read_job_file, read_job_from_png
+    from msdiffusion.app.jobs import job_from_dict, read_job_file, read_job_from_png
 
     if args.job and args.from_image:
         raise UserInputError("give a job file or --from IMAGE, not both.")
@@ -277,7 +274,7 @@ def _run_checked(job, command: str, progress: bool, log=print) -> list[Path]:
     """Warn (one line each) about settings that are valid but odd, then run the job."""
     import sys
 
-    from .jobs import job_warnings, run_job
+    from msdiffusion.app.jobs import job_warnings, run_job
 
     for warning in job_warnings(job):
         print(f"msdiff {command}: warning: {warning}", file=sys.stderr)
@@ -286,21 +283,12 @@ def _run_checked(job, command: str, progress: bool, log=print) -> list[Path]:
 
 # ---- demo --------------------------------------------------------------------------------------
 def _asset(name: str) -> str:
-    return str(Path(__file__).resolve().parent / "assets" / name)
-
-
-def world_weights_present() -> bool:
-    from .world.weights import world_model_paths
-
-    try:
-        world_model_paths()
-    except FileNotFoundError:
-        return False
-    return True
+    return str(Path(__file__).resolve().parents[1] / "assets" / name)
 
 
 def run_demo(args) -> int:
-    from .jobs import TINY, WORLD, Job, SubjectSpec
+    from msdiffusion.app.jobs import Job, JobSubject
+    from msdiffusion.loading import world_weights_present
 
     real = [args.base, args.adapter, args.image_encoder]
     if any(real) and not all(real):
@@ -315,12 +303,12 @@ def run_demo(args) -> int:
     output = str(Path(args.output).resolve())
     common = dict(seed=args.seed, output=output, device=args.device, dtype=args.dtype)
     if kind == "world":
-        settings = dict(WORLD_DEMO_SETTINGS)
+        settings = dict(NAMED_MODELS[WORLD].defaults)
         settings["size"] = _size(args.size) if args.size else settings["size"]
         settings["steps"] = args.steps or settings["steps"]
         job = Job(
             base=WORLD, adapter=WORLD, image_encoder=WORLD, prompt=WORLD_DEMO_PROMPT,
-            subjects=[SubjectSpec([_asset(image)], phrase, list(box)) for image, phrase, box in WORLD_DEMO_SUBJECTS],
+            subjects=[JobSubject([_asset(image)], phrase, list(box)) for image, phrase, box in WORLD_DEMO_SUBJECTS],
             **settings, **common,
         )  # fmt: skip
         the = " and ".join(f"the {phrase}" for phrase in WORLD_DEMO_PHRASES)
@@ -328,13 +316,14 @@ def run_demo(args) -> int:
               f"{the} have identities the model never saw in training.")  # fmt: skip
     else:
         tiny = kind == "random"
-        size = _size(args.size) if args.size else ([512, 384] if tiny else [1024, 1024])
+        defaults = NAMED_MODELS[TINY].defaults if tiny else {"size": [1024, 1024], "steps": 30}
+        size = _size(args.size) if args.size else defaults["size"]
         job = Job(
             base=args.base or TINY, adapter=args.adapter or TINY, image_encoder=args.image_encoder or TINY,
             prompt=DEMO_PROMPT,
-            subjects=[SubjectSpec([_asset("dog.jpg")], "dog", list(DEMO_BOXES[0])),
-                      SubjectSpec([_asset("cat.jpg")], "cat", list(DEMO_BOXES[1]))],
-            size=size, steps=args.steps or (20 if tiny else 30), **common,
+            subjects=[JobSubject([_asset("dog.jpg")], "dog", list(DEMO_BOXES[0])),
+                      JobSubject([_asset("cat.jpg")], "cat", list(DEMO_BOXES[1]))],
+            size=size, steps=args.steps or defaults["steps"], **common,
         )  # fmt: skip
         if tiny:
             print("msdiff demo --random: TINY RANDOM SDXL-shaped models (random weights). The run exercises the whole "
@@ -354,7 +343,7 @@ def run_demo(args) -> int:
 
 # ---- convert / inspect ---------------------------------------------------------------------------
 def _load(source: str, weight_name: str | None):
-    from .adapter import AdapterMismatchError, load_checkpoint
+    from msdiffusion.adapter import AdapterMismatchError, load_checkpoint
 
     try:
         return load_checkpoint(source, weight_name=weight_name)
@@ -383,7 +372,7 @@ def describe_checkpoint(source: str, weight_name: str | None = None) -> dict:
     """What `msdiff inspect` reports, as a dict."""
     from collections import Counter
 
-    from .adapter import PROJECT_CONFIG_NAME, resolve_adapter_path
+    from msdiffusion.adapter import PROJECT_CONFIG_NAME, resolve_adapter_path
 
     checkpoint = _load(source, weight_name)
     path = resolve_adapter_path(source, weight_name, None)

@@ -1,0 +1,237 @@
+"""One loader: a pipeline from `ModelSettings`, whatever names its models.
+
+A model is a hub id, a local folder, a single `.safetensors`/`.ckpt` file, or a *named set*
+shipped or built with the package (`NAMED_MODELS`): `msdiff-world`, the small models trained in the
+procedural world, and `tiny-random`, tiny random SDXL-shaped models. Each named set brings its own
+generation defaults (a 64-pixel model is not run at SDXL's 1024). The VAE, ControlNet, LoRAs,
+scheduler and CPU offload are applied here too, and `default_device` is the one device policy.
+
+This module names the world's weights folder but imports nothing of `msdiffusion.world`: the world
+is a client of the product, not a part of loading.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserInputError
+from .settings import GenerationSettings, ModelSettings, SettingsError
+
+TINY = "tiny-random"
+WORLD = "msdiff-world"
+WORLD_WEIGHTS = Path(__file__).resolve().parent / "world" / "weights"
+MODEL_PARTS = ("base", "adapter", "image_encoder")
+
+
+@dataclass(frozen=True)
+class NamedModels:
+    name: str
+    description: str
+    defaults: dict = field(default_factory=dict)  # generation settings (job-file names) it is run with
+    whole_set: bool = False  # its parts only work together (random models built at one go)
+
+
+NAMED_MODELS = {
+    WORLD: NamedModels(
+        WORLD,
+        "the small models trained on a CPU in the procedural world (docs/world.md), shipped in the package",
+        {"size": [64, 64], "steps": 25, "guidance": 5.0, "scale": 1.0, "negative_prompt": None},
+    ),
+    TINY: NamedModels(
+        TINY,
+        "tiny random SDXL-shaped models: their images are noise, for checking the wiring",
+        {"size": [512, 384], "steps": 20},
+        whole_set=True,
+    ),
+}
+
+
+def named_settings(name: str, **overrides) -> GenerationSettings:
+    """The generation settings a named set is run with, with `overrides` (job-file names)."""
+    return GenerationSettings(**{**NAMED_MODELS[name].defaults, **overrides})
+
+
+def named_set(models: ModelSettings) -> NamedModels | None:
+    """The named set the base belongs to (whose defaults apply), checking how the parts combine.
+
+    `tiny-random` is a whole set. A world part may be combined with others (an adapter trained on
+    the world's base, say): each named part is replaced by the shipped folder of that part.
+    """
+    named = {part: getattr(models, part) for part in MODEL_PARTS if getattr(models, part) in NAMED_MODELS}
+    for name, info in NAMED_MODELS.items():
+        parts = [part for part, value in named.items() if value == name]
+        if info.whole_set and parts and len(parts) != len(MODEL_PARTS):
+            raise SettingsError(
+                f"{name!r} is a whole model set: give it as base, adapter and image_encoder together (got it for "
+                f"{', '.join(parts)})."
+            )
+    if models.controlnet is not None and models.base == WORLD:
+        raise SettingsError(f"{WORLD!r} has no ControlNet: remove controlnet.")
+    return NAMED_MODELS.get(models.base)
+
+
+def world_model_paths() -> dict[str, str]:
+    """{base, adapter, image_encoder, evaluator} of the shipped world models."""
+    names = {"base": "base", "adapter": "adapter", "image_encoder": "image_encoder", "evaluator": "evaluator.safetensors"}
+    missing = [name for name in names.values() if not (WORLD_WEIGHTS / name).exists()]
+    if missing:
+        raise UserInputError(
+            f"The world's weights are not in {WORLD_WEIGHTS} (missing: {', '.join(missing)}). They ship with the "
+            "package; in a source checkout rebuild them with `msdiff world build` (docs/world.md)."
+        )
+    return {key: str(WORLD_WEIGHTS / name) for key, name in names.items()}
+
+
+def world_weights_present() -> bool:
+    try:
+        world_model_paths()
+    except UserInputError:
+        return False
+    return True
+
+
+def resolved_locations(models: ModelSettings) -> dict[str, str]:
+    """{base, adapter, image_encoder} with named world parts replaced by their folders."""
+    locations = {part: getattr(models, part) for part in MODEL_PARTS}
+    if WORLD in locations.values():
+        paths = world_model_paths()
+        locations = {part: paths[part] if value == WORLD else value for part, value in locations.items()}
+    return locations
+
+
+# ---- devices -------------------------------------------------------------------------------------
+def default_device() -> str:
+    """CUDA, else Apple MPS, else the CPU: where every command runs unless told otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def device_and_dtype(device: str | None = None, dtype: str | None = None) -> tuple[str, Any]:
+    """The device (`default_device` if None) and its torch dtype: fp16 on a GPU, fp32 on the CPU."""
+    device = device or default_device()
+    return device, torch_dtype(dtype or ("fp32" if device == "cpu" else "fp16"))
+
+
+# ---- checks before loading -----------------------------------------------------------------------
+def check_models(models: ModelSettings):
+    """Check the device and every model location before loading; returns the adapter checkpoint, read
+    (None for named sets, which are built or shipped with the package).
+
+    Local paths must exist and hold the expected files (safetensors headers are checked, which finds
+    truncated downloads); hub ids must be in the local cache or the hub reachable.
+    """
+    from .adapter import AdapterMismatchError, load_checkpoint
+    from .checks import InputCheckError, check_device, check_locations
+
+    check_device(models.device)
+    check_scheduler_name(models.scheduler)
+    named = named_set(models)
+    loras = [
+        (str(Path(lora.path) / lora.weight_name) if lora.weight_name and Path(lora.path).is_dir() else lora.path, "lora", f"loras[{i}]")
+        for i, lora in enumerate(models.loras)
+        if not lora.weight_name or Path(lora.path).is_dir()
+    ]
+    if named is not None and named.whole_set:
+        check_locations(loras)
+        return None
+    locations = resolved_locations(models)
+    checks = [
+        (locations["base"], "base", "base"),
+        (locations["image_encoder"], "image_encoder", "image_encoder"),
+        (models.controlnet.model if models.controlnet else None, "controlnet", "controlnet.model"),
+        (locations["adapter"], "adapter", "adapter"),
+        (models.vae, "vae", "vae"),
+        *loras,
+    ]
+    check_locations(checks, adapter_weight_name=models.adapter_weight_name)
+    try:
+        return load_checkpoint(locations["adapter"], weight_name=models.adapter_weight_name)
+    except (FileNotFoundError, AdapterMismatchError, OSError) as error:
+        raise InputCheckError(f"adapter: {error}") from None
+
+
+def check_scheduler_name(name: str | None) -> None:
+    """A scheduler is a diffusers scheduler class name; refused before loading, with the close match."""
+    if name is None:
+        return
+    import diffusers
+
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None or not hasattr(scheduler_class, "from_config") or not name.endswith("Scheduler"):
+        known = [n for n in dir(diffusers) if n.endswith("Scheduler") and n[0].isupper()]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else " (e.g. EulerDiscreteScheduler)"
+        raise SettingsError(f"scheduler: {name!r} is not a diffusers scheduler class{hint}.")
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def load_pipeline(models: ModelSettings, device: str | None = None, dtype=None, adapter=None):
+    """The pipeline `models` describe (base, ControlNet, adapter, image encoder, VAE, LoRAs,
+    scheduler) on `device` (or CPU-offloaded to it), with progress bars off.
+
+    `device`, `dtype`: default from `models.device`/`models.dtype` (`device_and_dtype`).
+    `adapter`: the adapter checkpoint already read (by `check_models`), else it is read here.
+    """
+    import diffusers
+    import torch
+
+    from .pipelines import MSDiffusionXLControlNetPipeline, MSDiffusionXLPipeline
+
+    if device is None or dtype is None:
+        chosen_device, chosen_dtype = device_and_dtype(models.device, models.dtype)
+        device, dtype = device or chosen_device, dtype or chosen_dtype
+    named = named_set(models)
+    if named is not None and named.whole_set:  # tiny-random
+        from .tiny import tiny_pipeline
+
+        pipe = tiny_pipeline(seed=0, controlnet=models.controlnet is not None)
+        pipe = pipe if dtype == torch.float32 else pipe.to(dtype)
+    else:
+        locations = resolved_locations(models)
+        kwargs: dict = {"dtype": dtype}
+        pipeline_class = MSDiffusionXLPipeline
+        if models.controlnet is not None:
+            kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(models.controlnet.model, dtype=dtype)
+            pipeline_class = MSDiffusionXLControlNetPipeline
+        if models.vae:
+            vae_class = diffusers.AutoencoderKL
+            single_file = Path(models.vae).suffix in (".safetensors", ".ckpt")
+            kwargs["vae"] = (vae_class.from_single_file if single_file else vae_class.from_pretrained)(models.vae, dtype=dtype)
+        if Path(locations["base"]).suffix in (".safetensors", ".ckpt"):
+            pipe = pipeline_class.from_single_file(locations["base"], **kwargs)
+        else:
+            pipe = pipeline_class.from_pretrained(locations["base"], variant=models.variant, **kwargs)
+        pipe.load_ms_adapter(
+            adapter or locations["adapter"], image_encoder=locations["image_encoder"], weight_name=models.adapter_weight_name
+        )
+    if models.scheduler:
+        check_scheduler_name(models.scheduler)
+        pipe.scheduler = getattr(diffusers, models.scheduler).from_config(pipe.scheduler.config)
+    if models.loras:  # after the adapter, as the tests check: diffusers' LoRA layers wrap the UNet's projections
+        names = []
+        for i, lora in enumerate(models.loras):
+            path, weight_name = Path(lora.path), lora.weight_name
+            source = str(path.parent) if path.is_file() else lora.path
+            weight_name = path.name if path.is_file() else weight_name
+            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=f"lora{i}")
+            names.append(f"lora{i}")
+        pipe.set_adapters(names, adapter_weights=[lora.scale for lora in models.loras])
+    pipe.set_progress_bar_config(disable=True)
+    if models.cpu_offload:  # each model moves to `device` only while it runs
+        pipe.enable_model_cpu_offload(device=device)
+        return pipe
+    return pipe.to(device)

@@ -1,0 +1,199 @@
+"""One settings vocabulary: the names of job files, flags, the bench, training validation and the page.
+
+`GenerationSettings` is how to generate (size, steps, guidance, scale, auto layout ...) and
+`ModelSettings` which models to generate with; `GenerationSettings.pipeline_arguments` is the one
+place their names become the pipelines' keyword arguments (`guidance` -> `guidance_scale`,
+`scale` -> `ms_scale`, `size` -> `width`, `height`, ...). Checking a value is done here too, so a
+job file, a flag and a bench run refuse the same mistake with the same words.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserInputError
+from .release import REFERENCE_COMBINE, RELEASE_NEGATIVE_PROMPT
+
+DEFAULT_IMAGE_ENCODER = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+DTYPES = ("fp32", "fp16", "bf16")
+PHRASE_MATCHING = ("tokens", "release")
+MIN_SIZE = 64  # the UNet halves the 1/8 latent twice; below this its deepest grid is 2x2 or less
+
+
+class SettingsError(UserInputError):
+    """A setting that is not valid; the message names it and what is allowed."""
+
+
+@dataclass(kw_only=True)
+class GenerationSettings:
+    """How an image is generated, in the job file's words."""
+
+    negative_prompt: str | None = RELEASE_NEGATIVE_PROMPT  # the release's; None (or "") for none
+    size: list[int] = field(default_factory=lambda: [1024, 1024])  # width, height
+    steps: int = 30
+    guidance: float = 7.5
+    scale: float = 0.6
+    mask_threshold: float | None = None
+    start_step: int = 5
+    phrase_matching: str = "tokens"  # or "release": the released code's phrase positions (auto layout)
+    drop_grounding: bool = False
+    reference_combine: str = "concat"  # several photos of one subject: resampled together, or "mean"
+
+    def pipeline_arguments(self) -> dict:
+        """The pipelines' keyword arguments for these settings (subjects, prompt and noise are the caller's)."""
+        width, height = self.size
+        return {
+            "negative_prompt": self.negative_prompt or None,
+            "ms_scale": self.scale,
+            "drop_grounding_tokens": self.drop_grounding,
+            "reference_combine": self.reference_combine,
+            "mask_threshold": self.mask_threshold,
+            "start_step": self.start_step,
+            "phrase_matching": self.phrase_matching,
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance,
+            "height": height,
+            "width": width,
+        }
+
+    def generation_settings(self) -> GenerationSettings:
+        """Only the generation settings of a larger record (a job, a bench run)."""
+        names = {f.name for f in dataclasses.fields(GenerationSettings)}
+        return GenerationSettings(**{name: getattr(self, name) for name in names})
+
+
+# Which arguments `pipe.prepare_subjects` takes of `pipeline_arguments()` (with the subjects themselves).
+SUBJECT_ENCODING_ARGUMENTS = ("drop_grounding_tokens", "reference_combine")
+
+
+@dataclass
+class LoraSpec:
+    path: str  # a .safetensors file, a folder, or a hub id
+    scale: float = 1.0
+    weight_name: str | None = None  # the file inside a folder or hub repo
+
+
+@dataclass
+class ControlNetSpec:
+    model: str
+    image: str
+    scale: float = 1.0
+    image_tokens: bool = False  # true: attend over the subject tokens too, as the released script
+
+
+@dataclass(kw_only=True)
+class ModelSettings:
+    """Which models generate, and where they run. Model values are hub ids, paths, or named sets
+    (`msdiffusion.loading.NAMED_MODELS`)."""
+
+    base: str
+    adapter: str
+    image_encoder: str = DEFAULT_IMAGE_ENCODER
+    adapter_weight_name: str | None = None
+    variant: str | None = None
+    vae: str | None = None
+    loras: list[LoraSpec] = field(default_factory=list)
+    scheduler: str | None = None
+    controlnet: ControlNetSpec | None = None
+    cpu_offload: bool = False
+    device: str | None = None
+    dtype: str | None = None
+
+    def model_settings(self) -> ModelSettings:
+        names = {f.name for f in dataclasses.fields(ModelSettings)}
+        return ModelSettings(**{name: getattr(self, name) for name in names})
+
+
+# field -> (accepted types, what is allowed): the schema of the settings and the words of its errors.
+GENERATION_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "negative_prompt": ((str, type(None)), f"text (default: the release's {RELEASE_NEGATIVE_PROMPT!r}), or null / \"\" for none"),
+    "size": ((list, int, str), "[width, height] or WIDTHxHEIGHT in pixels, multiples of 8 and at least 64 (one number for a square)"),
+    "steps": ((int,), "a positive integer"),
+    "guidance": ((int, float), "a number >= 0 (1 or less disables classifier-free guidance)"),
+    "scale": ((int, float), "a number >= 0, 0.6 by default (0.4 suits background-like subjects)"),
+    "mask_threshold": ((int, float, type(None)), "a number in [0, 1) to enable auto layout, or null"),
+    "start_step": ((int,), "a positive integer"),
+    "phrase_matching": ((str,), "tokens (default) or release (the released code's positions of repeated phrases)"),
+    "drop_grounding": ((bool,), "true or false"),
+    "reference_combine": ((str,), "concat (default: a subject's photos resampled together) or mean (each alone, averaged)"),
+}
+MODEL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "base": ((str,), "a hub id, a diffusers SDXL folder, a single .safetensors/.ckpt file, or a named model set (`msdiffusion.loading.NAMED_MODELS`)"),
+    "adapter": ((str,), "a hub id, an ms_adapter.bin file, a project adapter folder, or a named set"),
+    "image_encoder": ((str,), "a hub id or folder of a CLIP vision model, or a named set"),
+    "adapter_weight_name": ((str, type(None)), "a file name inside the adapter repo/folder"),
+    "variant": ((str, type(None)), "a weight variant of the base's files, e.g. fp16 (half the download)"),
+    "vae": ((str, type(None)), "another VAE: a hub id, a diffusers folder or a .safetensors file, e.g. madebyollin/sdxl-vae-fp16-fix"),
+    "loras": ((list,), "a list of {path, scale, weight_name}: LoRA .safetensors files, folders or hub ids"),
+    "scheduler": ((str, type(None)), "a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler"),
+    "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number, image_tokens: bool}"),
+    "cpu_offload": ((bool,), "true or false: keep each model on the CPU until it runs (less GPU memory, slower)"),
+    "device": ((str, type(None)), "cuda, cuda:N, mps or cpu"),
+    "dtype": ((str, type(None)), f"one of {', '.join(DTYPES)}"),
+}
+
+
+def check_types(values: dict, fields: dict, source: str) -> None:
+    """Each value of a known field has one of its accepted types (YAML `yes` is not a number)."""
+    for name, value in values.items():
+        if name not in fields:
+            continue
+        types, allowed = fields[name]
+        if isinstance(value, bool) and bool not in types:
+            types = ()
+        if not isinstance(value, types):
+            raise SettingsError(f"{source}: {name}: got {value!r}; expected {allowed}.")
+
+
+def check_generation_values(values: dict, source: str) -> dict:
+    """Range checks of the generation fields present in `values` (types already checked); returns
+    `values` with `size` as [width, height] and an empty negative prompt as None."""
+    values = dict(values)
+    if values.get("negative_prompt") == "":
+        values["negative_prompt"] = None  # no negative prompt: SDXL then uses zero embeddings
+    if "size" in values:
+        values["size"] = parse_size(values["size"], f"{source}: size")
+    for name in ("steps", "start_step"):
+        if name in values and values[name] < 1:
+            raise SettingsError(f"{source}: {name}: got {values[name]}; expected a positive integer.")
+    threshold = values.get("mask_threshold")
+    if threshold is not None and not 0 <= threshold < 1:
+        raise SettingsError(f"{source}: mask_threshold: got {threshold}; expected {GENERATION_FIELDS['mask_threshold'][1]}.")
+    for name in ("guidance", "scale"):
+        if name in values and not math.isfinite(values[name]):
+            raise SettingsError(f"{source}: {name}: must be a finite number.")
+        if name in values and values[name] < 0:
+            raise SettingsError(f"{source}: {name}: got {values[name]}; expected {GENERATION_FIELDS[name][1]}.")
+    for name, allowed in (("phrase_matching", PHRASE_MATCHING), ("reference_combine", REFERENCE_COMBINE)):
+        if name in values and values[name] not in allowed:
+            raise SettingsError(f"{source}: {name}: got {values[name]!r}; expected {GENERATION_FIELDS[name][1]}.")
+    return values
+
+
+def check_model_values(values: dict, source: str) -> dict:
+    if values.get("dtype") is not None and values["dtype"] not in DTYPES:
+        raise SettingsError(f"{source}: dtype: got {values['dtype']!r}; expected {MODEL_FIELDS['dtype'][1]}.")
+    return values
+
+
+def parse_size(value: Any, what: str = "size") -> list[int]:
+    """[width, height] from `[w, h]`, a number (square), or text `WxH` / `N` (flags and job files alike)."""
+    allowed = GENERATION_FIELDS["size"][1]
+    size = value
+    if isinstance(value, str):
+        try:
+            size = [int(v) for v in value.lower().replace(" ", "").split("x")]
+        except ValueError:
+            raise SettingsError(f"{what}: got {value!r}; expected {allowed}, e.g. 1344x768.") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = [value]
+    if not isinstance(size, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise SettingsError(f"{what}: got {value!r}; expected {allowed}.")
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or not all(v % 8 == 0 and v >= MIN_SIZE for v in size):
+        raise SettingsError(f"{what}: got {value!r}; expected {allowed}.")
+    return size
