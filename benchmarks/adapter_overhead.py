@@ -59,12 +59,16 @@ class NaiveMSProcessor(MSAttnProcessor):
         n_img = layout.num_image_tokens
         text, image = encoder_hidden_states[:, :-n_img], encoder_hidden_states[:, -n_img:]
         q = _heads(attn.to_q(hidden_states), attn.heads)
-        out = F.scaled_dot_product_attention(q, _heads(attn.to_k(text), attn.heads), _heads(attn.to_v(text), attn.heads))
+        out = F.scaled_dot_product_attention(
+            q, _heads(attn.to_k(text), attn.heads), _heads(attn.to_v(text), attn.heads)
+        )
         boxes = layout.boxes
         if batch == 2 * layout.batch_size:
             boxes = torch.cat([torch.zeros_like(boxes), boxes])
         h, w = self.state.grid(cells)
-        bias, inside = regions_to_bias(box_regions(boxes, h, w), layout.tokens_per_subject, layout.num_dummy_tokens, q.dtype)
+        bias, inside = regions_to_bias(
+            box_regions(boxes, h, w), layout.tokens_per_subject, layout.num_dummy_tokens, q.dtype
+        )
         k_ip, v_ip = _heads(self.to_k_ip(image), attn.heads), _heads(self.to_v_ip(image), attn.heads)
         probs = torch.softmax(q @ k_ip.transpose(-1, -2) * attn.scale + bias.to(q.device), dim=-1)
         probs = probs * inside.to(q.device)[:, None]
@@ -135,7 +139,9 @@ def profile_generation(name: str, run, unet, device: str, top: int) -> dict:
     print(f"  {name}: host (CPU) self time {host:.3f} s" + (f", GPU kernel time {gpu:.3f} s" if kernels else ""))
     if calls:
         per_call = sum(e.cpu_time_total for e in calls) / len(calls)
-        print(f"    attn2 calls: {len(calls)}, host time {per_call:.0f} us per call, {ops / len(calls):.1f} aten ops per call")
+        print(
+            f"    attn2 calls: {len(calls)}, host time {per_call:.0f} us per call, {ops / len(calls):.1f} aten ops per call"
+        )
     print("    attention kernels: " + ", ".join(f"{k} x{v}" for k, v in sorted(attention.items())))
     sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
     averages = prof.key_averages()
@@ -178,7 +184,10 @@ def sync_check(name: str, run, unet) -> None:
         for handle in handles:
             handle.remove()
     syncs = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    print(f"  {name}: {sum(syncs.values())} synchronisations" + "".join(f"\n    {n} x {where}" for where, n in syncs.most_common()))
+    print(
+        f"  {name}: {sum(syncs.values())} synchronisations"
+        + "".join(f"\n    {n} x {where}" for where, n in syncs.most_common())
+    )
 
 
 def elapsed(fn, synchronize) -> float:
@@ -190,7 +199,9 @@ def elapsed(fn, synchronize) -> float:
     return time.perf_counter() - start
 
 
-def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: int, synchronize, repeats: int = 10) -> None:
+def generation_breakdown(
+    pipe, bare, prompt: str, images, phrases, boxes, size: int, synchronize, repeats: int = 10
+) -> None:
     """Median time of each part of a generation of ours outside the denoising loop (a fixed cost
     per generation, which CUDA graphs do not remove), then of a whole 1-step generation."""
     from msdiffusion.adapter import ms_attention_state
@@ -205,15 +216,23 @@ def generation_breakdown(pipe, bare, prompt: str, images, phrases, boxes, size: 
             pass
 
     def one_step(target, **subject_args):
-        return lambda: target(prompt=prompt, num_inference_steps=1, height=size, width=size, output_type="latent", **subject_args)
+        return lambda: target(
+            prompt=prompt, num_inference_steps=1, height=size, width=size, output_type="latent", **subject_args
+        )
 
     parts = {
-        "encode_prompt (bare does it too)": lambda: pipe.encode_prompt(prompt=[prompt], device=device, do_classifier_free_guidance=True),
-        "encode_subjects (references, image encoder, phrases, resampler)": lambda: pipe.encode_subjects(subjects, device),
+        "encode_prompt (bare does it too)": lambda: pipe.encode_prompt(
+            prompt=[prompt], device=device, do_classifier_free_guidance=True
+        ),
+        "encode_subjects (references, image encoder, phrases, resampler)": lambda: pipe.encode_subjects(
+            subjects, device
+        ),
         "subject_layout": lambda: pipe.subject_layout([prompt], subjects, size, size, 0.6, None, 5),
         "state.activate (masks, every layer's keys/values)": activate,
         "a whole 1-step generation, bare": one_step(bare),
-        "a whole 1-step generation, ours": one_step(pipe, subject_images=images, subject_phrases=phrases, subject_boxes=boxes),
+        "a whole 1-step generation, ours": one_step(
+            pipe, subject_images=images, subject_phrases=phrases, subject_boxes=boxes
+        ),
     }
     print(f"outside the denoising loop, median of {repeats} (ms):")
     for name, fn in parts.items():
@@ -253,13 +272,19 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--skip-naive", action="store_true", help="time only bare and ours (and auto)")
     parser.add_argument("--auto-layout", action="store_true", help="also time ours with auto layout (0.5, step 5)")
-    parser.add_argument("--prepared", action="store_true", help="also time ours with the subjects prepared once (pipe.prepare_subjects)")
+    parser.add_argument(
+        "--prepared", action="store_true", help="also time ours with the subjects prepared once (pipe.prepare_subjects)"
+    )
     parser.add_argument("--profile", action="store_true", help="profile one generation per variant after timing")
     parser.add_argument("--top", type=int, default=12, help="rows of the profiler's kernel table")
     parser.add_argument("--compile", action="store_true", help="pipe.unet = torch.compile(pipe.unet)")
     parser.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
-    parser.add_argument("--sync-check", action="store_true", help="count host-device synchronisations in UNet calls (CUDA)")
-    parser.add_argument("--breakdown", action="store_true", help="time the parts of a generation outside the denoising loop")
+    parser.add_argument(
+        "--sync-check", action="store_true", help="count host-device synchronisations in UNet calls (CUDA)"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="time the parts of a generation outside the denoising loop"
+    )
     parser.add_argument("--output-type", choices=["np", "latent"], default="np", help="latent: skip the VAE decode")
     parser.add_argument("--shared", type=Path, default=None, help="folder with sdxl-base/ and the image encoder config")
     args = parser.parse_args()
@@ -271,10 +296,19 @@ def main() -> None:
     print(f"built the models on {args.device} in {time.perf_counter() - start:.1f} s", flush=True)
     rng = np.random.default_rng(0)
     images = [PIL.Image.fromarray(rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)) for _ in range(2)]
-    common = dict(prompt="a dog and a cat on the beach", num_inference_steps=args.steps, guidance_scale=7.5,
-                  height=args.size, width=args.size, output_type=args.output_type)  # fmt: skip
-    subjects = dict(subject_images=images, subject_phrases=["dog", "cat"],
-                    subject_boxes=[[0.0, 0.25, 0.5, 0.75], [0.5, 0.25, 1.0, 0.75]])  # fmt: skip
+    common = dict(
+        prompt="a dog and a cat on the beach",
+        num_inference_steps=args.steps,
+        guidance_scale=7.5,
+        height=args.size,
+        width=args.size,
+        output_type=args.output_type,
+    )
+    subjects = dict(
+        subject_images=images,
+        subject_phrases=["dog", "cat"],
+        subject_boxes=[[0.0, 0.25, 0.5, 0.75], [0.5, 0.25, 1.0, 0.75]],
+    )
 
     # One pipeline per kind of processor, each with its own copy of the same UNet weights, set up once:
     # swapping processors between timed runs would make a compiled UNet recompile every time.
@@ -289,7 +323,12 @@ def main() -> None:
 
     pipes = {"bare": pipe, "ours": pipeline_with(MSAttnProcessor)}
     pipes["auto"] = pipes["prepared"] = pipes["ours"]
-    settings = {"bare": {}, "ours": subjects, "auto": {**subjects, "mask_threshold": 0.5, "start_step": 5}, "naive": subjects}
+    settings = {
+        "bare": {},
+        "ours": subjects,
+        "auto": {**subjects, "mask_threshold": 0.5, "start_step": 5},
+        "naive": subjects,
+    }
     if args.prepared:  # encoded once, outside the timed generations
         settings["prepared"] = {"prepared_subjects": pipes["ours"].prepare_subjects(**subjects)}
     variants = ["bare", "ours"] + ["auto"] * args.auto_layout + ["prepared"] * args.prepared
@@ -338,29 +377,43 @@ def main() -> None:
     median = {name: statistics.median(t) for name, t in times.items()}
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     compiled = f", torch.compile({args.compile_mode or 'default'})" if args.compile else ""
-    print(f"SDXL architecture at 1/{args.width_divisor} width, {args.size}x{args.size}, {args.steps} steps, "
-          f"CFG, {args.dtype}, output {args.output_type}{compiled}, {device}, torch {torch.__version__}; {args.repeats} interleaved repeats")  # fmt: skip
+    print(
+        f"SDXL architecture at 1/{args.width_divisor} width, {args.size}x{args.size}, {args.steps} steps, "
+        f"CFG, {args.dtype}, output {args.output_type}{compiled}, {device}, torch {torch.__version__}; {args.repeats} interleaved repeats"
+    )
     for name, t in times.items():
         print(f"  {name:8s} median {median[name]:8.3f} s   runs: " + ", ".join(f"{x:.3f}" for x in t))
     for name in median:
         if name != "bare":
             print(f"{name} / bare = {median[name] / median['bare']:.4f}")
     if recorded[0]:
-        print("CUDA graphs recorded during each timed generation: " + ", ".join(f"{n} {r}" for n, r in recordings.items()))
+        print(
+            "CUDA graphs recorded during each timed generation: " + ", ".join(f"{n} {r}" for n, r in recordings.items())
+        )
     if args.compile:
         from torch._dynamo.utils import counters
 
         print(f"dynamo: {dict(counters['stats'])}, graph breaks: {sum(counters['graph_break'].values())}")
     if args.breakdown:
-        generation_breakdown(pipes["ours"], pipes["bare"], common["prompt"], images, subjects["subject_phrases"], subjects["subject_boxes"],
-                             args.size, synchronize)  # fmt: skip
+        generation_breakdown(
+            pipes["ours"],
+            pipes["bare"],
+            common["prompt"],
+            images,
+            subjects["subject_phrases"],
+            subjects["subject_boxes"],
+            args.size,
+            synchronize,
+        )
     if args.sync_check:
         print("host-device synchronisations inside UNet calls, one generation per variant:")
         for name in variants:
             sync_check(name, generation(name), unets[name])
     if args.profile:
         print("profile of one generation per variant:")
-        profiles = {name: profile_generation(name, generation(name), unets[name], args.device, args.top) for name in variants}
+        profiles = {
+            name: profile_generation(name, generation(name), unets[name], args.device, args.top) for name in variants
+        }
         for name in variants[1:]:
             compare_profiles(name, profiles["bare"], profiles[name], args.top)
 

@@ -64,7 +64,9 @@ def _build(width_divisor: int, device: str, dtype, seed: int, shared: Path):
     unet_config = _load(base / "unet/config.json")
     unet_config["block_out_channels"] = [c // d for c in unet_config["block_out_channels"]]
     unet_config["cross_attention_dim"] = te1["hidden_size"] + te2["hidden_size"]
-    unet_config["projection_class_embeddings_input_dim"] = 6 * unet_config["addition_time_embed_dim"] + te2["projection_dim"]
+    unet_config["projection_class_embeddings_input_dim"] = (
+        6 * unet_config["addition_time_embed_dim"] + te2["projection_dim"]
+    )
     unet_config["norm_num_groups"] = math.gcd(unet_config["norm_num_groups"], *unet_config["block_out_channels"])
     unet = UNet2DConditionModel.from_config(unet_config)
 
@@ -75,28 +77,42 @@ def _build(width_divisor: int, device: str, dtype, seed: int, shared: Path):
 
     vision = _load(shared / "clip-vit-bigg-image-encoder/clip_config.json")["vision_config"]
     vision_config = CLIPVisionConfig(
-        hidden_size=vision["hidden_size"] // d, intermediate_size=vision["intermediate_size"] // d,
-        num_attention_heads=vision["num_attention_heads"], num_hidden_layers=vision["num_hidden_layers"],
-        image_size=vision["image_size"], patch_size=vision["patch_size"], projection_dim=vision["projection_dim"] // d,
-    )  # fmt: skip
+        hidden_size=vision["hidden_size"] // d,
+        intermediate_size=vision["intermediate_size"] // d,
+        num_attention_heads=vision["num_attention_heads"],
+        num_hidden_layers=vision["num_hidden_layers"],
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        projection_dim=vision["projection_dim"] // d,
+    )
     image_encoder = CLIPVisionModelWithProjection(vision_config).eval()
 
     with torch.device("cpu"):  # the scheduler's tables stay on the host, as diffusers' pipelines expect
         scheduler = EulerDiscreteScheduler.from_config(_load(base / "scheduler/scheduler_config.json"))
     pipe = MSDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(base / "tokenizer_2"),
-        unet=unet, scheduler=scheduler,
-    )  # fmt: skip
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
 
     released = ResamplerConfig()
     resampler = ResamplerConfig(
-        dim=released.dim // d, depth=released.depth, dim_head=64, heads=released.dim // d // 64,
-        num_queries=released.num_queries, embedding_dim=vision_config.hidden_size,
-        output_dim=unet_config["cross_attention_dim"], ff_mult=released.ff_mult, phrase_dim=te1["hidden_size"],
-        num_freqs=released.num_freqs, grounding_hidden_dim=vision_config.hidden_size,
-    )  # fmt: skip
+        dim=released.dim // d,
+        depth=released.depth,
+        dim_head=64,
+        heads=released.dim // d // 64,
+        num_queries=released.num_queries,
+        embedding_dim=vision_config.hidden_size,
+        output_dim=unet_config["cross_attention_dim"],
+        ff_mult=released.ff_mult,
+        phrase_dim=te1["hidden_size"],
+        num_freqs=released.num_freqs,
+        grounding_hidden_dim=vision_config.hidden_size,
+    )
     return pipe, initial_checkpoint(pipe.unet, resampler), image_encoder.to(device, dtype)

@@ -26,7 +26,13 @@ def count(module: torch.nn.Module) -> int:
 
 def main() -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     from msdiffusion.adapter import MSImageProjection, attach_ms_attention
     from msdiffusion.resampler import ResamplerConfig
@@ -50,15 +56,21 @@ def main() -> int:
     trainable = projections + resampler
     gb = 1e9
     rows = [
-        (f"trainable weights ({trainable / 1e6:.0f}M: projections {projections / 1e6:.0f}M, resampler {resampler / 1e6:.0f}M), fp32", trainable * 4),
+        (
+            f"trainable weights ({trainable / 1e6:.0f}M: projections {projections / 1e6:.0f}M, resampler {resampler / 1e6:.0f}M), fp32",
+            trainable * 4,
+        ),
         ("their gradients, fp32", trainable * 4),
         ("AdamW states, 2 x fp32", trainable * 8),
         ("  (adamw_8bit: 2 x 1 byte)", trainable * 2),
         (f"frozen UNet ({frozen_unet / 1e9:.2f}B), bf16/fp16", frozen_unet * 2),
-        (f"text encoders ({text / 1e9:.2f}B) + image encoder ({image / 1e9:.2f}B), bf16 (0 with a cache)", (text + image) * 2),
+        (
+            f"text encoders ({text / 1e9:.2f}B) + image encoder ({image / 1e9:.2f}B), bf16 (0 with a cache)",
+            (text + image) * 2,
+        ),
         (f"VAE ({vae / 1e6:.0f}M), fp32", vae * 4),
         ("EMA copy (ema: true), fp32", trainable * 4),
-    ]  # fmt: skip
+    ]
     for name, size in rows:
         print(f"{size / gb:6.2f} GB  {name}")
     default = trainable * 16 + frozen_unet * 2 + (text + image) * 2 + vae * 4

@@ -30,8 +30,12 @@ def start_ui() -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     server = subprocess.Popen(
         [sys.executable, "-m", "msdiffusion", "ui", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + TIMEOUT_MS / 1000
     while time.monotonic() < deadline:
         line = server.stdout.readline()
@@ -39,7 +43,9 @@ def start_ui() -> tuple[subprocess.Popen, str]:
             break
         if "trained weights are not installed" in line:
             server.terminate()
-            raise SystemExit("the world's weights are not in the package: the picture would show the tiny random models")
+            raise SystemExit(
+                "the world's weights are not in the package: the picture would show the tiny random models"
+            )
         found = re.search(r"Running on local URL:\s+(\S+)", line)
         if found:
             return server, found.group(1)
@@ -62,7 +68,9 @@ def main() -> None:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        raise SystemExit("playwright is not installed: pip install playwright (and the ui extra: pip install -e \".[ui]\")")
+        raise SystemExit(
+            'playwright is not installed: pip install playwright (and the ui extra: pip install -e ".[ui]")'
+        )
     if not Path(CHROMIUM).is_file():
         raise SystemExit(f"no Chromium at {CHROMIUM}: apt-get install chromium")
 

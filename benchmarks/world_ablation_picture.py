@@ -27,7 +27,10 @@ S = 3 * 64
 out_rows = []
 for sid in ["two.000", "two.001", "two.002", "two.003", "three.000", "three.001"]:
     m = man[sid]
-    refs = [PIL.Image.open(f"{root}/references/{s['reference']}").convert("RGB").resize((S, S), PIL.Image.NEAREST) for s in m["subjects"]]
+    refs = [
+        PIL.Image.open(f"{root}/references/{s['reference']}").convert("RGB").resize((S, S), PIL.Image.NEAREST)
+        for s in m["subjects"]
+    ]
     while len(refs) < 3:
         refs.append(PIL.Image.new("RGB", (S, S), (255, 255, 255)))
     ims = list(refs)
@@ -45,4 +48,6 @@ for sid in ["two.000", "two.001", "two.002", "two.003", "three.000", "three.001"
     out_rows.append(np.concatenate(parts[:3] + [gap] + parts[3:], 1))
 picture = PIL.Image.fromarray(np.concatenate(out_rows, 0))
 picture = picture.resize((picture.width * 2 // 3, picture.height * 2 // 3), PIL.Image.LANCZOS)
-picture.quantize(colors=256, method=PIL.Image.Quantize.MEDIANCUT).save(sys.argv[2], optimize=True)  # a small PNG for the docs
+picture.quantize(colors=256, method=PIL.Image.Quantize.MEDIANCUT).save(
+    sys.argv[2], optimize=True
+)  # a small PNG for the docs

@@ -27,23 +27,50 @@ ABLATIONS = {
     "scale_0.4": ("scale 0.4", ["--scale", "0.4"]),
     "scale_0.6": ("scale 0.6 (the release's default)", ["--scale", "0.6"]),
     "first_subject_0.4": ("per-subject scales: the first subject 0.4, the others 1.0", ["--subject-scales", "0.4"]),
-    "refs_3_concat": ("3 references per subject, tokens from all together (the default)", ["--references", "3", "--reference-combine", "concat"]),
-    "refs_3_mean": ("3 references per subject, each resampled, tokens averaged", ["--references", "3", "--reference-combine", "mean"]),
+    "refs_3_concat": (
+        "3 references per subject, tokens from all together (the default)",
+        ["--references", "3", "--reference-combine", "concat"],
+    ),
+    "refs_3_mean": (
+        "3 references per subject, each resampled, tokens averaged",
+        ["--references", "3", "--reference-combine", "mean"],
+    ),
 }
-COLUMNS = ("found", "placed", "identity_correct", "found_and_correct", "mixing", "mean_iou", "subject_clip_i")
-RATES = ("found", "placed", "identity_correct", "found_and_correct")
+COLUMNS = (
+    "found",
+    "placed",
+    "identity_correct",
+    "colours_correct",
+    "found_and_correct",
+    "mixing",
+    "mean_iou",
+    "subject_clip_i",
+)
+RATES = ("found", "placed", "identity_correct", "colours_correct", "found_and_correct")
 
 
 def run(name: str, out: Path, models: str | None) -> dict:
     from msdiffusion.app.bench_commands import SCORES
+    from msdiffusion.app.cli import main
     from msdiffusion.bench.definitions import load_benchmark
     from msdiffusion.world.bench import world_tables
-    from msdiffusion.app.cli import main
 
     output = out / name
     models_args = ["--models", models] if models else []
-    run_args = ["bench", "run", "--bench", "world", "--output", str(output), "--photos", str(out / "references"),
-                "--batch-size", "8", *models_args, *ABLATIONS[name][1]]  # fmt: skip
+    run_args = [
+        "bench",
+        "run",
+        "--bench",
+        "world",
+        "--output",
+        str(output),
+        "--photos",
+        str(out / "references"),
+        "--batch-size",
+        "8",
+        *models_args,
+        *ABLATIONS[name][1],
+    ]
     if main(run_args) != 0:
         raise SystemExit(f"{name}: bench run failed")
     if main(["bench", "score", "--output", str(output), *models_args]) != 0:

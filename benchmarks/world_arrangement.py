@@ -41,7 +41,9 @@ def asked_side_score(image: np.ndarray, shape: np.ndarray, identity: int, mirror
         return float("nan")
     a, b = (np.array(COLORS[c], np.float32) for c in (first, second))
     near, far = (image[shape & side].astype(np.float32).mean(0) for side in (first_side, ~first_side))
-    return float(np.linalg.norm(near - b) + np.linalg.norm(far - a) - np.linalg.norm(near - a) - np.linalg.norm(far - b))
+    return float(
+        np.linalg.norm(near - b) + np.linalg.norm(far - a) - np.linalg.norm(near - a) - np.linalg.norm(far - b)
+    )
 
 
 def mirror(reference: np.ndarray, identity: int) -> np.ndarray:
@@ -53,26 +55,35 @@ def mirror(reference: np.ndarray, identity: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=Path, help="a `msdiff world build --out` folder or its export (default: the shipped models)")
+    parser.add_argument(
+        "--models", type=Path, help="a `msdiff world build --out` folder or its export (default: the shipped models)"
+    )
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--training", action="store_true", help="training identities instead of held-out ones")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from msdiffusion.loading import WORLD, named_settings, world_model_paths
     from msdiffusion.world.evaluate import AskedSubject, WorldEvaluator, WorldJob, generate_world_jobs
     from msdiffusion.world.scenes import (
-        NUM_IDENTITIES, SceneSubject, caption_for, identity_parts, is_held_out, render_reference, render_scene,
-    )  # fmt: skip
-    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+        NUM_IDENTITIES,
+        SceneSubject,
+        caption_for,
+        identity_parts,
+        is_held_out,
+        render_reference,
+        render_scene,
+    )
     from msdiffusion.world.weights import world_models_folder, world_pipeline
 
     paths = world_models_folder(args.models) if args.models else world_model_paths()
     pipe = world_pipeline(paths)
     evaluator = WorldEvaluator.from_file(paths["evaluator"])
     arranged = [
-        i for i in range(NUM_IDENTITIES)
+        i
+        for i in range(NUM_IDENTITIES)
         if identity_parts(i)[2][0] in ("halves", "gradient") and is_held_out(i) != args.training
-    ]  # fmt: skip
+    ]
     jobs, mirrored_jobs, described, truth = [], [], [], []
     for n in range(args.count):
         rng = np.random.default_rng([args.seed, 9, n])
@@ -97,7 +108,9 @@ def main() -> None:
     flipped = scores(generate_world_jobs(pipe, mirrored_jobs, settings, seed=args.seed), mirrored=True)
     # scale 0: the image branch adds nothing, so this is the base alone (docs/world.md, "Ablations")
     worded = [WorldJob(caption, job.subjects, job.references) for caption, job in zip(described, jobs)]
-    words = scores(generate_world_jobs(pipe, worded, dataclasses.replace(settings, scale=0.0), seed=args.seed), mirrored=False)
+    words = scores(
+        generate_world_jobs(pipe, worded, dataclasses.replace(settings, scale=0.0), seed=args.seed), mirrored=False
+    )
 
     def rate(values: np.ndarray) -> str:
         drawn = values[~np.isnan(values)]

@@ -45,7 +45,9 @@ def main() -> None:
     evaluator = WorldEvaluator.from_file(args.models / "evaluator.safetensors")
     scenes = [random_scene(np.random.default_rng([args.seed, i]), held_out=True) for i in range(args.count)]
     asked = [[AskedSubject(s.cls, s.identity, s.box) for s in scene.subjects] for scene in scenes]
-    print(f"{args.models}: {args.count} held-out scenes, {sum(map(len, asked))} subjects, {args.steps} steps, guidance {args.guidance}")
+    print(
+        f"{args.models}: {args.count} held-out scenes, {sum(map(len, asked))} subjects, {args.steps} steps, guidance {args.guidance}"
+    )
     print("| strength | found (IoU >= 0.5) | placed (any shape) | identity correct |")
     print("| --- | --- | --- | --- |")
     for strength in args.strengths:
@@ -55,13 +57,20 @@ def main() -> None:
             output = pipe(
                 prompt=[caption_for([s.cls for s in scene.subjects], scene.background) for scene in chunk],
                 image=[PIL.Image.fromarray(scene.image) for scene in chunk],
-                strength=strength, num_inference_steps=args.steps, guidance_scale=args.guidance, height=SIZE, width=SIZE,
+                strength=strength,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=SIZE,
+                width=SIZE,
                 generator=[torch.Generator().manual_seed(start + k) for k in range(len(chunk))],
-            )  # fmt: skip
+            )
             images += [np.asarray(image.convert("RGB")) for image in output.images]
         maps = evaluator.class_maps(np.stack(images))
         rates = summarize([evaluator.evaluate(im, a, m) for im, a, m in zip(images, asked, maps)])["all"]
-        print(f"| {strength:g} | {rates['found']:.1%} | {rates['placed']:.1%} | {rates['identity_correct']:.1%} |", flush=True)
+        print(
+            f"| {strength:g} | {rates['found']:.1%} | {rates['placed']:.1%} | {rates['identity_correct']:.1%} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

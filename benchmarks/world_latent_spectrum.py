@@ -48,7 +48,9 @@ def main() -> None:
     from msdiffusion.world.scenes import random_scene
 
     vae = AutoencoderKL.from_pretrained(args.vae, dtype=torch.float32).eval()
-    images = np.stack([random_scene(np.random.default_rng([args.seed, i]), held_out=True).image for i in range(args.count)])
+    images = np.stack(
+        [random_scene(np.random.default_rng([args.seed, i]), held_out=True).image for i in range(args.count)]
+    )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(64)]) * vae.config.scaling_factor
@@ -56,7 +58,10 @@ def main() -> None:
     header = " | ".join(f"above {c:g} Nyquist" for c in CUTOFFS)
     print(f"| {args.count} held-out scenes | {header} |")
     print("| --- |" + " --- |" * len(CUTOFFS))
-    for name, grids in ((f"latents ({latents.shape[1]} channels)", latents), (f"images averaged over {factor}x{factor} px", F.avg_pool2d(x, factor))):
+    for name, grids in (
+        (f"latents ({latents.shape[1]} channels)", latents),
+        (f"images averaged over {factor}x{factor} px", F.avg_pool2d(x, factor)),
+    ):
         print(f"| {name} | " + " | ".join(f"{share:.1%}" for share in high_frequency_shares(grids)) + " |")
 
 

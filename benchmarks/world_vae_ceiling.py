@@ -18,7 +18,9 @@ import torch
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", required=True, help="a `msdiff world build --out` folder (base/vae, evaluator.safetensors)")
+    parser.add_argument(
+        "--models", required=True, help="a `msdiff world build --out` folder (base/vae, evaluator.safetensors)"
+    )
     parser.add_argument("--count", type=int, default=150, help="held-out scenes (default: 150)")
     parser.add_argument("--seed", type=int, default=99)
     args = parser.parse_args()
@@ -35,7 +37,9 @@ def main() -> None:
     rows = (("rendered", None, False), ("through the VAE", vae, False), ("rendered, the wrong class asked", None, True))
     for name, through, wrong in rows:
         rates = ground_truth_check(evaluator, args.count, args.seed, vae=through, wrong_class=wrong)["all"]
-        print(f"| {name} | {rates['subjects']} | {rates['found']:.1%} | {rates['placed']:.1%} | {rates['identity_correct']:.1%} |")
+        print(
+            f"| {name} | {rates['subjects']} | {rates['found']:.1%} | {rates['placed']:.1%} | {rates['identity_correct']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

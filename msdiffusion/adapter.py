@@ -100,7 +100,9 @@ class MSAdapterCheckpoint:
         for key, tensor in state["ms_adapter"].items():
             match = _ATTENTION_KEY.match(key)
             if not match:
-                raise AdapterMismatchError(f"Unexpected key 'ms_adapter.{key}': expected '<i>.to_k_ip.weight' / '<i>.to_v_ip.weight'.")
+                raise AdapterMismatchError(
+                    f"Unexpected key 'ms_adapter.{key}': expected '<i>.to_k_ip.weight' / '<i>.to_v_ip.weight'."
+                )
             attention.setdefault(int(match[1]), {})[f"{match[2]}.weight"] = tensor
         image_proj = dict(state["image_proj"])
         dummy = state.get("dummy_image_tokens")
@@ -109,7 +111,9 @@ class MSAdapterCheckpoint:
         try:
             config = ResamplerConfig.from_state_dict(image_proj)
         except KeyError as error:
-            raise AdapterMismatchError(f"The 'image_proj' section lacks {error.args[0]!r}: not a grounding resampler.") from None
+            raise AdapterMismatchError(
+                f"The 'image_proj' section lacks {error.args[0]!r}: not a grounding resampler."
+            ) from None
         return cls(image_proj, attention, dummy, config)
 
     def released_state(self) -> dict:
@@ -209,7 +213,9 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors have many types
-        raise AdapterMismatchError(f"Cannot read {path} as a torch checkpoint: {type(error).__name__}: {error}") from error
+        raise AdapterMismatchError(
+            f"Cannot read {path} as a torch checkpoint: {type(error).__name__}: {error}"
+        ) from error
     if not isinstance(state, dict):
         raise AdapterMismatchError(f"{path} holds a {type(state).__name__}, not an MS-Diffusion checkpoint dict.")
     return MSAdapterCheckpoint.from_released(state)
@@ -414,7 +420,10 @@ def initial_checkpoint(unet, resampler_config: ResamplerConfig, num_dummy_tokens
     attention = {}
     for i, name in cross_attention_layers(unet).items():
         layer = unet.get_submodule(name)
-        attention[i] = {"to_k_ip.weight": layer.to_k.weight.detach().clone(), "to_v_ip.weight": layer.to_v.weight.detach().clone()}
+        attention[i] = {
+            "to_k_ip.weight": layer.to_k.weight.detach().clone(),
+            "to_v_ip.weight": layer.to_v.weight.detach().clone(),
+        }
     state = projection.state_dict()
     image_proj = {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_proj.")}
     return MSAdapterCheckpoint(image_proj, attention, state["dummy_image_tokens"], resampler_config)
@@ -431,5 +440,9 @@ def checkpoint_from_models(unet, projection: MSImageProjection) -> MSAdapterChec
             raise ValueError(f"{name} has no MS-Diffusion processor: attach the adapter first.")
         attention[i] = {k: v.detach().clone() for k, v in processor.state_dict().items()}
     state = projection.state_dict()
-    image_proj = {k.removeprefix("image_proj."): v.detach().clone() for k, v in state.items() if k.startswith("image_proj.")}
-    return MSAdapterCheckpoint(image_proj, attention, state["dummy_image_tokens"].detach().clone(), projection.resampler_config)
+    image_proj = {
+        k.removeprefix("image_proj."): v.detach().clone() for k, v in state.items() if k.startswith("image_proj.")
+    }
+    return MSAdapterCheckpoint(
+        image_proj, attention, state["dummy_image_tokens"].detach().clone(), projection.resampler_config
+    )

@@ -87,12 +87,22 @@ class MSAttentionState:
         too, so that no UNet call, the first included, builds anything (one compiled graph for all steps).
         """
         if not tokens_in_hidden_states and image_tokens is None:
-            raise ValueError("tokens_in_hidden_states=False needs image_tokens: the processors take the subjects' keys/values from them.")
+            raise ValueError(
+                "tokens_in_hidden_states=False needs image_tokens: the processors take the subjects' keys/values from them."
+            )
         processors = self.processors
         previous = (
-            self.layout, self.static_image_tokens, self.tokens_in_hidden_states, self.generation, self._cache,
-            self._masks, self._scale, self._phrase_weights, self._auto_layout, [p._static_kv for p in processors],
-        )  # fmt: skip
+            self.layout,
+            self.static_image_tokens,
+            self.tokens_in_hidden_states,
+            self.generation,
+            self._cache,
+            self._masks,
+            self._scale,
+            self._phrase_weights,
+            self._auto_layout,
+            [p._static_kv for p in processors],
+        )
         self.layout, self.static_image_tokens = layout, static_image_tokens or image_tokens is not None
         self.tokens_in_hidden_states = tokens_in_hidden_states
         self._generations += 1
@@ -107,8 +117,18 @@ class MSAttentionState:
                 self._prepare(layout, image_tokens, num_text_tokens)
             yield self
         finally:  # blocks nest: the outer layout (or none) is active again
-            (self.layout, self.static_image_tokens, self.tokens_in_hidden_states, outer_generation, self._cache,
-             self._masks, self._scale, self._phrase_weights, self._auto_layout, kvs) = previous  # fmt: skip
+            (
+                self.layout,
+                self.static_image_tokens,
+                self.tokens_in_hidden_states,
+                outer_generation,
+                self._cache,
+                self._masks,
+                self._scale,
+                self._phrase_weights,
+                self._auto_layout,
+                kvs,
+            ) = previous
             for p, kv in zip(processors, kvs):
                 p._static_kv = kv
             if self.layout is not None:
@@ -130,7 +150,9 @@ class MSAttentionState:
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         if layout.mask_threshold is not None:  # (B, P, N) over the text positions 0..P-1 that phrases use
             length = 1 + max((p for row in layout.phrase_positions for ps in row for p in ps), default=0)
-            self._phrase_weights = phrase_weights(layout.phrase_positions, length, layout.num_subjects).to(weight.device)
+            self._phrase_weights = phrase_weights(layout.phrase_positions, length, layout.num_subjects).to(
+                weight.device
+            )
             self.auto_layout_settings(weight.device)  # tensors: a compiled UNet does not specialise on them
             # Each layer's running mean of its phrase maps, made here and added to in place: the
             # denoising loop then runs one graph at every step, its first included, and under CUDA
@@ -141,7 +163,9 @@ class MSAttentionState:
                     total = torch.zeros(layout.batch_size, layout.num_subjects, gh * gw, device=weight.device)
                     p._maps = ((gh, gw), total, torch.zeros((), device=weight.device))
             if num_text_tokens is not None:  # one set of values per head shape, shared by the layers
-                for heads, width in {(p.heads, p.hidden_size // p.heads) for p in self.processors if p.heads is not None}:
+                for heads, width in {
+                    (p.heads, p.hidden_size // p.heads) for p in self.processors if p.heads is not None
+                }:
                     self._phrase_values(layout.batch_size, heads, width, num_text_tokens, weight.device, weight.dtype)
         if image_tokens is None:
             return
@@ -230,7 +254,10 @@ class MSAttentionState:
         settings = self._auto_layout
         if settings is None or settings[0].device != device:
             layout = self.layout
-            settings = (torch.tensor(float(layout.mask_threshold), device=device), torch.tensor(float(layout.start_step), device=device))
+            settings = (
+                torch.tensor(float(layout.mask_threshold), device=device),
+                torch.tensor(float(layout.start_step), device=device),
+            )
             self._auto_layout = settings
         return settings
 
@@ -282,7 +309,12 @@ class MSAttnProcessor(nn.Module):
     """Cross-attention over text plus layout-masked subject tokens, for one UNet `attn2`."""
 
     def __init__(
-        self, hidden_size: int, cross_attention_dim: int, state: MSAttentionState, heads: int | None = None, level: int | None = None
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        state: MSAttentionState,
+        heads: int | None = None,
+        level: int | None = None,
     ):
         super().__init__()
         self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
@@ -343,7 +375,9 @@ class MSAttnProcessor(nn.Module):
 
         num_text = state.num_text_tokens(encoder_hidden_states)
         # a slice that drops tokens is not contiguous: to_k and to_v would copy it at every call
-        text_states = encoder_hidden_states if num_text == encoder_hidden_states.shape[1] else encoder_hidden_states[:, :num_text]
+        text_states = (
+            encoder_hidden_states if num_text == encoder_hidden_states.shape[1] else encoder_hidden_states[:, :num_text]
+        )
         if attn.norm_cross:
             text_states = attn.norm_encoder_hidden_states(text_states)
 
@@ -366,7 +400,9 @@ class MSAttnProcessor(nn.Module):
         elif batch == rows:
             cond = slice(0, batch)
         else:
-            raise ValueError(f"UNet batch of {batch} does not match a layout of {rows} samples (or twice that with CFG).")
+            raise ValueError(
+                f"UNet batch of {batch} does not match a layout of {rows} samples (or twice that with CFG)."
+            )
 
         # Built on activation: a dictionary lookup here. `inside` is 0 outside every box, else the scale.
         h, w, bias, inside, boxes = state.image_masks(cells, query.device, query.dtype)
@@ -416,7 +452,9 @@ class MSAttnProcessor(nn.Module):
         state = self.state
         # One fused attention call with the phrase weights as values gives each head's maps: the
         # text-attention probabilities are never materialised.
-        per_head = F.scaled_dot_product_attention(query, key, state.phrase_values(query, key.shape[-2]), scale=attn.scale)
+        per_head = F.scaled_dot_product_attention(
+            query, key, state.phrase_values(query, key.shape[-2]), scale=attn.scale
+        )
         maps = per_head[..., : state.layout.num_subjects].float().mean(dim=1).transpose(1, 2)  # (B, N, hw)
         if self._maps is None or self._maps[1].shape != maps.shape:  # not made on activation (level unknown)
             self._maps = ((h, w), torch.zeros_like(maps), maps.new_zeros(()))

@@ -43,9 +43,13 @@ def check_image_file(path: str | os.PathLike, what: str) -> None:
         with PIL.Image.open(path) as image:
             image.load()
     except PIL.UnidentifiedImageError:
-        raise InputCheckError(f"{what}: {str(path)!r} is not an image PIL can read (expected JPEG, PNG, WebP, ...).") from None
+        raise InputCheckError(
+            f"{what}: {str(path)!r} is not an image PIL can read (expected JPEG, PNG, WebP, ...)."
+        ) from None
     except (OSError, SyntaxError, ValueError) as error:  # truncated data, broken chunks
-        raise InputCheckError(f"{what}: {str(path)!r} is a damaged image ({error}); re-export or re-download it.") from None
+        raise InputCheckError(
+            f"{what}: {str(path)!r} is a damaged image ({error}); re-export or re-download it."
+        ) from None
 
 
 # ---- devices -------------------------------------------------------------------------------------
@@ -67,9 +71,13 @@ def check_device(device: str | None, what: str = "device") -> None:
             )
         count = torch.cuda.device_count()
         if count == 0:
-            raise InputCheckError(f"{what}: {device!r}, but no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES), or use --device cpu.")
+            raise InputCheckError(
+                f"{what}: {device!r}, but no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES), or use --device cpu."
+            )
         if index >= count:
-            raise InputCheckError(f"{what}: {device!r}, but only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1}).")
+            raise InputCheckError(
+                f"{what}: {device!r}, but only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})."
+            )
     elif kind == "mps" and not torch.backends.mps.is_available():
         raise InputCheckError(f"{what}: 'mps' (Apple GPU) is not available on this machine; use --device cpu.")
     elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
@@ -98,7 +106,10 @@ _FOLDER_MARKERS = {
     "image_encoder": (("config.json",), "a transformers CLIP vision model folder (with config.json)"),
     "controlnet": (("config.json",), "a diffusers ControlNet folder (with config.json)"),
     "vae": (("config.json",), "a diffusers VAE folder (with config.json)"),
-    "lora": (("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"), "a LoRA file or a folder with pytorch_lora_weights.safetensors"),
+    "lora": (
+        ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"),
+        "a LoRA file or a folder with pytorch_lora_weights.safetensors",
+    ),
     "transformers": (("config.json",), "a transformers model folder (with config.json)"),
 }
 # A file the hub repo of each kind must have (to ask the local cache about).
@@ -120,10 +131,14 @@ def check_model_location(value: str, kind: str, what: str, subfolder: str | None
         if not path.exists():
             raise InputCheckError(f"{what}: {value!r} does not exist (expected {_expected(kind)}).")
         if path.is_file():
-            if kind in ("image_encoder", "controlnet", "transformers") or (kind == "vae" and path.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
+            if kind in ("image_encoder", "controlnet", "transformers") or (
+                kind == "vae" and path.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+            ):
                 raise InputCheckError(f"{what}: {value!r} is a file; expected {_expected(kind)}.")
             if path.suffix.lower() not in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES:
-                raise InputCheckError(f"{what}: {value!r} is not a model file (expected .safetensors or .ckpt, or {_expected(kind)}).")
+                raise InputCheckError(
+                    f"{what}: {value!r} is not a model file (expected .safetensors or .ckpt, or {_expected(kind)})."
+                )
             problem = model_file_problem(path)
             if problem:
                 raise InputCheckError(f"{what}: {value!r}: {problem}.")
@@ -131,7 +146,9 @@ def check_model_location(value: str, kind: str, what: str, subfolder: str | None
         folder = path / subfolder if subfolder else path
         markers, _ = _FOLDER_MARKERS.get(kind, ((), ""))
         if markers and not any((folder / marker).is_file() for marker in markers):
-            raise InputCheckError(f"{what}: {value!r} is a folder without {' or '.join(markers)}; expected {_expected(kind)}.")
+            raise InputCheckError(
+                f"{what}: {value!r} is a folder without {' or '.join(markers)}; expected {_expected(kind)}."
+            )
         _check_weight_files(folder, what)
         return
     filename = _HUB_FILES.get(kind)
@@ -213,7 +230,13 @@ def check_adapter_location(value: str, weight_name: str | None = None, what: str
     names = [weight_name] if weight_name else [PROJECT_CONFIG_NAME, RELEASED_WEIGHT_NAME]
     if any(in_hub_cache(value, name) for name in names):
         return
-    reason = "HF_HUB_OFFLINE is set" if hub_offline() else None if hub_reachable() else "the Hugging Face hub cannot be reached (no network?)"
+    reason = (
+        "HF_HUB_OFFLINE is set"
+        if hub_offline()
+        else None
+        if hub_reachable()
+        else "the Hugging Face hub cannot be reached (no network?)"
+    )
     if reason:
         raise InputCheckError(
             f"{what}: {value!r} is not in the local Hugging Face cache and {reason}: download it where there "

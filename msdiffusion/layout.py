@@ -267,7 +267,11 @@ def warn_missing_phrases(
     prompt: str, phrases: list[str], positions: list[list[int]], auto_layout: bool, tokenizer=None
 ) -> None:
     """Warn about each phrase that cannot be located in the prompt; with `tokenizer`, say when it was cut off."""
-    past = phrases_past_token_limit(tokenizer, prompt, phrases, positions) if tokenizer is not None else [False] * len(phrases)
+    past = (
+        phrases_past_token_limit(tokenizer, prompt, phrases, positions)
+        if tokenizer is not None
+        else [False] * len(phrases)
+    )
     for phrase, found, cut_off in zip(phrases, positions, past):
         if found:
             continue

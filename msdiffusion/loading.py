@@ -75,7 +75,12 @@ def named_set(models: ModelSettings) -> NamedModels | None:
 
 def world_model_paths() -> dict[str, str]:
     """{base, adapter, image_encoder, evaluator} of the shipped world models."""
-    names = {"base": "base", "adapter": "adapter", "image_encoder": "image_encoder", "evaluator": "evaluator.safetensors"}
+    names = {
+        "base": "base",
+        "adapter": "adapter",
+        "image_encoder": "image_encoder",
+        "evaluator": "evaluator.safetensors",
+    }
     missing = [name for name in names.values() if not (WORLD_WEIGHTS / name).exists()]
     if missing:
         raise UserInputError(
@@ -141,7 +146,11 @@ def check_models(models: ModelSettings):
     check_scheduler_name(models.scheduler)
     named = named_set(models)
     loras = [
-        (str(Path(lora.path) / lora.weight_name) if lora.weight_name and Path(lora.path).is_dir() else lora.path, "lora", f"loras[{i}]")
+        (
+            str(Path(lora.path) / lora.weight_name) if lora.weight_name and Path(lora.path).is_dir() else lora.path,
+            "lora",
+            f"loras[{i}]",
+        )
         for i, lora in enumerate(models.loras)
         if not lora.weight_name or Path(lora.path).is_dir()
     ]
@@ -210,13 +219,17 @@ def load_pipeline(models: ModelSettings, device: str | None = None, dtype=None, 
         if models.vae:
             vae_class = diffusers.AutoencoderKL
             single_file = Path(models.vae).suffix in (".safetensors", ".ckpt")
-            kwargs["vae"] = (vae_class.from_single_file if single_file else vae_class.from_pretrained)(models.vae, dtype=dtype)
+            kwargs["vae"] = (vae_class.from_single_file if single_file else vae_class.from_pretrained)(
+                models.vae, dtype=dtype
+            )
         if Path(locations["base"]).suffix in (".safetensors", ".ckpt"):
             pipe = pipeline_class.from_single_file(locations["base"], **kwargs)
         else:
             pipe = pipeline_class.from_pretrained(locations["base"], variant=models.variant, **kwargs)
         pipe.load_ms_adapter(
-            adapter or locations["adapter"], image_encoder=locations["image_encoder"], weight_name=models.adapter_weight_name
+            adapter or locations["adapter"],
+            image_encoder=locations["image_encoder"],
+            weight_name=models.adapter_weight_name,
         )
     if models.scheduler:
         check_scheduler_name(models.scheduler)

@@ -205,8 +205,12 @@ class MSDiffusionMixin:
         prompt (or to be shared by every prompt of a list), `num_prompts=K` for a list of K prompts,
         with the list-of-lists forms that `__call__` accepts for a list of prompts."""
         batched = num_prompts is not None
-        subjects = build_subjects(num_prompts or 1, subject_images, subject_phrases, subject_boxes, subject_scales, batched)
-        tokens = self.encode_subjects(subjects, self._execution_device, drop_grounding_tokens, reference_size, reference_combine)
+        subjects = build_subjects(
+            num_prompts or 1, subject_images, subject_phrases, subject_boxes, subject_scales, batched
+        )
+        tokens = self.encode_subjects(
+            subjects, self._execution_device, drop_grounding_tokens, reference_size, reference_combine
+        )
         return PreparedSubjects(subjects, tokens, drop_grounding_tokens, reference_size, reference_combine)
 
     @torch.no_grad()
@@ -226,7 +230,9 @@ class MSDiffusionMixin:
         if self.ms_image_projection is None or self.image_encoder is None:
             raise ValueError("Subjects need the MS-Diffusion adapter: call pipe.load_ms_adapter(...) first.")
         if reference_combine not in REFERENCE_COMBINE:
-            raise ValueError(f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}.")
+            raise ValueError(
+                f"reference_combine must be one of {', '.join(REFERENCE_COMBINE)}, got {reference_combine!r}."
+            )
         flat = [subject for row in subjects for subject in row]
         if reference_combine == "mean":  # one entry per reference image, averaged back below
             owners = [k for k, s in enumerate(flat) for _ in s.images]
@@ -243,13 +249,17 @@ class MSDiffusionMixin:
         tokens = projection(features.to(dtype), phrase_embeds.to(dtype), boxes, drop, feature_mask)
         if len(entries) != len(flat):
             owner = torch.tensor(owners, device=device)
-            summed = torch.zeros(len(flat), *tokens.shape[1:], device=device, dtype=tokens.dtype).index_add_(0, owner, tokens)
+            summed = torch.zeros(len(flat), *tokens.shape[1:], device=device, dtype=tokens.dtype).index_add_(
+                0, owner, tokens
+            )
             tokens = summed / torch.bincount(owner, minlength=len(flat)).to(tokens.dtype)[:, None, None]
 
         num_subjects = max(len(row) for row in subjects)
         per_subject = tokens.shape[1]
         dummy = projection.dummy_image_tokens.to(device, dtype)
-        out = torch.zeros(len(subjects), dummy.shape[1] + num_subjects * per_subject, tokens.shape[-1], device=device, dtype=dtype)
+        out = torch.zeros(
+            len(subjects), dummy.shape[1] + num_subjects * per_subject, tokens.shape[-1], device=device, dtype=dtype
+        )
         out[:, : dummy.shape[1]] = dummy
         start = 0
         for b, row in enumerate(subjects):
@@ -279,7 +289,9 @@ class MSDiffusionMixin:
         for b, (prompt, row) in enumerate(zip(prompts, subjects)):
             phrases = [s.phrase for s in row]
             found = phrase_token_positions(self.tokenizer, prompt, phrases, phrase_matching)
-            warn_missing_phrases(prompt, phrases, found, auto_layout=mask_threshold is not None, tokenizer=self.tokenizer)
+            warn_missing_phrases(
+                prompt, phrases, found, auto_layout=mask_threshold is not None, tokenizer=self.tokenizer
+            )
             positions.append(found + [[] for _ in range(num_subjects - len(row))])
             for j, subject in enumerate(row):
                 boxes[b, j] = torch.tensor(subject.box, dtype=torch.float64)
@@ -333,8 +345,16 @@ class MSDiffusionMixin:
         processors = _ms_processors(self.unet) if processors is None else processors
         state = processors[0].state if processors else None
         if prepared_subjects is not None:
-            given = [name for name, value in (("subject_images", subject_images), ("subject_phrases", subject_phrases),
-                     ("subject_boxes", subject_boxes), ("subject_scales", subject_scales)) if value is not None]  # fmt: skip
+            given = [
+                name
+                for name, value in (
+                    ("subject_images", subject_images),
+                    ("subject_phrases", subject_phrases),
+                    ("subject_boxes", subject_boxes),
+                    ("subject_scales", subject_scales),
+                )
+                if value is not None
+            ]
             if given:
                 raise ValueError(
                     f"Give either prepared_subjects or {', '.join(given)}, not both: prepared subjects carry their "
@@ -359,7 +379,9 @@ class MSDiffusionMixin:
         if prepared_subjects is not None:
             subjects, image_tokens = prepared_subjects.for_prompts(len(prompts))
         else:
-            subjects = build_subjects(len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched)
+            subjects = build_subjects(
+                len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched
+            )
             image_tokens = None
 
         device = self._execution_device
@@ -380,7 +402,9 @@ class MSDiffusionMixin:
             clip_skip=kwargs.get("clip_skip"),
         )
         if image_tokens is None:
-            image_tokens = self.encode_subjects(subjects, device, drop_grounding_tokens, reference_size, reference_combine)
+            image_tokens = self.encode_subjects(
+                subjects, device, drop_grounding_tokens, reference_size, reference_combine
+            )
         image_tokens = image_tokens.to(device, prompt_embeds.dtype)
         text_length = prompt_embeds.shape[1]
         tokens_in_prompt_embeds = tokens_in_prompt_embeds or not _processors_take_projected_tokens(processors)
@@ -388,14 +412,19 @@ class MSDiffusionMixin:
             prompt_embeds = torch.cat([prompt_embeds, image_tokens], dim=1)
             if negative_embeds is not None:  # the negative branch sees no subject: all image tokens zero
                 negative_embeds = torch.cat([negative_embeds, torch.zeros_like(image_tokens)], dim=1)
-        layout = self.subject_layout(prompts, subjects, height, width, ms_scale, mask_threshold, start_step, phrase_matching)
+        layout = self.subject_layout(
+            prompts, subjects, height, width, ms_scale, mask_threshold, start_step, phrase_matching
+        )
         repeats = kwargs.get("num_images_per_prompt") or 1
         layout = layout.repeat_interleave(repeats)
 
         # Every layer projects the subject tokens once, here, not inside the denoising loop.
         image_tokens = image_tokens.repeat_interleave(repeats, 0)
         activation = state.activate(
-            layout, image_tokens=image_tokens, tokens_in_hidden_states=tokens_in_prompt_embeds, num_text_tokens=text_length
+            layout,
+            image_tokens=image_tokens,
+            tokens_in_hidden_states=tokens_in_prompt_embeds,
+            num_text_tokens=text_length,
         )
         with activation, self._execution_device_pinned(device):
             output = parent_call(
@@ -431,12 +460,18 @@ def _reject_unknown_arguments(pipeline, parent_call: Callable, kwargs: dict) -> 
     unknown = sorted(set(kwargs) - declared - set(_DEPRECATED_DIFFUSERS_ARGUMENTS))
     if not unknown:
         return
-    hints = [f"{name!r} (did you mean {' or '.join(close)}?)" if (close := difflib.get_close_matches(name, sorted(declared), n=2, cutoff=0.75))
-             else repr(name) for name in unknown]  # fmt: skip
+    hints = [
+        f"{name!r} (did you mean {' or '.join(close)}?)"
+        if (close := difflib.get_close_matches(name, sorted(declared), n=2, cutoff=0.75))
+        else repr(name)
+        for name in unknown
+    ]
     raise TypeError(f"{type(pipeline).__name__}() got unexpected keyword argument(s) {', '.join(hints)}.")
 
 
-def _check_prepared_settings(prepared: PreparedSubjects, drop_grounding_tokens: bool, reference_size: int, reference_combine: str) -> None:
+def _check_prepared_settings(
+    prepared: PreparedSubjects, drop_grounding_tokens: bool, reference_size: int, reference_combine: str
+) -> None:
     """A call's encoding settings must be left at their defaults or match those the subjects were prepared with."""
     for name, given, default in (
         ("drop_grounding_tokens", drop_grounding_tokens, False),
@@ -508,10 +543,18 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         add_watermarker: bool | None = None,
     ):
         super().__init__(
-            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
-            image_encoder=image_encoder, feature_extractor=feature_extractor,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
-        )  # fmt: skip
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
         self.register_modules(ms_image_projection=ms_image_projection)
 
     @torch.no_grad()
@@ -536,10 +579,22 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
     ) -> MSDiffusionPipelineOutput | tuple:
         kwargs.update(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return self._generate(
-            StableDiffusionXLPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
-            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
-            phrase_matching, reference_combine, kwargs, prepared_subjects=prepared_subjects,
-        )  # fmt: skip
+            StableDiffusionXLPipeline.__call__,
+            prompt,
+            subject_images,
+            subject_phrases,
+            subject_boxes,
+            subject_scales,
+            ms_scale,
+            drop_grounding_tokens,
+            mask_threshold,
+            start_step,
+            reference_size,
+            phrase_matching,
+            reference_combine,
+            kwargs,
+            prepared_subjects=prepared_subjects,
+        )
 
     __call__.__doc__ = "Generate images with subjects in their boxes." + _SUBJECT_DOC
 
@@ -572,10 +627,19 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         ms_image_projection: MSImageProjection | None = None,
     ):
         super().__init__(
-            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, controlnet, scheduler,
-            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=add_watermarker,
-            feature_extractor=feature_extractor, image_encoder=image_encoder,
-        )  # fmt: skip
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            controlnet,
+            scheduler,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
         self.register_modules(ms_image_projection=ms_image_projection)
 
     @torch.no_grad()
@@ -609,11 +673,24 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
             attach_text_only(self.controlnet, state)
         kwargs.update(image=image, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return self._generate(
-            StableDiffusionXLControlNetPipeline.__call__, prompt, subject_images, subject_phrases, subject_boxes,
-            subject_scales, ms_scale, drop_grounding_tokens, mask_threshold, start_step, reference_size,
-            phrase_matching, reference_combine, kwargs, tokens_in_prompt_embeds=controlnet_image_tokens,
-            prepared_subjects=prepared_subjects, processors=processors,
-        )  # fmt: skip
+            StableDiffusionXLControlNetPipeline.__call__,
+            prompt,
+            subject_images,
+            subject_phrases,
+            subject_boxes,
+            subject_scales,
+            ms_scale,
+            drop_grounding_tokens,
+            mask_threshold,
+            start_step,
+            reference_size,
+            phrase_matching,
+            reference_combine,
+            kwargs,
+            tokens_in_prompt_embeds=controlnet_image_tokens,
+            prepared_subjects=prepared_subjects,
+            processors=processors,
+        )
 
     __call__.__doc__ = (
         "Generate images with subjects in their boxes, guided by ControlNet `image`(s).\n\n"

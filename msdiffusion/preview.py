@@ -12,7 +12,16 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 # Distinct, readable colours for up to eight subjects (then they repeat).
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+]
 LABEL_SIZE = 13
 # Fonts tried for labels, widest coverage first: CJK-capable fonts of Linux, macOS and Windows, then
 # broad Latin/Greek/Cyrillic/Arabic/Hebrew ones. MSDIFF_FONT (a .ttf/.otf/.ttc path) comes before all.
@@ -119,9 +128,13 @@ def draw_layout(
     return canvas
 
 
-def _tint(canvas: PIL.Image.Image, region: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.4) -> PIL.Image.Image:
+def _tint(
+    canvas: PIL.Image.Image, region: np.ndarray, colour: tuple[int, int, int], alpha: float = 0.4
+) -> PIL.Image.Image:
     """`canvas` with `region` (any grid; scaled to the image, nearest) blended towards `colour`."""
-    mask = PIL.Image.fromarray(region.astype(np.uint8) * round(255 * alpha), mode="L").resize(canvas.size, PIL.Image.NEAREST)
+    mask = PIL.Image.fromarray(region.astype(np.uint8) * round(255 * alpha), mode="L").resize(
+        canvas.size, PIL.Image.NEAREST
+    )
     return PIL.Image.composite(PIL.Image.new("RGB", canvas.size, colour), canvas, mask)
 
 
@@ -147,7 +160,9 @@ def subjects_sheet(
         thumbs = []
         for image in photos:
             scale = (height - label_h) / image.height
-            thumbs.append(image.convert("RGB").resize((max(1, round(image.width * scale)), height - label_h), PIL.Image.BICUBIC))
+            thumbs.append(
+                image.convert("RGB").resize((max(1, round(image.width * scale)), height - label_h), PIL.Image.BICUBIC)
+            )
         groups.append(thumbs)
     result = result.convert("RGB").resize((round(result.width * height / result.height), height), PIL.Image.BICUBIC)
     group_widths = [sum(t.width for t in thumbs) + 2 * (len(thumbs) - 1) for thumbs in groups]

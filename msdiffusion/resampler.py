@@ -80,7 +80,9 @@ class ResamplerConfig:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], dim_head: int = 64, num_freqs: int = 8) -> "ResamplerConfig":
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], dim_head: int = 64, num_freqs: int = 8
+    ) -> "ResamplerConfig":
         """Infer the architecture from tensor shapes (the released `.bin` carries no config)."""
         dim, embedding_dim = state["proj_in.weight"].shape
         grounding_hidden_dim, grounding_in = state["latent_proj.0.weight"].shape

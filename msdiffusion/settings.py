@@ -109,8 +109,14 @@ class ModelSettings:
 
 # field -> (accepted types, what is allowed): the schema of the settings and the words of its errors.
 GENERATION_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "negative_prompt": ((str, type(None)), f"text (default: the release's {RELEASE_NEGATIVE_PROMPT!r}), or null / \"\" for none"),
-    "size": ((list, int, str), "[width, height] or WIDTHxHEIGHT in pixels, multiples of 8 and at least 64 (one number for a square)"),
+    "negative_prompt": (
+        (str, type(None)),
+        f'text (default: the release\'s {RELEASE_NEGATIVE_PROMPT!r}), or null / "" for none',
+    ),
+    "size": (
+        (list, int, str),
+        "[width, height] or WIDTHxHEIGHT in pixels, multiples of 8 and at least 64 (one number for a square)",
+    ),
     "steps": ((int,), "a positive integer"),
     "guidance": ((int, float), "a number >= 0 (1 or less disables classifier-free guidance)"),
     "scale": ((int, float), "a number >= 0, 0.6 by default (0.4 suits background-like subjects)"),
@@ -118,15 +124,24 @@ GENERATION_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "start_step": ((int,), "a positive integer"),
     "phrase_matching": ((str,), "tokens (default) or release (the released code's positions of repeated phrases)"),
     "drop_grounding": ((bool,), "true or false"),
-    "reference_combine": ((str,), "concat (default: a subject's photos resampled together) or mean (each alone, averaged)"),
+    "reference_combine": (
+        (str,),
+        "concat (default: a subject's photos resampled together) or mean (each alone, averaged)",
+    ),
 }
 MODEL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "base": ((str,), "a hub id, a diffusers SDXL folder, a single .safetensors/.ckpt file, or a named model set (`msdiffusion.loading.NAMED_MODELS`)"),
+    "base": (
+        (str,),
+        "a hub id, a diffusers SDXL folder, a single .safetensors/.ckpt file, or a named model set (`msdiffusion.loading.NAMED_MODELS`)",
+    ),
     "adapter": ((str,), "a hub id, an ms_adapter.bin file, a project adapter folder, or a named set"),
     "image_encoder": ((str,), "a hub id or folder of a CLIP vision model, or a named set"),
     "adapter_weight_name": ((str, type(None)), "a file name inside the adapter repo/folder"),
     "variant": ((str, type(None)), "a weight variant of the base's files, e.g. fp16 (half the download)"),
-    "vae": ((str, type(None)), "another VAE: a hub id, a diffusers folder or a .safetensors file, e.g. madebyollin/sdxl-vae-fp16-fix"),
+    "vae": (
+        (str, type(None)),
+        "another VAE: a hub id, a diffusers folder or a .safetensors file, e.g. madebyollin/sdxl-vae-fp16-fix",
+    ),
     "loras": ((list,), "a list of {path, scale, weight_name}: LoRA .safetensors files, folders or hub ids"),
     "scheduler": ((str, type(None)), "a diffusers scheduler class name, e.g. DPMSolverMultistepScheduler"),
     "controlnet": ((dict, type(None)), "{model: hub id or folder, image: path, scale: number, image_tokens: bool}"),
@@ -161,7 +176,9 @@ def check_generation_values(values: dict, source: str) -> dict:
             raise SettingsError(f"{source}: {name}: got {values[name]}; expected a positive integer.")
     threshold = values.get("mask_threshold")
     if threshold is not None and not 0 <= threshold < 1:
-        raise SettingsError(f"{source}: mask_threshold: got {threshold}; expected {GENERATION_FIELDS['mask_threshold'][1]}.")
+        raise SettingsError(
+            f"{source}: mask_threshold: got {threshold}; expected {GENERATION_FIELDS['mask_threshold'][1]}."
+        )
     for name in ("guidance", "scale"):
         if name in values and not math.isfinite(values[name]):
             raise SettingsError(f"{source}: {name}: must be a finite number.")

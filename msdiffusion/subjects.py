@@ -58,16 +58,16 @@ def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
         array = image
         if array.dtype != np.uint8:
             if array.size and (array.min() < 0 or array.max() > 1):
-                raise ValueError(f"{what}: float arrays must hold values in [0, 1]; got [{array.min()}, {array.max()}].")
+                raise ValueError(
+                    f"{what}: float arrays must hold values in [0, 1]; got [{array.min()}, {array.max()}]."
+                )
             array = (array * 255).round().astype(np.uint8)
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
             raise ValueError(f"{what}: expected an HxW, HxWx3 or HxWx4 array, got shape {tuple(array.shape)}.")
         return PIL.Image.fromarray(array).convert("RGB")
-    raise TypeError(
-        f"{what}: expected a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}."
-    )
+    raise TypeError(f"{what}: expected a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}.")
 
 
 def check_box(box: Any, what: str = "box") -> Box:

@@ -28,7 +28,9 @@ TINY_VOCABULARY = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """Byte -> printable character table of byte-level BPE (as CLIP and GPT-2 define it)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -145,13 +147,22 @@ def tiny_sdxl_components(tokenizer_dir: str | os.PathLike, seed: int = 0) -> dic
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing="leading", prediction_type="epsilon",
-    )  # fmt: skip  (SDXL base's scheduler settings)
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )  # SDXL base's scheduler settings
     return dict(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-    )  # fmt: skip
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
 
 
 def tiny_image_encoder(seed: int = 0):
@@ -160,16 +171,30 @@ def tiny_image_encoder(seed: int = 0):
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
-        image_size=224, patch_size=14, projection_dim=32,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        image_size=224,
+        patch_size=14,
+        projection_dim=32,
+    )
     return CLIPVisionModelWithProjection(config).eval()
 
 
 TINY_RESAMPLER = ResamplerConfig(
-    dim=128, depth=2, dim_head=64, heads=2, num_queries=16, embedding_dim=32, output_dim=64,
-    ff_mult=2, phrase_dim=32, num_freqs=8, grounding_hidden_dim=released_grounding_hidden_dim(32, 8),
-)  # fmt: skip
+    dim=128,
+    depth=2,
+    dim_head=64,
+    heads=2,
+    num_queries=16,
+    embedding_dim=32,
+    output_dim=64,
+    ff_mult=2,
+    phrase_dim=32,
+    num_freqs=8,
+    grounding_hidden_dim=released_grounding_hidden_dim(32, 8),
+)
 
 
 def tiny_adapter_checkpoint(unet, seed: int = 0) -> MSAdapterCheckpoint:

@@ -11,8 +11,16 @@ from msdiffusion.resampler import ResamplerConfig
 from msdiffusion.tiny import TINY_RESAMPLER, save_tiny_models, tiny_pipeline
 
 IMG = PIL.Image.new("RGB", (40, 40), (120, 30, 200))
-ARGS = dict(prompt="a dog on the grass", subject_images=[IMG], subject_phrases=["dog"],
-            subject_boxes=[[0.1, 0.2, 0.7, 0.9]], num_inference_steps=2, height=64, width=96, output_type="np")  # fmt: skip
+ARGS = dict(
+    prompt="a dog on the grass",
+    subject_images=[IMG],
+    subject_phrases=["dog"],
+    subject_boxes=[[0.1, 0.2, 0.7, 0.9]],
+    num_inference_steps=2,
+    height=64,
+    width=96,
+    output_type="np",
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,9 @@ def test_mismatched_checkpoint_is_refused_before_anything_changes(models):
     checkpoint = load_checkpoint(models["released_adapter"])
     first = min(checkpoint.attention)
     checkpoint.attention[first]["to_k_ip.weight"] = torch.zeros(3, 64)
-    with pytest.raises(AdapterMismatchError, match=rf"key '{first}.to_k_ip.weight' has shape \(3, 64\), expected \(\d+, 64\)"):
+    with pytest.raises(
+        AdapterMismatchError, match=rf"key '{first}.to_k_ip.weight' has shape \(3, 64\), expected \(\d+, 64\)"
+    ):
         pipe.load_ms_adapter(checkpoint, image_encoder=models["image_encoder"])
     assert dict(pipe.unet.attn_processors) == processors_before and pipe.ms_image_projection is None
 
@@ -97,8 +107,16 @@ def test_wrong_encoders_are_refused(models):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     pipe = MSDiffusionXLPipeline.from_pretrained(models["base"])
-    wide = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=48, intermediate_size=37, num_attention_heads=4,
-                                                          num_hidden_layers=1, image_size=224, patch_size=14))  # fmt: skip
+    wide = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=48,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=1,
+            image_size=224,
+            patch_size=14,
+        )
+    )
     with pytest.raises(AdapterMismatchError, match="image encoder's hidden size is 48"):
         pipe.load_ms_adapter(models["adapter"], image_encoder=wide)
     with pytest.raises(ValueError, match="No image encoder"):
@@ -144,8 +162,11 @@ def test_released_key_names_and_shapes(shared_dir):
 
     from msdiffusion.adapter import MSImageProjection, expected_attention_shapes
 
-    rows = [line.split("\t") for line in (shared_dir / "spec/ms_adapter_keys.tsv").read_text().splitlines()
-            if line and not line.startswith("#")]  # fmt: skip
+    rows = [
+        line.split("\t")
+        for line in (shared_dir / "spec/ms_adapter_keys.tsv").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     released = {}
     modules = {}
     for section, key, shape, *module in rows:
@@ -162,5 +183,13 @@ def test_released_key_names_and_shapes(shared_dir):
     ours.update({f"ms_adapter.{k}": v for k, v in expected_attention_shapes(unet).items()})
     assert ours == released
     assert cross_attention_layers(unet) == modules
-    assert ResamplerConfig.from_state_dict({k.removeprefix("image_proj."): torch.empty(s, device="meta")
-                                            for k, s in released.items() if k.startswith("image_proj.")}) == ResamplerConfig()  # fmt: skip
+    assert (
+        ResamplerConfig.from_state_dict(
+            {
+                k.removeprefix("image_proj."): torch.empty(s, device="meta")
+                for k, s in released.items()
+                if k.startswith("image_proj.")
+            }
+        )
+        == ResamplerConfig()
+    )

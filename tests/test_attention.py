@@ -1,11 +1,10 @@
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from reference_impl import ReferenceMSProcessor
 
 from msdiffusion.attention import MSAttentionState, MSAttnProcessor, TextOnlyAttnProcessor
 from msdiffusion.layout import SubjectLayout
-
-from reference_impl import ReferenceMSProcessor
 
 TEXT, DIM, CROSS = 7, 64, 32
 
@@ -54,7 +53,12 @@ def test_fast_matches_reference_with_boxes(cfg):
     attn, state, fast, ref = make_attention()
     layout = make_layout()
     hidden, context = inputs(layout, cfg)
-    torch.testing.assert_close(run(fast, attn, state, layout, hidden, context), run(ref, attn, state, layout, hidden, context), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run(fast, attn, state, layout, hidden, context),
+        run(ref, attn, state, layout, hidden, context),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_fast_matches_reference_with_subject_scales():
@@ -112,14 +116,17 @@ def test_static_cache_matches_and_is_dropped_between_generations():
     torch.testing.assert_close(first, run(fast, attn, state, layout, hidden, context))
     hidden2, context2 = inputs(layout, seed=7)  # new tokens in a new generation must be used
     torch.testing.assert_close(
-        run(fast, attn, state, layout, hidden2, context2, static=True), run(fast, attn, state, layout, hidden2, context2)
+        run(fast, attn, state, layout, hidden2, context2, static=True),
+        run(fast, attn, state, layout, hidden2, context2),
     )
 
 
 def test_no_layout_is_plain_attention_and_gradients_flow_in_training():
     attn, state, fast, _ = make_attention()
     hidden, context = inputs(make_layout())
-    torch.testing.assert_close(fast(attn, hidden, context[:, :TEXT]), AttnProcessor2_0()(attn, hidden, context[:, :TEXT]))
+    torch.testing.assert_close(
+        fast(attn, hidden, context[:, :TEXT]), AttnProcessor2_0()(attn, hidden, context[:, :TEXT])
+    )
     layout = make_layout()
     with state.activate(layout):
         fast(attn, hidden[2:], context[2:]).square().mean().backward()
@@ -196,7 +203,9 @@ def test_fused_kernel_check_flags_the_old_transposed_mask():
 def test_image_branch_call_is_eligible_for_fused_kernels(monkeypatch, dtype, auto_layout):
     attn, state, fast, _ = make_attention()
     attn.to(dtype), fast.to(dtype)
-    extra = dict(mask_threshold=0.4, start_step=1, phrase_positions=[[[1], [2], []], [[5], [], []]]) if auto_layout else {}
+    extra = (
+        dict(mask_threshold=0.4, start_step=1, phrase_positions=[[[1], [2], []], [[5], [], []]]) if auto_layout else {}
+    )
     layout = make_layout(**extra)
     hidden, context = (x.to(dtype) for x in inputs(layout))
     calls = []

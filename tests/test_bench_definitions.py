@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 
+from msdiffusion.app.cli import main
 from msdiffusion.bench.definitions import (
     DATA_DIR,
     check_images,
@@ -13,7 +14,6 @@ from msdiffusion.bench.definitions import (
     reference_files,
     select_samples,
 )
-from msdiffusion.app.cli import main
 
 
 def test_msbench_counts_match_the_paper():

@@ -10,19 +10,43 @@ from msdiffusion.bench.report import aggregate, image_metrics, write_report
 
 def _subject(name, detected, iou=0.0, crop=None, background=False, box=(0.25, 0.25, 0.75, 0.75)):
     return {
-        "name": name, "phrase": name, "box": list(box), "clip_i": 0.5, "dino": 0.4, "background": background,
-        "detected": None if background else detected, "iou": None if background else iou,
-        "detection": [0.2, 0.2, 0.7, 0.7] if detected else None, "crop_clip_i": crop, "crop_dino": crop,
-    }  # fmt: skip
+        "name": name,
+        "phrase": name,
+        "box": list(box),
+        "clip_i": 0.5,
+        "dino": 0.4,
+        "background": background,
+        "detected": None if background else detected,
+        "iou": None if background else iou,
+        "detection": [0.2, 0.2, 0.7, 0.7] if detected else None,
+        "crop_clip_i": crop,
+        "crop_dino": crop,
+    }
 
 
 def _score(group, sample_id, subjects, clip_t=0.3, index=0):
-    return {"image": f"images/{group}/{sample_id}_{index}.png", "sample_id": sample_id, "group": group, "index": index,
-            "clip_t": clip_t, "clip_i": 0.5, "dino": 0.4, "subjects": subjects}  # fmt: skip
+    return {
+        "image": f"images/{group}/{sample_id}_{index}.png",
+        "sample_id": sample_id,
+        "group": group,
+        "index": index,
+        "clip_t": clip_t,
+        "clip_i": 0.5,
+        "dino": 0.4,
+        "subjects": subjects,
+    }
 
 
 def test_misses_count_zero_and_backgrounds_are_left_out():
-    score = _score("g", "s", [_subject("cat", True, 0.8, 0.9), _subject("dog", False), _subject("barn", None, background=True, box=(0, 0, 1, 1))])
+    score = _score(
+        "g",
+        "s",
+        [
+            _subject("cat", True, 0.8, 0.9),
+            _subject("dog", False),
+            _subject("barn", None, background=True, box=(0, 0, 1, 1)),
+        ],
+    )
     metrics = image_metrics(score)
     assert metrics["detection_rate"] == 0.5
     assert metrics["layout_iou"] == pytest.approx(0.4)
@@ -45,12 +69,26 @@ def _run_dir(tmp_path, benchmark, scores):
     for k, score in enumerate(scores):
         (run / score["image"]).parent.mkdir(parents=True, exist_ok=True)
         noise_image(10 + k, (96, 64)).save(run / score["image"])
-        subjects = [dict(name=s["name"], phrase=s["phrase"], box=s["box"], reference="dog/00.png", references=["dog/00.png"]) for s in score["subjects"]]
-        manifest.append({"benchmark": benchmark, "sample_id": score["sample_id"], "group": score["group"], "index": score["index"],
-                         "image": score["image"], "images_dir": str(photos), "subjects": subjects})  # fmt: skip
+        subjects = [
+            dict(name=s["name"], phrase=s["phrase"], box=s["box"], reference="dog/00.png", references=["dog/00.png"])
+            for s in score["subjects"]
+        ]
+        manifest.append(
+            {
+                "benchmark": benchmark,
+                "sample_id": score["sample_id"],
+                "group": score["group"],
+                "index": score["index"],
+                "image": score["image"],
+                "images_dir": str(photos),
+                "subjects": subjects,
+            }
+        )
     (run / "manifest.jsonl").write_text("".join(json.dumps(m) + "\n" for m in manifest))
     (run / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
-    (run / "run_config.json").write_text(json.dumps({"benchmark": benchmark, "images_dir": str(photos), "settings": {}}))
+    (run / "run_config.json").write_text(
+        json.dumps({"benchmark": benchmark, "images_dir": str(photos), "settings": {}})
+    )
     return run
 
 
@@ -79,7 +117,17 @@ def test_grid_shows_references_and_image(tmp_path):
 
     from msdiffusion.bench.report import THUMBNAIL
 
-    run = _run_dir(tmp_path, "msbench", [_score("living_scene", "a", [_subject("dog", True, 0.5, 0.5), _subject("barn", None, background=True, box=(0, 0, 1, 1))])])
+    run = _run_dir(
+        tmp_path,
+        "msbench",
+        [
+            _score(
+                "living_scene",
+                "a",
+                [_subject("dog", True, 0.5, 0.5), _subject("barn", None, background=True, box=(0, 0, 1, 1))],
+            )
+        ],
+    )
     write_report(run, grid_samples=1)
     with PIL.Image.open(run / "grids" / "living_scene.png") as grid:
         assert grid.size == (3 * THUMBNAIL, THUMBNAIL)  # two references and the image

@@ -13,9 +13,9 @@ import pytest
 import torch
 from test_bench_tiny_models import noise_image, scoring_models  # noqa: F401  (session fixture)
 
+from msdiffusion.app.cli import main
 from msdiffusion.bench.definitions import load_benchmark, select_samples
 from msdiffusion.bench.runner import BenchSettings, generate_items, sample_seed, shard, work_items
-from msdiffusion.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 # two buildable samples and one that needs living/cat1.jpg, which the photo folder below lacks
@@ -25,7 +25,12 @@ PHOTOS = ["living/dog.jpg", "object/backpack.jpg", "object/clock.jpg", "scene/mo
 
 def test_seeds_depend_on_the_image_not_its_position():
     assert sample_seed(0, "a.p0", 0) == sample_seed(0, "a.p0", 0)
-    assert len({sample_seed(0, "a.p0", 0), sample_seed(0, "a.p0", 1), sample_seed(0, "b.p0", 0), sample_seed(1, "a.p0", 0)}) == 4
+    assert (
+        len(
+            {sample_seed(0, "a.p0", 0), sample_seed(0, "a.p0", 1), sample_seed(0, "b.p0", 0), sample_seed(1, "a.p0", 0)}
+        )
+        == 4
+    )
 
 
 def test_shards_cover_every_item_once():
@@ -56,7 +61,9 @@ def test_generate_items_batches_and_skips(tmp_path):
     photos = _photos(tmp_path / "photos")
     samples = [s for s in select_samples(load_benchmark("msbench"), SELECTION[:2])]
     items = work_items(samples, 2)
-    settings = BenchSettings(base="base", adapter="adapter", image_encoder="encoder", seed=5, prompt_prefix="best quality, ")
+    settings = BenchSettings(
+        base="base", adapter="adapter", image_encoder="encoder", seed=5, prompt_prefix="best quality, "
+    )
     pipe, built = RecordingPipeline(), []
     result = generate_items(items, tmp_path / "out", photos, settings, lambda: built.append(1) or pipe, batch_size=3)
     assert (result.generated, result.skipped, len(built)) == (4, 0, 1)
@@ -91,10 +98,30 @@ def tiny_models(tmp_path_factory):
 
 def _run_args(models, photos, output, *extra):
     return [
-        "bench", "run", "--photos", str(photos), "--output", str(output), "--only", *SELECTION,
-        "--base", str(models["base"]), "--adapter", str(models["adapter"]), "--image-encoder", str(models["image_encoder"]),
-        "--images-per-sample", "2", "--steps", "2", "--size", "64", "--seed", "3", *extra,
-    ]  # fmt: skip
+        "bench",
+        "run",
+        "--photos",
+        str(photos),
+        "--output",
+        str(output),
+        "--only",
+        *SELECTION,
+        "--base",
+        str(models["base"]),
+        "--adapter",
+        str(models["adapter"]),
+        "--image-encoder",
+        str(models["image_encoder"]),
+        "--images-per-sample",
+        "2",
+        "--steps",
+        "2",
+        "--size",
+        "64",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def _free_port() -> int:
@@ -122,6 +149,7 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_models, capsys, monkeypatch):  # noqa: F811
     photos = _photos(tmp_path / "photos")
 
@@ -138,17 +166,35 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert "generated 4, 0 already on disk, of 4 images" in out
     images = sorted(p.name for p in (tmp_path / "one" / "images").rglob("*.png"))
     assert images == [
-        "living_object.dog+backpack.p0_0.png", "living_object.dog+backpack.p0_1.png",
-        "object_scene.clock+mountain.p0_0.png", "object_scene.clock+mountain.p0_1.png",
-    ]  # fmt: skip
+        "living_object.dog+backpack.p0_0.png",
+        "living_object.dog+backpack.p0_1.png",
+        "object_scene.clock+mountain.p0_0.png",
+        "object_scene.clock+mountain.p0_1.png",
+    ]
 
     # two processes under a real `accelerate launch`: the same files, byte for byte
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     launch = [
-        sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "msdiffusion", "bench", *_run_args(tiny_models, photos, tmp_path / "two")[1:],
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.accelerate_cli",
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "msdiffusion",
+        "bench",
+        *_run_args(tiny_models, photos, tmp_path / "two")[1:],
+    ]
     done = subprocess.run(launch, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[process 0/2] generated 2" in done.stdout and "[process 1/2] generated 2" in done.stdout
@@ -175,9 +221,22 @@ def test_run_is_shardable_resumable_and_scored(tmp_path, tiny_models, scoring_mo
     assert record["subjects"][0]["reference"] == "living/dog.jpg"
 
     # score and report
-    score_args = ["bench", "score", "--output", str(tmp_path / "one"), "--batch-size", "3", "--detection-threshold", "0",
-                  "--clip-model", str(scoring_models["clip"]), "--dino-model", str(scoring_models["dino"]),
-                  "--detector", str(scoring_models["owlv2"])]  # fmt: skip
+    score_args = [
+        "bench",
+        "score",
+        "--output",
+        str(tmp_path / "one"),
+        "--batch-size",
+        "3",
+        "--detection-threshold",
+        "0",
+        "--clip-model",
+        str(scoring_models["clip"]),
+        "--dino-model",
+        str(scoring_models["dino"]),
+        "--detector",
+        str(scoring_models["owlv2"]),
+    ]
     assert main(score_args) == 0
     assert "4 to score" in capsys.readouterr().out
     assert main(score_args) == 0  # scores are kept: nothing to redo
@@ -239,7 +298,10 @@ def test_ablation_settings_reach_the_pipeline(tmp_path):
         (photos / name).mkdir(parents=True)
         for k in range(3):
             PIL.Image.new("RGB", (8, 8), (k, 0, 0)).save(photos / name / f"{k}.png")
-    subjects = (BenchSubject("dog", "dog", "a", (0.1, 0.1, 0.4, 0.4)), BenchSubject("cat", "cat", "b", (0.5, 0.5, 0.9, 0.9)))
+    subjects = (
+        BenchSubject("dog", "dog", "a", (0.1, 0.1, 0.4, 0.4)),
+        BenchSubject("cat", "cat", "b", (0.5, 0.5, 0.9, 0.9)),
+    )
     sample = BenchSample("msbench", "g.000", "g", "a dog and a cat", subjects)
     calls = []
 

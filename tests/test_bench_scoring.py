@@ -3,8 +3,6 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-
-from msdiffusion.boxes import box_iou
 from test_bench_tiny_models import noise_image, scoring_models  # noqa: F401  (session fixture)
 
 from msdiffusion.bench.scoring import (
@@ -14,19 +12,21 @@ from msdiffusion.bench.scoring import (
     DinoEmbedder,
     Scorers,
     ScoringConfig,
-
     crop,
     match_subjects,
     non_max_suppression,
     score_records,
 )
+from msdiffusion.boxes import box_iou
 
 
 def test_box_geometry():
     assert box_iou([0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]) == 1
     assert box_iou([0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]) == 0
     assert box_iou([0, 0, 0.5, 1], [0.25, 0, 0.75, 1]) == pytest.approx(1 / 3)
-    kept = non_max_suppression([Detection((0, 0, 0.5, 0.5), 0.5), Detection((0, 0, 0.52, 0.5), 0.9), Detection((0.6, 0, 1, 1), 0.2)])
+    kept = non_max_suppression(
+        [Detection((0, 0, 0.5, 0.5), 0.5), Detection((0, 0, 0.52, 0.5), 0.9), Detection((0.6, 0, 1, 1), 0.2)]
+    )
     assert [d.score for d in kept] == [0.9, 0.2]
 
 
@@ -70,10 +70,15 @@ def _run_dir(tmp_path, generated: PIL.Image.Image, references: dict[str, PIL.Ima
     (tmp_path / "run" / "images").mkdir(parents=True, exist_ok=True)
     generated.save(tmp_path / "run" / "images" / "x_0.png")
     record = {
-        "benchmark": "msbench", "sample_id": "x", "group": "g", "index": 0, "image": "images/x_0.png",
-        "prompt": "a cat in the snow", "images_dir": str(photos),
+        "benchmark": "msbench",
+        "sample_id": "x",
+        "group": "g",
+        "index": 0,
+        "image": "images/x_0.png",
+        "prompt": "a cat in the snow",
+        "images_dir": str(photos),
         "subjects": [dict(s, references=[f"{s['name']}.png"], reference=f"{s['name']}.png") for s in subjects],
-    }  # fmt: skip
+    }
     return tmp_path / "run", record
 
 
@@ -125,7 +130,10 @@ def test_known_case_same_image_scores_one_and_an_off_subject_crop_scores_less(tm
 
 def test_background_subjects_are_not_detected(tmp_path, embedders):
     clip, dino = embedders
-    subjects = [{"name": "cat", "phrase": "cat", "box": [0.25, 0.25, 0.75, 0.75]}, {"name": "forest", "phrase": "forest", "box": [0, 0, 1, 1]}]
+    subjects = [
+        {"name": "cat", "phrase": "cat", "box": [0.25, 0.25, 0.75, 0.75]},
+        {"name": "forest", "phrase": "forest", "box": [0, 0, 1, 1]},
+    ]
     run_dir, record = _run_dir(tmp_path, noise_image(1), {"cat": noise_image(2), "forest": noise_image(3)}, subjects)
 
     class AskedFor(FixedDetector):
@@ -147,8 +155,13 @@ def test_scores_end_to_end_with_a_real_detector(tmp_path, scoring_models, family
     config = ScoringConfig(str(scoring_models["clip"]), str(scoring_models["dino"]), str(scoring_models[family]), 0.0)
     scorers = Scorers.load(config, "cpu", batch_size=2)
     assert scorers.config.detection_threshold == 0.0
-    subjects = [{"name": "cat", "phrase": "cat", "box": [0, 0.25, 0.5, 0.75]}, {"name": "cat2", "phrase": "cat", "box": [0.5, 0.25, 1, 0.75]}]
-    run_dir, record = _run_dir(tmp_path, noise_image(4, (96, 64)), {"cat": noise_image(5), "cat2": noise_image(6)}, subjects)
+    subjects = [
+        {"name": "cat", "phrase": "cat", "box": [0, 0.25, 0.5, 0.75]},
+        {"name": "cat2", "phrase": "cat", "box": [0.5, 0.25, 1, 0.75]},
+    ]
+    run_dir, record = _run_dir(
+        tmp_path, noise_image(4, (96, 64)), {"cat": noise_image(5), "cat2": noise_image(6)}, subjects
+    )
     records = [dict(record, index=k) for k in range(3)]  # 3 records, batch size 2: two chunks
     scores = score_records(records, run_dir, scorers, batch_size=2)
     assert len(scores) == 3
@@ -172,6 +185,8 @@ def test_unknown_detector_family_is_refused(scoring_models):  # noqa: F811
 
 def test_missing_reference_is_named(tmp_path, embedders):
     clip, dino = embedders
-    run_dir, record = _run_dir(tmp_path, noise_image(1), {}, [{"name": "cat", "phrase": "cat", "box": [0.2, 0.2, 0.8, 0.8]}])
+    run_dir, record = _run_dir(
+        tmp_path, noise_image(1), {}, [{"name": "cat", "phrase": "cat", "box": [0.2, 0.2, 0.8, 0.8]}]
+    )
     with pytest.raises(FileNotFoundError, match="cat.png"):
         score_records([record], run_dir, Scorers(clip, dino, FixedDetector({}), ScoringConfig()))

@@ -16,7 +16,9 @@ import torch
 
 _CHARS = list(string.ascii_lowercase) + list(string.digits) + list(",.-'!")
 _TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
-_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
+_VISION = dict(
+    hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+)
 
 
 def _clip_tokenizer(max_length: int):
@@ -32,7 +34,14 @@ def _clip_tokenizer(max_length: int):
 
 def _clip_text_config(tokenizer, max_positions: int) -> dict:
     bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
-    return dict(_TEXT, vocab_size=len(tokenizer), max_position_embeddings=max_positions, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+    return dict(
+        _TEXT,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
 
 
 def save_tiny_clip(directory: Path) -> Path:
@@ -95,17 +104,38 @@ def save_tiny_grounding_dino(directory: Path) -> Path:
     tokenizer = BertTokenizer(str(directory / "vocab.txt"))
     config = GroundingDinoConfig(
         backbone_config=SwinConfig(
-            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2,
+            image_size=32,
+            patch_size=4,
+            embed_dim=8,
+            depths=[1, 1],
+            num_heads=[1, 1],
+            window_size=2,
             out_features=["stage1", "stage2"],
-        ),  # fmt: skip
+        ),
         text_config=BertConfig(
-            vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
             max_position_embeddings=64,
-        ),  # fmt: skip
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=10, num_feature_levels=2, encoder_n_points=2,
-        decoder_n_points=2, max_text_len=32, use_timm_backbone=False, backbone=None, use_pretrained_backbone=False,
-    )  # fmt: skip
+        ),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=16,
+        decoder_ffn_dim=16,
+        num_queries=10,
+        num_feature_levels=2,
+        encoder_n_points=2,
+        decoder_n_points=2,
+        max_text_len=32,
+        use_timm_backbone=False,
+        backbone=None,
+        use_pretrained_backbone=False,
+    )
     GroundingDinoForObjectDetection(config).save_pretrained(directory)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 32, "longest_edge": 32})
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(directory)
@@ -115,7 +145,12 @@ def save_tiny_grounding_dino(directory: Path) -> Path:
 def tiny_scoring_models(root: Path) -> dict[str, Path]:
     """Save (once per root) and return the folders of the tiny scoring models."""
     root = Path(root)
-    builders = {"clip": save_tiny_clip, "dino": save_tiny_dino, "owlv2": save_tiny_owlv2, "grounding_dino": save_tiny_grounding_dino}
+    builders = {
+        "clip": save_tiny_clip,
+        "dino": save_tiny_dino,
+        "owlv2": save_tiny_owlv2,
+        "grounding_dino": save_tiny_grounding_dino,
+    }
     paths = {}
     for name, build in builders.items():
         paths[name] = root / name

@@ -15,9 +15,9 @@ import PIL.Image
 import pytest
 import torch
 
+from msdiffusion.app.cli import main
 from msdiffusion.bench.definitions import load_benchmark, load_definition, select_samples
 from msdiffusion.world.bench import expand_world, layout_checks, render_references
-from msdiffusion.app.cli import main
 from msdiffusion.world.scenes import CLASSES, is_held_out
 
 # a handful of generations: 1, 2 (touching), 2 (overlapping) and 4 subjects
@@ -49,7 +49,11 @@ def test_definition():
     assert layouts["two_touching"] == {"apart": 0, "touching": 16, "overlapping": 0}
     assert layouts["two_overlapping"] == {"apart": 0, "touching": 0, "overlapping": 16}
     for group in ("two", "two_same_class", "three", "four"):
-        assert layouts[group] == {"apart": len([s for s in bench.samples if s.group == group]), "touching": 0, "overlapping": 0}
+        assert layouts[group] == {
+            "apart": len([s for s in bench.samples if s.group == group]),
+            "touching": 0,
+            "overlapping": 0,
+        }
     # expanding again gives the same samples; a group's samples do not depend on the other groups
     definition = load_definition("world")
     assert expand_world(definition) == bench.samples
@@ -80,8 +84,23 @@ def test_references_are_rendered_once_and_deterministically(tmp_path):
 
 
 def _run_args(models: Path, output: Path, *extra) -> list[str]:
-    return ["bench", "run", "--bench", "world", "--models", str(models), "--output", str(output), "--only", *SELECTION,
-            "--images-per-sample", "1", "--steps", "2", *extra]  # fmt: skip
+    return [
+        "bench",
+        "run",
+        "--bench",
+        "world",
+        "--models",
+        str(models),
+        "--output",
+        str(output),
+        "--only",
+        *SELECTION,
+        "--images-per-sample",
+        "1",
+        "--steps",
+        "2",
+        *extra,
+    ]
 
 
 def _images(directory: Path) -> dict[str, bytes]:
@@ -99,6 +118,7 @@ class FakeProcess:
         pass
 
 
+@pytest.mark.slow
 def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     import msdiffusion.app.bench_commands as bench_cli
 
@@ -109,9 +129,11 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     assert "generated 4, 0 already on disk, of 4 images" in out
     images = _images(one / "images")
     assert sorted(images) == [
-        "four/four.000_0.png", "one/one.000_0.png", "two_overlapping/two_overlapping.001_0.png",
+        "four/four.000_0.png",
+        "one/one.000_0.png",
+        "two_overlapping/two_overlapping.001_0.png",
         "two_touching/two_touching.000_0.png",
-    ]  # fmt: skip
+    ]
     assert PIL.Image.open(one / "images" / "four" / "four.000_0.png").size == (64, 64)
     manifest = [json.loads(line) for line in (one / "manifest.jsonl").read_text().splitlines()]
     settings = manifest[0]["settings"]
@@ -134,9 +156,10 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     pipe.load_ms_adapter(str(world_models / "adapter"), image_encoder=str(world_models / "image_encoder"))
     pipe.set_progress_bar_config(disable=True)
     job = WorldJob(
-        four["prompt"], [AskedSubject(s["phrase"], s["identity"], tuple(s["box"])) for s in four["subjects"]],
+        four["prompt"],
+        [AskedSubject(s["phrase"], s["identity"], tuple(s["box"])) for s in four["subjects"]],
         [np.asarray(PIL.Image.open(one / "references" / s["reference"])) for s in four["subjects"]],
-    )  # fmt: skip
+    )
     from msdiffusion.loading import WORLD, named_settings
 
     [direct] = generate_world_jobs(pipe, [job], named_settings(WORLD, steps=2), seed=four["seed"], batch_size=1)
@@ -174,7 +197,9 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
             assert {"found", "placed", "iou", "identity_correct", "mixing", "identity"} <= set(subject)
             assert (subject["detection"] is None) == (subject["crop_clip_i"] is None) == (not subject["detected"])
     config = json.loads((one / "scores_config.json").read_text())
-    assert config["scorer"] == "world" and config["evaluator"] == str((world_models / "evaluator.safetensors").resolve())
+    assert config["scorer"] == "world" and config["evaluator"] == str(
+        (world_models / "evaluator.safetensors").resolve()
+    )
 
     assert main(["bench", "score", "--output", str(one), "--clip-model", "openai/clip-vit-base-patch32"]) == 2
     assert "scored by the world's evaluator" in capsys.readouterr().err
@@ -192,7 +217,10 @@ def test_run_score_report(tmp_path, world_models, capsys, monkeypatch):
     report = json.loads((one / "report.json").read_text())
     assert list(report["groups"]) == ["one", "two_touching", "two_overlapping", "four"]
     assert list(report["subject_counts"]) == ["1 subject", "2 subjects", "4 subjects"]
-    assert report["subject_counts"]["2 subjects"]["images"] == 2 and report["subject_counts"]["2 subjects"]["subjects"] == 4
+    assert (
+        report["subject_counts"]["2 subjects"]["images"] == 2
+        and report["subject_counts"]["2 subjects"]["subjects"] == 4
+    )
     overall = report["overall"]
     assert (overall["images"], overall["subjects"]) == (4, 9)
     subjects = [s for score in scores for s in score["subjects"]]
@@ -219,11 +247,19 @@ def test_run_arguments_are_checked(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "out").exists()  # refused before anything was rendered or written
     assert main(_run_args(empty, tmp_path / "out")) == 2
     assert "missing base, adapter, image_encoder, evaluator.safetensors" in capsys.readouterr().err
-    assert main(["bench", "run", "--output", str(tmp_path / "out"), "--models", str(empty), "--photos", str(tmp_path)]) == 2
+    assert (
+        main(["bench", "run", "--output", str(tmp_path / "out"), "--models", str(empty), "--photos", str(tmp_path)])
+        == 2
+    )
     assert "applies to --bench world only" in capsys.readouterr().err
     assert main(["bench", "run", "--bench", "world", "--output", str(tmp_path / "out"), "--base", "x"]) == 2
     assert "--adapter, --image-encoder are required" in capsys.readouterr().err
-    assert main(["bench", "run", "--output", str(tmp_path / "out"), "--base", "b", "--adapter", "a", "--image-encoder", "e"]) == 2
+    assert (
+        main(
+            ["bench", "run", "--output", str(tmp_path / "out"), "--base", "b", "--adapter", "a", "--image-encoder", "e"]
+        )
+        == 2
+    )
     assert "--photos: required" in capsys.readouterr().err
 
 
@@ -237,8 +273,14 @@ def _perfect_image(sample, identities=None) -> tuple[np.ndarray, np.ndarray]:
     for subject, identity in zip(sample.subjects, identities or [s.identity for s in sample.subjects]):
         x0, y0, x1, y1 = subject.box
         width = _shape_extent(subject.phrase, 20.0, 0.0)[0]
-        mask = draw_subject(canvas, subject.phrase, identity, ((x0 + x1) / 2 * SIZE, (y0 + y1) / 2 * SIZE),
-                            20.0 * (x1 - x0) / width, 0.0)  # fmt: skip
+        mask = draw_subject(
+            canvas,
+            subject.phrase,
+            identity,
+            ((x0 + x1) / 2 * SIZE, (y0 + y1) / 2 * SIZE),
+            20.0 * (x1 - x0) / width,
+            0.0,
+        )
         labels[mask] = 1 + CLASSES.index(subject.phrase)
     return canvas.round().astype(np.uint8), labels
 
@@ -268,11 +310,15 @@ def test_scores_follow_the_pixels(tmp_path, world_models, monkeypatch):
 
     scorer = WorldScorer(world_models / "evaluator.safetensors", world_models / "image_encoder")
     order = [r["image"] for r in records]
-    monkeypatch.setattr(scorer.evaluator, "class_maps", lambda images: np.stack([truth[k] for k in order[: len(images)]]))
+    monkeypatch.setattr(
+        scorer.evaluator, "class_maps", lambda images: np.stack([truth[k] for k in order[: len(images)]])
+    )
     scores = score_world_records(records, tmp_path / "run", scorer, batch_size=8)
     straight, swapped = scores[:2], scores[2]
     for score in straight:
-        assert all(s["found"] and s["placed"] and s["iou"] > 0.7 and s["identity_correct"] for s in score["subjects"]), score
+        assert all(
+            s["found"] and s["placed"] and s["iou"] > 0.7 and s["identity_correct"] for s in score["subjects"]
+        ), score
         assert all(s["mixing"] < 0.2 for s in score["subjects"])
     assert all(s["found"] and not s["identity_correct"] for s in swapped["subjects"]), swapped
     assert all(s["mixing"] > 0.3 for s in swapped["subjects"])

@@ -89,12 +89,40 @@ def test_generate_job_file_non_square_and_regenerate_from_png(tmp_path, models, 
 
 def test_generate_from_flags_with_auto_layout_masks(tmp_path, subject_files, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = main([
-        "generate", "--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random",
-        "--prompt", "a dog and a cat", "--subject", "dog.jpg+cat.png", "dog", "0,0,0.5,1",
-        "--subject", "cat.png", "cat", "scale=0.5", "--size", "64x64", "--steps", "3", "--mask-threshold", "0.5",
-        "--start-step", "2", "--output", "flags", "--quiet", "--seed", "1",
-    ])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--base",
+            "tiny-random",
+            "--adapter",
+            "tiny-random",
+            "--image-encoder",
+            "tiny-random",
+            "--prompt",
+            "a dog and a cat",
+            "--subject",
+            "dog.jpg+cat.png",
+            "dog",
+            "0,0,0.5,1",
+            "--subject",
+            "cat.png",
+            "cat",
+            "scale=0.5",
+            "--size",
+            "64x64",
+            "--steps",
+            "3",
+            "--mask-threshold",
+            "0.5",
+            "--start-step",
+            "2",
+            "--output",
+            "flags",
+            "--quiet",
+            "--seed",
+            "1",
+        ]
+    )
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "flags").iterdir())
     assert "msdiff-00001-mask0-dog.png" in names and "msdiff-00001-mask1-cat.png" in names
@@ -107,15 +135,24 @@ def test_generate_from_flags_with_auto_layout_masks(tmp_path, subject_files, mon
     [
         ({"sise": [64, 64]}, "unknown field 'sise' (did you mean 'size'?)"),
         ({"prompt": None}, "prompt: required field is missing"),
-        ({"size": [100, 64]}, "size: got [100, 64]; expected [width, height] or WIDTHxHEIGHT in pixels, multiples of 8"),
+        (
+            {"size": [100, 64]},
+            "size: got [100, 64]; expected [width, height] or WIDTHxHEIGHT in pixels, multiples of 8",
+        ),
         ({"steps": "many"}, "steps: got 'many'; expected a positive integer"),
         ({"images": 0}, "images: got 0; expected a positive integer"),
         ({"mask_threshold": 2}, "mask_threshold: got 2; expected a number in [0, 1)"),
         ({"dtype": "fp8"}, "dtype: got 'fp8'; expected one of fp32, fp16, bf16"),
         ({"guidance": True}, "guidance: got True; expected a number"),
         ({"subjects": "dog.jpg"}, "subjects: got 'dog.jpg'; expected a list of {image, phrase, box, scale}"),
-        ({"subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]}, "subjects[0]: unknown field 'bx' (did you mean 'box'?)"),
-        ({"subjects": [{"image": "dog.jpg", "phrase": "dog", "box": [0, 0, 1.5, 1]}]}, "subjects[0].box: [0.0, 0.0, 1.5, 1.0] is outside [0, 1]"),
+        (
+            {"subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]},
+            "subjects[0]: unknown field 'bx' (did you mean 'box'?)",
+        ),
+        (
+            {"subjects": [{"image": "dog.jpg", "phrase": "dog", "box": [0, 0, 1.5, 1]}]},
+            "subjects[0].box: [0.0, 0.0, 1.5, 1.0] is outside [0, 1]",
+        ),
         ({"subjects": [{"image": "missing.jpg", "phrase": "dog"}]}, "subjects[0].image: 'missing.jpg' does not exist"),
         ({"subjects": [{"image": "dog.jpg"}]}, "subjects[0]: needs `image`"),
         ({"subjects": [{"image": "dog.jpg", "phrase": "dog", "scale": "big"}]}, "subjects[0].scale: got 'big'"),

@@ -28,7 +28,11 @@ def test_every_command_and_option_is_described(path, parser):
         assert action.help, f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest} has no help"
     text = parser.format_help()
     for action in parser._actions:  # a default worth showing is shown
-        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and action.help != argparse.SUPPRESS:
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.help != argparse.SUPPRESS
+        ):
             assert "default" in (action.help or "") or "(default:" in text, (path, action.option_strings)
 
 
@@ -36,7 +40,10 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "run", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "denoising steps (default: 30; world: 25)" in text and "classifier-free guidance (default: 7.5; world: 5.0)" in text
+    assert (
+        "denoising steps (default: 30; world: 25)" in text
+        and "classifier-free guidance (default: 7.5; world: 5.0)" in text
+    )
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -62,7 +69,16 @@ def test_same_names_across_commands():
         return {s for a in sub._actions if a.help != argparse.SUPPRESS for s in a.option_strings}
 
     generate, bench_run = options("generate"), options("bench", "run")
-    for name in ("--guidance", "--scale", "--size", "--adapter-weight-name", "--steps", "--seed", "--dtype", "--negative-prompt"):
+    for name in (
+        "--guidance",
+        "--scale",
+        "--size",
+        "--adapter-weight-name",
+        "--steps",
+        "--seed",
+        "--dtype",
+        "--negative-prompt",
+    ):
         assert name in generate and name in bench_run, name
     for path in (("convert",), ("inspect",)):
         assert "--adapter-weight-name" in options(*path)
@@ -74,8 +90,13 @@ def test_same_names_across_commands():
 def test_one_vocabulary_no_second_names(capsys):
     """The pipelines' keyword names are not flags: one name per setting (job files, flags, bench, validation)."""
     parser = build_parser()
-    for argv in (["generate", "--guidance-scale", "3"], ["generate", "--ms-scale", "0.4"], ["convert", "a", "b", "--weight-name", "w"],
-                 ["bench", "run", "--output", "o", "--height", "64"], ["data", "build", "s", "--out", "o", "--dtype", "float16"]):  # fmt: skip
+    for argv in (
+        ["generate", "--guidance-scale", "3"],
+        ["generate", "--ms-scale", "0.4"],
+        ["convert", "a", "b", "--weight-name", "w"],
+        ["bench", "run", "--output", "o", "--height", "64"],
+        ["data", "build", "s", "--out", "o", "--dtype", "float16"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
 

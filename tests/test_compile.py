@@ -22,12 +22,20 @@ def images():
 
 def generate(pipe, boxes, images, **extra):
     return pipe(
-        prompt=PROMPT, num_inference_steps=3, height=128, width=128, output_type="latent",
-        subject_images=images, subject_phrases=["dog", "cat"], subject_boxes=boxes,
-        generator=torch.Generator().manual_seed(0), **extra,
-    ).images  # fmt: skip
+        prompt=PROMPT,
+        num_inference_steps=3,
+        height=128,
+        width=128,
+        output_type="latent",
+        subject_images=images,
+        subject_phrases=["dog", "cat"],
+        subject_boxes=boxes,
+        generator=torch.Generator().manual_seed(0),
+        **extra,
+    ).images
 
 
+@pytest.mark.slow
 def test_compiled_unet_does_not_recompile_across_generations(images):
     import torch._dynamo
     from torch._dynamo.utils import counters

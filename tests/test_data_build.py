@@ -7,11 +7,11 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import pytest
-
-from msdiffusion.boxes import box_iou
 import torch
+from tiny_detectors import save_tiny_detector_and_segmenter
 
 from msdiffusion.app.cli import main
+from msdiffusion.boxes import box_iou
 from msdiffusion.data.build import SourceItem, build_manifest, collect_items, make_phrase_finder
 from msdiffusion.data.dataset import MSDiffusionDataset
 from msdiffusion.data.detection import (
@@ -20,13 +20,11 @@ from msdiffusion.data.detection import (
     OpenVocabularyDetector,
     SubjectFilter,
     _match_label,
-
     select_subjects,
 )
 from msdiffusion.data.manifest import read_manifest, validate_manifest
 from msdiffusion.data.phrases import extract_noun_phrases, find_vocabulary_phrases, load_vocabulary
 from msdiffusion.subjects import default_image_processor
-from tiny_detectors import save_tiny_detector_and_segmenter
 
 COLORS = {"red ball": (255, 0, 0), "blue box": (0, 0, 255), "green cup": (0, 255, 0)}
 
@@ -58,7 +56,9 @@ class ColorDetector:
                 ys, xs = np.nonzero((array == COLORS.get(phrase, (-1, -1, -1))).all(axis=-1))
                 if len(xs):
                     w, h = image.size
-                    found.append(Detection(phrase, (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h), 0.9))
+                    found.append(
+                        Detection(phrase, (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h), 0.9)
+                    )
             results.append(found)
         return results
 
@@ -73,7 +73,7 @@ class ColorSegmenter:
             per_box = []
             for x0, y0, x1, y1 in image_boxes:
                 mask = np.zeros((h, w), dtype=bool)
-                mask[round(y0 * h): round(y1 * h), round(x0 * w): round((x0 + x1) / 2 * w)] = True
+                mask[round(y0 * h) : round(y1 * h), round(x0 * w) : round((x0 + x1) / 2 * w)] = True
                 per_box.append(mask)
             masks.append(per_box)
         return masks
@@ -82,14 +82,17 @@ class ColorSegmenter:
 # --- phrases ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("caption, phrases", [
-    ("a brown dog sitting on a red sofa next to a cat", ["brown dog", "red sofa", "cat"]),
-    ("A photo of a dog and a cat on the beach.", ["dog", "cat", "beach"]),
-    ("the dog is very happy", ["dog"]),
-    ("a man holding umbrellas in the rain", ["man", "umbrellas", "rain"]),
-    ("a sleeping cat under a wooden table", ["sleeping cat", "wooden table"]),
-    ("close-up of a woman wearing a red hat and sunglasses", ["woman", "red hat", "sunglasses"]),
-])
+@pytest.mark.parametrize(
+    "caption, phrases",
+    [
+        ("a brown dog sitting on a red sofa next to a cat", ["brown dog", "red sofa", "cat"]),
+        ("A photo of a dog and a cat on the beach.", ["dog", "cat", "beach"]),
+        ("the dog is very happy", ["dog"]),
+        ("a man holding umbrellas in the rain", ["man", "umbrellas", "rain"]),
+        ("a sleeping cat under a wooden table", ["sleeping cat", "wooden table"]),
+        ("close-up of a woman wearing a red hat and sunglasses", ["woman", "red hat", "sunglasses"]),
+    ],
+)
 def test_noun_phrases(caption, phrases):
     assert extract_noun_phrases(caption) == phrases
     assert all(p in caption for p in phrases)
@@ -98,10 +101,17 @@ def test_noun_phrases(caption, phrases):
 def test_noun_phrase_length_and_vocabulary(tmp_path):
     assert extract_noun_phrases("a small brown dog", max_words=1) == ["dog"]
     assert extract_noun_phrases("a small brown dog", max_words=3) == ["small brown dog"]
-    assert find_vocabulary_phrases("Two Dogs near a teddy  bear and a cat", load_vocabulary("coco")) == ["Dogs", "teddy  bear", "cat"]
+    assert find_vocabulary_phrases("Two Dogs near a teddy  bear and a cat", load_vocabulary("coco")) == [
+        "Dogs",
+        "teddy  bear",
+        "cat",
+    ]
     vocabulary = tmp_path / "vocab.txt"
     vocabulary.write_text("# products\nsneaker\nhandbag\n")
-    assert find_vocabulary_phrases("a white sneaker beside a handbag", load_vocabulary(vocabulary)) == ["sneaker", "handbag"]
+    assert find_vocabulary_phrases("a white sneaker beside a handbag", load_vocabulary(vocabulary)) == [
+        "sneaker",
+        "handbag",
+    ]
     with pytest.raises(FileNotFoundError, match="neither a built-in one"):
         load_vocabulary(tmp_path / "none.txt")
 
@@ -113,11 +123,11 @@ def test_select_subjects_filters():
     rules = SubjectFilter(score_threshold=0.3, min_box_area=0.02, max_box_area=0.8, max_overlap=0.5, max_subjects=2)
     detections = [
         Detection("dog", (0.0, 0.0, 0.4, 0.4), 0.6),
-        Detection("dog", (0.5, 0.5, 0.9, 0.9), 0.8),    # the better dog
+        Detection("dog", (0.5, 0.5, 0.9, 0.9), 0.8),  # the better dog
         Detection("cat", (0.55, 0.55, 0.95, 0.95), 0.7),  # IoU with the better dog 0.6 > 0.5: dropped
-        Detection("cup", (0.0, 0.0, 0.1, 0.1), 0.9),    # area 0.01 < 0.02
-        Detection("sofa", (0.0, 0.0, 1.0, 0.9), 0.9),   # area 0.9 > 0.8
-        Detection("ball", (0.0, 0.0, 0.3, 0.3), 0.2),   # score below threshold
+        Detection("cup", (0.0, 0.0, 0.1, 0.1), 0.9),  # area 0.01 < 0.02
+        Detection("sofa", (0.0, 0.0, 1.0, 0.9), 0.9),  # area 0.9 > 0.8
+        Detection("ball", (0.0, 0.0, 0.3, 0.3), 0.2),  # score below threshold
         Detection("hat", (0.0, 0.5, 0.3, 0.9), 0.4),
         Detection("lamp", (0.0, 0.0, 0.2, 0.3), 0.35),  # third: over max_subjects
     ]
@@ -143,8 +153,12 @@ def test_collect_items_from_folders_and_caption_files(tmp_path):
     assert [(i.image.name, i.caption) for i in items] == [("a.png", "a red ball"), ("b.jpg", "a blue box")]
     assert skipped == {"no caption file or empty caption": 1}
 
-    (tmp_path / "caps.jsonl").write_text(json.dumps({"image": "photos/a.png", "caption": "a red ball", "phrases": ["red ball"]}) + "\n")
-    (tmp_path / "caps.csv").write_text('image,caption,phrases\nphotos/a.png,"a red ball, a blue box",red ball;blue box\n')
+    (tmp_path / "caps.jsonl").write_text(
+        json.dumps({"image": "photos/a.png", "caption": "a red ball", "phrases": ["red ball"]}) + "\n"
+    )
+    (tmp_path / "caps.csv").write_text(
+        'image,caption,phrases\nphotos/a.png,"a red ball, a blue box",red ball;blue box\n'
+    )
     (tmp_path / "caps.json").write_text(json.dumps({"photos/a.png": "a red ball"}))
     assert collect_items(tmp_path / "caps.jsonl")[0][0].phrases == ["red ball"]
     assert collect_items(tmp_path / "caps.csv")[0][0].phrases == ["red ball", "blue box"]
@@ -173,12 +187,18 @@ def test_build_manifest_writes_valid_samples_with_masks(tmp_path):
     plain = _scene(tmp_path / "src" / "plain.png", [])
     items = [
         SourceItem(still, "a red ball next to a blue box and a green cup", still),
-        SourceItem(plain, "a red ball", plain),        # nothing detected
-        SourceItem(plain, "it is so blue", plain),     # no phrase
+        SourceItem(plain, "a red ball", plain),  # nothing detected
+        SourceItem(plain, "it is so blue", plain),  # no phrase
     ]
     detector = ColorDetector()
     report = build_manifest(
-        items, tmp_path / "out", detector, SubjectFilter(score_threshold=0.5), make_phrase_finder(), segmenter=ColorSegmenter(), batch_size=2,
+        items,
+        tmp_path / "out",
+        detector,
+        SubjectFilter(score_threshold=0.5),
+        make_phrase_finder(),
+        segmenter=ColorSegmenter(),
+        batch_size=2,
     )
     assert (report.items, report.written, report.masks) == (3, 1, 2)
     assert report.skipped == {"fewer than 1 subject(s) detected": 1, "no subject phrase in the caption": 1}
@@ -195,7 +215,9 @@ def test_build_manifest_writes_valid_samples_with_masks(tmp_path):
     assert np.asarray(mask)[:, :21].all() and not np.asarray(mask)[:, 21:].any()
     assert validate_manifest(tmp_path / "out" / "manifest.jsonl", open_images=True)[2] == 0
 
-    item = MSDiffusionDataset(tmp_path / "out" / "manifest.jsonl", resolution=32, crop="center", image_processor=default_image_processor())[0]
+    item = MSDiffusionDataset(
+        tmp_path / "out" / "manifest.jsonl", resolution=32, crop="center", image_processor=default_image_processor()
+    )[0]
     assert item["num_subjects"] == 2 and set(item["subject_phrases"][:2]) == {"red ball", "blue box"}
 
 
@@ -204,7 +226,9 @@ def test_build_manifest_from_clips_takes_references_from_another_frame(tmp_path)
         _scene(tmp_path / "clips" / "c" / f"{k}.png", [("red ball", (x, 10, x + 20, 40))])
     (tmp_path / "clips" / "c.txt").write_text("a red ball rolling")
     items, _ = collect_items(tmp_path / "clips", video=True)
-    report = build_manifest(items, tmp_path / "out", ColorDetector(), SubjectFilter(), make_phrase_finder(), save_crops=True)
+    report = build_manifest(
+        items, tmp_path / "out", ColorDetector(), SubjectFilter(), make_phrase_finder(), save_crops=True
+    )
     assert report.written == 1
     (sample,) = read_manifest(tmp_path / "out" / "manifest.jsonl")
     (subject,) = sample.subjects
@@ -227,7 +251,11 @@ def tiny_models(tmp_path_factory):
 
 def test_owlv2_detector_and_sam_segmenter_wrappers(tiny_models):
     detector = OpenVocabularyDetector(str(tiny_models / "owlv2"))
-    images = [PIL.Image.new("RGB", (80, 60), "red"), PIL.Image.new("RGB", (50, 70), "blue"), PIL.Image.new("RGB", (30, 30))]
+    images = [
+        PIL.Image.new("RGB", (80, 60), "red"),
+        PIL.Image.new("RGB", (50, 70), "blue"),
+        PIL.Image.new("RGB", (30, 30)),
+    ]
     found = detector(images, [["dog", "cat"], ["sofa"], []], threshold=0.0)
     assert len(found) == 3 and found[2] == []
     # Padding queries (image 2 has one query, image 1 two) never come back as detections.
@@ -263,24 +291,55 @@ def test_grounding_dino_detector_wrapper(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizer(str(tmp_path / "vocab.txt"))
     torch.manual_seed(0)
-    model = GroundingDinoForObjectDetection(GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                                   window_size=4, out_features=["stage1", "stage2"]),
-        text_config=BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64),
-        num_queries=10, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, d_model=32, num_feature_levels=2,
-        encoder_n_points=2, decoder_n_points=2, max_text_len=32,
-    ))
+    model = GroundingDinoForObjectDetection(
+        GroundingDinoConfig(
+            backbone_config=SwinConfig(
+                image_size=64,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1, 1],
+                num_heads=[1, 1],
+                window_size=4,
+                out_features=["stage1", "stage2"],
+            ),
+            text_config=BertConfig(
+                vocab_size=len(words),
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=64,
+            ),
+            num_queries=10,
+            encoder_layers=1,
+            decoder_layers=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            d_model=32,
+            num_feature_levels=2,
+            encoder_n_points=2,
+            decoder_n_points=2,
+            max_text_len=32,
+        )
+    )
     model.save_pretrained(tmp_path / "gdino")
-    processor = GroundingDinoProcessor(GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}), tokenizer)
+    processor = GroundingDinoProcessor(
+        GroundingDinoImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 64}), tokenizer
+    )
     processor.save_pretrained(tmp_path / "gdino")
 
     detector = OpenVocabularyDetector(str(tmp_path / "gdino"))
     assert detector.kind == "grounding-dino"
     # Its labels are decoded prompt spans, matched back to the queries.
     assert [_match_label(label, ["dog", "red ball"]) for label in ("red ball", "ball", "dog red", "cat", "")] == [
-        "red ball", "red ball", "dog", None, None]
+        "red ball",
+        "red ball",
+        "dog",
+        None,
+        None,
+    ]
     found = detector([PIL.Image.new("RGB", (80, 60), "red")], [["dog", "red ball"]], threshold=0.0)
     assert found[0] and {d.phrase for d in found[0]} <= {"dog", "red ball"}
     assert all(0 <= d.box[0] <= d.box[2] <= 1 and 0 <= d.box[1] <= d.box[3] <= 1 for d in found[0])
@@ -298,10 +357,26 @@ def test_build_command_end_to_end_on_tiny_models(tiny_models, tmp_path, capsys):
         (source / f"{k}.txt").write_text(caption)
     out = tmp_path / "dataset"
     args = [
-        "data", "build", str(source), "--out", str(out), "--detector", str(tiny_models / "owlv2"),
-        "--segmenter", str(tiny_models / "sam"), "--device", "cpu", "--batch-size", "2",
+        "data",
+        "build",
+        str(source),
+        "--out",
+        str(out),
+        "--detector",
+        str(tiny_models / "owlv2"),
+        "--segmenter",
+        str(tiny_models / "sam"),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
         # random models: every query scores about 0.5, so the threshold is lowered to keep some
-        "--score-threshold", "0.0", "--min-box-area", "0.001", "--max-overlap", "1.0",
+        "--score-threshold",
+        "0.0",
+        "--min-box-area",
+        "0.001",
+        "--max-overlap",
+        "1.0",
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out

@@ -18,7 +18,11 @@ def _manifest(tmp_path, count=6, truncate=(2,)):
         if k in truncate:
             raw = path.read_bytes()
             path.write_bytes(raw[: len(raw) // 2])
-        subject = {"phrase": "dog", "box": [0.1, 0.1, 0.6, 0.7], "reference": {"image": f"{k}.jpg", "crop": [0.1, 0.1, 0.6, 0.7]}}
+        subject = {
+            "phrase": "dog",
+            "box": [0.1, 0.1, 0.6, 0.7],
+            "reference": {"image": f"{k}.jpg", "crop": [0.1, 0.1, 0.6, 0.7]},
+        }
         lines.append(json.dumps({"image": f"{k}.jpg", "caption": "a dog", "subjects": [subject]}))
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")

@@ -12,8 +12,16 @@ from msdiffusion.data.manifest import ManifestError
 from msdiffusion.subjects import default_image_processor, prepare_reference_pixels
 
 KEYS = {
-    "pixel_values", "caption", "original_size", "crop_top_left", "target_size", "subject_pixel_values",
-    "subject_phrases", "subject_boxes", "num_subjects", "index",
+    "pixel_values",
+    "caption",
+    "original_size",
+    "crop_top_left",
+    "target_size",
+    "subject_pixel_values",
+    "subject_phrases",
+    "subject_boxes",
+    "num_subjects",
+    "index",
 }
 
 
@@ -41,10 +49,18 @@ def wide(tmp_path):
     mask.paste(255, (10, 10, 30, 30))
     mask.save(tmp_path / "mask.png")
     subjects = [
-        {"phrase": "left dog", "box": [0.0, 0.0, 0.2, 1.0], "reference": "ref.png"},            # outside the crop
-        {"phrase": "dog", "box": [0.25, 0.1, 0.5, 0.9], "reference": {"image": "ref.png", "crop": [0.5, 0.0, 1.0, 1.0]}},
-        {"phrase": "cat", "box": [0.1, 0.0, 0.4, 0.5], "reference": {"image": "ref.png", "mask": "mask.png"}},  # half cut
-        {"phrase": "ball", "box": [0.7, 0.2, 0.9, 0.8], "reference": "ref.png"},                # 25% visible
+        {"phrase": "left dog", "box": [0.0, 0.0, 0.2, 1.0], "reference": "ref.png"},  # outside the crop
+        {
+            "phrase": "dog",
+            "box": [0.25, 0.1, 0.5, 0.9],
+            "reference": {"image": "ref.png", "crop": [0.5, 0.0, 1.0, 1.0]},
+        },
+        {
+            "phrase": "cat",
+            "box": [0.1, 0.0, 0.4, 0.5],
+            "reference": {"image": "ref.png", "mask": "mask.png"},
+        },  # half cut
+        {"phrase": "ball", "box": [0.7, 0.2, 0.9, 0.8], "reference": "ref.png"},  # 25% visible
     ]
     records = [
         {"image": "wide.png", "caption": "a dog, a cat, a ball and a left dog", "subjects": subjects},
@@ -92,7 +108,9 @@ def test_references_are_cropped_masked_and_clip_preprocessed(wide, processor):
     expected = prepare_reference_pixels([crop, masked], processor, 64)
     assert torch.equal(item["subject_pixel_values"][:2], expected)
 
-    white = MSDiffusionDataset(wide, resolution=64, crop="center", image_processor=processor, mask_color=(255, 255, 255))
+    white = MSDiffusionDataset(
+        wide, resolution=64, crop="center", image_processor=processor, mask_color=(255, 255, 255)
+    )
     masked_white = PIL.Image.new("RGB", (40, 40), (255, 255, 255))
     masked_white.paste(reference.crop((10, 10, 30, 30)), (10, 10))
     assert torch.equal(white[0]["subject_pixel_values"][1], prepare_reference_pixels([masked_white], processor, 64)[0])
@@ -104,8 +122,13 @@ def test_references_are_cropped_masked_and_clip_preprocessed(wide, processor):
 def test_random_crops_are_reproducible_and_move_boxes_consistently(tmp_path, processor):
     PIL.Image.new("RGB", (120, 80), "white").save(tmp_path / "t.png")
     box = [0.3, 0.2, 0.7, 0.9]
-    manifest = _manifest(tmp_path, [{"image": "t.png", "caption": "a cup", "subjects": [{"phrase": "cup", "box": box, "reference": "t.png"}]}])
-    dataset = MSDiffusionDataset(manifest, resolution=(32, 32), crop="random", seed=3, image_processor=processor, min_visible_fraction=0.0)
+    manifest = _manifest(
+        tmp_path,
+        [{"image": "t.png", "caption": "a cup", "subjects": [{"phrase": "cup", "box": box, "reference": "t.png"}]}],
+    )
+    dataset = MSDiffusionDataset(
+        manifest, resolution=(32, 32), crop="random", seed=3, image_processor=processor, min_visible_fraction=0.0
+    )
     crops = set()
     for epoch in range(6):
         dataset.set_epoch(epoch)
@@ -127,7 +150,10 @@ def test_transform_box_keeps_non_square_geometry():
     # to 128x64: x 0..70, y 0..64 (70% of its area stays visible).
     box = transform_box([0.1, 0.1, 0.5, 0.9], (50, 100), (2.0, 2.0), (10, 30), (64, 128), min_visible_fraction=0.7)
     assert box == pytest.approx((0.0, 0.0, 70 / 128, 1.0))
-    assert transform_box([0.1, 0.1, 0.5, 0.9], (50, 100), (2.0, 2.0), (10, 30), (64, 128), min_visible_fraction=0.71) is None
+    assert (
+        transform_box([0.1, 0.1, 0.5, 0.9], (50, 100), (2.0, 2.0), (10, 30), (64, 128), min_visible_fraction=0.71)
+        is None
+    )
     assert transform_box([0.9, 0.9, 1.0, 1.0], (50, 100), (2.0, 2.0), (0, 0), (64, 128)) is None
 
 
@@ -178,23 +204,31 @@ def test_aspect_ratio_buckets(tmp_path, processor):
     buckets = sdxl_buckets(1024)
     assert {(1024, 1024), (896, 1152), (832, 1216), (768, 1344), (1152, 896)} <= set(buckets)
     assert all(h % 64 == 0 and w % 64 == 0 and max(h / w, w / h) <= 2 for h, w in buckets)
-    assert all(abs(h * w - 1024 ** 2) / 1024 ** 2 < 0.1 for h, w in buckets)
+    assert all(abs(h * w - 1024**2) / 1024**2 < 0.1 for h, w in buckets)
     assert nearest_bucket(200, 100, [(64, 64), (32, 64), (64, 32)]) == 1
 
     records = []
     for k, size in enumerate([(200, 100), (100, 200), (90, 90), (210, 100), (64, 32)]):
         PIL.Image.new("RGB", size, "white").save(tmp_path / f"{k}.png")
-        record = {"image": f"{k}.png", "caption": "a cup", "subjects": [{"phrase": "cup", "box": [0.25, 0.25, 0.75, 0.75], "reference": f"{k}.png"}]}
+        record = {
+            "image": f"{k}.png",
+            "caption": "a cup",
+            "subjects": [{"phrase": "cup", "box": [0.25, 0.25, 0.75, 0.75], "reference": f"{k}.png"}],
+        }
         if k == 4:
             record.update(width=64, height=32)  # sizes from the manifest, headers not needed
         records.append(record)
     manifest = _manifest(tmp_path, records)
-    dataset = MSDiffusionDataset(manifest, buckets=[(32, 32), (32, 64), (64, 32)], crop="center", image_processor=processor)
+    dataset = MSDiffusionDataset(
+        manifest, buckets=[(32, 32), (32, 64), (64, 32)], crop="center", image_processor=processor
+    )
     assert dataset.bucket_ids.tolist() == [1, 2, 0, 1, 1]
     wide = dataset[0]
     # 200x100 scales exactly onto 64x32: nothing cropped, the box is unchanged.
     assert wide["target_size"] == (32, 64) and wide["pixel_values"].shape == (3, 32, 64)
-    assert wide["crop_top_left"] == (0, 0) and torch.allclose(wide["subject_boxes"][0], torch.tensor([0.25, 0.25, 0.75, 0.75]))
+    assert wide["crop_top_left"] == (0, 0) and torch.allclose(
+        wide["subject_boxes"][0], torch.tensor([0.25, 0.25, 0.75, 0.75])
+    )
     assert dataset[1]["target_size"] == (64, 32)
 
     sampler = BucketBatchSampler(dataset.bucket_ids, batch_size=2, seed=1)
@@ -208,7 +242,11 @@ def test_aspect_ratio_buckets(tmp_path, processor):
         sampler.set_epoch(epoch)
         orders.add(tuple(map(tuple, sampler)))
     assert len(orders) > 1
-    assert len(BucketBatchSampler(dataset.bucket_ids, batch_size=2, drop_last=True)) == len(list(BucketBatchSampler(dataset.bucket_ids, batch_size=2, drop_last=True))) == 1
+    assert (
+        len(BucketBatchSampler(dataset.bucket_ids, batch_size=2, drop_last=True))
+        == len(list(BucketBatchSampler(dataset.bucket_ids, batch_size=2, drop_last=True)))
+        == 1
+    )
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_subjects)
     assert all(batch["pixel_values"].shape[0] == len(batch["index"]) for batch in loader)

@@ -17,9 +17,16 @@ def pipe():
 
 
 def call(pipe, **kwargs):
-    args = dict(prompt="a dog and a cat", subject_images=[IMG, IMG], subject_phrases=["dog", "cat"],
-                subject_boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]], num_inference_steps=1, height=64, width=64,
-                output_type="latent")  # fmt: skip
+    args = dict(
+        prompt="a dog and a cat",
+        subject_images=[IMG, IMG],
+        subject_phrases=["dog", "cat"],
+        subject_boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+        num_inference_steps=1,
+        height=64,
+        width=64,
+        output_type="latent",
+    )
     args.update(kwargs)
     return pipe(**args)
 
@@ -66,8 +73,13 @@ def test_inconsistent_subject_arguments(pipe, kwargs, match):
 
 def test_batched_subjects_must_match_prompts(pipe):
     with pytest.raises(ValueError, match="one list per prompt"):
-        call(pipe, prompt=["a dog", "a cat", "a bear"], subject_images=[[IMG], [IMG]],
-             subject_phrases=[["dog"], ["cat"]], subject_boxes=[[[0, 0, 1, 1]], [[0, 0, 1, 1]]])  # fmt: skip
+        call(
+            pipe,
+            prompt=["a dog", "a cat", "a bear"],
+            subject_images=[[IMG], [IMG]],
+            subject_phrases=[["dog"], ["cat"]],
+            subject_boxes=[[[0, 0, 1, 1]], [[0, 0, 1, 1]]],
+        )
 
 
 def test_unreadable_and_missing_images(pipe, tmp_path):
@@ -104,8 +116,13 @@ def test_phrase_not_in_prompt_warns(pipe):
 
 def test_more_subjects_than_trained_warns(pipe):
     with pytest.warns(UserWarning, match="at most 4"):
-        call(pipe, prompt="a dog a cat a bear a duck a clock", subject_images=[IMG] * 5,
-             subject_phrases=["dog", "cat", "bear", "duck", "clock"], subject_boxes=[[0, 0, 1, 1]] * 5)  # fmt: skip
+        call(
+            pipe,
+            prompt="a dog a cat a bear a duck a clock",
+            subject_images=[IMG] * 5,
+            subject_phrases=["dog", "cat", "bear", "duck", "clock"],
+            subject_boxes=[[0, 0, 1, 1]] * 5,
+        )
 
 
 def test_subjects_need_text_prompt_and_adapter(pipe):

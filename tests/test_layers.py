@@ -17,7 +17,18 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "msdiffusion"
-METHOD = {"resampler", "layout", "attention", "adapter", "subjects", "pipelines", "boxes", "release", "weight_files", "atomic"}
+METHOD = {
+    "resampler",
+    "layout",
+    "attention",
+    "adapter",
+    "subjects",
+    "pipelines",
+    "boxes",
+    "release",
+    "weight_files",
+    "atomic",
+}
 SETTINGS = {"errors", "settings", "loading", "checks", "tiny", "preview"}
 FLOORS = ["method", "settings", "data", "train", "bench", "world", "app"]
 
@@ -25,7 +36,9 @@ FLOORS = ["method", "settings", "data", "train", "bench", "world", "app"]
 def floor(module: str) -> str:
     parts = module.split(".")[1:]  # without "msdiffusion"
     if not parts or parts == ["__main__"]:
-        return "method" if not parts else "app"  # the package's lazy exports are the method's; `python -m` is the command
+        return (
+            "method" if not parts else "app"
+        )  # the package's lazy exports are the method's; `python -m` is the command
     if parts[0] in METHOD:
         return "method"
     if parts[0] in SETTINGS:
@@ -103,7 +116,9 @@ def test_only_the_loader_names_the_world_below_it():
     for name, path in modules().items():
         if floor(name) in ("world", "app") or name == "msdiffusion.loading":
             continue
-        if "msdiff-world" in path.read_text() or any(t.startswith("msdiffusion.world") for t in imports(name, path, set(modules()))):
+        if "msdiff-world" in path.read_text() or any(
+            t.startswith("msdiffusion.world") for t in imports(name, path, set(modules()))
+        ):
             named.append(name)
     assert not named, named
 

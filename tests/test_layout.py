@@ -2,6 +2,7 @@ import warnings
 
 import pytest
 import torch
+from reference_impl import reference_box_cells
 
 from msdiffusion.layout import (
     SubjectLayout,
@@ -12,8 +13,6 @@ from msdiffusion.layout import (
     regions_to_bias,
 )
 from msdiffusion.tiny import tiny_tokenizers
-
-from reference_impl import reference_box_cells
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +83,12 @@ def test_multi_token_phrase(tokenizer):
 
 def test_layout_repeat_interleave_and_validation():
     layout = SubjectLayout(
-        boxes=torch.rand(2, 3, 4), latent_size=(8, 8), subject_scales=torch.rand(2, 3),
-        phrase_positions=[[[1], [2], []], [[3], [], []]], mask_threshold=0.5,
-    )  # fmt: skip
+        boxes=torch.rand(2, 3, 4),
+        latent_size=(8, 8),
+        subject_scales=torch.rand(2, 3),
+        phrase_positions=[[[1], [2], []], [[3], [], []]],
+        mask_threshold=0.5,
+    )
     assert layout.num_image_tokens == 4 + 3 * 16
     repeated = layout.repeat_interleave(2)
     assert repeated.batch_size == 4

@@ -3,10 +3,9 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+from reference_impl import reference_box_cells, use_reference_processors
 
 from msdiffusion.tiny import tiny_pipeline
-
-from reference_impl import reference_box_cells, use_reference_processors
 
 PROMPT = "a dog and a cat on the beach"
 BOXES = [[0.0, 0.25, 0.45, 0.75], [0.5, 0.2, 1.0, 0.8]]
@@ -117,23 +116,35 @@ def test_batch_with_different_subject_counts_matches_single_runs(pipe, subject_i
         subject_images=[subject_images[:2], [subject_images[2]]],
         subject_phrases=[["dog", "cat"], ["teddy bear"]],
         subject_boxes=[BOXES, [[0.2, 0.2, 0.8, 0.9]]],
-        num_inference_steps=3, height=128, width=128, output_type="np",
+        num_inference_steps=3,
+        height=128,
+        width=128,
+        output_type="np",
         generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
-    ).images  # fmt: skip
+    ).images
     first = generate(pipe, seed=1, **subjects(subject_images))
     second = generate(
-        pipe, seed=2, prompt=prompts[1], subject_images=[subject_images[2]], subject_phrases=["teddy bear"],
+        pipe,
+        seed=2,
+        prompt=prompts[1],
+        subject_images=[subject_images[2]],
+        subject_phrases=["teddy bear"],
         subject_boxes=[[0.2, 0.2, 0.8, 0.9]],
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(batch[0], first[0], atol=2e-4)
     np.testing.assert_allclose(batch[1], second[0], atol=2e-4)
 
 
 def test_shared_subjects_for_a_list_of_prompts_and_images_per_prompt(pipe, subject_images):
     out = pipe(
-        prompt=[PROMPT, "a dog and a cat in the snow"], num_images_per_prompt=2, num_inference_steps=2,
-        height=128, width=128, output_type="np", **subjects(subject_images),
-    ).images  # fmt: skip
+        prompt=[PROMPT, "a dog and a cat in the snow"],
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        height=128,
+        width=128,
+        output_type="np",
+        **subjects(subject_images),
+    ).images
     assert out.shape == (4, 128, 128, 3)
     assert not np.allclose(out[0], out[1])
 
@@ -143,8 +154,15 @@ def test_without_subjects_it_is_plain_sdxl(pipe):
     plain = StableDiffusionXLPipeline(**components)
     plain.set_progress_bar_config(disable=True)
     ours = generate(pipe)
-    theirs = plain(prompt=PROMPT, num_inference_steps=3, height=128, width=128, guidance_scale=7.5, output_type="np",
-                   generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    theirs = plain(
+        prompt=PROMPT,
+        num_inference_steps=3,
+        height=128,
+        width=128,
+        guidance_scale=7.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
@@ -166,16 +184,26 @@ def test_subject_inputs_change_the_image(pipe, subject_images):
 
 
 def test_auto_layout_returns_maps_and_output_types(pipe, subject_images):
-    out = pipe(prompt=PROMPT, num_inference_steps=3, height=128, width=192, mask_threshold=0.5, start_step=2,
-               output_type="pt", **subjects(subject_images))  # fmt: skip
+    out = pipe(
+        prompt=PROMPT,
+        num_inference_steps=3,
+        height=128,
+        width=192,
+        mask_threshold=0.5,
+        start_step=2,
+        output_type="pt",
+        **subjects(subject_images),
+    )
     assert out.images.shape == (1, 3, 128, 192)
     assert out.auto_layout_maps.shape == (1, 2, 8, 12)  # finest cross-attention grid: 16x24 latent / 2
     assert 0 <= out.auto_layout_maps.min() and out.auto_layout_maps.max() <= 1
-    latents = pipe(prompt=PROMPT, num_inference_steps=1, height=128, width=128, output_type="latent",
-                   **subjects(subject_images)).images  # fmt: skip
+    latents = pipe(
+        prompt=PROMPT, num_inference_steps=1, height=128, width=128, output_type="latent", **subjects(subject_images)
+    ).images
     assert latents.shape == (1, 4, 16, 16)
-    images = pipe(prompt=PROMPT, num_inference_steps=1, height=128, width=128, return_dict=False,
-                  **subjects(subject_images))[0]  # fmt: skip
+    images = pipe(
+        prompt=PROMPT, num_inference_steps=1, height=128, width=128, return_dict=False, **subjects(subject_images)
+    )[0]
     assert isinstance(images[0], PIL.Image.Image)
 
 
@@ -184,8 +212,13 @@ def test_other_sdxl_arguments_keep_working(pipe, subject_images):
     original = pipe.scheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
     try:
-        generate(pipe, negative_prompt="blurry", guidance_rescale=0.3,
-                 callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw, **subjects(subject_images))  # fmt: skip
+        generate(
+            pipe,
+            negative_prompt="blurry",
+            guidance_rescale=0.3,
+            callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw,
+            **subjects(subject_images),
+        )
     finally:
         pipe.scheduler = original
     assert steps == [0, 1, 2]
@@ -211,7 +244,9 @@ def test_lora_and_model_offload_keep_working(subject_images, tmp_path):
         if "lora_B" in name:  # B starts at zero: make the LoRA do something
             torch.nn.init.normal_(param, std=0.1)
     layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(donor))
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers={k: v for k, v in layers.items() if "processor" not in k})
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers={k: v for k, v in layers.items() if "processor" not in k}
+    )
 
     pipe = tiny_pipeline(seed=0)
     before = generate(pipe, **subjects(subject_images))
@@ -247,20 +282,27 @@ def test_reference_combine_mean_averages_each_references_tokens(pipe, subject_im
 def test_prepared_subjects_give_the_same_images_without_encoding_again(pipe, subject_images):
     prepared = pipe.prepare_subjects(subject_images[:2], ["dog", "cat"], BOXES)
     calls = []
-    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in (pipe.image_encoder, pipe.ms_image_projection)]
+    hooks = [
+        m.register_forward_hook(lambda *a: calls.append(1)) for m in (pipe.image_encoder, pipe.ms_image_projection)
+    ]
     try:
         for seed in (0, 1):  # reused across generations
             expected = generate(pipe, seed, **subjects(subject_images))
             np.testing.assert_array_equal(generate(pipe, seed, prepared_subjects=prepared), expected)
-        assert len(calls) == 4  # two encodings of the subject arguments (encoder + resampler each), none of the prepared
+        assert (
+            len(calls) == 4
+        )  # two encodings of the subject arguments (encoder + resampler each), none of the prepared
     finally:
         for hook in hooks:
             hook.remove()
 
     # a list of prompts: one row per prompt, or one row shared by all
     prompts = [PROMPT, "a cat and a dog in the snow"]
-    per_prompt = dict(subject_images=[subject_images[:2], subject_images[1:]], subject_phrases=[["dog", "cat"], ["cat", "dog"]],
-                      subject_boxes=[BOXES, BOXES[::-1]])  # fmt: skip
+    per_prompt = dict(
+        subject_images=[subject_images[:2], subject_images[1:]],
+        subject_phrases=[["dog", "cat"], ["cat", "dog"]],
+        subject_boxes=[BOXES, BOXES[::-1]],
+    )
     rows = pipe.prepare_subjects(**per_prompt, num_prompts=2)
     expected = generate(pipe, prompt=prompts, **per_prompt)
     np.testing.assert_array_equal(generate(pipe, prompt=prompts, prepared_subjects=rows), expected)
@@ -273,10 +315,16 @@ def test_prepared_subjects_refuse_what_they_would_ignore(pipe, subject_images):
     prepared = pipe.prepare_subjects(subject_images[:2], ["dog", "cat"], BOXES, drop_grounding_tokens=True)
     with pytest.raises(ValueError, match="either prepared_subjects or subject_boxes"):
         generate(pipe, prepared_subjects=prepared, subject_boxes=BOXES)
-    with pytest.raises(ValueError, match=r"reference_size=224, but the prepared subjects were encoded with reference_size=512"):
+    with pytest.raises(
+        ValueError, match=r"reference_size=224, but the prepared subjects were encoded with reference_size=512"
+    ):
         generate(pipe, prepared_subjects=prepared, reference_size=224)
     with pytest.raises(ValueError, match="subjects of 2 prompts but 3 were given"):
-        generate(pipe, prompt=[PROMPT] * 3, prepared_subjects=pipe.prepare_subjects(**subjects(subject_images), num_prompts=2))
+        generate(
+            pipe,
+            prompt=[PROMPT] * 3,
+            prepared_subjects=pipe.prepare_subjects(**subjects(subject_images), num_prompts=2),
+        )
     expected = generate(pipe, drop_grounding_tokens=True, **subjects(subject_images))
     np.testing.assert_array_equal(generate(pipe, prepared_subjects=prepared), expected)  # its own setting, unasked
     np.testing.assert_array_equal(generate(pipe, prepared_subjects=prepared, drop_grounding_tokens=True), expected)

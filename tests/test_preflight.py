@@ -7,9 +7,9 @@ import torch
 
 from msdiffusion import loading, settings
 from msdiffusion.app import jobs
-from msdiffusion.weight_files import safetensors_problem, torch_file_problem
 from msdiffusion.app.cli import main
 from msdiffusion.tiny import save_tiny_models
+from msdiffusion.weight_files import safetensors_problem, torch_file_problem
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +46,23 @@ def run(capsys, *args):
 
 def generate_args(models, *extra, subject=("dog.jpg", "dog", "0.1,0.2,0.5,0.8")):
     return [
-        "generate", "--base", str(models["base"]), "--adapter", str(models["adapter"]),
-        "--image-encoder", str(models["image_encoder"]), "--prompt", "a dog", "--steps", "2", "--size", "64x64",
-        "--subject", *subject, *extra,
-    ]  # fmt: skip
+        "generate",
+        "--base",
+        str(models["base"]),
+        "--adapter",
+        str(models["adapter"]),
+        "--image-encoder",
+        str(models["image_encoder"]),
+        "--prompt",
+        "a dog",
+        "--steps",
+        "2",
+        "--size",
+        "64x64",
+        "--subject",
+        *subject,
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -119,7 +132,11 @@ def test_unreachable_hub_fails_at_once(files, models, capsys, monkeypatch):
         ("foo", "device: 'foo' is not a device; use cpu, cuda, cuda:N or mps"),
         pytest.param("cuda", "cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
         ("cuda:99", "cuda"),
-        pytest.param("mps", "'mps' (Apple GPU) is not available", marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has MPS")),
+        pytest.param(
+            "mps",
+            "'mps' (Apple GPU) is not available",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="has MPS"),
+        ),
     ],
 )
 def test_devices(files, models, capsys, device, message):
@@ -201,12 +218,25 @@ def test_file_checks(files, models):
 
 def test_train_and_bench_check_models_first(files, models, capsys):
     (files / "m.jsonl").write_text("")
-    code, errors = run(capsys, "train", "--base", "./nobase", "--image-encoder", str(models["image_encoder"]), "--manifest", "m.jsonl")
+    code, errors = run(
+        capsys, "train", "--base", "./nobase", "--image-encoder", str(models["image_encoder"]), "--manifest", "m.jsonl"
+    )
     assert code == 2 and "base: './nobase' does not exist" in errors[0], errors
     code, errors = run(
-        capsys, "bench", "run", "--photos", str(files), "--output", "run", "--base", str(models["base"]),
-        "--adapter", "garbage.bin", "--image-encoder", "./noenc",
-    )  # fmt: skip
+        capsys,
+        "bench",
+        "run",
+        "--photos",
+        str(files),
+        "--output",
+        "run",
+        "--base",
+        str(models["base"]),
+        "--adapter",
+        "garbage.bin",
+        "--image-encoder",
+        "./noenc",
+    )
     assert code == 2 and "--image-encoder: './noenc' does not exist" in errors[0], errors
 
 
@@ -227,14 +257,39 @@ def test_job_options_of_the_python_api(tmp_path, monkeypatch, capsys):
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)
     layers = convert_state_dict_to_diffusers(peft.get_peft_model_state_dict(donor))
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers={k: v for k, v in layers.items() if "processor" not in k})
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers={k: v for k, v in layers.items() if "processor" not in k}
+    )
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save("dog.jpg")
 
-    base = ["generate", "--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random",
-            "--prompt", "a dog", "--subject", "dog.jpg", "dog", "0.1,0.1,0.9,0.9", "--size", "64", "--steps", "2",
-            "--seed", "0", "--quiet", "--no-preview"]  # fmt: skip
+    base = [
+        "generate",
+        "--base",
+        "tiny-random",
+        "--adapter",
+        "tiny-random",
+        "--image-encoder",
+        "tiny-random",
+        "--prompt",
+        "a dog",
+        "--subject",
+        "dog.jpg",
+        "dog",
+        "0.1,0.1,0.9,0.9",
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "0",
+        "--quiet",
+        "--no-preview",
+    ]
     assert main([*base, "--output", "plain"]) == 0
-    assert main([*base, "--output", "lora", "--lora", "lora/pytorch_lora_weights.safetensors", "0.8", "--cpu-offload"]) == 0
+    assert (
+        main([*base, "--output", "lora", "--lora", "lora/pytorch_lora_weights.safetensors", "0.8", "--cpu-offload"])
+        == 0
+    )
     plain = np.asarray(PIL.Image.open("plain/msdiff-00001.png"), dtype=float)
     with_lora = PIL.Image.open("lora/msdiff-00001.png")
     assert np.abs(plain - np.asarray(with_lora, dtype=float)).mean() > 0.5  # the LoRA changed the image
@@ -246,12 +301,28 @@ def test_job_options_of_the_python_api(tmp_path, monkeypatch, capsys):
 
     assert main([*base, "--lora", "missing.safetensors"]) == 2
     assert "loras[0]: 'missing.safetensors' does not exist" in capsys.readouterr().err
-    job = jobs.job_from_dict({"base": "b/c", "adapter": "a/b", "prompt": "a dog", "variant": "fp16", "vae": "x/vae",
-                              "subjects": [{"image": "dog.jpg", "phrase": "dog"}], "size": "128x64"})  # fmt: skip
+    job = jobs.job_from_dict(
+        {
+            "base": "b/c",
+            "adapter": "a/b",
+            "prompt": "a dog",
+            "variant": "fp16",
+            "vae": "x/vae",
+            "subjects": [{"image": "dog.jpg", "phrase": "dog"}],
+            "size": "128x64",
+        }
+    )
     assert (job.variant, job.vae, job.size) == ("fp16", "x/vae", [128, 64])
     with pytest.raises(jobs.JobError, match=r"loras\[0\]: unknown field 'scal'"):
-        jobs.job_from_dict({"base": "b/c", "adapter": "a/b", "prompt": "a dog", "loras": [{"path": "x", "scal": 1}],
-                            "subjects": [{"image": "dog.jpg", "phrase": "dog"}]})  # fmt: skip
+        jobs.job_from_dict(
+            {
+                "base": "b/c",
+                "adapter": "a/b",
+                "prompt": "a dog",
+                "loras": [{"path": "x", "scal": 1}],
+                "subjects": [{"image": "dog.jpg", "phrase": "dog"}],
+            }
+        )
 
     assert main(["tiny-models", "tiny"]) == 0
     out = capsys.readouterr().out

@@ -19,7 +19,9 @@ def has_colour(image, colour, tolerance=10):
 def test_sheet_shows_every_photo_of_a_subject():
     result = solid((128, 128, 128), (64, 64))
     one = subjects_sheet([solid((255, 0, 0)), solid((0, 255, 0))], ["dog", "cat"], result, height=64)
-    several = subjects_sheet([[solid((255, 0, 0)), solid((0, 0, 255))], solid((0, 255, 0))], ["dog", "cat"], result, height=64)
+    several = subjects_sheet(
+        [[solid((255, 0, 0)), solid((0, 0, 255))], solid((0, 255, 0))], ["dog", "cat"], result, height=64
+    )
     assert several.width > one.width
     assert has_colour(several, (0, 0, 255)) and not has_colour(one, (0, 0, 255))  # the second photo of the dog
 

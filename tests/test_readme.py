@@ -44,6 +44,7 @@ def localize(text, paths):
     return text
 
 
+@pytest.mark.slow
 def test_readme_shell_commands(workdir, capsys):
     job = localize(blocks("yaml")[0], workdir)
     Path("job.yaml").write_text(job)
@@ -62,6 +63,8 @@ def test_readme_shell_commands(workdir, capsys):
 
 def test_readme_python_snippet(workdir):
     code = localize(blocks("python")[0], workdir)
-    code = code.replace("num_inference_steps=30", "num_inference_steps=2").replace("height=768, width=1344", "height=64, width=96")
+    code = code.replace("num_inference_steps=30", "num_inference_steps=2").replace(
+        "height=768, width=1344", "height=64, width=96"
+    )
     exec(compile(code, "README.md", "exec"), {})
     assert PIL.Image.open("dog-and-cat.png").size == (96, 64)

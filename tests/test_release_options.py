@@ -10,7 +10,6 @@ import pytest
 
 from msdiffusion.resampler import ResamplerConfig, released_grounding_hidden_dim
 
-
 # --- 1. grounding MLP width of new adapters --------------------------------------------------------
 
 
@@ -35,7 +34,9 @@ def test_tiny_adapter_uses_the_release_rule_and_loading_reads_the_width_from_the
     from msdiffusion.adapter import initial_checkpoint, load_checkpoint
     from msdiffusion.tiny import TINY_RESAMPLER, tiny_sdxl_components
 
-    assert TINY_RESAMPLER.grounding_hidden_dim == released_grounding_hidden_dim(TINY_RESAMPLER.phrase_dim) == 2 * (32 + 64)
+    assert (
+        TINY_RESAMPLER.grounding_hidden_dim == released_grounding_hidden_dim(TINY_RESAMPLER.phrase_dim) == 2 * (32 + 64)
+    )
     unet = tiny_sdxl_components(tmp_path / "tok")["unet"]
     # a checkpoint of another width (e.g. trained before this rule) still loads with its own width
     odd = ResamplerConfig(**{**TINY_RESAMPLER.to_dict(), "grounding_hidden_dim": 40})
@@ -76,10 +77,16 @@ def _job_dict(tmp_path, **extra):
 
     PIL.Image.new("RGB", (32, 32), (200, 10, 10)).save(tmp_path / "dog.png")
     return {
-        "base": "b", "adapter": "a", "prompt": "a dog", "size": [64, 64], "seed": 3, "output": str(tmp_path / "out"),
-        "preview": False, "subjects": [{"image": str(tmp_path / "dog.png"), "phrase": "dog", "box": [0, 0, 1, 1]}],
+        "base": "b",
+        "adapter": "a",
+        "prompt": "a dog",
+        "size": [64, 64],
+        "seed": 3,
+        "output": str(tmp_path / "out"),
+        "preview": False,
+        "subjects": [{"image": str(tmp_path / "dog.png"), "phrase": "dog", "box": [0, 0, 1, 1]}],
         **extra,
-    }  # fmt: skip
+    }
 
 
 def test_jobs_and_the_cli_default_to_the_release_negative_prompt(tmp_path, capsys):
@@ -122,15 +129,18 @@ def test_training_validation_defaults_to_the_release_negative_prompt(tmp_path):
 
     PIL.Image.new("RGB", (16, 16)).save(tmp_path / "r.png")
     subject = {"image": str(tmp_path / "r.png"), "phrase": "dog", "box": [0, 0, 1, 1]}
-    entries = [{"prompt": "a dog", "subjects": [subject]},
-               {"prompt": "a dog", "subjects": [subject], "negative_prompt": "blurry"},
-               {"prompt": "a dog", "subjects": [subject], "negative_prompt": None}]  # fmt: skip
+    entries = [
+        {"prompt": "a dog", "subjects": [subject]},
+        {"prompt": "a dog", "subjects": [subject], "negative_prompt": "blurry"},
+        {"prompt": "a dog", "subjects": [subject], "negative_prompt": None},
+    ]
     config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries)
     assert validation_settings(config).negative_prompt == RELEASE_NEGATIVE
     got = [entry.negative_prompt for entry in validation_entries(config, dataset=None)]
     assert got == [RELEASE_NEGATIVE, "blurry", None]
-    config = TrainConfig(base="b", image_encoder="e", manifest="m", validation=entries[:1],
-                         validation_settings={"negative_prompt": None})
+    config = TrainConfig(
+        base="b", image_encoder="e", manifest="m", validation=entries[:1], validation_settings={"negative_prompt": None}
+    )
     assert validation_entries(config, dataset=None)[0].negative_prompt is None
 
 
@@ -155,7 +165,9 @@ def test_masked_references_are_black_by_default_like_multiplying_by_the_mask(tmp
     mask[4:20, 6:18] = 255
     PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
     subject = {"phrase": "dog", "box": [0, 0, 1, 1], "reference": {"image": "ref.png", "mask": "mask.png"}}
-    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "ref.png", "caption": "a dog", "subjects": [subject]}) + "\n")
+    (tmp_path / "manifest.jsonl").write_text(
+        json.dumps({"image": "ref.png", "caption": "a dog", "subjects": [subject]}) + "\n"
+    )
 
     def background(dataset):
         return np.asarray(dataset.reference_image(dataset.sample(0).subjects[0].reference, {}, "here", 0))
@@ -216,12 +228,12 @@ def test_release_positions_differ_on_1014_msbench_prompts_with_the_sdxl_tokenize
 
 
 def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp_path, tokenizer):
-    from msdiffusion.bench.runner import BenchSettings, check_run_config
     from msdiffusion.app.cli import build_parser
     from msdiffusion.app.commands import _flag_overrides
     from msdiffusion.app.jobs import JobError, job_from_dict, run_job
-    from msdiffusion.tiny import tiny_pipeline
+    from msdiffusion.bench.runner import BenchSettings, check_run_config
     from msdiffusion.subjects import Subject
+    from msdiffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0, work_dir=tmp_path / "tiny")
     subjects = [[Subject([None], "cat", (0.0, 0.0, 0.5, 0.5)), Subject([None], "cat", (0.5, 0.5, 1.0, 1.0))]]
@@ -240,8 +252,24 @@ def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp
     flags = build_parser().parse_args(["generate", "--phrase-matching", "release"])
     assert _flag_overrides(flags)["phrase_matching"] == "release"
 
-    bench = build_parser().parse_args(["bench", "run", "--photos", "i", "--output", "o", "--base", "b", "--adapter", "a",
-                                       "--image-encoder", "e", "--phrase-matching", "release"])  # fmt: skip
+    bench = build_parser().parse_args(
+        [
+            "bench",
+            "run",
+            "--photos",
+            "i",
+            "--output",
+            "o",
+            "--base",
+            "b",
+            "--adapter",
+            "a",
+            "--image-encoder",
+            "e",
+            "--phrase-matching",
+            "release",
+        ]
+    )
     assert bench.phrase_matching == "release"
     # a run directory made before the setting existed resumes with the default
     settings = BenchSettings(base="b", adapter="a", image_encoder="e")
@@ -249,8 +277,12 @@ def test_phrase_matching_reaches_the_layout_from_the_pipeline_jobs_and_bench(tmp
     (tmp_path / "run_config.json").write_text(__import__("json").dumps({"benchmark": "msbench", "settings": old}))
     check_run_config(tmp_path, "msbench", settings, tmp_path)
     with pytest.raises(ValueError, match="phrase_matching"):
-        check_run_config(tmp_path, "msbench", BenchSettings(base="b", adapter="a", image_encoder="e",
-                                                                 phrase_matching="release"), tmp_path)  # fmt: skip
+        check_run_config(
+            tmp_path,
+            "msbench",
+            BenchSettings(base="b", adapter="a", image_encoder="e", phrase_matching="release"),
+            tmp_path,
+        )
 
 
 # --- 7. seeds: a CPU generator per image by default, the release's batch draw as an option -----------
@@ -279,15 +311,28 @@ def test_release_seed_mode_draws_the_batch_from_one_generator_like_the_release(t
     paths, release = run("release")
     # the release: MSAdapter.generate(num_samples=2, seed=11) -> one Generator(device).manual_seed(11) for the batch
     direct = pipe(
-        prompt="a dog", negative_prompt=None, subject_images=[PIL.Image.open(tmp_path / "dog.png")], subject_phrases=["dog"],
-        subject_boxes=[[0, 0, 1, 1]], num_inference_steps=2, height=64, width=64, num_images_per_prompt=2,
-        generator=torch.Generator("cpu").manual_seed(11), output_type="pil",
-    ).images  # fmt: skip
+        prompt="a dog",
+        negative_prompt=None,
+        subject_images=[PIL.Image.open(tmp_path / "dog.png")],
+        subject_phrases=["dog"],
+        subject_boxes=[[0, 0, 1, 1]],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        num_images_per_prompt=2,
+        generator=torch.Generator("cpu").manual_seed(11),
+        output_type="pil",
+    ).images
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(release, direct))
     recorded = json.loads(PIL.Image.open(paths[1]).text[PNG_METADATA_KEY])
-    assert (recorded["seed"], recorded["images"], recorded["seed_mode"]) == (11, 2, "release")  # --from redoes the batch
+    assert (recorded["seed"], recorded["images"], recorded["seed_mode"]) == (
+        11,
+        2,
+        "release",
+    )  # --from redoes the batch
 
     _, per_image = run("per-image")
+
     def levels(a, b):  # largest difference in 8-bit levels
         return int(np.abs(a.astype(int) - b.astype(int)).max())
 
@@ -311,10 +356,10 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
     import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from msdiffusion.attention import TextOnlyAttnProcessor
     from msdiffusion.app.cli import build_parser
     from msdiffusion.app.commands import _flag_overrides
     from msdiffusion.app.jobs import job_from_dict, run_job
+    from msdiffusion.attention import TextOnlyAttnProcessor
     from msdiffusion.tiny import tiny_pipeline
 
     pipe = tiny_pipeline(seed=0, controlnet=True, work_dir=tmp_path / "tiny")
@@ -326,9 +371,17 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
     )
     image = PIL.Image.new("RGB", (40, 40), (120, 30, 200))
     depth = PIL.Image.fromarray(np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))).convert("RGB")
-    args = dict(prompt="a dog and a cat", image=depth, subject_images=[image, image], subject_phrases=["dog", "cat"],
-                subject_boxes=[[0, 0.2, 0.5, 0.8], [0.5, 0.2, 1, 0.8]], num_inference_steps=2, height=64, width=64,
-                output_type="np")  # fmt: skip
+    args = dict(
+        prompt="a dog and a cat",
+        image=depth,
+        subject_images=[image, image],
+        subject_phrases=["dog", "cat"],
+        subject_boxes=[[0, 0.2, 0.5, 0.8], [0.5, 0.2, 1, 0.8]],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+    )
 
     def run(**extra):
         seen.clear()
@@ -347,11 +400,15 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
 
     # job files and msdiff generate
     depth.save(tmp_path / "depth.png")
-    job = job_from_dict(_job_dict(tmp_path, controlnet={"model": "cn", "image": str(tmp_path / "depth.png"), "image_tokens": True}))
+    job = job_from_dict(
+        _job_dict(tmp_path, controlnet={"model": "cn", "image": str(tmp_path / "depth.png"), "image_tokens": True})
+    )
     recorder = _RecordingPipe()
     run_job(job, pipe=recorder, progress=False, log=lambda *_: None)
     assert recorder.calls[0]["controlnet_image_tokens"] is True
-    flags = build_parser().parse_args(["generate", "--controlnet", "cn", "--control-image", "d.png", "--controlnet-image-tokens"])
+    flags = build_parser().parse_args(
+        ["generate", "--controlnet", "cn", "--control-image", "d.png", "--controlnet-image-tokens"]
+    )
     assert _flag_overrides(flags)["controlnet"] == {"model": "cn", "image": "d.png", "image_tokens": True}
 
 
@@ -359,8 +416,8 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
 
 
 def test_scoring_defaults_follow_dreambooths_protocol(tmp_path):
-    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, ScoringConfig
     from msdiffusion.app.cli import build_parser
+    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, ScoringConfig
 
     assert DEFAULT_CLIP_MODEL == "openai/clip-vit-base-patch32"  # CLIP ViT-B/32
     assert DEFAULT_DINO_MODEL == "facebook/dino-vits16"  # DINO ViT-S/16
@@ -371,7 +428,9 @@ def test_scoring_defaults_follow_dreambooths_protocol(tmp_path):
     args = build_parser().parse_args(["bench", "score", "--output", str(tmp_path)])
     requested, _ = _standard_scorer(args, tmp_path)
     assert (requested["clip_model"], requested["dino_model"], requested["dino_preprocessing"]) == (
-        DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, "resize-crop"
+        DEFAULT_CLIP_MODEL,
+        DEFAULT_DINO_MODEL,
+        "resize-crop",
     )
 
 
@@ -407,9 +466,13 @@ def test_dino_keeps_the_aspect_ratio_and_crops_the_centre(tmp_path):
     expected = (np.asarray(resize_and_centre_crop(wide, size * 256 // 224, size), dtype=np.float32) / 255 - mean) / std
     torch.testing.assert_close(crop.pixels([wide])[0], torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1))
     squashed = squash.pixels([wide])[0]
-    assert squashed.shape == (3, size, size) and squashed[2, :, 0].mean() > squashed[2, :, size // 2].mean()  # blue sides kept
+    assert (
+        squashed.shape == (3, size, size) and squashed[2, :, 0].mean() > squashed[2, :, size // 2].mean()
+    )  # blue sides kept
     square = _red_square_on_blue(200, 200)
-    assert float(crop.images([wide]) @ crop.images([square]).T) > float(squash.images([wide]) @ squash.images([square]).T)
+    assert float(crop.images([wide]) @ crop.images([square]).T) > float(
+        squash.images([wide]) @ squash.images([square]).T
+    )
 
 
 # --- 6. training data defaults: documented, with the release's behaviour as settings -----------------
@@ -421,9 +484,20 @@ def test_training_docs_list_every_difference_from_the_release():
     text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     assert "## Differences from the release" in text
     section = text.split("## Differences from the release", 1)[1]
-    for words in ("grounding MLP width", "mask_color", "validation_settings", "crop: center",
-                  "min_visible_fraction: 0", "bilinear", "teddy-bear", "mixed_precision: no", "controlnet_image_tokens",
-                  "phrase_matching", "seed_mode", "dino-preprocessing"):  # fmt: skip
+    for words in (
+        "grounding MLP width",
+        "mask_color",
+        "validation_settings",
+        "crop: center",
+        "min_visible_fraction: 0",
+        "bilinear",
+        "teddy-bear",
+        "mixed_precision: no",
+        "controlnet_image_tokens",
+        "phrase_matching",
+        "seed_mode",
+        "dino-preprocessing",
+    ):
         assert words in section, words
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "docs/training.md#differences-from-the-release" in readme
@@ -441,14 +515,24 @@ def test_centre_crop_and_no_visibility_threshold_give_the_release_crop_and_clamp
     PIL.Image.new("RGB", (200, 100), "red").save(tmp_path / "wide.png")
     boxes = [[0.25, 0.1, 0.5, 0.9], [0.7, 0.2, 0.9, 0.8], [0.0, 0.0, 0.2, 1.0]]  # inside, 25 % visible, outside
     subjects = [{"phrase": f"s{i}", "box": box, "reference": "wide.png"} for i, box in enumerate(boxes)]
-    (tmp_path / "m.jsonl").write_text(json.dumps({"image": "wide.png", "caption": "s0 s1 s2", "subjects": subjects}) + "\n")
-    config = TrainConfig(base="b", image_encoder="e", manifest=str(tmp_path / "m.jsonl"), resolution=64,
-                         crop="center", min_visible_fraction=0.0)  # fmt: skip
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"image": "wide.png", "caption": "s0 s1 s2", "subjects": subjects}) + "\n"
+    )
+    config = TrainConfig(
+        base="b",
+        image_encoder="e",
+        manifest=str(tmp_path / "m.jsonl"),
+        resolution=64,
+        crop="center",
+        min_visible_fraction=0.0,
+    )
     item = build_dataset(config)[0]
     # the release: resize the short side to 64 (200x100 -> 128x64), centre crop, boxes * scale - offset, clamped
     top, left = (64 - 64) // 2, (128 - 64) // 2
     assert item["crop_top_left"] == (top, left)
-    released = (torch.tensor(boxes) * torch.tensor([128, 64, 128, 64]) - torch.tensor([left, top, left, top])).clamp(0, 64) / 64
+    released = (torch.tensor(boxes) * torch.tensor([128, 64, 128, 64]) - torch.tensor([left, top, left, top])).clamp(
+        0, 64
+    ) / 64
     assert item["subject_phrases"][:2] == ["s0", "s1"]  # the release also keeps s2, as an empty box covering no cell
     torch.testing.assert_close(item["subject_boxes"][:2], released[:2])
     assert released[2, 2] - released[2, 0] == 0

@@ -18,10 +18,28 @@ def cached(tmp_path_factory):
     models = save_tiny_models(folder / "models")
     manifest = write_manifest(folder / "data", 6)
     args = [
-        "data", "cache", str(manifest), "--out", str(folder / "cache"), "--base", str(models["base"]),
-        "--image-encoder", str(models["image_encoder"]), "--reference-size", "64", "--device", "cpu",
-        "--dtype", "fp32", "--workers", "0", "--batch-size", "4", "--shard-size", "4",
-    ]  # fmt: skip
+        "data",
+        "cache",
+        str(manifest),
+        "--out",
+        str(folder / "cache"),
+        "--base",
+        str(models["base"]),
+        "--image-encoder",
+        str(models["image_encoder"]),
+        "--reference-size",
+        "64",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--workers",
+        "0",
+        "--batch-size",
+        "4",
+        "--shard-size",
+        "4",
+    ]
     assert main(args) == 0
     return {"models": models, "manifest": manifest, "cache": folder / "cache", "args": args}
 
@@ -36,7 +54,10 @@ def _fresh_accelerate():
 def test_cache_folder_layout_and_rerun_keeps_unchanged_shards(cached, capsys):
     info = json.loads((cached["cache"] / "cache.json").read_text())
     assert info["num_samples"] == 6 and info["reference_size"] == 64 and info["dtype"] == "float32"
-    assert sorted(p.name for p in cached["cache"].glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in cached["cache"].glob("shard-*")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     assert main(cached["args"]) == 0
     assert "0 samples encoded, 6 kept" in capsys.readouterr().out
     # other settings: nothing is kept, and the settings file says what the shards hold
@@ -78,9 +99,14 @@ def test_training_from_the_cache_loads_no_encoder_until_validation(cached, tmp_p
     monkeypatch.setattr(models, "load_text_encoders", forbidden)
     monkeypatch.setattr(models, "load_image_encoder", forbidden)
     config = tiny_config(
-        cached["models"], cached["manifest"], tmp_path, cache=str(cached["cache"]), validation_steps=2,
-        validation_settings={"steps": 1}, validation_samples=1,
-    )  # fmt: skip
+        cached["models"],
+        cached["manifest"],
+        tmp_path,
+        cache=str(cached["cache"]),
+        validation_steps=2,
+        validation_settings={"steps": 1},
+        validation_samples=1,
+    )
     run = TrainingRun(config)
     monkeypatch.undo()  # validation images need the encoders: loaded then, on first use
     summary = run.train()
@@ -94,10 +120,16 @@ def test_a_stale_or_mismatched_cache_is_refused(cached, tmp_path):
     from msdiffusion.train.loop import TrainingRun
 
     with pytest.raises(CacheError, match="mask_references: the cache has True, the training config False"):
-        TrainingRun(tiny_config(cached["models"], cached["manifest"], tmp_path, cache=str(cached["cache"]), mask_references=False))
+        TrainingRun(
+            tiny_config(
+                cached["models"], cached["manifest"], tmp_path, cache=str(cached["cache"]), mask_references=False
+            )
+        )
     reset_accelerate()
     with pytest.raises(CacheError, match="reference_size: the cache has 64, the training config 128"):
-        TrainingRun(tiny_config(cached["models"], cached["manifest"], tmp_path, cache=str(cached["cache"]), resolution=128))
+        TrainingRun(
+            tiny_config(cached["models"], cached["manifest"], tmp_path, cache=str(cached["cache"]), resolution=128)
+        )
 
     edited = tmp_path / "manifest.jsonl"
     lines = cached["manifest"].read_text().splitlines()

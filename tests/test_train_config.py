@@ -11,6 +11,7 @@ from train_fixtures import reset_accelerate
 from msdiffusion.app.cli import main
 from msdiffusion.train import ConfigError, TrainConfig, load_config
 
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate():
     """Commands here may start an Accelerator; leave no process-wide accelerate state to other tests."""
@@ -32,8 +33,26 @@ def test_defaults_are_the_released_recipe():
 def test_file_then_flags(tmp_path, capsys):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump({**REQUIRED, "learning_rate": 3e-5, "snr_gamma": 5.0, "resampler": {"depth": 2}}))
-    assert main(["train", "--config", str(path), "--print-config", "--train-batch-size", "4", "--snr-gamma", "none",
-                 "--no-mask-references", "--mixed-precision", "bf16", "--resampler", "{depth: 3}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(path),
+                "--print-config",
+                "--train-batch-size",
+                "4",
+                "--snr-gamma",
+                "none",
+                "--no-mask-references",
+                "--mixed-precision",
+                "bf16",
+                "--resampler",
+                "{depth: 3}",
+            ]
+        )
+        == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["learning_rate"] == 3e-5  # from the file
     assert printed["train_batch_size"] == 4 and printed["snr_gamma"] is None and printed["mask_references"] is False
@@ -61,7 +80,10 @@ def test_flags_alone_suffice(capsys):
         ({"max_subjects": 0}, "max_subjects: must be at least 1, got 0"),
         ({"mixed_precision": "fp8"}, "mixed_precision: must be one of no, fp16, bf16, got 'fp8'"),
         ({"crop": "centre"}, "crop: must be one of random, center, got 'centre' (did you mean 'center'?)"),
-        ({"drop_image": 0.5, "drop_text": 0.5, "drop_both": 0.5}, "drop_image + drop_text + drop_both: must be at most 1"),
+        (
+            {"drop_image": 0.5, "drop_text": 0.5, "drop_both": 0.5},
+            "drop_image + drop_text + drop_both: must be at most 1",
+        ),
         ({"drop_grounding": 1.5}, "drop_grounding: must be a probability in [0, 1], got 1.5"),
         ({"resolution": 1020}, "resolution: must be a positive multiple of 8"),
         ({"resolution": 1000, "buckets": True}, "resolution: must be a multiple of 64 with buckets"),
@@ -73,8 +95,17 @@ def test_flags_alone_suffice(capsys):
         ({"snr_gamma": -1.0}, "snr_gamma: must be positive"),
         ({"high_noise_share": 1.5}, "high_noise_share: must be a probability in [0, 1]"),
         ({"cache": "c", "buckets": True}, "reference_size: required with both cache and buckets"),
-        ({"validation": [{"prompt": "a dog", "subjects": [{"image": "nowhere.png", "phrase": "dog", "box": [0.5, 0, 0.2, 1]}]}]},
-         "validation[0].subjects[0].image: must be an existing image file"),
+        (
+            {
+                "validation": [
+                    {
+                        "prompt": "a dog",
+                        "subjects": [{"image": "nowhere.png", "phrase": "dog", "box": [0.5, 0, 0.2, 1]}],
+                    }
+                ]
+            },
+            "validation[0].subjects[0].image: must be an existing image file",
+        ),
         ({"validation": [{"prompt": "a dog", "subjects": []}]}, "validation[0].subjects: required, a non-empty list"),
     ],
 )
@@ -90,8 +121,13 @@ def test_every_problem_is_reported_at_once_and_required_fields(tmp_path, capsys)
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert f"problem(s) in the training config in {path}" in err
-    for expected in ("base: required", "image_encoder: required", "manifest: required", "learning_rate: must be positive",
-                     "train_batch_size: must be at least 1"):  # fmt: skip
+    for expected in (
+        "base: required",
+        "image_encoder: required",
+        "manifest: required",
+        "learning_rate: must be positive",
+        "train_batch_size: must be at least 1",
+    ):
         assert expected in err
     assert "Traceback" not in err
 
@@ -122,8 +158,19 @@ def test_bad_flag_values_are_refused_by_the_parser(capsys):
 def test_a_run_that_cannot_start_is_a_clear_error(tmp_path, capsys):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"image": "missing.png", "caption": "a dog", "subjects": []}\n')
-    args = ["train", "--base", str(tmp_path / "no-base"), "--image-encoder", "e", "--manifest", str(manifest),
-            "--output-dir", str(tmp_path / "run"), "--report-to", "none"]  # fmt: skip
+    args = [
+        "train",
+        "--base",
+        str(tmp_path / "no-base"),
+        "--image-encoder",
+        "e",
+        "--manifest",
+        str(manifest),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--report-to",
+        "none",
+    ]
     assert main(args) == 2
     assert "no-base" in capsys.readouterr().err
 

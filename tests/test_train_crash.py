@@ -22,16 +22,26 @@ from train_fixtures import tiny_config, write_manifest
 
 import msdiffusion
 from msdiffusion.tiny import save_tiny_models
-from msdiffusion.train.loop import SIGTERM_REPEAT_WINDOW_S
 from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV, STATE_FILE, find_checkpoints, partial_checkpoints
+from msdiffusion.train.loop import SIGTERM_REPEAT_WINDOW_S
 
 ROOT = Path(msdiffusion.__file__).resolve().parents[1]
 # 6 samples in batches of 2: 3 steps an epoch, so the 8 steps cross epochs; frequent drops make the
 # restored random generators matter; a limit of 1 is the case where a save used to delete the only checkpoint.
 SETTINGS = dict(
-    max_train_steps=8, checkpointing_steps=2, checkpoints_total_limit=1, ema=True, ema_decay=0.5, noise_offset=0.1,
-    learning_rate=1e-3, drop_image=0.3, drop_text=0.3, drop_both=0.1, drop_grounding=0.3, lr_scheduler="linear",
-)  # fmt: skip
+    max_train_steps=8,
+    checkpointing_steps=2,
+    checkpoints_total_limit=1,
+    ema=True,
+    ema_decay=0.5,
+    noise_offset=0.1,
+    learning_rate=1e-3,
+    drop_image=0.3,
+    drop_text=0.3,
+    drop_both=0.1,
+    drop_grounding=0.3,
+    lr_scheduler="linear",
+)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -43,12 +53,16 @@ def _env(**extra: str) -> dict[str, str]:
 class Run:
     """A `python -m msdiffusion train` subprocess, its output in files (a full pipe would block it)."""
 
-    def __init__(self, command: list[str], folder: Path, name: str, pause: str | None = None, new_session: bool = False):
+    def __init__(
+        self, command: list[str], folder: Path, name: str, pause: str | None = None, new_session: bool = False
+    ):
         self.flag = folder / f"{name}.paused"
         self.stdout, self.stderr = folder / f"{name}.out", folder / f"{name}.err"
         env = _env(**({PAUSE_ENV: pause, PAUSE_FILE_ENV: str(self.flag)} if pause else {}))
         with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=err, cwd=ROOT, start_new_session=new_session)
+            self.process = subprocess.Popen(
+                command, env=env, stdout=out, stderr=err, cwd=ROOT, start_new_session=new_session
+            )
 
     def output(self) -> str:
         return self.stdout.read_text() + self.stderr.read_text()
@@ -122,6 +136,7 @@ def setup(tmp_path_factory):
     return {"config_file": config_file, "whole": whole, "models": models, "manifest": manifest}
 
 
+@pytest.mark.slow
 def test_killed_at_each_moment_of_a_save_or_stopped_by_sigterm_resumes_to_the_uninterrupted_result(setup, tmp_path):
     run_dir = tmp_path / "run"
     config_file = setup["config_file"](run_dir)
@@ -184,6 +199,7 @@ def test_killed_at_each_moment_of_a_save_or_stopped_by_sigterm_resumes_to_the_un
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
+@pytest.mark.slow
 def test_a_second_sigterm_stops_at_once(setup, tmp_path):
     run_dir = tmp_path / "run"
     run = _train(setup["config_file"](run_dir), tmp_path, "term", pause="step@3")
@@ -199,6 +215,7 @@ def test_a_second_sigterm_stops_at_once(setup, tmp_path):
     assert _names(complete) == ["checkpoint-2"] and not partial_checkpoints(run_dir)
 
 
+@pytest.mark.slow
 def test_a_feature_cache_killed_while_writing_a_shard_has_no_partial_shard_and_completes(setup, tmp_path):
     from msdiffusion.app.cli import main
     from msdiffusion.train.cache import FeatureCache
@@ -207,10 +224,28 @@ def test_a_feature_cache_killed_while_writing_a_shard_has_no_partial_shard_and_c
 
     def args(out: Path) -> list[str]:
         return [
-            "data", "cache", str(manifest), "--out", str(out), "--base", str(models["base"]),
-            "--image-encoder", str(models["image_encoder"]), "--reference-size", "64", "--device", "cpu",
-            "--dtype", "fp32", "--workers", "0", "--batch-size", "2", "--shard-size", "2",
-        ]  # fmt: skip
+            "data",
+            "cache",
+            str(manifest),
+            "--out",
+            str(out),
+            "--base",
+            str(models["base"]),
+            "--image-encoder",
+            str(models["image_encoder"]),
+            "--reference-size",
+            "64",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--shard-size",
+            "2",
+        ]
 
     # killed after shard 1 was written under its temporary name, before the rename
     run = Run([sys.executable, "-m", "msdiffusion", *args(tmp_path / "cache")], tmp_path, "cache", pause="shard@1")

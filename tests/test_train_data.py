@@ -15,9 +15,15 @@ def _crops(loader) -> dict[int, tuple[int, int]]:
 def test_persistent_workers_read_every_epoch_as_the_dataset_would(tmp_path):
     manifest = write_manifest(tmp_path, 4, size=(192, 64))  # wide images: random crops move along x
     config = TrainConfig(
-        base="b", image_encoder="e", manifest=str(manifest), resolution=64, train_batch_size=2, dataloader_workers=2,
-        persistent_workers=True, min_visible_fraction=0.0,
-    ).validate()  # fmt: skip
+        base="b",
+        image_encoder="e",
+        manifest=str(manifest),
+        resolution=64,
+        train_batch_size=2,
+        dataloader_workers=2,
+        persistent_workers=True,
+        min_visible_fraction=0.0,
+    ).validate()
     loader, batches = build_dataloader(config, build_dataset(config), cached=False)
     assert loader.persistent_workers and loader.num_workers == 2
     reference = build_dataset(config)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -31,10 +32,26 @@ def _launch(config_file, *flags: str) -> list[str]:
     # On a machine without GPUs: `--multi_gpu` starts the processes (accelerate's `--cpu` starts only one) and
     # ACCELERATE_USE_CPU=1 makes them join over gloo on the CPU (docs/training.md says the same).
     return [
-        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        "-m", "msdiffusion", "train", "--config", str(config_file), *flags,
-    ]  # fmt: skip
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "msdiffusion",
+        "train",
+        "--config",
+        str(config_file),
+        *flags,
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -68,6 +85,7 @@ def _state(pid: int) -> str:
         return "X"
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_path):
     from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV, find_checkpoints
 
@@ -104,9 +122,12 @@ def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_pa
     flag = tmp_path / "paused"
     with open(tmp_path / "killed.log", "w") as log:
         launched = subprocess.Popen(
-            _launch(killed_file), env=_env(**{PAUSE_ENV: "written@2:1", PAUSE_FILE_ENV: str(flag)}),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            _launch(killed_file),
+            env=_env(**{PAUSE_ENV: "written@2:1", PAUSE_FILE_ENV: str(flag)}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 1200
     while not flag.exists() and launched.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -121,7 +142,11 @@ def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_pa
     assert [p.name for p, _ in incomplete] == ["checkpoint-2.partial"]
 
     resumed = subprocess.run(
-        _launch(killed_file, "--resume-from-checkpoint", "latest"), env=_env(), capture_output=True, text=True, timeout=300
+        _launch(killed_file, "--resume-from-checkpoint", "latest"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     assert "skipping " + str(tmp_path / "killed" / "checkpoint-2.partial") in resumed.stderr

@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from tiny_detectors import save_tiny_detector_and_segmenter
 from train_fixtures import reset_accelerate, write_photos
 
@@ -53,8 +53,7 @@ def _tokens(command: str) -> list[str]:
 def test_every_command_uses_real_flags():
     from accelerate.commands.launch import launch_command_parser
 
-    from msdiffusion.app.cli import build_parser
-    from msdiffusion.app.cli import main
+    from msdiffusion.app.cli import build_parser, main
 
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     commands = doc_commands()
@@ -108,6 +107,7 @@ def walkthrough_folder(tmp_path, monkeypatch):
     return models
 
 
+@pytest.mark.slow
 def test_the_walkthrough_runs_as_written(walkthrough_folder, tmp_path):
     from msdiffusion.app.cli import main
 
@@ -121,17 +121,46 @@ def test_the_walkthrough_runs_as_written(walkthrough_folder, tmp_path):
         "runs/ms-adapter/checkpoint-2000": "runs/ms-adapter/checkpoint-2",
     }
     small_run = [  # the example config names the hub models: the tiny ones replace them
-        "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]),
-        "--resolution", "64", "--train-batch-size", "1", "--max-train-steps", "2", "--dataloader-workers", "0",
-        "--validation-steps", "2", "--validation-samples", "1", "--validation-settings", "{steps: 1}", "--log-every", "1",
-    ]  # fmt: skip
+        "--base",
+        str(models["base"]),
+        "--image-encoder",
+        str(models["image_encoder"]),
+        "--resolution",
+        "64",
+        "--train-batch-size",
+        "1",
+        "--max-train-steps",
+        "2",
+        "--dataloader-workers",
+        "0",
+        "--validation-steps",
+        "2",
+        "--validation-samples",
+        "1",
+        "--validation-settings",
+        "{steps: 1}",
+        "--log-every",
+        "1",
+    ]
     append = {
-        "data build": ["--detector", str(models["detector"]), "--segmenter", str(models["segmenter"]), "--device", "cpu",
-                       "--score-threshold", "0.0", "--min-box-area", "0.001", "--max-overlap", "1.0"],
+        "data build": [
+            "--detector",
+            str(models["detector"]),
+            "--segmenter",
+            str(models["segmenter"]),
+            "--device",
+            "cpu",
+            "--score-threshold",
+            "0.0",
+            "--min-box-area",
+            "0.001",
+            "--max-overlap",
+            "1.0",
+        ],
         "data cache": ["--device", "cpu", "--dtype", "fp32", "--workers", "0"],
         "train": small_run,
         "generate": ["--size", "64x64", "--steps", "2", "--device", "cpu", "--dtype", "fp32"],
-    }  # fmt: skip
+    }
 
     ran = []
     for command in doc_commands():
@@ -151,7 +180,9 @@ def test_the_walkthrough_runs_as_written(walkthrough_folder, tmp_path):
         if kind == "data build":
             assert Path("dataset/manifest.jsonl").is_file()
         if kind == "train" and "--init-adapter" not in tokens:
-            out = Path(tokens[tokens.index("--output-dir") + 1]) if "--output-dir" in tokens else Path("runs/ms-adapter")
+            out = (
+                Path(tokens[tokens.index("--output-dir") + 1]) if "--output-dir" in tokens else Path("runs/ms-adapter")
+            )
             assert (out / "ms_adapter.bin").is_file() and (out / "adapter" / "ms_adapter_config.json").is_file()
             assert (out / "validation" / "step-000002" / "0-layout.png").is_file()
     assert ran[:3] == ["data build", "data check", "data cache"]

@@ -51,12 +51,25 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(setup, tmp_path)
     # 6 samples in batches of 2: 3 steps an epoch; resuming at step 2 skips 2 batches, then crosses
     # into epoch 1. Drops are frequent so that the restored random generator matters.
     settings = dict(
-        max_train_steps=5, checkpointing_steps=2, ema=True, ema_decay=0.5, noise_offset=0.1, learning_rate=1e-3,
-        drop_image=0.3, drop_text=0.3, drop_both=0.1, drop_grounding=0.3, lr_scheduler="linear",
-    )  # fmt: skip
+        max_train_steps=5,
+        checkpointing_steps=2,
+        ema=True,
+        ema_decay=0.5,
+        noise_offset=0.1,
+        learning_rate=1e-3,
+        drop_image=0.3,
+        drop_text=0.3,
+        drop_both=0.1,
+        drop_grounding=0.3,
+        lr_scheduler="linear",
+    )
     whole = _run(setup, tmp_path / "whole", **settings).train()
     assert whole["steps"] == 5
-    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-5",
+    ]
 
     reset_accelerate()
     resumed = _run(
@@ -94,7 +107,9 @@ def test_latest_skips_incomplete_checkpoints_and_an_incomplete_one_is_refused(se
 
     _run(setup, tmp_path, max_train_steps=3, checkpointing_steps=1).train()
     state = json.loads((tmp_path / "checkpoint-3" / "train_state.json").read_text())
-    assert state["step"] == 3 and "optimizer.bin" in state["files"] and "adapter/ms_adapter.safetensors" in state["files"]
+    assert (
+        state["step"] == 3 and "optimizer.bin" in state["files"] and "adapter/ms_adapter.safetensors" in state["files"]
+    )
     (tmp_path / "checkpoint-3" / "optimizer.bin").unlink()  # lost since: no longer complete
     shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-4.partial")  # an interrupted save
     (tmp_path / "checkpoint-2" / "scheduler.bin").write_bytes(b"")  # truncated
@@ -107,9 +122,14 @@ def test_latest_skips_incomplete_checkpoints_and_an_incomplete_one_is_refused(se
     assert f"skipping {tmp_path / 'checkpoint-4.partial'}: its save was interrupted" in caplog.text
     assert f"skipping {tmp_path / 'checkpoint-2'}: scheduler.bin has 0 bytes" in caplog.text
 
-    for damaged, why in (("checkpoint-3", "optimizer.bin is missing"), ("checkpoint-4.partial", "save was interrupted")):
+    for damaged, why in (
+        ("checkpoint-3", "optimizer.bin is missing"),
+        ("checkpoint-4.partial", "save was interrupted"),
+    ):
         reset_accelerate()
-        with pytest.raises(IncompleteCheckpointError, match=f"is incomplete \\(.*{why}.*'latest', which takes the newest complete"):
+        with pytest.raises(
+            IncompleteCheckpointError, match=f"is incomplete \\(.*{why}.*'latest', which takes the newest complete"
+        ):
             _run(setup, tmp_path, resume_from_checkpoint=str(tmp_path / damaged)).train()
 
 
@@ -129,10 +149,16 @@ def test_exported_adapter_loads_in_the_inference_pipeline_and_generates(setup, t
         assert torch.equal(processor.to_k_ip.weight, weights["to_k_ip.weight"])
     reference = setup["manifest"].parent / "photos" / "000.png"
     image = pipe(
-        prompt="a red dog and a blue cat", subject_images=[reference, reference], subject_phrases=["dog", "cat"],
-        subject_boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]], num_inference_steps=2, height=64, width=64,
-        generator=torch.Generator().manual_seed(0), output_type="np",
-    ).images[0]  # fmt: skip
+        prompt="a red dog and a blue cat",
+        subject_images=[reference, reference],
+        subject_phrases=["dog", "cat"],
+        subject_boxes=[[0, 0, 0.5, 1], [0.5, 0, 1, 1]],
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
     assert image.shape == (64, 64, 3) and float(image.std()) > 0
 
     project = load_checkpoint(summary["adapter"])
@@ -146,9 +172,12 @@ def test_only_the_adapter_trains_and_dummy_tokens_stay(setup, tmp_path):
     dummy_before = run.model.projection.dummy_image_tokens.detach().clone()
     proj_before = run.model.projection.image_proj.proj_out.weight.detach().clone()
     processor = run.model.processors[0]
-    assert torch.equal(processor.to_k_ip.weight, run.model.unet.get_submodule(
-        [n for n in run.model.unet.attn_processors if n.endswith("attn2.processor")][0].removesuffix(".processor")
-    ).to_k.weight)  # to_k_ip starts as a copy of to_k
+    assert torch.equal(
+        processor.to_k_ip.weight,
+        run.model.unet.get_submodule(
+            [n for n in run.model.unet.attn_processors if n.endswith("attn2.processor")][0].removesuffix(".processor")
+        ).to_k.weight,
+    )  # to_k_ip starts as a copy of to_k
     run.train()
     after = run.model.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in unet_before.items())
@@ -176,9 +205,16 @@ def test_activation_checkpointing_gives_the_same_gradients(setup, tmp_path):
 
 def test_mixed_precision_min_snr_v_prediction_high_noise_and_accumulation(setup, tmp_path):
     run = _run(
-        setup, tmp_path, mixed_precision="bf16", snr_gamma=5.0, prediction_type="v_prediction", noise_offset=0.05,
-        high_noise_share=0.5, gradient_accumulation_steps=2, max_train_steps=1,
-    )  # fmt: skip
+        setup,
+        tmp_path,
+        mixed_precision="bf16",
+        snr_gamma=5.0,
+        prediction_type="v_prediction",
+        noise_offset=0.05,
+        high_noise_share=0.5,
+        gradient_accumulation_steps=2,
+        max_train_steps=1,
+    )
     assert run.model.unet.conv_in.weight.dtype == torch.bfloat16
     assert run.features.text_encoders.text_encoder.dtype == torch.bfloat16
     summary = run.train()
@@ -197,9 +233,14 @@ def test_fp16_on_the_cpu_is_refused_with_the_alternative(setup, tmp_path):
 
 def test_validation_images_logs_and_summary(setup, tmp_path):
     run = _run(
-        setup, tmp_path, max_train_steps=3, validation_steps=2, validation_settings={"steps": 2}, report_to="tensorboard",
+        setup,
+        tmp_path,
+        max_train_steps=3,
+        validation_steps=2,
+        validation_settings={"steps": 2},
+        report_to="tensorboard",
         validation_samples=1,
-    )  # fmt: skip
+    )
     summary = run.train()
     for step in ("step-000002", "step-000003"):  # every 2 steps, and at the end
         assert (tmp_path / "validation" / step / "0.png").is_file()
@@ -232,8 +273,19 @@ def test_train_command_reports_data_problems_clearly(setup, tmp_path, capsys):
     from msdiffusion.app.cli import main
 
     models = setup["models"]
-    base_args = ["train", "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]),
-                 "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--dataloader-workers", "0"]  # fmt: skip
+    base_args = [
+        "train",
+        "--base",
+        str(models["base"]),
+        "--image-encoder",
+        str(models["image_encoder"]),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--report-to",
+        "none",
+        "--dataloader-workers",
+        "0",
+    ]
     bad = tmp_path / "bad.jsonl"
     lines = setup["manifest"].read_text().splitlines()
     bad.write_text(lines[0] + "\n" + lines[1].replace('"caption"', '"catpion"') + "\n")
@@ -247,9 +299,16 @@ def test_train_command_reports_data_problems_clearly(setup, tmp_path, capsys):
 
 def test_validation_entries_from_the_config(setup, tmp_path):
     reference = str(setup["manifest"].parent / "photos" / "001.png")
-    entries = [{"prompt": "a green toy on the table", "negative_prompt": "blurry",
-                "subjects": [{"image": reference, "phrase": "toy", "box": [0.1, 0.2, 0.6, 0.9]}]}]  # fmt: skip
-    run = _run(setup, tmp_path, max_train_steps=1, validation_steps=1, validation_settings={"steps": 1}, validation=entries)
+    entries = [
+        {
+            "prompt": "a green toy on the table",
+            "negative_prompt": "blurry",
+            "subjects": [{"image": reference, "phrase": "toy", "box": [0.1, 0.2, 0.6, 0.9]}],
+        }
+    ]
+    run = _run(
+        setup, tmp_path, max_train_steps=1, validation_steps=1, validation_settings={"steps": 1}, validation=entries
+    )
     assert [e.phrases for e in run.validator.entries] == [["toy"]]
     run.train()
     assert (tmp_path / "validation" / "step-000001" / "0-layout.png").is_file()
@@ -274,9 +333,29 @@ def test_unreadable_image_stops_before_the_first_step(setup, tmp_path, capsys):
 
     manifest = _manifest_with_a_truncated_image(setup, tmp_path)
     models = setup["models"]
-    args = ["train", "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]), "--manifest", str(manifest),
-            "--output-dir", str(tmp_path / "run"), "--report-to", "none", "--dataloader-workers", "0", "--resolution", "64",
-            "--train-batch-size", "2", "--max-train-steps", "1", "--validation-steps", "0"]  # fmt: skip
+    args = [
+        "train",
+        "--base",
+        str(models["base"]),
+        "--image-encoder",
+        str(models["image_encoder"]),
+        "--manifest",
+        str(manifest),
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--report-to",
+        "none",
+        "--dataloader-workers",
+        "0",
+        "--resolution",
+        "64",
+        "--train-batch-size",
+        "2",
+        "--max-train-steps",
+        "1",
+        "--validation-steps",
+        "0",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "manifest.jsonl:2: image: cannot read" in err and "Traceback" not in err
@@ -289,7 +368,9 @@ def test_unreadable_image_is_skipped_and_counted(setup, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="msdiffusion.train"):
         summary = run.train()
     assert summary["steps"] == 3 and summary["skipped_bad_samples"] >= 1
-    assert "skipped an unreadable sample (bad_samples: skip)" in caplog.text and "manifest.jsonl:2: image" in caplog.text
+    assert (
+        "skipped an unreadable sample (bad_samples: skip)" in caplog.text and "manifest.jsonl:2: image" in caplog.text
+    )
 
 
 def _run_on(setup, manifest, output_dir, **overrides):

@@ -10,11 +10,13 @@ from msdiffusion.train.loss import box_cover, diffusion_loss, min_snr_weights
 
 
 def test_box_cover_is_the_share_of_each_latent_cell_inside_a_box():
-    boxes = torch.tensor([
-        [[0.0, 0.0, 0.5, 0.25], [0.375, 0.625, 1.0, 1.0]],
-        [[0.125, 0.125, 0.3125, 0.3125], [0.0, 0.0, 0.0, 0.0]],  # edges through the middle of cells; padding
-        [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
-    ])  # fmt: skip
+    boxes = torch.tensor(
+        [
+            [[0.0, 0.0, 0.5, 0.25], [0.375, 0.625, 1.0, 1.0]],
+            [[0.125, 0.125, 0.3125, 0.3125], [0.0, 0.0, 0.0, 0.0]],  # edges through the middle of cells; padding
+            [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+        ]
+    )
     cover = box_cover(boxes, 8, 8)
     assert cover.shape == (3, 1, 8, 8)
     assert cover[0, 0, :2, :4].eq(1).all() and cover[0, 0, 5:, 3:].eq(1).all()
@@ -40,7 +42,9 @@ def test_diffusion_loss_weights_cells_inside_boxes_and_keeps_the_plain_mean_at_z
     assert diffusion_loss(prediction, target) == pytest.approx(0.5)
     # weight 4 inside, 1 outside: (4 * 1 + 1 * 0) / (4 + 1)
     assert diffusion_loss(prediction, target, cover, 3.0) == pytest.approx(0.8)
-    assert diffusion_loss(torch.full_like(target, 2.0), target, cover, 3.0) == pytest.approx(4.0)  # a uniform error is unchanged
+    assert diffusion_loss(torch.full_like(target, 2.0), target, cover, 3.0) == pytest.approx(
+        4.0
+    )  # a uniform error is unchanged
 
 
 def test_sample_weights_are_min_snr_and_combine_with_the_box_weights():

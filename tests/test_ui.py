@@ -34,9 +34,15 @@ TINY_MODELS = PageModels(TINY, TINY, TINY)
 ASSETS = ROOT / "msdiffusion" / "assets"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TINY_FLAGS = ["--base", TINY, "--adapter", TINY, "--image-encoder", TINY]
 # The CPU may be shared with heavy work: every wait is generous (a pass takes well under these).
 SLOW_MS = 300_000
@@ -50,10 +56,21 @@ def _tiny_models():
 
 def _settings(**changes) -> dict:
     settings = {
-        "prompt": "a dog and a cat on the beach", "negative_prompt": "", "width": 64.0, "height": 64.0,
-        "seed": 3.0, "steps": 2, "guidance": 5.0, "scale": 0.6, "images": 1, "auto_layout": False,
-        "mask_threshold": 0.5, "start_step": 5, "drop_grounding": False, "scheduler": "(model default)",
-    }  # fmt: skip
+        "prompt": "a dog and a cat on the beach",
+        "negative_prompt": "",
+        "width": 64.0,
+        "height": 64.0,
+        "seed": 3.0,
+        "steps": 2,
+        "guidance": 5.0,
+        "scale": 0.6,
+        "images": 1,
+        "auto_layout": False,
+        "mask_threshold": 0.5,
+        "start_step": 5,
+        "drop_grounding": False,
+        "scheduler": "(model default)",
+    }
     settings.update(changes)
     return settings
 
@@ -98,8 +115,8 @@ def test_bad_subject_input_names_the_field_and_its_subject(tmp_path, subject, sl
 
 
 def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
-    from msdiffusion.tiny import tiny_pipeline
     from msdiffusion.app.page import PageError, check_before_work, page_to_job
+    from msdiffusion.tiny import tiny_pipeline
 
     with pytest.raises(PageError, match=r"^size: got \[100, 64\]; expected .*multiples of 8") as caught:
         page_to_job(_settings(width=100.0), _subjects(DOG), _tiny_models(), str(tmp_path))
@@ -110,7 +127,9 @@ def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     tokenizer = tiny_pipeline(seed=0).tokenizer
-    job, slots = page_to_job(_settings(), _subjects(DOG, {**CAT, "images": [str(broken)]}), _tiny_models(), str(tmp_path))
+    job, slots = page_to_job(
+        _settings(), _subjects(DOG, {**CAT, "images": [str(broken)]}), _tiny_models(), str(tmp_path)
+    )
     with pytest.raises(PageError, match=r"^broken.jpg: cannot read .* as an image") as caught:
         check_before_work(job, slots, tokenizer)
     assert caught.value.slot == 1
@@ -138,8 +157,18 @@ def test_export_then_import_is_the_same_page(tmp_path):
     page_settings, subjects, notes = job_to_page(data, tmp_path, [PAGE_ASSETS], TINY_MODELS)
     assert notes == []
     assert page_settings == {**settings, "seed": 3, "negative_prompt": ""}
-    assert subjects[0] == {"images": [str(ASSETS / "dog.jpg")], "phrase": "dog", "box": "0.05,0.3,0.45,0.9", "scale": ""}
-    assert subjects[1]["scale"] == "0.8" and subjects[2] == subjects[3] == {"images": [], "phrase": "", "box": "", "scale": ""}
+    assert subjects[0] == {
+        "images": [str(ASSETS / "dog.jpg")],
+        "phrase": "dog",
+        "box": "0.05,0.3,0.45,0.9",
+        "scale": "",
+    }
+    assert subjects[1]["scale"] == "0.8" and subjects[2] == subjects[3] == {
+        "images": [],
+        "phrase": "",
+        "box": "",
+        "scale": "",
+    }
     # Photos outside the folders a visitor may see are not served: the notes ask for them again.
     _, subjects, notes = job_to_page(data, tmp_path, [tmp_path / "uploads"], TINY_MODELS)
     assert subjects[0]["images"] == [] and notes[0].startswith("subject 1: upload its photo again (dog.jpg")
@@ -150,7 +179,12 @@ def test_import_refuses_a_bad_job_with_the_job_files_message(tmp_path):
     from msdiffusion.app.page import job_to_page
 
     with pytest.raises(JobError, match=r"imported job: subjects\[0\]: unknown field 'bx' \(did you mean 'box'\?\)"):
-        job_to_page({"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]}, tmp_path, [], TINY_MODELS)
+        job_to_page(
+            {"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]},
+            tmp_path,
+            [],
+            TINY_MODELS,
+        )
 
 
 def test_ui_command_needs_gradio_or_says_how_to_install_it(monkeypatch, capsys):
@@ -165,11 +199,12 @@ def _readme_client_snippet() -> str:
     return next(b for b in blocks if "gradio_client" in b)
 
 
+@pytest.mark.slow
 def test_gradio_client_api_as_documented(tmp_path, monkeypatch):
-    pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
+    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
     pytest.importorskip("gradio_client")
-    from msdiffusion.tiny import tiny_pipeline
     from msdiffusion.app.page import build_page, launch
+    from msdiffusion.tiny import tiny_pipeline
 
     page = build_page(_tiny_models(), tiny_pipeline(seed=0))
     _, url, _ = launch(page, port=_free_port(), prevent_thread_lock=True, quiet=True)
@@ -205,7 +240,9 @@ def _free_port() -> int:
 # ---- the page in a real browser -------------------------------------------------------------------
 def _browser_or_skip():
     """Playwright's sync API, or a skip that says what is missing (Playwright, Debian's Chromium)."""
-    playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    playwright_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+    )
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run does)")
     return playwright_api
@@ -218,13 +255,17 @@ def ui_url():
     if os.environ.get("MSDIFF_UI_URL"):
         yield os.environ["MSDIFF_UI_URL"]
         return
-    pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e \".[ui]\")")
+    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     server = subprocess.Popen(
         [sys.executable, "-m", "msdiffusion", "ui", *TINY_FLAGS, "--port", str(port)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url, lines, deadline = None, [], time.monotonic() + SLOW_MS / 1000
     try:
         while url is None and time.monotonic() < deadline:
@@ -291,6 +332,7 @@ def _canvas_colour(page, x: float, y: float) -> list[int]:
     )
 
 
+@pytest.mark.slow
 def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path):
     from msdiffusion.preview import PALETTE
 
@@ -345,16 +387,24 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
 
     # Importing a job file fills the page, and the canvas draws its boxes in the subjects' colours.
     job = {
-        "base": TINY, "adapter": TINY, "image_encoder": TINY, "prompt": "a cat and a dog in the snow",
-        "subjects": [{"image": str(ASSETS / "cat.jpg"), "phrase": "cat", "box": [0.1, 0.2, 0.5, 0.7]},
-                     {"image": str(ASSETS / "dog.jpg"), "phrase": "dog", "box": [0.6, 0.1, 0.9, 0.6]}],
-        "size": [96, 64], "steps": 3,
-    }  # fmt: skip
+        "base": TINY,
+        "adapter": TINY,
+        "image_encoder": TINY,
+        "prompt": "a cat and a dog in the snow",
+        "subjects": [
+            {"image": str(ASSETS / "cat.jpg"), "phrase": "cat", "box": [0.1, 0.2, 0.5, 0.7]},
+            {"image": str(ASSETS / "dog.jpg"), "phrase": "dog", "box": [0.6, 0.1, 0.9, 0.6]},
+        ],
+        "size": [96, 64],
+        "steps": 3,
+    }
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
     page.set_input_files("#import input[type=file]", str(job_file))
     page.wait_for_selector("#import-notes:has-text('Imported')")
-    page.wait_for_function("() => document.querySelector('#subject0-box input, #subject0-box textarea').value === '0.1,0.2,0.5,0.7'")
+    page.wait_for_function(
+        "() => document.querySelector('#subject0-box input, #subject0-box textarea').value === '0.1,0.2,0.5,0.7'"
+    )
     assert _field(page, "prompt").input_value() == job["prompt"] and _field(page, "width").input_value() == "96"
     assert _box(page, 1) == [0.6, 0.1, 0.9, 0.6]
     page.wait_for_timeout(500)  # the canvas redraws from the fields

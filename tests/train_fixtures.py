@@ -13,12 +13,17 @@ import PIL.ImageDraw
 SCENES = [
     ("a red dog and a blue cat on the grass", [("dog", (255, 0, 0)), ("cat", (0, 0, 255))]),
     ("a green toy on the table", [("toy", (0, 200, 0))]),
-    ("a yellow duck and a black clock and a white teapot", [("duck", (250, 220, 0)), ("clock", (20, 20, 20)), ("teapot", (240, 240, 240))]),
+    (
+        "a yellow duck and a black clock and a white teapot",
+        [("duck", (250, 220, 0)), ("clock", (20, 20, 20)), ("teapot", (240, 240, 240))],
+    ),
     ("a brown bear in the snow", [("bear", (130, 80, 30))]),
 ]
 
 
-def write_photos(folder: Path, count: int, size=(80, 64), seed: int = 0, name: str = "{:03d}.png") -> list[tuple[Path, str, list]]:
+def write_photos(
+    folder: Path, count: int, size=(80, 64), seed: int = 0, name: str = "{:03d}.png"
+) -> list[tuple[Path, str, list]]:
     """Captioned images (`NAME.png` + `NAME.txt`) with one filled rectangle per subject; returns
     (path, caption, [(phrase, box in [0, 1])]) per image."""
     rng = np.random.default_rng(seed)
@@ -49,10 +54,13 @@ def write_manifest(folder: Path, count: int, size=(80, 64), seed: int = 0) -> Pa
     lines = []
     for path, caption, boxes in photos:
         subjects = [
-            {"phrase": phrase, "box": [round(v, 6) for v in box],
-             "reference": {"image": f"photos/{path.name}", "crop": [round(v, 6) for v in box]}}
+            {
+                "phrase": phrase,
+                "box": [round(v, 6) for v in box],
+                "reference": {"image": f"photos/{path.name}", "crop": [round(v, 6) for v in box]},
+            }
             for phrase, box in boxes
-        ]  # fmt: skip
+        ]
         lines.append(json.dumps({"image": f"photos/{path.name}", "caption": caption, "subjects": subjects}))
     manifest = folder / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -64,11 +72,20 @@ def tiny_config(models: dict, manifest: Path, output_dir: Path, **overrides):
     from msdiffusion.train import TrainConfig
 
     values = dict(
-        base=str(models["base"]), image_encoder=str(models["image_encoder"]), manifest=str(manifest),
-        output_dir=str(output_dir), resolution=64, train_batch_size=2, dataloader_workers=0, max_train_steps=2,
-        checkpointing_steps=0, validation_steps=0, report_to="none", log_every=1,
+        base=str(models["base"]),
+        image_encoder=str(models["image_encoder"]),
+        manifest=str(manifest),
+        output_dir=str(output_dir),
+        resolution=64,
+        train_batch_size=2,
+        dataloader_workers=0,
+        max_train_steps=2,
+        checkpointing_steps=0,
+        validation_steps=0,
+        report_to="none",
+        log_every=1,
         resampler={"dim": 64, "depth": 1, "heads": 1, "ff_mult": 1, "grounding_hidden_dim": 32},
-    )  # fmt: skip
+    )
     values.update(overrides)
     return TrainConfig(**values).validate()
 

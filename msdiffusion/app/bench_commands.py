@@ -7,11 +7,10 @@ from pathlib import Path
 
 import msdiffusion.world.bench  # noqa: F401  (registers the world bench with msdiffusion.bench)
 from msdiffusion.app.cli import DTYPE_CHOICES, UserInputError, dtype_name
-from msdiffusion.loading import NAMED_MODELS, WORLD, world_model_paths
-from msdiffusion.release import REFERENCE_COMBINE, RELEASE_NEGATIVE_PROMPT
-
 from msdiffusion.bench.definitions import BENCHMARKS, check_images, load_benchmark, select_samples
 from msdiffusion.bench.runner import BOX_SETTINGS
+from msdiffusion.loading import NAMED_MODELS, WORLD, world_model_paths
+from msdiffusion.release import REFERENCE_COMBINE, RELEASE_NEGATIVE_PROMPT
 
 SCORES = "scores.jsonl"
 SCORES_CONFIG = "scores_config.json"
@@ -39,55 +38,81 @@ def register(subparsers) -> None:
     _add_benchmark_args(run)
     _add_selection_args(run)
     _add_photos_arg(
-        run, "directory of subject photos, e.g. ../shared/msbench (required but for --bench world, which renders its "
+        run,
+        "directory of subject photos, e.g. ../shared/msbench (required but for --bench world, which renders its "
         "references there; default OUTPUT/references)",
-    )  # fmt: skip
-    run.add_argument("--output", type=Path, required=True, help="run directory: images, manifest.jsonl, run_config.json")
+    )
     run.add_argument(
-        "--base", help=f"SDXL pipeline: folder, hub id or single file ({WORLD!r}: the world's, the default for --bench world)"
-    )  # fmt: skip
+        "--output", type=Path, required=True, help="run directory: images, manifest.jsonl, run_config.json"
+    )
+    run.add_argument(
+        "--base",
+        help=f"SDXL pipeline: folder, hub id or single file ({WORLD!r}: the world's, the default for --bench world)",
+    )
     run.add_argument("--adapter", help=f"MS-Diffusion adapter: ms_adapter.bin, project folder or hub id (or {WORLD!r})")
     run.add_argument("--adapter-weight-name", help="file inside a hub adapter repo, e.g. ms_adapter.bin")
     run.add_argument("--image-encoder", help=f"CLIP ViT-bigG/14 vision encoder: folder or hub id (or {WORLD!r})")
     run.add_argument(
-        "--models", type=Path,
+        "--models",
+        type=Path,
         help="--bench world: a folder of world models laid out as the shipped weights (base/, adapter/, image_encoder/, "
         "evaluator.safetensors), or a finished `msdiff world build --out` folder, instead of the shipped ones",
-    )  # fmt: skip
-    run.add_argument("--seed", type=int, default=0, help="base seed; each image's seed derives from it and its sample id")
+    )
+    run.add_argument(
+        "--seed", type=int, default=0, help="base seed; each image's seed derives from it and its sample id"
+    )
     run.add_argument("--images-per-sample", type=int, help="images per sample (default: the benchmark's own)")
     # defaults: the released inference settings; --bench world: the world's (msdiff demo's)
     run.add_argument("--steps", type=int, help="denoising steps (default: 30; world: 25)")
     run.add_argument("--guidance", type=float, help="classifier-free guidance (default: 7.5; world: 5.0)")
     run.add_argument("--scale", type=float, help="subject strength (default: 0.6; world: 1.0)")
     run.add_argument("--size", help="WIDTHxHEIGHT, or one number for a square (default: 1024x1024; world: 64x64)")
+    run.add_argument("--negative-prompt", help="default: the released evaluation's negative prompt (world: empty)")
     run.add_argument(
-        "--negative-prompt", help="default: the released evaluation's negative prompt (world: empty)"
-    )  # fmt: skip
-    run.add_argument("--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '")
-    run.add_argument("--mask-threshold", type=float, help="turn on auto layout guidance with this threshold (default: off)")
+        "--prompt-prefix", default="", help="text put before every prompt, e.g. 'best quality, high quality, '"
+    )
+    run.add_argument(
+        "--mask-threshold", type=float, help="turn on auto layout guidance with this threshold (default: off)"
+    )
     run.add_argument("--start-step", type=int, default=5, help="step at which auto layout takes over")
     run.add_argument(
-        "--phrase-matching", choices=["tokens", "release"], default="tokens",
+        "--phrase-matching",
+        choices=["tokens", "release"],
+        default="tokens",
         help="where auto layout finds repeated phrases: tokens or the released code's positions",
-    )  # fmt: skip
+    )
     ablation = run.add_argument_group("ablations (docs/world.md)")
     ablation.add_argument(
-        "--boxes", choices=BOX_SETTINGS, default="given",
+        "--boxes",
+        choices=BOX_SETTINGS,
+        default="given",
         help="given: the samples' boxes; none: all zeros (the image branch acts only through --mask-threshold); "
         "whole: every box the whole image (no layout)",
-    )  # fmt: skip
-    ablation.add_argument("--drop-grounding", action="store_true", help="the resampler's learned grounding tokens (no phrase, no box)")
-    ablation.add_argument("--subject-scales", help="comma-separated strengths by subject position, e.g. 1.0,0.4 (the rest keep --scale)")
-    ablation.add_argument("--references", type=int, default=1, help="reference images per subject (the first of its folder)")
+    )
     ablation.add_argument(
-        "--reference-combine", choices=REFERENCE_COMBINE, default=None,
+        "--drop-grounding", action="store_true", help="the resampler's learned grounding tokens (no phrase, no box)"
+    )
+    ablation.add_argument(
+        "--subject-scales", help="comma-separated strengths by subject position, e.g. 1.0,0.4 (the rest keep --scale)"
+    )
+    ablation.add_argument(
+        "--references", type=int, default=1, help="reference images per subject (the first of its folder)"
+    )
+    ablation.add_argument(
+        "--reference-combine",
+        choices=REFERENCE_COMBINE,
+        default=None,
         help="several references: concat (resampled together; MS-Bench's default, the pipelines') or mean "
         "(each resampled, tokens averaged)",
-    )  # fmt: skip
+    )
     run.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call on each process")
-    run.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
-                     help="weights' precision; auto: fp16 on a GPU, fp32 on the CPU")  # fmt: skip
+    run.add_argument(
+        "--dtype",
+        type=dtype_name,
+        choices=("auto", *DTYPE_CHOICES),
+        default="auto",
+        help="weights' precision; auto: fp16 on a GPU, fp32 on the CPU",
+    )
     run.add_argument("--require-all", action="store_true", help="fail if any selected sample cannot be built")
     run.set_defaults(func=_run)
 
@@ -97,20 +122,29 @@ def register(subparsers) -> None:
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
     _add_photos_arg(score, "subject photos (default: the directory the run used)")
     score.add_argument(
-        "--clip-model", help=f"CLIP model for CLIP-T and CLIP-I (default: {DEFAULT_CLIP_MODEL}, as DreamBooth's protocol)"
-    )  # fmt: skip
-    score.add_argument("--dino-model", help=f"DINO ViT for the DINO score (default: {DEFAULT_DINO_MODEL}, as DreamBooth's protocol)")
+        "--clip-model",
+        help=f"CLIP model for CLIP-T and CLIP-I (default: {DEFAULT_CLIP_MODEL}, as DreamBooth's protocol)",
+    )
     score.add_argument(
-        "--dino-preprocessing", choices=DINO_PREPROCESSING,
+        "--dino-model", help=f"DINO ViT for the DINO score (default: {DEFAULT_DINO_MODEL}, as DreamBooth's protocol)"
+    )
+    score.add_argument(
+        "--dino-preprocessing",
+        choices=DINO_PREPROCESSING,
         help="resize-crop (default: short side 256, centre crop 224, as DINO and DreamBooth) or squash (to 224 x 224)",
-    )  # fmt: skip
-    score.add_argument("--detector", help=f"OWL-ViT, OWLv2 or Grounding DINO folder or hub id (default: {DEFAULT_DETECTOR})")
+    )
     score.add_argument(
-        "--models", type=Path,
+        "--detector", help=f"OWL-ViT, OWLv2 or Grounding DINO folder or hub id (default: {DEFAULT_DETECTOR})"
+    )
+    score.add_argument(
+        "--models",
+        type=Path,
         help="world runs: the folder of world models whose evaluator and image encoder score it "
         "(default: the models the run used)",
-    )  # fmt: skip
-    score.add_argument("--detection-threshold", type=float, help="minimum detection score (default: the detector family's own)")
+    )
+    score.add_argument(
+        "--detection-threshold", type=float, help="minimum detection score (default: the detector family's own)"
+    )
     score.add_argument("--batch-size", type=int, default=16, help="images per model batch")
     score.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     score.add_argument("--overwrite", action="store_true", help="rescore every image (needed after changing models)")
@@ -133,8 +167,12 @@ def _add_photos_arg(parser, help_text: str) -> None:
 
 
 def _add_selection_args(parser) -> None:
-    parser.add_argument("--only", nargs="+", metavar="GROUP_OR_PATTERN",
-                        help="keep samples of these groups (combination types) or sample-id glob patterns")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="GROUP_OR_PATTERN",
+        help="keep samples of these groups (combination types) or sample-id glob patterns",
+    )
     parser.add_argument("--fraction", type=float, help="a random fraction of the (selected) samples, e.g. 0.1")
     parser.add_argument("--subset-seed", type=int, default=0, help="seed of the --fraction draw")
 
@@ -175,7 +213,9 @@ def _resolve_models(args, world: bool) -> None:
         given = dict.fromkeys(given, WORLD)
     missing = [flag for flag, value in given.items() if value is None]
     if missing:
-        raise UserInputError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (folders or hub ids).")
+        raise UserInputError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (folders or hub ids)."
+        )
     if WORLD in given.values():  # before anything is rendered or generated
         try:
             world_model_paths()
@@ -246,8 +286,14 @@ def _run(args) -> int:
     benchmark, samples = _selected(args)
     world = benchmark.key == "world"
     _resolve_models(args, world)
-    defaults = {"steps": 30, "guidance": 7.5, "scale": 0.6, "size": "1024x1024", "negative_prompt": RELEASE_NEGATIVE_PROMPT,
-                "reference_combine": "concat"}  # fmt: skip
+    defaults = {
+        "steps": 30,
+        "guidance": 7.5,
+        "scale": 0.6,
+        "size": "1024x1024",
+        "negative_prompt": RELEASE_NEGATIVE_PROMPT,
+        "reference_combine": "concat",
+    }
     named = NAMED_MODELS.get(args.base) or (NAMED_MODELS[WORLD] if world else None)
     if named is not None:  # a named set's own settings (the world's, for the world bench and --models)
         defaults |= named.defaults
@@ -275,7 +321,11 @@ def _run(args) -> int:
     from msdiffusion.checks import check_locations
 
     if args.base != WORLD:  # the world's models were checked by _resolve_models
-        models = [(args.base, "base", "--base"), (args.adapter, "adapter", "--adapter"), (args.image_encoder, "image_encoder", "--image-encoder")]
+        models = [
+            (args.base, "base", "--base"),
+            (args.adapter, "adapter", "--adapter"),
+            (args.image_encoder, "image_encoder", "--image-encoder"),
+        ]
         check_locations(models, adapter_weight_name=args.adapter_weight_name)  # before minutes of loading
     state = process_state()
     log = print if state.is_main_process else (lambda *a, **k: None)
@@ -285,7 +335,9 @@ def _run(args) -> int:
         # every process renders what it does not find (the same pixels, written atomically), so none
         # depends on another's progress
         definition = benchmark.definition
-        written = render_references(samples, args.photos, int(definition["references_per_subject"]), int(definition["seed"]))
+        written = render_references(
+            samples, args.photos, int(definition["references_per_subject"]), int(definition["seed"])
+        )
         log(f"references: {written} rendered into {args.photos}" if written else f"references: all in {args.photos}")
     images_dir = _existing_dir(args.photos, "--photos")
     availability = check_images(samples, images_dir)
@@ -304,21 +356,37 @@ def _run(args) -> int:
         try:
             subject_scales = [float(v) for v in args.subject_scales.split(",")]
         except ValueError:
-            raise UserInputError(f"--subject-scales: give numbers separated by commas, e.g. 1.0,0.4 (got {args.subject_scales!r}).") from None
+            raise UserInputError(
+                f"--subject-scales: give numbers separated by commas, e.g. 1.0,0.4 (got {args.subject_scales!r})."
+            ) from None
     if args.references < 1:
         raise UserInputError(f"--references must be at least 1, got {args.references}.")
     dtype = args.dtype
     if dtype == "auto":
         dtype = "fp16" if state.device.type == "cuda" else "fp32"
     settings = BenchSettings(  # in the job file's words, as run_config.json records them
-        base=args.base, adapter=args.adapter, image_encoder=args.image_encoder, adapter_weight_name=args.adapter_weight_name,
-        dtype=dtype, seed=args.seed, images_per_sample=args.images_per_sample or benchmark.images_per_sample,
-        steps=args.steps, guidance=args.guidance, scale=args.scale, size=size,
-        negative_prompt=args.negative_prompt or None, prompt_prefix=args.prompt_prefix, mask_threshold=args.mask_threshold,
-        start_step=args.start_step, phrase_matching=args.phrase_matching, boxes=args.boxes,
-        drop_grounding=args.drop_grounding, subject_scales=subject_scales, references=args.references,
+        base=args.base,
+        adapter=args.adapter,
+        image_encoder=args.image_encoder,
+        adapter_weight_name=args.adapter_weight_name,
+        dtype=dtype,
+        seed=args.seed,
+        images_per_sample=args.images_per_sample or benchmark.images_per_sample,
+        steps=args.steps,
+        guidance=args.guidance,
+        scale=args.scale,
+        size=size,
+        negative_prompt=args.negative_prompt or None,
+        prompt_prefix=args.prompt_prefix,
+        mask_threshold=args.mask_threshold,
+        start_step=args.start_step,
+        phrase_matching=args.phrase_matching,
+        boxes=args.boxes,
+        drop_grounding=args.drop_grounding,
+        subject_scales=subject_scales,
+        references=args.references,
         reference_combine=args.reference_combine,
-    )  # fmt: skip
+    )
     args.output.mkdir(parents=True, exist_ok=True)
     try:
         config = check_run_config(args.output, benchmark.key, settings, images_dir)
@@ -385,7 +453,9 @@ def _score(args) -> int:
                 f"{scores_path} was computed with other models or preprocessing ({', '.join(f'{k}={previous.get(k)!r}' for k in differing)}); "
                 "pass --overwrite to rescore every image with the new ones."
             )
-        existing = {r["image"]: r for r in (json.loads(line) for line in scores_path.read_text().splitlines() if line.strip())}
+        existing = {
+            r["image"]: r for r in (json.loads(line) for line in scores_path.read_text().splitlines() if line.strip())
+        }
     todo = [r for r in records if r["image"] not in existing]
     gone = [r["image"] for r in todo if not (output / r["image"]).is_file()]
     if gone:
@@ -431,20 +501,33 @@ def _score(args) -> int:
 
 def _standard_scorer(args, output: Path):
     """CLIP, DINO and a detector: the config to compare with earlier scores, and a loader."""
-    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, Scorers, ScoringConfig, score_records
+    from msdiffusion.bench.scoring import (
+        DEFAULT_CLIP_MODEL,
+        DEFAULT_DETECTOR,
+        DEFAULT_DINO_MODEL,
+        Scorers,
+        ScoringConfig,
+        score_records,
+    )
 
     if args.models is not None:
         raise UserInputError("--models (world models) applies to runs of --bench world only.")
     requested = ScoringConfig(
-        args.clip_model or DEFAULT_CLIP_MODEL, args.dino_model or DEFAULT_DINO_MODEL, args.detector or DEFAULT_DETECTOR,
-        args.detection_threshold, args.dino_preprocessing or "resize-crop",
-    )  # fmt: skip
+        args.clip_model or DEFAULT_CLIP_MODEL,
+        args.dino_model or DEFAULT_DINO_MODEL,
+        args.detector or DEFAULT_DETECTOR,
+        args.detection_threshold,
+        args.dino_preprocessing or "resize-crop",
+    )
 
     def load():
         from msdiffusion.checks import check_locations
 
-        models = [(requested.clip_model, "transformers", "--clip-model"), (requested.dino_model, "transformers", "--dino-model"),
-                  (requested.detector, "transformers", "--detector")]  # fmt: skip
+        models = [
+            (requested.clip_model, "transformers", "--clip-model"),
+            (requested.dino_model, "transformers", "--dino-model"),
+            (requested.detector, "transformers", "--detector"),
+        ]
         check_locations(models, device=args.device)
         scorers = Scorers.load(requested, args.device, args.batch_size)
 
@@ -464,10 +547,16 @@ def _world_scorer(args, output: Path):
     from msdiffusion.world.bench import WorldScorer, score_world_records, scoring_models, world_scoring_config
 
     foreign = [
-        flag for flag, value in (("--clip-model", args.clip_model), ("--dino-model", args.dino_model),
-                                 ("--detector", args.detector), ("--detection-threshold", args.detection_threshold),
-                                 ("--dino-preprocessing", args.dino_preprocessing)) if value is not None
-    ]  # fmt: skip
+        flag
+        for flag, value in (
+            ("--clip-model", args.clip_model),
+            ("--dino-model", args.dino_model),
+            ("--detector", args.detector),
+            ("--detection-threshold", args.detection_threshold),
+            ("--dino-preprocessing", args.dino_preprocessing),
+        )
+        if value is not None
+    ]
     if foreign:
         raise UserInputError(
             f"{', '.join(foreign)}: a world run is scored by the world's evaluator and image encoder, not by "
@@ -482,7 +571,9 @@ def _world_scorer(args, output: Path):
         raise UserInputError(str(error)) from None
     config = world_scoring_config(paths["evaluator"], paths["image_encoder"])
     # the models' contents decide whether old scores can stay, not where the files are
-    wanted = {key: value for key, value in config.items() if key in ("scorer", "evaluator_sha256", "image_encoder_sha256")}
+    wanted = {
+        key: value for key, value in config.items() if key in ("scorer", "evaluator_sha256", "image_encoder_sha256")
+    }
 
     def load():
         from msdiffusion.loading import default_device

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="MS-Diffusion: layout-guided multi-subject personalization on SDXL. "
         "Every command has its own --help.",
     )
-    parser.add_argument("--version", action="version", version=f"msdiff {__version__}", help="print the version and exit")
+    parser.add_argument(
+        "--version", action="version", version=f"msdiff {__version__}", help="print the version and exit"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
@@ -133,10 +135,10 @@ def quiet_libraries(import_them: bool = True) -> None:
     for name in ("huggingface_hub", "transformers", "diffusers"):
         if name in sys.modules or (import_them and importlib.util.find_spec(name) is not None):
             module = importlib.import_module(f"{name}.utils")
-            disable = getattr(module, "disable_progress_bars", None) or getattr(module.logging, "disable_progress_bar", None)
+            disable = getattr(module, "disable_progress_bars", None) or getattr(
+                module.logging, "disable_progress_bar", None
+            )
             if disable is not None:
                 disable()
             if hasattr(module, "logging") and hasattr(module.logging, "set_verbosity_error"):
                 module.logging.set_verbosity_error()
-
-

@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: _usage(parser))
     _add_check(commands)
     _add_build(commands)
-    from msdiffusion.app.train_commands import add_cache_parser  # `msdiff data cache` lives with the training code that reads it
+    from msdiffusion.app.train_commands import (
+        add_cache_parser,  # `msdiff data cache` lives with the training code that reads it
+    )
 
     add_cache_parser(commands)
 
@@ -49,11 +51,13 @@ def _add_check(commands) -> None:
     check.add_argument("--max-problems", type=int, default=50, help="problems to list (all are counted)")
     speed = check.add_mutually_exclusive_group()
     speed.add_argument(
-        "--headers-only", action="store_true",
+        "--headers-only",
+        action="store_true",
         help="open image headers instead of decoding every pixel (faster; misses truncated files)",
     )
     speed.add_argument(
-        "--no-open", action="store_true",
+        "--no-open",
+        action="store_true",
         help="only check that files exist, without opening them (fastest; misses unreadable files)",
     )
     check.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads decoding images")
@@ -62,8 +66,8 @@ def _add_check(commands) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from msdiffusion.errors import UserInputError
     from msdiffusion.data.manifest import Problem, validate_manifest
+    from msdiffusion.errors import UserInputError
 
     if not args.manifest.is_file():
         raise UserInputError(f"manifest not found: {args.manifest}")
@@ -75,16 +79,23 @@ def run_check(args: argparse.Namespace) -> int:
     if not args.no_open and not args.quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="decoding images" if not args.headers_only else "opening images", unit="sample", file=sys.stderr)
+        bar = tqdm(
+            desc="decoding images" if not args.headers_only else "opening images", unit="sample", file=sys.stderr
+        )
 
     def progress(done: int, total: int) -> None:
         bar.total = total
         bar.update(done - bar.n)
 
     samples, problems, total = validate_manifest(
-        args.manifest, check_files=True, open_images=not args.no_open, max_problems=args.max_problems,
-        decode=not args.headers_only, workers=args.workers, progress=progress if bar is not None else None,
-    )  # fmt: skip
+        args.manifest,
+        check_files=True,
+        open_images=not args.no_open,
+        max_problems=args.max_problems,
+        decode=not args.headers_only,
+        workers=args.workers,
+        progress=progress if bar is not None else None,
+    )
     if bar is not None:
         bar.close()
     if not samples and not total:  # nothing to train on is not a pass
@@ -134,7 +145,8 @@ def format_statistics(samples, problems, total: int, manifest: Path) -> str:
         return "\n".join(lines)
     lines.append(
         f"problems: {total} (missing files: {kinds['missing']}{more}, unreadable images: {kinds['unreadable']}{more})"
-        if total else "problems: none"
+        if total
+        else "problems: none"
     )
     return "\n".join(lines)
 
@@ -150,13 +162,15 @@ def _add_build(commands) -> None:
         "segment them (SAM), filter, and write OUT/manifest.jsonl (docs/data.md).",
     )
     build.add_argument(
-        "source", type=Path,
+        "source",
+        type=Path,
         help="folder of images with NAME.txt captions, or a captions file (.jsonl/.json/.csv with image,caption)",
     )
     build.add_argument("--out", type=Path, required=True, help="output folder (manifest.jsonl, masks/, crops/)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
     build.add_argument(
-        "--video", action="store_true",
+        "--video",
+        action="store_true",
         help="sources are clips (folders of frames): target = middle frame, references from the first frame",
     )
     build.add_argument("--limit", type=int, help="process only the first N items")
@@ -170,24 +184,47 @@ def _add_build(commands) -> None:
     phrases.add_argument("--max-phrase-words", type=int, default=2, help="words kept per noun phrase (default 2)")
 
     models = build.add_argument_group("models")
-    models.add_argument("--detector", default=DEFAULT_DETECTOR, help=f"OWLv2/OWL-ViT/Grounding DINO hub id or folder (default {DEFAULT_DETECTOR})")
-    models.add_argument("--masks", action="store_true", help=f"segment subjects with SAM to mask the reference crops (default model {DEFAULT_SEGMENTER})")
+    models.add_argument(
+        "--detector",
+        default=DEFAULT_DETECTOR,
+        help=f"OWLv2/OWL-ViT/Grounding DINO hub id or folder (default {DEFAULT_DETECTOR})",
+    )
+    models.add_argument(
+        "--masks",
+        action="store_true",
+        help=f"segment subjects with SAM to mask the reference crops (default model {DEFAULT_SEGMENTER})",
+    )
     models.add_argument("--segmenter", help="SAM hub id or folder (implies --masks)")
     models.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
-    models.add_argument("--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto", help="model precision; auto: fp16 on CUDA, fp32 elsewhere")
+    models.add_argument(
+        "--dtype",
+        type=dtype_name,
+        choices=("auto", *DTYPE_CHOICES),
+        default="auto",
+        help="model precision; auto: fp16 on CUDA, fp32 elsewhere",
+    )
     models.add_argument("--batch-size", type=int, default=8, help="images per detector batch (default 8)")
 
     filters = build.add_argument_group("filters")
     filters.add_argument("--score-threshold", type=float, default=0.2, help="minimum detector score (default 0.2)")
-    filters.add_argument("--min-box-area", type=float, default=0.01, help="minimum box area, fraction of the image (default 0.01)")
-    filters.add_argument("--max-box-area", type=float, default=0.9, help="maximum box area, fraction of the image (default 0.9)")
-    filters.add_argument("--max-overlap", type=float, default=0.5, help="maximum IoU between two subjects' boxes (default 0.5)")
+    filters.add_argument(
+        "--min-box-area", type=float, default=0.01, help="minimum box area, fraction of the image (default 0.01)"
+    )
+    filters.add_argument(
+        "--max-box-area", type=float, default=0.9, help="maximum box area, fraction of the image (default 0.9)"
+    )
+    filters.add_argument(
+        "--max-overlap", type=float, default=0.5, help="maximum IoU between two subjects' boxes (default 0.5)"
+    )
     filters.add_argument("--max-subjects", type=int, default=4, help="subjects kept per image, best first (default 4)")
-    filters.add_argument("--min-subjects", type=int, default=1, help="images with fewer subjects are left out (default 1)")
+    filters.add_argument(
+        "--min-subjects", type=int, default=1, help="images with fewer subjects are left out (default 1)"
+    )
 
     output = build.add_argument_group("output")
     output.add_argument(
-        "--save-crops", action="store_true",
+        "--save-crops",
+        action="store_true",
         help="write reference crops to OUT/crops/ instead of pointing at the source image with a crop box",
     )
     build.set_defaults(func=run_build)
@@ -209,12 +246,14 @@ def run_build(args: argparse.Namespace) -> int:
 
     from msdiffusion.data.build import build_manifest, collect_items, make_phrase_finder
     from msdiffusion.data.detection import BoxSegmenter, OpenVocabularyDetector, SubjectFilter
-    from msdiffusion.loading import default_device
     from msdiffusion.data.manifest import validate_manifest
     from msdiffusion.data.phrases import load_vocabulary
+    from msdiffusion.loading import default_device
 
     try:
-        rules = SubjectFilter(args.score_threshold, args.min_box_area, args.max_box_area, args.max_overlap, args.max_subjects)
+        rules = SubjectFilter(
+            args.score_threshold, args.min_box_area, args.max_box_area, args.max_overlap, args.max_subjects
+        )
         vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
         items, skipped = collect_items(args.source, video=args.video)
     except (ValueError, FileNotFoundError) as error:
@@ -228,7 +267,10 @@ def run_build(args: argparse.Namespace) -> int:
     from msdiffusion.checks import check_locations
 
     segmenter_name = args.segmenter or (DEFAULT_SEGMENTER if args.masks else None)
-    check_locations([(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")], device=args.device)
+    check_locations(
+        [(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")],
+        device=args.device,
+    )
     device = args.device or default_device()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
@@ -243,8 +285,14 @@ def run_build(args: argparse.Namespace) -> int:
 
     print(f"{len(items)} items from {args.source} on {device}; writing {manifest}", file=sys.stderr)
     report = build_manifest(
-        items, args.out, detector, rules, make_phrase_finder(vocabulary, args.max_phrase_words),
-        segmenter=segmenter, batch_size=args.batch_size, min_subjects=args.min_subjects,
+        items,
+        args.out,
+        detector,
+        rules,
+        make_phrase_finder(vocabulary, args.max_phrase_words),
+        segmenter=segmenter,
+        batch_size=args.batch_size,
+        min_subjects=args.min_subjects,
         save_crops=args.save_crops,
         progress=lambda done: print(f"  {done}/{len(items)}", file=sys.stderr, end="\r"),
     )

@@ -33,11 +33,11 @@ from msdiffusion.loading import NAMED_MODELS
 from msdiffusion.settings import (
     GENERATION_FIELDS,
     MODEL_FIELDS,
+    SUBJECT_ENCODING_ARGUMENTS,
     ControlNetSpec,
     GenerationSettings,
     LoraSpec,
     ModelSettings,
-    SUBJECT_ENCODING_ARGUMENTS,
     SettingsError,
     check_generation_values,
     check_model_values,
@@ -76,7 +76,12 @@ class Job(ModelSettings, GenerationSettings):
         """The job in job-file form (what `job_from_dict` reads back)."""
         data = dataclasses.asdict(self)
         data["subjects"] = [
-            {"image": s.images if len(s.images) > 1 else s.images[0], "phrase": s.phrase, "box": s.box, "scale": s.scale}
+            {
+                "image": s.images if len(s.images) > 1 else s.images[0],
+                "phrase": s.phrase,
+                "box": s.box,
+                "scale": s.scale,
+            }
             for s in self.subjects
         ]
         return data
@@ -91,7 +96,9 @@ class Job(ModelSettings, GenerationSettings):
             subject_images=[[PIL.Image.open(p).convert("RGB") for p in s.images] for s in self.subjects],
             subject_phrases=[s.phrase for s in self.subjects],
             subject_boxes=[s.box for s in self.subjects],
-            subject_scales=[s.scale for s in self.subjects] if any(s.scale is not None for s in self.subjects) else None,
+            subject_scales=[s.scale for s in self.subjects]
+            if any(s.scale is not None for s in self.subjects)
+            else None,
         )
         if self.controlnet is not None:
             arguments.update(
@@ -109,8 +116,11 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "subjects": ((list,), "a list of {image, phrase, box, scale}"),
     **GENERATION_FIELDS,
     "seed": ((int, type(None)), "an integer (omit for a random one)"),
-    "seed_mode": ((str,), "per-image (image k: a CPU generator seeded seed + k) or release (one generator on the "
-                  "device seeded seed draws all images at once, as the released code)"),
+    "seed_mode": (
+        (str,),
+        "per-image (image k: a CPU generator seeded seed + k) or release (one generator on the "
+        "device seeded seed draws all images at once, as the released code)",
+    ),
     "images": ((int,), "a positive integer"),
     "output": ((str,), "a folder to write images into"),
     "preview": ((bool,), "true or false"),
@@ -191,7 +201,9 @@ def job_warnings(job: Job) -> list[str]:
             f"(lower --start-step, or raise --steps)."
         )
     if job.base not in NAMED_MODELS and min(job.size) < 512:
-        warnings.append(f"size {job.size[0]}x{job.size[1]}: SDXL was trained at about 1024x1024 and degrades below 512.")
+        warnings.append(
+            f"size {job.size[0]}x{job.size[1]}: SDXL was trained at about 1024x1024 and degrades below 512."
+        )
     if 0 < job.guidance < 1:
         warnings.append(f"guidance {job.guidance} is below 1: classifier-free guidance is off (as with 1).")
     return warnings
@@ -220,7 +232,9 @@ def _subject(data: Any, where: str, base_dir: Path | None) -> JobSubject:
     except ValueError as error:
         raise JobError(str(error)) from None
     scale = data.get("scale")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0):
+    if scale is not None and (
+        isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0
+    ):
         raise JobError(f"{where}.scale: got {scale!r}; expected a number >= 0 (the subject's own strength).")
     return JobSubject(paths, phrase, box, None if scale is None else float(scale))
 
@@ -288,7 +302,9 @@ def read_job_from_png(path: str | Path) -> dict:
     except (OSError, PIL.UnidentifiedImageError) as error:
         raise JobError(f"--from {path}: cannot read the image ({error}).") from None
     if not text:
-        raise JobError(f"--from {path}: the image has no msdiffusion job in its metadata (was it written by msdiff generate?).")
+        raise JobError(
+            f"--from {path}: the image has no msdiffusion job in its metadata (was it written by msdiff generate?)."
+        )
     return json.loads(text)
 
 
@@ -380,8 +396,16 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             write(out.images[i], seed, record, _maps(out, i))
     else:
         if job.images > 1:  # the subjects are encoded once, for every image
-            subject_arguments = ("subject_images", "subject_phrases", "subject_boxes", "subject_scales", *SUBJECT_ENCODING_ARGUMENTS)
-            arguments["prepared_subjects"] = pipe.prepare_subjects(**{name: arguments.pop(name) for name in subject_arguments})
+            subject_arguments = (
+                "subject_images",
+                "subject_phrases",
+                "subject_boxes",
+                "subject_scales",
+                *SUBJECT_ENCODING_ARGUMENTS,
+            )
+            arguments["prepared_subjects"] = pipe.prepare_subjects(
+                **{name: arguments.pop(name) for name in subject_arguments}
+            )
         for i in range(job.images):  # each image its own CPU generator: the same noise on any device
             if job.images > 1:  # the step bar says which image it is drawing
                 pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"image {i + 1}/{job.images}")

@@ -25,20 +25,45 @@ from msdiffusion.errors import UserInputError
 MAX_SUBJECTS = 4
 # SDXL's usual sizes (its training buckets), width x height, plus the small sizes of the CPU models.
 SIZE_PRESETS = (
-    "1024x1024", "1152x896", "896x1152", "1216x832", "832x1216", "1344x768", "768x1344", "1536x640", "640x1536",
-    "512x512", "64x64",
-)  # fmt: skip
+    "1024x1024",
+    "1152x896",
+    "896x1152",
+    "1216x832",
+    "832x1216",
+    "1344x768",
+    "768x1344",
+    "1536x640",
+    "640x1536",
+    "512x512",
+    "64x64",
+)
 SCHEDULERS = (
-    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "DDIMScheduler", "UniPCMultistepScheduler", "PNDMScheduler",
-)  # fmt: skip
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DDIMScheduler",
+    "UniPCMultistepScheduler",
+    "PNDMScheduler",
+)
 MODEL_DEFAULT_SCHEDULER = "(model default)"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 # The page's fields, in the order of the generate function's inputs (and of `page_to_job`'s values).
 SETTING_FIELDS = (
-    "prompt", "negative_prompt", "width", "height", "seed", "steps", "guidance", "scale", "images",
-    "auto_layout", "mask_threshold", "start_step", "drop_grounding", "scheduler",
-)  # fmt: skip
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "seed",
+    "steps",
+    "guidance",
+    "scale",
+    "images",
+    "auto_layout",
+    "mask_threshold",
+    "start_step",
+    "drop_grounding",
+    "scheduler",
+)
 SUBJECT_FIELDS = ("images", "phrase", "box", "scale")
 
 
@@ -58,15 +83,23 @@ class PageModels:
         from msdiffusion.settings import ModelSettings
 
         return ModelSettings(
-            base=self.base, adapter=self.adapter, image_encoder=self.image_encoder,
-            adapter_weight_name=self.adapter_weight_name, device=self.device, dtype=self.dtype,
-        )  # fmt: skip
+            base=self.base,
+            adapter=self.adapter,
+            image_encoder=self.image_encoder,
+            adapter_weight_name=self.adapter_weight_name,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
     def job_fields(self) -> dict:
         return {
-            "base": self.base, "adapter": self.adapter, "image_encoder": self.image_encoder,
-            "adapter_weight_name": self.adapter_weight_name, "device": self.device, "dtype": self.dtype,
-        }  # fmt: skip
+            "base": self.base,
+            "adapter": self.adapter,
+            "image_encoder": self.image_encoder,
+            "adapter_weight_name": self.adapter_weight_name,
+            "device": self.device,
+            "dtype": self.dtype,
+        }
 
 
 def default_models() -> PageModels:
@@ -164,7 +197,7 @@ def _located(message: str, slots: list[int]) -> PageError:
     if found:
         slot = slots[int(found.group(1))]
         what = found.group(2) or "subject"
-        return PageError(f"{what}: {message[found.end():]}", slot)
+        return PageError(f"{what}: {message[found.end() :]}", slot)
     return PageError(message)
 
 
@@ -219,8 +252,20 @@ def job_to_page(
         checked.append(subject)
     data["subjects"] = checked
     # The models (and how they run) are the server's, not the job's.
-    for name in ("base", "adapter", "image_encoder", "adapter_weight_name", "controlnet", "output", "device", "dtype",
-                 "variant", "vae", "loras", "cpu_offload"):
+    for name in (
+        "base",
+        "adapter",
+        "image_encoder",
+        "adapter_weight_name",
+        "controlnet",
+        "output",
+        "device",
+        "dtype",
+        "variant",
+        "vae",
+        "loras",
+        "cpu_offload",
+    ):
         data.pop(name, None)
     served = {k: v for k, v in models.job_fields().items() if v is not None}
     job = job_from_dict({**served, **data}, "imported job", base_dir)
@@ -236,21 +281,34 @@ def job_to_page(
             if path.is_file() and any(path.is_relative_to(d) for d in allowed_image_dirs):
                 images.append(str(path))
             else:
-                notes.append(f"subject {i + 1}: upload its photo again ({Path(str(image)).name} is not on this server).")
-        subjects.append({
-            "images": images, "phrase": subject.phrase,
-            "box": ",".join(f"{v:g}" for v in subject.box) if any(subject.box) else "",
-            "scale": "" if subject.scale is None else f"{subject.scale:g}",
-        })  # fmt: skip
+                notes.append(
+                    f"subject {i + 1}: upload its photo again ({Path(str(image)).name} is not on this server)."
+                )
+        subjects.append(
+            {
+                "images": images,
+                "phrase": subject.phrase,
+                "box": ",".join(f"{v:g}" for v in subject.box) if any(subject.box) else "",
+                "scale": "" if subject.scale is None else f"{subject.scale:g}",
+            }
+        )
     subjects += [{"images": [], "phrase": "", "box": "", "scale": ""}] * (MAX_SUBJECTS - len(subjects))
     settings = {
-        "prompt": job.prompt, "negative_prompt": job.negative_prompt or "", "width": job.size[0],
-        "height": job.size[1], "seed": job.seed, "steps": job.steps, "guidance": job.guidance, "scale": job.scale,
-        "images": job.images, "auto_layout": job.mask_threshold is not None,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt or "",
+        "width": job.size[0],
+        "height": job.size[1],
+        "seed": job.seed,
+        "steps": job.steps,
+        "guidance": job.guidance,
+        "scale": job.scale,
+        "images": job.images,
+        "auto_layout": job.mask_threshold is not None,
         "mask_threshold": job.mask_threshold if job.mask_threshold is not None else 0.5,
-        "start_step": job.start_step, "drop_grounding": job.drop_grounding,
+        "start_step": job.start_step,
+        "drop_grounding": job.drop_grounding,
         "scheduler": job.scheduler or MODEL_DEFAULT_SCHEDULER,
-    }  # fmt: skip
+    }
     return settings, subjects, notes
 
 
@@ -337,7 +395,9 @@ def _canvas_js() -> str:
     from msdiffusion.preview import PALETTE
 
     source = (Path(__file__).resolve().parent / "page_canvas.js").read_text()
-    return source.replace("__SUBJECTS__", str(MAX_SUBJECTS)).replace("__PALETTE__", json.dumps([list(c) for c in PALETTE]))
+    return source.replace("__SUBJECTS__", str(MAX_SUBJECTS)).replace(
+        "__PALETTE__", json.dumps([list(c) for c in PALETTE])
+    )
 
 
 def build_page(models: PageModels, pipe=None):
@@ -345,9 +405,18 @@ def build_page(models: PageModels, pipe=None):
     import gradio as gr
 
     defaults = {
-        "prompt": "", "negative_prompt": "", "width": 1024, "height": 1024, "seed": 0, "steps": 30,
-        "guidance": 7.5, "scale": 0.6, "images": 1, "mask_threshold": 0.5, "start_step": 5,
-    }  # fmt: skip
+        "prompt": "",
+        "negative_prompt": "",
+        "width": 1024,
+        "height": 1024,
+        "seed": 0,
+        "steps": 30,
+        "guidance": 7.5,
+        "scale": 0.6,
+        "images": 1,
+        "mask_threshold": 0.5,
+        "start_step": 5,
+    }
     model_defaults = dict(models.defaults)
     if "size" in model_defaults:
         size = model_defaults.pop("size")
@@ -373,11 +442,19 @@ def build_page(models: PageModels, pipe=None):
         )
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", value=defaults["prompt"], elem_id="prompt",
-                                    placeholder="a dog and a cat on the beach")  # fmt: skip
-                negative = gr.Textbox(label="Negative prompt", value=defaults["negative_prompt"] or "", elem_id="negative-prompt")
+                prompt = gr.Textbox(
+                    label="Prompt",
+                    value=defaults["prompt"],
+                    elem_id="prompt",
+                    placeholder="a dog and a cat on the beach",
+                )
+                negative = gr.Textbox(
+                    label="Negative prompt", value=defaults["negative_prompt"] or "", elem_id="negative-prompt"
+                )
                 with gr.Row():
-                    preset = gr.Dropdown(["custom", *SIZE_PRESETS], value="custom", label="Size preset", elem_id="size-preset")
+                    preset = gr.Dropdown(
+                        ["custom", *SIZE_PRESETS], value="custom", label="Size preset", elem_id="size-preset"
+                    )
                     width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8, elem_id="width")
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8, elem_id="height")
                 gr.HTML(_canvas_html(), js_on_load=None)
@@ -391,40 +468,76 @@ def build_page(models: PageModels, pipe=None):
                 images = gr.Slider(1, 8, value=defaults["images"], step=1, label="Number of images", elem_id="images")
                 with gr.Accordion("More", open=False):
                     auto_layout = gr.Checkbox(label="Auto layout", value=False, elem_id="auto-layout")
-                    threshold = gr.Slider(0, 0.99, value=defaults["mask_threshold"], step=0.01, label="Auto-layout threshold")
+                    threshold = gr.Slider(
+                        0, 0.99, value=defaults["mask_threshold"], step=0.01, label="Auto-layout threshold"
+                    )
                     start_step = gr.Slider(1, 50, value=defaults["start_step"], step=1, label="Auto layout from step")
                     drop_grounding = gr.Checkbox(label="Drop grounding tokens", value=False)
-                    scheduler = gr.Dropdown([MODEL_DEFAULT_SCHEDULER, *SCHEDULERS], value=MODEL_DEFAULT_SCHEDULER, label="Scheduler")
+                    scheduler = gr.Dropdown(
+                        [MODEL_DEFAULT_SCHEDULER, *SCHEDULERS], value=MODEL_DEFAULT_SCHEDULER, label="Scheduler"
+                    )
         subject_fields: list[dict] = []
         with gr.Row():
             for i in range(MAX_SUBJECTS):
                 with gr.Column(min_width=200):
                     gr.Markdown(f"**Subject {i + 1}**")
-                    files = gr.File(label="Photos", file_count="multiple", file_types=["image"], elem_id=f"subject{i}-images", height=120)
+                    files = gr.File(
+                        label="Photos",
+                        file_count="multiple",
+                        file_types=["image"],
+                        elem_id=f"subject{i}-images",
+                        height=120,
+                    )
                     phrase = gr.Textbox(label="Phrase (words of the prompt)", elem_id=f"subject{i}-phrase", max_lines=1)
-                    box = gr.Textbox(label="Box x0,y0,x1,y1 (0-1; empty: auto layout)", elem_id=f"subject{i}-box", max_lines=1)
+                    box = gr.Textbox(
+                        label="Box x0,y0,x1,y1 (0-1; empty: auto layout)", elem_id=f"subject{i}-box", max_lines=1
+                    )
                     strength = gr.Textbox(label="Scale (empty: the page's)", elem_id=f"subject{i}-scale", max_lines=1)
                     error = gr.Markdown("", elem_id=f"subject{i}-error", elem_classes="field-error")
-                    subject_fields.append({"images": files, "phrase": phrase, "box": box, "scale": strength, "error": error})
+                    subject_fields.append(
+                        {"images": files, "phrase": phrase, "box": box, "scale": strength, "error": error}
+                    )
         with gr.Row():
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             export = gr.Button("Export job (YAML)", elem_id="export")
         page_error = gr.Markdown("", elem_id="page-error", elem_classes="field-error")
         gallery = gr.Gallery(label="Results: image, layout overlay, masks", columns=3, elem_id="results", height="auto")
         with gr.Row():
-            downloads = gr.File(label="Download (PNGs carry their job: msdiff generate --from)", file_count="multiple", elem_id="downloads")
+            downloads = gr.File(
+                label="Download (PNGs carry their job: msdiff generate --from)",
+                file_count="multiple",
+                elem_id="downloads",
+            )
             exported = gr.File(label="Job file", elem_id="exported")
-            imported = gr.File(label="Import a job (YAML/JSON) or a PNG made by msdiff", file_types=[".yaml", ".yml", ".json", ".png"], elem_id="import")
+            imported = gr.File(
+                label="Import a job (YAML/JSON) or a PNG made by msdiff",
+                file_types=[".yaml", ".yml", ".json", ".png"],
+                elem_id="import",
+            )
         import_notes = gr.Markdown("", elem_id="import-notes")
 
-        setting_components = [prompt, negative, width, height, seed, steps, guidance, scale, images,
-                              auto_layout, threshold, start_step, drop_grounding, scheduler]  # fmt: skip
+        setting_components = [
+            prompt,
+            negative,
+            width,
+            height,
+            seed,
+            steps,
+            guidance,
+            scale,
+            images,
+            auto_layout,
+            threshold,
+            start_step,
+            drop_grounding,
+            scheduler,
+        ]
         subject_components = [s[name] for s in subject_fields for name in SUBJECT_FIELDS]
         error_components = [s["error"] for s in subject_fields] + [page_error]
 
         def split(values: tuple) -> tuple[dict, list[dict]]:
             settings = dict(zip(SETTING_FIELDS, values[: len(SETTING_FIELDS)]))
-            rest = values[len(SETTING_FIELDS):]
+            rest = values[len(SETTING_FIELDS) :]
             n = len(SUBJECT_FIELDS)
             subjects = [dict(zip(SUBJECT_FIELDS, rest[i * n : (i + 1) * n])) for i in range(MAX_SUBJECTS)]
             return settings, subjects
@@ -450,15 +563,24 @@ def build_page(models: PageModels, pipe=None):
             try:
                 written = generate_files(job, active)
             except Exception as error:  # noqa: BLE001  (the page must stay usable; the message says what failed)
-                return [*errors(PageError(f"generation failed: {type(error).__name__}: {error}")), gr.skip(), gr.skip(), gr.skip()]
+                return [
+                    *errors(PageError(f"generation failed: {type(error).__name__}: {error}")),
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                ]
             pngs = [str(p) for p in written if re.fullmatch(r"msdiff-\d+", p.stem)]
             first_seed = json.loads(_png_text(Path(pngs[0]))).get("seed")
             return [*errors(None), gallery_items(written), pngs, first_seed]
 
         generate.click(
-            on_generate, setting_components + subject_components, error_components + [gallery, downloads, seed],
-            api_visibility="private", concurrency_limit=1, concurrency_id="generate",
-        )  # fmt: skip
+            on_generate,
+            setting_components + subject_components,
+            error_components + [gallery, downloads, seed],
+            api_visibility="private",
+            concurrency_limit=1,
+            concurrency_id="generate",
+        )
 
         def on_export(*values):
             settings, subjects = split(values)
@@ -471,7 +593,9 @@ def build_page(models: PageModels, pipe=None):
             path.write_text(export_yaml(job))
             return [*errors(None), str(path)]
 
-        export.click(on_export, setting_components + subject_components, error_components + [exported], api_visibility="private")
+        export.click(
+            on_export, setting_components + subject_components, error_components + [exported], api_visibility="private"
+        )
 
         def on_import(path):
             if not path:
@@ -486,7 +610,9 @@ def build_page(models: PageModels, pipe=None):
                 values += [subject["images"] or None, subject["phrase"], subject["box"], subject["scale"]]
             return values + ["Imported. " + " ".join(notes)]
 
-        imported.upload(on_import, imported, setting_components + subject_components + [import_notes], api_visibility="private")
+        imported.upload(
+            on_import, imported, setting_components + subject_components + [import_notes], api_visibility="private"
+        )
 
         def on_preset(choice):
             if choice == "custom":
@@ -529,8 +655,14 @@ def build_page(models: PageModels, pipe=None):
             from msdiffusion.app.jobs import JobError, job_from_dict
 
             try:
-                job_spec = job_from_dict({**data, **{k: v for k, v in models.job_fields().items() if v is not None},
-                                          "output": tempfile.mkdtemp(prefix="msdiff-api-")}, "job")  # fmt: skip
+                job_spec = job_from_dict(
+                    {
+                        **data,
+                        **{k: v for k, v in models.job_fields().items() if v is not None},
+                        "output": tempfile.mkdtemp(prefix="msdiff-api-"),
+                    },
+                    "job",
+                )
                 active = get_pipe()
                 check_before_work(job_spec, list(range(len(job_spec.subjects))), getattr(active, "tokenizer", None))
             except PageError as error:
@@ -541,7 +673,12 @@ def build_page(models: PageModels, pipe=None):
             return [str(p) for p in written if re.fullmatch(r"msdiff-\d+", p.stem)]
 
         gr.Button(visible=False).click(
-            generate_job, [api_job, api_images], api_out, api_name="generate_job", concurrency_id="generate", concurrency_limit=1
+            generate_job,
+            [api_job, api_images],
+            api_out,
+            api_name="generate_job",
+            concurrency_id="generate",
+            concurrency_limit=1,
         )
     return page
 
@@ -558,7 +695,7 @@ def register(subparsers) -> None:
         "ui",
         help="a web page: upload subjects, draw their boxes, generate (needs the ui extra)",
         description="Serve a Gradio page to draw subjects' boxes and generate. With no model options it serves "
-        "the world's trained models (what msdiff demo uses). Install with: pip install -e \".[ui]\".",
+        'the world\'s trained models (what msdiff demo uses). Install with: pip install -e ".[ui]".',
     )
     ui.add_argument("job", nargs="?", help="job file whose models (and prompt, subjects, settings) start the page")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -576,7 +713,7 @@ def register(subparsers) -> None:
 def models_from_args(args) -> PageModels:
     """The served models: a job file's, overridden by flags; the world's models when none are given."""
     from msdiffusion.app.jobs import job_from_dict, read_job_file
-    from msdiffusion.loading import NAMED_MODELS, TINY
+    from msdiffusion.loading import NAMED_MODELS
     from msdiffusion.settings import DEFAULT_IMAGE_ENCODER
 
     given = {"base": args.base, "adapter": args.adapter, "image_encoder": args.image_encoder}
@@ -584,15 +721,27 @@ def models_from_args(args) -> PageModels:
         job = job_from_dict(read_job_file(args.job), args.job, Path(args.job).resolve().parent)
         data = job.to_dict()
         data.update({k: v for k, v in given.items() if v})
-        defaults = {k: data[k] for k in ("prompt", "negative_prompt", "size", "seed", "steps", "guidance", "scale", "images", "start_step")}
+        defaults = {
+            k: data[k]
+            for k in ("prompt", "negative_prompt", "size", "seed", "steps", "guidance", "scale", "images", "start_step")
+        }
         defaults["negative_prompt"] = defaults["negative_prompt"] or ""
-        return PageModels(data["base"], data["adapter"], data["image_encoder"], args.adapter_weight_name or data["adapter_weight_name"],
-                          args.device or data["device"], args.dtype or data["dtype"], defaults)  # fmt: skip
+        return PageModels(
+            data["base"],
+            data["adapter"],
+            data["image_encoder"],
+            args.adapter_weight_name or data["adapter_weight_name"],
+            args.device or data["device"],
+            args.dtype or data["dtype"],
+            defaults,
+        )
     if not any(given.values()):
         models = default_models()
     else:
         if not (args.base and args.adapter):
-            raise UserInputError("give --base and --adapter (and --image-encoder, or its default) together, or none for the world's models.")
+            raise UserInputError(
+                "give --base and --adapter (and --image-encoder, or its default) together, or none for the world's models."
+            )
         models = PageModels(args.base, args.adapter, args.image_encoder or DEFAULT_IMAGE_ENCODER)
         if args.base in NAMED_MODELS:
             models.defaults = dict(NAMED_MODELS[args.base].defaults)

@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument(
-        "--print-config", action="store_true",
+        "--print-config",
+        action="store_true",
         help="print the resolved, validated config as YAML and exit; alone, a commented template of every field",
     )
 
@@ -81,7 +82,9 @@ def run_train(args: argparse.Namespace) -> int:
     except SampleReadError as error:
         # From a DataLoader worker the message carries the worker's traceback; its last line is the problem.
         problem = str(error).strip().splitlines()[-1].removeprefix("msdiffusion.data.dataset.SampleReadError: ")
-        raise UserInputError(f"{problem} (training stopped; `bad_samples: skip` replaces unreadable samples instead)") from None
+        raise UserInputError(
+            f"{problem} (training stopped; `bad_samples: skip` replaces unreadable samples instead)"
+        ) from None
     except (*user_errors, FileNotFoundError) as error:
         raise UserInputError(str(error)) from None
     if "stopped_by" in summary:
@@ -117,17 +120,24 @@ def add_cache_parser(commands: argparse._SubParsersAction) -> None:
     cache.add_argument("--variant", help="weight variant of the base's text encoders, e.g. fp16")
     cache.add_argument("--revision", help="hub revision of the base")
     cache.add_argument(
-        "--reference-size", type=int, default=1024,
+        "--reference-size",
+        type=int,
+        default=1024,
         help="square the references are squashed to: the training config's reference_size, or its resolution (default 1024)",
     )
     cache.add_argument("--no-mask-references", action="store_true", help="as mask_references: false in training")
     cache.add_argument(
-        "--mask-color", choices=("black", "white"), default="black",
+        "--mask-color",
+        choices=("black", "white"),
+        default="black",
         help="background of masked references: the training config's mask_color (default black, as in the release)",
-    )  # fmt: skip
+    )
     cache.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
     cache.add_argument(
-        "--dtype", type=dtype_name, choices=("auto", *DTYPE_CHOICES), default="auto",
+        "--dtype",
+        type=dtype_name,
+        choices=("auto", *DTYPE_CHOICES),
+        default="auto",
         help="precision of the encoders and the stored features; auto: fp16 on CUDA, fp32 elsewhere",
     )
     cache.add_argument("--batch-size", type=int, default=16, help="samples per encoder batch (default 16)")
@@ -149,17 +159,18 @@ def run_cache(args: argparse.Namespace) -> int:
 
     from msdiffusion.checks import check_locations
 
-    check_locations([(args.base, "base", "--base"), (args.image_encoder, "image_encoder", "--image-encoder")], device=args.device)
+    check_locations(
+        [(args.base, "base", "--base"), (args.image_encoder, "image_encoder", "--image-encoder")], device=args.device
+    )
 
     import torch
 
     from msdiffusion.data.dataset import MASK_COLORS
     from msdiffusion.data.manifest import ManifestError
+    from msdiffusion.loading import default_device
     from msdiffusion.train.cache import write_cache
     from msdiffusion.train.config import TrainConfig
     from msdiffusion.train.models import load_image_encoder, load_text_encoders
-
-    from msdiffusion.loading import default_device
 
     device = args.device or default_device()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
@@ -176,13 +187,22 @@ def run_cache(args: argparse.Namespace) -> int:
     print(f"caching {args.manifest} into {args.out} on {device} ({str(dtype).removeprefix('torch.')})", file=sys.stderr)
     try:
         counts = write_cache(
-            args.manifest, args.out, text_encoders, image_encoder, image_processor,
+            args.manifest,
+            args.out,
+            text_encoders,
+            image_encoder,
+            image_processor,
             settings={"base": args.base, "image_encoder": args.image_encoder},
-            reference_size=args.reference_size, mask_references=not args.no_mask_references,
+            reference_size=args.reference_size,
+            mask_references=not args.no_mask_references,
             mask_color=MASK_COLORS[args.mask_color],
-            batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size, dtype=dtype, device=device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            shard_size=args.shard_size,
+            dtype=dtype,
+            device=device,
             progress=lambda done, total: print(f"  {done}/{total}", file=sys.stderr, end="\r"),
-        )  # fmt: skip
+        )
     except ManifestError as error:
         raise UserInputError(str(error)) from None
     print(file=sys.stderr)

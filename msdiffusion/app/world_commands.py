@@ -28,51 +28,67 @@ def register(subparsers) -> None:
     build.add_argument("--out", default="runs/world", help="working folder (default: runs/world)")
     build.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
     build.add_argument(
-        "--image-encoder", choices=("random", "trained"), default="trained",
+        "--image-encoder",
+        choices=("random", "trained"),
+        default="trained",
         help="train the image encoder contrastively on the world first (default, as the shipped build), or keep it random and frozen",
-    )  # fmt: skip
+    )
     build.add_argument(
         "--unet-channels",
         help="the base UNet's channels at 16x16, 8x8 and 4x4 (default: the shipped base's, 64,96,128; the seventh build's: 32,64,128)",
-    )  # fmt: skip
+    )
     build.add_argument(
-        "--subject-loss-weight", type=float, default=3.0,
+        "--subject-loss-weight",
+        type=float,
+        default=3.0,
         help="weight the base's loss inside subjects' boxes by 1 + this (default: 3, the shipped build's; 0 is a plain mean)",
-    )  # fmt: skip
+    )
     build.add_argument(
         "--init-base",
         help="a base snapshot (base-train/snapshots/step-N, written at each cycle's end) to start the base stage from: "
         "a warm restart of the next cycle with a fresh optimiser, not an exact resume (docs/world.md)",
-    )  # fmt: skip
+    )
     build.add_argument(
-        "--extra-cycle", action="append", default=[], metavar="STEPS,LR,HIGH_NOISE_SHARE",
+        "--extra-cycle",
+        action="append",
+        default=[],
+        metavar="STEPS,LR,HIGH_NOISE_SHARE",
         help="one more cosine cycle after the recipe's (BaseRecipe.cycles), like 3000,3e-4,0.5; repeat for more. "
         "A warm restart from the recipe's last snapshot needs one (--init-base)",
-    )  # fmt: skip
+    )
     build.add_argument(
-        "--class-sampling", action="append", default=[], metavar="CLASS=FACTOR",
+        "--class-sampling",
+        action="append",
+        default=[],
+        metavar="CLASS=FACTOR",
         help="draw the base's training scenes that hold a subject of CLASS FACTOR times as often, like hourglass=3 "
         "(repeatable; default: every scene as often)",
-    )  # fmt: skip
+    )
     build.add_argument(
-        "--zero-terminal-snr-from", type=int, metavar="CYCLE",
+        "--zero-terminal-snr-from",
+        type=int,
+        metavar="CYCLE",
         help="train the base's cycles from CYCLE on (1 is the first; with --init-base, one after the snapshot's) on the "
         "zero-terminal-SNR schedule, and sample with it (default: SDXL's schedule throughout; docs/world.md, fourteenth build)",
-    )  # fmt: skip
+    )
     build.add_argument(
-        "--adapter-steps", type=int, default=3000,
+        "--adapter-steps",
+        type=int,
+        default=3000,
         help="steps of the adapter stage (default: 3000, a fresh adapter's; the shipped builds continued theirs by 1,500 to 2,000)",
-    )  # fmt: skip
+    )
     build.add_argument(
         "--adapter-init",
         help="an adapter the adapter stage continues instead of a random one (msdiff train's init_adapter: a build's "
         "adapter-train/adapter, another project folder, a released ms_adapter.bin or a hub id)",
-    )  # fmt: skip
+    )
     build.add_argument(
-        "--adapter-subject-loss-weight", type=float, default=0.0,
+        "--adapter-subject-loss-weight",
+        type=float,
+        default=0.0,
         help="msdiff train's subject_loss_weight for the adapter: its loss inside subjects' boxes weighted by 1 + this "
         "(default: 0, a plain mean, as every shipped build; 3 moved the twelfth build by noise only, docs/world.md)",
-    )  # fmt: skip
+    )
     build.add_argument(
         "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
     )
@@ -86,7 +102,8 @@ def register(subparsers) -> None:
         "and identity mixing; then each of the world's targets (docs/world.md) with its measured rate.",
     )
     evaluate.add_argument(
-        "--models", help="a `world build --out` folder, or the folder its --export-to wrote (default: the shipped weights)"
+        "--models",
+        help="a `world build --out` folder, or the folder its --export-to wrote (default: the shipped weights)",
     )
     evaluate.add_argument("--count", type=int, default=200, help="generations (default: 200)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the jobs and of the noise (default: 0)")
@@ -98,11 +115,16 @@ def register(subparsers) -> None:
     evaluate.add_argument("--no-boxes", action="store_true", help="give no boxes (all zeros)")
     evaluate.add_argument("--drop-grounding", action="store_true", help="learned grounding tokens (no phrase/box)")
     evaluate.add_argument(
-        "--by", action="append", choices=("pattern", "class"), default=[],
-        help="also report the rates by the identities' pattern kind or by class (repeatable)",
-    )  # fmt: skip
+        "--by",
+        action="append",
+        choices=("pattern", "class", "appearance"),
+        default=[],
+        help="also report the rates by the identities' pattern kind, by class, or by whether the appearance "
+        "is in the training data as a look-alike (repeatable)",
+    )
     evaluate.add_argument(
-        "--json", help="also write the summary, its breakdowns by pattern and by class, the targets and every subject's result to this file"
+        "--json",
+        help="also write the summary, its breakdowns by pattern and by class, the targets and every subject's result to this file",
     )
     evaluate.set_defaults(func=run_evaluate)
     world.set_defaults(func=lambda args: world.print_help() or 2)
@@ -127,35 +149,51 @@ def run_build(args) -> int:
     except ValueError:
         channels = ()
     if len(channels) != 3 or min(channels) < 16 or any(c % 16 for c in channels):
-        raise UserInputError(f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}.")
+        raise UserInputError(
+            f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}."
+        )
     if not args.subject_loss_weight >= 0:
-        raise UserInputError(f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}.")
+        raise UserInputError(
+            f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}."
+        )
     if not args.adapter_subject_loss_weight >= 0:
-        raise UserInputError(f"--adapter-subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.adapter_subject_loss_weight}.")
+        raise UserInputError(
+            f"--adapter-subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.adapter_subject_loss_weight}."
+        )
     if args.adapter_steps < 1:
         raise UserInputError(f"--adapter-steps: a positive number of steps; got {args.adapter_steps}.")
     if args.adapter_init:
         check_adapter_location(args.adapter_init, what="--adapter-init")  # msdiff train reads it, hours from now
     cycles = BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle)
     if args.zero_terminal_snr_from is not None and not 1 <= args.zero_terminal_snr_from <= len(cycles):
-        raise UserInputError(f"--zero-terminal-snr-from: a cycle from 1 to {len(cycles)} (the recipe's {len(BaseRecipe().cycles)} "
-                             f"and {len(args.extra_cycle)} --extra-cycle); got {args.zero_terminal_snr_from}.")  # fmt: skip
+        raise UserInputError(
+            f"--zero-terminal-snr-from: a cycle from 1 to {len(cycles)} (the recipe's {len(BaseRecipe().cycles)} "
+            f"and {len(args.extra_cycle)} --extra-cycle); got {args.zero_terminal_snr_from}."
+        )
     recipe = WorldRecipe(
-        base=BaseRecipe(unet_channels=channels, subject_loss_weight=args.subject_loss_weight, init_from=args.init_base,
-                        cycles=cycles, class_sampling=tuple(parse_class_sampling(c) for c in args.class_sampling),
-                        zero_snr_from_cycle=None if args.zero_terminal_snr_from is None else args.zero_terminal_snr_from - 1),
+        base=BaseRecipe(
+            unet_channels=channels,
+            subject_loss_weight=args.subject_loss_weight,
+            init_from=args.init_base,
+            cycles=cycles,
+            class_sampling=tuple(parse_class_sampling(c) for c in args.class_sampling),
+            zero_snr_from_cycle=None if args.zero_terminal_snr_from is None else args.zero_terminal_snr_from - 1,
+        ),
         image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None,
         adapter_steps=args.adapter_steps,
         adapter_init=args.adapter_init,
         adapter_subject_loss_weight=args.adapter_subject_loss_weight,
-    )  # fmt: skip
+    )
     if args.init_base:
         try:  # found here, not after the data and VAE stages
             snapshot_record(recipe.base)
         except (FileNotFoundError, ValueError) as error:
             raise UserInputError(f"--init-base: {error}") from None
     timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
-    print("stage times (this run): " + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none, every stage was done already"))
+    print(
+        "stage times (this run): "
+        + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none, every stage was done already")
+    )
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
     return 0
 
@@ -168,8 +206,10 @@ def parse_cycle(text: str) -> tuple[int, float, float]:
     except ValueError:
         cycle = None
     if cycle is None or cycle[0] < 1 or not cycle[1] > 0 or not 0 <= cycle[2] <= 1:
-        raise UserInputError(f"--extra-cycle: STEPS,LR,HIGH_NOISE_SHARE with STEPS >= 1, LR > 0 and a share in [0, 1], "
-                             f"like 3000,3e-4,0.5; got {text!r}.")  # fmt: skip
+        raise UserInputError(
+            f"--extra-cycle: STEPS,LR,HIGH_NOISE_SHARE with STEPS >= 1, LR > 0 and a share in [0, 1], "
+            f"like 3000,3e-4,0.5; got {text!r}."
+        )
     return cycle
 
 
@@ -183,14 +223,16 @@ def parse_class_sampling(text: str) -> tuple[str, float]:
     except ValueError:
         value = 0.0
     if cls not in CLASSES or not 0 < value < float("inf"):
-        raise UserInputError(f"--class-sampling: CLASS=FACTOR with one of the world's classes ({', '.join(CLASSES)}) "
-                             f"and a finite factor > 0, like hourglass=3; got {text!r}.")  # fmt: skip
+        raise UserInputError(
+            f"--class-sampling: CLASS=FACTOR with one of the world's classes ({', '.join(CLASSES)}) "
+            f"and a finite factor > 0, like hourglass=3; got {text!r}."
+        )
     return cls, value
 
 
 def run_evaluate(args) -> int:
-    from msdiffusion.world.evaluate import BREAKDOWNS, WorldEvaluator, against_targets, breakdown, evaluate_world
     from msdiffusion.loading import world_model_paths
+    from msdiffusion.world.evaluate import BREAKDOWNS, WorldEvaluator, against_targets, breakdown, evaluate_world
     from msdiffusion.world.weights import world_models_folder, world_pipeline
 
     if args.count < 1:
@@ -204,9 +246,13 @@ def run_evaluate(args) -> int:
     from msdiffusion.loading import WORLD, named_settings
 
     generation = dict(
-        steps=args.steps, guidance=args.guidance, scale=args.scale, mask_threshold=args.mask_threshold,
-        start_step=args.start_step, drop_grounding=args.drop_grounding,
-    )  # fmt: skip
+        steps=args.steps,
+        guidance=args.guidance,
+        scale=args.scale,
+        mask_threshold=args.mask_threshold,
+        start_step=args.start_step,
+        drop_grounding=args.drop_grounding,
+    )
     settings = named_settings(WORLD, **generation)
     if args.json:  # before minutes of generation, not after
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -222,21 +268,33 @@ def run_evaluate(args) -> int:
     if args.count < 200:
         print(f"(the targets are asked over at least 200 generations; this run made {args.count})")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "settings": generation, "summary": summary, "by_pattern": breakdowns["pattern"],
-            "by_class": breakdowns["class"], "targets": targets,
-            "results": [[r.to_dict() for r in image] for image in results],
-        }, indent=1))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "settings": generation,
+                    "summary": summary,
+                    "by_pattern": breakdowns["pattern"],
+                    "by_class": breakdowns["class"],
+                    "by_appearance": breakdowns["appearance"],
+                    "targets": targets,
+                    "results": [[r.to_dict() for r in image] for image in results],
+                },
+                indent=1,
+            )
+        )
     return 0
 
 
 def format_summary(summary: dict, first_column: str = "subjects per image") -> str:
-    rows = [f"| {first_column} | subjects | found (IoU>=0.5) | placed (any shape) | mean IoU | identity correct | found and correct | mixing |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        f"| {first_column} | subjects | found (IoU>=0.5) | placed (any shape) | mean IoU | identity correct "
+        "| colours only | found and correct | mixing |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in summary.items():
         rows.append(
             f"| {name} | {r['subjects']} | {r['found']:.1%} | {r['placed']:.1%} | {r['mean_iou']:.3f} | {r['identity_correct']:.1%} | "
-            f"{r['found_and_correct']:.1%} | {r['mixing']:.3f} |"
+            f"{r['colours_correct']:.1%} | {r['found_and_correct']:.1%} | {r['mixing']:.3f} |"
         )
     return "\n".join(rows)
 
@@ -248,5 +306,7 @@ def format_targets(targets: list[dict]) -> str:
             rows.append(f"| {t['target']} | - | {t['asked']:.0%} | 0 | no subjects of this kind were generated |")
             continue
         short = "" if t["met"] else f" ({(t['asked'] - t['measured']) * 100:.1f} points short)"
-        rows.append(f"| {t['target']} | {t['measured']:.1%} | {t['asked']:.0%} | {t['subjects']} | {'yes' if t['met'] else 'no' + short} |")
+        rows.append(
+            f"| {t['target']} | {t['measured']:.1%} | {t['asked']:.0%} | {t['subjects']} | {'yes' if t['met'] else 'no' + short} |"
+        )
     return "\n".join(rows)

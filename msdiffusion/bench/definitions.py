@@ -27,12 +27,16 @@ _EXPANDERS: dict[str, Callable[[dict], list]] = {}
 REPORTERS: dict[str, tuple[dict, Callable]] = {}
 
 
-def register_benchmark(key: str, definition: Path, expand: Callable[[dict], list], metrics: dict, report: Callable) -> None:
+def register_benchmark(
+    key: str, definition: Path, expand: Callable[[dict], list], metrics: dict, report: Callable
+) -> None:
     """Add a benchmark defined elsewhere: its definition file, how it expands to samples, and its report."""
     BENCHMARKS[key] = definition
     _EXPANDERS[key] = expand
     REPORTERS[key] = (metrics, report)
     load_benchmark.cache_clear()
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -98,7 +102,11 @@ def load_benchmark(key: str) -> Benchmark:
         samples = expand_msbench(definition) if key == "msbench" else expand_dreambench(definition)
     benchmark = Benchmark(key, definition["name"], samples, int(definition.get("images_per_sample", 1)), definition)
     expected = definition.get("expected", {})
-    found = {"combinations": benchmark.num_combinations, "subjects": benchmark.num_combinations, "samples": len(samples)}
+    found = {
+        "combinations": benchmark.num_combinations,
+        "subjects": benchmark.num_combinations,
+        "samples": len(samples),
+    }
     for what, count in expected.items():
         if found[what] != count:
             raise RuntimeError(f"{benchmark.name} definition expands to {found[what]} {what}, expected {count}.")
@@ -123,7 +131,9 @@ def expand_msbench(definition: dict) -> list[BenchSample]:
             raise ValueError(f"{combination_type}: mixed repeated types {types} are not defined by MS-Bench.")
         for names in combinations:
             subjects = tuple(
-                BenchSubject(name, definition["subjects"][name]["class"], definition["subjects"][name]["file"], tuple(box))
+                BenchSubject(
+                    name, definition["subjects"][name]["class"], definition["subjects"][name]["file"], tuple(box)
+                )
                 for name, box in zip(names, spec["boxes"])
             )
             for index, template in enumerate(spec["prompts"]):
@@ -179,7 +189,9 @@ class Availability:
             name = next(s.name for s in samples[0].subjects if s.source == source)
             reason = "file not found" if Path(source).suffix.lower() in IMAGE_SUFFIXES else "no folder of images"
             per_group = ", ".join(f"{group} {count}" for group, count in Counter(s.group for s in samples).items())
-            lines.append(f"  missing {source} (subject {name}: {reason}): {len(samples)} samples cannot be built ({per_group})")
+            lines.append(
+                f"  missing {source} (subject {name}: {reason}): {len(samples)} samples cannot be built ({per_group})"
+            )
         return lines
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import PIL.Image
 import PIL.ImageDraw
 
-from .definitions import DATA_DIR, REPORTERS, check_images, load_benchmark
 from ..atomic import atomic_path, write_text_atomic
+from .definitions import DATA_DIR, REPORTERS, check_images, load_benchmark
 from .runner import RUN_CONFIG, read_run_manifest, write_json_atomic
 from .scoring import is_background
 
@@ -121,7 +121,9 @@ def markdown(name: str, table: dict, cover: dict, paper: dict | None, config: di
     overall = table["overall"]
     lines.append(f"| **overall** | {overall['images']} | " + " | ".join(_fmt(overall[k]) for k in METRICS) + " |")
     if paper:
-        lines.append(f"| paper: {paper['method']} | | " + " | ".join(_fmt(paper["metrics"].get(k)) for k in METRICS) + " |")
+        lines.append(
+            f"| paper: {paper['method']} | | " + " | ".join(_fmt(paper["metrics"].get(k)) for k in METRICS) + " |"
+        )
     lines.append("")
     if paper:
         lines.append(f"Paper figures: {paper['source']}. They compare only with a full run at the paper's settings.")
@@ -144,10 +146,14 @@ def _draw_boxes(image: PIL.Image.Image, boxes, colour: str) -> None:
     draw = PIL.ImageDraw.Draw(image)
     width, height = image.size
     for box in boxes:
-        draw.rectangle([box[0] * width, box[1] * height, box[2] * width - 1, box[3] * height - 1], outline=colour, width=3)
+        draw.rectangle(
+            [box[0] * width, box[1] * height, box[2] * width - 1, box[3] * height - 1], outline=colour, width=3
+        )
 
 
-def grid(run_dir: Path, scores: list[dict], manifest: dict[str, dict], images_dir: Path | None = None) -> PIL.Image.Image:
+def grid(
+    run_dir: Path, scores: list[dict], manifest: dict[str, dict], images_dir: Path | None = None
+) -> PIL.Image.Image:
     """One row per image: its references, then the image with requested boxes (green) and detections (red)."""
     from msdiffusion.subjects import load_image
 
@@ -190,11 +196,23 @@ def write_report(output_dir: Path, grid_samples: int = 8, images_dir: Path | Non
     if benchmark_key in REPORTERS:
         metrics, tables_and_markdown = REPORTERS[benchmark_key]
         tables, text = tables_and_markdown(benchmark, scores, cover, scoring_config)
-        report = {"benchmark": benchmark.name, "metrics": metrics, "coverage": cover, "scoring": scoring_config, **tables}
+        report = {
+            "benchmark": benchmark.name,
+            "metrics": metrics,
+            "coverage": cover,
+            "scoring": scoring_config,
+            **tables,
+        }
         write_json_atomic(paths[0], report)
         write_text_atomic(paths[1], text)
     else:
-        report = {"benchmark": benchmark.name, "metrics": METRICS, "coverage": cover, "scoring": scoring_config, **table}
+        report = {
+            "benchmark": benchmark.name,
+            "metrics": METRICS,
+            "coverage": cover,
+            "scoring": scoring_config,
+            **table,
+        }
         if paper:
             report["paper"] = paper
         write_json_atomic(paths[0], report)

@@ -47,8 +47,11 @@ class BenchSettings(ModelSettings, GenerationSettings):
 
     @classmethod
     def defaults(cls) -> dict:
-        return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(cls)
-                if f.default is not MISSING or f.default_factory is not MISSING}  # fmt: skip
+        return {
+            f.name: f.default if f.default is not MISSING else f.default_factory()
+            for f in fields(cls)
+            if f.default is not MISSING or f.default_factory is not MISSING
+        }
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,9 @@ def check_run_config(output_dir: Path, benchmark: str, settings: BenchSettings, 
     if path.is_file():
         existing = json.loads(path.read_text())
         if existing.get("benchmark") != benchmark:
-            raise ValueError(f"{output_dir} holds a {existing.get('benchmark')} run; use another --output for {benchmark}.")
+            raise ValueError(
+                f"{output_dir} holds a {existing.get('benchmark')} run; use another --output for {benchmark}."
+            )
         # a setting added since the directory was made counts as its default
         old = {**BenchSettings.defaults(), **existing.get("settings", {})}
         differing = [key for key in config["settings"] if old.get(key) != config["settings"][key]]
@@ -179,7 +184,9 @@ def _references(images_dir: Path, source: str, count: int) -> Path | list[Path]:
     """The subject's first `count` references (one image itself, as the pipeline takes a single photo)."""
     files = reference_files(images_dir, source)
     if len(files) < count:
-        raise ValueError(f"{source}: {count} references per subject asked (--references), but {len(files)} found in {images_dir}.")
+        raise ValueError(
+            f"{source}: {count} references per subject asked (--references), but {len(files)} found in {images_dir}."
+        )
     return files[0] if count == 1 else files[:count]
 
 
@@ -218,16 +225,22 @@ def generate_items(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         # a CPU generator per image: the same noise whatever the device or the batch it lands in
-        generators = [torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i.sample.sample_id, i.index)) for i in batch]
+        generators = [
+            torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i.sample.sample_id, i.index)) for i in batch
+        ]
         arguments = settings.pipeline_arguments()
         if arguments["negative_prompt"] is not None:  # None stays None: no negative prompt for any prompt
             arguments["negative_prompt"] = [arguments["negative_prompt"]] * len(batch)
         images = pipe(
             prompt=[settings.prompt_prefix + item.sample.prompt for item in batch],
-            subject_images=[[_references(images_dir, s.source, settings.references) for s in item.sample.subjects] for item in batch],
+            subject_images=[
+                [_references(images_dir, s.source, settings.references) for s in item.sample.subjects] for item in batch
+            ],
             subject_phrases=[[s.phrase for s in item.sample.subjects] for item in batch],
             subject_boxes=[[_box(settings.boxes, s.box) for s in item.sample.subjects] for item in batch],
-            subject_scales=None if settings.subject_scales is None else [_scales(settings, len(item.sample.subjects)) for item in batch],
+            subject_scales=None
+            if settings.subject_scales is None
+            else [_scales(settings, len(item.sample.subjects)) for item in batch],
             generator=generators,
             **arguments,
         ).images

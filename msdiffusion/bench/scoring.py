@@ -175,7 +175,9 @@ class DinoEmbedder:
 
     def __init__(self, model_id: str, device: str, batch_size: int = 32, preprocessing: str = "resize-crop"):
         if preprocessing not in DINO_PREPROCESSING:
-            raise ValueError(f"DINO preprocessing must be one of {', '.join(DINO_PREPROCESSING)}, got {preprocessing!r}.")
+            raise ValueError(
+                f"DINO preprocessing must be one of {', '.join(DINO_PREPROCESSING)}, got {preprocessing!r}."
+            )
         self.preprocessing = preprocessing
         from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
@@ -228,7 +230,9 @@ class Detector:
         self.threshold = DEFAULT_THRESHOLDS[self.family] if threshold is None else threshold
         self.device, self.batch_size = device, batch_size
 
-    def detect(self, images: Sequence[PIL.Image.Image], queries: Sequence[Sequence[str]]) -> list[dict[str, list[Detection]]]:
+    def detect(
+        self, images: Sequence[PIL.Image.Image], queries: Sequence[Sequence[str]]
+    ) -> list[dict[str, list[Detection]]]:
         """For each image, its queries' detections (boxes in [0, 1]), after per-query NMS."""
         if self.family.startswith("owl"):
             # OWL scores every query against every box in one pass; ragged query lists are padded
@@ -238,7 +242,9 @@ class Detector:
             jobs = [(i, [query]) for i, q in enumerate(queries) for query in q]
         found: list[dict[str, list[Detection]]] = [{query: [] for query in q} for q in queries]
         for chunk in _batches(jobs, self.batch_size):
-            for (i, job_queries), detections in zip(chunk, self._run([images[i] for i, _ in chunk], [q for _, q in chunk])):
+            for (i, job_queries), detections in zip(
+                chunk, self._run([images[i] for i, _ in chunk], [q for _, q in chunk])
+            ):
                 for query, items in detections.items():
                     found[i][query].extend(items)
         return [{query: non_max_suppression(items) for query, items in image.items()} for image in found]
@@ -259,9 +265,12 @@ class Detector:
                 texts = [q[0].strip().rstrip(".") + "." for q in queries]
                 inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.device)
                 results = self.processor.post_process_grounded_object_detection(
-                    self.model(**inputs), inputs.input_ids, threshold=self.threshold,
-                    text_threshold=self.threshold, target_sizes=sizes,
-                )  # fmt: skip
+                    self.model(**inputs),
+                    inputs.input_ids,
+                    threshold=self.threshold,
+                    text_threshold=self.threshold,
+                    target_sizes=sizes,
+                )
         return [self._parse(result, q, size) for result, q, size in zip(results, queries, sizes)]
 
     def _parse(self, result: dict, queries: list[str], size: tuple[int, int]) -> dict[str, list[Detection]]:
@@ -272,9 +281,11 @@ class Detector:
             if not 0 <= label < len(queries):  # a padding query
                 continue
             box = (
-                min(max(x0 / width, 0.0), 1.0), min(max(y0 / height, 0.0), 1.0),
-                min(max(x1 / width, 0.0), 1.0), min(max(y1 / height, 0.0), 1.0),
-            )  # fmt: skip
+                min(max(x0 / width, 0.0), 1.0),
+                min(max(y0 / height, 0.0), 1.0),
+                min(max(x1 / width, 0.0), 1.0),
+                min(max(y1 / height, 0.0), 1.0),
+            )
             if box_area(box) > 0:
                 per_query[queries[label]].append(Detection(box, float(score)))
         return per_query
@@ -289,7 +300,6 @@ class Scorers:
 
     @classmethod
     def load(cls, config: ScoringConfig, device: str | None = None, batch_size: int = 32) -> Scorers:
-        import torch
 
         from ..loading import default_device
 
@@ -405,7 +415,9 @@ def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: Refer
             entry["clip_i"] = _mean_cosine(image_clip[i], refs, references.clip)
             entry["dino"] = _mean_cosine(image_dino[i], refs, references.dino)
             if is_background(subject["box"]):
-                entry.update(background=True, detected=None, iou=None, crop_clip_i=entry["clip_i"], crop_dino=entry["dino"])
+                entry.update(
+                    background=True, detected=None, iou=None, crop_clip_i=entry["clip_i"], crop_dino=entry["dino"]
+                )
             else:
                 detection = matches[i][j]
                 entry.update(background=False, detected=detection is not None)

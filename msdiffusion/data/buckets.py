@@ -41,7 +41,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     every epoch. Under `accelerate`, `prepare` shards these batches across processes.
     """
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0):
+    def __init__(
+        self, bucket_ids: Sequence[int], batch_size: int, shuffle: bool = True, drop_last: bool = False, seed: int = 0
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.bucket_ids = np.asarray(bucket_ids, dtype=np.int64)
@@ -62,7 +64,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             if self.shuffle:
                 indices = rng.permutation(indices)
             for start in range(0, len(indices), self.batch_size):
-                batch = indices[start: start + self.batch_size].tolist()
+                batch = indices[start : start + self.batch_size].tolist()
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         if self.shuffle:

@@ -73,7 +73,7 @@ def collect_items(source: str | os.PathLike, video: bool = False) -> tuple[list[
     """The captioned items of a folder or captions file, and a count of what was skipped and why."""
     source = Path(source)
     if source.is_dir():
-        return (_clip_folder_items(source) if video else _image_folder_items(source))
+        return _clip_folder_items(source) if video else _image_folder_items(source)
     if source.is_file():
         records = _read_captions_file(source)
         items, skipped = [], Counter()
@@ -153,17 +153,19 @@ def _read_captions_file(path: Path) -> list[tuple[str, dict]]:
             reader = csv.DictReader(handle)
             missing = {"image", "caption"} - set(reader.fieldnames or [])
             if missing:
-                raise ValueError(f"{path}: the CSV header needs columns image and caption (missing: {', '.join(sorted(missing))})")
+                raise ValueError(
+                    f"{path}: the CSV header needs columns image and caption (missing: {', '.join(sorted(missing))})"
+                )
             return [(f"{path}:{number}", dict(row)) for number, row in enumerate(reader, start=2)]
     raise ValueError(f"{path}: unknown captions file type {suffix!r} (use .jsonl, .json or .csv)")
 
 
 def _record_item(record: object, base: Path, video: bool, where: str) -> SourceItem | str:
     if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"].strip():
-        raise ValueError(f"{where}: each record needs \"image\" (a path) and \"caption\" (a string)")
+        raise ValueError(f'{where}: each record needs "image" (a path) and "caption" (a string)')
     caption = record.get("caption")
     if not isinstance(caption, str):
-        raise ValueError(f"{where}: \"caption\" must be a string, got {type(caption).__name__}")
+        raise ValueError(f'{where}: "caption" must be a string, got {type(caption).__name__}')
     phrases = record.get("phrases")
     if isinstance(phrases, str):  # CSV
         phrases = [p.strip() for p in phrases.split(";") if p.strip()] or None
@@ -172,7 +174,7 @@ def _record_item(record: object, base: Path, video: bool, where: str) -> SourceI
     path = Path(record["image"]) if os.path.isabs(record["image"]) else base / record["image"]
     if video:
         if not path.is_dir():
-            raise ValueError(f"{where}: clip folder not found: {path} (with --video, \"image\" names a folder of frames)")
+            raise ValueError(f'{where}: clip folder not found: {path} (with --video, "image" names a folder of frames)')
         return _clip_item(path, caption.strip(), phrases)
     if not path.is_file():
         raise ValueError(f"{where}: image not found: {path}")
@@ -229,12 +231,16 @@ def build_manifest(
         for item in items:
             batch.append(item)
             if len(batch) == batch_size:
-                _build_batch(batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report)
+                _build_batch(
+                    batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report
+                )
                 batch = []
                 if progress:
                     progress(report.items)
         if batch:
-            _build_batch(batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report)
+            _build_batch(
+                batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report
+            )
             if progress:
                 progress(report.items)
     return report
@@ -259,7 +265,9 @@ def _build_batch(batch, out_dir, handle, detector, rules, find_phrases, segmente
 
     # Clips are detected on both frames in one batch: boxes come from the target frame, crops from the reference frame.
     extra = [k for k, v in enumerate(video) if v]
-    found = detector(targets + [references[k] for k in extra], phrases + [phrases[k] for k in extra], rules.score_threshold)
+    found = detector(
+        targets + [references[k] for k in extra], phrases + [phrases[k] for k in extra], rules.score_threshold
+    )
     target_found = found[: len(batch)]
     reference_found = {k: found[len(batch) + n] for n, k in enumerate(extra)}
 
@@ -294,7 +302,16 @@ def _build_batch(batch, out_dir, handle, detector, rules, find_phrases, segmente
         key = f"{report.written:07d}_{_safe_stem(item.image)}"
         subjects = []
         for j, (subject, reference) in enumerate(pairs):
-            ref = _write_reference(item.reference_image, references[k], reference.box, masks[k][j], out_dir, f"{key}_{j}", save_crops, report)
+            ref = _write_reference(
+                item.reference_image,
+                references[k],
+                reference.box,
+                masks[k][j],
+                out_dir,
+                f"{key}_{j}",
+                save_crops,
+                report,
+            )
             subjects.append(SubjectRecord(subject.phrase, subject.box, ref, {"score": round(subject.score, 4)}))
         width, height = targets[k].size
         sample = Sample(item.image, item.caption, subjects, id=key, width=width, height=height)
@@ -304,13 +321,15 @@ def _build_batch(batch, out_dir, handle, detector, rules, find_phrases, segmente
     handle.flush()
 
 
-def _write_reference(path, image, box, mask, out_dir: Path, name: str, save_crops: bool, report: BuildReport) -> Reference:
+def _write_reference(
+    path, image, box, mask, out_dir: Path, name: str, save_crops: bool, report: BuildReport
+) -> Reference:
     box = tuple(round(v, 6) for v in box)  # as the manifest stores it, so the dataset finds the same pixels
     left, top, width, height = crop_pixels(box, image.size)
     rect = (left, top, left + width, top + height)
     mask_path = None
     if mask is not None:
-        crop_mask = np.asarray(mask, dtype=bool)[rect[1]: rect[3], rect[0]: rect[2]]
+        crop_mask = np.asarray(mask, dtype=bool)[rect[1] : rect[3], rect[0] : rect[2]]
         if crop_mask.mean() >= MIN_MASK_FRACTION:
             mask_path = out_dir / "masks" / f"{name}.png"
             mask_path.parent.mkdir(exist_ok=True)

@@ -184,10 +184,14 @@ class MSDiffusionDataset(Dataset):
 
         kept = []
         for j, subject in enumerate(sample.subjects):
-            box = transform_box(subject.box, original_size, scale, crop_top_left, target_size, self.min_visible_fraction)
+            box = transform_box(
+                subject.box, original_size, scale, crop_top_left, target_size, self.min_visible_fraction
+            )
             if box is not None:
                 kept.append((j, box))
-        return CroppedTarget(sample, where, opened, pixels, original_size, crop_top_left, target_size, kept[: self.max_subjects])
+        return CroppedTarget(
+            sample, where, opened, pixels, original_size, crop_top_left, target_size, kept[: self.max_subjects]
+        )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         target = self.cropped_target(index)

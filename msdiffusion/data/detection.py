@@ -125,7 +125,9 @@ class OpenVocabularyDetector:
         self.dtype = dtype
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[PIL.Image.Image], phrases: Sequence[Sequence[str]], threshold: float) -> list[list[Detection]]:
+    def __call__(
+        self, images: Sequence[PIL.Image.Image], phrases: Sequence[Sequence[str]], threshold: float
+    ) -> list[list[Detection]]:
         """Detections of each image's phrases with a score above `threshold`; boxes in [0, 1]."""
         results: list[list[Detection]] = [[] for _ in images]
         todo = [i for i, p in enumerate(phrases) if p]
@@ -157,11 +159,15 @@ class OpenVocabularyDetector:
         outputs = self.model(**inputs)
         outputs.logits = outputs.logits.float()
         outputs.pred_boxes = outputs.pred_boxes.float()
-        processed = self.processor.post_process_grounded_object_detection(outputs, threshold=threshold, target_sizes=sizes)
+        processed = self.processor.post_process_grounded_object_detection(
+            outputs, threshold=threshold, target_sizes=sizes
+        )
         found = []
         for result, queries, (height, width) in zip(processed, phrases, sizes):
             detections = []
-            for score, label, box in zip(result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()):
+            for score, label, box in zip(
+                result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()
+            ):
                 box = _clipped(box, width, height)
                 if label < len(queries) and box is not None:
                     detections.append(Detection(queries[label], box, score))
@@ -229,15 +235,18 @@ class BoxSegmenter:
             width, height = images[i].size
             own = [[b[0] * width, b[1] * height, b[2] * width, b[3] * height] for b in boxes[i]]
             pixel_boxes.append(own + [own[0]] * (count - len(own)))
-        inputs = self.processor(images=[images[i].convert("RGB") for i in todo], input_boxes=pixel_boxes, return_tensors="pt")
+        inputs = self.processor(
+            images=[images[i].convert("RGB") for i in todo], input_boxes=pixel_boxes, return_tensors="pt"
+        )
         original_sizes, reshaped_sizes = inputs["original_sizes"], inputs["reshaped_input_sizes"]
         model_inputs = {
             "pixel_values": inputs["pixel_values"].to(self.device, self.dtype),
             "input_boxes": inputs["input_boxes"].to(self.device, self.dtype),
         }
         outputs = self.model(**model_inputs, multimask_output=False)
-        masks = self.processor.image_processor.post_process_masks(outputs.pred_masks.float().cpu(), original_sizes, reshaped_sizes)
+        masks = self.processor.image_processor.post_process_masks(
+            outputs.pred_masks.float().cpu(), original_sizes, reshaped_sizes
+        )
         for i, image_masks in zip(todo, masks):
             results[i] = [image_masks[k, 0].numpy() for k in range(len(boxes[i]))]
         return results
-

@@ -181,7 +181,9 @@ class _Checker:
     def path(self, value: str, label: str, base: Path, check_files: bool) -> Path:
         path = Path(os.path.normpath(value if os.path.isabs(value) else base / value))
         if check_files and not path.is_file():
-            self.add(label, f"file not found: {path} (paths are relative to the manifest's folder, or absolute)", "missing")
+            self.add(
+                label, f"file not found: {path} (paths are relative to the manifest's folder, or absolute)", "missing"
+            )
         return path
 
 
@@ -308,11 +310,14 @@ def check_sample_files(sample: Sample, decode: bool = False) -> list[Problem]:
     problems: list[Problem] = []
     size = _image_size(sample.image, sample.line, "image", problems, decode)
     if size and sample.width is not None and (sample.width, sample.height) != size:
-        problems.append(Problem(
-            sample.line, "width",
-            f"width/height {sample.width}x{sample.height} differ from the image's {size[0]}x{size[1]} "
-            "(drop them or give the real size)",
-        ))
+        problems.append(
+            Problem(
+                sample.line,
+                "width",
+                f"width/height {sample.width}x{sample.height} differ from the image's {size[0]}x{size[1]} "
+                "(drop them or give the real size)",
+            )
+        )
     for j, subject in enumerate(sample.subjects):
         where = f"subjects[{j}].reference"
         ref_size = _image_size(subject.reference.image, sample.line, f"{where}.image", problems, decode)
@@ -325,10 +330,13 @@ def check_sample_files(sample: Sample, decode: bool = False) -> list[Problem]:
                 allowed.add(crop_pixels(subject.reference.crop, ref_size)[2:])
             if mask_size not in allowed:
                 sizes = " or ".join(f"{w}x{h}" for w, h in sorted(allowed))
-                problems.append(Problem(
-                    sample.line, f"{where}.mask",
-                    f"mask is {mask_size[0]}x{mask_size[1]} (must be the reference image's size or its crop's: {sizes})",
-                ))
+                problems.append(
+                    Problem(
+                        sample.line,
+                        f"{where}.mask",
+                        f"mask is {mask_size[0]}x{mask_size[1]} (must be the reference image's size or its crop's: {sizes})",
+                    )
+                )
     return problems
 
 
@@ -345,7 +353,9 @@ def crop_pixels(crop: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return left, top, min(right, width) - left, min(bottom, height) - top
 
 
-def _image_size(path: Path, line: int, where: str, problems: list[Problem], decode: bool = False) -> tuple[int, int] | None:
+def _image_size(
+    path: Path, line: int, where: str, problems: list[Problem], decode: bool = False
+) -> tuple[int, int] | None:
     try:
         with PIL.Image.open(path) as image:
             if decode:
@@ -418,7 +428,9 @@ def _check_files_parallel(
     return results
 
 
-def read_manifest(path: str | os.PathLike, check_files: bool = True, max_problems: int = DEFAULT_MAX_PROBLEMS) -> list[Sample]:
+def read_manifest(
+    path: str | os.PathLike, check_files: bool = True, max_problems: int = DEFAULT_MAX_PROBLEMS
+) -> list[Sample]:
     """Parse a whole manifest; raises `ManifestError` listing the problems if there are any."""
     samples, problems, total = validate_manifest(path, check_files=check_files, max_problems=max_problems)
     if problems:

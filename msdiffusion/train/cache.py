@@ -63,7 +63,9 @@ class _ReferenceLoader(torch.utils.data.Dataset):
     cached features are those the dataset would have produced.
     """
 
-    def __init__(self, dataset: MSDiffusionDataset, indices: list[int], lines: list[tuple[int, int, str]], reference_size: int):
+    def __init__(
+        self, dataset: MSDiffusionDataset, indices: list[int], lines: list[tuple[int, int, str]], reference_size: int
+    ):
         self.dataset, self.indices, self.lines, self.reference_size = dataset, indices, lines, reference_size
 
     def __len__(self) -> int:
@@ -77,15 +79,21 @@ class _ReferenceLoader(torch.utils.data.Dataset):
         sample = self.dataset.sample(index)
         where = f"{self.dataset.manifest}:{number}"
         opened: dict = {}
-        references = [self.dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(sample.subjects)]
+        references = [
+            self.dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(sample.subjects)
+        ]
         pixels = (
             prepare_reference_pixels(references, self.dataset.image_processor, self.reference_size)
-            if references else torch.zeros(0, 3, *reference_pixels_size(self.dataset.image_processor))
-        )  # fmt: skip
+            if references
+            else torch.zeros(0, 3, *reference_pixels_size(self.dataset.image_processor))
+        )
         return {
-            "index": index, "hash": line_hash(text), "caption": sample.caption,
-            "phrases": [s.phrase for s in sample.subjects], "pixels": pixels,
-        }  # fmt: skip
+            "index": index,
+            "hash": line_hash(text),
+            "caption": sample.caption,
+            "phrases": [s.phrase for s in sample.subjects],
+            "pixels": pixels,
+        }
 
 
 def write_cache(
@@ -113,16 +121,27 @@ def write_cache(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dataset = MSDiffusionDataset(
-        manifest, resolution=reference_size, mask_references=mask_references, mask_color=mask_color,
-        reference_square_size=reference_size, image_processor=image_processor, validate=True,
-    )  # fmt: skip
+        manifest,
+        resolution=reference_size,
+        mask_references=mask_references,
+        mask_color=mask_color,
+        reference_square_size=reference_size,
+        image_processor=image_processor,
+        validate=True,
+    )
     lines = list(iter_lines(manifest))
     info = {
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "manifest": str(Path(manifest).resolve()),
-        "num_samples": len(lines), "shard_size": shard_size, "reference_size": reference_size,
-        "mask_references": mask_references, "mask_color": list(dataset.mask_color) if mask_references else None,
-        "dtype": str(dtype).removeprefix("torch."), **settings,
-    }  # fmt: skip
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "manifest": str(Path(manifest).resolve()),
+        "num_samples": len(lines),
+        "shard_size": shard_size,
+        "reference_size": reference_size,
+        "mask_references": mask_references,
+        "mask_color": list(dataset.mask_color) if mask_references else None,
+        "dtype": str(dtype).removeprefix("torch."),
+        **settings,
+    }
     # Shards of other settings are useless; lines and shard contents are matched by hash below.
     previous = _read_info(out)
     unchecked = ("num_samples", "manifest")
@@ -146,9 +165,11 @@ def write_cache(
                 progress(counts["written"] + counts["kept"], len(lines))
             continue
         loader = torch.utils.data.DataLoader(
-            _ReferenceLoader(dataset, indices, lines, reference_size), batch_size=batch_size,
-            num_workers=workers, collate_fn=list,
-        )  # fmt: skip
+            _ReferenceLoader(dataset, indices, lines, reference_size),
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=list,
+        )
         tensors: dict[str, torch.Tensor] = {}
         for items in loader:
             tensors.update(_encode_items(items, text_encoders, image_encoder, device, dtype, batch_size))
@@ -243,7 +264,8 @@ class FeatureCache:
             problems.append(f"samples: the cache has {self.info['num_samples']}, the manifest {len(lines)}")
         if problems:
             raise CacheError(
-                f"the feature cache {self.folder} does not match this training run:\n  " + "\n  ".join(problems)
+                f"the feature cache {self.folder} does not match this training run:\n  "
+                + "\n  ".join(problems)
                 + "\nRebuild it with `msdiff data cache` using the same settings, or train without `cache`."
             )
         size = self.info["shard_size"]
@@ -267,7 +289,10 @@ class FeatureCache:
 
         tensors = load_file(self.folder / NULLS_FILE)
         return NullFeatures(
-            tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], tensors["image_features"], tensors["phrase_embeds"]
+            tensors["prompt_embeds"],
+            tensors["pooled_prompt_embeds"],
+            tensors["image_features"],
+            tensors["phrase_embeds"],
         )
 
     def _handle(self, shard: int):
@@ -276,7 +301,9 @@ class FeatureCache:
 
             path = self.folder / shard_name(shard)
             if not path.is_file():
-                raise CacheError(f"{path} is missing: the cache is incomplete; run `msdiff data cache` again to finish it")
+                raise CacheError(
+                    f"{path} is missing: the cache is incomplete; run `msdiff data cache` again to finish it"
+                )
             handle = safe_open(path, "pt")
             self._handles[shard] = (handle, set(handle.keys()))
         return self._handles[shard]
@@ -345,7 +372,10 @@ def collate_cached(batch: list[dict[str, Any]]) -> dict[str, Any]:
     tensors = ("prompt_embeds", "pooled_prompt_embeds", "subject_phrase_embeds", "subject_image_features")
     extra = {key: torch.stack([item[key] for item in batch]) for key in tensors}
     # collate_subjects stacks reference pixels; cached items have none, so give it empty ones.
-    plain = [{**{k: v for k, v in item.items() if k not in tensors}, "subject_pixel_values": torch.empty(0)} for item in batch]
+    plain = [
+        {**{k: v for k, v in item.items() if k not in tensors}, "subject_pixel_values": torch.empty(0)}
+        for item in batch
+    ]
     out = collate_subjects(plain)
     del out["subject_pixel_values"]
     out.update(extra)

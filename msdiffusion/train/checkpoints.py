@@ -53,7 +53,7 @@ def partial_path(output_dir: str | os.PathLike, step: int) -> Path:
 def checkpoint_step(path: str | os.PathLike) -> int | None:
     """N for `checkpoint-N` and `checkpoint-N.partial` folders, else None."""
     name = Path(path).name.removesuffix(PARTIAL_SUFFIX)
-    number = name[len(CHECKPOINT_PREFIX):]
+    number = name[len(CHECKPOINT_PREFIX) :]
     return int(number) if name.startswith(CHECKPOINT_PREFIX) and number.isdigit() else None
 
 
@@ -62,7 +62,11 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and checkpoint_step(p) is not None]
+    found = [
+        p
+        for p in output_dir.iterdir()
+        if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and checkpoint_step(p) is not None
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -71,7 +75,11 @@ def partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and p.name.endswith(PARTIAL_SUFFIX) and checkpoint_step(p) is not None]
+    found = [
+        p
+        for p in output_dir.iterdir()
+        if p.is_dir() and p.name.endswith(PARTIAL_SUFFIX) and checkpoint_step(p) is not None
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -154,7 +162,9 @@ def pause_for_tests(point: str, step: int, process_index: int) -> None:
     where, _, process = wanted.partition(":")
     name, _, at = where.partition("@")
     if name not in PAUSE_POINTS or not at.isdigit():
-        raise ValueError(f"{PAUSE_ENV}={wanted!r}: expected POINT@STEP[:PROCESS] with POINT one of {', '.join(PAUSE_POINTS)}")
+        raise ValueError(
+            f"{PAUSE_ENV}={wanted!r}: expected POINT@STEP[:PROCESS] with POINT one of {', '.join(PAUSE_POINTS)}"
+        )
     if name != point or int(at) != step or (process and int(process) != process_index):
         return
     flag = Path(os.environ[PAUSE_FILE_ENV])

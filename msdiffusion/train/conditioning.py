@@ -45,13 +45,20 @@ class NullFeatures:
     phrase_embeds: torch.Tensor  # (768,): the empty phrase
 
     def to(self, device, dtype) -> "NullFeatures":
-        return NullFeatures(*(t.to(device, dtype) for t in (self.prompt_embeds, self.pooled_prompt_embeds, self.image_features, self.phrase_embeds)))
+        return NullFeatures(
+            *(
+                t.to(device, dtype)
+                for t in (self.prompt_embeds, self.pooled_prompt_embeds, self.image_features, self.phrase_embeds)
+            )
+        )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
-            "prompt_embeds": self.prompt_embeds, "pooled_prompt_embeds": self.pooled_prompt_embeds,
-            "image_features": self.image_features, "phrase_embeds": self.phrase_embeds,
-        }  # fmt: skip
+            "prompt_embeds": self.prompt_embeds,
+            "pooled_prompt_embeds": self.pooled_prompt_embeds,
+            "image_features": self.image_features,
+            "phrase_embeds": self.phrase_embeds,
+        }
 
 
 @dataclass

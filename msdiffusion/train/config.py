@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..release import RELEASE_NEGATIVE_PROMPT
-
 
 class ConfigError(ValueError):
     """A training configuration with problems; the message lists each one by field."""
@@ -29,7 +27,9 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems
         where = f" in {source}" if source else ""
-        super().__init__(f"{len(problems)} problem(s) in the training config{where}:\n" + "\n".join(f"  {p}" for p in problems))
+        super().__init__(
+            f"{len(problems)} problem(s) in the training config{where}:\n" + "\n".join(f"  {p}" for p in problems)
+        )
 
 
 def option(default: Any, help: str, group: str, choices: tuple | None = None):
@@ -56,17 +56,23 @@ class TrainConfig:
     # --- models -----------------------------------------------------------------------------------
     base: str | None = option(None, "SDXL-architecture base model: a diffusers folder or hub id (required)", "models")
     image_encoder: str | None = option(
-        None, "CLIP vision encoder: folder or hub id, e.g. laion/CLIP-ViT-bigG-14-laion2B-39B-b160k (required)", "models"
+        None,
+        "CLIP vision encoder: folder or hub id, e.g. laion/CLIP-ViT-bigG-14-laion2B-39B-b160k (required)",
+        "models",
     )
-    vae: str | None = option(None, "another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for fp16", "models")
+    vae: str | None = option(
+        None, "another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for fp16", "models"
+    )
     variant: str | None = option(None, "weight variant of the base's files, e.g. fp16", "models")
     revision: str | None = option(None, "hub revision of the base", "models")
     init_adapter: str | None = option(
         None, "start from this adapter (ms_adapter.bin, project folder or hub id) instead of a new one", "models"
     )
     resampler: dict = option(
-        {}, "resampler architecture overrides (dim, depth, heads, dim_head, num_queries, ff_mult, num_freqs, "
-        "grounding_hidden_dim); released sizes by default", "models",
+        {},
+        "resampler architecture overrides (dim, depth, heads, dim_head, num_queries, ff_mult, num_freqs, "
+        "grounding_hidden_dim); released sizes by default",
+        "models",
     )
     num_dummy_tokens: int = option(4, "dummy image tokens (4 in the release)", "models")
 
@@ -82,16 +88,20 @@ class TrainConfig:
     min_visible_fraction: float = option(0.3, "drop a subject keeping less of its box inside the crop", "data")
     mask_references: bool = option(True, "blank reference backgrounds where the manifest gives a mask", "data")
     mask_color: str = option(
-        "black", "colour of blanked reference backgrounds: black (the release multiplies by the mask) or white", "data",
+        "black",
+        "colour of blanked reference backgrounds: black (the release multiplies by the mask) or white",
+        "data",
         MASK_COLOR_NAMES,
     )
     reference_size: int | None = option(
         None, "square the references are squashed to before CLIP (default: the training size's larger side)", "data"
     )
     bad_samples: str = option(
-        "stop", "a sample whose image cannot be read: stop (every image is decoded before the first step, and the run "
+        "stop",
+        "a sample whose image cannot be read: stop (every image is decoded before the first step, and the run "
         "stops naming the manifest line) or skip (replaced by the next sample, counted and logged; no check up front)",
-        "data", BAD_SAMPLES,
+        "data",
+        BAD_SAMPLES,
     )
     dataloader_workers: int = option(4, "DataLoader worker processes", "data")
     pin_memory: bool = option(True, "pinned host memory for batches (faster copies to the GPU)", "data")
@@ -101,7 +111,9 @@ class TrainConfig:
     drop_image: float = option(0.05, "probability that a sample's references are replaced by all-zero pixels", "recipe")
     drop_text: float = option(0.05, "probability that a sample's caption is emptied", "recipe")
     drop_both: float = option(0.05, "probability of both drops at once", "recipe")
-    drop_grounding: float = option(0.1, "probability that a sample's grounding tokens are the learned latents", "recipe")
+    drop_grounding: float = option(
+        0.1, "probability that a sample's grounding tokens are the learned latents", "recipe"
+    )
     ms_scale: float = option(1.0, "image-branch scale during training (1.0 in the release)", "recipe")
     noise_offset: float = option(0.0, "offset noise strength (0 = off; ~0.05 helps very dark/bright images)", "recipe")
     snr_gamma: float | None = option(None, "min-SNR loss weighting gamma (e.g. 5.0); off by default", "recipe")
@@ -109,7 +121,9 @@ class TrainConfig:
         0.0, "weight the loss on latent cells inside subjects' boxes by 1 + this (0: the plain mean)", "recipe"
     )
     high_noise_share: float = option(
-        0.0, "share of timesteps drawn from the noisier half of the schedule only (0: uniform, as diffusers' scripts)", "recipe"
+        0.0,
+        "share of timesteps drawn from the noisier half of the schedule only (0: uniform, as diffusers' scripts)",
+        "recipe",
     )
     prediction_type: str | None = option(
         None, "epsilon or v_prediction (default: the base's scheduler)", "recipe", PREDICTION_TYPES
@@ -124,28 +138,43 @@ class TrainConfig:
     optimizer: str = option("adamw", "adamw, or adamw_8bit (needs bitsandbytes)", "optimisation", OPTIMIZERS)
     max_grad_norm: float | None = option(1.0, "gradient clipping norm (none = off)", "optimisation")
     lr_scheduler: str = option(
-        "constant", "learning-rate schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, "
-        "polynomial", "optimisation",
+        "constant",
+        "learning-rate schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial",
+        "optimisation",
     )
     lr_warmup_steps: int = option(0, "warm-up steps of the schedule", "optimisation")
     train_batch_size: int = option(8, "samples per process and micro-batch", "optimisation")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimiser step", "optimisation")
-    max_train_steps: int | None = option(None, "optimiser steps to train (default: num_train_epochs epochs)", "optimisation")
+    max_train_steps: int | None = option(
+        None, "optimiser steps to train (default: num_train_epochs epochs)", "optimisation"
+    )
     num_train_epochs: int = option(1, "epochs, when max_train_steps is not set", "optimisation")
     seed: int = option(0, "seed of the adapter's initialisation, the data order and the training draws", "optimisation")
 
     # --- performance ------------------------------------------------------------------------------
-    mixed_precision: str = option("no", "no, fp16 or bf16: frozen models in that dtype, trainable weights in fp32", "performance", MIXED_PRECISION)
-    gradient_checkpointing: bool = option(False, "recompute UNet activations in the backward pass (less memory)", "performance")
+    mixed_precision: str = option(
+        "no", "no, fp16 or bf16: frozen models in that dtype, trainable weights in fp32", "performance", MIXED_PRECISION
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute UNet activations in the backward pass (less memory)", "performance"
+    )
     allow_tf32: bool = option(True, "TF32 matmuls on Ampere and newer GPUs", "performance")
-    ema: bool = option(False, "keep an exponential moving average of the trainable weights (exported instead)", "performance")
+    ema: bool = option(
+        False, "keep an exponential moving average of the trainable weights (exported instead)", "performance"
+    )
     ema_decay: float = option(0.9999, "EMA decay", "performance")
 
     # --- output -----------------------------------------------------------------------------------
-    output_dir: str = option("runs/ms-adapter", "where checkpoints, logs, validation images and the adapter go", "output")
-    checkpointing_steps: int = option(500, "save a resumable checkpoint (and the adapter) every N steps; 0 = only at the end", "output")
+    output_dir: str = option(
+        "runs/ms-adapter", "where checkpoints, logs, validation images and the adapter go", "output"
+    )
+    checkpointing_steps: int = option(
+        500, "save a resumable checkpoint (and the adapter) every N steps; 0 = only at the end", "output"
+    )
     checkpoints_total_limit: int | None = option(None, "keep at most this many checkpoints (oldest removed)", "output")
-    resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest' (in output_dir) to resume", "output")
+    resume_from_checkpoint: str | None = option(
+        None, "a checkpoint folder, or 'latest' (in output_dir) to resume", "output"
+    )
     log_every: int = option(10, "steps between progress lines (loss, lr, samples/s, memory)", "output")
     report_to: str = option("tensorboard", "tracker for the logs", "output", REPORT_TO)
     tracker_project_name: str = option("msdiffusion", "project name for the tracker", "output")
@@ -157,8 +186,10 @@ class TrainConfig:
         [], "validation entries: [{prompt, subjects: [{image, phrase, box}], negative_prompt?}]", "validation"
     )
     validation_settings: dict = option(
-        {}, "generation settings of validation images in job-file names, e.g. {steps: 30, guidance: 7.5, scale: 0.6, "
-        "negative_prompt: ...} (default: a job file's defaults; the size is `resolution`)", "validation",
+        {},
+        "generation settings of validation images in job-file names, e.g. {steps: 30, guidance: 7.5, scale: 0.6, "
+        "negative_prompt: ...} (default: a job file's defaults; the size is `resolution`)",
+        "validation",
     )
     validation_seed: int = option(0, "seed of validation images", "validation")
 
@@ -177,7 +208,9 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise `ConfigError` listing every problem; return self when there is none."""
-        problems = [p for f in dataclasses.fields(self) for p in _check_type(f.name, getattr(self, f.name), _hints()[f.name])]
+        problems = [
+            p for f in dataclasses.fields(self) for p in _check_type(f.name, getattr(self, f.name), _hints()[f.name])
+        ]
         if problems:  # value checks below assume the types are right
             raise ConfigError(problems)
         problems = _check_values(self)
@@ -200,7 +233,14 @@ def _base_type(hint) -> tuple[type, bool]:
 
 
 def _type_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping", list: "a list"}[kind]
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }[kind]
 
 
 def _check_type(name: str, value: Any, hint) -> list[str]:
@@ -240,7 +280,9 @@ def _check_values(c: TrainConfig) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.append(f"{f.name}: must be one of {', '.join(choices)}, got {value!r}{hint}")
 
-    need(c.resolution > 0 and c.resolution % 8 == 0, "resolution", "must be a positive multiple of 8 (the VAE's factor)")
+    need(
+        c.resolution > 0 and c.resolution % 8 == 0, "resolution", "must be a positive multiple of 8 (the VAE's factor)"
+    )
     if c.buckets:
         need(c.resolution % 64 == 0, "resolution", "must be a multiple of 64 with buckets")
     need(c.max_subjects >= 1, "max_subjects", "must be at least 1")
@@ -271,12 +313,20 @@ def _check_values(c: TrainConfig) -> list[str]:
     need(c.lr_warmup_steps >= 0, "lr_warmup_steps", "must be 0 or more")
     need(c.train_batch_size >= 1, "train_batch_size", "must be at least 1")
     need(c.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be at least 1")
-    need(c.max_train_steps is None or c.max_train_steps >= 1, "max_train_steps", "must be at least 1 (or null: use num_train_epochs)")
+    need(
+        c.max_train_steps is None or c.max_train_steps >= 1,
+        "max_train_steps",
+        "must be at least 1 (or null: use num_train_epochs)",
+    )
     need(c.num_train_epochs >= 1, "num_train_epochs", "must be at least 1")
     need(0 < c.ema_decay < 1, "ema_decay", "must be in (0, 1)")
     need(bool(c.output_dir), "output_dir", "must be a folder path")
     need(c.checkpointing_steps >= 0, "checkpointing_steps", "must be 0 (only at the end) or more")
-    need(c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1, "checkpoints_total_limit", "must be at least 1 (or null: keep all)")
+    need(
+        c.checkpoints_total_limit is None or c.checkpoints_total_limit >= 1,
+        "checkpoints_total_limit",
+        "must be at least 1 (or null: keep all)",
+    )
     need(c.log_every >= 1, "log_every", "must be at least 1")
     need(c.validation_steps >= 0, "validation_steps", "must be 0 (off) or more")
     need(c.validation_samples >= 0, "validation_samples", "must be 0 or more")
@@ -289,7 +339,9 @@ def _check_values(c: TrainConfig) -> list[str]:
     allowed = [f.name for f in dataclasses.fields(ResamplerConfig) if f.name not in INFERRED_RESAMPLER_FIELDS]
     for key, value in c.resampler.items():
         if key in INFERRED_RESAMPLER_FIELDS:
-            problems.append(f"resampler.{key}: follows from the models (image encoder, UNet, text encoder); do not set it")
+            problems.append(
+                f"resampler.{key}: follows from the models (image encoder, UNet, text encoder); do not set it"
+            )
         elif key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
@@ -317,7 +369,9 @@ def _check_validation_settings(values: Any) -> list[str]:
             allowed = [n for n in GENERATION_FIELDS if n != "size"]
             close = difflib.get_close_matches(str(name), allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"validation_settings.{name}: unknown field ({hint}allowed: {', '.join(allowed)}; the size is `resolution`)")
+            problems.append(
+                f"validation_settings.{name}: unknown field ({hint}allowed: {', '.join(allowed)}; the size is `resolution`)"
+            )
     try:
         check_types(values, GENERATION_FIELDS, "validation_settings")
         check_generation_values(values, "validation_settings")
@@ -424,7 +478,12 @@ def config_template() -> str:
             group = f.metadata["group"]
             lines += ["", f"# --- {group} " + "-" * (60 - len(group))]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        value = yaml.safe_dump({f.name: default}, default_flow_style=True, width=10**6).strip().removeprefix("{").removesuffix("}")
+        value = (
+            yaml.safe_dump({f.name: default}, default_flow_style=True, width=10**6)
+            .strip()
+            .removeprefix("{")
+            .removesuffix("}")
+        )
         choices = f.metadata.get("choices")
         lines.append(f"# {f.metadata['help']}" + (f" ({' | '.join(choices)})" if choices else ""))
         lines.append(value)
@@ -450,7 +509,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             metavar = "YAML" if kind in (dict, list) else f.name.upper()
-            group.add_argument(flag, dest=f.name, default=None, metavar=metavar, help=help_text, type=_flag_parser(kind, optional))
+            group.add_argument(
+                flag, dest=f.name, default=None, metavar=metavar, help=help_text, type=_flag_parser(kind, optional)
+            )
 
 
 def _flag_parser(kind: type, optional: bool):

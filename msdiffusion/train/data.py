@@ -85,7 +85,9 @@ class EpochTaggedDataset(Dataset):
         return np.roll(same, -start)
 
 
-def build_dataset(config: TrainConfig, image_processor=None, cache=None, cache_settings: dict | None = None) -> MSDiffusionDataset:
+def build_dataset(
+    config: TrainConfig, image_processor=None, cache=None, cache_settings: dict | None = None
+) -> MSDiffusionDataset:
     kwargs = dict(
         resolution=config.resolution,
         max_subjects=config.max_subjects,
@@ -105,17 +107,22 @@ def build_dataset(config: TrainConfig, image_processor=None, cache=None, cache_s
     return MSDiffusionDataset(config.manifest, **kwargs)
 
 
-def build_dataloader(config: TrainConfig, dataset: MSDiffusionDataset, cached: bool) -> tuple[DataLoader, EpochTaggedBatches]:
+def build_dataloader(
+    config: TrainConfig, dataset: MSDiffusionDataset, cached: bool
+) -> tuple[DataLoader, EpochTaggedBatches]:
     """Shuffled full batches (one bucket each); the tail of each bucket is left for another epoch's order."""
     bucket_ids = dataset.bucket_ids if dataset.bucket_ids is not None else [0] * len(dataset)
     batches = EpochTaggedBatches(
         BucketBatchSampler(bucket_ids, config.train_batch_size, shuffle=True, drop_last=True, seed=config.seed)
     )
     if len(batches) == 0:
-        raise ConfigError([
-            f"train_batch_size: the manifest's {len(dataset)} samples make no full batch of {config.train_batch_size}"
-            + (" in any aspect-ratio bucket" if config.buckets else "") + "; lower it or add samples"
-        ])
+        raise ConfigError(
+            [
+                f"train_batch_size: the manifest's {len(dataset)} samples make no full batch of {config.train_batch_size}"
+                + (" in any aspect-ratio bucket" if config.buckets else "")
+                + "; lower it or add samples"
+            ]
+        )
     workers = config.dataloader_workers
     collate = collate_subjects
     if cached:

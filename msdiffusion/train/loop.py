@@ -44,8 +44,8 @@ from .checkpoints import (
     pause_for_tests,
     write_state,
 )
-from .config import ConfigError, TrainConfig
 from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
+from .config import ConfigError, TrainConfig
 from .loss import box_cover, diffusion_loss, min_snr_weights
 from .timesteps import draw_timesteps
 
@@ -77,7 +77,9 @@ class TrainingRun:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
             log_with=None if config.report_to == "none" else config.report_to,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
             # pinned batches are copied to the GPU while the previous step still runs
             dataloader_config=DataLoaderConfiguration(non_blocking=config.pin_memory),
         )
@@ -115,10 +117,16 @@ class TrainingRun:
         )
 
         config, accelerator = self.config, self.accelerator
-        self.noise_scheduler = DDPMScheduler.from_pretrained(config.base, subfolder="scheduler", revision=config.revision)
+        self.noise_scheduler = DDPMScheduler.from_pretrained(
+            config.base, subfolder="scheduler", revision=config.revision
+        )
         self.prediction_type = config.prediction_type or self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError([f"prediction_type: the base's scheduler predicts {self.prediction_type!r}; training supports epsilon and v_prediction"])
+            raise ConfigError(
+                [
+                    f"prediction_type: the base's scheduler predicts {self.prediction_type!r}; training supports epsilon and v_prediction"
+                ]
+            )
         # The data first: a manifest or cache problem is reported before the models load.
         image_processor = load_image_processor(config)
         cache = FeatureCache(config.cache) if config.cache else None
@@ -168,22 +176,27 @@ class TrainingRun:
             self.ema = EMAModel(self.params, decay=config.ema_decay)
             accelerator.register_for_checkpointing(self.ema)
 
-        self.prepared_model, self.optimizer, self.dataloader = accelerator.prepare(self.model, self.optimizer, dataloader)
+        self.prepared_model, self.optimizer, self.dataloader = accelerator.prepare(
+            self.model, self.optimizer, dataloader
+        )
         if len(self.dataloader) == 0:
-            raise ConfigError([
-                f"train_batch_size: {len(self.batches)} full batch(es) an epoch cannot be shared by "
-                f"{accelerator.num_processes} processes; lower it or add samples"
-            ])
+            raise ConfigError(
+                [
+                    f"train_batch_size: {len(self.batches)} full batch(es) an epoch cannot be shared by "
+                    f"{accelerator.num_processes} processes; lower it or add samples"
+                ]
+            )
         self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         self.max_train_steps = config.max_train_steps or config.num_train_epochs * self.steps_per_epoch
         from diffusers.optimization import get_scheduler
 
         # accelerate steps a prepared scheduler once per process per optimiser step
         lr_scheduler = get_scheduler(
-            config.lr_scheduler, self.optimizer,
+            config.lr_scheduler,
+            self.optimizer,
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.max_train_steps * accelerator.num_processes,
-        )  # fmt: skip
+        )
         self.lr_scheduler = accelerator.prepare(lr_scheduler)
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
@@ -194,10 +207,15 @@ class TrainingRun:
 
             entries = validation_entries(config, self.dataset)
             components = {
-                "vae": vae, "unet": unet, "text_encoders": text_encoders, "image_encoder": image_encoder,
+                "vae": vae,
+                "unet": unet,
+                "text_encoders": text_encoders,
+                "image_encoder": image_encoder,
                 "image_processor": image_processor,
-            }  # fmt: skip
-            self.validator = Validator(config, entries, components, self.noise_scheduler.config, self.device, self.weight_dtype)
+            }
+            self.validator = Validator(
+                config, entries, components, self.noise_scheduler.config, self.device, self.weight_dtype
+            )
 
     def _check_images(self) -> None:
         """Decode every image of the manifest now, so a broken file stops the run before its first step."""
@@ -207,7 +225,9 @@ class TrainingRun:
 
         from ..data.manifest import ManifestError, validate_manifest
 
-        logger.info("decoding every image of the manifest (bad_samples: stop; skip instead to replace bad samples as they come)")
+        logger.info(
+            "decoding every image of the manifest (bad_samples: stop; skip instead to replace bad samples as they come)"
+        )
         bar = tqdm(desc="checking images", unit="sample", disable=not self.accelerator.is_local_main_process)
 
         def progress(done: int, total: int) -> None:
@@ -215,7 +235,9 @@ class TrainingRun:
             bar.update(done - bar.n)
 
         workers = max(1, self.config.dataloader_workers, min(8, os.cpu_count() or 1))
-        _, problems, total = validate_manifest(self.config.manifest, open_images=True, decode=True, workers=workers, progress=progress)
+        _, problems, total = validate_manifest(
+            self.config.manifest, open_images=True, decode=True, workers=workers, progress=progress
+        )
         bar.close()
         if problems:
             raise ManifestError(self.config.manifest, problems, total)
@@ -250,20 +272,33 @@ class TrainingRun:
             cond = condition(batch, drops, self.features, self.device, self.weight_dtype)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
         if config.noise_offset:
-            noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.generator).to(self.device)
+            noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.generator).to(
+                self.device
+            )
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = draw_timesteps(batch_size, num_timesteps, config.high_noise_share, self.generator).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)
         boxes = batch["subject_boxes"].to(self.device)
         prediction = self.prepared_model(
-            noisy, timesteps, cond.prompt_embeds, cond.pooled_prompt_embeds, time_ids.to(self.device, self.weight_dtype),
-            cond.image_features, cond.phrase_embeds, boxes, drops.grounding.to(self.device),
-        )  # fmt: skip
+            noisy,
+            timesteps,
+            cond.prompt_embeds,
+            cond.pooled_prompt_embeds,
+            time_ids.to(self.device, self.weight_dtype),
+            cond.image_features,
+            cond.phrase_embeds,
+            boxes,
+            drops.grounding.to(self.device),
+        )
         return self._loss(prediction, target, timesteps, boxes)
 
-    def _loss(self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    def _loss(
+        self, prediction: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, boxes: torch.Tensor
+    ) -> torch.Tensor:
         config = self.config
         cover = box_cover(boxes, *prediction.shape[-2:]) if config.subject_loss_weight else None
         sample_weights = None
@@ -298,8 +333,9 @@ class TrainingRun:
         if not config.resume_from_checkpoint and list_checkpoints(self.output_dir):
             logger.warning(
                 "%s already holds checkpoints of another run; this run overwrites those of the same steps "
-                "(resume_from_checkpoint: latest continues that run instead)", self.output_dir,
-            )  # fmt: skip
+                "(resume_from_checkpoint: latest continues that run instead)",
+                self.output_dir,
+            )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.output_dir / "config.yaml") as tmp:
@@ -307,7 +343,9 @@ class TrainingRun:
             accelerator.init_trackers(config.tracker_project_name, config=_tracker_config(config))
         self._log_plan(global_step)
 
-        progress = tqdm(total=self.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+        progress = tqdm(
+            total=self.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
+        )
         with logging_redirect_tqdm():  # log lines are printed above the bar instead of through it
             summary = self._train_loop(global_step, progress)
         return summary
@@ -372,7 +410,9 @@ class TrainingRun:
             if config.validation_steps and global_step % config.validation_steps:
                 self.validate(global_step)
             elapsed = time.perf_counter() - run_start
-            summary = self._finish(global_step, last_loss, (global_step - start_step) * samples_per_step / max(elapsed, 1e-9))
+            summary = self._finish(
+                global_step, last_loss, (global_step - start_step) * samples_per_step / max(elapsed, 1e-9)
+            )
         accelerator.end_training()
         return summary
 
@@ -404,10 +444,19 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             logger.warning(
                 "stopped by %s at step %d of %d; %s holds everything to resume: run the same command with "
-                "--resume-from-checkpoint latest", signal_name, step, self.max_train_steps, checkpoint,
-            )  # fmt: skip
+                "--resume-from-checkpoint latest",
+                signal_name,
+                step,
+                self.max_train_steps,
+                checkpoint,
+            )
         self.accelerator.end_training()
-        return {"steps": step, "stopped_by": signal_name, "checkpoint": str(checkpoint), "max_train_steps": self.max_train_steps}
+        return {
+            "steps": step,
+            "stopped_by": signal_name,
+            "checkpoint": str(checkpoint),
+            "max_train_steps": self.max_train_steps,
+        }
 
     def _log_plan(self, global_step: int) -> None:
         c, a = self.config, self.accelerator
@@ -417,12 +466,20 @@ class TrainingRun:
             "training plan: %d samples; %d batches per epoch on each process; %d steps per epoch; %d steps in all%s; "
             "%d samples per step (batch %d x %d process(es) x %d accumulation); %.1fM trainable parameters, frozen "
             "UNet %.1fM; mixed precision: %s; text and image features: %s",
-            len(self.dataset), len(self.dataloader), self.steps_per_epoch, self.max_train_steps,
+            len(self.dataset),
+            len(self.dataloader),
+            self.steps_per_epoch,
+            self.max_train_steps,
             f" (resuming at step {global_step})" if global_step else "",
-            c.train_batch_size * a.num_processes * c.gradient_accumulation_steps, c.train_batch_size, a.num_processes,
-            c.gradient_accumulation_steps, trainable / 1e6, frozen / 1e6, c.mixed_precision,
+            c.train_batch_size * a.num_processes * c.gradient_accumulation_steps,
+            c.train_batch_size,
+            a.num_processes,
+            c.gradient_accumulation_steps,
+            trainable / 1e6,
+            frozen / 1e6,
+            c.mixed_precision,
             "read from the cache" if c.cache else "encoded at each step",
-        )  # fmt: skip
+        )
 
     def _log(self, window: "_Window", step: int, samples_per_step: int, progress) -> float:
         accelerator = self.accelerator
@@ -440,8 +497,13 @@ class TrainingRun:
         memory = ", ".join(f"{k} {v:.2f}" for k, v in logs.items() if k.startswith("peak"))
         logger.info(
             "step %d: loss %.4f, lr %.3g, %.2f samples/s, data wait %.0f%%, %s",
-            step, loss, logs["lr"], logs["samples_per_s"], 100 * logs["data_wait_fraction"], memory,
-        )  # fmt: skip
+            step,
+            loss,
+            logs["lr"],
+            logs["samples_per_s"],
+            100 * logs["data_wait_fraction"],
+            memory,
+        )
         return loss
 
     # ---- checkpoints, export, validation ------------------------------------------------------------
@@ -514,8 +576,11 @@ class TrainingRun:
         if state["num_processes"] != self.accelerator.num_processes or not generator_file.is_file():
             logger.warning(
                 "%s was written by %d process(es), this run has %d: training continues, but its random draws "
-                "differ from an uninterrupted run's", input_dir, state["num_processes"], self.accelerator.num_processes,
-            )  # fmt: skip
+                "differ from an uninterrupted run's",
+                input_dir,
+                state["num_processes"],
+                self.accelerator.num_processes,
+            )
             self.generator.manual_seed(_process_seed(self.config.seed, self.accelerator.process_index) + state["step"])
         else:
             self.generator.set_state(torch.load(generator_file))
@@ -696,20 +761,29 @@ def check_distributed_type(distributed_type) -> None:
     """DDP (one or many GPUs, one or many machines) is supported; sharded training is refused, clearly."""
     name = str(getattr(distributed_type, "value", distributed_type))
     if name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError([
-            f"distributed training: {name} is not supported: it shards the parameters, and this loop's checkpoints and "
-            "adapter export read them whole. Launch with DDP (accelerate launch --multi_gpu ...); to save memory use "
-            "mixed_precision bf16, gradient_checkpointing, optimizer adamw_8bit and a feature cache (docs/training.md)"
-        ])
+        raise ConfigError(
+            [
+                f"distributed training: {name} is not supported: it shards the parameters, and this loop's checkpoints and "
+                "adapter export read them whole. Launch with DDP (accelerate launch --multi_gpu ...); to save memory use "
+                "mixed_precision bf16, gradient_checkpointing, optimizer adamw_8bit and a feature cache (docs/training.md)"
+            ]
+        )
 
 
 def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    kwargs = dict(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.weight_decay, eps=config.adam_epsilon)
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.weight_decay,
+        eps=config.adam_epsilon,
+    )
     if config.optimizer == "adamw_8bit":
         try:
             import bitsandbytes
         except ImportError:
-            raise ConfigError(["optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)"]) from None
+            raise ConfigError(
+                ["optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes; CUDA only)"]
+            ) from None
         return bitsandbytes.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, **kwargs)
 
@@ -728,4 +802,3 @@ def _tracker_config(config: TrainConfig) -> dict[str, Any]:
     for key, value in config.to_dict().items():
         flat[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
     return flat
-

@@ -37,7 +37,11 @@ class TextEncoders:
         hidden = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = tokenizer(
-                captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids.to(device)
             output = encoder(ids, output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
@@ -169,7 +173,11 @@ class AdapterTrainingModel(nn.Module):
         return params
 
     def subject_tokens(
-        self, image_features: torch.Tensor, phrase_embeds: torch.Tensor, boxes: torch.Tensor, drop_grounding: torch.Tensor
+        self,
+        image_features: torch.Tensor,
+        phrase_embeds: torch.Tensor,
+        boxes: torch.Tensor,
+        drop_grounding: torch.Tensor,
     ) -> torch.Tensor:
         """`[dummy tokens | 16 tokens per subject slot]` (B, 4 + 16 N, D) for (B, N) subject slots."""
         batch, slots = boxes.shape[:2]
@@ -228,7 +236,9 @@ def build_training_model(config: TrainConfig, unet, image_width: int, phrase_wid
         state = attach_ms_attention(unet, checkpoint.attention)
     else:
         torch.manual_seed(config.seed)
-        projection = MSImageProjection(resampler_config(config, unet, image_width, phrase_width).to_dict(), config.num_dummy_tokens)
+        projection = MSImageProjection(
+            resampler_config(config, unet, image_width, phrase_width).to_dict(), config.num_dummy_tokens
+        )
         state = attach_ms_attention(unet)  # to_k_ip / to_v_ip start as copies of to_k / to_v
     model = AdapterTrainingModel(unet, projection, state)
     for param in model.trainable_parameters():

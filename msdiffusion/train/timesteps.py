@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def draw_timesteps(batch_size: int, num_timesteps: int, high_noise_share: float, generator: torch.Generator) -> torch.Tensor:
+def draw_timesteps(
+    batch_size: int, num_timesteps: int, high_noise_share: float, generator: torch.Generator
+) -> torch.Tensor:
     """Uniform timesteps, a `high_noise_share` of them drawn from the noisier half of the schedule only.
 
     The noisier half is where a sample's layout and outlines are decided; a small or young model is

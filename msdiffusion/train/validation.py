@@ -42,7 +42,9 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
                 phrases=[s["phrase"] for s in entry["subjects"]],
                 boxes=[tuple(float(v) for v in s["box"]) for s in entry["subjects"]],
                 # an entry's own negative prompt (null for none), else the config's (the release's by default)
-                negative_prompt=entry["negative_prompt"] if "negative_prompt" in entry else validation_settings(config).negative_prompt,
+                negative_prompt=entry["negative_prompt"]
+                if "negative_prompt" in entry
+                else validation_settings(config).negative_prompt,
             )
             for entry in config.validation
         ]
@@ -60,10 +62,13 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
         images = [dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(subjects)]
         entries.append(
             ValidationEntry(
-                sample.caption, images, [s.phrase for s in subjects], [s.box for s in subjects],
+                sample.caption,
+                images,
+                [s.phrase for s in subjects],
+                [s.box for s in subjects],
                 negative_prompt=validation_settings(config).negative_prompt,
             )
-        )  # fmt: skip
+        )
     return entries
 
 
@@ -75,7 +80,9 @@ class Validator:
     the CPU between validations.
     """
 
-    def __init__(self, config: TrainConfig, entries: list[ValidationEntry], components: dict, scheduler_config, device, dtype):
+    def __init__(
+        self, config: TrainConfig, entries: list[ValidationEntry], components: dict, scheduler_config, device, dtype
+    ):
         self.config = config
         self.entries = entries
         self.components = components
@@ -116,16 +123,24 @@ class Validator:
         c = self._encoders()
         text = c["text_encoders"]
         pipe = MSDiffusionXLPipeline(
-            vae=c["vae"], text_encoder=text.text_encoder, text_encoder_2=text.text_encoder_2,
-            tokenizer=text.tokenizer, tokenizer_2=text.tokenizer_2, unet=c["unet"],
+            vae=c["vae"],
+            text_encoder=text.text_encoder,
+            text_encoder_2=text.text_encoder_2,
+            tokenizer=text.tokenizer,
+            tokenizer_2=text.tokenizer_2,
+            unet=c["unet"],
             scheduler=EulerDiscreteScheduler.from_config(self.scheduler_config),
-            image_encoder=c["image_encoder"], feature_extractor=c["image_processor"], ms_image_projection=projection,
-        )  # fmt: skip
+            image_encoder=c["image_encoder"],
+            feature_extractor=c["image_processor"],
+            ms_image_projection=projection,
+        )
         pipe.set_progress_bar_config(disable=True)
         folder = self.out_dir / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         autocast = (
-            torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else contextlib.nullcontext()
+            torch.autocast(self.device.type, dtype=self.dtype)
+            if self.dtype != torch.float32
+            else contextlib.nullcontext()
         )
         previews = []
         settings = validation_settings(self.config)
@@ -135,8 +150,12 @@ class Validator:
                 with autocast:
                     arguments = {**settings.pipeline_arguments(), "negative_prompt": entry.negative_prompt}
                     image = pipe(
-                        prompt=entry.prompt, subject_images=entry.images, subject_phrases=entry.phrases,
-                        subject_boxes=entry.boxes, generator=generator, **arguments,
+                        prompt=entry.prompt,
+                        subject_images=entry.images,
+                        subject_phrases=entry.phrases,
+                        subject_boxes=entry.boxes,
+                        generator=generator,
+                        **arguments,
                     ).images[0]
                 preview = draw_layout(image, entry.boxes, entry.phrases)
                 image.save(folder / f"{k}.png")

@@ -62,8 +62,12 @@ class BaseRecipe:
     # and outlines are decided.
     # The eleventh build's five; the shipped sixteenth added a sixth, a seventh and an eighth (`--extra-cycle`; docs/world.md).
     cycles: tuple[tuple[int, float, float], ...] = (
-        (5000, 5e-4, 0.0), (2000, 2e-4, 0.0), (3000, 2e-4, 0.5), (3000, 3e-4, 0.5), (3000, 3e-4, 0.5),
-    )  # fmt: skip
+        (5000, 5e-4, 0.0),
+        (2000, 2e-4, 0.0),
+        (3000, 2e-4, 0.5),
+        (3000, 3e-4, 0.5),
+        (3000, 3e-4, 0.5),
+    )
     # The UNet's loss on latent cells inside subjects' boxes is weighted by 1 + this (0: a plain
     # mean). Backgrounds (a grid, sand speckle) fill most of a scene and most of a plain loss, and
     # their noise-like texture cannot be predicted from mid noise anyway; the subjects' outlines,
@@ -105,7 +109,9 @@ def save_training_state(path: Path, modules: dict, optimizer, generator: torch.G
     from ..atomic import atomic_path
 
     state = {name: module.state_dict() for name, module in modules.items()}
-    state.update(optimizer=optimizer.state_dict(), generator=generator.get_state(), torch_rng=torch.get_rng_state(), step=step)
+    state.update(
+        optimizer=optimizer.state_dict(), generator=generator.get_state(), torch_rng=torch.get_rng_state(), step=step
+    )
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -173,7 +179,9 @@ def scene_sampling_weights(entries: list[dict], class_sampling: tuple[tuple[str,
     factors = dict(class_sampling)
     if not factors or all(f == 1 for f in factors.values()):
         return None
-    return torch.tensor([max((factors.get(s["phrase"], 1.0) for s in e["subjects"]), default=1.0) for e in entries], dtype=torch.float64)
+    return torch.tensor(
+        [max((factors.get(s["phrase"], 1.0) for s in e["subjects"]), default=1.0) for e in entries], dtype=torch.float64
+    )
 
 
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -211,7 +219,7 @@ def vae_loss(vae, x: torch.Tensor, weight: torch.Tensor, recipe: BaseRecipe) -> 
         coarse = [
             _weighted_error(vae.decode(F.avg_pool2d(latents, f)).sample - F.avg_pool2d(x, f), F.avg_pool2d(weight, f))
             for f in SCALE_EQUIVARIANCE_FACTORS
-        ]  # fmt: skip
+        ]
         loss = loss + recipe.vae_scale_equivariance * sum(coarse) / len(coarse)
     return loss
 
@@ -290,19 +298,25 @@ class _Captions:
 
         plain = [e["caption"] for e in entries]
         described = [
-            caption_for([s["phrase"] for s in e["subjects"]], e["meta"]["background"], [s["meta"]["identity"] for s in e["subjects"]])
+            caption_for(
+                [s["phrase"] for s in e["subjects"]],
+                e["meta"]["background"],
+                [s["meta"]["identity"] for s in e["subjects"]],
+            )
             for e in entries
-        ]  # fmt: skip
+        ]
         self.ids = ids(tokenizer, plain), ids(tokenizer_2, plain)
         self.described = ids(tokenizer, described), ids(tokenizer_2, described)
         self.empty = ids(tokenizer, [""]), ids(tokenizer_2, [""])
 
-    def pick(self, index: torch.Tensor, keep: torch.Tensor, describe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(
+        self, index: torch.Tensor, keep: torch.Tensor, describe: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids for a batch: described where `describe`, plain elsewhere, empty where not `keep` ((B, 1) masks)."""
         return tuple(
             torch.where(keep, torch.where(describe, described[index], plain[index]), empty)
             for plain, described, empty in zip(self.ids, self.described, self.empty)
-        )  # fmt: skip
+        )
 
 
 def encode_prompts(text_encoder, text_encoder_2, ids, ids_2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +382,9 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     ends = cycle_ends(recipe)
     if step and step != warm_start:
         log(f"base: resumed at step {step}")
-        if step in ends and not (out / "snapshots" / f"step-{step}" / SNAPSHOT_STEP).exists():  # stopped while writing it
+        if (
+            step in ends and not (out / "snapshots" / f"step-{step}" / SNAPSHOT_STEP).exists()
+        ):  # stopped while writing it
             save_snapshot(ema, vae, out / "snapshots" / f"step-{step}", out / "tokenizer", step, recipe)
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -396,10 +412,16 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prompt_embeds, pooled = encode_prompts(model.text_encoder, model.text_encoder_2, ids, ids_2)
         prediction = model.unet(
-            noisy, timesteps, encoder_hidden_states=prompt_embeds,
+            noisy,
+            timesteps,
+            encoder_hidden_states=prompt_embeds,
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.expand(b, -1)},
-        ).sample  # fmt: skip
-        target = noise if noise_scheduler.config.prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        ).sample
+        target = (
+            noise
+            if noise_scheduler.config.prediction_type == "epsilon"
+            else noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         loss = diffusion_loss(prediction, target, None if cover is None else cover[index], recipe.subject_loss_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -412,7 +434,9 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         window.append(loss.item())
         if step % 50 == 0:
             elapsed = time.perf_counter() - start
-            log(f"base step {step}/{total} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)")
+            log(
+                f"base step {step}/{total} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)"
+            )
             window = []
         if step % recipe.checkpoint_every == 0 or step == total:
             save_training_state(checkpoint, {"model": model, "ema": ema}, optimizer, generator, step)
@@ -421,18 +445,28 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     return ema.eval()
 
 
-def save_snapshot(ema: _Base, vae, folder: str | Path, tokenizer_dir: str | Path, step: int, recipe: BaseRecipe) -> Path:
+def save_snapshot(
+    ema: _Base, vae, folder: str | Path, tokenizer_dir: str | Path, step: int, recipe: BaseRecipe
+) -> Path:
     """The EMA base after `step` steps as an ordinary SDXL folder (fp16), with the step and the
     settings a warm restart must share (`BaseRecipe.init_from`)."""
     folder = save_base(ema, vae, folder, tokenizer_dir, zero_terminal_snr=zero_terminal_snr_at(step - 1, recipe))
-    record = {"step": step, "unet_channels": list(recipe.unet_channels), "unet_attention": list(recipe.unet_attention),
-              "cycles": [list(c) for c in recipe.cycles], "subject_loss_weight": recipe.subject_loss_weight,
-              "class_sampling": [list(c) for c in recipe.class_sampling], "zero_snr_from_cycle": recipe.zero_snr_from_cycle}  # fmt: skip
+    record = {
+        "step": step,
+        "unet_channels": list(recipe.unet_channels),
+        "unet_attention": list(recipe.unet_attention),
+        "cycles": [list(c) for c in recipe.cycles],
+        "subject_loss_weight": recipe.subject_loss_weight,
+        "class_sampling": [list(c) for c in recipe.class_sampling],
+        "zero_snr_from_cycle": recipe.zero_snr_from_cycle,
+    }
     (folder / SNAPSHOT_STEP).write_text(json.dumps(record, indent=2) + "\n")
     return folder
 
 
-def snapshot_from_checkpoint(checkpoint: str | Path, vae, folder: str | Path, tokenizer_dir: str | Path, recipe: BaseRecipe) -> Path:
+def snapshot_from_checkpoint(
+    checkpoint: str | Path, vae, folder: str | Path, tokenizer_dir: str | Path, recipe: BaseRecipe
+) -> Path:
     """`save_snapshot` of the EMA in a `train_base` checkpoint file (to probe a base while it trains)."""
     tokenizer, _ = models.tokenizers(tokenizer_dir)
     ema = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), *models.text_encoders(tokenizer))
@@ -445,12 +479,16 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
     """`recipe.init_from`'s snapshot record, checked to end one of the recipe's cycles before its last."""
     folder = Path(recipe.init_from)
     if not (folder / SNAPSHOT_STEP).exists():
-        raise FileNotFoundError(f"{folder}: no {SNAPSHOT_STEP}; init_from takes a snapshot that train_base wrote under base-train/snapshots/.")
+        raise FileNotFoundError(
+            f"{folder}: no {SNAPSHOT_STEP}; init_from takes a snapshot that train_base wrote under base-train/snapshots/."
+        )
     try:
         record = json.loads((folder / SNAPSHOT_STEP).read_text())
         step = record["step"]
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{folder}: {SNAPSHOT_STEP} is not a snapshot record (no step); train_base writes it with each snapshot.") from None
+        raise ValueError(
+            f"{folder}: {SNAPSHOT_STEP} is not a snapshot record (no step); train_base writes it with each snapshot."
+        ) from None
     ends = cycle_ends(recipe)
     if step not in ends[:-1]:
         raise ValueError(
@@ -459,6 +497,7 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
             "trained with and at least one more (on the command line --extra-cycle, like --extra-cycle 3000,3e-4,0.5)."
         )
     done = ends.index(step) + 1  # the snapshot's cycles: this recipe must say what schedule they trained on
+
     def among_done(cycle: int | None) -> int | None:  # the first of the snapshot's cycles on zero terminal SNR
         return None if cycle is None or cycle >= done else cycle
 
@@ -483,7 +522,11 @@ def load_snapshot(model: _Base, recipe: BaseRecipe, log: Callable = print) -> in
 
     record, folder = snapshot_record(recipe), Path(recipe.init_from)
     channels, attention = record.get("unet_channels"), record.get("unet_attention")
-    if channels is None or tuple(channels) != tuple(recipe.unet_channels) or tuple(attention or ()) != tuple(recipe.unet_attention):
+    if (
+        channels is None
+        or tuple(channels) != tuple(recipe.unet_channels)
+        or tuple(attention or ()) != tuple(recipe.unet_attention)
+    ):
         raise ValueError(
             f"{folder} is a UNet with channels {channels} and attention {attention}; "
             f"the recipe asks for {list(recipe.unet_channels)} and {list(recipe.unet_attention)} (--unet-channels)."
@@ -496,17 +539,25 @@ def load_snapshot(model: _Base, recipe: BaseRecipe, log: Callable = print) -> in
     for name, cls in parts.items():
         weights = cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict()
         if name != "unet" and theirs != ours:
-            key = next(k for k in weights if k.endswith("embeddings.token_embedding.weight"))  # transformers 5 drops `text_model.`
+            key = next(
+                k for k in weights if k.endswith("embeddings.token_embedding.weight")
+            )  # transformers 5 drops `text_model.`
             weights[key] = carry_token_rows(weights[key], theirs, ours, getattr(model, name).state_dict()[key], folder)
         getattr(model, name).load_state_dict(weights)
     if theirs != ours:
         added = set(ours) - set(theirs)
-        words = sorted(t.removesuffix("</w>") for t in added if t.endswith("</w>") and t.removesuffix("</w>") in models.VOCABULARY)
-        log(f"  the world's vocabulary changed: {len(ours)} tokens, {len(added)} new ({', '.join(words)} among its words)")
+        words = sorted(
+            t.removesuffix("</w>") for t in added if t.endswith("</w>") and t.removesuffix("</w>") in models.VOCABULARY
+        )
+        log(
+            f"  the world's vocabulary changed: {len(ours)} tokens, {len(added)} new ({', '.join(words)} among its words)"
+        )
     return record["step"]
 
 
-def carry_token_rows(rows: torch.Tensor, theirs: dict[str, int], ours: dict[str, int], fresh: torch.Tensor, snapshot: Path) -> torch.Tensor:
+def carry_token_rows(
+    rows: torch.Tensor, theirs: dict[str, int], ours: dict[str, int], fresh: torch.Tensor, snapshot: Path
+) -> torch.Tensor:
     """A snapshot's token embedding `rows` (ids of `theirs`), reordered for the vocabulary `ours`.
 
     A world whose words changed (a class renamed) has another tokenizer: the ids of every token move.
@@ -514,7 +565,9 @@ def carry_token_rows(rows: torch.Tensor, theirs: dict[str, int], ours: dict[str,
     (the new model's initialisation), to be learnt in the cycles that follow.
     """
     if len(theirs) != rows.shape[0]:
-        raise ValueError(f"{snapshot}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; its tokenizer is not its text encoders'.")
+        raise ValueError(
+            f"{snapshot}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; its tokenizer is not its text encoders'."
+        )
     carried = fresh.clone()
     for token, i in ours.items():
         if token in theirs:
@@ -529,10 +582,15 @@ def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path, zero
 
     tokenizer, tokenizer_2 = models.tokenizers(tokenizer_dir)
     pipe = StableDiffusionXLPipeline(
-        vae=copy.deepcopy(vae), text_encoder=copy.deepcopy(base.text_encoder), text_encoder_2=copy.deepcopy(base.text_encoder_2),
-        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=copy.deepcopy(base.unet), scheduler=models.scheduler(zero_terminal_snr),
+        vae=copy.deepcopy(vae),
+        text_encoder=copy.deepcopy(base.text_encoder),
+        text_encoder_2=copy.deepcopy(base.text_encoder_2),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=copy.deepcopy(base.unet),
+        scheduler=models.scheduler(zero_terminal_snr),
         force_zeros_for_empty_prompt=False,  # trained with the empty caption as the unconditional input
-    )  # fmt: skip
+    )
     pipe.to(torch.float16).save_pretrained(out)
     # A model loaded from a folder keeps that folder in its config as `_name_or_path`: a path on the
     # machine that trained it, meaningless in a shipped copy.

@@ -35,6 +35,7 @@ WORLD_METRICS = {
     "placed": "placed (any shape)",
     "mean_iou": "mean IoU",
     "identity_correct": "identity correct",
+    "colours_correct": "colours only",
     "found_and_correct": "found and correct",
     "mixing": "mixing",
     "clip_i": "CLIP-I",
@@ -89,7 +90,9 @@ def _apart(rng: np.random.Generator, extents: list[tuple[float, float]]) -> list
     return None
 
 
-def _pair(rng: np.random.Generator, extents: list[tuple[float, float]], overlap: float) -> list[tuple[float, ...]] | None:
+def _pair(
+    rng: np.random.Generator, extents: list[tuple[float, float]], overlap: float
+) -> list[tuple[float, ...]] | None:
     """Two boxes side by side (left-right or top-bottom), sharing an edge, or overlapping by `overlap`."""
     (wa, ha), (wb, hb) = extents
     horizontal = bool(rng.random() < 0.5)
@@ -113,7 +116,15 @@ def _pair(rng: np.random.Generator, extents: list[tuple[float, float]], overlap:
 
 def expand_world(definition: dict) -> list[BenchSample]:
     """Samples of every group: classes, held-out identities, background and boxes drawn from the seed."""
-    from msdiffusion.world.scenes import BACKGROUNDS, CLASSES, MAX_SUBJECTS, NUM_IDENTITIES, SUBJECT_SIZES, caption_for, is_held_out
+    from msdiffusion.world.scenes import (
+        BACKGROUNDS,
+        CLASSES,
+        MAX_SUBJECTS,
+        NUM_IDENTITIES,
+        SUBJECT_SIZES,
+        caption_for,
+        is_held_out,
+    )
 
     held_out = [i for i in range(NUM_IDENTITIES) if is_held_out(i)]
     samples = []
@@ -122,8 +133,10 @@ def expand_world(definition: dict) -> list[BenchSample]:
         if not 1 <= n <= MAX_SUBJECTS:
             raise ValueError(f"world bench group {group!r}: subjects must be 1 to {MAX_SUBJECTS}, got {n}.")
         if layout not in LAYOUTS or (layout != "apart" and n != 2):
-            raise ValueError(f"world bench group {group!r}: layout {layout!r} with {n} subjects; layouts are "
-                             f"{', '.join(LAYOUTS)} (touching and overlapping take 2 subjects).")  # fmt: skip
+            raise ValueError(
+                f"world bench group {group!r}: layout {layout!r} with {n} subjects; layouts are "
+                f"{', '.join(LAYOUTS)} (touching and overlapping take 2 subjects)."
+            )
         for k in range(int(spec["samples"])):
             rng = np.random.default_rng([int(definition["seed"]), _stable_seed(group), k])
             identities = [int(i) for i in rng.choice(held_out, size=n, replace=False)]
@@ -239,14 +252,18 @@ def world_scoring_config(evaluator: str | os.PathLike, image_encoder: str | os.P
 class WorldScorer:
     """The world's evaluator and image encoder, loaded once."""
 
-    def __init__(self, evaluator: str | os.PathLike, image_encoder: str | os.PathLike, device: str = "cpu", batch_size: int = 32):
+    def __init__(
+        self, evaluator: str | os.PathLike, image_encoder: str | os.PathLike, device: str = "cpu", batch_size: int = 32
+    ):
         import torch
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         from msdiffusion.world.evaluate import WorldEvaluator
 
         self.evaluator = WorldEvaluator.from_file(evaluator)  # a few thousand weights: the CPU is fine
-        self.encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=torch.float32).to(device).eval()
+        self.encoder = (
+            CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=torch.float32).to(device).eval()
+        )
         self.processor = CLIPImageProcessor.from_pretrained(image_encoder)
         self.device, self.batch_size = device, batch_size
         self.config = world_scoring_config(evaluator, image_encoder)
@@ -284,9 +301,8 @@ def score_world_records(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Score world manifest records: the evaluator per subject, cosines per image and per found subject."""
-    from msdiffusion.world.evaluate import AskedSubject
-
     from msdiffusion.bench.scoring import _load_rgb, _reference_paths, crop
+    from msdiffusion.world.evaluate import AskedSubject
 
     run_dir = Path(run_dir)
     cache: dict[Path, tuple] = {}
@@ -295,7 +311,9 @@ def score_world_records(
         chunk = records[start : start + batch_size]
         for record in chunk:
             if any(s.get("identity") is None for s in record["subjects"]):
-                raise ValueError(f"{record['image']}: the manifest gives no identity for its subjects; is it a world run?")
+                raise ValueError(
+                    f"{record['image']}: the manifest gives no identity for its subjects; is it a world run?"
+                )
         images = [_load_rgb(run_dir / record["image"]) for record in chunk]
         refs = [_reference_paths(record, images_dir) for record in chunk]
         new = [p for p in dict.fromkeys(p for r in refs for paths in r for p in paths) if p not in cache]
@@ -324,27 +342,42 @@ def score_world_records(
                 clip_refs = [cache[p][0] for p in refs[i][j]]
                 dino_refs = [cache[p][1] for p in refs[i][j]]
                 entry = {
-                    "name": subject["name"], "phrase": subject["phrase"], "identity": subject["identity"],
-                    "box": subject["box"], "background": False,
-                    "clip_i": _mean_cosine(image_clip[i], clip_refs), "dino": _mean_cosine(image_dino[i], dino_refs),
+                    "name": subject["name"],
+                    "phrase": subject["phrase"],
+                    "identity": subject["identity"],
+                    "box": subject["box"],
+                    "background": False,
+                    "clip_i": _mean_cosine(image_clip[i], clip_refs),
+                    "dino": _mean_cosine(image_dino[i], dino_refs),
                     # the generic columns: "detected" = a region of the class overlaps the box at all
                     "detected": result.found_box is not None,
                     "detection": None if result.found_box is None else [round(v, 4) for v in result.found_box],
-                    "iou": result.iou, "found": result.found, "placed": result.placed, "identity_correct": result.identity_correct,
-                    "mixing": result.mixing, "crop_clip_i": None, "crop_dino": None,
-                }  # fmt: skip
+                    "iou": result.iou,
+                    "found": result.found,
+                    "placed": result.placed,
+                    "identity_correct": result.identity_correct,
+                    "colours_correct": result.colours_correct,
+                    "mixing": result.mixing,
+                    "crop_clip_i": None,
+                    "crop_dino": None,
+                }
                 if (i, j) in crop_index:
                     k = crop_index[(i, j)]
                     entry["crop_clip_i"] = _mean_cosine(crop_clip[k], clip_refs)
                     entry["crop_dino"] = _mean_cosine(crop_dino[k], dino_refs)
                 subjects.append(entry)
-            results.append({
-                "image": record["image"], "sample_id": record["sample_id"], "group": record["group"],
-                "index": record["index"], "clip_t": None,  # the world has no text-image model to measure it with
-                "clip_i": sum(s["clip_i"] for s in subjects) / len(subjects),
-                "dino": sum(s["dino"] for s in subjects) / len(subjects),
-                "subjects": subjects,
-            })  # fmt: skip
+            results.append(
+                {
+                    "image": record["image"],
+                    "sample_id": record["sample_id"],
+                    "group": record["group"],
+                    "index": record["index"],
+                    "clip_t": None,  # the world has no text-image model to measure it with
+                    "clip_i": sum(s["clip_i"] for s in subjects) / len(subjects),
+                    "dino": sum(s["dino"] for s in subjects) / len(subjects),
+                    "subjects": subjects,
+                }
+            )
         if progress:
             progress(len(chunk))
     return results
@@ -359,18 +392,45 @@ def _row(scores: list[dict]) -> dict:
 
     if any("placed" not in s for score in scores for s in score["subjects"]):
         raise ValueError("these scores predate the `placed` measure: rescore with `msdiff bench score --overwrite`.")
+    if any("colours_correct" not in s for score in scores for s in score["subjects"]):
+        raise ValueError(
+            "these scores predate the pattern-aware identity judgement: rescore with `msdiff bench score --overwrite`."
+        )
     results = [
-        [SubjectResult(s["phrase"], s["identity"], tuple(s["box"]), s["found"], s["iou"], s["identity_correct"],
-                       s["mixing"], None if s["detection"] is None else tuple(s["detection"]), s["placed"])
-         for s in score["subjects"]]
+        [
+            SubjectResult(
+                s["phrase"],
+                s["identity"],
+                tuple(s["box"]),
+                s["found"],
+                s["iou"],
+                s["identity_correct"],
+                s["mixing"],
+                None if s["detection"] is None else tuple(s["detection"]),
+                s["placed"],
+                s["colours_correct"],
+            )
+            for s in score["subjects"]
+        ]
         for score in scores
-    ]  # fmt: skip
+    ]
     rates = summarize(results)["all"]
     subjects = [s for score in scores for s in score["subjects"]]
     return {
         "images": len(scores),
         "subjects": rates["subjects"],
-        **{key: rates[key] for key in ("found", "placed", "mean_iou", "identity_correct", "found_and_correct", "mixing")},
+        **{
+            key: rates[key]
+            for key in (
+                "found",
+                "placed",
+                "mean_iou",
+                "identity_correct",
+                "colours_correct",
+                "found_and_correct",
+                "mixing",
+            )
+        },
         "clip_i": float(np.mean([s["clip_i"] for s in scores])),
         "dino": float(np.mean([s["dino"] for s in scores])),
         # a subject the evaluator did not find counts 0, as in MS-Bench's per-subject columns
@@ -394,17 +454,19 @@ def world_tables(scores: list[dict], group_order: Sequence[str]) -> dict:
 
 
 def _cell(key: str, value: float) -> str:
-    if key in ("found", "placed", "identity_correct", "found_and_correct"):
+    if key in ("found", "placed", "identity_correct", "colours_correct", "found_and_correct"):
         return f"{value:.1%}"
     return f"{value:.3f}"
 
 
 def world_markdown(name: str, tables: dict, cover: dict, config: dict) -> str:
     lines = [
-        f"# {name} results", "",
+        f"# {name} results",
+        "",
         f"{cover['scored_images']} images of {cover['scored_samples']} samples scored; the full benchmark has "
-        f"{cover['benchmark_samples']} samples.", "",
-    ]  # fmt: skip
+        f"{cover['benchmark_samples']} samples.",
+        "",
+    ]
     header = "| {} | images | subjects | " + " | ".join(WORLD_METRICS.values()) + " |"
     rule = "|" + "---|" * (len(WORLD_METRICS) + 3)
     for title, rows in (("group", tables["groups"]), ("subjects per image", tables["subject_counts"])):
@@ -418,7 +480,9 @@ def world_markdown(name: str, tables: dict, cover: dict, config: dict) -> str:
     lines += [
         "The evaluator's columns are rates over subjects: found = a region of the subject's class whose box has "
         "IoU >= 0.5 with the box asked for; placed = the same for a region of shapes of any class (the layout obeyed, the shape right or not); identity correct = its colours and pattern are nearer the subject's "
-        "identity than every other subject's of the image and a fixed set of training identities; mixing = the "
+        "identity than every other subject's of the image, a fixed set of training identities and every identity "
+        "with the same two colours (other patterns, orientations, the colours swapped); colours only = its colour "
+        "histogram alone is nearer the subject's than those of other colours (the pattern may be wrong); mixing = the "
         "share of its pixels in another subject's colours. CLIP-I and DINO are cosines of the world's image "
         "encoder's projected embedding and final CLS token (whole image against each subject's references, "
         "averaged over the image's subjects, then over images); subject CLIP-I / DINO use the found region's "
@@ -426,7 +490,7 @@ def world_markdown(name: str, tables: dict, cover: dict, config: dict) -> str:
         "",
         "Scoring models: " + ", ".join(f"{k} `{v}`" for k, v in config.items()) + ".",
         "",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 
@@ -454,9 +518,15 @@ def save_untrained_models(directory: str | os.PathLike, seed: int = 0) -> Path:
     text_encoder, text_encoder_2 = models.text_encoders(tokenizer)
     unet = models.unet()
     StableDiffusionXLPipeline(
-        vae=models.vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=models.scheduler(), force_zeros_for_empty_prompt=False,
-    ).save_pretrained(directory / "base")  # fmt: skip
+        vae=models.vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=models.scheduler(),
+        force_zeros_for_empty_prompt=False,
+    ).save_pretrained(directory / "base")
     initial_checkpoint(unet, models.RESAMPLER).save(directory / "adapter")
     torch.manual_seed(seed + 3)  # the recipe's image encoder (random and frozen, seeded as `world build` seeds it)
     models.image_encoder().save_pretrained(directory / "image_encoder")

@@ -51,16 +51,30 @@ def _write_scenes(directory: Path, seed: int, indices: range) -> list[tuple[int,
             ref, ref_mask = f"references/{name}_{k}.png", f"references/{name}_{k}_mask.png"
             PIL.Image.fromarray(image).save(directory / ref, compress_level=1)
             PIL.Image.fromarray((mask * 255).astype(np.uint8)).save(directory / ref_mask, compress_level=1)
-            subjects.append({
-                "phrase": subject.cls,
-                "box": [round(float(c), 6) for c in subject.box],
-                "reference": {"image": ref, "mask": ref_mask},
-                "meta": {"identity": subject.identity},
-            })  # fmt: skip
-        lines.append((i, json.dumps({
-            "id": name, "image": f"images/{name}.png", "caption": scene.caption, "subjects": subjects,
-            "width": scene.image.shape[1], "height": scene.image.shape[0], "meta": {"background": scene.background},
-        })))  # fmt: skip
+            subjects.append(
+                {
+                    "phrase": subject.cls,
+                    "box": [round(float(c), 6) for c in subject.box],
+                    "reference": {"image": ref, "mask": ref_mask},
+                    "meta": {"identity": subject.identity},
+                }
+            )
+        lines.append(
+            (
+                i,
+                json.dumps(
+                    {
+                        "id": name,
+                        "image": f"images/{name}.png",
+                        "caption": scene.caption,
+                        "subjects": subjects,
+                        "width": scene.image.shape[1],
+                        "height": scene.image.shape[0],
+                        "meta": {"background": scene.background},
+                    }
+                ),
+            )
+        )
     return lines
 
 
@@ -71,4 +85,6 @@ def read_manifest(manifest: str | Path) -> list[dict]:
 def load_images(manifest: str | Path) -> np.ndarray:
     """All target images of a manifest as one (N, H, W, 3) uint8 array."""
     root = Path(manifest).parent
-    return np.stack([np.asarray(PIL.Image.open(root / entry["image"]).convert("RGB")) for entry in read_manifest(manifest)])
+    return np.stack(
+        [np.asarray(PIL.Image.open(root / entry["image"]).convert("RGB")) for entry in read_manifest(manifest)]
+    )

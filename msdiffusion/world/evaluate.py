@@ -33,18 +33,31 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..boxes import box_iou
 from ..settings import GenerationSettings
-import torch.nn.functional as F
-
-from .scenes import CLASSES, COLORS, NUM_IDENTITIES, SIZE, draw_background, draw_subject, identity_parts, is_held_out, random_scene
+from .scenes import (
+    CLASSES,
+    COLORS,
+    NUM_IDENTITIES,
+    SIZE,
+    draw_background,
+    draw_subject,
+    identity_parts,
+    is_held_out,
+    random_scene,
+)
 
 _PALETTE = np.array(list(COLORS.values()), np.float32)
 MIN_REGION_PIXELS = 6
 # Training identities every identity is compared against (fixed, so scores are comparable).
-COMPARISON_IDENTITIES = tuple(int(i) for i in np.random.default_rng(1234).choice(
-    [i for i in range(NUM_IDENTITIES) if not is_held_out(i)], 50, replace=False))  # fmt: skip
+COMPARISON_IDENTITIES = tuple(
+    int(i)
+    for i in np.random.default_rng(1234).choice(
+        [i for i in range(NUM_IDENTITIES) if not is_held_out(i)], 50, replace=False
+    )
+)
 
 
 class Segmenter(nn.Module):
@@ -54,8 +67,14 @@ class Segmenter(nn.Module):
         super().__init__()
 
         def block(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
-                                 nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU())  # fmt: skip
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.SiLU(),
+            )
 
         self.enc1, self.enc2, self.enc3 = block(3, width), block(width, 2 * width), block(2 * width, 3 * width)
         self.dec2, self.dec1 = block(5 * width, 2 * width), block(3 * width, width)
@@ -154,11 +173,32 @@ def _histogram(color: np.ndarray, where: np.ndarray) -> np.ndarray:
     return hist / max(hist.sum(), 1)
 
 
+# Pixel distances at which the texture part compares colours, along rows, columns and both diagonals:
+# up to a stripe's or check's whole period, so 8 px stripes differ from 12 px ones and checks of 6 px
+# from checks of 9 px (at distance d, a period-P pattern changes colour for about min(d, P - d) / (P / 2)).
+_TEXTURE_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
+_TEXTURE_DISTANCES = (1, 2, 3, 4, 6, 8)
+# How far a pixel is from the nearest palette colour: gradients blend their two colours, halves do not.
+_OFF_PALETTE_BINS = (0.0, 25.0, 60.0, np.inf)
+
+
+def _changes(color: np.ndarray, where: np.ndarray, dy: int, dx: int) -> float:
+    """Share of pixel pairs (both in `where`) at offset (dy, dx) whose palette colours differ."""
+    h, w = color.shape
+    ys, ye = max(0, -dy), h - max(0, dy)
+    xs, xe = max(0, -dx), w - max(0, dx)
+    a, b = color[ys:ye, xs:xe], color[ys + dy : ye + dy, xs + dx : xe + dx]
+    both = where[ys:ye, xs:xe] & where[ys + dy : ye + dy, xs + dx : xe + dx]
+    return float((a[both] != b[both]).mean()) if both.any() else 0.0
+
+
 def descriptor(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Identity descriptor of the pixels under `mask`, 88 numbers: the palette histogram of the
+    """Identity descriptor of the pixels under `mask`, 115 numbers: the palette histogram of the
     whole region (12), of its left, right, top and bottom halves (4 x 12: the direction of halves
-    and gradients), of its outline pixels (12: a border pattern), and how often neighbouring pixels
-    change colour in each of four directions (4: stripes' angle, checks, dots)."""
+    and gradients), of its outline pixels (12: a border pattern); how often neighbouring pixels
+    change colour in four directions (4); the texture: how often pixels of the region's inside
+    differ from those at 1 to 8 px in the same four directions (24: stripes' angle and period,
+    checks' cell, dots); and how far its pixels are from the palette (3: a gradient's blend)."""
     color = np.full(mask.shape, -1)
     color[mask] = _nearest_colors(image[mask])
     ys, xs = np.nonzero(mask)
@@ -168,35 +208,45 @@ def descriptor(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     outline = mask & ~interior
     parts = [mask, mask & (xx < cx), mask & (xx > cx), mask & (yy < cy), mask & (yy > cy), outline]
-    changes = []
-    h, w = mask.shape
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):  # each pixel against its neighbour at (dy, dx)
-        a = color[: h - dy, max(0, -dx) : w - max(0, dx)]
-        b = color[dy:, max(0, dx) : w - max(0, -dx)]
-        both = (a >= 0) & (b >= 0)
-        changes.append(float((a[both] != b[both]).mean()) if both.any() else 0.0)
-    return np.concatenate([*[_histogram(color, part) for part in parts], np.array(changes, np.float32)])
+    changes = [_changes(color, mask, dy, dx) for dy, dx in _TEXTURE_DIRECTIONS]
+    texture = []
+    for dy, dx in _TEXTURE_DIRECTIONS:
+        for distance in _TEXTURE_DISTANCES:
+            step = distance if not (dy and dx) else max(1, round(distance / math.sqrt(2)))  # diagonals: same length
+            texture.append(_changes(color, interior, dy * step, dx * step))
+    pixels = image[mask].astype(np.float32)
+    far = np.sqrt(((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1).min(1))
+    off_palette = np.histogram(far, bins=_OFF_PALETTE_BINS)[0] / max(len(far), 1)
+    return np.concatenate(
+        [*[_histogram(color, part) for part in parts], np.array(changes + texture, np.float32), off_palette]
+    ).astype(np.float32)
 
 
 # Weights of the descriptor's parts in the distance: whole-region colours count most; the halves
-# (4 histograms) together as much as the whole; the outline and the colour changes half as much.
-_PART_WEIGHTS = np.concatenate([np.full(12, 1.0), np.full(48, 0.25), np.full(12, 0.5), np.full(4, 1.0)]).astype(np.float32)
+# (4 histograms) together as much as the whole; the outline half as much; changes and texture one each.
+_PART_WEIGHTS = np.concatenate(
+    [np.full(12, 1.0), np.full(48, 0.25), np.full(12, 0.5), np.full(4 + 24, 1.0), np.full(3, 1.0)]
+).astype(np.float32)
 
 
 def descriptor_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float((np.abs(a - b) * _PART_WEIGHTS).sum())
 
 
+# A scene turns its subjects by up to 15 degrees; canonical renderings turned by these angles let a
+# turned stripe or check be matched by its own pattern rather than by another angle's or period's.
+CANONICAL_ANGLES = (-10.0, 0.0, 10.0)
 _IDENTITY_CACHE: dict[tuple, np.ndarray] = {}
 
 
-def identity_descriptor(identity: int, cls: str = "circle", size: float = 48.0) -> np.ndarray:
-    """Descriptor of a canonical rendering of an identity: the class at `size` px, upright, on grey
-    (size matters for an outline's share of the pixels)."""
-    key = (identity, cls, round(size / 4) * 4)
+def identity_descriptor(identity: int, cls: str = "circle", size: float = 48.0, angle: float = 0.0) -> np.ndarray:
+    """Descriptor of a canonical rendering of an identity: the class at `size` px, turned by
+    `angle`, on grey (size matters for an outline's share of the pixels)."""
+    key = (identity, cls, round(size / 4) * 4, angle)
     if key not in _IDENTITY_CACHE:
-        canvas = draw_background("plain", np.random.default_rng(0))
-        mask = draw_subject(canvas, cls, identity, (SIZE / 2, SIZE / 2), float(key[2]), 0.0)
+        side = int(key[2] * 1.5) + 4  # just the subject: the pattern's phase is the subject's own
+        canvas = draw_background("plain", np.random.default_rng(0), size=side)
+        mask = draw_subject(canvas, cls, identity, (side / 2, side / 2), float(key[2]), angle)
         _IDENTITY_CACHE[key] = descriptor(canvas.round().astype(np.uint8), mask)
     return _IDENTITY_CACHE[key]
 
@@ -205,7 +255,7 @@ def look_alikes(identity: int) -> set[int]:
     """Identities rendered exactly like `identity` up to the pattern's phase: its colours swapped in
     stripes or checks, or swapped with the gradient reversed. No image can tell these apart, so the
     evaluator never counts one as another's rival."""
-    from .scenes import COLOR_NAMES, PATTERNS, _PAIRS
+    from .scenes import _PAIRS, COLOR_NAMES, PATTERNS
 
     a, b, (kind, param) = identity_parts(identity)
     if kind in ("stripes", "checks"):
@@ -225,11 +275,12 @@ class SubjectResult:
     box: tuple[float, float, float, float]
     found: bool
     iou: float
-    identity_correct: bool
+    identity_correct: bool  # colours and pattern (`judge_identity`)
     mixing: float
     found_box: tuple[float, float, float, float] | None
     # Some shape (of any class) fills the box: layout control, apart from whether the shape is right.
     placed: bool
+    colours_correct: bool = False  # its two colours only: the pattern may be wrong
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -255,12 +306,16 @@ class WorldEvaluator:
     @torch.no_grad()
     def class_maps(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W) predicted label per pixel (0 background, 1 + class index) of (N, H, W, 3) uint8 images."""
-        x = torch.from_numpy(np.array(images, np.float32)).permute(0, 3, 1, 2) / 127.5 - 1  # a copy: PIL's arrays are read-only
+        x = (
+            torch.from_numpy(np.array(images, np.float32)).permute(0, 3, 1, 2) / 127.5 - 1
+        )  # a copy: PIL's arrays are read-only
         if x.shape[-2:] != (SIZE, SIZE):
             x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
         return self.segmenter(x).argmax(1).numpy()
 
-    def evaluate(self, image: np.ndarray, asked: Sequence[AskedSubject], class_map: np.ndarray | None = None) -> list[SubjectResult]:
+    def evaluate(
+        self, image: np.ndarray, asked: Sequence[AskedSubject], class_map: np.ndarray | None = None
+    ) -> list[SubjectResult]:
         """Results for one image (H, W, 3 uint8) and the subjects it was asked to show."""
         if image.shape[:2] != (SIZE, SIZE):
             import PIL.Image
@@ -288,28 +343,76 @@ class WorldEvaluator:
                 iou = box_iou(box, subject.box)
                 if iou > best_iou:
                     best, best_box, best_iou = region, box, iou
-            correct, mixing = False, 0.0
+            colours, correct, mixing = False, False, 0.0
             if best is not None:
                 others = [s.identity for j, s in enumerate(asked) if j != k and s.identity != subject.identity]
-                correct = identity_is_correct(image, best, subject, others)
+                colours, correct = judge_identity(image, best, subject, others)
                 mixing = _mixing(image, best, subject.identity, others)
-            results.append(SubjectResult(
-                subject.cls, subject.identity, tuple(subject.box), bool(best_iou >= 0.5), float(best_iou), bool(correct), mixing,
-                best_box, any(box_iou(box, subject.box) >= 0.5 for _, box in shapes),
-            ))  # fmt: skip
+            results.append(
+                SubjectResult(
+                    subject.cls,
+                    subject.identity,
+                    tuple(subject.box),
+                    bool(best_iou >= 0.5),
+                    float(best_iou),
+                    bool(correct),
+                    mixing,
+                    best_box,
+                    any(box_iou(box, subject.box) >= 0.5 for _, box in shapes),
+                    bool(colours),
+                )
+            )
         return results
 
 
-def identity_is_correct(image: np.ndarray, region: np.ndarray, subject: AskedSubject, others: Sequence[int]) -> bool:
-    """Whether the pixels of `region` look more like `subject`'s identity than like every rival:
-    the other subjects of the image and the fixed training identities (look-alikes excepted)."""
+def same_colours(identity: int) -> list[int]:
+    """Every identity with the same two colours, in either order: all patterns, all orientations."""
+    from .scenes import _PAIRS, COLOR_NAMES, PATTERNS
+
+    a, b, _ = identity_parts(identity)
+    pairs = [
+        _PAIRS.index((COLOR_NAMES.index(a), COLOR_NAMES.index(b))),
+        _PAIRS.index((COLOR_NAMES.index(b), COLOR_NAMES.index(a))),
+    ]
+    return [pair * len(PATTERNS) + k for pair in pairs for k in range(len(PATTERNS))]
+
+
+def judge_identity(
+    image: np.ndarray, region: np.ndarray, subject: AskedSubject, others: Sequence[int]
+) -> tuple[bool, bool]:
+    """(colours correct, identity correct) of the pixels of `region` for `subject`.
+
+    Colours correct: the region's colours (its palette histogram alone) are nearer the subject's
+    identity's than those of every rival of other colours (the other subjects and the fixed training
+    identities). Identity correct: the whole descriptor is nearer the subject's identity than every
+    rival's: those rivals, and every identity with the same two colours in either order (every
+    other pattern and orientation, mirrored halves, reversed gradients), look-alikes excepted (no
+    image tells those apart).
+    """
     found = descriptor(image, region)
-    same = {subject.identity} | look_alikes(subject.identity)
-    rivals = [i for i in [*others, *COMPARISON_IDENTITIES] if i not in same]
     # Canonical renderings in the asked class at the asked box's size (an outline's share of pixels).
     size = SIZE * max(subject.box[2] - subject.box[0], subject.box[3] - subject.box[1])
-    own = descriptor_distance(found, identity_descriptor(subject.identity, subject.cls, size))
-    return all(own < descriptor_distance(found, identity_descriptor(i, subject.cls, size)) for i in rivals)
+
+    def distance(identity: int, angles: Sequence[float] = CANONICAL_ANGLES) -> float:
+        return min(descriptor_distance(found, identity_descriptor(identity, subject.cls, size, a)) for a in angles)
+
+    def colour_distance(identity: int) -> float:
+        return float(np.abs(found[:12] - identity_descriptor(identity, subject.cls, size)[:12]).sum())
+
+    same = set(same_colours(subject.identity))
+    twins = {subject.identity} | look_alikes(subject.identity)
+    rivals = [i for i in dict.fromkeys([*others, *COMPARISON_IDENTITIES]) if i not in same]
+    own_colours = colour_distance(subject.identity)
+    colours = all(own_colours < colour_distance(i) for i in rivals)
+    own = distance(subject.identity)
+    # Other colours are told apart by the colour histograms: their upright rendering suffices.
+    identity = all(own < distance(i, (0.0,)) for i in rivals) and all(own < distance(i) for i in same - twins)
+    return colours, identity
+
+
+def identity_is_correct(image: np.ndarray, region: np.ndarray, subject: AskedSubject, others: Sequence[int]) -> bool:
+    """Whether `region` shows `subject`'s identity, pattern included (`judge_identity`)."""
+    return judge_identity(image, region, subject, others)[1]
 
 
 def _identity_colors(identity: int) -> set[int]:
@@ -334,6 +437,7 @@ def _rates(group: list[SubjectResult]) -> dict:
         "placed": sum(r.placed for r in group) / n if n else float("nan"),
         "mean_iou": float(np.mean([r.iou for r in group])) if n else float("nan"),
         "identity_correct": sum(r.identity_correct for r in group) / n if n else float("nan"),
+        "colours_correct": sum(r.colours_correct for r in group) / n if n else float("nan"),
         "found_and_correct": sum(r.found and r.identity_correct for r in group) / n if n else float("nan"),
         "mixing": float(np.mean([r.mixing for r in group])) if n else float("nan"),
     }
@@ -347,14 +451,24 @@ def summarize(results: list[list[SubjectResult]]) -> dict:
     return summary
 
 
+def appearance_seen_in_training(identity: int) -> bool:
+    """Whether an identity renders exactly like one that is in the training data (a look-alike):
+    held out by its number, but not by its appearance."""
+    return any(not is_held_out(twin) for twin in {identity} | look_alikes(identity))
+
+
 BREAKDOWNS = {
     "pattern": lambda r: identity_parts(r.identity)[2][0],
     "class": lambda r: r.cls,
+    "appearance": lambda r: (
+        "seen in training (a look-alike)" if appearance_seen_in_training(r.identity) else "never seen"
+    ),
 }
 
 
 def breakdown(results: list[list[SubjectResult]], by: str) -> dict:
-    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`) or their class."""
+    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`), their class, or
+    whether their appearance is in the training data (`by="appearance"`)."""
     if by not in BREAKDOWNS:
         raise ValueError(f"unknown breakdown {by!r}; choose one of {', '.join(BREAKDOWNS)}")
     key = BREAKDOWNS[by]
@@ -377,16 +491,73 @@ def against_targets(results: list[list[SubjectResult]]) -> list[dict]:
     for name, counts, rate, target in TARGETS:
         group = [r for image in results if counts is None or len(image) in counts for r in image]
         measured = _rates(group)[rate]
-        rows.append({"target": name, "measured": measured, "asked": target, "subjects": len(group),
-                     "met": bool(group) and measured >= target})  # fmt: skip
+        rows.append(
+            {
+                "target": name,
+                "measured": measured,
+                "asked": target,
+                "subjects": len(group),
+                "met": bool(group) and measured >= target,
+            }
+        )
     return rows
 
 
-def ground_truth_check(evaluator: WorldEvaluator, count: int = 100, seed: int = 99, vae=None, wrong_class: bool = False) -> dict:
+def _with_pattern(identity: int, pattern: tuple, swap: bool = False) -> int:
+    from .scenes import _PAIRS, COLOR_NAMES, PATTERNS
+
+    a, b, _ = identity_parts(identity)
+    a, b = (b, a) if swap else (a, b)
+    return _PAIRS.index((COLOR_NAMES.index(a), COLOR_NAMES.index(b))) * len(PATTERNS) + PATTERNS.index(pattern)
+
+
+def swapped(identity: int) -> int:
+    """The identity with its two colours swapped (mirrored halves, a reversed and swapped gradient, ...)."""
+    return _with_pattern(identity, identity_parts(identity)[2], swap=True)
+
+
+def transposed(identity: int) -> int:
+    """The identity whose rendering is this one's with x and y exchanged (stripes and gradients at
+    90 degrees minus their angle, halves turned); checks, dots and borders are their own transpose."""
+    kind, param = identity_parts(identity)[2]
+    if kind == "stripes":
+        return _with_pattern(identity, ("stripes", ((90 - param[0]) % 180, param[1])))
+    if kind in ("gradient", "halves"):
+        return _with_pattern(identity, (kind, (90 - param) % 360 if kind == "gradient" else 90 - param))
+    return identity
+
+
+def flipped(identity: int) -> int:
+    """The identity whose rendering is this one's mirrored left to right."""
+    kind, param = identity_parts(identity)[2]
+    if kind == "stripes":
+        return _with_pattern(identity, ("stripes", ((180 - param[0]) % 180, param[1])))
+    if kind == "gradient":
+        return _with_pattern(identity, ("gradient", (180 - param) % 360))
+    if kind == "halves" and param == 0:  # left and right exchange their colours
+        return swapped(identity)
+    return identity
+
+
+# Identities a drawing of another must not pass for: what a generator gets wrong when it takes the
+# colours but not the pattern, or turns the reference. Only those that render differently count.
+WRONG_IDENTITIES = {"swapped": swapped, "transposed": transposed, "flipped": flipped}
+
+
+def ground_truth_check(
+    evaluator: WorldEvaluator,
+    count: int = 100,
+    seed: int = 99,
+    vae=None,
+    wrong_class: bool = False,
+    asked_as: str | None = None,
+) -> dict:
     """The evaluator on real held-out scenes (what a perfect generator would score); with `vae`, on
     the scenes after its round trip (the best a generator drawing through that VAE could score).
     `wrong_class=True` asks for the next class of `CLASSES` in each subject's place: a generator
-    drawing the wrong shapes in the right boxes, which should be found almost never."""
+    drawing the wrong shapes in the right boxes, which should be found almost never. `asked_as`
+    (a key of `WRONG_IDENTITIES`) asks for that other identity of each subject whose rendering
+    differs: the identity judgement should accept almost none (subjects without one are skipped)."""
     results = []
     for i in range(count):
         scene = random_scene(np.random.default_rng([seed, i]), held_out=True)
@@ -394,8 +565,23 @@ def ground_truth_check(evaluator: WorldEvaluator, count: int = 100, seed: int = 
         if vae is not None:
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
             image = ((vae_round_trip(vae, x)[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        asked = [AskedSubject(CLASSES[(CLASSES.index(s.cls) + wrong_class) % len(CLASSES)], s.identity, s.box) for s in scene.subjects]
-        results.append(evaluator.evaluate(image, asked))
+        asked = []
+        for s in scene.subjects:
+            identity = s.identity
+            if asked_as is not None:
+                identity = WRONG_IDENTITIES[asked_as](s.identity)
+                if identity == s.identity or identity in look_alikes(s.identity):
+                    identity = -1  # renders alike: nothing to reject
+            asked.append(AskedSubject(CLASSES[(CLASSES.index(s.cls) + wrong_class) % len(CLASSES)], identity, s.box))
+        if asked_as is not None:  # score only the subjects that were asked as another identity
+            keep = [k for k, s in enumerate(asked) if s.identity >= 0]
+            if not keep:
+                continue
+            others = [AskedSubject(s.cls, s.identity, s.box) for s in scene.subjects]
+            scored = evaluator.evaluate(image, [asked[k] if k in keep else others[k] for k in range(len(asked))])
+            results.append([scored[k] for k in keep])
+        else:
+            results.append(evaluator.evaluate(image, asked))
     return summarize(results)
 
 
@@ -429,7 +615,11 @@ def held_out_jobs(count: int, seed: int = 0, subject_counts: Sequence[int] = (1,
 
 
 def generate_world_jobs(
-    pipe, jobs: Sequence[WorldJob], settings: GenerationSettings | None = None, seed: int = 0, batch_size: int = 8,
+    pipe,
+    jobs: Sequence[WorldJob],
+    settings: GenerationSettings | None = None,
+    seed: int = 0,
+    batch_size: int = 8,
     no_boxes: bool = False,
 ) -> list[np.ndarray]:
     """Images (uint8 arrays) of `jobs`, each with its own generator (`seed + k`), in batches.
@@ -443,7 +633,9 @@ def generate_world_jobs(
 
     arguments = (settings or named_settings(WORLD)).pipeline_arguments()
     if (arguments["height"], arguments["width"]) != (SIZE, SIZE):
-        raise ValueError(f"the world's scenes are {SIZE}x{SIZE}; got settings of {arguments['width']}x{arguments['height']}.")
+        raise ValueError(
+            f"the world's scenes are {SIZE}x{SIZE}; got settings of {arguments['width']}x{arguments['height']}."
+        )
     images = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
@@ -461,7 +653,11 @@ def generate_world_jobs(
 
 
 def evaluate_world(
-    pipe, evaluator: WorldEvaluator, count: int = 200, seed: int = 0, no_boxes: bool = False,
+    pipe,
+    evaluator: WorldEvaluator,
+    count: int = 200,
+    seed: int = 0,
+    no_boxes: bool = False,
     settings: GenerationSettings | None = None,
 ) -> tuple[dict, list]:
     """Generate `count` held-out jobs with `settings` (default the world's) and score them."""

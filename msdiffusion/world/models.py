@@ -22,7 +22,9 @@ from .scenes import BACKGROUNDS, CLASSES, IDENTITY_VOCABULARY, SIZE
 
 # Every word a world caption can hold is one token of the world's tokenizer, the words that describe
 # identities in the base's captions included.
-VOCABULARY = sorted({"a", "an", "and", "on", *CLASSES, *IDENTITY_VOCABULARY, *(w for name in BACKGROUNDS for w in name.split())})
+VOCABULARY = sorted(
+    {"a", "an", "and", "on", *CLASSES, *IDENTITY_VOCABULARY, *(w for name in BACKGROUNDS for w in name.split())}
+)
 # Latent channels: SDXL has 4 at 8x down-sampling; at 4x on 64 px images 4 channels lose the
 # subjects' colours, 16 (as SD3 and FLUX have) keep them and cost the UNet almost nothing.
 LATENT_CHANNELS = 16
@@ -30,10 +32,18 @@ TEXT_WIDTH = 64  # each text encoder; the UNet's cross-attention width is twice 
 IMAGE_ENCODER_WIDTH = 64
 # The adapter's resampler; the grounding MLP width follows the release's rule 2 * (phrase + 8 * 2 * 4).
 RESAMPLER = ResamplerConfig(
-    dim=128, depth=2, dim_head=32, heads=4, num_queries=16, embedding_dim=IMAGE_ENCODER_WIDTH,
-    output_dim=2 * TEXT_WIDTH, ff_mult=2, phrase_dim=TEXT_WIDTH, num_freqs=8,
+    dim=128,
+    depth=2,
+    dim_head=32,
+    heads=4,
+    num_queries=16,
+    embedding_dim=IMAGE_ENCODER_WIDTH,
+    output_dim=2 * TEXT_WIDTH,
+    ff_mult=2,
+    phrase_dim=TEXT_WIDTH,
+    num_freqs=8,
     grounding_hidden_dim=2 * (TEXT_WIDTH + 8 * 2 * 4),
-)  # fmt: skip
+)
 
 
 def tokenizers(directory: str | os.PathLike):
@@ -63,10 +73,17 @@ def text_encoders(tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_attention_heads=4, num_hidden_layers=3,
-        vocab_size=len(tokenizer), hidden_act="quick_gelu", projection_dim=TEXT_WIDTH,
-    )  # fmt: skip
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        vocab_size=len(tokenizer),
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_WIDTH,
+    )
     return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
@@ -106,9 +123,14 @@ def image_encoder():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
-        hidden_size=IMAGE_ENCODER_WIDTH, intermediate_size=4 * IMAGE_ENCODER_WIDTH, num_attention_heads=4,
-        num_hidden_layers=3, image_size=SIZE, patch_size=8, projection_dim=IMAGE_ENCODER_WIDTH,
-    )  # fmt: skip
+        hidden_size=IMAGE_ENCODER_WIDTH,
+        intermediate_size=4 * IMAGE_ENCODER_WIDTH,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        image_size=SIZE,
+        patch_size=8,
+        projection_dim=IMAGE_ENCODER_WIDTH,
+    )
     return CLIPVisionModelWithProjection(config)
 
 
@@ -138,10 +160,14 @@ def scheduler(zero_terminal_snr: bool = False):
     from diffusers import EulerDiscreteScheduler
 
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing="trailing" if zero_terminal_snr else "leading", prediction_type="v_prediction",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="trailing" if zero_terminal_snr else "leading",
+        prediction_type="v_prediction",
         rescale_betas_zero_snr=zero_terminal_snr,
-    )  # fmt: skip
+    )
 
 
 def parameter_count(module: torch.nn.Module) -> int:

@@ -66,7 +66,9 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "mask_references": False,  # references keep their backgrounds: demo references have one too
         "dataloader_workers": 0,  # 2 cores: a worker process would compete with the training threads
         "pin_memory": False,
-        "resampler": {k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")},
+        "resampler": {
+            k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")
+        },
         "learning_rate": recipe.adapter_lr,
         "high_noise_share": recipe.adapter_high_noise_share,
         "subject_loss_weight": recipe.adapter_subject_loss_weight,
@@ -148,8 +150,13 @@ def build(
         vae = AutoencoderKL.from_pretrained(work / "vae")
         if snapshot is not None:
             check_same_vae(vae, AutoencoderKL.from_pretrained(snapshot / "vae"), snapshot)
-        save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer",
-                  zero_terminal_snr=zero_terminal_snr_at(cycle_ends(recipe.base)[-1] - 1, recipe.base))
+        save_base(
+            train_base(manifest, vae, work, recipe.base, log),
+            vae,
+            out / "base",
+            work / "tokenizer",
+            zero_terminal_snr=zero_terminal_snr_at(cycle_ends(recipe.base)[-1] - 1, recipe.base),
+        )
 
     stage("base", (out / "base" / "model_index.json").exists(), base_stage)
 
@@ -167,9 +174,8 @@ def build(
     def evaluator_stage() -> None:
         from diffusers import AutoencoderKL
 
-        from .evaluate import save_segmenter, train_segmenter
-
         from ..atomic import atomic_path
+        from .evaluate import save_segmenter, train_segmenter
 
         vae = AutoencoderKL.from_pretrained(work / "vae")
         segmenter = train_segmenter(vae, recipe.segmenter_steps, seed=recipe.seed, log=log)
@@ -198,7 +204,8 @@ def check_same_vae(vae, snapshot_vae, snapshot: Path) -> None:
     """A warm restart on another VAE's latents would train the base on a different problem: refuse it."""
     theirs = snapshot_vae.state_dict()
     same = vae.config.scaling_factor == snapshot_vae.config.scaling_factor and all(
-        name in theirs and torch.equal(tensor.to(theirs[name].dtype), theirs[name]) for name, tensor in vae.state_dict().items()
+        name in theirs and torch.equal(tensor.to(theirs[name].dtype), theirs[name])
+        for name, tensor in vae.state_dict().items()
     )
     if not same:
         raise ValueError(

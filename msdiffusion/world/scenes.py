@@ -26,10 +26,19 @@ SIZE = 64
 CLASSES = ("star", "ring", "square", "heart", "triangle", "circle", "cross", "diamond", "moon", "hourglass")
 # Subject colours: saturated and far apart, so that an identity is a clear fact of the image.
 COLORS = {
-    "red": (220, 30, 30), "orange": (255, 140, 0), "yellow": (250, 225, 40), "green": (30, 170, 50),
-    "cyan": (40, 210, 230), "blue": (30, 60, 220), "purple": (140, 40, 200), "pink": (255, 120, 200),
-    "white": (250, 250, 250), "black": (15, 15, 15), "brown": (130, 75, 30), "lime": (170, 255, 60),
-}  # fmt: skip
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (250, 225, 40),
+    "green": (30, 170, 50),
+    "cyan": (40, 210, 230),
+    "blue": (30, 60, 220),
+    "purple": (140, 40, 200),
+    "pink": (255, 120, 200),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "brown": (130, 75, 30),
+    "lime": (170, 255, 60),
+}
 COLOR_NAMES = tuple(COLORS)
 # Patterns: (kind, parameter). Stripes: (angle in degrees, period in px); checks/dots: cell in px;
 # gradient: direction in degrees; halves: split angle; border: outline width.
@@ -39,10 +48,15 @@ COLOR_NAMES = tuple(COLORS)
 # seventh build).
 PATTERNS = (
     *[("stripes", (a, p)) for a in (0, 45, 90, 135) for p in (8, 12)],
-    ("checks", 6), ("checks", 9), ("dots", 8), ("dots", 11),
+    ("checks", 6),
+    ("checks", 9),
+    ("dots", 8),
+    ("dots", 11),
     *[("gradient", a) for a in (0, 90, 180, 270)],
-    ("halves", 0), ("halves", 90), ("border", 2.5),
-)  # fmt: skip
+    ("halves", 0),
+    ("halves", 90),
+    ("border", 2.5),
+)
 _PAIRS = [(a, b) for a in range(len(COLORS)) for b in range(len(COLORS)) if a != b]
 NUM_IDENTITIES = len(_PAIRS) * len(PATTERNS)
 # Backgrounds: caption words -> kind. Muted tones keep subjects readable.
@@ -197,7 +211,7 @@ def draw_subject(
     """Draw a subject onto `canvas` (H, W, 3 float) in place (2x2 supersampled edges); returns its mask."""
     h, w = canvas.shape[:2]
     ss = 2
-    ys, xs = np.mgrid[0:h * ss, 0:w * ss].astype(np.float32)
+    ys, xs = np.mgrid[0 : h * ss, 0 : w * ss].astype(np.float32)
     xs, ys = (xs + 0.5) / ss - center[0], (ys + 0.5) / ss - center[1]
     cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     lx, ly = cos * xs + sin * ys, -sin * xs + cos * ys  # pixels, in the subject's frame
@@ -250,12 +264,18 @@ def draw_background(kind: str, rng: np.random.Generator, size: int = SIZE) -> np
 def caption_for(classes: list[str], background: str, identities: list[int] | None = None) -> str:
     """'a star and a ring on a grid', 'a star, a ring and a moon on sand'; with `identities`, each
     class is described too: 'a red blue small dotted star and a ...' (the base's captions)."""
-    names = [f"a {c}" for c in classes] if identities is None else [f"a {identity_words(i)} {c}" for c, i in zip(classes, identities)]
+    names = (
+        [f"a {c}" for c in classes]
+        if identities is None
+        else [f"a {identity_words(i)} {c}" for c, i in zip(classes, identities)]
+    )
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"{listed} on {background}"
 
 
-def _place(rng: np.random.Generator, n: int, taken: list[tuple[float, float, float]]) -> tuple[float, float, float] | None:
+def _place(
+    rng: np.random.Generator, n: int, taken: list[tuple[float, float, float]]
+) -> tuple[float, float, float] | None:
     low, high = SUBJECT_SIZES[n]
     for attempt in range(60):
         # where a large subject finds no room, try smaller ones, down to the smallest of the range
@@ -293,7 +313,9 @@ def render_scene(
         placed.append(PlacedSubject(spec.cls, spec.identity, (0, 0, 0, 0), where[:2], where[2], angle))
     for subject, mask in zip(placed, masks):
         subject.box = mask_box(mask)
-    return Scene(canvas.round().astype(np.uint8), caption_for([s.cls for s in placed], background), background, placed, masks)
+    return Scene(
+        canvas.round().astype(np.uint8), caption_for([s.cls for s in placed], background), background, placed, masks
+    )
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:

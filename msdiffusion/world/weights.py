@@ -18,7 +18,12 @@ def world_models_folder(folder: str | Path) -> dict[str, str]:
     root = Path(folder)
 
     def layout(adapter: str) -> dict[str, Path]:
-        names = {"base": "base", "adapter": adapter, "image_encoder": "image_encoder", "evaluator": "evaluator.safetensors"}
+        names = {
+            "base": "base",
+            "adapter": adapter,
+            "image_encoder": "image_encoder",
+            "evaluator": "evaluator.safetensors",
+        }
         return {key: root / name for key, name in names.items()}
 
     def missing(parts: dict[str, Path]) -> str:
@@ -41,5 +46,7 @@ def world_pipeline(paths: dict[str, str] | None = None, device: str = "cpu", dty
     from ..settings import ModelSettings
 
     paths = paths or world_model_paths()
-    models = ModelSettings(base=paths["base"], adapter=paths["adapter"], image_encoder=paths["image_encoder"], dtype=dtype)
+    models = ModelSettings(
+        base=paths["base"], adapter=paths["adapter"], image_encoder=paths["image_encoder"], dtype=dtype
+    )
     return load_pipeline(models, device=device)
