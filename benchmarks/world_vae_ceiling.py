@@ -1,10 +1,13 @@
-"""The best any base could score with a world build's VAE: the evaluator on held-out scenes as
-rendered, and the same scenes passed through the VAE (encode, decode the mean).
+"""The evaluator's ceiling and what it must reject: held-out scenes as rendered, through a world
+build's VAE (encode, decode the mean), asked for the wrong class, and asked as another identity
+with the same colours (swapped, transposed, mirrored).
 
 A diffusion model draws through its VAE's decoder, so what the round trip loses (thin stripes,
 small dots) no base or adapter can put back: the second row bounds the world's identity and found
-rates from above.
+rates from above. The last rows are drawings with the right colours and the wrong pattern or
+orientation: the identity judgement must accept almost none of them (docs/world.md, "The evaluator").
 
+    python benchmarks/world_vae_ceiling.py --count 100                   # the shipped models
     python benchmarks/world_vae_ceiling.py --models runs/world --count 150
 """
 
@@ -19,7 +22,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--models", required=True, help="a `msdiff world build --out` folder (base/vae, evaluator.safetensors)"
+        "--models", help="a `msdiff world build --out` folder or an export (default: the shipped models)"
     )
     parser.add_argument("--count", type=int, default=150, help="held-out scenes (default: 150)")
     parser.add_argument("--seed", type=int, default=99)
@@ -27,18 +30,26 @@ def main() -> None:
 
     from diffusers import AutoencoderKL
 
-    from msdiffusion.world.evaluate import WorldEvaluator, ground_truth_check
+    from msdiffusion.loading import world_model_paths
+    from msdiffusion.world.evaluate import WRONG_IDENTITIES, WorldEvaluator, ground_truth_check
+    from msdiffusion.world.weights import world_models_folder
 
-    root = Path(args.models)
-    vae = AutoencoderKL.from_pretrained(root / "base" / "vae", dtype=torch.float32)
-    evaluator = WorldEvaluator.from_file(root / "evaluator.safetensors")
-    print("| images | subjects | found (IoU>=0.5) | placed (any shape) | identity correct |")
-    print("| --- | --- | --- | --- | --- |")
-    rows = (("rendered", None, False), ("through the VAE", vae, False), ("rendered, the wrong class asked", None, True))
-    for name, through, wrong in rows:
-        rates = ground_truth_check(evaluator, args.count, args.seed, vae=through, wrong_class=wrong)["all"]
+    paths = world_models_folder(args.models) if args.models else world_model_paths()
+    vae = AutoencoderKL.from_pretrained(Path(paths["base"]) / "vae", dtype=torch.float32)
+    evaluator = WorldEvaluator.from_file(paths["evaluator"])
+    print("| images | subjects | found (IoU>=0.5) | placed (any shape) | colours only | identity correct |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    rows = [
+        ("rendered", {}),
+        ("through the VAE", {"vae": vae}),
+        ("rendered, the wrong class asked", {"wrong_class": True}),
+    ]
+    rows += [(f"rendered, asked as {name}", {"asked_as": name}) for name in WRONG_IDENTITIES]
+    for name, options in rows:
+        rates = ground_truth_check(evaluator, args.count, args.seed, **options)["all"]
         print(
-            f"| {name} | {rates['subjects']} | {rates['found']:.1%} | {rates['placed']:.1%} | {rates['identity_correct']:.1%} |"
+            f"| {name} | {rates['subjects']} | {rates['found']:.1%} | {rates['placed']:.1%} | "
+            f"{rates['colours_correct']:.1%} | {rates['identity_correct']:.1%} |"
         )
 
 
