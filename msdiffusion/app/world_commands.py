@@ -28,69 +28,19 @@ def register(subparsers) -> None:
     build.add_argument("--out", default="runs/world", help="working folder (default: runs/world)")
     build.add_argument("--stages", help="comma-separated subset of the stages (default: all)")
     build.add_argument(
-        "--image-encoder",
-        choices=("random", "trained"),
-        default="trained",
-        help="train the image encoder contrastively on the world first (default, as the shipped build), or keep it random and frozen",
-    )
-    build.add_argument(
-        "--unet-channels",
-        help="the base UNet's channels at 16x16, 8x8 and 4x4 (default: the shipped base's, 64,96,128; the seventh build's: 32,64,128)",
-    )
-    build.add_argument(
-        "--subject-loss-weight",
-        type=float,
-        default=3.0,
-        help="weight the base's loss inside subjects' boxes by 1 + this (default: 3, the shipped build's; 0 is a plain mean)",
+        "--recipe",
+        help="a recipe file (YAML): the data, base, image encoder, evaluator and adapter settings of a build, e.g. "
+        "recipes/world/shipped.yaml (default: the recipe's defaults in msdiffusion/world/recipe.py)",
     )
     build.add_argument(
         "--init-base",
         help="a base snapshot (base-train/snapshots/step-N, written at each cycle's end) to start the base stage from: "
-        "a warm restart of the next cycle with a fresh optimiser, not an exact resume (docs/world.md)",
+        "a warm restart of the recipe's next cycle with a fresh optimiser, for a recipe longer than one sitting",
     )
     build.add_argument(
-        "--extra-cycle",
-        action="append",
-        default=[],
-        metavar="STEPS,LR,HIGH_NOISE_SHARE",
-        help="one more cosine cycle after the recipe's (BaseRecipe.cycles), like 3000,3e-4,0.5; repeat for more. "
-        "A warm restart from the recipe's last snapshot needs one (--init-base)",
-    )
-    build.add_argument(
-        "--class-sampling",
-        action="append",
-        default=[],
-        metavar="CLASS=FACTOR",
-        help="draw the base's training scenes that hold a subject of CLASS FACTOR times as often, like hourglass=3 "
-        "(repeatable; default: every scene as often)",
-    )
-    build.add_argument(
-        "--zero-terminal-snr-from",
-        type=int,
-        metavar="CYCLE",
-        help="train the base's cycles from CYCLE on (1 is the first; with --init-base, one after the snapshot's) on the "
-        "zero-terminal-SNR schedule, and sample with it (default: SDXL's schedule throughout; docs/world.md, fourteenth build)",
-    )
-    build.add_argument(
-        "--adapter-steps",
-        type=int,
-        default=3000,
-        help="steps of the adapter stage (default: 3000, a fresh adapter's; the shipped builds continued theirs by 1,500 to 2,000)",
-    )
-    build.add_argument(
-        "--adapter-init",
-        help="an adapter the adapter stage continues instead of a random one (msdiff train's init_adapter: a build's "
-        "adapter-train/adapter, another project folder, a released ms_adapter.bin or a hub id)",
-    )
-    build.add_argument(
-        "--adapter-subject-loss-weight",
-        type=float,
-        default=0.0,
-        help="msdiff train's subject_loss_weight for the adapter: its loss inside subjects' boxes weighted by 1 + this "
-        "(default: 0, a plain mean, as every shipped build; 3 moved the twelfth build by noise only, docs/world.md)",
-    )
-    build.add_argument(
-        "--export-to", help="where the export stage writes the weights (default: the package's world/weights)"
+        "--export-to",
+        help="where the export stage writes the weights (default: OUT/export); shipping them is "
+        "--export-to msdiffusion/world/weights in a source checkout",
     )
     build.set_defaults(func=run_build)
 
@@ -131,11 +81,10 @@ def register(subparsers) -> None:
 
 
 def run_build(args) -> int:
-    from msdiffusion.checks import check_adapter_location
-    from msdiffusion.world.base import BaseRecipe, snapshot_record
-    from msdiffusion.world.image_encoder import ImageEncoderRecipe
-    from msdiffusion.world.models import UNET_CHANNELS
-    from msdiffusion.world.recipe import STAGES, WorldRecipe, build
+    from dataclasses import replace
+
+    from msdiffusion.world.base import snapshot_record
+    from msdiffusion.world.recipe import STAGES, WorldRecipe, build, read_recipe
 
     stages = STAGES
     if args.stages:
@@ -145,46 +94,11 @@ def run_build(args) -> int:
             raise UserInputError(f"--stages: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(STAGES)}).")
     start = time.perf_counter()
     try:
-        channels = tuple(int(c) for c in args.unet_channels.split(",")) if args.unet_channels else UNET_CHANNELS
-    except ValueError:
-        channels = ()
-    if len(channels) != 3 or min(channels) < 16 or any(c % 16 for c in channels):
-        raise UserInputError(
-            f"--unet-channels: three multiples of 16 (the UNet's norm groups), like 64,96,128; got {args.unet_channels!r}."
-        )
-    if not args.subject_loss_weight >= 0:
-        raise UserInputError(
-            f"--subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.subject_loss_weight}."
-        )
-    if not args.adapter_subject_loss_weight >= 0:
-        raise UserInputError(
-            f"--adapter-subject-loss-weight: a number >= 0 (0 is a plain mean); got {args.adapter_subject_loss_weight}."
-        )
-    if args.adapter_steps < 1:
-        raise UserInputError(f"--adapter-steps: a positive number of steps; got {args.adapter_steps}.")
-    if args.adapter_init:
-        check_adapter_location(args.adapter_init, what="--adapter-init")  # msdiff train reads it, hours from now
-    cycles = BaseRecipe().cycles + tuple(parse_cycle(c) for c in args.extra_cycle)
-    if args.zero_terminal_snr_from is not None and not 1 <= args.zero_terminal_snr_from <= len(cycles):
-        raise UserInputError(
-            f"--zero-terminal-snr-from: a cycle from 1 to {len(cycles)} (the recipe's {len(BaseRecipe().cycles)} "
-            f"and {len(args.extra_cycle)} --extra-cycle); got {args.zero_terminal_snr_from}."
-        )
-    recipe = WorldRecipe(
-        base=BaseRecipe(
-            unet_channels=channels,
-            subject_loss_weight=args.subject_loss_weight,
-            init_from=args.init_base,
-            cycles=cycles,
-            class_sampling=tuple(parse_class_sampling(c) for c in args.class_sampling),
-            zero_snr_from_cycle=None if args.zero_terminal_snr_from is None else args.zero_terminal_snr_from - 1,
-        ),
-        image_encoder=ImageEncoderRecipe() if args.image_encoder == "trained" else None,
-        adapter_steps=args.adapter_steps,
-        adapter_init=args.adapter_init,
-        adapter_subject_loss_weight=args.adapter_subject_loss_weight,
-    )
+        recipe = read_recipe(args.recipe) if args.recipe else WorldRecipe()
+    except (OSError, ValueError, TypeError) as error:
+        raise UserInputError(f"--recipe: {error}") from None
     if args.init_base:
+        recipe = replace(recipe, base=replace(recipe.base, init_from=args.init_base))
         try:  # found here, not after the data and VAE stages
             snapshot_record(recipe.base)
         except (FileNotFoundError, ValueError) as error:
@@ -196,38 +110,6 @@ def run_build(args) -> int:
     )
     print(f"total {time.perf_counter() - start:.0f} s; all sittings: {Path(args.out) / 'timings.json'}")
     return 0
-
-
-def parse_cycle(text: str) -> tuple[int, float, float]:
-    """`--extra-cycle` "STEPS,LR,HIGH_NOISE_SHARE" -> a `BaseRecipe.cycles` entry."""
-    try:
-        steps, lr, share = text.split(",")
-        cycle = (int(steps), float(lr), float(share))
-    except ValueError:
-        cycle = None
-    if cycle is None or cycle[0] < 1 or not cycle[1] > 0 or not 0 <= cycle[2] <= 1:
-        raise UserInputError(
-            f"--extra-cycle: STEPS,LR,HIGH_NOISE_SHARE with STEPS >= 1, LR > 0 and a share in [0, 1], "
-            f"like 3000,3e-4,0.5; got {text!r}."
-        )
-    return cycle
-
-
-def parse_class_sampling(text: str) -> tuple[str, float]:
-    """`--class-sampling` "CLASS=FACTOR" -> a `BaseRecipe.class_sampling` entry."""
-    from msdiffusion.world.scenes import CLASSES
-
-    cls, _, factor = text.partition("=")
-    try:
-        value = float(factor)
-    except ValueError:
-        value = 0.0
-    if cls not in CLASSES or not 0 < value < float("inf"):
-        raise UserInputError(
-            f"--class-sampling: CLASS=FACTOR with one of the world's classes ({', '.join(CLASSES)}) "
-            f"and a finite factor > 0, like hourglass=3; got {text!r}."
-        )
-    return cls, value
 
 
 def run_evaluate(args) -> int:

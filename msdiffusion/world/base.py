@@ -4,8 +4,7 @@ Two stages, each resumable exactly from its last checkpoint (model, optimiser, E
 states in one file written atomically):
 
 1. `train_vae`: an `AutoencoderKL` on the world's scenes (L1 + MSE reconstruction of the
-   posterior mean, subjects' pixels weighted up, a small KL term, and optionally scale
-   equivariance); its `scaling_factor` is then set so that latents have unit variance, as SDXL's is.
+   posterior mean, subjects' pixels weighted up, a small KL term); its `scaling_factor` is then set so that latents have unit variance, as SDXL's is.
 2. `train_base`: text-to-image, v prediction on SDXL's noise schedule (see `models.scheduler`), the UNet and both
    text encoders trained together from scratch; captions are emptied 10% of the time so that
    classifier-free guidance works, and half of the others describe the subjects' identities. The
@@ -29,7 +28,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..train.loss import box_cover, diffusion_loss
 from ..train.timesteps import draw_timesteps
@@ -44,12 +42,6 @@ class BaseRecipe:
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     vae_subject_weight: float = 2.0
-    # Weight of a scale-equivariance term (Skorokhodov et al. 2025, "Improving the diffusability of
-    # autoencoders"): the decoder must also turn the latent averaged over 2x2 and 4x4 cells into the
-    # image averaged over the same areas. It gives the world's latents the image's spectrum and
-    # keeps the round trip as good, but a base trained on them restored fewer shapes than one on the
-    # plain VAE's latents after as many steps (docs/world.md, ninth build), so it is off.
-    vae_scale_equivariance: float = 0.0
     unet_channels: tuple[int, int, int] = models.UNET_CHANNELS
     unet_attention: tuple[bool, bool, bool] = models.UNET_ATTENTION
     unet_batch: int = 32
@@ -58,9 +50,7 @@ class BaseRecipe:
     # each a warm restart of the last. A finished build is extended by adding a cycle, which leaves
     # every earlier step as it was. The share is the fraction of a batch's timesteps drawn from the
     # schedule's noisier half (t >= 500) instead of all of it: the world's bases form shapes from high
-    # noise last and worst (docs/world.md, fourth build), and that half is where a sample's layout
-    # and outlines are decided.
-    # The eleventh build's five; the shipped sixteenth added a sixth, a seventh and an eighth (`--extra-cycle`; docs/world.md).
+    # noise last and worst, and that half is where a sample's layout and outlines are decided.
     cycles: tuple[tuple[int, float, float], ...] = (
         (5000, 5e-4, 0.0),
         (2000, 2e-4, 0.0),
@@ -71,35 +61,26 @@ class BaseRecipe:
     # The UNet's loss on latent cells inside subjects' boxes is weighted by 1 + this (0: a plain
     # mean). Backgrounds (a grid, sand speckle) fill most of a scene and most of a plain loss, and
     # their noise-like texture cannot be predicted from mid noise anyway; the subjects' outlines,
-    # which the bases lose from mid noise (docs/world.md, eighth build), get a larger share.
+    # which the bases lose from mid noise, get a larger share.
     subject_loss_weight: float = 3.0
     # (class, factor) pairs: a scene holding a subject of one of these classes is drawn `factor` times
-    # as often as the manifest has it (the largest factor of its subjects). Every class is as common
-    # in the data, but not as easy: the bases drew hexagons (the tenth class up to the fifteenth
-    # build) round, found 17% to 28% against 70% to 100% for most others. The thirteenth build's
-    # seventh cycle drew hexagon scenes three times as often and hexagons stayed round (22% -> 28%
-    # found over 98; docs/world.md), so the shortfall was not exposure. A new class taught to a
-    # snapshot's base is the other use. Empty: every scene as often, as every cycle before those.
+    # as often as the manifest has it (the largest factor of its subjects): every class is as common
+    # in the data, but not as easy to learn. Empty: every scene as often.
     class_sampling: tuple[tuple[str, float], ...] = ()
-    # The first cycle (0-based index into `cycles`) trained on the zero-terminal-SNR schedule
-    # (`models.scheduler(zero_terminal_snr=True)`); from there on the base's saved scheduler samples
-    # with it too. None: SDXL's schedule throughout, as every shipped build. The fourteenth build
-    # moved the shipped base to it by one more cycle, which did not help (docs/world.md).
-    zero_snr_from_cycle: int | None = None
     caption_drop: float = 0.1
     # Of the captions kept, this share describes each subject's identity ("a red blue small dotted
     # star"), the rest names classes only, as the adapter's data and the evaluation's prompts do. A
     # base that only ever saw class names has no reason to learn to draw a colour or pattern on
     # command, and draws their average; with words for them it learns to draw at least the colours
-    # named (docs/world.md, third build), which the adapter's subject tokens can then steer.
+    # named, which the adapter's subject tokens can then steer.
     identity_captions: float = 0.5
     ema_decay: float = 0.999
     checkpoint_every: int = 250
     # A snapshot (`save_snapshot`: the EMA base at a cycle's end, as `train_base` writes under
     # `snapshots/`) to start from when there is no checkpoint: the next cycle starts from its weights
-    # with a fresh optimiser and `warmup_steps` of warmup. A warm restart, not an exact resume: the
-    # exact state (model, EMA and AdamW moments in fp32) is 150 MB for the wide base, too large to
-    # commit, while a snapshot is 18 MB of fp16, and a sitting can end at a cycle's end.
+    # with a fresh optimiser and `warmup_steps` of warmup. A warm restart, not an exact resume: it
+    # lets a recipe longer than one sitting on a machine continue on another, from 18 MB of fp16
+    # (the exact state, model, EMA and AdamW moments in fp32, is 150 MB).
     init_from: str | None = None
     seed: int = 0
 
@@ -158,14 +139,6 @@ def _cycle(step: int, recipe: BaseRecipe) -> tuple[int, int, float, float]:
     raise ValueError(f"step {step} is past the recipe's {first} steps")
 
 
-def zero_terminal_snr_at(step: int, recipe: BaseRecipe) -> bool:
-    """Whether step `step` (0-based) trains on the zero-terminal-SNR schedule (`BaseRecipe.zero_snr_from_cycle`);
-    a base saved after it samples with the schedule it trained on."""
-    if recipe.zero_snr_from_cycle is None:
-        return False
-    return step >= ([0] + cycle_ends(recipe))[recipe.zero_snr_from_cycle]
-
-
 def _base_lr(step: int, recipe: BaseRecipe) -> float:
     """Warmup and cosine over the first cycle, then a cosine from each later cycle's peak."""
     first, steps, peak, _ = _cycle(step, recipe)
@@ -199,29 +172,17 @@ def _vae_batch(seed: int, step: int, batch: int) -> tuple[np.ndarray, np.ndarray
     return np.stack([s.image for s in scenes]), np.stack(masks)
 
 
-# Down-sampling factors of the scale-equivariance term: the latent averaged to 8x8 and 4x4 cells.
-SCALE_EQUIVARIANCE_FACTORS = (2, 4)
-
-
 def _weighted_error(error: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (error.abs() * weight).mean() + (error.square() * weight).mean()
 
 
 def vae_loss(vae, x: torch.Tensor, weight: torch.Tensor, recipe: BaseRecipe) -> torch.Tensor:
-    """Reconstruction (L1 + MSE, per-pixel `weight`), a small KL term, and scale equivariance: the
-    decoder turns the latent averaged over 2x2 (and 4x4) cells into the image averaged likewise."""
+    """Reconstruction (L1 + MSE, per-pixel `weight`) and a small KL term."""
     posterior = vae.encode(x).latent_dist
     # Decoding the posterior's mean, not a sample: with a KL weight this small the sampled noise
     # only slows learning, and the base trains on the means too.
     latents = posterior.mode()
-    loss = _weighted_error(vae.decode(latents).sample - x, weight) + recipe.vae_kl_weight * posterior.kl().mean()
-    if recipe.vae_scale_equivariance:
-        coarse = [
-            _weighted_error(vae.decode(F.avg_pool2d(latents, f)).sample - F.avg_pool2d(x, f), F.avg_pool2d(weight, f))
-            for f in SCALE_EQUIVARIANCE_FACTORS
-        ]
-        loss = loss + recipe.vae_scale_equivariance * sum(coarse) / len(coarse)
-    return loss
+    return _weighted_error(vae.decode(latents).sample - x, weight) + recipe.vae_kl_weight * posterior.kl().mean()
 
 
 def train_vae(out: str | Path, recipe: BaseRecipe, log: Callable = print):
@@ -352,7 +313,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     model = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), text_encoder, text_encoder_2)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.cycles[0][1], weight_decay=0.01)
-    schedulers = {zero: DDPMScheduler.from_config(models.scheduler(zero).config) for zero in (False, True)}
+    noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)
     entries = read_manifest(manifest)
     captions = _Captions(entries, tokenizer, tokenizer_2)
     scene_weights = scene_sampling_weights(entries, recipe.class_sampling)
@@ -407,7 +368,6 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         ids, ids_2 = captions.pick(index, keep, describe)
         noise = torch.randn(latents.shape, generator=generator)
         high_noise = _cycle(step, recipe)[3]
-        noise_scheduler = schedulers[zero_terminal_snr_at(step, recipe)]
         timesteps = draw_timesteps(b, noise_scheduler.config.num_train_timesteps, high_noise, generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prompt_embeds, pooled = encode_prompts(model.text_encoder, model.text_encoder_2, ids, ids_2)
@@ -450,7 +410,7 @@ def save_snapshot(
 ) -> Path:
     """The EMA base after `step` steps as an ordinary SDXL folder (fp16), with the step and the
     settings a warm restart must share (`BaseRecipe.init_from`)."""
-    folder = save_base(ema, vae, folder, tokenizer_dir, zero_terminal_snr=zero_terminal_snr_at(step - 1, recipe))
+    folder = save_base(ema, vae, folder, tokenizer_dir)
     record = {
         "step": step,
         "unet_channels": list(recipe.unet_channels),
@@ -458,7 +418,6 @@ def save_snapshot(
         "cycles": [list(c) for c in recipe.cycles],
         "subject_loss_weight": recipe.subject_loss_weight,
         "class_sampling": [list(c) for c in recipe.class_sampling],
-        "zero_snr_from_cycle": recipe.zero_snr_from_cycle,
     }
     (folder / SNAPSHOT_STEP).write_text(json.dumps(record, indent=2) + "\n")
     return folder
@@ -494,23 +453,7 @@ def snapshot_record(recipe: BaseRecipe) -> dict:
         raise ValueError(
             f"{folder} was taken after {step} steps, which is not the end of one of this recipe's cycles before its last "
             f"(they end at {', '.join(map(str, ends))}): a warm restart trains the cycles after it, so give the cycles it was "
-            "trained with and at least one more (on the command line --extra-cycle, like --extra-cycle 3000,3e-4,0.5)."
-        )
-    done = ends.index(step) + 1  # the snapshot's cycles: this recipe must say what schedule they trained on
-
-    def among_done(cycle: int | None) -> int | None:  # the first of the snapshot's cycles on zero terminal SNR
-        return None if cycle is None or cycle >= done else cycle
-
-    recorded = among_done(record.get("zero_snr_from_cycle"))
-    if recorded != among_done(recipe.zero_snr_from_cycle):
-        if recorded is None:
-            said, flag = "SDXL's schedule", f"a cycle after {done}"
-        else:
-            said, flag = f"the zero-terminal-SNR schedule from cycle {recorded + 1}", str(recorded + 1)
-        raise ValueError(
-            f"{folder} trained {'its first cycle' if done == 1 else f'its first {done} cycles'} on {said}, and this recipe "
-            f"says otherwise: a warm restart cannot change the past, so give its setting (on the command line "
-            f"--zero-terminal-snr-from {flag})."
+            "trained with and at least one more (the recipe file's base.cycles)."
         )
     return record
 
@@ -529,55 +472,26 @@ def load_snapshot(model: _Base, recipe: BaseRecipe, log: Callable = print) -> in
     ):
         raise ValueError(
             f"{folder} is a UNet with channels {channels} and attention {attention}; "
-            f"the recipe asks for {list(recipe.unet_channels)} and {list(recipe.unet_attention)} (--unet-channels)."
+            f"the recipe asks for {list(recipe.unet_channels)} and {list(recipe.unet_attention)} (base.unet_channels)."
         )
-    # Both text encoders share the world's vocabulary; the snapshot's may be another (a class renamed).
+    # The snapshot's words must be the world's: a token embedding row means a word through its id.
     theirs = CLIPTokenizerFast.from_pretrained(folder / "tokenizer").get_vocab()
     with tempfile.TemporaryDirectory() as tmp:
         ours = models.tokenizers(tmp)[0].get_vocab()
+    if theirs != ours:
+        raise ValueError(
+            f"{folder}: its tokenizer is not the world's ({len(theirs)} tokens against {len(ours)}): the world's words "
+            "changed since it was taken, so it cannot be continued; build from scratch."
+        )
     parts = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for name, cls in parts.items():
-        weights = cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict()
-        if name != "unet" and theirs != ours:
-            key = next(
-                k for k in weights if k.endswith("embeddings.token_embedding.weight")
-            )  # transformers 5 drops `text_model.`
-            weights[key] = carry_token_rows(weights[key], theirs, ours, getattr(model, name).state_dict()[key], folder)
-        getattr(model, name).load_state_dict(weights)
-    if theirs != ours:
-        added = set(ours) - set(theirs)
-        words = sorted(
-            t.removesuffix("</w>") for t in added if t.endswith("</w>") and t.removesuffix("</w>") in models.VOCABULARY
-        )
-        log(
-            f"  the world's vocabulary changed: {len(ours)} tokens, {len(added)} new ({', '.join(words)} among its words)"
-        )
+        getattr(model, name).load_state_dict(cls.from_pretrained(folder / name, torch_dtype=torch.float32).state_dict())
     return record["step"]
 
 
-def carry_token_rows(
-    rows: torch.Tensor, theirs: dict[str, int], ours: dict[str, int], fresh: torch.Tensor, snapshot: Path
-) -> torch.Tensor:
-    """A snapshot's token embedding `rows` (ids of `theirs`), reordered for the vocabulary `ours`.
-
-    A world whose words changed (a class renamed) has another tokenizer: the ids of every token move.
-    Rows are carried by token string; a token the snapshot's tokenizer lacks keeps its `fresh` row
-    (the new model's initialisation), to be learnt in the cycles that follow.
-    """
-    if len(theirs) != rows.shape[0]:
-        raise ValueError(
-            f"{snapshot}: {len(theirs)} tokens for {rows.shape[0]} embedding rows; its tokenizer is not its text encoders'."
-        )
-    carried = fresh.clone()
-    for token, i in ours.items():
-        if token in theirs:
-            carried[i] = rows[theirs[token]]
-    return carried
-
-
-def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path, zero_terminal_snr: bool = False) -> Path:
+def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path) -> Path:
     """Write the base as an ordinary diffusers SDXL folder (fp16 weights: they are shipped), with the
-    sampler of the schedule it was trained on last (`models.scheduler`)."""
+    sampler of the schedule it was trained on (`models.scheduler`)."""
     from diffusers import StableDiffusionXLPipeline
 
     tokenizer, tokenizer_2 = models.tokenizers(tokenizer_dir)
@@ -588,7 +502,7 @@ def save_base(base: _Base, vae, out: str | Path, tokenizer_dir: str | Path, zero
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=copy.deepcopy(base.unet),
-        scheduler=models.scheduler(zero_terminal_snr),
+        scheduler=models.scheduler(),
         force_zeros_for_empty_prompt=False,  # trained with the empty caption as the unconditional input
     )
     pipe.to(torch.float16).save_pretrained(out)

@@ -9,8 +9,8 @@ only: the held-out ones stay unseen by every model.
 
 The resampler reads the encoder's penultimate hidden states, not the embedding this loss shapes;
 in a 3-layer ViT those states are what the last layer pools from (`identity_retrieval` measures
-both), and `ImageEncoderRecipe.penultimate_weight` puts the same loss on them too. Whether the
-trained encoder serves the adapter better than a random one: docs/world.md.
+both). Putting the same loss on those states too makes them retrieve identities as well as the
+embedding does, but gives the adapter no more identities, so the loss stays on the embedding.
 """
 
 from __future__ import annotations
@@ -38,11 +38,6 @@ class ImageEncoderRecipe:
     temperature: float = 0.1
     pool_subjects: int = 6000  # rendered once; each step picks two of a subject's views
     views: int = 4
-    # Weight of the same loss on `penultimate_summary`, what the resampler reads: trained on the
-    # embedding alone (as shipped, 0), those states retrieve held-out subjects 5.0% of the time
-    # against the embedding's 81.0%; with 1.0, 78.0% and 77.8%. A fresh adapter on that encoder
-    # got no more identities than one on the shipped encoder (docs/world.md), so the recipe keeps 0.
-    penultimate_weight: float = 0.0
     seed: int = 0
 
 
@@ -106,15 +101,9 @@ def train_image_encoder(recipe: ImageEncoderRecipe, log: Callable = print):
         first = torch.randint(recipe.views, (recipe.batch,), generator=generator)
         second = (first + torch.randint(1, recipe.views, (recipe.batch,), generator=generator)) % recipe.views
         batch = torch.cat([pixels[rows, first], pixels[rows, second]])
-        out = encoder(pixel_values=batch, output_hidden_states=recipe.penultimate_weight > 0)
+        features = encoder(pixel_values=batch).image_embeds
         same = keys[rows][:, None] == keys[rows][None, :]
-
-        def contrast(features: torch.Tensor) -> torch.Tensor:  # first renderings against second
-            return _infonce(features[: recipe.batch], features[recipe.batch :], same, recipe.temperature)
-
-        loss = contrast(out.image_embeds)
-        if recipe.penultimate_weight > 0:
-            loss = loss + recipe.penultimate_weight * contrast(penultimate_summary(out))
+        loss = _infonce(features[: recipe.batch], features[recipe.batch :], same, recipe.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

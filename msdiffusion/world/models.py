@@ -87,13 +87,12 @@ def text_encoders(tokenizer):
     return CLIPTextModel(CLIPTextConfig(**config)), CLIPTextModelWithProjection(CLIPTextConfig(**config))
 
 
-# Per level: 16x16, 8x8, 4x4. The shipped builds' since the tenth; the seventh's narrow (32, 64, 128)
-# drew fewer shapes from high noise (docs/world.md, eighth and tenth builds).
+# Per level: 16x16, 8x8, 4x4. A narrower base (32, 64, 128) draws fewer shapes from high noise.
 UNET_CHANNELS = (64, 96, 128)
 # Which levels have attention. SDXL has none at its first level, but there a subject spans tens of
-# latent cells; a world subject (16 to 30 px then, 18 to 42 now) spans 2 to 5 cells of the 8x8 level, too coarse for the
+# latent cells; a world subject (18 to 42 px) spans 2 to 5 cells of the 8x8 level, too coarse for the
 # subject tokens to draw an outline or a pattern, so the world's UNet attends at 16x16 too (4 px per
-# cell, as SD 1.5 does at its first level). docs/world.md, fourth build.
+# cell, as SD 1.5 does at its first level).
 UNET_ATTENTION = (True, True, True)
 
 
@@ -141,21 +140,14 @@ def image_processor():
     return CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
 
 
-def scheduler(zero_terminal_snr: bool = False):
+def scheduler():
     """SDXL base's noise schedule and sampler, predicting v instead of epsilon.
 
-    With epsilon prediction the first build's base (3,500 steps) denoised well at low noise but its
-    x0 estimate at t > 700 was speckle: SDXL's schedule keeps sqrt(alpha_bar) = 0.07 at t = 999, so a
-    small model's epsilon error is amplified 15x there, and every sample's layout is decided there.
-    v prediction (as SD 2's 768 model) has no such amplification; `msdiff train` follows the
-    base's scheduler, so the adapter trains on v too.
-
-    `zero_terminal_snr`: the same betas rescaled so that t = 999 is pure noise (Lin et al. 2024,
-    "Common diffusion noise schedules and sample steps are flawed"), sampled from t = 999
-    ("trailing"). SDXL's schedule leaves 0.07 of the image in x_999, so a model can learn to read
-    what the noise seems to hold instead of its conditioning; the world's bases let the noise decide
-    which of two colours goes on which side. Moving the shipped base and adapter to this schedule
-    did not change that, and cost placement (docs/world.md, fourteenth build), so no shipped base uses it.
+    With epsilon prediction a base of this size denoises well at low noise but its x0 estimate at
+    t > 700 is speckle: SDXL's schedule keeps sqrt(alpha_bar) = 0.07 at t = 999, so a small model's
+    epsilon error is amplified 15x there, and every sample's layout is decided there. v prediction
+    (as SD 2's 768 model) has no such amplification; `msdiff train` follows the base's scheduler, so
+    the adapter trains on v too.
     """
     from diffusers import EulerDiscreteScheduler
 
@@ -164,9 +156,8 @@ def scheduler(zero_terminal_snr: bool = False):
         beta_end=0.012,
         beta_schedule="scaled_linear",
         steps_offset=1,
-        timestep_spacing="trailing" if zero_terminal_snr else "leading",
+        timestep_spacing="leading",
         prediction_type="v_prediction",
-        rescale_betas_zero_snr=zero_terminal_snr,
     )
 
 

@@ -1,26 +1,30 @@
 """The world's whole recipe: data, VAE, base, image encoder, evaluator, adapter, export.
 
-`msdiff world build --out runs/world` runs every stage that is not finished yet, in order, with
-fixed seeds, and prints how long each took. Each stage writes its result under `--out`; the long
-ones (VAE, base, adapter) checkpoint as they go, so a run that is stopped resumes where it was
-(the adapter through `msdiff train --resume-from-checkpoint latest`).
+`msdiff world build --recipe recipes/world/shipped.yaml --out runs/world` runs every stage that is
+not finished yet, in order, with fixed seeds, and prints how long each took. A recipe file holds
+`WorldRecipe`'s fields (the base's under `base:`, the image encoder's under `image_encoder:`); what
+it leaves out keeps the defaults below. Each stage writes its result under `--out`; the long ones
+(VAE, base, adapter) checkpoint as they go, so a run that is stopped resumes where it was (the
+adapter through `msdiff train --resume-from-checkpoint latest`). The export stage writes the
+weights to `OUT/export`; shipping them is an explicit copy into the package (docs/world.md).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from . import models
-from .base import BaseRecipe, cycle_ends, save_base, train_base, train_vae, zero_terminal_snr_at
+from .base import BaseRecipe, save_base, train_base, train_vae
 from .data import MANIFEST, write_dataset
 from .image_encoder import ImageEncoderRecipe, train_image_encoder
 
@@ -31,26 +35,17 @@ STAGES = ("data", "vae", "base", "image_encoder", "evaluator", "adapter", "expor
 class WorldRecipe:
     num_scenes: int = 24000
     base: BaseRecipe = field(default_factory=BaseRecipe)
-    # Trained contrastively on the world, as the shipped (sixteenth) build's and every build's since the
-    # tenth; None keeps it random and frozen, as the builds before (a fresh adapter: 19% identities
-    # correct after 1,000 steps against 14%; docs/world.md, "The image encoder: random or trained").
-    image_encoder: ImageEncoderRecipe | None = field(default_factory=ImageEncoderRecipe)
+    # Trained contrastively on the world: an adapter on it gets more identities than on a random one.
+    image_encoder: ImageEncoderRecipe = field(default_factory=ImageEncoderRecipe)
     segmenter_steps: int = 1200
     # `msdiff train` settings of the adapter (the rest are the release's defaults)
     adapter_steps: int = 3000
     adapter_batch: int = 32
     adapter_lr: float = 3e-4
-    # Half of the adapter's timesteps from the noisier half: found 24% -> 28%, identity 14% -> 17% on the
-    # fifth build's base (docs/world.md), where the subject tokens decide shapes; `msdiff train` draws uniformly by default.
+    # Half of the adapter's timesteps from the noisier half, where the subject tokens decide shapes
+    # (found and identity both gain a few points); `msdiff train` draws uniformly by default.
     adapter_high_noise_share: float = 0.5
-    # `msdiff train`'s subject_loss_weight: the base's weighting of the subjects' boxes, for the
-    # adapter; 0 (the plain mean) in every shipped build. Continuing the twelfth build's adapter with
-    # 3 gave found +1 point and identity -0.3 over 998 subjects, within noise (docs/world.md).
-    adapter_subject_loss_weight: float = 0.0
     adapter_checkpoint_every: int = 250
-    # An adapter checkpoint to start from (`msdiff train`'s init_adapter) instead of a random one: a
-    # build that changes the data or the base continues the last build's adapter.
-    adapter_init: str | None = None
     seed: int = 0
 
 
@@ -71,7 +66,6 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         },
         "learning_rate": recipe.adapter_lr,
         "high_noise_share": recipe.adapter_high_noise_share,
-        "subject_loss_weight": recipe.adapter_subject_loss_weight,
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 100,
         "train_batch_size": recipe.adapter_batch,
@@ -84,9 +78,6 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "report_to": "none",
         "validation_steps": 0,
     }
-    if recipe.adapter_init:  # the checkpoint fixes the resampler's architecture
-        del config["resampler"]
-        config["init_adapter"] = recipe.adapter_init
     return config
 
 
@@ -150,22 +141,12 @@ def build(
         vae = AutoencoderKL.from_pretrained(work / "vae")
         if snapshot is not None:
             check_same_vae(vae, AutoencoderKL.from_pretrained(snapshot / "vae"), snapshot)
-        save_base(
-            train_base(manifest, vae, work, recipe.base, log),
-            vae,
-            out / "base",
-            work / "tokenizer",
-            zero_terminal_snr=zero_terminal_snr_at(cycle_ends(recipe.base)[-1] - 1, recipe.base),
-        )
+        save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer")
 
     stage("base", (out / "base" / "model_index.json").exists(), base_stage)
 
     def image_encoder_stage() -> None:
-        if recipe.image_encoder is None:
-            torch.manual_seed(recipe.seed + 3)
-            encoder = models.image_encoder()
-        else:
-            encoder = train_image_encoder(recipe.image_encoder, log)
+        encoder = train_image_encoder(recipe.image_encoder, log)
         encoder.to(torch.float16).save_pretrained(out / "image_encoder")
         models.image_processor().save_pretrained(out / "image_encoder")
 
@@ -196,7 +177,7 @@ def build(
         subprocess.run(command, check=True)
 
     stage("adapter", (out / "adapter-train" / "adapter").exists(), adapter_stage)
-    stage("export", False, lambda: export(out, export_to, log=log))
+    stage("export", False, lambda: export(out, export_to or out / "export", log=log))
     return timings
 
 
@@ -214,13 +195,12 @@ def check_same_vae(vae, snapshot_vae, snapshot: Path) -> None:
         )
 
 
-def export(out: str | Path, destination: str | Path | None = None, log: Callable = print) -> Path:
-    """Copy the trained models into the package's weights folder (fp16), as `msdiff demo` loads them."""
+def export(out: str | Path, destination: str | Path, log: Callable = print) -> Path:
+    """Copy the trained models to `destination` (fp16), laid out as the package's shipped weights."""
     from ..adapter import MSAdapterCheckpoint, load_checkpoint
-    from ..loading import WORLD_WEIGHTS
 
     out = Path(out)
-    destination = Path(destination or WORLD_WEIGHTS)
+    destination = Path(destination)
     if destination.exists():
         shutil.rmtree(destination)
     destination.mkdir(parents=True)
@@ -237,3 +217,80 @@ def export(out: str | Path, destination: str | Path | None = None, log: Callable
     size = sum(p.stat().st_size for p in destination.rglob("*") if p.is_file())
     log(f"exported to {destination} ({size / 2**20:.1f} MiB)")
     return destination
+
+
+# ---- recipe files ------------------------------------------------------------------------------------
+def _from_mapping(cls, data: Any, where: str):
+    """A recipe dataclass from a mapping, refusing unknown fields by name (with the close match)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of {cls.__name__}'s fields, got {data!r}.")
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for name, value in data.items():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), list(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown field {name!r}{hint}; fields: {', '.join(known)}.")
+        if name == "base":
+            value = _from_mapping(BaseRecipe, value, f"{where}: base")
+        elif name == "image_encoder":
+            value = _from_mapping(ImageEncoderRecipe, value, f"{where}: image_encoder")
+        elif isinstance(value, list):  # YAML lists are the recipes' tuples (cycles, channels, class sampling)
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        values[name] = value
+    return cls(**values)
+
+
+def read_recipe(path: str | Path) -> WorldRecipe:
+    """A recipe file (YAML): `WorldRecipe`'s fields, the base's under `base:`, the image encoder's under
+    `image_encoder:`; fields it leaves out keep their defaults."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {str(path)!r} not found (the shipped ones are in recipes/world/).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    recipe = _from_mapping(WorldRecipe, data, str(path))
+    problems = recipe_problems(recipe)
+    if problems:
+        raise ValueError(f"{path}: " + "; ".join(problems) + ".")
+    return recipe
+
+
+def recipe_problems(recipe: WorldRecipe) -> list[str]:
+    """What in a recipe cannot be built, each naming the field."""
+    from .scenes import CLASSES
+
+    problems = []
+    base = recipe.base
+    channels = base.unet_channels
+    if len(channels) != 3 or not all(isinstance(c, int) and c >= 16 and c % 16 == 0 for c in channels):
+        problems.append(
+            f"base.unet_channels: three multiples of 16 (the UNet's norm groups), like [64, 96, 128]; got {list(channels)}"
+        )
+    if not base.cycles:
+        problems.append("base.cycles: at least one [steps, learning rate, high-noise share]")
+    for k, cycle in enumerate(base.cycles):
+        ok = len(cycle) == 3 and isinstance(cycle[0], int) and cycle[0] >= 1 and cycle[1] > 0 and 0 <= cycle[2] <= 1
+        if not ok:
+            problems.append(
+                f"base.cycles[{k}]: [steps >= 1, learning rate > 0, high-noise share in [0, 1]]; got {list(cycle)}"
+            )
+    for k, entry in enumerate(base.class_sampling):
+        if (
+            len(entry) != 2
+            or entry[0] not in CLASSES
+            or not (isinstance(entry[1], (int, float)) and 0 < entry[1] < float("inf"))
+        ):
+            problems.append(
+                f"base.class_sampling[{k}]: [class, factor > 0] with a class of {', '.join(CLASSES)}; got {list(entry)}"
+            )
+    if not base.subject_loss_weight >= 0:
+        problems.append(f"base.subject_loss_weight: a number >= 0 (0 is a plain mean); got {base.subject_loss_weight}")
+    for name in ("num_scenes", "segmenter_steps", "adapter_steps", "adapter_batch"):
+        if not (isinstance(getattr(recipe, name), int) and getattr(recipe, name) >= 1):
+            problems.append(f"{name}: a positive integer; got {getattr(recipe, name)!r}")
+    return problems

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SIZE = 64
-# The tenth class was a hexagon up to the fifteenth build: at 18 to 42 px it differs from a circle by a
-# pixel or two, less than the drawn edges' softness, and every base drew it round (found 5 of 29 with
-# 1 to 2 subjects; docs/world.md). An hourglass is as simple and unlike every other class.
+# Every class differs from every other by more than the drawn edges' softness at 18 px (a hexagon,
+# once a class, differed from a circle by a pixel or two, and every base drew it round).
 CLASSES = ("star", "ring", "square", "heart", "triangle", "circle", "cross", "diamond", "moon", "hourglass")
 # Subject colours: saturated and far apart, so that an identity is a clear fact of the image.
 COLORS = {
@@ -42,10 +41,8 @@ COLORS = {
 COLOR_NAMES = tuple(COLORS)
 # Patterns: (kind, parameter). Stripes: (angle in degrees, period in px); checks/dots: cell in px;
 # gradient: direction in degrees; halves: split angle; border: outline width.
-# Stripes, checks and dots are no finer than the VAE's 4 px latent cell: with periods of 4 and 6 px,
-# cells of 3 and 5 and dots of 5 and 7 (up to the sixth build), the VAE's round trip alone kept 73% of
-# held-out identities, below the issue's target of 80%; at these sizes it keeps 90% (docs/world.md,
-# seventh build).
+# Stripes, checks and dots are no finer than the VAE's 4 px latent cell: finer ones (periods of 4 and
+# 6 px) do not survive the VAE's round trip.
 PATTERNS = (
     *[("stripes", (a, p)) for a in (0, 45, 90, 135) for p in (8, 12)],
     ("checks", 6),
@@ -61,8 +58,8 @@ _PAIRS = [(a, b) for a in range(len(COLORS)) for b in range(len(COLORS)) if a !=
 NUM_IDENTITIES = len(_PAIRS) * len(PATTERNS)
 # Backgrounds: caption words -> kind. Muted tones keep subjects readable.
 # Side (px) of the square a subject is drawn in, by the number of subjects in its scene. Large enough
-# that a subject spans 5 to 10 latent cells a side (the fifth build found 21% of subjects under 16 px
-# and 50% from 26 px; docs/world.md), small enough that four fit side by side.
+# that a subject spans 5 to 10 latent cells a side (under 16 px few subjects are drawn at all),
+# small enough that four fit side by side.
 SUBJECT_SIZES = {1: (26, 42), 2: (22, 34), 3: (20, 28), 4: (18, 26)}
 BACKGROUNDS = {"a grid": "grid", "a gradient": "gradient", "sand": "speckle", "a plain wall": "plain"}
 MAX_SUBJECTS = 4
