@@ -1,7 +1,8 @@
 """Training runs killed for real (SIGKILL, SIGTERM) at chosen moments, then resumed with `latest`.
 
-The moments are reached with the test-only pause of `msdiffusion.train.checkpoints`
-(MSDIFFUSION_TEST_PAUSE): the run creates a flag file there and waits, the test kills it. Each resumed
+The moments are reached with the test-only pause of `tests/fault_injection/sitecustomize.py`
+(MSDIFFUSION_TEST_PAUSE), which wraps the training code's own calls in the subprocess: the run
+creates a flag file there and waits, the test kills it. Each resumed
 run must end with the weights of an uninterrupted run, bit for bit.
 """
 
@@ -17,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fault_injection.sitecustomize import PAUSE_ENV, PAUSE_FILE_ENV
 from safetensors.torch import load_file
 from train_fixtures import tiny_config, write_manifest
 
 import msdiffusion
 from msdiffusion.tiny import save_tiny_models
-from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV, STATE_FILE, find_checkpoints, partial_checkpoints
+from msdiffusion.train.checkpoints import STATE_FILE, find_checkpoints, partial_checkpoints
 from msdiffusion.train.loop import SIGTERM_REPEAT_WINDOW_S
 
 ROOT = Path(msdiffusion.__file__).resolve().parents[1]
@@ -46,7 +48,8 @@ SETTINGS = dict(
 
 def _env(**extra: str) -> dict[str, str]:
     inherited = {k: v for k, v in os.environ.items() if k not in (PAUSE_ENV, PAUSE_FILE_ENV)}
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # this checkout's package
+    # this checkout's package, and the test-only pauses (`fault_injection/sitecustomize.py`)
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "fault_injection"), os.environ.get("PYTHONPATH", "")])
     return {**inherited, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 

@@ -55,10 +55,20 @@ def _launch(config_file, *flags: str) -> list[str]:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV
+    from fault_injection.sitecustomize import PAUSE_ENV, PAUSE_FILE_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in (PAUSE_ENV, PAUSE_FILE_ENV)}
-    return {**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+    # the test-only pauses, in every process accelerate starts (`fault_injection/sitecustomize.py`)
+    faults = str(Path(__file__).resolve().parent / "fault_injection")
+    path = os.pathsep.join([faults, env.get("PYTHONPATH", "")])
+    return {
+        **env,
+        "PYTHONPATH": path,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        **extra,
+    }
 
 
 def _kill_processes_running(config_file: Path) -> None:
@@ -87,7 +97,9 @@ def _state(pid: int) -> str:
 
 @pytest.mark.slow
 def test_two_processes_train_in_step_and_resume_a_run_killed_while_saving(tmp_path):
-    from msdiffusion.train.checkpoints import PAUSE_ENV, PAUSE_FILE_ENV, find_checkpoints
+    from fault_injection.sitecustomize import PAUSE_ENV, PAUSE_FILE_ENV
+
+    from msdiffusion.train.checkpoints import find_checkpoints
 
     models = save_tiny_models(tmp_path / "models")
     manifest = write_manifest(tmp_path / "data", 8)

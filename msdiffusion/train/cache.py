@@ -30,7 +30,6 @@ import torch
 from ..atomic import atomic_path, write_text_atomic
 from ..data.dataset import MASK_COLORS, MSDiffusionDataset
 from ..data.manifest import iter_lines
-from .checkpoints import pause_for_tests
 from .conditioning import NullFeatures
 from .models import reference_pixels_size
 
@@ -178,7 +177,6 @@ def write_cache(
                 progress(counts["written"] + counts["kept"], len(lines))
         with atomic_path(out / shard_name(shard)) as tmp:
             save_file(tensors, tmp, metadata=hashes)
-            pause_for_tests("shard", shard, 0)
     for path in out.glob("shard-*.safetensors"):  # past the end of a manifest that got shorter
         if int(path.stem.removeprefix("shard-")) >= num_shards:
             path.unlink()

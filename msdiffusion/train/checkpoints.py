@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,6 @@ from ..atomic import fsync_tree, write_text_atomic
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_SUFFIX = ".partial"  # a checkpoint being written, or whose save was interrupted
 STATE_FILE = "train_state.json"  # written last: a checkpoint without it never finished
-
-# Test-only fault injection (tests/test_train_crash.py): with MSDIFFUSION_TEST_PAUSE="POINT@STEP" (or
-# "POINT@STEP:PROCESS"), the run creates the file named by MSDIFFUSION_TEST_PAUSE_FILE when it reaches
-# POINT at STEP and waits until that file is deleted, so that a test can kill it at that exact moment.
-# Points: "step" (after the optimizer step, before any checkpoint of that step), and within a save
-# "begin" (the partial folder exists, nothing written), "hook" (the adapter exported, optimizer and random
-# states not yet written), "written" (this process's part written), "marked" (the state file written, the
-# folder not yet renamed) and "renamed" (renamed, older checkpoints not yet removed); in `msdiff data
-# cache`, "shard" (shard STEP written under its temporary name, not yet renamed). Not for real runs.
-PAUSE_ENV = "MSDIFFUSION_TEST_PAUSE"
-PAUSE_FILE_ENV = "MSDIFFUSION_TEST_PAUSE_FILE"
-PAUSE_POINTS = ("step", "begin", "hook", "written", "marked", "renamed", "shard")
 
 
 class IncompleteCheckpointError(FileNotFoundError):
@@ -152,23 +139,3 @@ def write_state(folder: Path, state: dict[str, Any]) -> None:
         if p.is_file() and p.name != STATE_FILE
     }
     write_text_atomic(folder / STATE_FILE, json.dumps({**state, "files": files}, indent=2) + "\n")
-
-
-def pause_for_tests(point: str, step: int, process_index: int) -> None:
-    """The test-only pause described at `PAUSE_ENV`; nothing unless that variable names this moment."""
-    wanted = os.environ.get(PAUSE_ENV)
-    if not wanted:
-        return
-    where, _, process = wanted.partition(":")
-    name, _, at = where.partition("@")
-    if name not in PAUSE_POINTS or not at.isdigit():
-        raise ValueError(
-            f"{PAUSE_ENV}={wanted!r}: expected POINT@STEP[:PROCESS] with POINT one of {', '.join(PAUSE_POINTS)}"
-        )
-    if name != point or int(at) != step or (process and int(process) != process_index):
-        return
-    flag = Path(os.environ[PAUSE_FILE_ENV])
-    flag.write_text(f"{os.getpid()}\n")
-    deadline = time.monotonic() + 600  # a test that forgot to release it does not hang forever
-    while flag.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)

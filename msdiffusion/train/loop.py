@@ -41,7 +41,6 @@ from .checkpoints import (
     list_checkpoints,
     partial_checkpoints,
     partial_path,
-    pause_for_tests,
     write_state,
 )
 from .conditioning import CachedFeatures, EncoderFeatures, condition, draw_drops
@@ -97,7 +96,6 @@ class TrainingRun:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.generator = torch.Generator("cpu").manual_seed(_process_seed(config.seed, self.accelerator.process_index))
-        self._step_being_saved = 0
         self._build()
 
     # ---- set-up -----------------------------------------------------------------------------------
@@ -384,7 +382,6 @@ class TrainingRun:
                         if global_step % config.log_every == 0 or global_step == self.max_train_steps:
                             last_loss = self._log(window, global_step, samples_per_step, progress)
                             window = _Window(time.perf_counter())
-                        pause_for_tests("step", global_step, accelerator.process_index)
                         pause = time.perf_counter()  # checkpoints and validation do not count in samples/s
                         stopping = global_step < self.max_train_steps and self._stop_agreed(stop)
                         saved = None
@@ -514,26 +511,21 @@ class TrainingRun:
         and only then removes checkpoints beyond `checkpoints_total_limit`: at every moment of a crash
         the newest complete checkpoint is still there (`checkpoints.py`).
         """
-        accelerator, index = self.accelerator, self.accelerator.process_index
+        accelerator = self.accelerator
         final, partial = checkpoint_path(self.output_dir, step), partial_path(self.output_dir, step)
         if accelerator.is_main_process:
             if partial.exists():  # left by an interrupted save of the same step
                 shutil.rmtree(partial)
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        pause_for_tests("begin", step, index)
-        self._step_being_saved = step
         accelerator.save_state(str(partial))  # every process: each saves its own random states
-        pause_for_tests("written", step, index)
         # Files are flushed to a shared file system when closed, before this barrier; the main process
         # then fsyncs them all (on one machine the page cache is shared) before marking them complete.
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_state(partial, {"step": step, "num_processes": accelerator.num_processes})
-            pause_for_tests("marked", step, index)
             remove_stale_temporaries(final)  # an earlier checkpoint-N moved aside when a crash came
             replace_path(partial, final)  # replaces a checkpoint-N an earlier run left in output_dir
-            pause_for_tests("renamed", step, index)
             self._remove_old_checkpoints(final)
         accelerator.wait_for_everyone()
         logger.info("saved %s", final)
@@ -556,7 +548,6 @@ class TrainingRun:
         if self.accelerator.is_main_process:
             model = self.accelerator.unwrap_model(models[0])
             self.export(output_dir)
-            pause_for_tests("hook", self._step_being_saved, self.accelerator.process_index)
             if self.ema is not None:
                 _checkpoint(model).save(output_dir / TRAINABLE_DIR)
         # (the state file, which says the checkpoint is complete, is written by save_checkpoint, last)
