@@ -14,6 +14,9 @@ _EXPORTS = {
     "GroundingResampler": "resampler",
     "ResamplerConfig": "resampler",
     "SubjectLayout": "layout",
+    "GenerationSettings": "settings",
+    "ModelSettings": "settings",
+    "load_pipeline": "loading",
 }
 
 
