@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -504,7 +505,8 @@ def test_base_loss_covers_the_manifest_boxes():
     from msdiffusion.train.loss import box_cover
     from msdiffusion.world.base import entry_boxes
 
-    entries = [{"subjects": [{"box": [0.0, 0.0, 0.5, 0.25]}, {"box": [0.375, 0.625, 1.0, 1.0]}]}, {"subjects": []}]
+    boxed = [SimpleNamespace(box=(0.0, 0.0, 0.5, 0.25)), SimpleNamespace(box=(0.375, 0.625, 1.0, 1.0))]
+    entries = [SimpleNamespace(subjects=boxed), SimpleNamespace(subjects=[])]
     boxes = entry_boxes(entries)
     assert boxes.shape == (2, 2, 4) and boxes[1].eq(0).all()  # padded with boxes that cover nothing
     cover = box_cover(boxes, 8, 8)
@@ -512,15 +514,15 @@ def test_base_loss_covers_the_manifest_boxes():
 
 
 def test_base_draws_scenes_of_the_classes_asked_more_often(tmp_path, monkeypatch):
+    from msdiffusion.data.manifest import write_manifest
     from msdiffusion.world import models
     from msdiffusion.world.base import BaseRecipe, _Captions, scene_sampling_weights, train_base
-    from msdiffusion.world.data import MANIFEST, _write_scenes, read_manifest
+    from msdiffusion.world.data import MANIFEST, _write_scenes, read_world_manifest
 
-    entries = [
-        {"subjects": [{"phrase": "hourglass"}, {"phrase": "star"}]},
-        {"subjects": [{"phrase": "ring"}]},
-        {"subjects": []},
-    ]
+    def entry(*phrases):
+        return SimpleNamespace(subjects=[SimpleNamespace(phrase=p) for p in phrases])
+
+    entries = [entry("hourglass", "star"), entry("ring"), entry()]
     assert scene_sampling_weights(entries, ()) is None  # every scene as often: the earlier builds' draws
     assert scene_sampling_weights(entries, (("star", 1.0),)) is None
     assert scene_sampling_weights(entries, (("hourglass", 3.0),)).tolist() == [3.0, 1.0, 1.0]
@@ -534,8 +536,8 @@ def test_base_draws_scenes_of_the_classes_asked_more_often(tmp_path, monkeypatch
     for sub in ("images", "references"):
         (data / sub).mkdir(parents=True)
     manifest = data / MANIFEST
-    manifest.write_text("\n".join(line for _, line in _write_scenes(data, 0, range(6))) + "\n")
-    classes = [{s["phrase"] for s in e["subjects"]} for e in read_manifest(manifest)]
+    write_manifest([sample for _, sample in _write_scenes(data, 0, range(6))], manifest)
+    classes = [{s.phrase for s in e.subjects} for e in read_world_manifest(manifest)]
     favoured = next(c for c in sorted(set().union(*classes)) if sum(c in scene for scene in classes) <= 2)
     drawn = []
     pick = _Captions.pick
@@ -563,6 +565,7 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
+    from msdiffusion.data.manifest import write_manifest
     from msdiffusion.world import models
     from msdiffusion.world.base import BaseRecipe, _Base, load_snapshot, snapshot_from_checkpoint, train_base
     from msdiffusion.world.data import MANIFEST, _write_scenes
@@ -571,7 +574,7 @@ def test_base_writes_a_snapshot_at_each_cycle_end_and_restarts_warm_from_one(tmp
     for sub in ("images", "references"):
         (data / sub).mkdir(parents=True)
     manifest = data / MANIFEST
-    manifest.write_text("\n".join(line for _, line in _write_scenes(data, 0, range(4))) + "\n")
+    write_manifest([sample for _, sample in _write_scenes(data, 0, range(4))], manifest)
     torch.manual_seed(0)
     vae = models.vae().eval()
     recipe = BaseRecipe(
@@ -720,13 +723,8 @@ def test_base_batches_mix_described_plain_and_empty_captions(tmp_path):
     entries = []
     for i in range(3):
         scene = random_scene(np.random.default_rng([5, i]))
-        entries.append(
-            {
-                "caption": scene.caption,
-                "meta": {"background": scene.background},
-                "subjects": [{"phrase": s.cls, "meta": {"identity": s.identity}} for s in scene.subjects],
-            }
-        )
+        subjects = [SimpleNamespace(phrase=s.cls, meta={"identity": s.identity}) for s in scene.subjects]
+        entries.append(SimpleNamespace(caption=scene.caption, meta={"background": scene.background}, subjects=subjects))
     tokenizer, tokenizer_2 = models.tokenizers(tmp_path)
     captions = _Captions(entries, tokenizer, tokenizer_2)
     keep = torch.tensor([[True], [True], [False]])
@@ -736,11 +734,11 @@ def test_base_batches_mix_described_plain_and_empty_captions(tmp_path):
             tok.decode([i for i in row.tolist() if i != tok.pad_token_id], skip_special_tokens=True).replace(" ,", ",")
             for row in ids
         ]
-        subjects = entries[0]["subjects"]
+        subjects = entries[0].subjects
         assert texts[0] == caption_for(
-            [s["phrase"] for s in subjects], entries[0]["meta"]["background"], [s["meta"]["identity"] for s in subjects]
+            [s.phrase for s in subjects], entries[0].meta["background"], [s.meta["identity"] for s in subjects]
         )
-        assert texts[1] == entries[1]["caption"]
+        assert texts[1] == entries[1].caption
         assert texts[2] == ""
 
 

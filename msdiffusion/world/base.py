@@ -32,7 +32,7 @@ import torch
 from ..train.loss import box_cover, diffusion_loss
 from ..train.timesteps import draw_timesteps
 from . import models
-from .data import load_images, read_manifest
+from .data import load_images, read_world_manifest
 
 
 @dataclass
@@ -147,13 +147,13 @@ def _base_lr(step: int, recipe: BaseRecipe) -> float:
     return warmup_cosine_lr(step - first + 1, steps + 1, 1, peak)
 
 
-def scene_sampling_weights(entries: list[dict], class_sampling: tuple[tuple[str, float], ...]) -> torch.Tensor | None:
+def scene_sampling_weights(entries: list, class_sampling: tuple[tuple[str, float], ...]) -> torch.Tensor | None:
     """Each manifest entry's chance to be drawn (`BaseRecipe.class_sampling`); None when all are equal."""
     factors = dict(class_sampling)
     if not factors or all(f == 1 for f in factors.values()):
         return None
     return torch.tensor(
-        [max((factors.get(s["phrase"], 1.0) for s in e["subjects"]), default=1.0) for e in entries], dtype=torch.float64
+        [max((factors.get(s.phrase, 1.0) for s in e.subjects), default=1.0) for e in entries], dtype=torch.float64
     )
 
 
@@ -251,18 +251,18 @@ def pin_posterior_variance(vae, log_variance: float = -30.0) -> None:
 class _Captions:
     """Both tokenizers' ids of every scene's captions (class names only, and described), computed once."""
 
-    def __init__(self, entries: list[dict], tokenizer, tokenizer_2):
+    def __init__(self, entries: list, tokenizer, tokenizer_2):
         from .scenes import caption_for
 
         def ids(tok, texts):
             return tok(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
-        plain = [e["caption"] for e in entries]
+        plain = [e.caption for e in entries]
         described = [
             caption_for(
-                [s["phrase"] for s in e["subjects"]],
-                e["meta"]["background"],
-                [s["meta"]["identity"] for s in e["subjects"]],
+                [s.phrase for s in e.subjects],
+                e.meta["background"],
+                [s.meta["identity"] for s in e.subjects],
             )
             for e in entries
         ]
@@ -287,12 +287,12 @@ def encode_prompts(text_encoder, text_encoder_2, ids, ids_2) -> tuple[torch.Tens
     return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
 
 
-def entry_boxes(entries: list[dict]) -> torch.Tensor:
+def entry_boxes(entries: list) -> torch.Tensor:
     """(N, max subjects, 4) boxes of manifest entries, zeros for padding (`train.loss.box_cover`'s input)."""
-    boxes = torch.zeros(len(entries), max([len(e["subjects"]) for e in entries] + [1]), 4)
+    boxes = torch.zeros(len(entries), max([len(e.subjects) for e in entries] + [1]), 4)
     for n, entry in enumerate(entries):
-        for k, subject in enumerate(entry["subjects"]):
-            boxes[n, k] = torch.tensor(subject["box"], dtype=torch.float32)
+        for k, subject in enumerate(entry.subjects):
+            boxes[n, k] = torch.tensor(subject.box, dtype=torch.float32)
     return boxes
 
 
@@ -314,7 +314,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.cycles[0][1], weight_decay=0.01)
     noise_scheduler = DDPMScheduler.from_config(models.scheduler().config)
-    entries = read_manifest(manifest)
+    entries = read_world_manifest(manifest)
     captions = _Captions(entries, tokenizer, tokenizer_2)
     scene_weights = scene_sampling_weights(entries, recipe.class_sampling)
 

@@ -7,12 +7,12 @@ each subject's reference is another rendering of it, stored with its mask.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 
+from ..data.manifest import Reference, Sample, SubjectRecord, read_manifest, write_manifest
 from .scenes import random_scene, render_reference
 
 MANIFEST = "manifest.jsonl"
@@ -32,59 +32,45 @@ def write_dataset(directory: str | Path, num_scenes: int, seed: int = 0, workers
     chunks = [(directory, seed, range(start, num_scenes, workers)) for start in range(workers)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         parts = pool.starmap(_write_scenes, chunks)
-    lines = [line for _, line in sorted(pair for part in parts for pair in part)]
+    samples = [sample for _, sample in sorted((pair for part in parts for pair in part), key=lambda p: p[0])]
     manifest = directory / MANIFEST
-    manifest.write_text("\n".join(lines) + "\n")
+    write_manifest(samples, manifest)  # the training data's own writer: the world's data is ordinary data
     return manifest
 
 
-def _write_scenes(directory: Path, seed: int, indices: range) -> list[tuple[int, str]]:
-    lines = []
+def _write_scenes(directory: Path, seed: int, indices: range) -> list[tuple[int, Sample]]:
+    samples = []
     for i in indices:
         rng = np.random.default_rng([seed, i])
         scene = random_scene(rng, held_out=False)
         name = f"{i:06d}"
-        PIL.Image.fromarray(scene.image).save(directory / "images" / f"{name}.png", compress_level=1)
+        image = directory / "images" / f"{name}.png"
+        PIL.Image.fromarray(scene.image).save(image, compress_level=1)
         subjects = []
         for k, subject in enumerate(scene.subjects):
-            image, mask = render_reference(rng, subject.cls, subject.identity)
-            ref, ref_mask = f"references/{name}_{k}.png", f"references/{name}_{k}_mask.png"
-            PIL.Image.fromarray(image).save(directory / ref, compress_level=1)
-            PIL.Image.fromarray((mask * 255).astype(np.uint8)).save(directory / ref_mask, compress_level=1)
+            reference, mask = render_reference(rng, subject.cls, subject.identity)
+            ref, ref_mask = (
+                directory / "references" / f"{name}_{k}.png",
+                directory / "references" / f"{name}_{k}_mask.png",
+            )
+            PIL.Image.fromarray(reference).save(ref, compress_level=1)
+            PIL.Image.fromarray((mask * 255).astype(np.uint8)).save(ref_mask, compress_level=1)
+            box = tuple(round(float(c), 6) for c in subject.box)
             subjects.append(
-                {
-                    "phrase": subject.cls,
-                    "box": [round(float(c), 6) for c in subject.box],
-                    "reference": {"image": ref, "mask": ref_mask},
-                    "meta": {"identity": subject.identity},
-                }
+                SubjectRecord(subject.cls, box, Reference(ref, mask=ref_mask), {"identity": subject.identity})
             )
-        lines.append(
-            (
-                i,
-                json.dumps(
-                    {
-                        "id": name,
-                        "image": f"images/{name}.png",
-                        "caption": scene.caption,
-                        "subjects": subjects,
-                        "width": scene.image.shape[1],
-                        "height": scene.image.shape[0],
-                        "meta": {"background": scene.background},
-                    }
-                ),
-            )
+        height, width = scene.image.shape[:2]
+        samples.append(
+            (i, Sample(image, scene.caption, subjects, name, width, height, {"background": scene.background}))
         )
-    return lines
+    return samples
 
 
-def read_manifest(manifest: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
+def read_world_manifest(manifest: str | Path) -> list[Sample]:
+    """The world's manifest, read by the training data's reader (files are not opened here)."""
+    return read_manifest(manifest, check_files=False)
 
 
 def load_images(manifest: str | Path) -> np.ndarray:
     """All target images of a manifest as one (N, H, W, 3) uint8 array."""
-    root = Path(manifest).parent
-    return np.stack(
-        [np.asarray(PIL.Image.open(root / entry["image"]).convert("RGB")) for entry in read_manifest(manifest)]
-    )
+    return np.stack([np.asarray(PIL.Image.open(s.image).convert("RGB")) for s in read_world_manifest(manifest)])
