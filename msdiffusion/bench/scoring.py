@@ -412,8 +412,8 @@ def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: Refer
         for j, subject in enumerate(record["subjects"]):
             refs = subject_refs[i][j]
             entry = {"name": subject["name"], "phrase": subject["phrase"], "box": subject["box"]}
-            entry["clip_i"] = _mean_cosine(image_clip[i], refs, references.clip)
-            entry["dino"] = _mean_cosine(image_dino[i], refs, references.dino)
+            entry["clip_i"] = mean_cosine(image_clip[i], [references.clip[p] for p in refs])
+            entry["dino"] = mean_cosine(image_dino[i], [references.dino[p] for p in refs])
             if is_background(subject["box"]):
                 entry.update(
                     background=True, detected=None, iou=None, crop_clip_i=entry["clip_i"], crop_dino=entry["dino"]
@@ -429,8 +429,8 @@ def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: Refer
                         detection=[round(v, 4) for v in detection.box],
                         detection_score=round(detection.score, 4),
                         iou=box_iou(detection.box, subject["box"]),
-                        crop_clip_i=_mean_cosine(crop_clip[k], refs, references.clip),
-                        crop_dino=_mean_cosine(crop_dino[k], refs, references.dino),
+                        crop_clip_i=mean_cosine(crop_clip[k], [references.clip[p] for p in refs]),
+                        crop_dino=mean_cosine(crop_dino[k], [references.dino[p] for p in refs]),
                     )
             subjects.append(entry)
         results.append(
@@ -448,7 +448,8 @@ def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: Refer
     return results
 
 
-def _mean_cosine(embedding: torch.Tensor, paths: Sequence[Path], table: dict) -> float:
+def mean_cosine(embedding: torch.Tensor, references: Sequence[torch.Tensor]) -> float:
+    """Mean cosine of a unit-length embedding with unit-length reference embeddings (CLIP-I, DINO)."""
     import torch
 
-    return float((torch.stack([table[p] for p in paths]) @ embedding).mean())
+    return float((torch.stack(list(references)) @ embedding).mean())

@@ -286,12 +286,6 @@ class WorldScorer:
         return normalize(torch.cat(clips), dim=-1), normalize(torch.cat(dinos), dim=-1)
 
 
-def _mean_cosine(embedding, references: list) -> float:
-    import torch
-
-    return float((torch.stack(references) @ embedding).mean())
-
-
 def score_world_records(
     records: Sequence[dict],
     run_dir: Path,
@@ -301,7 +295,7 @@ def score_world_records(
     progress: Callable[[int], None] | None = None,
 ) -> list[dict]:
     """Score world manifest records: the evaluator per subject, cosines per image and per found subject."""
-    from msdiffusion.bench.scoring import _load_rgb, _reference_paths, crop
+    from msdiffusion.bench.scoring import _load_rgb, _reference_paths, crop, mean_cosine
     from msdiffusion.world.evaluate import AskedSubject
 
     run_dir = Path(run_dir)
@@ -347,8 +341,8 @@ def score_world_records(
                     "identity": subject["identity"],
                     "box": subject["box"],
                     "background": False,
-                    "clip_i": _mean_cosine(image_clip[i], clip_refs),
-                    "dino": _mean_cosine(image_dino[i], dino_refs),
+                    "clip_i": mean_cosine(image_clip[i], clip_refs),
+                    "dino": mean_cosine(image_dino[i], dino_refs),
                     # the generic columns: "detected" = a region of the class overlaps the box at all
                     "detected": result.found_box is not None,
                     "detection": None if result.found_box is None else [round(v, 4) for v in result.found_box],
@@ -363,8 +357,8 @@ def score_world_records(
                 }
                 if (i, j) in crop_index:
                     k = crop_index[(i, j)]
-                    entry["crop_clip_i"] = _mean_cosine(crop_clip[k], clip_refs)
-                    entry["crop_dino"] = _mean_cosine(crop_dino[k], dino_refs)
+                    entry["crop_clip_i"] = mean_cosine(crop_clip[k], clip_refs)
+                    entry["crop_dino"] = mean_cosine(crop_dino[k], dino_refs)
                 subjects.append(entry)
             results.append(
                 {
