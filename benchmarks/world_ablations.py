@@ -80,7 +80,7 @@ def run(name: str, out: Path, models: str | None) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    head = "| ablation | images | found (IoU>=0.5) | placed (any shape) | identity correct | found and correct | mixing | mean IoU | subject CLIP-I | found, 4 subjects |"
+    head = "| ablation | images | found (IoU>=0.5) | placed (any shape) | identity correct | colours only | found and correct | mixing | mean IoU | subject CLIP-I | found, 4 subjects |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, tables in results.items():
         row = tables["overall"]
