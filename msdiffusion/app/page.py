@@ -422,6 +422,7 @@ def build_page(models: PageModels, pipe=None):
         size = model_defaults.pop("size")
         model_defaults["width"], model_defaults["height"] = (size, size) if isinstance(size, int) else size
     defaults.update(model_defaults)
+    defaults["negative_prompt"] = defaults.get("negative_prompt") or ""  # a named set's None: an empty box
     pipes: dict = {"pipe": pipe}
     pipe_lock = threading.Lock()
 
