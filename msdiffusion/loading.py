@@ -29,20 +29,19 @@ MODEL_PARTS = ("base", "adapter", "image_encoder")
 @dataclass(frozen=True)
 class NamedModels:
     name: str
-    description: str
     defaults: dict = field(default_factory=dict)  # generation settings (job-file names) it is run with
     whole_set: bool = False  # its parts only work together (random models built at one go)
 
 
 NAMED_MODELS = {
+    # the small models trained on a CPU in the procedural world (docs/world.md), shipped in the package
     WORLD: NamedModels(
         WORLD,
-        "the small models trained on a CPU in the procedural world (docs/world.md), shipped in the package",
         {"size": [64, 64], "steps": 25, "guidance": 5.0, "scale": 1.0, "negative_prompt": None},
     ),
+    # tiny random SDXL-shaped models: their images are noise, for checking the wiring
     TINY: NamedModels(
         TINY,
-        "tiny random SDXL-shaped models: their images are noise, for checking the wiring",
         {"size": [512, 384], "steps": 20},
         whole_set=True,
     ),

@@ -185,12 +185,6 @@ def _selected(args):
         raise UserInputError(str(error)) from None
 
 
-def _size(args) -> list[int]:
-    from msdiffusion.settings import parse_size
-
-    return parse_size(args.size, "--size")
-
-
 def _resolve_models(args, world: bool) -> None:
     """--models (a folder of world models) or --base/--adapter/--image-encoder; the world bench defaults
     to the shipped world models."""
@@ -276,7 +270,6 @@ def _run(args) -> int:
         BenchSettings,
         check_run_config,
         generate_items,
-        load_pipeline,
         shard,
         work_items,
         write_json_atomic,
@@ -306,7 +299,9 @@ def _run(args) -> int:
         args.photos = args.output / "references"
     elif not world:
         _existing_dir(args.photos, "--photos")
-    size = _size(args)
+    from msdiffusion.settings import parse_size
+
+    size = parse_size(args.size, "--size")
     positive = {"--steps": args.steps, "--batch-size": args.batch_size}
     for name, value in positive.items():
         if value < 1:
@@ -401,8 +396,10 @@ def _run(args) -> int:
     bar = tqdm(total=len(mine), desc=f"generating (process {state.process_index})", disable=not state.is_main_process)
 
     def pipeline():
+        from msdiffusion.loading import load_pipeline
+
         try:
-            return load_pipeline(settings, state.device)
+            return load_pipeline(settings.model_settings(), device=str(state.device))
         except (OSError, ValueError) as error:  # a wrong path or id, an adapter that does not fit the base
             raise UserInputError(f"cannot load the models: {error}") from None
 

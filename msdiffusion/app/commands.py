@@ -229,10 +229,6 @@ def _add_device_arguments(group) -> None:
 
 
 # ---- generate ----------------------------------------------------------------------------------
-def _size(text: str, what: str = "--size") -> list[int]:
-    return parse_size(text, what)
-
-
 def _subject_from_flag(values: list[str]) -> dict:
     """`IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]` -> a job-file subject."""
     usage = "--subject IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]"
@@ -302,7 +298,7 @@ def _flag_overrides(args) -> dict:
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.size:
-        overrides["size"] = _size(args.size)
+        overrides["size"] = parse_size(args.size, "--size")
     if args.subject:
         overrides["subjects"] = [_subject_from_flag(values) for values in args.subject]
     if args.lora:
@@ -392,7 +388,7 @@ def run_demo(args) -> int:
     common = dict(seed=args.seed, output=output, device=args.device, dtype=args.dtype)
     if kind == "world":
         settings = dict(NAMED_MODELS[WORLD].defaults)
-        settings["size"] = _size(args.size) if args.size else settings["size"]
+        settings["size"] = parse_size(args.size, "--size") if args.size else settings["size"]
         settings["steps"] = args.steps or settings["steps"]
         job = Job(
             base=WORLD,
@@ -411,7 +407,7 @@ def run_demo(args) -> int:
     else:
         tiny = kind == "random"
         defaults = NAMED_MODELS[TINY].defaults if tiny else {"size": [1024, 1024], "steps": 30}
-        size = _size(args.size) if args.size else defaults["size"]
+        size = parse_size(args.size, "--size") if args.size else defaults["size"]
         job = Job(
             base=args.base or TINY,
             adapter=args.adapter or TINY,

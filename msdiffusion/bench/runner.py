@@ -169,13 +169,6 @@ def write_manifest(output_dir: Path, items: Sequence[WorkItem], settings: BenchS
 # --- generation -----------------------------------------------------------------------------------
 
 
-def load_pipeline(settings: BenchSettings, device):
-    """The pipeline of the run's models on `device` (`msdiffusion.loading`, the one loader)."""
-    from ..loading import load_pipeline as load
-
-    return load(settings.model_settings(), device=str(device))
-
-
 def _box(setting: str, box) -> list[float]:
     return {"given": list(box), "none": [0.0] * 4, "whole": [0.0, 0.0, 1.0, 1.0]}[setting]
 
@@ -222,16 +215,16 @@ def generate_items(
     if not todo:
         return result
     pipe = pipeline_factory()
+    arguments = settings.pipeline_arguments()
+    negative_prompt = arguments.pop("negative_prompt")  # None stays None: no negative prompt for any prompt
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         # a CPU generator per image: the same noise whatever the device or the batch it lands in
         generators = [
             torch.Generator("cpu").manual_seed(sample_seed(settings.seed, i.sample.sample_id, i.index)) for i in batch
         ]
-        arguments = settings.pipeline_arguments()
-        if arguments["negative_prompt"] is not None:  # None stays None: no negative prompt for any prompt
-            arguments["negative_prompt"] = [arguments["negative_prompt"]] * len(batch)
         images = pipe(
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(batch),
             prompt=[settings.prompt_prefix + item.sample.prompt for item in batch],
             subject_images=[
                 [_references(images_dir, s.source, settings.references) for s in item.sample.subjects] for item in batch

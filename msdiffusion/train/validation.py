@@ -34,6 +34,7 @@ def validation_settings(config: TrainConfig) -> GenerationSettings:
 def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
     """The config's `validation` entries, or else the first `validation_samples` samples of the manifest
     that have subjects (their caption, references as training prepares them, and boxes)."""
+    negative_prompt = validation_settings(config).negative_prompt  # of entries that give none
     if config.validation:
         return [
             ValidationEntry(
@@ -66,7 +67,7 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
                 images,
                 [s.phrase for s in subjects],
                 [s.box for s in subjects],
-                negative_prompt=validation_settings(config).negative_prompt,
+                negative_prompt=negative_prompt,
             )
         )
     return entries

@@ -565,23 +565,22 @@ def ground_truth_check(
         if vae is not None:
             x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
             image = ((vae_round_trip(vae, x)[0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        asked = []
-        for s in scene.subjects:
-            identity = s.identity
-            if asked_as is not None:
-                identity = WRONG_IDENTITIES[asked_as](s.identity)
-                if identity == s.identity or identity in look_alikes(s.identity):
-                    identity = -1  # renders alike: nothing to reject
-            asked.append(AskedSubject(CLASSES[(CLASSES.index(s.cls) + wrong_class) % len(CLASSES)], identity, s.box))
-        if asked_as is not None:  # score only the subjects that were asked as another identity
-            keep = [k for k, s in enumerate(asked) if s.identity >= 0]
-            if not keep:
-                continue
-            others = [AskedSubject(s.cls, s.identity, s.box) for s in scene.subjects]
-            scored = evaluator.evaluate(image, [asked[k] if k in keep else others[k] for k in range(len(asked))])
-            results.append([scored[k] for k in keep])
-        else:
+        asked = [
+            AskedSubject(CLASSES[(CLASSES.index(s.cls) + wrong_class) % len(CLASSES)], s.identity, s.box)
+            for s in scene.subjects
+        ]
+        if asked_as is None:
             results.append(evaluator.evaluate(image, asked))
+            continue
+        scored = []  # only the subjects whose other identity renders differently
+        for k, s in enumerate(scene.subjects):
+            other = WRONG_IDENTITIES[asked_as](s.identity)
+            if other != s.identity and other not in look_alikes(s.identity):
+                asked[k] = AskedSubject(s.cls, other, s.box)
+                scored.append(k)
+        if scored:
+            found = evaluator.evaluate(image, asked)
+            results.append([found[k] for k in scored])
     return summarize(results)
 
 
