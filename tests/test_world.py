@@ -19,7 +19,6 @@ from msdiffusion.world.evaluate import (
     descriptor_distance,
     held_out_jobs,
     identity_is_correct,
-    look_alikes,
 )
 from msdiffusion.world.scenes import (
     _PAIRS,
@@ -35,6 +34,7 @@ from msdiffusion.world.scenes import (
     identity_parts,
     identity_words,
     is_held_out,
+    look_alikes,
     mask_box,
     random_scene,
     render_reference,

@@ -120,7 +120,8 @@ def test_turned_references_are_noticed(world, unbroken, monkeypatch, turn):
     import PIL.Image
 
     import msdiffusion.pipelines as pipelines
-    from msdiffusion.world.evaluate import WRONG_IDENTITIES, look_alikes
+    from msdiffusion.world.evaluate import WRONG_IDENTITIES
+    from msdiffusion.world.scenes import look_alikes
 
     real = pipelines.prepare_reference_pixels
     method = {"transposed": PIL.Image.Transpose.TRANSPOSE, "flipped": PIL.Image.Transpose.FLIP_LEFT_RIGHT}[turn]

@@ -354,8 +354,7 @@ def _asset(name: str) -> str:
 
 def _demo_identity_note(image: str, phrase: str) -> str:
     """Whether a demo subject's identity, held out by number, is also unseen by appearance."""
-    from msdiffusion.world.evaluate import look_alikes
-    from msdiffusion.world.scenes import identity_parts, is_held_out
+    from msdiffusion.world.scenes import identity_parts, is_held_out, look_alikes
 
     identity = int(image.rsplit("-", 1)[1].split(".")[0])
     a, b, (kind, _) = identity_parts(identity)

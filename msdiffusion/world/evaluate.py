@@ -46,6 +46,7 @@ from .scenes import (
     draw_subject,
     identity_parts,
     is_held_out,
+    look_alikes,
     random_scene,
 )
 
@@ -97,8 +98,9 @@ def _label_map(scene) -> np.ndarray:
 
 
 def train_segmenter(vae, steps: int = 1500, batch: int = 32, seed: int = 0, log: Callable = print) -> Segmenter:
-    """Train on fresh scenes (all identities: the segmenter judges shape, not identity), half of them
-    passed through the VAE so that it also reads the softer images the diffusion model makes."""
+    """Train on fresh scenes of training identities (held-out ones stay unseen by every model, the
+    evaluator's included), half of them passed through the VAE so that it also reads the softer
+    images the diffusion model makes."""
     torch.manual_seed(seed)
     model = Segmenter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
@@ -106,7 +108,7 @@ def train_segmenter(vae, steps: int = 1500, batch: int = 32, seed: int = 0, log:
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = 2e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
-        scenes = [random_scene(np.random.default_rng([seed, 7, step, k]), held_out=k % 2 == 0) for k in range(batch)]
+        scenes = [random_scene(np.random.default_rng([seed, 7, step, k])) for k in range(batch)]
         x = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.no_grad():
             half = batch // 2
@@ -249,22 +251,6 @@ def identity_descriptor(identity: int, cls: str = "circle", size: float = 48.0, 
         mask = draw_subject(canvas, cls, identity, (side / 2, side / 2), float(key[2]), angle)
         _IDENTITY_CACHE[key] = descriptor(canvas.round().astype(np.uint8), mask)
     return _IDENTITY_CACHE[key]
-
-
-def look_alikes(identity: int) -> set[int]:
-    """Identities rendered exactly like `identity` up to the pattern's phase: its colours swapped in
-    stripes or checks, or swapped with the gradient reversed. No image can tell these apart, so the
-    evaluator never counts one as another's rival."""
-    from .scenes import _PAIRS, COLOR_NAMES, PATTERNS
-
-    a, b, (kind, param) = identity_parts(identity)
-    if kind in ("stripes", "checks"):
-        twin = (kind, param)
-    elif kind == "gradient":
-        twin = (kind, (param + 180) % 360)
-    else:
-        return set()
-    return {_PAIRS.index((COLOR_NAMES.index(b), COLOR_NAMES.index(a))) * len(PATTERNS) + PATTERNS.index(twin)}
 
 
 # ---- evaluation --------------------------------------------------------------------------------------

@@ -79,6 +79,20 @@ def identity_parts(identity: int) -> tuple[str, str, tuple]:
     return COLOR_NAMES[a], COLOR_NAMES[b], PATTERNS[pattern]
 
 
+def look_alikes(identity: int) -> set[int]:
+    """Identities rendered exactly like `identity` up to the pattern's phase: its colours swapped in
+    stripes or checks, or swapped with the gradient reversed. No image can tell these apart, so the
+    evaluator never counts one as another's rival."""
+    a, b, (kind, param) = identity_parts(identity)
+    if kind in ("stripes", "checks"):
+        twin = (kind, param)
+    elif kind == "gradient":
+        twin = (kind, (param + 180) % 360)
+    else:
+        return set()
+    return {_PAIRS.index((COLOR_NAMES.index(b), COLOR_NAMES.index(a))) * len(PATTERNS) + PATTERNS.index(twin)}
+
+
 # Words for each pattern in the base's descriptive captions (`identity_words`). Stripes at angle 0
 # vary along x, so they run vertically; a gradient at angle 0 goes from the first colour on the left
 # to the second on the right.
