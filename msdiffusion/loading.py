@@ -12,12 +12,11 @@ is a client of the product, not a part of loading.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserInputError
+from .errors import UserInputError, did_you_mean
 from .settings import GenerationSettings, ModelSettings, SettingsError
 
 TINY = "tiny-random"
@@ -181,8 +180,7 @@ def check_scheduler_name(name: str | None) -> None:
     scheduler_class = getattr(diffusers, name, None)
     if scheduler_class is None or not hasattr(scheduler_class, "from_config") or not name.endswith("Scheduler"):
         known = [n for n in dir(diffusers) if n.endswith("Scheduler") and n[0].isupper()]
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else " (e.g. EulerDiscreteScheduler)"
+        hint = did_you_mean(name, known, cutoff=0.5) or " (e.g. EulerDiscreteScheduler)"
         raise SettingsError(f"scheduler: {name!r} is not a diffusers scheduler class{hint}.")
 
 

@@ -144,7 +144,7 @@ def test_bad_manifest_lists_every_problem_with_line_numbers(folder):
     assert f"{manifest}:4: subjects[0].box: [0.5, 0.1, 0.2, 0.5] is empty or reversed ([x0, y0, x1, y1]" in text
     assert "pixel coordinates must be divided by the image width and height" in text
     assert f"{manifest}:6: subjects[0].phrase: 'cat' does not appear in the caption" in text
-    assert f'{manifest}:7: catpion: unknown key (did you mean "caption"? allowed: image, caption' in text
+    assert f"{manifest}:7: catpion: unknown key (did you mean 'caption'?); allowed: image, caption" in text
     assert "file not found" in text and "refs/none.png" in text
     assert "2 subjects are named 'dog' but the caption has it 1 time(s)" in text
     assert [p.kind for p in error.problems if p.line == 8] == ["missing", "missing"]

@@ -290,7 +290,7 @@ def test_train_command_reports_data_problems_clearly(setup, tmp_path, capsys):
     lines = setup["manifest"].read_text().splitlines()
     bad.write_text(lines[0] + "\n" + lines[1].replace('"caption"', '"catpion"') + "\n")
     assert main(base_args + ["--manifest", str(bad)]) == 2
-    assert 'bad.jsonl:2: catpion: unknown key (did you mean "caption"?' in capsys.readouterr().err
+    assert "bad.jsonl:2: catpion: unknown key (did you mean 'caption'?)" in capsys.readouterr().err
 
     reset_accelerate()
     assert main(base_args + ["--manifest", str(setup["manifest"]), "--train-batch-size", "16"]) == 2

@@ -20,7 +20,6 @@ Every written image carries the job that made it (with its own seed) in its PNG 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import random
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from msdiffusion.errors import UserInputError
+from msdiffusion.errors import UserInputError, did_you_mean
 from msdiffusion.loading import NAMED_MODELS
 from msdiffusion.settings import (
     GENERATION_FIELDS,
@@ -131,9 +130,9 @@ _SUBJECT_FIELDS = {"image", "phrase", "box", "scale"}
 
 
 def _unknown(name: str, allowed, where: str) -> JobError:
-    close = difflib.get_close_matches(name, list(allowed), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return JobError(f"{where}: unknown field {name!r}{hint}; allowed: {', '.join(sorted(allowed))}.")
+    return JobError(
+        f"{where}: unknown field {name!r}{did_you_mean(name, allowed)}; allowed: {', '.join(sorted(allowed))}."
+    )
 
 
 def _path(value: Any, base_dir: Path | None, what: str, must_exist: bool = True) -> str:

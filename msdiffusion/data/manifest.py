@@ -17,7 +17,6 @@ allowed)`, so a whole file can be fixed in one pass.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import PIL.Image
+
+from ..errors import did_you_mean
 
 Box = tuple[float, float, float, float]
 
@@ -141,10 +142,8 @@ class _Checker:
     def keys(self, obj: dict, allowed: tuple[str, ...], where: str) -> None:
         for key in obj:
             if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f'did you mean "{close[0]}"? ' if close else ""
                 label = f"{where}.{key}" if where else key
-                self.add(label, f"unknown key ({hint}allowed: {', '.join(allowed)})")
+                self.add(label, f"unknown key{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
 
     def text(self, obj: dict, key: str, where: str, required: bool = True) -> str | None:
         label = f"{where}.{key}" if where else key

@@ -11,7 +11,6 @@ weights to `OUT/export`; shipping them is an explicit copy into the package (doc
 
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import did_you_mean
 from . import models
 from .base import BaseRecipe, save_base, train_base, train_vae
 from .data import MANIFEST, write_dataset
@@ -228,9 +228,7 @@ def _from_mapping(cls, data: Any, where: str):
     values = {}
     for name, value in data.items():
         if name not in known:
-            close = difflib.get_close_matches(str(name), list(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"{where}: unknown field {name!r}{hint}; fields: {', '.join(known)}.")
+            raise ValueError(f"{where}: unknown field {name!r}{did_you_mean(name, known)}; fields: {', '.join(known)}.")
         if name == "base":
             value = _from_mapping(BaseRecipe, value, f"{where}: base")
         elif name == "image_encoder":
