@@ -7,8 +7,6 @@ from test_bench_tiny_models import noise_image, scoring_models  # noqa: F401  (s
 
 from msdiffusion.bench.scoring import (
     ClipEmbedder,
-    Detection,
-    Detector,
     DinoEmbedder,
     Scorers,
     ScoringConfig,
@@ -18,6 +16,7 @@ from msdiffusion.bench.scoring import (
     score_records,
 )
 from msdiffusion.boxes import box_iou
+from msdiffusion.data.detection import Detection, OpenVocabularyDetector
 
 
 def test_box_geometry():
@@ -25,9 +24,14 @@ def test_box_geometry():
     assert box_iou([0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]) == 0
     assert box_iou([0, 0, 0.5, 1], [0.25, 0, 0.75, 1]) == pytest.approx(1 / 3)
     kept = non_max_suppression(
-        [Detection((0, 0, 0.5, 0.5), 0.5), Detection((0, 0, 0.52, 0.5), 0.9), Detection((0.6, 0, 1, 1), 0.2)]
+        [
+            Detection("cat", (0, 0, 0.5, 0.5), 0.5),
+            Detection("cat", (0, 0, 0.52, 0.5), 0.9),
+            Detection("cat", (0.6, 0, 1, 1), 0.2),
+            Detection("dog", (0, 0, 0.5, 0.5), 0.3),  # another phrase: never suppressed by a cat
+        ]
     )
-    assert [d.score for d in kept] == [0.9, 0.2]
+    assert [(d.phrase, d.score) for d in kept] == [("cat", 0.9), ("dog", 0.3), ("cat", 0.2)]
 
 
 def test_crop_takes_the_box_pixels():
@@ -40,14 +44,14 @@ def test_crop_takes_the_box_pixels():
 
 def test_matching_needs_one_detection_per_subject():
     left, right = [0, 0.25, 0.5, 0.75], [0.5, 0.25, 1, 0.75]
-    merged = {"cat": [Detection((0.1, 0.2, 0.9, 0.8), 0.9)]}  # the two cats came out as one
+    merged = [Detection("cat", (0.1, 0.2, 0.9, 0.8), 0.9)]  # the two cats came out as one
     matched = match_subjects(["cat", "cat"], [left, right], merged)
     assert sum(m is not None for m in matched) == 1
-    both = {"cat": [Detection((0.55, 0.25, 1, 0.75), 0.3), Detection((0, 0.25, 0.45, 0.75), 0.8)]}
+    both = [Detection("cat", (0.55, 0.25, 1, 0.75), 0.3), Detection("cat", (0, 0.25, 0.45, 0.75), 0.8)]
     matched = match_subjects(["cat", "cat"], [left, right], both)
     assert matched[0].box == (0, 0.25, 0.45, 0.75) and matched[1].box == (0.55, 0.25, 1, 0.75)
     # classes never mix: a dog detection cannot stand in for a cat
-    assert match_subjects(["cat"], [left], {"dog": [Detection(tuple(left), 0.9)]}) == [None]
+    assert match_subjects(["cat"], [left], [Detection("dog", tuple(left), 0.9)]) == [None]
 
 
 class FixedDetector:
@@ -55,11 +59,11 @@ class FixedDetector:
 
     threshold = 0.5
 
-    def __init__(self, found: dict[str, list[Detection]]):
+    def __init__(self, found: list[Detection]):
         self.found = found
 
-    def detect(self, images, queries):
-        return [{q: list(self.found.get(q, [])) for q in image_queries} for image_queries in queries]
+    def __call__(self, images, queries, threshold=None):
+        return [[d for d in self.found if d.phrase in image_queries] for image_queries in queries]
 
 
 def _run_dir(tmp_path, generated: PIL.Image.Image, references: dict[str, PIL.Image.Image], subjects: list[dict]):
@@ -99,14 +103,14 @@ def test_known_case_same_image_scores_one_and_an_off_subject_crop_scores_less(tm
     # 1. the generated image IS the reference: CLIP-I = DINO = 1
     run_dir, record = _run_dir(tmp_path / "same", reference, {"cat": reference}, subjects)
     config = ScoringConfig("clip", "dino", "fixed", 0.5)
-    scorers = Scorers(clip, dino, FixedDetector({"cat": [Detection((0.0, 0.0, 1.0, 1.0), 0.9)]}), config)
+    scorers = Scorers(clip, dino, FixedDetector([Detection("cat", (0.0, 0.0, 1.0, 1.0), 0.9)]), config)
     (same,) = score_records([record], run_dir, scorers)
     assert same["clip_i"] == pytest.approx(1, abs=1e-5) and same["dino"] == pytest.approx(1, abs=1e-5)
     assert same["subjects"][0]["crop_clip_i"] == pytest.approx(1, abs=1e-5)
 
     # 2. subject in its box: the crop at the detection is the reference itself, scoring 1 ...
     run_dir, record = _run_dir(tmp_path / "pasted", canvas, {"cat": reference}, subjects)
-    inside = Scorers(clip, dino, FixedDetector({"cat": [Detection(tuple(box), 0.9)]}), config)
+    inside = Scorers(clip, dino, FixedDetector([Detection("cat", tuple(box), 0.9)]), config)
     (hit,) = score_records([record], run_dir, inside)
     subject = hit["subjects"][0]
     assert subject["detected"] and subject["iou"] == pytest.approx(1)
@@ -114,7 +118,7 @@ def test_known_case_same_image_scores_one_and_an_off_subject_crop_scores_less(tm
     assert hit["clip_i"] < 1 - 1e-3  # the whole image is not the reference
 
     # ... and a detection outside the subject scores lower, with a lower layout IoU
-    outside = Scorers(clip, dino, FixedDetector({"cat": [Detection((0.0, 0.0, 0.25, 0.25), 0.9)]}), config)
+    outside = Scorers(clip, dino, FixedDetector([Detection("cat", (0.0, 0.0, 0.25, 0.25), 0.9)]), config)
     (miss,) = score_records([record], run_dir, outside)
     off = miss["subjects"][0]
     assert off["crop_clip_i"] < subject["crop_clip_i"] - 1e-3 and off["crop_dino"] < subject["crop_dino"] - 1e-3
@@ -123,7 +127,7 @@ def test_known_case_same_image_scores_one_and_an_off_subject_crop_scores_less(tm
     assert miss["clip_i"] == pytest.approx(hit["clip_i"]) and miss["clip_t"] == pytest.approx(hit["clip_t"])
 
     # nothing found: not detected, layout IoU 0, no crop score
-    nothing = Scorers(clip, dino, FixedDetector({}), config)
+    nothing = Scorers(clip, dino, FixedDetector([]), config)
     (lost,) = score_records([record], run_dir, nothing)
     assert lost["subjects"][0]["detected"] is False and lost["subjects"][0]["crop_clip_i"] is None
 
@@ -137,11 +141,11 @@ def test_background_subjects_are_not_detected(tmp_path, embedders):
     run_dir, record = _run_dir(tmp_path, noise_image(1), {"cat": noise_image(2), "forest": noise_image(3)}, subjects)
 
     class AskedFor(FixedDetector):
-        def detect(self, images, queries):
+        def __call__(self, images, queries, threshold=None):
             self.queries = queries
-            return super().detect(images, queries)
+            return super().__call__(images, queries, threshold)
 
-    detector = AskedFor({"cat": [Detection((0.2, 0.2, 0.8, 0.8), 0.9)], "forest": [Detection((0, 0, 1, 1), 0.9)]})
+    detector = AskedFor([Detection("cat", (0.2, 0.2, 0.8, 0.8), 0.9), Detection("forest", (0, 0, 1, 1), 0.9)])
     (score,) = score_records([record], run_dir, Scorers(clip, dino, detector, ScoringConfig()))
     assert detector.queries == [["cat"]]
     cat, forest = score["subjects"]
@@ -180,7 +184,7 @@ def test_scores_end_to_end_with_a_real_detector(tmp_path, scoring_models, family
 
 def test_unknown_detector_family_is_refused(scoring_models):  # noqa: F811
     with pytest.raises(ValueError, match="supported: OWL-ViT, OWLv2, Grounding DINO"):
-        Detector(str(scoring_models["dino"]), "cpu")
+        OpenVocabularyDetector(str(scoring_models["dino"]), "cpu")
 
 
 def test_missing_reference_is_named(tmp_path, embedders):
@@ -189,4 +193,4 @@ def test_missing_reference_is_named(tmp_path, embedders):
         tmp_path, noise_image(1), {}, [{"name": "cat", "phrase": "cat", "box": [0.2, 0.2, 0.8, 0.8]}]
     )
     with pytest.raises(FileNotFoundError, match="cat.png"):
-        score_records([record], run_dir, Scorers(clip, dino, FixedDetector({}), ScoringConfig()))
+        score_records([record], run_dir, Scorers(clip, dino, FixedDetector([]), ScoringConfig()))

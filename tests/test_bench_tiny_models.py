@@ -1,7 +1,8 @@
 """Tiny random scoring models (CLIP, DINO ViT, OWLv2, Grounding DINO) saved as hub-style folders.
 
 Other bench tests import `tiny_scoring_models`; the tests here check that each folder loads through
-the real loading code of `msdiffusion.bench.scoring` and produces outputs of the expected form.
+the real loading code (`msdiffusion.bench.scoring`, the detector of `msdiffusion.data.detection`) and
+produces outputs of the expected form.
 """
 
 from __future__ import annotations
@@ -185,13 +186,18 @@ def test_tiny_embedders_load_and_normalise(scoring_models):
 
 @pytest.mark.parametrize("family", ["owlv2", "grounding_dino"])
 def test_tiny_detectors_return_boxes_in_unit_square(scoring_models, family):
-    from msdiffusion.bench.scoring import Detector
+    from msdiffusion.data.detection import OpenVocabularyDetector
 
-    detector = Detector(str(scoring_models[family]), "cpu", threshold=0.0, batch_size=2)
+    detector = OpenVocabularyDetector(str(scoring_models[family]), "cpu", threshold=0.0, batch_size=2)
     images = [noise_image(0, (96, 64)), noise_image(1, (64, 64)), noise_image(2, (64, 80))]
-    results = detector.detect(images, [["cat", "dog"], ["stuffed animal"], []])
-    assert [set(r) for r in results] == [{"cat", "dog"}, {"stuffed animal"}, set()]
-    boxes = [d.box for r in results for items in r.values() for d in items]
-    assert boxes, "threshold 0 must keep detections"
-    for x0, y0, x1, y1 in boxes:
+    queries = [["cat", "dog"], ["stuffed animal"], []]
+    results = detector(images, queries)
+    assert results[1] and results[2] == [], "threshold 0 must keep detections"
+    assert all({d.phrase for d in r} <= set(q) for r, q in zip(results, queries))
+    for detection in (d for r in results for d in r):
+        x0, y0, x1, y1 = detection.box
         assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    if family == "owlv2":
+        # Batched with an image of two queries, the one-query image had a padding query; it changes nothing.
+        alone = detector(images[1:2], queries[1:2])[0]
+        assert [(*d.box, d.score) for d in alone] == [pytest.approx((*d.box, d.score), abs=1e-5) for d in results[1]]

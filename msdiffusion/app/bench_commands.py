@@ -117,7 +117,8 @@ def register(subparsers) -> None:
     run.set_defaults(func=_run)
 
     score = actions.add_parser("score", help="CLIP-T, CLIP-I, DINO and per-subject detection scores of a run")
-    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DETECTOR, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
+    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DINO_PREPROCESSING
+    from msdiffusion.data import DEFAULT_DETECTOR
 
     score.add_argument("--output", type=Path, required=True, help="the run directory of `msdiff bench run`")
     _add_photos_arg(score, "subject photos (default: the directory the run used)")
@@ -498,14 +499,8 @@ def _score(args) -> int:
 
 def _standard_scorer(args, output: Path):
     """CLIP, DINO and a detector: the config to compare with earlier scores, and a loader."""
-    from msdiffusion.bench.scoring import (
-        DEFAULT_CLIP_MODEL,
-        DEFAULT_DETECTOR,
-        DEFAULT_DINO_MODEL,
-        Scorers,
-        ScoringConfig,
-        score_records,
-    )
+    from msdiffusion.bench.scoring import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, Scorers, ScoringConfig, score_records
+    from msdiffusion.data import DEFAULT_DETECTOR
 
     if args.models is not None:
         raise UserInputError("--models (world models) applies to runs of --bench world only.")
@@ -526,7 +521,10 @@ def _standard_scorer(args, output: Path):
             (requested.detector, "transformers", "--detector"),
         ]
         check_locations(models, device=args.device)
-        scorers = Scorers.load(requested, args.device, args.batch_size)
+        try:
+            scorers = Scorers.load(requested, args.device, args.batch_size)
+        except ValueError as error:  # a model that does not load, or a detector of no supported family
+            raise UserInputError(str(error)) from None
 
         def score(todo, progress, save_progress):
             return score_records(todo, output, scorers, args.photos, args.batch_size, progress, save_progress)

@@ -203,7 +203,12 @@ def _add_build(commands) -> None:
         default="auto",
         help="model precision; auto: fp16 on CUDA, fp32 elsewhere",
     )
-    models.add_argument("--batch-size", type=int, default=8, help="images per detector batch (default 8)")
+    models.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="images per detector pass; Grounding DINO: image-phrase pairs, one phrase per pass (default 8)",
+    )
 
     filters = build.add_argument_group("filters")
     filters.add_argument("--score-threshold", type=float, default=0.2, help="minimum detector score (default 0.2)")
@@ -276,7 +281,7 @@ def run_build(args: argparse.Namespace) -> int:
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     try:
-        detector = OpenVocabularyDetector(args.detector, device, dtype)
+        detector = OpenVocabularyDetector(args.detector, device, dtype, batch_size=args.batch_size)
         segmenter = None
         if args.masks or args.segmenter:
             segmenter = BoxSegmenter(args.segmenter or DEFAULT_SEGMENTER, device, dtype)

@@ -5,8 +5,10 @@ Whole-image scores (as in the paper and DreamBooth): CLIP-T (prompt vs image), C
 subjects of a sample).
 
 Per-subject scores, because whole-image CLIP-I hides a missing or merged subject: an open-vocabulary
-detector is asked for each subject's class, each subject is matched to one detection of its class
-(one detection per subject, preferring the one that best overlaps the box it was asked for), and
+detector (`msdiffusion.data.detection.OpenVocabularyDetector`, the one `msdiff data build` uses) is asked
+for each subject's class, detections are thinned by per-class non-maximum suppression, each subject is
+matched to one detection of its class (one detection per subject, preferring the one that best overlaps
+the box it was asked for), and
 - `detected`: whether it was found at all;
 - `iou`: the overlap of that detection with the requested box (the layout score);
 - `clip_i` / `dino`: the crop of that detection scored against the subject's references.
@@ -25,9 +27,12 @@ from typing import TYPE_CHECKING
 import PIL.Image
 
 from ..boxes import box_area, box_iou
+from ..data import DEFAULT_DETECTOR
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that `msdiff --help` stays instant
     import torch
+
+    from ..data.detection import Detection, OpenVocabularyDetector
 
 # DreamBooth's protocol, which defines DreamBench's metrics: CLIP ViT-B/32 for CLIP-T and CLIP-I, DINO
 # ViT-S/16 for DINO with DINO's evaluation preprocessing (short side to 256, centre crop 224). The
@@ -38,9 +43,6 @@ DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 # transform and DreamBooth's) or "squash" (the model's own processor: stretched to 224 x 224).
 DINO_PREPROCESSING = ("resize-crop", "squash")
 DINO_RESIZE, DINO_CROP = 256, 224  # for a 224-px model; other input sizes keep the 256 : 224 ratio
-DEFAULT_DETECTOR = "google/owlv2-base-patch16-ensemble"
-# Per detector family: score threshold above which a detection counts (each family's documented default).
-DEFAULT_THRESHOLDS = {"owlv2": 0.1, "owlvit": 0.1, "grounding-dino": 0.35, "mm-grounding-dino": 0.35}
 BACKGROUND_BOX_AREA = 0.9  # a box covering at least this fraction of the image marks a background subject
 NMS_IOU = 0.5  # open-vocabulary detectors return several boxes per object; keep one
 
@@ -50,48 +52,44 @@ class ScoringConfig:
     clip_model: str = DEFAULT_CLIP_MODEL
     dino_model: str = DEFAULT_DINO_MODEL
     detector: str = DEFAULT_DETECTOR
-    detection_threshold: float | None = None  # None: the detector family's default
+    detection_threshold: float | None = None  # None: the detector family's default (data.detection.DEFAULT_THRESHOLDS)
     dino_preprocessing: str = "resize-crop"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class Detection:
-    box: tuple[float, float, float, float]  # [x0, y0, x1, y1] in [0, 1] of the image
-    score: float
-
-
 def is_background(box: Sequence[float]) -> bool:
     return box_area(box) >= BACKGROUND_BOX_AREA
 
 
-def non_max_suppression(detections: list[Detection], iou_threshold: float = NMS_IOU) -> list[Detection]:
+def non_max_suppression(detections: Sequence[Detection], iou_threshold: float = NMS_IOU) -> list[Detection]:
+    """Best first, the detections that overlap no better one of the same phrase by IoU `iou_threshold` or more."""
     kept: list[Detection] = []
     for detection in sorted(detections, key=lambda d: -d.score):
-        if all(box_iou(detection.box, k.box) < iou_threshold for k in kept):
+        if all(k.phrase != detection.phrase or box_iou(detection.box, k.box) < iou_threshold for k in kept):
             kept.append(detection)
     return kept
 
 
 def match_subjects(
-    phrases: Sequence[str], boxes: Sequence[Sequence[float]], detections: dict[str, list[Detection]]
+    phrases: Sequence[str], boxes: Sequence[Sequence[float]], detections: Sequence[Detection]
 ) -> list[Detection | None]:
     """One detection (or None) per subject. Detections of a subject's phrase are candidates; pairs are
     taken greedily by overlap with the requested box, then detector score, each detection used once,
     so two subjects of the same class need two separate detections (a merged pair counts one miss)."""
     pairs = []
     for j, (phrase, box) in enumerate(zip(phrases, boxes)):
-        for d, detection in enumerate(detections.get(phrase, [])):
-            pairs.append((box_iou(box, detection.box), detection.score, j, phrase, d))
+        for d, detection in enumerate(detections):
+            if detection.phrase == phrase:
+                pairs.append((box_iou(box, detection.box), detection.score, j, d))
     pairs.sort(key=lambda pair: (-pair[0], -pair[1], pair[2]))
     matched: list[Detection | None] = [None] * len(phrases)
-    used: set[tuple[str, int]] = set()
-    for _, _, j, phrase, d in pairs:
-        if matched[j] is None and (phrase, d) not in used:
-            matched[j] = detections[phrase][d]
-            used.add((phrase, d))
+    used: set[int] = set()
+    for _, _, j, d in pairs:
+        if matched[j] is None and d not in used:
+            matched[j] = detections[d]
+            used.add(d)
     return matched
 
 
@@ -213,98 +211,23 @@ class DinoEmbedder:
         return _embed(images, self.batch_size, embed)
 
 
-class Detector:
-    """Open-vocabulary detection with OWL-ViT / OWLv2 or Grounding DINO from transformers."""
-
-    def __init__(self, model_id: str, device: str, threshold: float | None = None, batch_size: int = 8):
-        from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
-
-        self.family = AutoConfig.from_pretrained(model_id).model_type
-        if self.family not in DEFAULT_THRESHOLDS:
-            raise ValueError(
-                f"Detector {model_id!r} is a {self.family!r} model; supported: OWL-ViT, OWLv2, Grounding DINO "
-                f"(e.g. {DEFAULT_DETECTOR!r} or 'IDEA-Research/grounding-dino-base')."
-            )
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model_id).to(device).eval()
-        self.processor = AutoProcessor.from_pretrained(model_id)
-        self.threshold = DEFAULT_THRESHOLDS[self.family] if threshold is None else threshold
-        self.device, self.batch_size = device, batch_size
-
-    def detect(
-        self, images: Sequence[PIL.Image.Image], queries: Sequence[Sequence[str]]
-    ) -> list[dict[str, list[Detection]]]:
-        """For each image, its queries' detections (boxes in [0, 1]), after per-query NMS."""
-        if self.family.startswith("owl"):
-            # OWL scores every query against every box in one pass; ragged query lists are padded
-            jobs = [(i, list(q)) for i, q in enumerate(queries) if q]
-        else:
-            # Grounding DINO labels detections with spans of one text; one query per pass keeps them unambiguous
-            jobs = [(i, [query]) for i, q in enumerate(queries) for query in q]
-        found: list[dict[str, list[Detection]]] = [{query: [] for query in q} for q in queries]
-        for chunk in _batches(jobs, self.batch_size):
-            for (i, job_queries), detections in zip(
-                chunk, self._run([images[i] for i, _ in chunk], [q for _, q in chunk])
-            ):
-                for query, items in detections.items():
-                    found[i][query].extend(items)
-        return [{query: non_max_suppression(items) for query, items in image.items()} for image in found]
-
-    def _run(self, images: list[PIL.Image.Image], queries: list[list[str]]) -> list[dict[str, list[Detection]]]:
-        import torch
-
-        sizes = [(image.height, image.width) for image in images]
-        with torch.inference_mode():
-            if self.family.startswith("owl"):
-                inputs = self.processor(images=images, text=queries, return_tensors="pt").to(self.device)
-                # OWLv2 pads images to a square at the bottom/right: its boxes are relative to that square
-                targets = [(max(s), max(s)) if self.family == "owlv2" else s for s in sizes]
-                results = self.processor.post_process_grounded_object_detection(
-                    self.model(**inputs), threshold=self.threshold, target_sizes=targets
-                )
-            else:
-                texts = [q[0].strip().rstrip(".") + "." for q in queries]
-                inputs = self.processor(images=images, text=texts, padding=True, return_tensors="pt").to(self.device)
-                results = self.processor.post_process_grounded_object_detection(
-                    self.model(**inputs),
-                    inputs.input_ids,
-                    threshold=self.threshold,
-                    text_threshold=self.threshold,
-                    target_sizes=sizes,
-                )
-        return [self._parse(result, q, size) for result, q, size in zip(results, queries, sizes)]
-
-    def _parse(self, result: dict, queries: list[str], size: tuple[int, int]) -> dict[str, list[Detection]]:
-        height, width = size
-        per_query: dict[str, list[Detection]] = {query: [] for query in queries}
-        labels = result["labels"].tolist() if self.family.startswith("owl") else [0] * len(result["scores"])
-        for (x0, y0, x1, y1), score, label in zip(result["boxes"].tolist(), result["scores"].tolist(), labels):
-            if not 0 <= label < len(queries):  # a padding query
-                continue
-            box = (
-                min(max(x0 / width, 0.0), 1.0),
-                min(max(y0 / height, 0.0), 1.0),
-                min(max(x1 / width, 0.0), 1.0),
-                min(max(y1 / height, 0.0), 1.0),
-            )
-            if box_area(box) > 0:
-                per_query[queries[label]].append(Detection(box, float(score)))
-        return per_query
-
-
 @dataclass
 class Scorers:
     clip: ClipEmbedder
     dino: DinoEmbedder
-    detector: Detector
+    detector: OpenVocabularyDetector
     config: ScoringConfig
 
     @classmethod
     def load(cls, config: ScoringConfig, device: str | None = None, batch_size: int = 32) -> Scorers:
-
+        from ..data.detection import OpenVocabularyDetector
         from ..loading import default_device
 
         device = device or default_device()
-        detector = Detector(config.detector, device, config.detection_threshold, batch_size=max(1, batch_size // 4))
+        # float32, as every score here; a quarter of the embedders' batch, as detectors take larger inputs
+        detector = OpenVocabularyDetector(
+            config.detector, device, threshold=config.detection_threshold, batch_size=max(1, batch_size // 4)
+        )
         # record the threshold actually used, so scores say what they were computed with
         config = replace(config, detection_threshold=detector.threshold)
         clip = ClipEmbedder(config.clip_model, device, batch_size)
@@ -386,7 +309,7 @@ def _score_chunk(chunk, run_dir, images_dir, scorers: Scorers, references: Refer
     queries = [
         list(dict.fromkeys(s["phrase"] for s in record["subjects"] if not is_background(s["box"]))) for record in chunk
     ]
-    detections = scorers.detector.detect(images, queries)
+    detections = [non_max_suppression(found) for found in scorers.detector(images, queries)]
 
     # crops of matched detections, embedded in one batch; backgrounds use the whole image
     crops, crop_owner, matches = [], [], []

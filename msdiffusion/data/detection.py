@@ -3,6 +3,8 @@
 Detectors come from transformers: OWLv2 / OWL-ViT (`Owlv2ForObjectDetection`, default
 `google/owlv2-base-patch16-ensemble`) or Grounding DINO; SAM (`SamModel`, default
 `facebook/sam-vit-base`) turns boxes into masks. Each is given as a hub id or a local folder.
+`OpenVocabularyDetector` is the project's one detector: `msdiff data build` finds subjects with it,
+and the benchmark's per-subject scores (`msdiffusion.bench.scoring`) look for generated subjects with it.
 
 Image processors: transformers 5 picks the torchvision backend when torchvision is installed and
 the PIL one (`Owlv2ImageProcessorPil`, `SamImageProcessorPil`, `GroundingDinoImageProcessorPil`)
@@ -13,18 +15,25 @@ otherwise, so `AutoProcessor` works without torchvision. Only SAM's automatic ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
 from ..boxes import box_iou
+from . import DEFAULT_DETECTOR
 from .manifest import Box
+
+# Per detector family (the config's model_type): the score above which a detection counts by default,
+# each family's documented default.
+DEFAULT_THRESHOLDS = {"owlv2": 0.1, "owlvit": 0.1, "grounding-dino": 0.35, "mm-grounding-dino": 0.35}
 
 
 @dataclass(frozen=True)
 class Detection:
+    """One box the detector found for a query phrase."""
+
     phrase: str
     box: Box  # [x0, y0, x1, y1] fractions of the image
     score: float
@@ -106,45 +115,76 @@ def _load_error(what: str, name: str, error: Exception) -> ValueError:
     )
 
 
-class OpenVocabularyDetector:
-    """Boxes for text queries, with OWLv2 / OWL-ViT or Grounding DINO from transformers."""
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
-    def __init__(self, model: str, device: str = "cpu", dtype: torch.dtype | None = None):
+
+class OpenVocabularyDetector:
+    """Boxes for text queries, with OWLv2 / OWL-ViT or Grounding DINO from transformers.
+
+    `threshold` (default: the family's, `DEFAULT_THRESHOLDS`) applies where a call gives none;
+    `batch_size` is the number of images (OWL) or image-query pairs (Grounding DINO) per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        threshold: float | None = None,
+        batch_size: int = 8,
+    ):
         from transformers import AutoConfig, AutoModelForZeroShotObjectDetection, AutoProcessor
 
+        if batch_size < 1:
+            raise ValueError(f"the detector's batch size must be at least 1, got {batch_size}")
+        try:
+            family = AutoConfig.from_pretrained(model).model_type
+        except (OSError, ValueError, KeyError) as error:
+            raise _load_error("detector", model, error) from error
+        if family not in DEFAULT_THRESHOLDS:
+            raise ValueError(
+                f"detector {model!r} is a {family!r} model; supported: OWL-ViT, OWLv2, Grounding DINO "
+                f"(e.g. {DEFAULT_DETECTOR!r} or 'IDEA-Research/grounding-dino-base')."
+            )
         dtype = dtype or torch.float32
         try:
-            config = AutoConfig.from_pretrained(model)
             self.processor = AutoProcessor.from_pretrained(model)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(model, dtype=dtype)
         except (OSError, ValueError, KeyError) as error:
             raise _load_error("detector", model, error) from error
-        self.kind = "grounding-dino" if "grounding" in config.model_type else "owl"
         self.model.to(device).eval()
+        self.family = family
+        self.threshold = DEFAULT_THRESHOLDS[family] if threshold is None else threshold
+        self.batch_size = batch_size
         self.device = torch.device(device)
         self.dtype = dtype
 
     @torch.no_grad()
     def __call__(
-        self, images: Sequence[PIL.Image.Image], phrases: Sequence[Sequence[str]], threshold: float
+        self, images: Sequence[PIL.Image.Image], phrases: Sequence[Sequence[str]], threshold: float | None = None
     ) -> list[list[Detection]]:
-        """Detections of each image's phrases with a score above `threshold`; boxes in [0, 1]."""
-        results: list[list[Detection]] = [[] for _ in images]
-        todo = [i for i, p in enumerate(phrases) if p]
-        if not todo:
-            return results
-        batch_images = [images[i].convert("RGB") for i in todo]
-        batch_phrases = [list(phrases[i]) for i in todo]
-        sizes = [(image.height, image.width) for image in batch_images]
-        if self.kind == "owl":
-            found = self._owl(batch_images, batch_phrases, sizes, threshold)
+        """Each image's detections of its phrases scoring above `threshold`; boxes in [0, 1] of the image."""
+        threshold = self.threshold if threshold is None else threshold
+        if self.family.startswith("owl"):
+            # OWL scores every box against every query of its image in one pass.
+            jobs = [(i, list(dict.fromkeys(p))) for i, p in enumerate(phrases) if p]
+            run = self._owl
         else:
-            found = self._grounding_dino(batch_images, batch_phrases, sizes, threshold)
-        for i, detections in zip(todo, found):
-            results[i] = detections
+            # Grounding DINO labels a box with spans of one prompt text, which cannot always be told apart
+            # ("red ball. ball."); one phrase per pass makes every box that phrase's.
+            jobs = [(i, [phrase]) for i, p in enumerate(phrases) for phrase in dict.fromkeys(p)]
+            run = self._grounding_dino
+        results: list[list[Detection]] = [[] for _ in images]
+        for chunk in _batches(jobs, self.batch_size):
+            batch_images = [images[i].convert("RGB") for i, _ in chunk]
+            found = run(batch_images, [queries for _, queries in chunk], threshold)
+            for (i, _), detections in zip(chunk, found):
+                results[i].extend(detections)
         return results
 
-    def _inputs(self, **kwargs) -> dict[str, Any]:
+    def _inputs(self, **kwargs) -> dict[str, torch.Tensor]:
         inputs = self.processor(return_tensors="pt", **kwargs)
         return {
             k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
@@ -152,57 +192,62 @@ class OpenVocabularyDetector:
             if isinstance(v, torch.Tensor)
         }
 
-    def _owl(self, images, phrases, sizes, threshold) -> list[list[Detection]]:
-        # Queries are padded to the same count per image with " "; their labels are ignored below.
-        max_length = self.model.config.text_config.max_position_embeddings
-        inputs = self._inputs(text=phrases, images=images, padding="max_length", truncation=True, max_length=max_length)
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
         outputs = self.model(**inputs)
+        # Post-processed in float32: bf16 keeps about 3 significant digits, too few for pixel boxes.
         outputs.logits = outputs.logits.float()
         outputs.pred_boxes = outputs.pred_boxes.float()
-        processed = self.processor.post_process_grounded_object_detection(
-            outputs, threshold=threshold, target_sizes=sizes
-        )
+        return outputs
+
+    def _owl(self, images: list[PIL.Image.Image], phrases: list[list[str]], threshold: float) -> list[list[Detection]]:
+        # The processor pads each image's queries to the batch's longest list; padding queries take no part
+        # in a box's best query, so an image's detections do not depend on the images batched with it.
+        max_length = self.model.config.text_config.max_position_embeddings
+        inputs = self._inputs(text=phrases, images=images, padding="max_length", truncation=True, max_length=max_length)
+        outputs = self._forward(inputs)
+        for k, queries in enumerate(phrases):
+            outputs.logits[k, :, len(queries) :] = torch.finfo(outputs.logits.dtype).min
+        # Boxes come back as fractions of the model's square input and are scaled to pixels here, not with
+        # `target_sizes`, whose meaning for OWLv2 changed across transformers versions (image or padded square).
+        # OWLv2 pads the image to a square at the bottom and right: a box is a fraction of that square (what
+        # lies in the padding is clipped off). OWL-ViT stretches the image to the square: a fraction of the image.
+        processed = self.processor.post_process_grounded_object_detection(outputs, threshold=threshold)
         found = []
-        for result, queries, (height, width) in zip(processed, phrases, sizes):
+        for result, queries, image in zip(processed, phrases, images):
+            width, height = image.size
+            scale_x, scale_y = (max(width, height),) * 2 if self.family == "owlv2" else (width, height)
             detections = []
-            for score, label, box in zip(
+            for score, label, (x0, y0, x1, y1) in zip(
                 result["scores"].tolist(), result["labels"].tolist(), result["boxes"].tolist()
             ):
-                box = _clipped(box, width, height)
+                box = _clipped((x0 * scale_x, y0 * scale_y, x1 * scale_x, y1 * scale_y), width, height)
                 if label < len(queries) and box is not None:
                     detections.append(Detection(queries[label], box, score))
             found.append(detections)
         return found
 
-    def _grounding_dino(self, images, phrases, sizes, threshold) -> list[list[Detection]]:
-        # One prompt per image, "phrase one. phrase two."; a box's label is the prompt text it matched.
-        prompts = [". ".join(p.lower() for p in queries) + "." for queries in phrases]
+    def _grounding_dino(
+        self, images: list[PIL.Image.Image], phrases: list[list[str]], threshold: float
+    ) -> list[list[Detection]]:
+        # Grounding DINO expects lower-case prompts ending with a dot.
+        prompts = [queries[0].strip().rstrip(".").lower() + "." for queries in phrases]
         inputs = self._inputs(text=prompts, images=images, padding=True)
-        outputs = self.model(**inputs)
+        outputs = self._forward(inputs)
+        sizes = [(image.height, image.width) for image in images]
         processed = self.processor.post_process_grounded_object_detection(
             outputs, inputs["input_ids"], threshold=threshold, text_threshold=threshold, target_sizes=sizes
         )
         found = []
         for result, queries, (height, width) in zip(processed, phrases, sizes):
-            detections = []
-            for score, label, box in zip(result["scores"].tolist(), result["text_labels"], result["boxes"].tolist()):
-                phrase, box = _match_label(label, queries), _clipped(box, width, height)
-                if phrase is not None and box is not None:
-                    detections.append(Detection(phrase, box, score))
-            found.append(detections)
+            boxes = (_clipped(box, width, height) for box in result["boxes"].tolist())
+            found.append(
+                [
+                    Detection(queries[0], box, score)
+                    for box, score in zip(boxes, result["scores"].tolist())
+                    if box is not None
+                ]
+            )
         return found
-
-
-def _match_label(label: str, phrases: Sequence[str]) -> str | None:
-    """The query phrase a Grounding DINO label names: exact match, else the first sharing most words."""
-    label = label.strip().lower()
-    for phrase in phrases:
-        if phrase.lower() == label:
-            return phrase
-    words = set(label.split())
-    shared = [len(words & set(phrase.lower().split())) for phrase in phrases]
-    best = max(range(len(phrases)), key=lambda k: (shared[k], -k)) if phrases else None
-    return phrases[best] if best is not None and shared[best] else None
 
 
 class BoxSegmenter:
