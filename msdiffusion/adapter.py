@@ -20,6 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,6 +29,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.modeling_utils import ModelMixin
 
 from .attention import MSAttentionState, MSAttnProcessor, TextOnlyAttnProcessor
+from .layout import SubjectLayout
 from .resampler import GroundingResampler, ResamplerConfig
 
 RELEASED_WEIGHT_NAME = "ms_adapter.bin"
@@ -64,6 +66,42 @@ class MSImageProjection(ModelMixin, ConfigMixin):
         image_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return self.image_proj(image_embeds, phrase_embeds, boxes, drop_grounding, image_mask)
+
+    def token_block(
+        self, subject_tokens: torch.Tensor, counts: Sequence[int], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """The UNet's image tokens, one row per sample: `[dummy tokens | its subjects' tokens | zeros]`.
+
+        `subject_tokens` (S, Q, D) are the resampler's tokens of every row's subjects in turn, `counts[b]`
+        of them for row b; a row with fewer than `max(counts)` subjects is padded with zero tokens.
+        Returns (B, dummy + max(counts) * Q, D) in `dtype` (default: the subject tokens' dtype).
+        """
+        dtype = subject_tokens.dtype if dtype is None else dtype
+        device = subject_tokens.device
+        dummy = self.dummy_image_tokens.to(device, dtype)
+        num_dummy, width = dummy.shape[1], subject_tokens.shape[-1]
+        out = torch.zeros(
+            len(counts), num_dummy + max(counts) * subject_tokens.shape[1], width, device=device, dtype=dtype
+        )
+        out[:, :num_dummy] = dummy
+        start = 0
+        for b, count in enumerate(counts):
+            block = subject_tokens[start : start + count].reshape(-1, width)
+            out[b, num_dummy : num_dummy + block.shape[0]] = block
+            start += count
+        return out
+
+    def subject_layout(self, boxes: torch.Tensor, latent_size: tuple[int, int], **options: Any) -> SubjectLayout:
+        """The layout of `token_block`'s rows: (B, N, 4) boxes, all-zero for a slot with no box or no
+        subject; `options` are `SubjectLayout`'s other fields (scale, phrase positions, auto layout)."""
+        # The token counts come from this projection, so that the masks line up with its token block.
+        return SubjectLayout(
+            boxes=boxes,
+            latent_size=latent_size,
+            tokens_per_subject=self.resampler_config.num_queries,
+            num_dummy_tokens=self.dummy_image_tokens.shape[1],
+            **options,
+        )
 
 
 @dataclass
@@ -347,31 +385,40 @@ def attach_ms_attention(
     """Give every `attn2` of `unet` an `MSAttnProcessor` (weights from `attention`, or initialised
     from the layer's `to_k` / `to_v` as in training) and ControlNets text-only processors."""
     state = MSAttentionState(levels=cross_attention_levels(unet))
-    processors = dict(unet.attn_processors)
-    for i, name in cross_attention_layers(unet).items():
+
+    def make(index: int, name: str) -> MSAttnProcessor:
         layer = unet.get_submodule(name)
         processor = MSAttnProcessor(
             layer.to_k.out_features, layer.to_k.in_features, state, heads=layer.heads, level=layer_level(unet, name)
         )
         if attention is not None:
-            processor.load_state_dict(attention[i])
+            processor.load_state_dict(attention[index])
         else:
             processor.to_k_ip.weight.data.copy_(layer.to_k.weight.data)
             processor.to_v_ip.weight.data.copy_(layer.to_v.weight.data)
-        processors[f"{name}.processor"] = processor.to(layer.to_k.weight.device, layer.to_k.weight.dtype)
-    unet.set_attn_processor(processors)
+        return processor.to(layer.to_k.weight.device, layer.to_k.weight.dtype)
+
+    replace_cross_attention(unet, make)
     attach_text_only(controlnets, state)
     return state
+
+
+def replace_cross_attention(model, make: Callable[[int, str], Any]) -> None:
+    """Give every `attn2` of `model` (a UNet or a ControlNet) the processor `make(index, layer name)`,
+    keeping every other processor; `index` is the layer's position in `model.attn_processors`, the
+    key of its weights in a checkpoint (see `cross_attention_layers`)."""
+    # One walk of the modules: the ControlNet pipeline re-attaches its processors at every call.
+    processors = {
+        name: make(i, name.removesuffix(".processor")) if name.endswith("attn2.processor") else processor
+        for i, (name, processor) in enumerate(model.attn_processors.items())
+    }
+    model.set_attn_processor(processors)
 
 
 def attach_text_only(controlnets, state: MSAttentionState) -> None:
     """ControlNets share the UNet's encoder hidden states but must see only the text tokens."""
     for controlnet in _controlnet_list(controlnets):
-        processors = {
-            name: TextOnlyAttnProcessor(state) if name.endswith("attn2.processor") else processor
-            for name, processor in controlnet.attn_processors.items()
-        }
-        controlnet.set_attn_processor(processors)
+        replace_cross_attention(controlnet, lambda index, name: TextOnlyAttnProcessor(state))
 
 
 def attach_full_attention(controlnets) -> None:
@@ -379,11 +426,7 @@ def attach_full_attention(controlnets) -> None:
     tokens included. This is what the released `inference_controlnet.py` does (it never hands the
     ControlNet to the adapter); `attach_text_only` is the intended behaviour and the default."""
     for controlnet in _controlnet_list(controlnets):
-        processors = {
-            name: AttnProcessor2_0() if name.endswith("attn2.processor") else processor
-            for name, processor in controlnet.attn_processors.items()
-        }
-        controlnet.set_attn_processor(processors)
+        replace_cross_attention(controlnet, _plain_attention)
 
 
 def _controlnet_list(controlnets) -> list:
@@ -399,11 +442,11 @@ def _controlnet_list(controlnets) -> list:
 def detach_ms_attention(unet, controlnets=()) -> None:
     """Restore plain attention on every `attn2`."""
     for model in [unet, *_controlnet_list(controlnets)]:
-        processors = {
-            name: AttnProcessor2_0() if name.endswith("attn2.processor") else processor
-            for name, processor in model.attn_processors.items()
-        }
-        model.set_attn_processor(processors)
+        replace_cross_attention(model, _plain_attention)
+
+
+def _plain_attention(index: int, name: str) -> AttnProcessor2_0:
+    return AttnProcessor2_0()
 
 
 def ms_attention_state(unet) -> MSAttentionState | None:

@@ -253,20 +253,9 @@ class MSDiffusionMixin:
                 0, owner, tokens
             )
             tokens = summed / torch.bincount(owner, minlength=len(flat)).to(tokens.dtype)[:, None, None]
-
-        num_subjects = max(len(row) for row in subjects)
-        per_subject = tokens.shape[1]
-        dummy = projection.dummy_image_tokens.to(device, dtype)
-        out = torch.zeros(
-            len(subjects), dummy.shape[1] + num_subjects * per_subject, tokens.shape[-1], device=device, dtype=dtype
-        )
-        out[:, : dummy.shape[1]] = dummy
-        start = 0
-        for b, row in enumerate(subjects):
-            block = tokens[start : start + len(row)].reshape(-1, tokens.shape[-1])
-            out[b, dummy.shape[1] : dummy.shape[1] + block.shape[0]] = block
-            start += len(row)
-        return out
+        # Only the real subjects were resampled: absent slots stay zero. The projection's dtype, not
+        # autocast's: the dummy tokens are rounded once, to the prompt embeddings' dtype, by the caller.
+        return projection.token_block(tokens.to(device), [len(row) for row in subjects], dtype)
 
     def subject_layout(
         self,
@@ -303,17 +292,14 @@ class MSDiffusionMixin:
                 "give subject_boxes, or set mask_threshold (e.g. 0.5) to let auto layout place them.",
                 stacklevel=3,
             )
-        config = self.ms_image_projection.resampler_config
-        return SubjectLayout(
-            boxes=boxes,
-            latent_size=(height // self.vae_scale_factor, width // self.vae_scale_factor),
+        return self.ms_image_projection.subject_layout(
+            boxes,
+            (height // self.vae_scale_factor, width // self.vae_scale_factor),
             scale=ms_scale,
             subject_scales=scales,
             phrase_positions=positions,
             mask_threshold=mask_threshold,
             start_step=start_step,
-            tokens_per_subject=config.num_queries,
-            num_dummy_tokens=self.ms_image_projection.config.num_dummy_tokens,
         )
 
     def _generate(

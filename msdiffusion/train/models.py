@@ -181,12 +181,12 @@ class AdapterTrainingModel(nn.Module):
     ) -> torch.Tensor:
         """`[dummy tokens | 16 tokens per subject slot]` (B, 4 + 16 N, D) for (B, N) subject slots."""
         batch, slots = boxes.shape[:2]
+        # Unlike inference, which leaves absent subjects' tokens zero, every slot is resampled, padding
+        # included (`condition` gives it the null reference and the empty phrase); its zero box hides it.
         tokens = self.projection(
             image_features, phrase_embeds, boxes.reshape(batch * slots, 4), drop_grounding.repeat_interleave(slots)
         )
-        tokens = tokens.reshape(batch, -1, tokens.shape[-1])
-        dummy = self.projection.dummy_image_tokens.to(tokens.dtype).expand(batch, -1, -1)
-        return torch.cat([dummy, tokens], dim=1)
+        return self.projection.token_block(tokens, [slots] * batch)
 
     def forward(
         self,
@@ -212,13 +212,7 @@ class AdapterTrainingModel(nn.Module):
 
     def subject_layout(self, boxes: torch.Tensor, latent_size: tuple[int, int], scale: float) -> SubjectLayout:
         """The layout of a batch: padding slots have zero boxes, which cover no cell."""
-        return SubjectLayout(
-            boxes=boxes.detach(),
-            latent_size=latent_size,
-            scale=scale,
-            tokens_per_subject=self.projection.resampler_config.num_queries,
-            num_dummy_tokens=self.projection.dummy_image_tokens.shape[1],
-        )
+        return self.projection.subject_layout(boxes.detach(), latent_size, scale=scale)
 
 
 def build_training_model(config: TrainConfig, unet, image_width: int, phrase_width: int) -> AdapterTrainingModel:
