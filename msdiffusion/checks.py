@@ -94,8 +94,15 @@ def _check_weight_files(folder: Path, what: str) -> None:
 
 
 def looks_local(value: str) -> bool:
-    """True for what can only be a path (not a hub `owner/name` id)."""
+    """True for what can only be a path (not a hub `owner/name` id): `nope/` or `a/b/c` are folders."""
     if value.startswith((".", "/", "~", "\\")) or os.path.isabs(value) or value.count("/") != 1:
+        return True
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
         return True
     return Path(value).suffix.lower() in SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
 

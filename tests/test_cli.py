@@ -70,7 +70,7 @@ def test_demo_random_refuses_real_models(tmp_path, capsys):
     assert "--random" in capsys.readouterr().err
 
 
-def test_generate_job_file_non_square_and_regenerate_from_png(tmp_path, models, subject_files):
+def test_generate_job_file_non_square_and_regenerate_from_png(tmp_path, models, subject_files, monkeypatch):
     job = write_job(tmp_path, models)
     assert main(["generate", str(job), "--quiet"]) == 0
     out = tmp_path / "out"
@@ -82,8 +82,9 @@ def test_generate_job_file_non_square_and_regenerate_from_png(tmp_path, models, 
     record = json.loads(first.text[PNG_METADATA_KEY])
     assert record["seed"] == 3 and record["images"] == 1 and record["subjects"][1]["scale"] == 0.8
     assert json.loads(PIL.Image.open(images[1]).text[PNG_METADATA_KEY])["seed"] == 4
+    monkeypatch.chdir(tmp_path / "elsewhere" if (tmp_path / "elsewhere").mkdir() is None else tmp_path)
     assert main(["generate", "--from", str(images[1]), "--quiet"]) == 0  # regenerate image 2 from itself
-    again = out / "msdiff-00003.png"
+    again = tmp_path / "elsewhere" / "outputs" / "msdiff-00001.png"  # into outputs/ as any run, not beside the PNG
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(again)), np.asarray(PIL.Image.open(images[1])))
 
 

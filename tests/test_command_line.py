@@ -159,3 +159,52 @@ def test_quiet_silences_library_progress_bars(monkeypatch):
         transformers_logging.enable_progress_bar()
         diffusers_logging.set_verbosity_warning()
         transformers_logging.set_verbosity_warning()
+
+
+def test_a_mistaken_flag_is_one_line_from_its_own_command_with_the_closest_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--seeed", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "msdiff generate: error: unrecognized arguments: --seeed (did you mean '--seed'?) (see `msdiff generate --help`)"
+    )
+    with pytest.raises(SystemExit):
+        main(["generate", "--scale", "high"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "argument --scale: invalid float value: 'high'" in err  # no 18-line usage
+    with pytest.raises(SystemExit):
+        main(["world", "evaluate", "--cuont", "3"])
+    assert (
+        "msdiff world evaluate: error: unrecognized arguments: --cuont 3 (did you mean '--count'?)"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inspect", "my_adapter/"],
+        ["convert", "nope/", "out"],
+        ["generate", "--base", "nope/", "--adapter", "x.png", "--prompt", "a dog", "--subject", "x.png", "dog"],
+    ],
+)
+def test_a_missing_folder_with_a_trailing_slash_is_one_line_not_a_hub_error(args, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import PIL.Image
+
+    PIL.Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and ("nope/" in err or "my_adapter/" in err), err
+    assert "Traceback" not in err and "HFValidationError" not in err
+
+
+def test_inspect_takes_the_world_set_by_name(capsys):
+    from msdiffusion.loading import world_weights_present
+
+    if not world_weights_present():
+        pytest.skip("the world's weights are not in the package")
+    assert main(["inspect", "msdiff-world", "--json"]) == 0
+    assert '"tokens_per_subject": 16' in capsys.readouterr().out

@@ -297,7 +297,7 @@ def test_job_options_of_the_python_api(tmp_path, monkeypatch, capsys):
     assert record["loras"][0]["scale"] == 0.8 and record["cpu_offload"] is True
     # the recorded job makes the same image again
     assert main(["generate", "--from", "lora/msdiff-00001.png", "--quiet"]) == 0
-    np.testing.assert_array_equal(np.asarray(PIL.Image.open("lora/msdiff-00002.png")), np.asarray(with_lora))
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open("outputs/msdiff-00001.png")), np.asarray(with_lora))
 
     assert main([*base, "--lora", "missing.safetensors"]) == 2
     assert "loras[0]: 'missing.safetensors' does not exist" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import re
 import sys
 import warnings
 
-from msdiffusion.errors import UserInputError
+from msdiffusion.errors import UserInputError, did_you_mean
 
 # Modules that define `register(subparsers)`, in the order their commands appear in `--help`.
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
@@ -28,10 +28,17 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistake told in one line (and where to look) instead of the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from msdiffusion import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="msdiff",
         description="MS-Diffusion: layout-guided multi-subject personalization on SDXL. "
         "Every command has its own --help.",
@@ -88,7 +95,12 @@ def _shield_negative_lists(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_shield_negative_lists(list(sys.argv[1:] if argv is None else argv)))
+    args, extras = parser.parse_known_args(_shield_negative_lists(list(sys.argv[1:] if argv is None else argv)))
+    if extras:  # told by the command that was given, with its closest option
+        command = _chosen_parser(parser, args)
+        options = [o for action in command._actions for o in action.option_strings]
+        hint = next((did_you_mean(word.split("=")[0], options) for word in extras if word.startswith("--")), "")
+        command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -109,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         warnings.showwarning = original_showwarning
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that `args` went through last (`msdiff world build`'s, say)."""
+    while True:
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, action.dest, None) if action else None
+        if name is None or name not in action.choices:
+            return parser
+        parser = action.choices[name]
 
 
 class _DropTorchvisionFallback(logging.Filter):

@@ -164,6 +164,7 @@ def register(subparsers) -> None:
     demo.add_argument(
         "--size", help="WIDTHxHEIGHT or one number (default: 64x64 world, 512x384 random, 1024x1024 real)"
     )
+    demo.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
     _add_device_arguments(demo)
     demo.set_defaults(func=run_demo)
 
@@ -324,7 +325,7 @@ def run_generate(args) -> int:
         data = job_from_dict(read_job_file(args.job), args.job, Path(args.job).resolve().parent).to_dict()
     elif args.from_image:
         data = read_job_from_png(args.from_image)
-        data["output"] = str(Path(args.from_image).resolve().parent)
+        data.pop("output", None)  # into this run's --output (default outputs/), not where the PNG was made
     data.update(_flag_overrides(args))
     if not data:
         raise UserInputError(
@@ -427,7 +428,7 @@ def run_demo(args) -> int:
                 "image is noise: it shows the wiring, not quality."
             )
     start = time.perf_counter()
-    written = _run_checked(job, "demo", progress=True)
+    written = _run_checked(job, "demo", progress=not args.quiet, log=(lambda *a: None) if args.quiet else print)
     print(
         f"demo: {len(written)} files in {job.output} ({time.perf_counter() - start:.1f} s): "
         + ", ".join(p.name for p in written)
@@ -441,9 +442,19 @@ def run_demo(args) -> int:
 
 
 # ---- convert / inspect ---------------------------------------------------------------------------
+def _adapter_source(source: str) -> str:
+    """SOURCE as a path or hub id: the named world set's adapter where it is named, as everywhere else."""
+    from msdiffusion.loading import WORLD, world_model_paths
+
+    return world_model_paths()["adapter"] if source == WORLD else source
+
+
 def _load(source: str, weight_name: str | None):
     from msdiffusion.adapter import AdapterMismatchError, load_checkpoint
+    from msdiffusion.checks import check_adapter_location
 
+    source = _adapter_source(source)
+    check_adapter_location(source, weight_name, what="SOURCE")  # a missing folder is one line, not a hub error
     try:
         return load_checkpoint(source, weight_name=weight_name)
     except (FileNotFoundError, AdapterMismatchError, OSError) as error:
@@ -474,7 +485,7 @@ def describe_checkpoint(source: str, weight_name: str | None = None) -> dict:
     from msdiffusion.adapter import PROJECT_CONFIG_NAME, resolve_adapter_path
 
     checkpoint = _load(source, weight_name)
-    path = resolve_adapter_path(source, weight_name, None)
+    path = resolve_adapter_path(_adapter_source(source), weight_name, None)
     project = path.is_dir() or (path.parent / PROJECT_CONFIG_NAME).is_file() and path.suffix == ".safetensors"
     config = checkpoint.resampler_config
     resampler_params = sum(t.numel() for t in checkpoint.image_proj.values())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import functools
 import json
 import math
@@ -19,6 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..errors import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -276,9 +277,9 @@ def _check_values(c: TrainConfig) -> list[str]:
         choices = f.metadata.get("choices")
         value = getattr(c, f.name)
         if choices and value is not None and value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{f.name}: must be one of {', '.join(choices)}, got {value!r}{hint}")
+            problems.append(
+                f"{f.name}: must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
+            )
 
     need(
         c.resolution > 0 and c.resolution % 8 == 0, "resolution", "must be a positive multiple of 8 (the VAE's factor)"
@@ -343,9 +344,9 @@ def _check_values(c: TrainConfig) -> list[str]:
                 f"resampler.{key}: follows from the models (image encoder, UNet, text encoder); do not set it"
             )
         elif key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(f"resampler.{key}: unknown field ({hint}allowed: {', '.join(allowed)})")
+            problems.append(
+                f"resampler.{key}: unknown field{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+            )
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"resampler.{key}: expected a positive integer, got {value!r}")
     if c.cache and c.buckets and c.reference_size is None:
@@ -367,10 +368,9 @@ def _check_validation_settings(values: Any) -> list[str]:
     for name in values:
         if name not in GENERATION_FIELDS or name == "size":
             allowed = [n for n in GENERATION_FIELDS if n != "size"]
-            close = difflib.get_close_matches(str(name), allowed, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(
-                f"validation_settings.{name}: unknown field ({hint}allowed: {', '.join(allowed)}; the size is `resolution`)"
+                f"validation_settings.{name}: unknown field{did_you_mean(name, allowed)}; allowed: {', '.join(allowed)} "
+                "(the size is `resolution`)"
             )
     try:
         check_types(values, GENERATION_FIELDS, "validation_settings")
@@ -444,9 +444,7 @@ def config_from_dict(values: dict[str, Any], source: str | None = None) -> Train
     problems = []
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(f"{key}: unknown field{hint}; see docs/training.md for the fields")
+            problems.append(f"{key}: unknown field{did_you_mean(key, names)}; see docs/training.md for the fields")
     config = TrainConfig(**{k: v for k, v in values.items() if k in names})
     try:
         config.validate()
