@@ -37,6 +37,11 @@ class Subject:
         return any(self.box)
 
 
+# What opening an image file can raise when the file is not a readable image. DecompressionBombError
+# (over twice Pillow's pixel limit) is neither an OSError nor a ValueError, so it is named here.
+IMAGE_READ_ERRORS = (OSError, SyntaxError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError)
+
+
 def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
     """Return `image` as an RGB PIL image; `what` names it in error messages."""
     if isinstance(image, PIL.Image.Image):
@@ -48,7 +53,7 @@ def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
         try:
             with PIL.Image.open(path) as opened:
                 return opened.convert("RGB")
-        except (OSError, PIL.UnidentifiedImageError) as error:
+        except IMAGE_READ_ERRORS as error:
             raise ValueError(f"{what}: cannot read {path!r} as an image ({error}).") from error
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()

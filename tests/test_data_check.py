@@ -51,3 +51,23 @@ def test_empty_manifest_is_a_problem(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "empty.jsonl")]) == 1
     out = capsys.readouterr().out
     assert "the manifest has no samples" in out and "problems: 1 (the manifest is empty)" in out
+
+
+def test_an_image_over_pillows_pixel_limit_is_an_unreadable_image_everywhere(tmp_path, capsys):
+    """A small PNG of 200 million pixels (Pillow refuses to decode it: DecompressionBombError, which
+    is neither an OSError nor a ValueError) is a problem line in `data check`, a sample that
+    `bad_samples: skip` can replace in training, and a one-line error as a subject photo."""
+    import pytest
+
+    from msdiffusion.data.dataset import SampleReadError, _open_rgb
+    from msdiffusion.subjects import load_image
+
+    manifest = _manifest(tmp_path, truncate=())
+    PIL.Image.new("1", (20000, 10000)).save(tmp_path / "2.jpg", format="PNG")  # a few KB on disk
+    assert main(["data", "check", str(manifest), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "manifest.jsonl:3: image: cannot read" in out and "decompression bomb" in out, out
+    with pytest.raises(SampleReadError, match="cannot read"):
+        _open_rgb(tmp_path / "2.jpg", "manifest.jsonl:3: image")
+    with pytest.raises(ValueError, match="cannot read .*2.jpg"):
+        load_image(str(tmp_path / "2.jpg"), "subjects[0].image")

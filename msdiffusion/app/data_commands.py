@@ -47,7 +47,11 @@ def _add_check(commands) -> None:
         "reference and mask is decoded (in parallel, with a progress bar), so a truncated file is found here rather "
         "than hours into training. Exit code 1 when there are problems (an empty manifest is one).",
     )
-    check.add_argument("manifest", type=Path, help="the manifest (.jsonl)")
+    check.add_argument(
+        "manifest",
+        type=Path,
+        help="the manifest (.jsonl), a sharded one's manifest-index.json, or the folder of either",
+    )
     check.add_argument("--max-problems", type=int, default=50, help="problems to list (all are counted)")
     speed = check.add_mutually_exclusive_group()
     speed.add_argument(
@@ -66,11 +70,13 @@ def _add_check(commands) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from msdiffusion.data.manifest import Problem, validate_manifest
+    from msdiffusion.data.manifest import ManifestError, Problem, manifest_files, validate_manifest
     from msdiffusion.errors import UserInputError
 
-    if not args.manifest.is_file():
-        raise UserInputError(f"manifest not found: {args.manifest}")
+    try:
+        manifest_files(args.manifest)
+    except (FileNotFoundError, ManifestError) as error:
+        raise UserInputError(str(error)) from None
     if args.max_problems < 1:
         raise UserInputError("--max-problems must be at least 1")
     if args.workers < 1:
@@ -113,7 +119,7 @@ def format_statistics(samples, problems, total: int, manifest: Path) -> str:
     import numpy as np
 
     lines = [f"manifest: {manifest}"]
-    bad_lines = len({p.line for p in problems if p.line})
+    bad_lines = len({(p.file, p.line) for p in problems if p.line})
     more = "+" if total > len(problems) else ""
     lines.append(f"samples: {len(samples)} valid, {bad_lines}{more} line(s) with problems")
     per_sample = Counter(len(s.subjects) for s in samples)
@@ -159,21 +165,28 @@ def _add_build(commands) -> None:
         "build",
         help="build a manifest from captioned images or video clips",
         description="Detect the caption's subjects in each image (open-vocabulary detector), optionally "
-        "segment them (SAM), filter, and write OUT/manifest.jsonl (docs/data.md).",
+        "segment them (SAM), filter, and write OUT/manifest.jsonl, or a sharded manifest (manifest-NNNNN.jsonl "
+        "and manifest-index.json) for tar shards, --shard-size or --engine ray (docs/data.md).",
     )
     build.add_argument(
         "source",
-        type=Path,
-        help="folder of images with NAME.txt captions, or a captions file (.jsonl/.json/.csv with image,caption)",
+        help="folder of images with NAME.txt captions, a captions file (.jsonl/.json/.csv with image,caption), or "
+        "WebDataset tar shards (a .tar, a {00000..00099}.tar range, a glob, or a folder of .tar; any fsspec URL)",
     )
-    build.add_argument("--out", type=Path, required=True, help="output folder (manifest.jsonl, masks/, crops/)")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.jsonl")
+    build.add_argument("--out", type=Path, required=True, help="output folder (manifest, masks/, crops/, images/)")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing manifest in OUT")
     build.add_argument(
         "--video",
         action="store_true",
-        help="sources are clips (folders of frames): target = middle frame, references from the first frame",
+        help="sources are clips (folders of frames; in tar shards a video file or KEY.000.jpg... frames): "
+        "target = middle frame, references from the first frame",
     )
-    build.add_argument("--limit", type=int, help="process only the first N items")
+    build.add_argument(
+        "--caption-field",
+        default="txt",
+        help="tar shards: the caption is the KEY.txt member (txt, the default) or this field of KEY.json",
+    )
+    build.add_argument("--limit", type=int, help="process only the first N items, into one manifest.jsonl")
 
     phrases = build.add_argument_group("subject phrases")
     phrases.add_argument(
@@ -195,7 +208,9 @@ def _add_build(commands) -> None:
         help=f"segment subjects with SAM to mask the reference crops (default model {DEFAULT_SEGMENTER})",
     )
     models.add_argument("--segmenter", help="SAM hub id or folder (implies --masks)")
-    models.add_argument("--device", help="cuda, cuda:1, mps or cpu (default: the best available)")
+    models.add_argument(
+        "--device", help="cuda, cuda:1, mps or cpu (default: the best available; with --engine ray, each worker's)"
+    )
     models.add_argument(
         "--dtype",
         type=dtype_name,
@@ -232,40 +247,103 @@ def _add_build(commands) -> None:
         action="store_true",
         help="write reference crops to OUT/crops/ instead of pointing at the source image with a crop box",
     )
+    output.add_argument(
+        "--shard-size",
+        type=int,
+        help="write a sharded manifest of N items a shard (tar sources: one shard per tar; --engine ray: "
+        f"default {DEFAULT_SHARD_SIZE}); a stopped build run again continues after its finished shards",
+    )
+
+    engine = build.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process, one device (default); ray: a Ray Data pipeline over the GPUs of this machine "
+        'or a cluster (pip install "msdiffusion[scale]")',
+    )
+    engine.add_argument(
+        "--ray-address", help="join this Ray cluster (e.g. auto, ray://head:10001); default: a local Ray"
+    )
+    engine.add_argument("--detector-workers", type=int, default=1, help="ray: detector actors (default 1)")
+    engine.add_argument(
+        "--segmenter-workers", type=int, help="ray: segmenter actors (default: as many as --detector-workers)"
+    )
+    engine.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="ray: GPUs per detector or segmenter actor, fractions allowed (default 1 where the cluster has GPUs, else 0)",
+    )
+    engine.add_argument("--cpus-per-worker", type=float, default=1.0, help="ray: CPUs per actor (default 1)")
     build.set_defaults(func=run_build)
+
+
+DEFAULT_SHARD_SIZE = 1000
 
 
 def run_build(args: argparse.Namespace) -> int:
     from msdiffusion.errors import UserInputError
 
-    manifest = args.out / "manifest.jsonl"
-    if manifest.exists() and not args.overwrite:
-        raise UserInputError(f"{manifest} exists; pass --overwrite to replace it or choose another --out")
-    for name in ("batch_size", "max_phrase_words", "min_subjects"):
+    for name in ("batch_size", "max_phrase_words", "min_subjects", "detector_workers"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise UserInputError("--limit must be at least 1")
+    for name in ("limit", "shard_size", "segmenter_workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gpus_per_worker is not None and args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise UserInputError("--gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
+    if args.engine != "ray":
+        given = [f"--{n.replace('_', '-')}" for n in ("ray_address", "segmenter_workers", "gpus_per_worker")]
+        given = [flag for flag in given if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given or args.detector_workers != 1:
+            raise UserInputError(f"{', '.join(given) or '--detector-workers'} need(s) --engine ray")
+    if args.limit is not None and (args.engine == "ray" or args.shard_size):
+        raise UserInputError(
+            "--limit tries settings on a few items into one manifest.jsonl: drop --engine ray and --shard-size with it"
+        )
 
-    import torch
-
-    from msdiffusion.data.build import build_manifest, collect_items, make_phrase_finder
-    from msdiffusion.data.detection import BoxSegmenter, OpenVocabularyDetector, SubjectFilter
-    from msdiffusion.data.manifest import validate_manifest
+    from msdiffusion.data.build import (
+        MANIFEST_NAME,
+        STATE_FOLDER,
+        ModelSpec,
+        build_manifest,
+        build_sharded,
+        collect_items,
+        make_phrase_finder,
+        plan_shards,
+        tar_items,
+    )
+    from msdiffusion.data.detection import SubjectFilter
+    from msdiffusion.data.manifest import INDEX_NAME, validate_manifest
     from msdiffusion.data.phrases import load_vocabulary
-    from msdiffusion.loading import default_device
+    from msdiffusion.data.tars import is_tar_source
+
+    tar_source = is_tar_source(args.source)
+    sharded = args.limit is None and (args.engine == "ray" or args.shard_size is not None or tar_source)
+    manifest = args.out / (INDEX_NAME if sharded else MANIFEST_NAME)
+    _prepare_output(args.out, manifest, sharded, args.overwrite, STATE_FOLDER)
 
     try:
         rules = SubjectFilter(
             args.score_threshold, args.min_box_area, args.max_box_area, args.max_overlap, args.max_subjects
         )
         vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
-        items, skipped = collect_items(args.source, video=args.video)
+        if sharded:
+            specs, skipped = plan_shards(
+                args.source, args.video, args.caption_field, args.shard_size or DEFAULT_SHARD_SIZE
+            )
+            count = f"{len(specs)} shard(s)"
+            empty = not specs
+        elif tar_source:
+            items, skipped = tar_items(args.source, args.video, args.caption_field, args.limit)
+        else:
+            items, skipped = collect_items(args.source, video=args.video)
+            items = items[: args.limit] if args.limit is not None else items
+        if not sharded:
+            count, empty = f"{len(items)} items", not items
     except (ValueError, FileNotFoundError) as error:
         raise UserInputError(str(error)) from None
-    if args.limit is not None:
-        items = items[: args.limit]
-    if not items:
+    if empty:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.items()) or "no images found"
         raise UserInputError(f"no captioned items in {args.source} ({reasons}); see docs/data.md for the layouts")
 
@@ -276,31 +354,38 @@ def run_build(args: argparse.Namespace) -> int:
         [(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")],
         device=args.device,
     )
-    device = args.device or default_device()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
-    if dtype is None:
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    try:
-        detector = OpenVocabularyDetector(args.detector, device, dtype, batch_size=args.batch_size)
-        segmenter = None
-        if args.masks or args.segmenter:
-            segmenter = BoxSegmenter(args.segmenter or DEFAULT_SEGMENTER, device, dtype)
-    except ValueError as error:
-        raise UserInputError(str(error)) from None
-
-    print(f"{len(items)} items from {args.source} on {device}; writing {manifest}", file=sys.stderr)
-    report = build_manifest(
-        items,
-        args.out,
-        detector,
-        rules,
-        make_phrase_finder(vocabulary, args.max_phrase_words),
-        segmenter=segmenter,
-        batch_size=args.batch_size,
-        min_subjects=args.min_subjects,
-        save_crops=args.save_crops,
-        progress=lambda done: print(f"  {done}/{len(items)}", file=sys.stderr, end="\r"),
+    detector = ModelSpec("detector", args.detector, args.device, args.dtype, args.batch_size)
+    segmenter = ModelSpec("segmenter", segmenter_name, args.device, args.dtype) if segmenter_name else None
+    find_phrases = make_phrase_finder(vocabulary, args.max_phrase_words)
+    common = dict(
+        segmenter=segmenter, batch_size=args.batch_size, min_subjects=args.min_subjects, save_crops=args.save_crops
     )
+
+    def shard_progress(done: int, total: int) -> None:
+        print(f"  shards: {done}/{total}", file=sys.stderr, end="\r")
+
+    if args.engine == "ray":
+        report = _build_on_ray(args, specs, detector, rules, find_phrases, common, shard_progress)
+    else:
+        device = detector.resolved()[0]
+        try:
+            common["segmenter"] = segmenter() if segmenter else None
+            loaded = detector()
+        except ValueError as error:
+            raise UserInputError(str(error)) from None
+        print(f"{count} from {args.source} on {device}; writing {manifest}", file=sys.stderr)
+        if sharded:
+            report = build_sharded(specs, args.out, loaded, rules, find_phrases, progress=shard_progress, **common)
+        else:
+            report = build_manifest(
+                items,
+                args.out,
+                loaded,
+                rules,
+                find_phrases,
+                progress=lambda done: print(f"  {done}/{len(items)}", file=sys.stderr, end="\r"),
+                **common,
+            )
     print(file=sys.stderr)
     report.skipped.update(skipped)
     report.items += sum(skipped.values())
@@ -312,3 +397,53 @@ def run_build(args: argparse.Namespace) -> int:
         return 1
     print(f"manifest: {manifest} (check it with: msdiff data check {manifest})")
     return 0
+
+
+def _prepare_output(out: Path, manifest: Path, sharded: bool, overwrite: bool, state_folder: str) -> None:
+    """Refuse to replace a finished manifest without --overwrite; with it, remove the old manifest files.
+
+    An unfinished sharded build (shards, no index) is left as it is: running the build again continues it.
+    """
+    import shutil
+
+    from msdiffusion.errors import UserInputError
+
+    if manifest.exists() and not overwrite:
+        raise UserInputError(f"{manifest} exists; pass --overwrite to replace it or choose another --out")
+    if overwrite:
+        for old in [out / "manifest.jsonl", out / "manifest-index.json", *out.glob("manifest-*.jsonl")]:
+            old.unlink(missing_ok=True)
+        shutil.rmtree(out / state_folder, ignore_errors=True)
+    elif sharded and (out / state_folder).is_dir():
+        print(f"continuing the unfinished build in {out}: its finished shards are kept", file=sys.stderr)
+
+
+def _build_on_ray(args, specs, detector, rules, find_phrases, common, progress):
+    from msdiffusion.data.ray_engine import build_with_ray, ray_available
+    from msdiffusion.errors import UserInputError
+
+    if not ray_available():
+        raise UserInputError(
+            '--engine ray needs Ray Data: pip install -e ".[scale]" (or pip install "ray[data]"); '
+            "or build with the local engine (the default)"
+        )
+    where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
+    print(
+        f"{len(specs)} shard(s) from {args.source} on {where}, {args.detector_workers} detector worker(s); "
+        f"writing {args.out}",
+        file=sys.stderr,
+    )
+    return build_with_ray(
+        specs,
+        args.out,
+        detector,
+        rules,
+        find_phrases,
+        address=args.ray_address,
+        detector_workers=args.detector_workers,
+        segmenter_workers=args.segmenter_workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        progress=progress,
+        **common,
+    )

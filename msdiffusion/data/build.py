@@ -12,31 +12,49 @@ Sources:
   objects, or {image: caption}) or `.csv` (header with image,caption[,phrases]; phrases separated
   by ";"); image paths are relative to the file's folder;
 - with `video=True`, the same but each "image" is a folder of frames (sorted by name): a folder
-  of clip folders, captions in `CLIP/caption.txt` or `CLIP.txt`, or a captions file naming them.
+  of clip folders, captions in `CLIP/caption.txt` or `CLIP.txt`, or a captions file naming them;
+- WebDataset tar shards (img2dataset's and video2dataset's layout, `tars.py`), local or any fsspec URL.
+
+Output: one `manifest.jsonl`, or a sharded manifest (`manifest-NNNNN.jsonl` per shard and
+`manifest-index.json`, `manifest.py`), which a stopped build continues shard by shard. Images of
+tar sources are written under `images/` so the manifest stays paths to files.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
 
+from ..subjects import IMAGE_READ_ERRORS
 from .detection import Detection, SubjectFilter, best_per_phrase, select_subjects
-from .manifest import Reference, Sample, SubjectRecord, crop_pixels, phrase_occurrences
+from .manifest import (
+    Reference,
+    Sample,
+    SubjectRecord,
+    crop_pixels,
+    phrase_occurrences,
+    shard_file_name,
+    write_index,
+)
 from .phrases import extract_noun_phrases, find_vocabulary_phrases
+from .tars import TXT_FIELD, clip_frames, is_tar_source, iter_tar_samples, list_shards, sample_caption, still_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MANIFEST_NAME = "manifest.jsonl"
 # A SAM mask covering less than this fraction of its crop is treated as a failure and not written.
 MIN_MASK_FRACTION = 0.02
+# Per finished shard of a sharded build: its source and report (a later run skips the shard).
+STATE_FOLDER = ".build"
 
 
 @dataclass
@@ -47,6 +65,10 @@ class SourceItem:
     caption: str
     reference_image: Path
     phrases: list[str] | None = None  # given by the captions file; otherwise extracted from the caption
+    # Tar sources: the encoded images, in memory; `image` / `reference_image` are then paths relative
+    # to the output folder, where they are written if the sample is kept.
+    image_bytes: bytes | None = None
+    reference_bytes: bytes | None = None
 
 
 @dataclass
@@ -56,6 +78,41 @@ class BuildReport:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     subjects_per_sample: Counter = field(default_factory=Counter)
     masks: int = 0
+
+    def add(self, work: "Work") -> None:
+        """Count one item that went through the stages."""
+        self.items += 1
+        if work.skipped is not None:
+            self.skipped[work.skipped] += 1
+        elif work.line is not None:
+            self.written += 1
+            self.subjects_per_sample[len(work.pairs)] += 1
+            self.masks += work.masks_written
+
+    def to_json(self) -> dict:
+        return {
+            "items": self.items,
+            "written": self.written,
+            "skipped": dict(self.skipped),
+            "subjects_per_sample": {str(k): v for k, v in self.subjects_per_sample.items()},
+            "masks": self.masks,
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> "BuildReport":
+        subjects = Counter({int(k): v for k, v in record["subjects_per_sample"].items()})
+        return cls(record["items"], record["written"], Counter(record["skipped"]), subjects, record["masks"])
+
+    @classmethod
+    def total(cls, reports: Iterable["BuildReport"]) -> "BuildReport":
+        total = cls()
+        for report in reports:
+            total.items += report.items
+            total.written += report.written
+            total.skipped.update(report.skipped)
+            total.subjects_per_sample.update(report.subjects_per_sample)
+            total.masks += report.masks
+        return total
 
     def summary(self) -> str:
         lines = [f"{self.written} of {self.items} items written"]
@@ -201,7 +258,201 @@ def item_phrases(item: SourceItem, find_phrases: Callable[[str], list[str]]) -> 
     return [p for p in item.phrases if phrase_occurrences(p, item.caption)]
 
 
-# --- building --------------------------------------------------------------------------------------
+# --- stages ----------------------------------------------------------------------------------------
+# Each stage takes a list of `Work` and fills in what it finds; the local engine runs them in turn
+# on one batch at a time, the Ray engine (`ray_engine.py`) runs the same functions on its workers.
+
+
+@dataclass
+class Work:
+    """One item on its way through the stages, and what each stage found."""
+
+    item: SourceItem | None
+    key: str  # the sample's id, and the stem of its masks, crops and written images
+    folder: str = ""  # sub-folder of masks/ and crops/: a shard's number, "" for a single manifest
+    position: int = 0  # index of the item in its shard (or source), skipped items counted
+    skipped: str | None = None  # why the item is left out, once a stage decides so
+    target: PIL.Image.Image | None = None
+    reference: PIL.Image.Image | None = None
+    phrases: list[str] = field(default_factory=list)
+    pairs: list[tuple[Detection, Detection]] = field(default_factory=list)  # (target box, reference box)
+    masks: list[np.ndarray | None] = field(default_factory=list)
+    line: str | None = None  # the manifest line, once written
+    masks_written: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.skipped is None
+
+
+def load_stage(works: Sequence[Work]) -> None:
+    """Decode the target and reference images (CPU)."""
+    for work in works:
+        if not work.active:
+            continue
+        item = work.item
+        try:
+            work.target = _open(item.image, item.image_bytes)
+            if item.reference_image != item.image:
+                work.reference = _open(item.reference_image, item.reference_bytes)
+            else:
+                work.reference = work.target
+        except ValueError:
+            work.skipped = "unreadable image"
+
+
+def detect_stage(
+    works: Sequence[Work],
+    detector,
+    rules: SubjectFilter,
+    find_phrases: Callable[[str], list[str]],
+    min_subjects: int = 1,
+) -> None:
+    """Find the caption's phrases, detect them, filter, and pair each subject with its reference box."""
+    active = [work for work in works if work.active]
+    if not active:
+        return
+    for work in active:
+        work.phrases = item_phrases(work.item, find_phrases)
+    video = [work.item.reference_image != work.item.image for work in active]
+    # Clips are detected on both frames in one batch: boxes come from the target frame, crops from the reference frame.
+    extra = [k for k, v in enumerate(video) if v]
+    found = detector(
+        [work.target for work in active] + [active[k].reference for k in extra],
+        [work.phrases for work in active] + [active[k].phrases for k in extra],
+        rules.score_threshold,
+    )
+    reference_found = {k: found[len(active) + n] for n, k in enumerate(extra)}
+    for k, work in enumerate(active):
+        if not work.phrases:
+            work.skipped = "no subject phrase in the caption"
+            continue
+        pairs = []
+        reference_best = best_per_phrase(reference_found[k], rules) if video[k] else None
+        for subject in select_subjects(found[k], rules):
+            reference = subject if reference_best is None else reference_best.get(subject.phrase)
+            if reference is not None:
+                pairs.append((subject, reference))
+        if len(pairs) < min_subjects:
+            work.skipped = f"fewer than {min_subjects} subject(s) detected"
+            continue
+        work.pairs = pairs
+        work.masks = [None] * len(pairs)
+
+
+def segment_stage(works: Sequence[Work], segmenter) -> None:
+    """SAM masks of each kept subject in its reference image."""
+    todo = [work for work in works if work.active and work.pairs]
+    if segmenter is None or not todo:
+        return
+    segmented = segmenter([work.reference for work in todo], [[ref.box for _, ref in work.pairs] for work in todo])
+    for work, image_masks in zip(todo, segmented):
+        work.masks = list(image_masks)
+
+
+def write_stage(works: Sequence[Work], out_dir: str | os.PathLike, save_crops: bool = False) -> None:
+    """Write each kept sample's files (masks, crops; tar sources: its images) and its manifest line.
+
+    The decoded images are dropped afterwards: what is left of a `Work` is small.
+    """
+    out_dir = Path(out_dir)
+    for work in works:
+        if work.active and work.pairs:
+            _write_sample(work, out_dir, save_crops)
+        work.target = work.reference = None
+        work.masks = []
+        if work.item is not None and work.item.image_bytes is not None:
+            work.item = replace(work.item, image_bytes=None, reference_bytes=None)
+
+
+def _write_sample(work: Work, out_dir: Path, save_crops: bool) -> None:
+    item = work.item
+    # Tar sources: the images exist only in memory; they are written next to the manifest, so it stays
+    # the one training format (paths to files).
+    image_path = _materialize(item.image, item.image_bytes, out_dir)
+    reference_path = image_path
+    if item.reference_image != item.image:
+        reference_path = _materialize(item.reference_image, item.reference_bytes, out_dir)
+    subjects = []
+    for j, (subject, reference) in enumerate(work.pairs):
+        ref = _write_reference(
+            reference_path,
+            work.reference,
+            reference.box,
+            work.masks[j],
+            out_dir,
+            work.folder,
+            f"{work.key}_{j}",
+            save_crops,
+        )
+        work.masks_written += ref.mask is not None
+        subjects.append(SubjectRecord(subject.phrase, subject.box, ref, {"score": round(subject.score, 4)}))
+    width, height = work.target.size
+    sample = Sample(image_path, item.caption, subjects, id=work.key, width=width, height=height)
+    work.line = json.dumps(sample.to_json(out_dir), ensure_ascii=False)
+
+
+def _materialize(path: Path, data: bytes | None, out_dir: Path) -> Path:
+    if data is None:
+        return path
+    target = out_dir / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return target
+
+
+def run_stages(
+    works: Sequence[Work],
+    out_dir: str | os.PathLike,
+    detector,
+    rules: SubjectFilter,
+    find_phrases: Callable[[str], list[str]],
+    segmenter=None,
+    min_subjects: int = 1,
+    save_crops: bool = False,
+) -> None:
+    """Every stage on one batch, in one process (the local engine)."""
+    load_stage(works)
+    detect_stage(works, detector, rules, find_phrases, min_subjects)
+    segment_stage(works, segmenter)
+    write_stage(works, out_dir, save_crops)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load the detector or the segmenter where it runs (a Ray actor loads its own copy).
+
+    `device` None: the best device of the process that loads it (the GPU Ray gave an actor).
+    `dtype` "auto": fp16 on CUDA, fp32 elsewhere.
+    """
+
+    kind: str  # "detector" or "segmenter"
+    name: str
+    device: str | None = None
+    dtype: str = "auto"
+    batch_size: int = 8
+
+    def resolved(self) -> tuple[str, object]:
+        import torch
+
+        from ..loading import default_device
+
+        device = self.device or default_device()
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(self.dtype)
+        if dtype is None:
+            dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+        return device, dtype
+
+    def __call__(self):
+        from .detection import BoxSegmenter, OpenVocabularyDetector
+
+        device, dtype = self.resolved()
+        if self.kind == "detector":
+            return OpenVocabularyDetector(self.name, device, dtype, batch_size=self.batch_size)
+        return BoxSegmenter(self.name, device, dtype)
+
+
+# --- building: one manifest ------------------------------------------------------------------------
 
 
 def build_manifest(
@@ -224,106 +475,208 @@ def build_manifest(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST_NAME
     report = BuildReport()
-    with open(manifest_path, "w", encoding="utf-8") as handle:
-        batch: list[SourceItem] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == batch_size:
-                _build_batch(
-                    batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report
-                )
-                batch = []
-                if progress:
-                    progress(report.items)
-        if batch:
-            _build_batch(
-                batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report
-            )
+    works = (Work(item, f"{k:07d}_{_safe_stem(item.image)}", position=k) for k, item in enumerate(items))
+    with open(out_dir / MANIFEST_NAME, "w", encoding="utf-8") as handle:
+        for batch in _batched(works, batch_size):
+            run_stages(batch, out_dir, detector, rules, find_phrases, segmenter, min_subjects, save_crops)
+            for work in batch:
+                report.add(work)
+                if work.line is not None:
+                    handle.write(work.line + "\n")
+            handle.flush()
             if progress:
                 progress(report.items)
     return report
 
 
-def _build_batch(batch, out_dir, handle, detector, rules, find_phrases, segmenter, min_subjects, save_crops, report):
-    report.items += len(batch)
-    readable, targets, references = [], [], []
-    for item in batch:
-        try:
-            target = _open(item.image)
-            reference = _open(item.reference_image) if item.reference_image != item.image else target
-        except ValueError:
-            report.skipped["unreadable image"] += 1
-            continue
-        readable.append(item)
-        targets.append(target)
-        references.append(reference)
-    batch = readable
-    phrases = [item_phrases(item, find_phrases) for item in batch]
-    video = [item.reference_image != item.image for item in batch]
+# --- building: a sharded manifest ------------------------------------------------------------------
 
-    # Clips are detected on both frames in one batch: boxes come from the target frame, crops from the reference frame.
-    extra = [k for k, v in enumerate(video) if v]
-    found = detector(
-        targets + [references[k] for k in extra], phrases + [phrases[k] for k in extra], rules.score_threshold
-    )
-    target_found = found[: len(batch)]
-    reference_found = {k: found[len(batch) + n] for n, k in enumerate(extra)}
 
-    chosen: list[list[tuple[Detection, Detection]]] = []
-    for k, item in enumerate(batch):
-        if not phrases[k]:
-            chosen.append([])
-            report.skipped["no subject phrase in the caption"] += 1
-            continue
-        pairs = []
-        reference_best = best_per_phrase(reference_found[k], rules) if video[k] else None
-        for subject in select_subjects(target_found[k], rules):
-            reference = subject if reference_best is None else reference_best.get(subject.phrase)
-            if reference is not None:
-                pairs.append((subject, reference))
-        if len(pairs) < min_subjects:
-            chosen.append([])
-            report.skipped[f"fewer than {min_subjects} subject(s) detected"] += 1
-            continue
-        chosen.append(pairs)
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work and of output: a tar shard, or a slice of a folder or captions file."""
 
-    masks: list[list[np.ndarray | None]] = [[None] * len(pairs) for pairs in chosen]
-    if segmenter is not None:
-        todo = [k for k, pairs in enumerate(chosen) if pairs]
-        segmented = segmenter([references[k] for k in todo], [[ref.box for _, ref in chosen[k]] for k in todo])
-        for k, image_masks in zip(todo, segmented):
-            masks[k] = list(image_masks)
+    number: int
+    source: str  # the tar's URL, or where the slice comes from (for the index and messages)
+    items: tuple[SourceItem, ...] | None = None  # a slice of a listed source; None: read the tar
+    video: bool = False
+    caption_field: str = TXT_FIELD
 
-    for k, (item, pairs) in enumerate(zip(batch, chosen)):
-        if not pairs:
+    @property
+    def folder(self) -> str:
+        return f"{self.number:05d}"
+
+
+def plan_shards(
+    source: str | os.PathLike,
+    video: bool = False,
+    caption_field: str = TXT_FIELD,
+    shard_size: int = 1000,
+) -> tuple[list[ShardSpec], Counter]:
+    """The shards of a build: one per tar shard, or slices of `shard_size` items of a folder or captions file."""
+    if is_tar_source(source):
+        return [ShardSpec(k, url, None, video, caption_field) for k, url in enumerate(list_shards(source))], Counter()
+    items, skipped = collect_items(source, video=video)
+    specs = [
+        ShardSpec(k, f"{os.fspath(source)}[{start}:{start + shard_size}]", tuple(items[start : start + shard_size]))
+        for k, start in enumerate(range(0, len(items), shard_size))
+    ]
+    return specs, skipped
+
+
+def shard_works(spec: ShardSpec) -> Iterator[Work]:
+    """The items of one shard as `Work`, in order; items that cannot be used come already skipped."""
+    if spec.items is not None:
+        for position, item in enumerate(spec.items):
+            yield Work(item, f"{spec.folder}_{position:06d}_{_safe_stem(item.image)}", spec.folder, position)
+        return
+    for position, sample in enumerate(iter_tar_samples(spec.source)):
+        key = f"{spec.folder}_{position:06d}_{re.sub(r'[^A-Za-z0-9_-]+', '_', sample.key)[:80]}"
+        work = Work(None, key, spec.folder, position)
+        caption, phrases = sample_caption(sample, spec.caption_field)
+        images = Path("images") / spec.folder
+        if not caption:
+            work.skipped = "no caption file or empty caption"
+        elif spec.video:
+            frames = clip_frames(sample)
+            if isinstance(frames, str):
+                work.skipped = frames
+            else:
+                (target_ext, target), (reference_ext, reference) = frames
+                work.item = SourceItem(
+                    images / f"{key}.target.{target_ext}",
+                    caption,
+                    images / f"{key}.reference.{reference_ext}",
+                    phrases,
+                    target,
+                    reference,
+                )
+        else:
+            found = still_image(sample)
+            if found is None:
+                work.skipped = "no image in the sample"
+            else:
+                path = images / f"{key}.{found[0]}"
+                work.item = SourceItem(path, caption, path, phrases, found[1])
+        yield work
+
+
+def tar_items(
+    source: str | os.PathLike, video: bool = False, caption_field: str = TXT_FIELD, limit: int | None = None
+) -> tuple[list[SourceItem], Counter]:
+    """The first `limit` usable items of tar shards (for a trial build into one manifest), and the skips."""
+    items, skipped = [], Counter()
+    for spec in plan_shards(source, video, caption_field)[0]:
+        for work in shard_works(spec):
+            if limit is not None and len(items) >= limit:
+                return items, skipped
+            if work.skipped:
+                skipped[work.skipped] += 1
+            else:
+                items.append(work.item)
+    return items, skipped
+
+
+def finished_shards(out_dir: str | os.PathLike, specs: Sequence[ShardSpec]) -> dict[int, BuildReport]:
+    """Reports of the shards an earlier run of the same build finished (these are skipped).
+
+    Raises ValueError when a finished shard came from another source: the output belongs to another build.
+    """
+    out_dir = Path(out_dir)
+    done = {}
+    for spec in specs:
+        state = out_dir / STATE_FOLDER / f"{spec.folder}.json"
+        if not (state.is_file() and (out_dir / shard_file_name(spec.number)).is_file()):
             continue
-        key = f"{report.written:07d}_{_safe_stem(item.image)}"
-        subjects = []
-        for j, (subject, reference) in enumerate(pairs):
-            ref = _write_reference(
-                item.reference_image,
-                references[k],
-                reference.box,
-                masks[k][j],
-                out_dir,
-                f"{key}_{j}",
-                save_crops,
-                report,
+        record = json.loads(state.read_text(encoding="utf-8"))
+        if record.get("source") != spec.source:
+            raise ValueError(
+                f"{out_dir} holds shard {spec.number} of another build (from {record.get('source')}, not "
+                f"{spec.source}); choose another --out, or pass --overwrite to start again"
             )
-            subjects.append(SubjectRecord(subject.phrase, subject.box, ref, {"score": round(subject.score, 4)}))
-        width, height = targets[k].size
-        sample = Sample(item.image, item.caption, subjects, id=key, width=width, height=height)
-        handle.write(json.dumps(sample.to_json(out_dir), ensure_ascii=False) + "\n")
-        report.written += 1
-        report.subjects_per_sample[len(subjects)] += 1
-    handle.flush()
+        done[spec.number] = BuildReport.from_json(record["report"])
+    return done
 
 
-def _write_reference(
-    path, image, box, mask, out_dir: Path, name: str, save_crops: bool, report: BuildReport
-) -> Reference:
+def finish_shard(out_dir: str | os.PathLike, spec: ShardSpec, works: Sequence[Work]) -> BuildReport:
+    """Write a shard's manifest (lines in item order) and its state, so a later run skips it."""
+    out_dir = Path(out_dir)
+    report = BuildReport()
+    lines = []
+    for work in sorted(works, key=lambda w: w.position):
+        report.add(work)
+        if work.line is not None:
+            lines.append(work.line + "\n")
+    state = out_dir / STATE_FOLDER / f"{spec.folder}.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    # The state first, then the manifest: a shard counts as finished only once both exist.
+    _write_atomic(state, json.dumps({"source": spec.source, "report": report.to_json()}))
+    _write_atomic(out_dir / shard_file_name(spec.number), "".join(lines))
+    return report
+
+
+def finish_build(out_dir: str | os.PathLike, specs: Sequence[ShardSpec], reports: dict[int, BuildReport]) -> Path:
+    """Write the manifest index once every shard is finished; returns its path."""
+    shards = [
+        {"file": shard_file_name(spec.number), "samples": reports[spec.number].written, "source": spec.source}
+        for spec in specs
+    ]
+    return write_index(out_dir, shards)
+
+
+def build_sharded(
+    specs: Sequence[ShardSpec],
+    out_dir: str | os.PathLike,
+    detector,
+    rules: SubjectFilter,
+    find_phrases: Callable[[str], list[str]],
+    segmenter=None,
+    batch_size: int = 8,
+    min_subjects: int = 1,
+    save_crops: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> BuildReport:
+    """The local engine's sharded build: `manifest-NNNNN.jsonl` per shard and `manifest-index.json`.
+
+    Shards finished by an earlier run are skipped (a stopped build continues where it stopped).
+    `progress(shards_done, shards)` is called after each shard.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = finished_shards(out_dir, specs)
+    for spec in specs:
+        if spec.number in reports:
+            continue
+        works: list[Work] = []
+        for batch in _batched(shard_works(spec), batch_size):
+            run_stages(batch, out_dir, detector, rules, find_phrases, segmenter, min_subjects, save_crops)
+            works.extend(batch)
+        reports[spec.number] = finish_shard(out_dir, spec, works)
+        if progress:
+            progress(len(reports), len(specs))
+    finish_build(out_dir, specs, reports)
+    return BuildReport.total(reports.values())
+
+
+def _batched(works: Iterable[Work], size: int) -> Iterator[list[Work]]:
+    batch: list[Work] = []
+    for work in works:
+        batch.append(work)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def _write_reference(path, image, box, mask, out_dir: Path, folder: str, name: str, save_crops: bool) -> Reference:
     box = tuple(round(v, 6) for v in box)  # as the manifest stores it, so the dataset finds the same pixels
     left, top, width, height = crop_pixels(box, image.size)
     rect = (left, top, left + width, top + height)
@@ -331,23 +684,22 @@ def _write_reference(
     if mask is not None:
         crop_mask = np.asarray(mask, dtype=bool)[rect[1] : rect[3], rect[0] : rect[2]]
         if crop_mask.mean() >= MIN_MASK_FRACTION:
-            mask_path = out_dir / "masks" / f"{name}.png"
-            mask_path.parent.mkdir(exist_ok=True)
+            mask_path = out_dir / "masks" / folder / f"{name}.png"
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
             PIL.Image.fromarray(crop_mask.astype(np.uint8) * 255).save(mask_path)
-            report.masks += 1
     if save_crops:
-        crop_path = out_dir / "crops" / f"{name}.png"
-        crop_path.parent.mkdir(exist_ok=True)
+        crop_path = out_dir / "crops" / folder / f"{name}.png"
+        crop_path.parent.mkdir(parents=True, exist_ok=True)
         image.crop(rect).save(crop_path)
         return Reference(crop_path, None, mask_path)
     return Reference(Path(path), box, mask_path)
 
 
-def _open(path: Path) -> PIL.Image.Image:
+def _open(path: Path, data: bytes | None = None) -> PIL.Image.Image:
     try:
-        with PIL.Image.open(path) as opened:
+        with PIL.Image.open(io.BytesIO(data) if data is not None else path) as opened:
             return opened.convert("RGB")
-    except (OSError, PIL.UnidentifiedImageError) as error:
+    except IMAGE_READ_ERRORS as error:
         raise ValueError(f"cannot read {path} as an image ({error})") from error
 
 

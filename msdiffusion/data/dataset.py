@@ -28,7 +28,7 @@ uninterrupted one would. The dataset's own randomness (random crops) comes from
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,9 +37,17 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from ..subjects import default_image_processor, prepare_reference_pixels
+from ..subjects import IMAGE_READ_ERRORS, default_image_processor, prepare_reference_pixels
 from .buckets import nearest_bucket
-from .manifest import DEFAULT_MAX_PROBLEMS, ManifestError, Sample, crop_pixels, iter_lines, parse_line
+from .manifest import (
+    DEFAULT_MAX_PROBLEMS,
+    ManifestError,
+    Sample,
+    crop_pixels,
+    iter_manifest_lines,
+    manifest_files,
+    parse_line,
+)
 
 CROP_MODES = ("random", "center")
 # Background colours for masked references, by name (the training config's `mask_color`). The
@@ -65,7 +73,8 @@ class MSDiffusionDataset(Dataset):
     """Samples of a JSON-lines manifest, as training tensors (see the module docstring for the keys).
 
     Args:
-        manifest: path of the manifest (docs/data.md).
+        manifest: path of the manifest (docs/data.md): a `.jsonl` file, or the `manifest-index.json` of a
+            sharded one (its shards are read as one manifest, in index order).
         resolution: training size, an int for squares or (height, width).
         max_subjects: subject slots per sample; extra subjects (in manifest order) are left out.
         crop: "random" or "center" crop of the target after resizing it to cover the resolution.
@@ -101,8 +110,8 @@ class MSDiffusionDataset(Dataset):
         buckets: Sequence[Sequence[int]] | None = None,
     ):
         self.manifest = Path(manifest)
-        if not self.manifest.is_file():
-            raise FileNotFoundError(f"manifest not found: {self.manifest}")
+        self._files = manifest_files(self.manifest)  # raises FileNotFoundError naming what is missing
+        sharded = self._files != [self.manifest]
         if isinstance(resolution, int):
             resolution = (resolution, resolution)
         if len(resolution) != 2 or min(resolution) <= 0:
@@ -132,22 +141,26 @@ class MSDiffusionDataset(Dataset):
 
         # Only byte offsets, line numbers and bucket ids stay in memory: workers forked by the
         # DataLoader share them without the copy-on-write growth that lists of Python objects cause.
-        numbers, offsets, bucket_ids, problems, total = [], [], [], [], 0
-        for number, offset, text in iter_lines(self.manifest):
+        numbers, offsets, file_ids, bucket_ids, problems, total = [], [], [], [], [], 0
+        file_id = {file: k for k, file in enumerate(self._files)}
+        for file, number, offset, text in iter_manifest_lines(self.manifest):
             numbers.append(number)
             offsets.append(offset)
+            file_ids.append(file_id[file])
             if not validate and self.buckets is None:
                 continue
-            sample, found = parse_line(text, number, self.manifest.parent, check_files=validate)
+            sample, found = parse_line(text, number, file.parent, check_files=validate)
             if found:
                 total += len(found)
+                found = [replace(p, file=str(file)) for p in found] if sharded else found
                 problems.extend(found[: max(0, DEFAULT_MAX_PROBLEMS - len(problems))])
             elif self.buckets is not None:
-                bucket_ids.append(nearest_bucket(*_image_size(sample, f"{self.manifest}:{number}"), self.buckets))
+                bucket_ids.append(nearest_bucket(*_image_size(sample, f"{file}:{number}"), self.buckets))
         if problems:
             raise ManifestError(self.manifest, problems, total)
         self._line_numbers = np.array(numbers, dtype=np.int64)
         self._offsets = np.array(offsets, dtype=np.int64)
+        self._file_ids = np.array(file_ids, dtype=np.int32)
         self.bucket_ids = np.array(bucket_ids, dtype=np.int64) if self.buckets is not None else None
 
     def __len__(self) -> int:
@@ -158,14 +171,19 @@ class MSDiffusionDataset(Dataset):
 
     def sample(self, index: int) -> Sample:
         """The parsed manifest entry at `index`."""
-        with open(self.manifest, "rb") as handle:
+        file = self._files[int(self._file_ids[index])]
+        with open(file, "rb") as handle:
             handle.seek(int(self._offsets[index]))
             text = handle.readline().decode("utf-8", errors="replace")
         line = int(self._line_numbers[index])
-        sample, problems = parse_line(text, line, self.manifest.parent, check_files=False)
+        sample, problems = parse_line(text, line, file.parent, check_files=False)
         if sample is None:  # the file changed since it was validated
-            raise ManifestError(self.manifest, problems)
+            raise ManifestError(file, problems)
         return sample
+
+    def location(self, index: int) -> str:
+        """`file:line` of sample `index`, for messages (its shard's file in a sharded manifest)."""
+        return f"{self._files[int(self._file_ids[index])]}:{int(self._line_numbers[index])}"
 
     def cropped_target(self, index: int) -> "CroppedTarget":
         """Sample `index` with its target resized and cropped, and the subjects that survive the crop.
@@ -176,7 +194,7 @@ class MSDiffusionDataset(Dataset):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         sample = self.sample(index)
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        where = f"{self.manifest}:{sample.line}"
+        where = self.location(index)
 
         target_size = self.target_size if self.buckets is None else self.buckets[self.bucket_ids[index]]
         opened = {sample.image: _open_rgb(sample.image, f"{where}: image")}  # references often reuse the target
@@ -332,7 +350,7 @@ def _image_size(sample: Sample, where: str) -> tuple[int, int]:
     try:
         with PIL.Image.open(sample.image) as image:
             return image.size
-    except (OSError, PIL.UnidentifiedImageError) as error:
+    except IMAGE_READ_ERRORS as error:
         raise ValueError(f"{where}: image: cannot read {sample.image} as an image ({error})") from error
 
 
@@ -346,5 +364,5 @@ def _open_rgb(path: Path, what: str) -> PIL.Image.Image:
             return opened.convert("RGB")
     except FileNotFoundError:
         raise SampleReadError(f"{what}: file not found: {path}") from None
-    except (OSError, PIL.UnidentifiedImageError, SyntaxError) as error:
+    except IMAGE_READ_ERRORS as error:
         raise SampleReadError(f"{what}: cannot read {path} as an image ({error})") from None

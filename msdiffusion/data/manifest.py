@@ -11,6 +11,10 @@
 Paths are relative to the manifest's folder (or absolute). Boxes and crops are `[x0, y0, x1, y1]`
 fractions of their image's width and height. Full description: docs/data.md.
 
+A manifest may also be sharded: `manifest-00000.jsonl`, `manifest-00001.jsonl`... listed, in order,
+by `manifest-index.json` (what `msdiff data build` writes at scale). Everything that takes a manifest
+takes the index (or the folder holding it) too, and reads the shards as one manifest in index order.
+
 Validation collects every problem (up to a limit) as `manifest.jsonl:LINE: field: problem (what is
 allowed)`, so a whole file can be fixed in one pass.
 """
@@ -21,13 +25,14 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import PIL.Image
 
 from ..errors import did_you_mean
+from ..subjects import IMAGE_READ_ERRORS
 
 Box = tuple[float, float, float, float]
 
@@ -35,6 +40,9 @@ SAMPLE_KEYS = ("image", "caption", "subjects", "id", "width", "height", "meta")
 SUBJECT_KEYS = ("phrase", "box", "reference", "meta")
 REFERENCE_KEYS = ("image", "crop", "mask")
 DEFAULT_MAX_PROBLEMS = 50
+INDEX_NAME = "manifest-index.json"
+INDEX_FORMAT = "msdiffusion-manifest-index"
+INDEX_VERSION = 1
 
 _BOX_RULE = "[x0, y0, x1, y1] fractions of the image size, 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
 
@@ -104,9 +112,10 @@ class Problem:
     field: str
     message: str
     kind: str = "schema"  # "schema", "missing" (a file that does not exist) or "unreadable"
+    file: str | None = None  # the shard of a sharded manifest the line is in; None: the manifest itself
 
     def format(self, manifest: str | os.PathLike) -> str:
-        where = f"{os.fspath(manifest)}:{self.line}"
+        where = f"{self.file or os.fspath(manifest)}:{self.line}"
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -362,19 +371,103 @@ def _image_size(
             return image.size
     except FileNotFoundError:
         problems.append(Problem(line, where, f"file not found: {path}", "missing"))
-    except (OSError, PIL.UnidentifiedImageError, SyntaxError, ValueError) as error:  # SyntaxError: broken PNG chunks
+    except (*IMAGE_READ_ERRORS, ValueError) as error:
         problems.append(Problem(line, where, f"cannot read {path} as an image ({error})", "unreadable"))
     return None
 
 
-def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, str]]:
-    """Yield (line number, byte offset, text) for every non-blank line of a manifest."""
-    with open(path, "rb") as handle:
+def shard_file_name(number: int) -> str:
+    """The file of shard `number` of a sharded manifest."""
+    return f"manifest-{number:05d}.jsonl"
+
+
+def write_index(folder: str | os.PathLike, shards: list[dict[str, Any]]) -> Path:
+    """Write `folder/manifest-index.json` listing `shards` ({"file", "samples"[, "source"]}, in order)."""
+    path = Path(folder) / INDEX_NAME
+    index = {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "samples": sum(int(shard["samples"]) for shard in shards),
+        "shards": shards,
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def manifest_files(path: str | os.PathLike) -> list[Path]:
+    """The JSON-lines files of a manifest: the file itself, or the shards its index lists, in order.
+
+    `path` is a `.jsonl` manifest, a `manifest-index.json`, or a folder holding one of
+    `manifest-index.json` and `manifest.jsonl`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (INDEX_NAME, "manifest.jsonl") if (path / name).is_file()]
+        if not found:
+            unfinished = any(path.glob("manifest-*.jsonl"))
+            raise FileNotFoundError(
+                f"no manifest in {path} (expected {INDEX_NAME} or manifest.jsonl)"
+                + ("; it holds shards of a build that did not finish: run the build again to finish it" * unfinished)
+            )
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: {path}")
+    if path.suffix.lower() != ".json":
+        return [path]
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ManifestError(path, [Problem(0, "", f"not a valid manifest index ({error})")]) from None
+    if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), list):
+        raise ManifestError(
+            path,
+            [Problem(0, "", f'not a manifest index (expected {{"format": "{INDEX_FORMAT}", "shards": [...]}})')],
+        )
+    files = []
+    for k, shard in enumerate(index["shards"]):
+        if not isinstance(shard, dict) or not isinstance(shard.get("file"), str):
+            raise ManifestError(path, [Problem(0, f"shards[{k}]", 'expected an object with "file" (a .jsonl path)')])
+        file = path.parent / shard["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: shards[{k}]: shard not found: {file}")
+        files.append(file)
+    return files
+
+
+def iter_manifest_lines(path: str | os.PathLike) -> Iterator[tuple[Path, int, int, str]]:
+    """Yield (file, line number in it, byte offset in it, text) for every non-blank line of a manifest or its shards."""
+    for file in manifest_files(path):
+        for number, offset, text in _file_lines(file):
+            yield file, number, offset, text
+
+
+def _file_lines(file: Path) -> Iterator[tuple[int, int, str]]:
+    with open(file, "rb") as handle:
         offset = 0
         for number, raw in enumerate(handle, start=1):
             if raw.strip():
                 yield number, offset, raw.decode("utf-8", errors="replace")
             offset += len(raw)
+
+
+def _line_count(file: Path) -> int:
+    with open(file, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, int, str]]:
+    """Yield (line number, byte offset, text) for every non-blank line of a manifest.
+
+    Of a sharded manifest: the line number counts through the shards in order (the line of the
+    shards joined into one file) and the offset is in the line's shard.
+    """
+    before = 0
+    for file in manifest_files(path):
+        for number, offset, text in _file_lines(file):
+            yield before + number, offset, text
+        before += _line_count(file)
 
 
 def validate_manifest(
@@ -391,15 +484,18 @@ def validate_manifest(
     `open_images` opens every image (headers; with `decode`, every pixel) on `workers` threads (image
     decoding releases the GIL); `progress(done, total)` is called as samples are checked.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
-    base = path.parent
-    parsed = [parse_line(text, number, base, check_files) for number, _, text in iter_lines(path)]
+    files = manifest_files(path)
+    sharded = files != [Path(path)]
+    parsed, where = [], []
+    for file, number, _, text in iter_manifest_lines(path):
+        parsed.append(parse_line(text, number, file.parent, check_files))
+        where.append(str(file) if sharded else None)
     if open_images:
         to_open = [sample for sample, found in parsed if sample is not None]
         checked = iter(_check_files_parallel(to_open, decode, workers, progress))
         parsed = [(sample, next(checked)) if sample is not None else (sample, found) for sample, found in parsed]
+    if sharded:  # problems name the shard they are in
+        parsed = [(sample, [replace(p, file=file) for p in found]) for (sample, found), file in zip(parsed, where)]
     samples: list[Sample] = []
     problems: list[Problem] = []
     total = 0

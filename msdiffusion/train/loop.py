@@ -574,7 +574,7 @@ class TrainingRun:
             )
             self.generator.manual_seed(_process_seed(self.config.seed, self.accelerator.process_index) + state["step"])
         else:
-            self.generator.set_state(torch.load(generator_file))
+            self.generator.set_state(torch.load(generator_file, weights_only=True))  # never runs pickled code
 
     def _resume(self) -> int:
         value = self.config.resume_from_checkpoint

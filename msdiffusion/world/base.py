@@ -101,7 +101,7 @@ def resume_training_state(path: Path, modules: dict, optimizer, generator: torch
     """Load what `save_training_state` wrote (if there is a file); returns the step to continue from."""
     if not path.exists():
         return 0
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)  # tensors and plain values only: a file never runs code
     for name, module in modules.items():
         module.load_state_dict(state[name])
     optimizer.load_state_dict(state["optimizer"])
@@ -429,7 +429,7 @@ def snapshot_from_checkpoint(
     """`save_snapshot` of the EMA in a `train_base` checkpoint file (to probe a base while it trains)."""
     tokenizer, _ = models.tokenizers(tokenizer_dir)
     ema = _Base(models.unet(recipe.unet_channels, recipe.unet_attention), *models.text_encoders(tokenizer))
-    state = torch.load(checkpoint, weights_only=False)
+    state = torch.load(checkpoint, weights_only=True)
     ema.load_state_dict(state["ema"])
     return save_snapshot(ema, vae, folder, tokenizer_dir, state["step"], recipe)
 

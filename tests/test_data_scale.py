@@ -1,0 +1,304 @@
+"""`msdiff data build` at scale: WebDataset tar shards (local or fsspec URLs), sharded manifests read by
+everything that reads a manifest, resuming a stopped build, and the Ray engine on a small local cluster."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import pytest
+from tiny_detectors import save_tiny_detector_and_segmenter
+
+from msdiffusion.app.cli import main
+from msdiffusion.data.build import build_sharded, make_phrase_finder, plan_shards, shard_works, tar_items
+from msdiffusion.data.dataset import MSDiffusionDataset
+from msdiffusion.data.detection import Detection, SubjectFilter
+from msdiffusion.data.manifest import (
+    INDEX_NAME,
+    ManifestError,
+    iter_lines,
+    manifest_files,
+    read_manifest,
+    validate_manifest,
+)
+from msdiffusion.data.tars import iter_tar_samples, list_shards
+from msdiffusion.subjects import default_image_processor
+
+COLORS = {"red ball": (255, 0, 0), "blue box": (0, 0, 255)}
+
+
+def _scene(objects, size=(96, 64), fmt="PNG") -> bytes:
+    image = PIL.Image.new("RGB", size, (128, 128, 128))
+    draw = PIL.ImageDraw.Draw(image)
+    for phrase, box in objects:
+        draw.rectangle(box, fill=COLORS[phrase])
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _write_tar(path, samples):
+    """A shard as img2dataset writes it: per sample KEY.png (here PNG: exact colours) + KEY.txt + KEY.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _still(key, text, objects, **extra):
+    members = {"png": _scene(objects), "txt": text.encode(), "json": json.dumps({"key": key, **extra}).encode()}
+    return key, members
+
+
+def _shards(folder):
+    """Two shards of stills: four usable samples, one without a caption, one whose image is broken."""
+    _write_tar(
+        folder / "00000.tar",
+        [
+            _still(
+                "000000000", "a red ball and a blue box", [("red ball", (4, 4, 30, 40)), ("blue box", (50, 10, 90, 60))]
+            ),
+            _still("000000001", "", []),
+            _still("000000002", "a red ball", [("red ball", (20, 10, 70, 50))], caption="a red ball"),
+        ],
+    )
+    broken = ("000000011", {"png": b"not an image", "txt": b"a red ball"})
+    _write_tar(
+        folder / "00001.tar",
+        [
+            _still("000000010", "a blue box", [("blue box", (10, 10, 60, 60))]),
+            broken,
+            _still(
+                "000000012",
+                "a blue box next to a red ball",
+                [("blue box", (2, 2, 40, 60)), ("red ball", (50, 5, 90, 45))],
+            ),
+        ],
+    )
+    return folder
+
+
+class ColorDetector:
+    """Finds each phrase's colour (exact boxes, the same whatever the batch), and counts the images it saw."""
+
+    def __init__(self, fail_on=None):
+        self.seen = 0
+        self.fail_on = fail_on
+
+    def __call__(self, images, phrases, threshold):
+        results = []
+        for image, queries in zip(images, phrases):
+            self.seen += 1
+            if self.fail_on is not None and self.seen > self.fail_on:
+                raise RuntimeError("stopped")
+            array = np.asarray(image)
+            found = []
+            for phrase in queries:
+                ys, xs = np.nonzero((array == COLORS.get(phrase, (-1, -1, -1))).all(axis=-1))
+                if len(xs):
+                    w, h = image.size
+                    box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+                    found.append(Detection(phrase, box, 0.9))
+            results.append(found)
+        return results
+
+
+def _build(source, out, detector=None, **kwargs):
+    specs, _ = plan_shards(source, **kwargs)
+    return build_sharded(specs, out, detector or ColorDetector(), SubjectFilter(), make_phrase_finder(), batch_size=2)
+
+
+# --- tar sources -----------------------------------------------------------------------------------
+
+
+def test_tar_shards_are_listed_and_streamed_by_key(tmp_path):
+    source = _shards(tmp_path / "tars")
+    assert [p.rsplit("/", 1)[1] for p in list_shards(source)] == ["00000.tar", "00001.tar"]
+    assert list_shards(f"file://{source}/{{00000..00001}}.tar") == [
+        f"file://{source}/00000.tar",
+        f"file://{source}/00001.tar",
+    ]
+    assert len(list_shards(f"{source}/*.tar")) == 2
+    samples = list(iter_tar_samples(f"file://{source}/00000.tar"))
+    assert [s.key for s in samples] == ["000000000", "000000001", "000000002"]
+    assert set(samples[0].members) == {"png", "txt", "json"}
+    with pytest.raises(FileNotFoundError, match="00002.tar"):
+        list_shards(f"{source}/{{00000..00002}}.tar")
+
+    items, skipped = tar_items(source, limit=2)
+    assert [i.caption for i in items] == ["a red ball and a blue box", "a red ball"]
+    assert skipped == {"no caption file or empty caption": 1}
+    # The caption from a field of KEY.json instead of KEY.txt: only sample 2 has one.
+    works = list(shard_works(plan_shards(source, caption_field="caption")[0][0]))
+    assert [w.skipped is None for w in works] == [False, False, True]
+
+
+def test_sharded_build_from_tar_shards_writes_images_and_an_index(tmp_path):
+    out = tmp_path / "out"
+    report = _build(f"file://{_shards(tmp_path / 'tars')}", out)
+    assert (report.items, report.written) == (6, 4)
+    assert report.skipped == {"no caption file or empty caption": 1, "unreadable image": 1}
+    assert sorted(p.name for p in out.glob("manifest*")) == ["manifest-00000.jsonl", "manifest-00001.jsonl", INDEX_NAME]
+    index = json.loads((out / INDEX_NAME).read_text())
+    assert [(s["file"], s["samples"]) for s in index["shards"]] == [
+        ("manifest-00000.jsonl", 2),
+        ("manifest-00001.jsonl", 2),
+    ]
+
+    samples = read_manifest(out / INDEX_NAME)
+    assert [s.id for s in samples] == [
+        "00000_000000_000000000",
+        "00000_000002_000000002",
+        "00001_000000_000000010",
+        "00001_000002_000000012",
+    ]
+    first = samples[0]
+    # The target was written out byte for byte; references point at it with a crop box.
+    assert first.image == out / "images" / "00000" / "00000_000000_000000000.png"
+    assert first.subjects[0].reference.image == first.image and first.subjects[0].reference.crop is not None
+    assert validate_manifest(out, open_images=True)[2] == 0  # the folder works as the manifest too
+
+    dataset = MSDiffusionDataset(
+        out / INDEX_NAME, resolution=32, crop="center", image_processor=default_image_processor()
+    )
+    assert len(dataset) == 4 and dataset[3]["num_subjects"] == 2
+    assert dataset.location(2) == f"{out / 'manifest-00001.jsonl'}:1"
+    # Line numbers count through the shards in order (the feature cache keys lines by them).
+    assert [number for number, _, _ in iter_lines(out / INDEX_NAME)] == [1, 2, 3, 4]
+
+
+def test_clips_from_tar_frame_lists_take_references_from_the_first_frame(tmp_path):
+    frames = {f"{k:03d}.png": _scene([("red ball", (x, 10, x + 20, 40))]) for k, x in enumerate((4, 40, 60))}
+    _write_tar(tmp_path / "clips" / "00000.tar", [("clip0", {**frames, "txt": b"a red ball rolling"})])
+    specs, _ = plan_shards(tmp_path / "clips", video=True)
+    build_sharded(specs, tmp_path / "out", ColorDetector(), SubjectFilter(), make_phrase_finder(), save_crops=True)
+    ((subject,),) = [s.subjects for s in read_manifest(tmp_path / "out")]
+    assert subject.box == pytest.approx((40 / 96, 10 / 64, 61 / 96, 41 / 64))  # from the middle frame
+    crop = PIL.Image.open(subject.reference.image)  # a crop of frame 0, where the ball is at x = 4
+    assert subject.reference.image.parent == tmp_path / "out" / "crops" / "00000"
+    assert crop.size == (21, 31) and crop.getpixel((10, 10)) == (255, 0, 0)
+
+
+# --- sharded manifests -----------------------------------------------------------------------------
+
+
+def test_a_stopped_build_continues_after_its_finished_shards(tmp_path):
+    source = _shards(tmp_path / "tars")
+    with pytest.raises(RuntimeError, match="stopped"):
+        _build(source, tmp_path / "out", ColorDetector(fail_on=3))  # shard 0 has 2 readable images
+    assert (tmp_path / "out" / "manifest-00000.jsonl").is_file()
+    assert not (tmp_path / "out" / "manifest-00001.jsonl").exists() and not (tmp_path / "out" / INDEX_NAME).exists()
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        manifest_files(tmp_path / "out")
+
+    detector = ColorDetector()
+    report = _build(source, tmp_path / "out", detector)
+    assert detector.seen == 2 and (report.items, report.written) == (6, 4)  # only shard 1's images
+    _build(source, tmp_path / "fresh")
+    for name in ("manifest-00000.jsonl", "manifest-00001.jsonl", INDEX_NAME):
+        assert (tmp_path / "out" / name).read_text() == (tmp_path / "fresh" / name).read_text()
+
+    other = _shards(tmp_path / "other")
+    with pytest.raises(ValueError, match="another build"):
+        _build(other, tmp_path / "out")
+
+
+def test_problems_of_a_sharded_manifest_name_their_shard(tmp_path, capsys):
+    out = tmp_path / "out"
+    _build(_shards(tmp_path / "tars"), out)
+    shard = out / "manifest-00001.jsonl"
+    lines = shard.read_text().splitlines()
+    shard.write_text(lines[0] + "\n" + lines[1].replace('"caption"', '"catpion"') + "\n")
+    with pytest.raises(ManifestError, match=r"manifest-00001.jsonl:2: catpion: unknown key"):
+        read_manifest(out / INDEX_NAME)
+    with pytest.raises(ManifestError, match=r"manifest-00001.jsonl:2: catpion"):
+        MSDiffusionDataset(out / INDEX_NAME, image_processor=default_image_processor())
+    assert main(["data", "check", str(out), "--workers", "1", "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "manifest-00001.jsonl:2: catpion: unknown key" in printed and "samples: 3 valid, 1 line(s)" in printed
+    (out / INDEX_NAME).write_text("{}")
+    assert main(["data", "check", str(out / INDEX_NAME)]) == 2
+    assert "not a manifest index" in capsys.readouterr().err
+
+
+def test_build_command_on_tar_shards_and_folders_with_shard_size(tmp_path, capsys):
+    tars = _shards(tmp_path / "tars")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(3):
+        (photos / f"{k}.png").write_bytes(_scene([("red ball", (10, 10, 50, 50))]))
+        (photos / f"{k}.txt").write_text("a red ball")
+    models = save_tiny_detector_and_segmenter(tmp_path / "models")
+    flags = ["--detector", str(models["detector"]), "--device", "cpu", "--score-threshold", "0.0"]
+    flags += ["--min-box-area", "0.001", "--max-overlap", "1.0"]
+    assert main(["data", "build", str(tars), "--out", str(tmp_path / "a"), *flags]) == 0
+    assert "4 of 6 items written" in capsys.readouterr().out
+    assert len(read_manifest(tmp_path / "a" / INDEX_NAME)) == 4
+    assert main(["data", "build", str(tars), "--out", str(tmp_path / "a"), *flags]) == 2
+    assert "manifest-index.json exists; pass --overwrite" in capsys.readouterr().err
+
+    assert main(["data", "build", str(photos), "--out", str(tmp_path / "b"), "--shard-size", "2", *flags]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in (tmp_path / "b").glob("manifest-0*")) == [
+        "manifest-00000.jsonl",
+        "manifest-00001.jsonl",
+    ]
+    # --limit: a trial into one manifest.jsonl, tar sources too
+    assert main(["data", "build", str(tars), "--out", str(tmp_path / "c"), "--limit", "1", *flags]) == 0
+    assert len(read_manifest(tmp_path / "c" / "manifest.jsonl")) == 1
+    assert main(["data", "build", str(tars), "--out", str(tmp_path / "d"), "--detector-workers", "2", *flags]) == 2
+    assert "need(s) --engine ray" in capsys.readouterr().err
+
+
+# --- the Ray engine --------------------------------------------------------------------------------
+
+
+def test_ray_engine_without_ray_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import msdiffusion.data.ray_engine as ray_engine
+
+    monkeypatch.setattr(ray_engine, "ray_available", lambda: False)
+    models = save_tiny_detector_and_segmenter(tmp_path / "models")
+    args = ["data", "build", str(_shards(tmp_path / "tars")), "--out", str(tmp_path / "out"), "--engine", "ray"]
+    assert main([*args, "--detector", str(models["detector"])]) == 2
+    assert 'pip install -e ".[scale]"' in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason='the ray engine needs Ray Data: pip install -e ".[scale]"')
+    pytest.importorskip("ray.data", reason='the ray engine needs Ray Data: pip install -e ".[scale]"')
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_engine_writes_the_local_engines_manifest(local_ray, tmp_path, capsys):
+    """Same source, same models and flags: the two engines write the same shards, masks and index."""
+    models = save_tiny_detector_and_segmenter(tmp_path / "models")
+    source = _shards(tmp_path / "tars")
+    flags = ["--detector", str(models["detector"]), "--segmenter", str(models["segmenter"]), "--device", "cpu"]
+    flags += ["--score-threshold", "0.0", "--min-box-area", "0.001", "--max-overlap", "1.0", "--batch-size", "2"]
+    assert main(["data", "build", f"file://{source}", "--out", str(tmp_path / "local"), *flags]) == 0
+    local = capsys.readouterr().out
+    ray_flags = ["--engine", "ray", "--detector-workers", "1", "--cpus-per-worker", "0.5", "--gpus-per-worker", "0"]
+    assert main(["data", "build", f"file://{source}", "--out", str(tmp_path / "ray"), *flags, *ray_flags]) == 0
+    assert capsys.readouterr().out.replace(str(tmp_path / "ray"), "") == local.replace(str(tmp_path / "local"), "")
+
+    written = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert any(str(p).startswith("masks/") for p in written)
+    for path in written:
+        assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes(), path
+    assert len(read_manifest(tmp_path / "ray" / INDEX_NAME)) == 4
