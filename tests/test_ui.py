@@ -1,6 +1,10 @@
-"""`msdiff ui`: the page's job mapping, its gradio_client API, and the page itself in a real browser.
+"""`msdiff ui`: the page's job mapping, its gradio_client API, the page shared with strangers (its
+events called over HTTP as a browser calls them), and the page itself in a real browser.
 
-The browser test starts `python -m msdiffusion ui` with the tiny random models on a free port and
+The HTTP tests serve the page in this process with the tiny random models and small limits, and call
+its events with `PageClient`: uploads to /gradio_api/upload, an event joining the queue, its answer on
+the session's SSE stream (what the browser does; an event marked private is only hidden from the API
+docs). The browser test starts `python -m msdiffusion ui` with the tiny random models on a free port and
 drives Debian's Chromium with Playwright (both installed by .ci/run); it skips, saying why, where
 either is missing. `MSDIFF_UI_URL` points it at a page already running with the tiny models instead;
 `MSDIFF_UI_SCREENSHOT=FILE` saves a screenshot of the page (the README's, with the world models, is
@@ -16,7 +20,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +33,9 @@ import yaml
 
 from msdiffusion.app.cli import main
 from msdiffusion.app.jobs import PNG_METADATA_KEY
-from msdiffusion.app.page import PageModels
-from msdiffusion.loading import TINY
+from msdiffusion.app.page import PageLimits, PageModels
+from msdiffusion.errors import UserInputError
+from msdiffusion.loading import TINY, WORLD
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODELS = PageModels(TINY, TINY, TINY)
@@ -101,7 +109,7 @@ def test_page_values_become_a_validated_job(tmp_path):
     [
         ({**CAT, "box": "0.5,0.2,1.4,0.9"}, 1, r"^box: .*outside \[0, 1\]"),
         ({**CAT, "box": "0.5,left,1,0.9"}, 1, r"^box: expected four numbers"),
-        ({**CAT, "images": None}, 1, r"^image: an empty list"),
+        ({**CAT, "images": None}, 1, r"^photos: upload at least one photo of this subject"),
         ({**CAT, "phrase": ""}, 1, r"^phrase: expected the words naming the subject"),
         ({**CAT, "scale": "strong"}, 1, r"^scale: got 'strong'; expected a number"),
     ],
@@ -120,7 +128,7 @@ def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
 
     with pytest.raises(PageError, match=r"^size: got \[100, 64\]; expected .*multiples of 8") as caught:
         page_to_job(_settings(width=100.0), _subjects(DOG), _tiny_models(), str(tmp_path))
-    assert caught.value.slot is None
+    assert caught.value.slot is None and caught.value.field == "size"  # shown next to the Width field
     with pytest.raises(PageError, match="add at least one subject"):
         page_to_job(_settings(), _subjects(), _tiny_models(), str(tmp_path))
 
@@ -130,9 +138,9 @@ def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
     job, slots = page_to_job(
         _settings(), _subjects(DOG, {**CAT, "images": [str(broken)]}), _tiny_models(), str(tmp_path)
     )
-    with pytest.raises(PageError, match=r"^broken.jpg: cannot read .* as an image") as caught:
+    with pytest.raises(PageError, match=r"^broken.jpg: cannot read it as an image; upload a JPEG") as caught:
         check_before_work(job, slots, tokenizer)
-    assert caught.value.slot == 1
+    assert caught.value.slot == 1 and str(tmp_path) not in str(caught.value)  # the name, not the server's folder
     job, slots = page_to_job(_settings(prompt="a dog on the beach"), _subjects(DOG, CAT), _tiny_models(), str(tmp_path))
     with pytest.raises(PageError, match=r"^phrase: 'cat' is not in the prompt 'a dog on the beach'") as caught:
         check_before_work(job, slots, tokenizer)
@@ -142,19 +150,24 @@ def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
 
 
 def test_export_then_import_is_the_same_page(tmp_path):
-    from msdiffusion.app.page import ASSETS as PAGE_ASSETS
-    from msdiffusion.app.page import export_yaml, job_to_page, page_to_job
+    from msdiffusion.app.page import EXAMPLE_PHOTOS, export_yaml, job_to_page, page_to_job
 
     settings = _settings(auto_layout=True, mask_threshold=0.4, scheduler="DDIMScheduler")
     job, _ = page_to_job(settings, _subjects(DOG, CAT), _tiny_models(), str(tmp_path))
     text = export_yaml(job)
     data = yaml.safe_load(text)
-    assert "output" not in data and data["subjects"][1]["box"] == [0.55, 0.3, 0.95, 0.9]
+    # A portable job: photos by file name, no server folder, only what differs from the defaults (no nulls).
+    assert [s["image"] for s in data["subjects"]] == ["dog.jpg", "cat.jpg"] and str(ROOT) not in text
+    assert "output" not in data and "null" not in text and "preview" not in data and "dtype" not in data
+    assert data["subjects"][1] == {"image": "cat.jpg", "phrase": "cat", "box": [0.55, 0.3, 0.95, 0.9], "scale": 0.8}
     job_file = tmp_path / "job.yaml"
     job_file.write_text(text)
+    for name in ("dog.jpg", "cat.jpg"):  # the photos beside the job, as whoever runs it has them
+        shutil.copy(ASSETS / name, tmp_path / name)
     assert main(["generate", str(job_file), "--steps", "1", "--output", str(tmp_path / "out"), "--quiet"]) == 0
 
-    page_settings, subjects, notes = job_to_page(data, tmp_path, [PAGE_ASSETS], TINY_MODELS)
+    examples = {name: str(path) for name, path in EXAMPLE_PHOTOS.items()}
+    page_settings, subjects, notes = job_to_page(data, examples.get, TINY_MODELS)
     assert notes == []
     assert page_settings == {**settings, "seed": 3, "negative_prompt": ""}
     assert subjects[0] == {
@@ -169,9 +182,9 @@ def test_export_then_import_is_the_same_page(tmp_path):
         "box": "",
         "scale": "",
     }
-    # Photos outside the folders a visitor may see are not served: the notes ask for them again.
-    _, subjects, notes = job_to_page(data, tmp_path, [tmp_path / "uploads"], TINY_MODELS)
-    assert subjects[0]["images"] == [] and notes[0].startswith("subject 1: upload its photo again (dog.jpg")
+    # Photos the visitor does not have are not filled in: the notes ask for them.
+    _, subjects, notes = job_to_page(data, lambda name: None, TINY_MODELS)
+    assert subjects[0]["images"] == [] and notes[0].startswith("subject 1: upload 'dog.jpg'")
 
 
 def test_import_refuses_a_bad_job_with_the_job_files_message(tmp_path):
@@ -181,8 +194,7 @@ def test_import_refuses_a_bad_job_with_the_job_files_message(tmp_path):
     with pytest.raises(JobError, match=r"imported job: subjects\[0\]: unknown field 'bx' \(did you mean 'box'\?\)"):
         job_to_page(
             {"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog", "bx": [0, 0, 1, 1]}]},
-            tmp_path,
-            [],
+            lambda name: None,
             TINY_MODELS,
         )
 
@@ -193,6 +205,588 @@ def test_ui_command_needs_gradio_or_says_how_to_install_it(monkeypatch, capsys):
     assert 'pip install -e ".[ui]"' in capsys.readouterr().err
 
 
+# ---- jobs: every problem at once, short messages, syntax errors by file and line -------------------
+def test_a_job_lists_all_its_problems_at_once(tmp_path):
+    from msdiffusion.app.jobs import JobError, job_from_dict
+
+    job = {
+        "base": TINY,
+        "adapter": TINY,
+        "prompt": "a dog",
+        "sed": 3,
+        "steps": "many",
+        "subjects": [{"image": str(ASSETS / "dog.jpg"), "phrase": "dog", "bx": [0, 0, 1, 1]}],
+    }
+    with pytest.raises(JobError) as caught:
+        job_from_dict(job, "job.yaml")
+    message = str(caught.value)
+    assert message.startswith("job.yaml: 3 problems:\n"), message
+    assert "unknown field 'sed' (did you mean 'seed'?)" in message and "steps: got 'many'" in message
+    assert "subjects[0]: unknown field 'bx' (did you mean 'box'?)" in message
+    assert caught.value.problems[0].startswith("unknown field 'sed'")  # each problem without the file's name
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    from msdiffusion.app.jobs import JobError, read_job_file
+
+    job_file = tmp_path / "broken.yaml"
+    job_file.write_text("prompt: a dog\nsubjects:\n  - {image: dog.jpg, phrase: dog\nsteps: 3\n")
+    with pytest.raises(JobError) as caught:
+        read_job_file(job_file)
+    message = str(caught.value)
+    assert (
+        message.startswith(f"{job_file}: not valid YAML/JSON at line 4, column ") and "<unicode string>" not in message
+    )
+
+
+# A 9-fold YAML alias chain inside one field: about 330 bytes that expand to 9**7 (4.8 million) values.
+ALIAS_BOMB = (
+    "prompt:\n  - &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"  - &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdef", "bcdefg"))
+    + "subjects: [{image: dog.jpg, phrase: dog}]\n"
+)
+
+
+def test_an_alias_bomb_is_refused_at_once_with_a_short_message():
+    from msdiffusion.app.jobs import JobError, parse_job_text, quote
+
+    assert len(ALIAS_BOMB) < 400, len(ALIAS_BOMB)
+    started = time.monotonic()
+    with pytest.raises(JobError, match="more than 10000 values") as caught:
+        parse_job_text(ALIAS_BOMB, "job")
+    assert time.monotonic() - started < 2 and len(str(caught.value)) < 300
+    assert len(quote(list(range(10**6)))) <= 60 and len(quote("x" * 10**6)) <= 60  # messages quote a prefix
+    with pytest.raises(JobError, match="at most 64 KiB"):
+        parse_job_text("prompt: " + "x" * 70_000, "job")
+
+
+# ---- the scheduler a page or job names is the one that runs ------------------------------------------
+def test_a_jobs_scheduler_is_used_with_a_loaded_pipeline_and_put_back(tmp_path):
+    from msdiffusion.app.jobs import job_from_dict, run_job
+    from msdiffusion.tiny import tiny_pipeline
+
+    job = {
+        "base": TINY,
+        "adapter": TINY,
+        "image_encoder": TINY,
+        "prompt": "a dog on the beach",
+        "subjects": [{"image": str(ASSETS / "dog.jpg"), "phrase": "dog", "box": [0.1, 0.2, 0.6, 0.9]}],
+        "size": 64,
+        "steps": 3,
+        "seed": 1,
+        "scheduler": "DDIMScheduler",
+        "preview": False,
+    }
+    pipe = tiny_pipeline(seed=0)
+    own = pipe.scheduler
+    served = run_job(job_from_dict({**job, "output": str(tmp_path / "served")}), pipe, progress=False, log=print)
+    assert pipe.scheduler is own and type(own).__name__ != "DDIMScheduler"
+    # What `msdiff generate --from` does with the PNG: load the models with the recorded scheduler.
+    fresh = run_job(job_from_dict({**job, "output": str(tmp_path / "fresh")}), progress=False, log=print)
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(served[0])), np.asarray(PIL.Image.open(fresh[0])))
+
+
+# ---- the first visit ----------------------------------------------------------------------------------
+def test_the_world_page_opens_with_a_working_example_and_its_sizes():
+    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
+    from msdiffusion.app.commands import WORLD_DEMO_PROMPT, WORLD_DEMO_SUBJECTS
+    from msdiffusion.app.page import build_page, model_note, size_presets
+    from msdiffusion.loading import NAMED_MODELS
+    from msdiffusion.world.scenes import CLASSES
+
+    world = PageModels(WORLD, WORLD, WORLD, defaults=dict(NAMED_MODELS[WORLD].defaults))
+    assert size_presets(world, PageLimits()) == ["64x64"]
+    assert size_presets(TINY_MODELS, PageLimits())[0] == "1024x1024"  # SDXL's own first
+    assert all(shape in model_note(world) for shape in CLASSES)
+    page = build_page(world, pipe=object())
+    try:
+        values = {b.elem_id: getattr(b, "value", None) for b in page.blocks.values() if getattr(b, "elem_id", None)}
+        assert values["prompt"] == WORLD_DEMO_PROMPT and values["size-preset"] == "64x64"
+        assert (values["width"], values["height"]) == (64, 64)
+        for slot, (image, phrase, box) in enumerate(WORLD_DEMO_SUBJECTS):
+            assert values[f"subject{slot}-phrase"] == phrase
+            assert values[f"subject{slot}-box"] == ",".join(f"{v:g}" for v in box)
+            assert [Path(f["path"]).name for f in values[f"subject{slot}-images"]] == [Path(image).name]
+    finally:
+        page.visitor_files.close()
+
+
+# ---- limits, files and stopping, without a server ------------------------------------------------------
+def test_photos_are_checked_and_shrunk_on_receipt(tmp_path):
+    from msdiffusion.app.page import PageError, VisitorFiles
+
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    files = VisitorFiles(3600, sources=[uploads, ASSETS])
+    try:
+        large = uploads / "large.jpg"
+        PIL.Image.new("RGB", (3000, 2000), (200, 40, 40)).save(large, quality=90)
+        small = PIL.Image.open(files.receive("ann", large, PageLimits()))
+        assert max(small.size) == 1024 and small.size[0] / small.size[1] == pytest.approx(1.5, abs=0.01)
+        same = files.receive("ann", ASSETS / "dog.jpg", PageLimits())  # within 1024: kept as it is
+        assert Path(same).read_bytes() == (ASSETS / "dog.jpg").read_bytes()
+        # A huge photo is refused from its header: nothing is decoded.
+        huge = uploads / "huge.png"
+        PIL.Image.new("1", (10000, 10000)).save(huge)
+        with pytest.raises(PageError, match=r"^huge.png: 10000x10000 pixels; .* up to 40 megapixels") as caught:
+            files.receive("ann", huge, PageLimits(), slot=2)
+        assert caught.value.slot == 2
+        outside = tmp_path / "secret.png"  # anywhere but the upload folder and the examples
+        PIL.Image.new("RGB", (8, 8)).save(outside)
+        with pytest.raises(PageError, match=r"^secret.png: not a photo uploaded to this page"):
+            files.receive("ann", outside, PageLimits())
+        assert files.find("ann", "large.jpg") == str(large) and files.find("bob", "large.jpg") is None
+        assert files.find("bob", "dog.jpg") == str(ASSETS / "dog.jpg")  # the package's examples are everyone's
+    finally:
+        files.close()
+
+
+def test_visitors_files_go_when_they_leave_or_grow_old(tmp_path):
+    from msdiffusion.app.page import VisitorFiles
+
+    uploads = tmp_path / "uploads"
+    (uploads / "h1").mkdir(parents=True)
+    photo = uploads / "h1" / "mine.jpg"
+    shutil.copy(ASSETS / "dog.jpg", photo)
+    files = VisitorFiles(3600, sources=[uploads])
+    try:
+        files.receive("ann", photo, PageLimits())
+        (files.results("bob") / "msdiff-00001.png").parent.mkdir(parents=True)
+        (files.results("bob") / "msdiff-00001.png").write_bytes(b"png")
+        assert files.folder("ann").is_dir() and files.folder("bob").is_dir()
+        files.forget("ann")  # ann closed her page
+        assert not files.folder("ann").exists() and not photo.exists()  # her upload, sent by her alone, too
+        assert files.sweep() == [] and files.folder("bob").is_dir()
+        assert files.sweep(now=time.time() + 2 * 3600) == ["bob"] and not files.folder("bob").exists()
+    finally:
+        files.close()
+    assert not files.root.exists()
+
+
+def test_a_generation_stops_between_steps_when_over_its_time(tmp_path):
+    from msdiffusion.app.jobs import job_from_dict
+    from msdiffusion.app.page import Stopped, generate_files, watch
+    from msdiffusion.tiny import tiny_pipeline
+
+    job = job_from_dict(
+        {
+            "base": TINY,
+            "adapter": TINY,
+            "image_encoder": TINY,
+            "prompt": "a dog",
+            "subjects": [{"image": str(ASSETS / "dog.jpg"), "phrase": "dog", "box": [0.1, 0.1, 0.9, 0.9]}],
+            "size": 64,
+            "steps": 500,
+            "output": str(tmp_path),
+        }
+    )
+    started = time.monotonic()
+    with pytest.raises(Stopped, match=r"stopped after 0.5 s: .*--job-seconds"):
+        generate_files(job, tiny_pipeline(seed=0), watch(None, "ann", PageLimits(job_seconds=0.5), {}))
+    assert time.monotonic() - started < 60 and not list(tmp_path.glob("msdiff-*.png"))
+
+
+# ---- who may use it ---------------------------------------------------------------------------------
+def test_ui_options_are_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["ui", "--help"])
+    text = capsys.readouterr().out
+    for option in (
+        "--auth USER:PASS",
+        "--auth-file",
+        "--max-size",
+        "--max-steps",
+        "--max-images",
+        "--max-photos",
+        "--max-upload-mb",
+        "--max-megapixels",
+        "--queue-size",
+        "--job-seconds",
+        "--keep-minutes",
+    ):
+        assert option in text, option
+
+
+def test_auth_logins_and_the_warning_beyond_loopback(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
+    from msdiffusion.app import page as page_module
+
+    logins = tmp_path / "logins"
+    logins.write_text("# who may use the page\nann:s3cret:with-colon\n\nbob:pw\n")
+    assert page_module.read_auth(["eve:pass"], str(logins)) == [
+        ("eve", "pass"),
+        ("ann", "s3cret:with-colon"),
+        ("bob", "pw"),
+    ]
+    assert page_module.read_auth(None, None) is None
+    with pytest.raises(UserInputError, match=r"^--auth: expected USER:PASS") as caught:
+        page_module.read_auth(["hunter2"], None)
+    assert "hunter2" not in str(caught.value)  # never repeats what may be a password
+
+    launched = {}
+    monkeypatch.setattr(page_module, "launch", lambda page, **kwargs: launched.update(kwargs, page=page))
+    assert main(["ui", *TINY_FLAGS, "--host", "0.0.0.0", "--max-steps", "12"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: listening on 0.0.0.0 without --auth" in err
+    assert launched["auth"] is None and launched["page"].page_limits.max_steps == 12
+    assert main(["ui", *TINY_FLAGS, "--host", "0.0.0.0", "--auth", "ann:pw"]) == 0
+    assert "warning" not in capsys.readouterr().err and launched["auth"] == [("ann", "pw")]
+    assert main(["ui", *TINY_FLAGS]) == 0 and "warning" not in capsys.readouterr().err  # loopback
+
+
+# ---- the page shared: its events called over HTTP as a browser calls them ----------------------------
+class PageClient:
+    """One visitor calling the page's events over HTTP the way its browser does: files are posted to
+    /gradio_api/upload, an event joins the queue (/gradio_api/queue/join, found by name in /config)
+    and its answer comes on the session's SSE stream (/gradio_api/queue/data)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=120)
+        self.session = uuid.uuid4().hex
+        config = self.http.get("config").json()
+        self.components = {c["id"]: c.get("props", {}) for c in config["components"]}
+        self.events = {d["api_name"]: d for d in config["dependencies"]}
+
+    def upload(self, path: Path) -> dict:
+        with open(path, "rb") as f:
+            answer = self.http.post("gradio_api/upload", files={"files": (Path(path).name, f)})
+        answer.raise_for_status()
+        return {"path": answer.json()[0], "orig_name": Path(path).name, "meta": {"_type": "gradio.FileData"}}
+
+    def inputs(self, event: str, **values) -> list:
+        """The event's inputs: each component's value on the page as it opens, or `values[elem_id]` (- as _)."""
+        data = []
+        for i in self.events[event]["inputs"]:
+            props = self.components[i]
+            key = (props.get("elem_id") or "").replace("-", "_")
+            data.append(values.pop(key) if key in values else props.get("value"))
+        assert not values, f"{event} has no inputs {list(values)}"
+        return data
+
+    def join(self, event: str, data: list):
+        dependency = self.events[event]
+        trigger = dependency["targets"][0][0] if dependency["targets"] else None
+        return self.http.post(
+            "gradio_api/queue/join",
+            json={
+                "data": data,
+                "fn_index": dependency["id"],
+                "session_hash": self.session,
+                "event_data": None,
+                "trigger_id": trigger,
+            },
+        )
+
+    def run(self, event: str, data: list) -> dict:
+        """An event that skips the queue, posted as the browser posts it; its output."""
+        dependency = self.events[event]
+        answer = self.http.post(
+            "gradio_api/run/predict",
+            json={"data": data, "fn_index": dependency["id"], "session_hash": self.session, "event_data": None},
+        )
+        answer.raise_for_status()
+        return answer.json()
+
+    def messages(self):
+        """The session's stream, message by message (closing the generator closes the connection)."""
+        with self.http.stream("GET", "gradio_api/queue/data", params={"session_hash": self.session}) as answer:
+            for line in answer.iter_lines():
+                if line.startswith("data:"):
+                    yield json.loads(line[5:])
+
+    def call(self, event: str, data: list) -> dict:
+        """Join, then wait for the event's end: its `output` ({data} or {error})."""
+        self.join(event, data).raise_for_status()
+        for message in self.messages():
+            if message["msg"] == "process_completed":
+                return message["output"]
+        raise AssertionError("the stream ended without an answer")
+
+    def generate(self, **values) -> dict:
+        """The page's Generate: what it shows, by place (subject0..3 and size: their messages; status, downloads)."""
+        outputs = self.events["on_generate"]["outputs"]
+        data = self.call("on_generate", self.inputs("on_generate", **values))["data"]
+        return {(self.components[i].get("elem_id") or "").removesuffix("-error"): v for i, v in zip(outputs, data)}
+
+
+SERVED_LIMITS = PageLimits(
+    max_size=256, max_steps=5000, max_images=2, max_photos=2, max_upload_mb=1, max_megapixels=4, queue_size=1
+)
+SMALL = {"width": 64, "height": 64, "steps": 2}
+LONG = {"width": 64, "height": 64, "steps": 5000}  # minutes: it ends only by being stopped
+
+
+def _dog_and_cat(client: "PageClient", **changes) -> dict:
+    """Every input of a dog-and-cat page, given (not left to the page's opening example)."""
+    return {
+        "prompt": "a dog and a cat on the beach",
+        "subject0_images": [client.upload(ASSETS / "dog.jpg")],
+        "subject0_phrase": "dog",
+        "subject0_box": "0.05,0.3,0.45,0.9",
+        "subject1_images": [client.upload(ASSETS / "cat.jpg")],
+        "subject1_phrase": "cat",
+        "subject1_box": "0.55,0.3,0.95,0.9",
+        **changes,
+    }
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The page with the tiny models on a free port of 127.0.0.1, in this process: (page, url)."""
+    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
+    pytest.importorskip("httpx")
+    from msdiffusion.app.page import build_page, launch
+    from msdiffusion.tiny import tiny_pipeline
+
+    page = build_page(_tiny_models(), tiny_pipeline(seed=0), SERVED_LIMITS)
+    _, url, _ = launch(page, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield page, url
+    finally:
+        page.close()
+        page.visitor_files.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_photo(folder: Path, name: str) -> Path:
+    """A visitor's own photo (not one of the package's examples, which every visitor may use)."""
+    path = folder / name
+    PIL.Image.open(ASSETS / "dog.jpg").rotate(90).save(path)
+    return path
+
+
+def _png_record(client: PageClient, download: dict) -> tuple[dict, bytes]:
+    answer = client.http.get(download["url"])
+    answer.raise_for_status()
+    import io
+
+    return json.loads(PIL.Image.open(io.BytesIO(answer.content)).text[PNG_METADATA_KEY]), answer.content
+
+
+def _import(client: PageClient, path: Path) -> dict:
+    """The page's Import: the values it fills in, by elem_id (with - as _), and its status line."""
+    event = client.events["on_import"]
+    data = client.call("on_import", client.inputs("on_import", **{"import": client.upload(path)}))["data"]
+    names = [(client.components[i].get("elem_id") or str(i)).replace("-", "_") for i in event["outputs"]]
+    return dict(zip(names, data))
+
+
+@pytest.mark.slow
+def test_an_import_never_fills_in_a_file_of_the_server(served, tmp_path):
+    from gradio.utils import get_upload_folder
+
+    page, url = served
+    secret = Path(tempfile.mkdtemp(prefix="secrets-", dir=tempfile.gettempdir())) / "app.env"
+    secret.write_text("API_KEY=hunter2\n")
+    try:
+        # The upload lands in <upload folder>/<hash>/job.yaml: this climbs from there to the secret.
+        relative = "../" + os.path.relpath(secret, get_upload_folder())
+        for image in (str(secret), relative):
+            job = tmp_path / "job.yaml"
+            job.write_text(yaml.safe_dump({"prompt": "a dog", "subjects": [{"image": image, "phrase": "dog"}]}))
+            filled = _import(PageClient(url), job)
+            assert filled["subject0_images"] is None, filled["subject0_images"]
+            assert "upload 'app.env'" in filled["status"] and filled["subject0_phrase"] == "dog"
+    finally:
+        shutil.rmtree(secret.parent)
+
+
+@pytest.mark.slow
+def test_a_pngs_job_names_no_server_path_and_opens_no_one_elses_photos(served, tmp_path):
+    page, url = served
+    ann, bob = PageClient(url), PageClient(url)
+    photo = ann.upload(_private_photo(tmp_path, "ann-private.png"))
+    made = ann.generate(
+        **SMALL,
+        prompt="a dog and a cat on the beach",
+        subject0_images=[photo],
+        subject0_phrase="dog",
+        subject0_box="0.05,0.3,0.45,0.9",
+        subject1_images=[ann.upload(ASSETS / "cat.jpg")],
+        subject1_phrase="cat",
+        subject1_box="0.55,0.3,0.95,0.9",
+    )
+    assert made["downloads"], made
+    record, png = _png_record(ann, made["downloads"][0])
+    text = json.dumps(record)
+    assert record["subjects"][0]["image"] == "ann-private.png" and record["subjects"][1]["image"] == "cat.jpg"
+    assert "output" not in record and tempfile.gettempdir() not in text and str(ROOT) not in text
+    (tmp_path / "made.png").write_bytes(png)
+
+    # Bob holds Ann's PNG: importing it fills in its settings, never Ann's photo.
+    filled = _import(bob, tmp_path / "made.png")
+    assert filled["subject0_images"] is None and "upload 'ann-private.png'" in filled["status"]
+    assert filled["subject1_images"] is not None  # cat.jpg: the package's example, everyone's
+    # Nor does a job naming Ann's files on the server by their paths.
+    sheet = next(page.visitor_files.results(ann.session).glob("*-sheet.png"))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"prompt": "a dog", "subjects": [{"image": str(sheet), "phrase": "dog"}]}))
+    assert _import(bob, job)["subject0_images"] is None
+    # Ann herself gets her photo back: she sent it in this visit.
+    assert [Path(f["path"]).name for f in _import(ann, tmp_path / "made.png")["subject0_images"]] == ["ann-private.png"]
+
+
+@pytest.mark.slow
+def test_requests_are_held_to_the_servers_limits(served, tmp_path):
+    page, url = served
+    client = PageClient(url)
+    dog = client.upload(ASSETS / "dog.jpg")
+    refused = client.generate(width=16384, height=64, steps=2)
+    assert "--max-size" in refused["size"] and "see the size" in refused["status"]
+    job = {"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog"}], "size": 64, "steps": 2}
+    for change, message in (
+        ({"steps": 10**9}, "--max-steps"),
+        ({"images": 100000}, "--max-images"),
+        ({"size": 16384}, "--max-size"),
+        ({"size": [1000000, 64]}, "--max-size"),
+        ({"start_step": 10**6}, "--max-steps"),
+        ({"guidance": 1e30}, "guidance: 1e+30 is more than the page allows"),
+        ({"subjects": [{"image": ["dog.jpg"] * 3, "phrase": "dog"}]}, "--max-photos"),
+    ):
+        answer = client.call("generate_job", [yaml.safe_dump({**job, **change}), [dog]])
+        assert message in (answer.get("error") or ""), (change, answer)
+    # A photo of too many pixels is refused from its header, before it costs memory.
+    huge = tmp_path / "huge.png"
+    PIL.Image.new("1", (10000, 10000)).save(huge)
+    before = _rss_mb()
+    refused = client.generate(**SMALL, subject0_images=[client.upload(huge)] * 2)
+    assert "huge.png: 10000x10000 pixels" in refused["subject0"] and "--max-megapixels" in refused["subject0"]
+    assert _rss_mb() - before < 150
+    refused = client.generate(**SMALL, subject0_images=[dog] * 3)
+    assert "--max-photos" in refused["subject0"]
+
+
+def _rss_mb() -> float:
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return 0.0
+    return int(re.search(r"VmRSS:\s+(\d+)", status.read_text()).group(1)) / 1024
+
+
+@pytest.mark.slow
+def test_a_job_of_nested_aliases_gets_a_short_answer_at_once(served):
+    page, url = served
+    client = PageClient(url)
+    started = time.monotonic()
+    answer = client.call("generate_job", [ALIAS_BOMB, [client.upload(ASSETS / "dog.jpg")]])
+    assert "more than 10000 values" in answer["error"] and len(answer["error"]) < 300
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_uploads_are_capped_and_a_refused_request_leaves_no_files(served, tmp_path):
+    page, url = served
+    client = PageClient(url)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(2 * 1024 * 1024))
+    answer = client.http.post("gradio_api/upload", files={"files": ("big.bin", big.read_bytes())})
+    assert answer.status_code == 413
+    before = sorted(Path(tempfile.gettempdir()).glob("msdiff-ui-*")), sorted(page.visitor_files.root.iterdir())
+    refused = client.generate(width=100, height=64, steps=2)
+    assert "multiples of 8" in refused["size"]
+    assert (
+        sorted(Path(tempfile.gettempdir()).glob("msdiff-ui-*")),
+        sorted(page.visitor_files.root.iterdir()),
+    ) == before
+
+
+@pytest.mark.slow
+def test_a_visitors_files_are_removed_when_their_page_closes(served, tmp_path):
+    page, url = served
+    client = PageClient(url)
+    leave = threading.Event()
+
+    def keep_page_open():  # the browser holds this stream while the page is open
+        with client.http.stream("GET", f"gradio_api/heartbeat/{client.session}") as answer:
+            lines = answer.iter_lines()  # held: a dropped iterator closes the stream
+            next(lines)
+            leave.wait(120)
+
+    heartbeat = threading.Thread(target=keep_page_open)
+    heartbeat.start()
+    try:
+        photo = client.upload(_private_photo(tmp_path, "mine.png"))
+        assert client.generate(**SMALL, subject0_images=[photo])["status"].startswith("Made")
+        folder = page.visitor_files.folder(client.session)
+        assert any(folder.rglob("msdiff-00001.png")) and any(folder.rglob("mine.png"))
+    finally:
+        leave.set()
+        heartbeat.join()
+    deadline = time.monotonic() + 60
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not folder.exists()
+
+
+@pytest.mark.slow
+def test_leaving_stops_a_generation_and_frees_the_model(served):
+    page, url = served
+    ann, bob = PageClient(url), PageClient(url)
+    # Ann asks the API for a long job (as the issue's stranger did), then disconnects.
+    job = {"prompt": "a dog", "subjects": [{"image": "dog.jpg", "phrase": "dog", "box": [0.1, 0.1, 0.9, 0.9]}]}
+    job.update(size=64, steps=LONG["steps"])
+    ann.join("generate_job", [yaml.safe_dump(job), [ann.upload(ASSETS / "dog.jpg")]]).raise_for_status()
+    stream = ann.messages()
+    while next(stream)["msg"] != "process_starts":
+        pass
+    time.sleep(1)  # it is running its steps
+    stream.close()  # Ann closes her page
+    started = time.monotonic()
+    answer = {}
+    waiter = threading.Thread(target=lambda: answer.update(bob.generate(**_dog_and_cat(bob, **SMALL))))
+    waiter.start()
+    waiter.join(60)
+    assert answer.get("downloads"), f"Bob still waits after {time.monotonic() - started:.0f} s"
+    assert not list(page.visitor_files.results(ann.session).glob("msdiff-*.png"))  # Ann's job never finished
+
+
+@pytest.mark.slow
+def test_stop_ends_a_generation_and_the_queue_has_a_length(served):
+    page, url = served
+    ann, bob, eve = PageClient(url), PageClient(url), PageClient(url)
+    ann.join("on_generate", ann.inputs("on_generate", **_dog_and_cat(ann, **LONG))).raise_for_status()
+    stream = ann.messages()
+    while next(stream)["msg"] != "process_starts":
+        pass
+    bob.join("on_generate", bob.inputs("on_generate", **_dog_and_cat(bob, **SMALL))).raise_for_status()  # waits
+    assert eve.join("on_generate", eve.inputs("on_generate", **SMALL)).status_code == 503  # the queue is full
+    started = time.monotonic()
+    assert ann.run("on_stop", [])["data"] == ["Stopped."]  # Ann presses Stop
+    done = next(m for m in stream if m["msg"] == "process_completed")
+    stream.close()
+    assert "stopped: you pressed Stop." in done["output"]["data"][5] and time.monotonic() - started < 60
+    bobs = next(m for m in bob.messages() if m["msg"] == "process_completed")
+    assert bobs["output"]["data"][5].startswith("Made 1 image")
+
+
+@pytest.mark.slow
+def test_a_login_is_asked_for_with_auth(tmp_path):
+    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
+    import httpx
+
+    from msdiffusion.app.page import build_page, launch
+
+    page = build_page(_tiny_models(), pipe=object(), limits=PageLimits())
+    _, url, _ = launch(page, port=_free_port(), prevent_thread_lock=True, quiet=True, auth=[("ann", "pw")])
+    try:
+        stranger = httpx.Client(base_url=url, timeout=60)
+        assert stranger.get("config").status_code == 401
+        assert stranger.post("gradio_api/upload", files={"files": ("a.png", b"x")}).status_code == 401
+        assert stranger.post("login", data={"username": "ann", "password": "guess"}).status_code >= 400
+        assert stranger.post("login", data={"username": "ann", "password": "pw"}).status_code == 200
+        assert stranger.get("config").status_code == 200
+    finally:
+        page.close()
+        page.visitor_files.close()
+
+
 # ---- the gradio_client API, as the README shows it ----------------------------------------------
 def _readme_client_snippet() -> str:
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
@@ -200,41 +794,27 @@ def _readme_client_snippet() -> str:
 
 
 @pytest.mark.slow
-def test_gradio_client_api_as_documented(tmp_path, monkeypatch):
-    pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
+def test_gradio_client_api_as_documented(served, tmp_path, monkeypatch):
     pytest.importorskip("gradio_client")
-    from msdiffusion.app.page import build_page, launch
-    from msdiffusion.tiny import tiny_pipeline
+    page, url = served
+    for name in ("dog.jpg", "cat.jpg"):
+        shutil.copy(ASSETS / name, tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    code = _readme_client_snippet().replace("http://127.0.0.1:7860/", url).replace("steps: 30", "steps: 2")
+    code = code.replace("size: [1024, 1024]", "size: [64, 64]")
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    files = scope["files"]
+    assert len(files) == 1
+    record = json.loads(PIL.Image.open(files[0]).text[PNG_METADATA_KEY])
+    assert record["prompt"] == "a dog and a cat on the beach" and record["base"] == TINY and record["seed"] == 0
 
-    page = build_page(_tiny_models(), tiny_pipeline(seed=0))
-    _, url, _ = launch(page, port=_free_port(), prevent_thread_lock=True, quiet=True)
-    try:
-        for name in ("dog.jpg", "cat.jpg"):
-            shutil.copy(ASSETS / name, tmp_path / name)
-        monkeypatch.chdir(tmp_path)
-        code = _readme_client_snippet().replace("http://127.0.0.1:7860/", url).replace("steps: 30", "steps: 2")
-        code = code.replace("size: [1024, 1024]", "size: [64, 64]")
-        scope: dict = {}
-        exec(compile(code, "README.md", "exec"), scope)
-        files = scope["files"]
-        assert len(files) == 1
-        record = json.loads(PIL.Image.open(files[0]).text[PNG_METADATA_KEY])
-        assert record["prompt"] == "a dog and a cat on the beach" and record["base"] == TINY and record["seed"] == 0
+    from gradio_client import Client, handle_file
 
-        from gradio_client import Client, handle_file
-
-        client = Client(url, verbose=False)
-        bad = "prompt: a dog\nsubjects: [{image: dog.jpg, phrase: cat, box: [0, 0, 0.5, 0.5]}]\nsize: 64\nsteps: 1\n"
-        with pytest.raises(Exception, match="'cat' is not in the prompt"):
-            client.predict(job=bad, images=[handle_file(str(tmp_path / "dog.jpg"))], api_name="/generate_job")
-    finally:
-        page.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    client = Client(url, verbose=False)
+    bad = "prompt: a dog\nsubjects: [{image: dog.jpg, phrase: cat, box: [0, 0, 0.5, 0.5]}]\nsize: 64\nsteps: 1\n"
+    with pytest.raises(Exception, match="'cat' is not in the prompt"):
+        client.predict(job=bad, images=[handle_file(str(tmp_path / "dog.jpg"))], api_name="/generate_job")
 
 
 # ---- the page in a real browser -------------------------------------------------------------------
@@ -310,6 +890,7 @@ def _set(page, elem_id: str, value: str) -> None:
 
 def _drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
     """A mouse drag between two points given as fractions of the canvas."""
+    page.locator("#box-canvas").scroll_into_view_if_needed()
     canvas = page.locator("#box-canvas").bounding_box()
     x0, y0 = canvas["x"] + start[0] * canvas["width"], canvas["y"] + start[1] * canvas["height"]
     x1, y1 = canvas["x"] + end[0] * canvas["width"], canvas["y"] + end[1] * canvas["height"]
@@ -321,6 +902,12 @@ def _drag(page, start: tuple[float, float], end: tuple[float, float]) -> None:
 
 def _box(page, slot: int) -> list[float]:
     return [float(v) for v in _field(page, f"subject{slot}-box").input_value().split(",")]
+
+
+def _photos(page, slot: int) -> list[str]:
+    """The file names listed in a subject's photo box."""
+    text = page.locator(f"#subject{slot}-images").inner_text().replace("\n", "")
+    return re.findall(r"[\w-]+\.(?:jpg|png)", text)
 
 
 def _canvas_colour(page, x: float, y: float) -> list[int]:
@@ -337,14 +924,24 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
     from msdiffusion.preview import PALETTE
 
     page = browser_page
+    # The page opens with a working example of the served models: photos, phrases and boxes filled in.
+    assert _field(page, "prompt").input_value() == "a dog and a cat on the beach"
+    assert _field(page, "subject1-phrase").input_value() == "cat" and _box(page, 1) == [0.55, 0.3, 0.95, 0.9]
+    assert _photos(page, 0) == ["dog.jpg"]
+    for slot in (0, 1):  # cleared, to draw them again with the mouse
+        _set(page, f"subject{slot}-box", "")
     _set(page, "width", "64")
     _set(page, "height", "64")
     _set(page, "steps", "2")
     _set(page, "seed", "3")
     _set(page, "prompt", "a dog and a cat on the beach")
     for slot, name in enumerate(("dog", "cat")):
+        page.click(f"#subject{slot}-images button[aria-label='Clear']")  # the example's photo goes
+        page.wait_for_selector(f"#subject{slot}-images input[type=file]", state="attached")
         page.set_input_files(f"#subject{slot}-images input[type=file]", str(ASSETS / f"{name}.jpg"))
         _set(page, f"subject{slot}-phrase", name)
+    page.wait_for_timeout(500)
+    assert _photos(page, 0) == ["dog.jpg"] and _photos(page, 1) == ["cat.jpg"], (_photos(page, 0), _photos(page, 1))
 
     # Two mouse drags draw subject 1's box, then subject 2's (the page moves on to the next subject).
     _drag(page, (0.05, 0.3), (0.45, 0.9))
@@ -367,7 +964,8 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
 
     page.click("#generate")
     page.wait_for_selector("#downloads a", timeout=SLOW_MS)
-    assert page.locator("#subject1-error").inner_text().strip() == ""
+    assert page.locator("#subject1-error").inner_text().strip() == ""  # the earlier message is gone
+    assert page.locator("#status").inner_text().strip() == "Made 1 image (seed 3)."
     captions = page.locator("#results").inner_text()
     assert "seed 3" in captions and "layout" in captions  # the image and its layout overlay
     assert page.locator("#results img").count() >= 2
@@ -378,8 +976,12 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
     record = json.loads(PIL.Image.open(png).text[PNG_METADATA_KEY])
     assert [s["phrase"] for s in record["subjects"]] == ["dog", "cat"] and record["size"] == [64, 64]
     np.testing.assert_allclose(record["subjects"][1]["box"], [0.55, 0.3, 0.95, 0.9], atol=0.02)
-    assert main(["generate", "--from", str(png), "--quiet"]) == 0  # the page's PNG makes itself again
-    again = tmp_path / "msdiff-00001.png"  # written beside the downloaded PNG
+    assert record["subjects"][0]["image"] == "dog.jpg" and "output" not in record  # names, not the server's paths
+    for name in ("dog.jpg", "cat.jpg"):  # the visitor's photos, beside the PNG
+        shutil.copy(ASSETS / name, tmp_path / name)
+    again = tmp_path / "again"
+    assert main(["generate", "--from", str(png), "--output", str(again), "--quiet"]) == 0  # it makes itself again
+    again = again / "msdiff-00001.png"
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(again)), np.asarray(PIL.Image.open(png)))
 
     # MSDIFF_UI_SCREENSHOT=FILE keeps this screenshot (the README's picture is benchmarks/ui_screenshot.py's).
@@ -401,7 +1003,7 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(yaml.safe_dump(job))
     page.set_input_files("#import input[type=file]", str(job_file))
-    page.wait_for_selector("#import-notes:has-text('Imported')")
+    page.wait_for_selector("#status:has-text('Imported')")
     page.wait_for_function(
         "() => document.querySelector('#subject0-box input, #subject0-box textarea').value === '0.1,0.2,0.5,0.7'"
     )

@@ -23,6 +23,8 @@ import dataclasses
 import json
 import math
 import random
+import reprlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,14 +42,60 @@ from msdiffusion.settings import (
     SettingsError,
     check_generation_values,
     check_model_values,
-    check_types,
 )
 
 PNG_METADATA_KEY = "msdiffusion-job"
 SEED_MODES = ("per-image", "release")
+# A job file is a few hundred bytes; these leave room for long prompts and many subjects while keeping
+# a hostile job (a huge file, YAML aliases that expand a few hundred bytes into millions of values) cheap.
+MAX_JOB_BYTES = 64 * 1024
+MAX_JOB_VALUES = 10_000  # values in a job, each use of a YAML alias counted again
+QUOTE_CHARS = 60  # the most of a given value an error message repeats
 
 # A job's errors are settings errors (one class, so `except JobError` catches the settings' refusals too).
 JobError = SettingsError
+
+
+class JobProblems(SettingsError):
+    """A job with one or more problems; the message lists them all, `problems` holds each without the source."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = [p.removeprefix(f"{source}: ") for p in problems]
+        if len(self.problems) == 1:
+            message = f"{source}: {self.problems[0]}"
+        else:
+            message = f"{source}: {len(self.problems)} problems:\n" + "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(message)
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """`repr(value)` cut to at most `limit` characters, without ever building the whole repr (a value
+    can be a YAML alias expanding to millions of items)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    short.maxlevel = 3
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _Collect:
+    """Gathers the problems of independent checks, so that a job's message lists all of them at once."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.problems: list[str] = []
+
+    def __call__(self, check: Callable, *args, **kwargs):
+        try:
+            return check(*args, **kwargs)
+        except SettingsError as error:
+            self.problems.extend(getattr(error, "problems", None) or [str(error).removeprefix(f"{self.source}: ")])
+            return None
+
+    def raise_any(self) -> None:
+        if self.problems:
+            raise JobProblems(self.source, self.problems)
 
 
 @dataclass
@@ -129,20 +177,19 @@ _REQUIRED = ("base", "adapter", "prompt", "subjects")
 _SUBJECT_FIELDS = {"image", "phrase", "box", "scale"}
 
 
-def _unknown(name: str, allowed, where: str) -> JobError:
-    return JobError(
-        f"{where}: unknown field {name!r}{did_you_mean(name, allowed)}; allowed: {', '.join(sorted(allowed))}."
-    )
+def _unknown(name: Any, allowed, where: str) -> JobError:
+    hint = did_you_mean(name, allowed) if isinstance(name, str) and len(name) <= 100 else ""
+    return JobError(f"{where}: unknown field {quote(name)}{hint}; allowed: {', '.join(sorted(allowed))}.")
 
 
 def _path(value: Any, base_dir: Path | None, what: str, must_exist: bool = True) -> str:
     if not isinstance(value, str) or not value:
-        raise JobError(f"{what}: expected a file path, got {value!r}.")
+        raise JobError(f"{what}: expected a file path, got {quote(value)}.")
     path = Path(value).expanduser()
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
     if must_exist and not path.exists():
-        raise JobError(f"{what}: {value!r} does not exist{f' (relative to {base_dir})' if base_dir else ''}.")
+        raise JobError(f"{what}: {quote(value)} does not exist{f' (relative to {base_dir})' if base_dir else ''}.")
     return str(path.resolve())
 
 
@@ -156,39 +203,128 @@ def _model_ref(value: str, base_dir: Path | None) -> str:
 
 
 def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) -> Job:
-    """Validate a job given as a dict (from a file, flags, or PNG metadata).
+    """Validate a job given as a dict (from a file, flags, or PNG metadata); every problem is named at once.
 
     A named model set as the base (`msdiff-world`) brings its own generation defaults for the
     fields the job leaves out.
     """
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job is a mapping of fields, got {type(data).__name__}.")
+    check_value_count(data, source)
+    collect = _Collect(source)
     for name in data:
         if name not in _FIELDS:
-            raise _unknown(name, _FIELDS, source)
-    for name in _REQUIRED:
-        if data.get(name) in (None, "", []):
-            raise JobError(f"{source}: {name}: required field is missing ({_FIELDS[name][1]}).")
-    check_types(data, _FIELDS, source)
-
-    named = NAMED_MODELS.get(data["base"])
-    values = {**(named.defaults if named else {}), **data}
-    values = check_model_values(check_generation_values(values, source), source)
+            collect.problems.append(str(_unknown(name, _FIELDS, source)))
+    missing = [name for name in _REQUIRED if data.get(name) is None or data.get(name) in ("", [])]
+    collect.problems += [f"{name}: required field is missing ({_FIELDS[name][1]})." for name in missing]
+    # Each known field's type, then its value: a bad field is named once, and the others are still checked.
+    given = {
+        name: value
+        for name, value in data.items()
+        if name in _FIELDS and name not in missing and collect(_check_type, name, value, source) is not None
+    }
+    named = NAMED_MODELS.get(given.get("base"))
+    values = {**(named.defaults if named else {}), **given}
+    for name in GENERATION_FIELDS:
+        if name in values:
+            checked = collect(_check_generation_value, name, values[name], source)
+            values.update(checked or {name: values[name]})
+    collect(check_model_values, values, source)
     for name in ("base", "adapter", "image_encoder", "vae"):
         if values.get(name) is not None:
             values[name] = _model_ref(values[name], base_dir)
     if "loras" in values:
-        values["loras"] = [_lora(entry, f"{source}: loras[{i}]", base_dir) for i, entry in enumerate(values["loras"])]
-    values["subjects"] = [_subject(s, f"{source}: subjects[{i}]", base_dir) for i, s in enumerate(data["subjects"])]
+        values["loras"] = [
+            collect(_lora, entry, f"{source}: loras[{i}]", base_dir) for i, entry in enumerate(values["loras"])
+        ]
+    if "subjects" in values:
+        values["subjects"] = [
+            _subject(entry, f"{source}: subjects[{i}]", base_dir, collect) for i, entry in enumerate(values["subjects"])
+        ]
     if values.get("images", 1) < 1:
-        raise JobError(f"{source}: images: got {values['images']}; expected a positive integer.")
+        collect.problems.append(f"images: got {values['images']}; expected a positive integer.")
     if values.get("seed_mode", "per-image") not in SEED_MODES:
-        raise JobError(f"{source}: seed_mode: got {values['seed_mode']!r}; expected {_FIELDS['seed_mode'][1]}.")
+        collect.problems.append(f"seed_mode: got {quote(values['seed_mode'])}; expected {_FIELDS['seed_mode'][1]}.")
     if values.get("controlnet") is not None:
-        values["controlnet"] = _controlnet(values["controlnet"], f"{source}: controlnet", base_dir)
+        values["controlnet"] = collect(_controlnet, values["controlnet"], f"{source}: controlnet", base_dir)
     if "output" in values:
-        values["output"] = _path(values["output"], base_dir, f"{source}: output", must_exist=False)
+        values["output"] = collect(_path, values["output"], base_dir, f"{source}: output", must_exist=False)
+    collect.raise_any()
     return Job(**values)
+
+
+def _check_type(name: str, value: Any, source: str) -> bool:
+    """A field's value has one of its accepted types (YAML `yes` is not a number); True, or an error."""
+    types, allowed = _FIELDS[name]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise JobError(f"{source}: {name}: got {quote(value)}; expected {allowed}.")
+    return True
+
+
+def _check_generation_value(name: str, value: Any, source: str) -> dict:
+    """One generation field checked (and converted) by the settings' own checks."""
+    too_long = isinstance(value, (list, str)) and len(value) > 16  # the settings' message would repeat all of it
+    if name == "size" and too_long:
+        raise JobError(f"{source}: size: got {quote(value)}; expected {GENERATION_FIELDS['size'][1]}.")
+    return check_generation_values({name: value}, source)
+
+
+def check_value_count(data: Any, source: str, limit: int = MAX_JOB_VALUES) -> None:
+    """Refuse a job holding more than `limit` values, counting each use of a shared (YAML alias) value
+    again: a few hundred bytes of nested aliases expand to billions, and every later step (checks,
+    messages) would walk them all. Stops counting at the limit, so it costs at most `limit` steps."""
+    count, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > limit:
+            raise JobError(
+                f"{source}: more than {limit} values (YAML aliases count each time they are used); "
+                "a job lists its fields and subjects, each once."
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
+def portable_job(job: Job) -> dict:
+    """The job as a job file to hand on: photos (and the control image) by file name, never the folders
+    they were in; no output folder, device or dtype (where it runs is the runner's); and only the
+    fields that differ from their defaults (a named model set's defaults included)."""
+    data = job.to_dict()
+    for name in ("output", "device", "dtype"):
+        data.pop(name, None)
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(Job)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    named = NAMED_MODELS.get(job.base)
+    if named is not None:
+        defaults.update(named.defaults)
+    first = ("base", "adapter", "image_encoder", "prompt", "subjects")  # the order a person writes a job in
+    kept = {
+        name: data[name]
+        for name in (*first, *(n for n in data if n not in first))
+        if name not in defaults or data[name] != defaults[name]
+    }
+    if "negative_prompt" in kept and kept["negative_prompt"] is None:
+        kept["negative_prompt"] = ""  # none (job files read "" as null)
+    subjects = []
+    for subject in job.subjects:
+        names = [Path(p).name for p in subject.images]
+        entry: dict = {"image": names if len(names) > 1 else names[0], "phrase": subject.phrase}
+        if any(subject.box):
+            entry["box"] = subject.box
+        if subject.scale is not None:
+            entry["scale"] = subject.scale
+        subjects.append(entry)
+    kept["subjects"] = subjects
+    if job.controlnet is not None:
+        kept["controlnet"] = {**kept["controlnet"], "image": Path(job.controlnet.image).name}
+    return kept
 
 
 def job_warnings(job: Job) -> list[str]:
@@ -208,33 +344,48 @@ def job_warnings(job: Job) -> list[str]:
     return warnings
 
 
-def _subject(data: Any, where: str, base_dir: Path | None) -> JobSubject:
+def _subject(data: Any, where: str, base_dir: Path | None, collect: _Collect) -> JobSubject | None:
+    """One subject, its problems added to `collect` (None when it has any)."""
     from msdiffusion.subjects import check_box
 
     if not isinstance(data, dict):
-        raise JobError(f"{where}: expected {{image, phrase, box, scale}}, got {data!r}.")
+        collect.problems.append(f"{where}: expected {{image, phrase, box, scale}}, got {quote(data)}.")
+        return None
+    before = len(collect.problems)
     for name in data:
         if name not in _SUBJECT_FIELDS:
-            raise _unknown(name, _SUBJECT_FIELDS, where)
+            collect.problems.append(str(_unknown(name, _SUBJECT_FIELDS, where)))
     if "image" not in data or "phrase" not in data:
-        raise JobError(f"{where}: needs `image` (a path, or a list of paths of the same subject) and `phrase`.")
+        collect.problems.append(
+            f"{where}: needs `image` (a path, or a list of paths of the same subject) and `phrase`."
+        )
+        return None
     images = data["image"] if isinstance(data["image"], list) else [data["image"]]
     if not images:
-        raise JobError(f"{where}.image: an empty list; give at least one image path.")
-    paths = [_path(image, base_dir, f"{where}.image") for image in images]
+        collect.problems.append(f"{where}.image: an empty list; give at least one image path.")
+    paths = [collect(_path, image, base_dir, f"{where}.image") for image in images]
     phrase = data["phrase"]
     if not isinstance(phrase, str) or not phrase.strip():
-        raise JobError(f"{where}.phrase: expected the words naming the subject in the prompt, got {phrase!r}.")
+        collect.problems.append(
+            f"{where}.phrase: expected the words naming the subject in the prompt, got {quote(phrase)}."
+        )
     box = data.get("box") or [0.0, 0.0, 0.0, 0.0]
-    try:
-        box = list(check_box(box, f"{where}.box"))
-    except ValueError as error:
-        raise JobError(str(error)) from None
+    if isinstance(box, list) and len(box) > 16:
+        collect.problems.append(f"{where}.box: got {quote(box)}; expected four numbers x0, y0, x1, y1.")
+    else:
+        try:
+            box = list(check_box(box, f"{where}.box"))
+        except ValueError as error:
+            collect.problems.append(str(error))
     scale = data.get("scale")
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0
     ):
-        raise JobError(f"{where}.scale: got {scale!r}; expected a number >= 0 (the subject's own strength).")
+        collect.problems.append(
+            f"{where}.scale: got {quote(scale)}; expected a number >= 0 (the subject's own strength)."
+        )
+    if len(collect.problems) > before:
+        return None
     return JobSubject(paths, phrase, box, None if scale is None else float(scale))
 
 
@@ -242,7 +393,7 @@ def _lora(data: Any, where: str, base_dir: Path | None) -> LoraSpec:
     if isinstance(data, str):
         data = {"path": data}
     if not isinstance(data, dict):
-        raise JobError(f"{where}: expected {{path, scale}} (or just a path), got {data!r}.")
+        raise JobError(f"{where}: expected {{path, scale}} (or just a path), got {quote(data)}.")
     allowed = {"path", "scale", "weight_name"}
     for name in data:
         if name not in allowed:
@@ -251,10 +402,10 @@ def _lora(data: Any, where: str, base_dir: Path | None) -> LoraSpec:
         raise JobError(f"{where}: needs `path` (a LoRA .safetensors file, folder or hub id).")
     scale = data.get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise JobError(f"{where}.scale: got {scale!r}; expected a number (1.0 is the LoRA's full strength).")
+        raise JobError(f"{where}.scale: got {quote(scale)}; expected a number (1.0 is the LoRA's full strength).")
     weight_name = data.get("weight_name")
     if weight_name is not None and not isinstance(weight_name, str):
-        raise JobError(f"{where}.weight_name: got {weight_name!r}; expected a file name.")
+        raise JobError(f"{where}.weight_name: got {quote(weight_name)}; expected a file name.")
     return LoraSpec(_model_ref(data["path"], base_dir), float(scale), weight_name)
 
 
@@ -267,44 +418,107 @@ def _controlnet(data: dict, where: str, base_dir: Path | None) -> ControlNetSpec
         raise JobError(f"{where}: needs `model` (hub id or folder) and `image` (the control image path).")
     scale = data.get("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise JobError(f"{where}.scale: got {scale!r}; expected a number.")
+        raise JobError(f"{where}.scale: got {quote(scale)}; expected a number.")
     image_tokens = data.get("image_tokens", False)
     if not isinstance(image_tokens, bool):
-        raise JobError(f"{where}.image_tokens: got {image_tokens!r}; expected true or false.")
+        raise JobError(f"{where}.image_tokens: got {quote(image_tokens)}; expected true or false.")
     model, image = _model_ref(data["model"], base_dir), _path(data["image"], base_dir, f"{where}.image")
     return ControlNetSpec(model, image, float(scale), image_tokens)
 
 
-def read_job_file(path: str | Path) -> dict:
-    """The raw mapping of a YAML or JSON job file (validated later, with flags applied)."""
+def parse_job_text(text: str, source: str = "job") -> dict:
+    """The raw mapping of a job's YAML or JSON text (validated later by `job_from_dict`).
+
+    Refuses text over `MAX_JOB_BYTES` and (YAML aliases expanded) over `MAX_JOB_VALUES` values, and
+    names a syntax error by `source`, line and column.
+    """
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise JobError(f"job file {str(path)!r} not found.")
+    if len(text) > MAX_JOB_BYTES:
+        raise JobError(f"{source}: {len(text)} characters; a job is at most {MAX_JOB_BYTES // 1024} KiB.")
     try:
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = f" ({error.context})" if error.context else ""
+        raise JobError(f"{source}: not valid YAML/JSON{where}: {error.problem}{context}.") from None
     except yaml.YAMLError as error:
-        raise JobError(f"{path}: not valid YAML/JSON: {error}") from None
+        raise JobError(f"{source}: not valid YAML/JSON: {quote(str(error), 200)}") from None
+    except RecursionError:
+        raise JobError(f"{source}: not a job: its values are nested too deeply.") from None
     if not isinstance(data, dict):
-        raise JobError(f"{path}: a job file holds a mapping of fields (base, adapter, prompt, subjects, ...).")
+        raise JobError(f"{source}: a job file holds a mapping of fields (base, adapter, prompt, subjects, ...).")
+    check_value_count(data, source)
     return data
 
 
-def read_job_from_png(path: str | Path) -> dict:
-    """The job recorded in an image written by `msdiff generate`."""
+def read_job_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML or JSON job file (validated later, with flags applied)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"job file {quote(str(path), 200)} not found.")
+    if path.stat().st_size > MAX_JOB_BYTES:
+        raise JobError(f"{path}: {path.stat().st_size} bytes; a job file is at most {MAX_JOB_BYTES // 1024} KiB.")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise JobError(f"{path}: not a text file (a job file is YAML or JSON text).") from None
+    return parse_job_text(text, str(path))
+
+
+def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:
+    """The job recorded in an image written by msdiff (`msdiff generate`, the page).
+
+    Subject photos named relative to the image (the page's PNGs name them by file name) are taken
+    from beside it when they are there. `max_pixels`: refuse larger images before decoding them.
+    """
     import PIL.Image
 
+    path = Path(path)
     try:
         with PIL.Image.open(path) as image:
-            text = image.text.get(PNG_METADATA_KEY) if hasattr(image, "text") else None
-    except (OSError, PIL.UnidentifiedImageError) as error:
-        raise JobError(f"--from {path}: cannot read the image ({error}).") from None
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise JobError(
+                    f"{path.name}: {image.width}x{image.height} pixels; an image made by msdiff is at most "
+                    f"{max_pixels // 1_000_000} megapixels."
+                )
+            # msdiff writes its job before the pixels, where the header holds it; other writers may
+            # put it after them, which only decoding the image finds.
+            text = image.info.get(PNG_METADATA_KEY)
+            if text is None and hasattr(image, "text"):
+                text = image.text.get(PNG_METADATA_KEY)
+    except (OSError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, SyntaxError, ValueError) as error:
+        raise JobError(f"--from {path}: cannot read the image ({quote(str(error), 200)}).") from None
     if not text:
         raise JobError(
             f"--from {path}: the image has no msdiffusion job in its metadata (was it written by msdiff generate?)."
         )
-    return json.loads(text)
+    if len(text) > MAX_JOB_BYTES:
+        raise JobError(
+            f"--from {path}: its job is {len(text)} characters; a job is at most {MAX_JOB_BYTES // 1024} KiB."
+        )
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise JobError(f"--from {path}: the job in its metadata is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise JobError(f"--from {path}: the job in its metadata is not a mapping of fields.")
+    check_value_count(data, f"--from {path}")
+    for subject in data.get("subjects") if isinstance(data.get("subjects"), list) else []:
+        if isinstance(subject, dict) and isinstance(subject.get("image"), (str, list)):
+            images = subject["image"] if isinstance(subject["image"], list) else [subject["image"]]
+            beside = [
+                str(path.resolve().parent / image)
+                if isinstance(image, str)
+                and image
+                and not Path(image).is_absolute()
+                and (path.parent / image).is_file()
+                else image
+                for image in images
+            ]
+            subject["image"] = beside if isinstance(subject["image"], list) else beside[0]
+    return data
 
 
 def check_inputs(job: Job) -> None:
@@ -325,14 +539,22 @@ def _next_stem(folder: Path) -> str:
     return f"msdiff-{max(taken, default=0) + 1:05d}"
 
 
-def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]:
-    """Generate the job's images (one seed each: `seed`, `seed + 1`, ...) and write them with previews."""
-    import PIL.Image
-    import PIL.PngImagePlugin
-    import torch
+def run_job(
+    job: Job,
+    pipe=None,
+    progress: bool = True,
+    log=print,
+    on_step: Callable[[], None] | None = None,
+    portable: bool = False,
+) -> list[Path]:
+    """Generate the job's images (one seed each: `seed`, `seed + 1`, ...) and write them with previews.
 
-    from msdiffusion.preview import attention_map_image, draw_layout, subjects_sheet
-
+    `pipe`: a pipeline already loaded (else the job's models are loaded); the job's scheduler is set on
+    it for this job and the pipeline's own put back after. `on_step`: called before each image and
+    between denoising steps; an exception it raises stops the job there. `portable`: the PNGs record
+    `portable_job` (photos by file name, only the fields that differ from the defaults) instead of
+    the whole job with its paths.
+    """
     check_inputs(job)
     if not progress:
         from msdiffusion.app.cli import quiet_libraries
@@ -354,16 +576,48 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
             first_line = text.splitlines()[0] if text else type(error).__name__
             raise JobError(f"cannot load the models: {type(error).__name__}: {first_line}") from error
     pipe.set_progress_bar_config(disable=not progress, leave=False)
+    own_scheduler = getattr(pipe, "scheduler", None)
+    if job.scheduler and type(own_scheduler).__name__ != job.scheduler:
+        import diffusers
+
+        from msdiffusion.loading import check_scheduler_name
+
+        check_scheduler_name(job.scheduler)
+        # The scheduler the job names, as `load_pipeline` would set it, for this job only.
+        pipe.scheduler = getattr(diffusers, job.scheduler).from_config(own_scheduler.config)
+    try:
+        return _run_loaded(job, pipe, progress, log, on_step, portable)
+    finally:
+        if own_scheduler is not None and pipe.scheduler is not own_scheduler:
+            pipe.scheduler = own_scheduler
+
+
+def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) -> list[Path]:
+    import PIL.Image
+    import PIL.PngImagePlugin
+    import torch
+
+    from msdiffusion.preview import attention_map_image, draw_layout, subjects_sheet
+
     seed = job.seed if job.seed is not None else random.randrange(2**31)
     folder = Path(job.output)
     folder.mkdir(parents=True, exist_ok=True)
+    if on_step is not None:
+        on_step()
     arguments = job.pipeline_arguments()
+    if on_step is not None:
+
+        def step_end(pipeline, step, timestep, tensors):
+            on_step()
+            return tensors
+
+        arguments["callback_on_step_end"] = step_end
     subject_images = arguments["subject_images"]
     written: list[Path] = []
 
-    def write(image, image_seed: int, record: dict, maps) -> None:
+    def write(image, image_seed: int, record: Job, maps) -> None:
         info = PIL.PngImagePlugin.PngInfo()
-        info.add_text(PNG_METADATA_KEY, json.dumps(record))
+        info.add_text(PNG_METADATA_KEY, json.dumps(portable_job(record) if portable else record.to_dict()))
         info.add_text("prompt", job.prompt)
         stem = _next_stem(folder)
         path = folder / f"{stem}.png"
@@ -390,7 +644,7 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
         # in one batch, so its images can be matched seed for seed (on the same kind of device).
         generator = torch.Generator(pipe._execution_device).manual_seed(seed)
         out = pipe(**arguments, num_images_per_prompt=job.images, generator=generator)
-        record = dataclasses.replace(job, seed=seed).to_dict()  # the batch is made again as a whole
+        record = dataclasses.replace(job, seed=seed)  # the batch is made again as a whole
         for i in range(job.images):
             write(out.images[i], seed, record, _maps(out, i))
     else:
@@ -406,10 +660,12 @@ def run_job(job: Job, pipe=None, progress: bool = True, log=print) -> list[Path]
                 **{name: arguments.pop(name) for name in subject_arguments}
             )
         for i in range(job.images):  # each image its own CPU generator: the same noise on any device
+            if on_step is not None:
+                on_step()
             if job.images > 1:  # the step bar says which image it is drawing
                 pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"image {i + 1}/{job.images}")
             out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
-            write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1).to_dict(), _maps(out, 0))
+            write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1), _maps(out, 0))
     return written
 
 

@@ -1,9 +1,16 @@
 """`msdiff ui`: a Gradio page where people upload their subjects, draw their boxes and generate.
 
 The page speaks the job format of `msdiffusion.app.jobs`: what it generates is a `Job` validated by
-`job_from_dict` and run by `run_job`, so its PNGs carry their job exactly as `msdiff generate`
-writes them, and its YAML export and import are job files. The models are the server's (given when
-it starts); everything a visitor uploads or makes lives in a folder of its own request.
+`job_from_dict` and run by `run_job`, so its PNGs carry their job as `msdiff generate` writes them
+(with photos by file name: a PNG or exported job never names the server's folders), and its YAML
+export and import are job files. The models are the server's (given when it starts).
+
+The page is made to be shared (README: "Sharing the page"). Each visitor's photos and results live
+in a folder of their own, removed when they leave (or, for API callers, after `--keep-minutes`);
+photos come only from what that visitor uploaded (and the package's example photos), checked and
+shrunk on receipt; every request is held to the server's `PageLimits` (size, steps, images, photos,
+upload size and pixels, queue length, time per job); a generation stops between two steps when its
+requester leaves or presses Stop; `--auth` asks for a login.
 
 Gradio is an optional extra (`pip install -e ".[ui]"`); this module imports it only when building
 the page, so that `msdiff --help` works without it.
@@ -11,11 +18,21 @@ the page, so that `msdiff --help` works without it.
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import ipaddress
 import json
+import math
 import random
 import re
+import shutil
+import signal
+import sys
 import tempfile
 import threading
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +40,8 @@ from typing import Any
 from msdiffusion.errors import UserInputError
 
 MAX_SUBJECTS = 4
-# SDXL's usual sizes (its training buckets), width x height, plus the small sizes of the CPU models.
-SIZE_PRESETS = (
+# SDXL's usual sizes (its training buckets), width x height.
+SDXL_SIZES = (
     "1024x1024",
     "1152x896",
     "896x1152",
@@ -34,8 +51,6 @@ SIZE_PRESETS = (
     "768x1344",
     "1536x640",
     "640x1536",
-    "512x512",
-    "64x64",
 )
 SCHEDULERS = (
     "EulerDiscreteScheduler",
@@ -65,6 +80,38 @@ SETTING_FIELDS = (
     "scheduler",
 )
 SUBJECT_FIELDS = ("images", "phrase", "box", "scale")
+# Photos are shrunk on receipt to this longest side: the encoder squashes each to 512x512 (and CLIP
+# to 224), so more pixels only cost memory.
+PHOTO_SIDE = 1024
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+# Bounds every request is held to (not options: beyond them the models make nothing useful).
+MAX_GUIDANCE = 30.0
+MAX_SCALE = 2.0
+MAX_TEXT = 1000  # characters of a prompt, negative prompt or phrase (the text encoders read 77 tokens)
+MAX_SEED = 2**63 - 1024  # torch seeds are 64-bit; each image adds one
+
+
+@dataclass
+class PageLimits:
+    """What one request may ask of the server; each is a `msdiff ui` option (`--max-size`, ...)."""
+
+    max_size: int = 1536  # pixels, the larger of width and height
+    max_steps: int = 100
+    max_images: int = 4  # images per request
+    max_photos: int = 4  # photos per subject
+    max_upload_mb: float = 20.0  # any one uploaded file
+    max_megapixels: float = 40.0  # a photo's width x height, read from its header before decoding
+    queue_size: int = 20  # requests waiting for the model; more are refused until one starts
+    job_seconds: float = 600.0  # a generation running longer is stopped
+    keep_minutes: float = 60.0  # a visitor's files are removed when they leave, or this long after last use
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1_000_000)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
 
 
 @dataclass
@@ -78,6 +125,8 @@ class PageModels:
     device: str | None = None
     dtype: str | None = None
     defaults: dict = field(default_factory=dict)  # job fields that start the page (size, steps, ...)
+    # The first visit's example: {prompt, subjects: [{images, phrase, box}]} (None: the served models' own)
+    example: dict | None = None
 
     def model_settings(self):
         from msdiffusion.settings import ModelSettings
@@ -113,13 +162,78 @@ def default_models() -> PageModels:
     return PageModels(TINY, TINY, TINY, defaults=dict(NAMED_MODELS[TINY].defaults))
 
 
+# ---- the first visit: a working example of the served models ------------------------------------
+DOG_AND_CAT = {
+    "prompt": "a dog and a cat on the beach",
+    "subjects": [
+        {"images": [str(ASSETS / "dog.jpg")], "phrase": "dog", "box": [0.05, 0.3, 0.45, 0.9]},
+        {"images": [str(ASSETS / "cat.jpg")], "phrase": "cat", "box": [0.55, 0.3, 0.95, 0.9]},
+    ],
+}
+# The package's example photos: public, so any visitor's page (or imported job) may use them by name.
+EXAMPLE_PHOTOS = {p.name: p for p in sorted(ASSETS.rglob("*")) if p.suffix.lower() in (".jpg", ".png")}
+
+
+def first_visit(models: PageModels) -> dict:
+    """The page's opening example, {prompt, subjects: [{images, phrase, box}]}: the job file's the
+    server was started with, else one the served models can draw (the world's ring and heart, with
+    its example photos, for the world's models; a dog and a cat for others)."""
+    from msdiffusion.loading import WORLD
+
+    if models.example is not None:
+        return models.example
+    if models.base == WORLD:
+        from msdiffusion.app.commands import WORLD_DEMO_PROMPT, WORLD_DEMO_SUBJECTS
+
+        return {
+            "prompt": WORLD_DEMO_PROMPT,
+            "subjects": [
+                {"images": [str(ASSETS / image)], "phrase": phrase, "box": list(box)}
+                for image, phrase, box in WORLD_DEMO_SUBJECTS
+            ],
+        }
+    return DOG_AND_CAT
+
+
+def size_presets(models: PageModels, limits: PageLimits) -> list[str]:
+    """Size presets that fit the served models, their own size first: the world's model knows only
+    64x64; the tiny random models run small; SDXL its training buckets."""
+    from msdiffusion.loading import TINY, WORLD
+
+    size = models.defaults.get("size", [1024, 1024])
+    own = f"{size}x{size}" if isinstance(size, int) else f"{size[0]}x{size[1]}"
+    others = {WORLD: (), TINY: ("384x512", "64x64", "128x128")}.get(models.base, SDXL_SIZES)
+    presets = [own, *(s for s in others if s != own)]
+    return [s for s in presets if max(int(v) for v in s.split("x")) <= limits.max_size] or [own]
+
+
+def model_note(models: PageModels) -> str:
+    """What the served models can draw, for the page's header."""
+    from msdiffusion.loading import TINY, WORLD
+
+    if models.base == WORLD:
+        from msdiffusion.world.scenes import CLASSES
+
+        return (
+            "The world's small models, trained on a CPU on 64x64 scenes (docs/world.md). They know ten shapes: "
+            f"{', '.join(CLASSES)}. Each subject is one of them in its own colours and pattern; its phrase is the "
+            "shape's name, its photo a picture of that subject (the example's are filled in below)."
+        )
+    if models.base == TINY:
+        return "Tiny random models: they check the wiring, and their images are noise."
+    return "Upload each subject's photos, name it in the prompt, draw its box."
+
+
 # ---- page values <-> job ------------------------------------------------------------------------
 class PageError(UserInputError):
-    """Bad input on the page; `slot` is the subject it belongs to (None: the page's settings)."""
+    """Bad input on the page. `slot`: the subject it belongs to; `field`: the page field it sits
+    next to ("size"), where it is not a subject's; `also`: the job's other problems, if several."""
 
-    def __init__(self, message: str, slot: int | None = None):
+    def __init__(self, message: str, slot: int | None = None, field: str | None = None):
         super().__init__(message)
         self.slot = slot
+        self.field = field
+        self.also: list[PageError] = []
 
 
 def _box_value(text: str | None) -> list:
@@ -158,6 +272,8 @@ def page_to_job(settings: dict, subjects: list[dict], models: PageModels, output
         box = (subject.get("box") or "").strip()
         if not images and not phrase and not box:
             continue
+        if not images:
+            raise PageError("photos: upload at least one photo of this subject.", slot)
         entry: dict = {"image": images, "phrase": phrase, "box": _box_value(box)}
         if str(subject.get("scale") or "").strip():
             entry["scale"] = _number_value(subject["scale"])
@@ -185,20 +301,67 @@ def page_to_job(settings: dict, subjects: list[dict], models: PageModels, output
     if scheduler and scheduler != MODEL_DEFAULT_SCHEDULER:
         data["scheduler"] = scheduler
     try:
-        return job_from_dict(data, "page"), slots
+        job = job_from_dict(data, "page")
+        if job.scheduler is not None:
+            from msdiffusion.loading import check_scheduler_name
+
+            check_scheduler_name(job.scheduler)
+        return job, slots
     except JobError as error:
-        raise _located(str(error), slots) from None
+        problems = getattr(error, "problems", None) or [str(error).removeprefix("page: ")]
+        first, *rest = [_located(problem, slots) for problem in problems]
+        first.also = rest
+        raise first from None
 
 
 def _located(message: str, slots: list[int]) -> PageError:
-    """A job error, worded for the page and tied to the subject it names (if any)."""
+    """A job error, worded for the page and tied to the subject (or field) it names."""
     message = message.removeprefix("page: ")
     found = re.match(r"subjects\[(\d+)\]\.?(\w*):?\s*", message)
     if found:
         slot = slots[int(found.group(1))]
         what = found.group(2) or "subject"
         return PageError(f"{what}: {message[found.end() :]}", slot)
-    return PageError(message)
+    return PageError(message, field="size" if message.startswith("size:") else None)
+
+
+def check_limits(job, slots: list[int], limits: PageLimits) -> None:
+    """Refuse what is more than this server gives one request (`PageLimits`), naming the option that sets it."""
+    width, height = job.size
+    if max(width, height) > limits.max_size:
+        raise PageError(
+            f"size: {width}x{height} is larger than this server makes ({limits.max_size} pixels a side at most; "
+            "msdiff ui --max-size).",
+            field="size",
+        )
+    for name, value, most, option in (
+        ("steps", job.steps, limits.max_steps, "--max-steps"),
+        ("start_step", job.start_step, limits.max_steps, "--max-steps"),
+        ("images", job.images, limits.max_images, "--max-images"),
+    ):
+        if value > most:
+            raise PageError(f"{name}: {value} is more than this server allows ({most} at most; msdiff ui {option}).")
+    for name, value, most in (("guidance", job.guidance, MAX_GUIDANCE), ("scale", job.scale, MAX_SCALE)):
+        if value > most:
+            raise PageError(f"{name}: {value:g} is more than the page allows ({most:g} at most).")
+    if job.seed is not None and not 0 <= job.seed <= MAX_SEED:
+        raise PageError(f"seed: expected a whole number from 0 to {MAX_SEED}.")
+    for name, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt or "")):
+        if len(text) > MAX_TEXT:
+            raise PageError(f"{name}: {len(text)} characters; the page takes up to {MAX_TEXT}.")
+    if len(job.subjects) > MAX_SUBJECTS:
+        raise PageError(f"subjects: {len(job.subjects)}; the page takes up to {MAX_SUBJECTS}.")
+    for j, subject in enumerate(job.subjects):
+        if len(subject.images) > limits.max_photos:
+            raise PageError(
+                f"photos: {len(subject.images)}; this server takes up to {limits.max_photos} photos of a subject "
+                "(msdiff ui --max-photos).",
+                slots[j],
+            )
+        if subject.scale is not None and subject.scale > MAX_SCALE:
+            raise PageError(f"scale: {subject.scale:g} is more than the page allows ({MAX_SCALE:g}).", slots[j])
+        if len(subject.phrase) > MAX_TEXT:
+            raise PageError(f"phrase: {len(subject.phrase)} characters; the page takes up to {MAX_TEXT}.", slots[j])
 
 
 def check_before_work(job, slots: list[int], tokenizer) -> None:
@@ -210,35 +373,220 @@ def check_before_work(job, slots: list[int], tokenizer) -> None:
         for path in subject.images:
             try:
                 load_image(path, "image")
-            except ValueError as error:
-                raise PageError(f"{Path(path).name}: {str(error).removeprefix('image: ')}", slots[j]) from None
+            except ValueError:
+                raise PageError(f"{_unreadable(Path(path).name)}", slots[j]) from None
     if tokenizer is None:
         return
     phrases = [s.phrase for s in job.subjects]
     for j, found in enumerate(phrase_token_positions(tokenizer, job.prompt, phrases, job.phrase_matching)):
         if not found:
             raise PageError(
-                f"phrase: {phrases[j]!r} is not in the prompt {job.prompt!r} (or not as often as it is given). "
-                "Use the exact words of the prompt as the phrase.",
+                f"phrase: {_short(phrases[j])} is not in the prompt {_short(job.prompt)} (or not as often as it is "
+                "given). Use the exact words of the prompt as the phrase.",
                 slots[j],
             )
 
 
+def _short(text: str) -> str:
+    from msdiffusion.app.jobs import quote
+
+    return quote(text, 120)
+
+
+def _unreadable(name: str) -> str:
+    return f"{name}: cannot read it as an image; upload a JPEG, PNG or WebP photo."
+
+
+# ---- each visitor's files -----------------------------------------------------------------------
+class VisitorFiles:
+    """Each visitor's folder under one folder of the server's: the photos they sent (checked and
+    shrunk on receipt) and their results. A visitor's folder is removed when they leave, and by
+    `sweep` once they have asked for nothing for `keep_seconds` (API callers never "leave").
+
+    `sources`: the folders photos may come from (Gradio's upload folder, the package's examples):
+    a path a request names anywhere else is refused, whatever it points to.
+    """
+
+    def __init__(self, keep_seconds: float, sources: list[Path] | None = None):
+        self.root = Path(tempfile.mkdtemp(prefix="msdiff-ui-"))
+        self.keep_seconds = keep_seconds
+        self.sources = [Path(p).resolve() for p in (sources if sources is not None else _photo_sources())]
+        self.protected: set[str] = set()  # the page's own initial files (Gradio's copies of the examples)
+        self._lock = threading.Lock()
+        self._photos: dict[str, dict[str, Path]] = {}  # visitor -> file name -> the photo as sent
+        self._senders: dict[Path, set[str]] = {}  # a photo as sent -> the visitors who sent it
+        self._last: dict[str, float] = {}  # visitor -> when they last asked for something
+        self._stop = threading.Event()
+
+    def folder(self, visitor: str) -> Path:
+        """The visitor's folder (not made until something is written into it)."""
+        return self.root / hashlib.sha256(visitor.encode()).hexdigest()[:16]
+
+    def results(self, visitor: str) -> Path:
+        """Where the visitor's request writes its results; asking for it counts as a use (for `sweep`)."""
+        with self._lock:
+            self._last[visitor] = time.time()
+        return self.folder(visitor) / "results"
+
+    def _allowed(self, path: str | Path) -> Path | None:
+        resolved = Path(path).resolve()
+        if resolved.is_file() and any(resolved.is_relative_to(d) for d in self.sources):
+            return resolved
+        return None
+
+    def remember(self, visitor: str, path: str | Path) -> None:
+        """A photo the visitor has on their page, found later by its file name (an imported job names its photos)."""
+        resolved = self._allowed(path)
+        if resolved is not None:
+            with self._lock:
+                self._photos.setdefault(visitor, {})[resolved.name] = resolved
+                self._senders.setdefault(resolved, set()).add(visitor)
+                self._last[visitor] = time.time()
+
+    def find(self, visitor: str, name: str) -> str | None:
+        """The photo called `name` that this visitor sent, else the package's example of that name."""
+        with self._lock:
+            found = self._photos.get(visitor, {}).get(name)
+        if found is not None and found.is_file():
+            return str(found)
+        return str(EXAMPLE_PHOTOS[name]) if name in EXAMPLE_PHOTOS else None
+
+    def receive(self, visitor: str, path: str | Path, limits: PageLimits, slot: int | None = None) -> str:
+        """A photo the visitor sent, checked (an upload of this page, its size and pixels read from its
+        header before anything is decoded) and shrunk to `PHOTO_SIDE`; returns the copy in their folder.
+
+        A photo within `PHOTO_SIDE` is copied as it is, so that `msdiff generate --from` with the
+        visitor's own file makes the same image.
+        """
+        import PIL.Image
+
+        name = Path(str(path)).name
+        source = self._allowed(path)
+        if source is None:
+            raise PageError(f"{name}: not a photo uploaded to this page; upload it again.", slot)
+        size = source.stat().st_size
+        if size > limits.max_upload_bytes:
+            raise PageError(
+                f"{name}: {size / 2**20:.1f} MB; this server takes files up to {limits.max_upload_mb:g} MB "
+                "(msdiff ui --max-upload-mb).",
+                slot,
+            )
+        # One folder per photo sent (Gradio names an upload's folder by its content): two photos of one name stay apart.
+        target = self.folder(visitor) / "photos" / hashlib.sha256(str(source).encode()).hexdigest()[:12] / name
+        try:
+            with warnings.catch_warnings():
+                # PIL warns of a decompression bomb above 89 megapixels; this server's own limit decides.
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                image = PIL.Image.open(source)
+            with image:
+                if image.format not in PHOTO_FORMATS:
+                    raise PageError(f"{name}: a {image.format} file; upload a JPEG, PNG or WebP photo.", slot)
+                width, height = image.size
+                if width * height > limits.max_pixels:
+                    raise PageError(
+                        f"{name}: {width}x{height} pixels; this server takes photos up to "
+                        f"{limits.max_megapixels:g} megapixels (msdiff ui --max-megapixels): upload a smaller one.",
+                        slot,
+                    )
+                if not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if max(width, height) <= PHOTO_SIDE:
+                        image.load()  # it decodes (the pipeline will decode it again)
+                        shutil.copyfile(source, target)
+                    else:
+                        image.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))  # a JPEG decodes at a fraction of its size
+                        small = image.convert("RGB")
+                        small.thumbnail((PHOTO_SIDE, PHOTO_SIDE), PIL.Image.Resampling.LANCZOS)
+                        small.save(target, format="JPEG" if image.format == "JPEG" else "PNG", quality=95)
+        except PageError:
+            raise
+        except (OSError, SyntaxError, ValueError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError):
+            target.unlink(missing_ok=True)
+            raise PageError(_unreadable(name), slot) from None
+        self.remember(visitor, source)
+        return str(target)
+
+    def forget(self, visitor: str) -> None:
+        """The visitor left: remove their folder, and the uploads only they sent."""
+        with self._lock:
+            self._photos.pop(visitor, None)
+            self._last.pop(visitor, None)
+            mine = []
+            for path, senders in list(self._senders.items()):
+                senders.discard(visitor)
+                if not senders:
+                    del self._senders[path]
+                    mine.append(path)
+        shutil.rmtree(self.folder(visitor), ignore_errors=True)
+        upload_folders = [d for d in self.sources if d != ASSETS.resolve()]
+        for path in mine:
+            # Gradio's copy of an upload; never the page's own examples, nor anything outside its upload folder
+            if str(path) not in self.protected and any(path.is_relative_to(d) for d in upload_folders):
+                path.unlink(missing_ok=True)
+                try:
+                    path.parent.rmdir()
+                except OSError:
+                    pass
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Forget the visitors who asked for nothing for `keep_seconds` (their files too); returns them."""
+        now = time.time() if now is None else now
+        with self._lock:
+            idle = [visitor for visitor, last in self._last.items() if now - last > self.keep_seconds]
+        for visitor in idle:
+            self.forget(visitor)
+        return idle
+
+    def start_sweeping(self) -> None:
+        """Sweep in the background, a few times per `keep_seconds` (at most every 10 minutes)."""
+        interval = min(max(self.keep_seconds / 4, 1.0), 600.0)
+
+        def loop():
+            while not self._stop.wait(interval):
+                try:
+                    self.sweep()
+                except OSError:
+                    pass  # a folder removed meanwhile; the next sweep sees the rest
+
+        threading.Thread(target=loop, name="msdiff-ui-sweep", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop sweeping and remove every visitor's files (the server is stopping)."""
+        self._stop.set()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _photo_sources() -> list[Path]:
+    """Where a photo a request names may be: Gradio's upload folder, the package's examples."""
+    from gradio.utils import get_upload_folder
+
+    return [Path(get_upload_folder()), ASSETS]
+
+
+def receive_photos(job, slots: list[int], visitor: str, files: VisitorFiles, limits: PageLimits):
+    """The job with each subject's photos replaced by the visitor's checked, shrunk copies."""
+    for j, subject in enumerate(job.subjects):
+        subject.images = [files.receive(visitor, path, limits, slots[j]) for path in subject.images]
+    return job
+
+
 def job_to_page(
-    data: dict, base_dir: Path | None, allowed_image_dirs: list[Path], models: PageModels
+    data: dict, find_photo: Callable[[str], str | None], models: PageModels
 ) -> tuple[dict, list[dict], list[str]]:
     """A job file's (or PNG's) fields as page values, validated by `job_from_dict`; and notes for the user.
 
     The server's `models` stay (a job's base/adapter/encoder are ignored), and their defaults fill
-    what the job leaves out. Subject photos are filled in
-    only from folders a visitor may see (the package's examples and the page's uploads); others are
-    named in the notes, to be uploaded again.
+    what the job leaves out. A job names its photos; only their file names are read, and
+    `find_photo(name)` says which photo of this visitor's (or of the package's examples) it is:
+    no path in a job reaches a file of the server. The others are named in the notes, to be uploaded.
     """
-    from msdiffusion.app.jobs import job_from_dict
+    from msdiffusion.app.jobs import job_from_dict, quote
 
     data = dict(data)
     notes = []
     raw_subjects = data.get("subjects") if isinstance(data.get("subjects"), list) else []
+    if len(raw_subjects) > MAX_SUBJECTS:
+        raise UserInputError(f"imported job: {len(raw_subjects)} subjects; the page holds up to {MAX_SUBJECTS}.")
     originals = []
     placeholder = str(ASSETS / "dog.jpg")  # validate everything else even where a photo is missing here
     checked = []
@@ -268,21 +616,18 @@ def job_to_page(
     ):
         data.pop(name, None)
     served = {k: v for k, v in models.job_fields().items() if v is not None}
-    job = job_from_dict({**served, **data}, "imported job", base_dir)
-    if len(job.subjects) > MAX_SUBJECTS:
-        raise UserInputError(f"imported job: {len(job.subjects)} subjects; the page holds up to {MAX_SUBJECTS}.")
+    job = job_from_dict({**served, **data}, "imported job")
     subjects = []
     for i, subject in enumerate(job.subjects):
         images = []
         for image in originals[i]:
-            path = Path(str(image)).expanduser()
-            path = path if path.is_absolute() or base_dir is None else base_dir / path
-            path = path.resolve()
-            if path.is_file() and any(path.is_relative_to(d) for d in allowed_image_dirs):
-                images.append(str(path))
+            name = Path(str(image)).name if isinstance(image, str) else ""
+            found = find_photo(name) if name else None
+            if found is not None:
+                images.append(found)
             else:
                 notes.append(
-                    f"subject {i + 1}: upload its photo again ({Path(str(image)).name} is not on this server)."
+                    f"subject {i + 1}: upload {quote(name or image)} (the job names it; it is not among yours)."
                 )
         subjects.append(
             {
@@ -312,35 +657,108 @@ def job_to_page(
     return settings, subjects, notes
 
 
-def read_import(path: str) -> tuple[dict, Path]:
-    """The raw job of an uploaded YAML/JSON job file or a PNG written by msdiff (and its folder)."""
-    from msdiffusion.app.jobs import read_job_file, read_job_from_png
+def fit_to_limits(settings: dict, limits: PageLimits) -> list[str]:
+    """An imported job's settings brought within the server's limits (in place); a note for each change."""
+    notes = []
+    for name, most in (
+        ("width", limits.max_size),
+        ("height", limits.max_size),
+        ("steps", limits.max_steps),
+        ("start_step", limits.max_steps),
+        ("images", limits.max_images),
+        ("guidance", MAX_GUIDANCE),
+        ("scale", MAX_SCALE),
+    ):
+        if settings[name] > most:
+            notes.append(f"{name} {settings[name]:g} is over this server's limit: set to {most:g}.")
+            settings[name] = most
+    return notes
+
+
+def read_import(path: str, limits: PageLimits | None = None) -> dict:
+    """The raw job of an uploaded YAML/JSON job file or a PNG written by msdiff; messages name the file, not its folder."""
+    from msdiffusion.app.jobs import MAX_JOB_BYTES, JobError, parse_job_text, read_job_from_png
 
     file = Path(path)
-    data = read_job_from_png(file) if file.suffix.lower() == ".png" else read_job_file(file)
-    return data, file.parent
+    if file.suffix.lower() == ".png":
+        try:
+            return read_job_from_png(file, max_pixels=None if limits is None else limits.max_pixels)
+        except JobError as error:
+            raise JobError(str(error).replace(f"--from {file}", file.name)) from None
+    if file.stat().st_size > MAX_JOB_BYTES:
+        raise JobError(f"{file.name}: {file.stat().st_size} bytes; a job file is at most {MAX_JOB_BYTES // 1024} KiB.")
+    try:
+        text = file.read_text()
+    except UnicodeDecodeError:
+        raise JobError(f"{file.name}: not a text file (a job file is YAML or JSON text).") from None
+    return parse_job_text(text, file.name)
 
 
 def export_yaml(job) -> str:
-    """The job as a YAML job file (`msdiff generate job.yaml` runs it), without the server's paths."""
+    """The job as a portable YAML job file (`msdiff generate job.yaml` runs it beside its photos):
+    photos by file name, only the fields that differ from the defaults."""
     import yaml
 
-    data = job.to_dict()
-    for name in ("output", "device", "dtype"):
-        data.pop(name, None)
-    return yaml.safe_dump(data, sort_keys=False)
+    from msdiffusion.app.jobs import portable_job
+
+    return yaml.safe_dump(portable_job(job), sort_keys=False)
 
 
 # ---- generation --------------------------------------------------------------------------------
 _PIPE_LOCK = threading.Lock()  # one generation at a time (the pipeline's attention state is shared)
 
 
-def generate_files(job, pipe) -> list[Path]:
-    """Run the job with the server's pipeline; `run_job` writes the PNGs (with their job), overlays and masks."""
+class Stopped(Exception):
+    """A generation stopped between two steps (Stop pressed, its requester gone, or over its time)."""
+
+
+def generate_files(job, pipe, on_step: Callable[[], None] | None = None) -> list[Path]:
+    """Run the job with the server's pipeline; `run_job` writes the PNGs (with their portable job),
+    overlays and masks. `on_step` may raise `Stopped` between steps."""
     from msdiffusion.app.jobs import run_job
 
     with _PIPE_LOCK:
-        return run_job(job, pipe, progress=True, log=lambda *_: None)
+        return run_job(job, pipe, progress=True, log=lambda *_: None, on_step=on_step, portable=True)
+
+
+def _queued_event(blocks, event_id: str | None):
+    """The queue's record of a running event (None outside a queue, or once it has ended)."""
+    queue = getattr(blocks, "_queue", None)
+    for events in list(getattr(queue, "active_jobs", None) or []):
+        for event in events or ():
+            if event._id == event_id:
+                return event
+    return None
+
+
+def watch(blocks, visitor: str, limits: PageLimits, stops: dict[str, float]) -> Callable[[], None]:
+    """`on_step` for the request being answered: raises `Stopped` when its visitor pressed Stop after
+    asking, its requester is gone (the page closed or the client disconnected: the queue marks the
+    event; a cancelled event leaves the queue), or it has run `limits.job_seconds` (counted from
+    when it got the pipeline). Outside a queue (`blocks` None) only the time counts."""
+    from gradio.context import LocalContext
+
+    event_id = LocalContext.event_id.get(None) if blocks is not None else None
+    event = _queued_event(blocks, event_id) if event_id is not None else None
+    asked = event.enqueue_time if event is not None else time.monotonic()  # Stop counts from the click on Generate
+    started: list[float] = []
+
+    def on_step() -> None:
+        now = time.monotonic()
+        if not started:
+            started.append(now)
+        if stops.get(visitor, -math.inf) >= asked:
+            raise Stopped("stopped: you pressed Stop.")
+        if event_id is not None and event is not None:
+            running = _queued_event(blocks, event_id)
+            if running is None or not running.alive or running.closed:
+                raise Stopped("stopped: its page was closed.")
+        if now - started[0] > limits.job_seconds:
+            raise Stopped(
+                f"stopped after {limits.job_seconds:g} s: this server's time limit per request (msdiff ui --job-seconds)."
+            )
+
+    return on_step
 
 
 def gallery_items(written: list[Path]) -> list[tuple[str, str]]:
@@ -364,7 +782,20 @@ def _png_text(path: Path) -> str:
     from msdiffusion.app.jobs import PNG_METADATA_KEY
 
     with PIL.Image.open(path) as image:
-        return image.text.get(PNG_METADATA_KEY, "{}")
+        return image.info.get(PNG_METADATA_KEY, "{}")
+
+
+def _requesting(gr, fn: Callable) -> Callable:
+    """`fn` with its `request` parameter annotated by the class itself: Gradio finds the parameter it
+    fills with the request by its annotation, and this module's annotations are text naming `gr`,
+    which is imported only inside `build_page` (where Gradio cannot resolve it)."""
+    fn.__annotations__ = {**fn.__annotations__, "request": gr.Request}
+    return fn
+
+
+def _visitor(request) -> str:
+    """Who asks: Gradio's session (one per open page, one per API client)."""
+    return getattr(request, "session_hash", None) or "local"
 
 
 # ---- the page ----------------------------------------------------------------------------------
@@ -373,6 +804,7 @@ CSS = """
 #box-tools button { margin: 4px 4px 0 0; padding: 2px 8px; border: 1px solid #a1a1aa; border-radius: 4px; }
 #box-tools button.active { font-weight: bold; border-width: 2px; }
 .field-error p { color: #b91c1c; font-weight: 600; }
+#status p { font-weight: 600; }
 """
 
 
@@ -400,12 +832,13 @@ def _canvas_js() -> str:
     )
 
 
-def build_page(models: PageModels, pipe=None):
-    """The Gradio Blocks of the page, generating with `pipe` (loaded from `models` on first use if None)."""
+def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
+    """The Gradio Blocks of the page, generating with `pipe` (loaded from `models` on first use if None),
+    every request held to `limits`. `page.visitor_files` keeps the visitors' files (`.close()` removes them)."""
     import gradio as gr
 
+    limits = limits or PageLimits()
     defaults = {
-        "prompt": "",
         "negative_prompt": "",
         "width": 1024,
         "height": 1024,
@@ -423,6 +856,13 @@ def build_page(models: PageModels, pipe=None):
         model_defaults["width"], model_defaults["height"] = (size, size) if isinstance(size, int) else size
     defaults.update(model_defaults)
     defaults["negative_prompt"] = defaults.get("negative_prompt") or ""  # a named set's None: an empty box
+    defaults["steps"] = min(defaults["steps"], limits.max_steps)
+    defaults["images"] = min(defaults["images"], limits.max_images)
+    defaults["width"], defaults["height"] = (
+        min(v, limits.max_size // 8 * 8) for v in (defaults["width"], defaults["height"])
+    )
+    example = first_visit(models)
+    example_subjects = list(example["subjects"]) + [None] * (MAX_SUBJECTS - len(example["subjects"]))
     pipes: dict = {"pipe": pipe}
     pipe_lock = threading.Lock()
 
@@ -434,88 +874,127 @@ def build_page(models: PageModels, pipe=None):
                 pipes["pipe"] = load_pipeline(models.model_settings())
             return pipes["pipe"]
 
-    upload_dirs = [ASSETS, Path(tempfile.gettempdir()).resolve()]
+    files = VisitorFiles(limits.keep_minutes * 60)
+    stops: dict[str, float] = {}  # visitor -> when they last pressed Stop
+    keep = max(1, int(limits.keep_minutes * 60))
 
-    with gr.Blocks(title="msdiff ui: MS-Diffusion", analytics_enabled=False) as page:
+    # Gradio's own copies (uploads, results it serves) are deleted after the same age.
+    with gr.Blocks(
+        title="msdiff ui: MS-Diffusion", analytics_enabled=False, delete_cache=(min(keep, 600), keep)
+    ) as page:
         gr.Markdown(
             f"## MS-Diffusion: your subjects, where you want them\nModels: `{models.base}` + `{models.adapter}` + "
-            f"`{models.image_encoder}`. Upload each subject's photos, name it in the prompt, draw its box."
+            f"`{models.image_encoder}`. {model_note(models)} The example is ready: press Generate. To draw your own "
+            "subjects, clear a subject's photos (×) and drop yours."
         )
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(
-                    label="Prompt",
-                    value=defaults["prompt"],
-                    elem_id="prompt",
-                    placeholder="a dog and a cat on the beach",
-                )
+                prompt = gr.Textbox(label="Prompt", value=example["prompt"], elem_id="prompt", max_length=MAX_TEXT)
                 negative = gr.Textbox(
-                    label="Negative prompt", value=defaults["negative_prompt"] or "", elem_id="negative-prompt"
+                    label="Negative prompt", value=defaults["negative_prompt"], elem_id="negative-prompt"
                 )
                 with gr.Row():
+                    presets = size_presets(models, limits)
+                    own = f"{defaults['width']}x{defaults['height']}"
                     preset = gr.Dropdown(
-                        ["custom", *SIZE_PRESETS], value="custom", label="Size preset", elem_id="size-preset"
+                        [*presets, "custom"],
+                        value=own if own in presets else "custom",
+                        label="Size preset",
+                        elem_id="size-preset",
                     )
                     width = gr.Number(label="Width", value=defaults["width"], precision=0, step=8, elem_id="width")
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8, elem_id="height")
+                size_error = gr.Markdown("", elem_id="size-error", elem_classes="field-error")
                 gr.HTML(_canvas_html(), js_on_load=None)
             with gr.Column(scale=2):
                 with gr.Row():
                     seed = gr.Number(label="Seed (empty: random)", value=defaults["seed"], precision=0, elem_id="seed")
                     randomise = gr.Button("Randomise", elem_id="randomise", size="sm")
-                steps = gr.Slider(1, 100, value=defaults["steps"], step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(1, 20, value=defaults["guidance"], step=0.5, label="Guidance", elem_id="guidance")
-                scale = gr.Slider(0, 1.5, value=defaults["scale"], step=0.05, label="Subject scale", elem_id="scale")
-                images = gr.Slider(1, 8, value=defaults["images"], step=1, label="Number of images", elem_id="images")
+                steps = gr.Slider(1, limits.max_steps, value=defaults["steps"], step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(
+                    0, MAX_GUIDANCE, value=defaults["guidance"], step=0.5, label="Guidance", elem_id="guidance"
+                )
+                scale = gr.Slider(
+                    0, MAX_SCALE, value=defaults["scale"], step=0.05, label="Subject scale", elem_id="scale"
+                )
+                images = gr.Slider(
+                    1, limits.max_images, value=defaults["images"], step=1, label="Number of images", elem_id="images"
+                )
                 with gr.Accordion("More", open=False):
                     auto_layout = gr.Checkbox(label="Auto layout", value=False, elem_id="auto-layout")
                     threshold = gr.Slider(
-                        0, 0.99, value=defaults["mask_threshold"], step=0.01, label="Auto-layout threshold"
+                        0,
+                        0.99,
+                        value=defaults["mask_threshold"],
+                        step=0.01,
+                        label="Auto-layout threshold",
+                        elem_id="mask-threshold",
                     )
-                    start_step = gr.Slider(1, 50, value=defaults["start_step"], step=1, label="Auto layout from step")
-                    drop_grounding = gr.Checkbox(label="Drop grounding tokens", value=False)
+                    start_step = gr.Slider(
+                        1,
+                        limits.max_steps,
+                        value=min(defaults["start_step"], limits.max_steps),
+                        step=1,
+                        label="Auto layout from step",
+                        elem_id="start-step",
+                    )
+                    drop_grounding = gr.Checkbox(label="Drop grounding tokens", value=False, elem_id="drop-grounding")
                     scheduler = gr.Dropdown(
-                        [MODEL_DEFAULT_SCHEDULER, *SCHEDULERS], value=MODEL_DEFAULT_SCHEDULER, label="Scheduler"
+                        [MODEL_DEFAULT_SCHEDULER, *SCHEDULERS],
+                        value=MODEL_DEFAULT_SCHEDULER,
+                        label="Scheduler",
+                        elem_id="scheduler",
                     )
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    export = gr.Button("Export job (YAML)", elem_id="export")
+                status = gr.Markdown("", elem_id="status", elem_classes="field-error")
+                gallery = gr.Gallery(
+                    label="Results: image, layout overlay, masks", columns=3, elem_id="results", height="auto"
+                )
+                downloads = gr.File(
+                    label="Download (PNGs carry their job: msdiff generate --from, beside the photos)",
+                    file_count="multiple",
+                    elem_id="downloads",
+                )
         subject_fields: list[dict] = []
         with gr.Row():
-            for i in range(MAX_SUBJECTS):
+            for i, shown in enumerate(example_subjects):
                 with gr.Column(min_width=200):
                     gr.Markdown(f"**Subject {i + 1}**")
-                    files = gr.File(
-                        label="Photos",
+                    files_input = gr.File(
+                        value=shown["images"] if shown else None,
+                        label=f"Photos (up to {limits.max_photos})",
                         file_count="multiple",
                         file_types=["image"],
                         elem_id=f"subject{i}-images",
                         height=120,
                     )
-                    phrase = gr.Textbox(label="Phrase (words of the prompt)", elem_id=f"subject{i}-phrase", max_lines=1)
+                    phrase = gr.Textbox(
+                        label="Phrase (words of the prompt)",
+                        value=shown["phrase"] if shown else "",
+                        elem_id=f"subject{i}-phrase",
+                        max_lines=1,
+                    )
                     box = gr.Textbox(
-                        label="Box x0,y0,x1,y1 (0-1; empty: auto layout)", elem_id=f"subject{i}-box", max_lines=1
+                        label="Box x0,y0,x1,y1 (0-1; empty: auto layout)",
+                        value=",".join(f"{v:g}" for v in shown["box"]) if shown and any(shown["box"]) else "",
+                        elem_id=f"subject{i}-box",
+                        max_lines=1,
                     )
                     strength = gr.Textbox(label="Scale (empty: the page's)", elem_id=f"subject{i}-scale", max_lines=1)
                     error = gr.Markdown("", elem_id=f"subject{i}-error", elem_classes="field-error")
                     subject_fields.append(
-                        {"images": files, "phrase": phrase, "box": box, "scale": strength, "error": error}
+                        {"images": files_input, "phrase": phrase, "box": box, "scale": strength, "error": error}
                     )
         with gr.Row():
-            generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            export = gr.Button("Export job (YAML)", elem_id="export")
-        page_error = gr.Markdown("", elem_id="page-error", elem_classes="field-error")
-        gallery = gr.Gallery(label="Results: image, layout overlay, masks", columns=3, elem_id="results", height="auto")
-        with gr.Row():
-            downloads = gr.File(
-                label="Download (PNGs carry their job: msdiff generate --from)",
-                file_count="multiple",
-                elem_id="downloads",
-            )
             exported = gr.File(label="Job file", elem_id="exported")
             imported = gr.File(
                 label="Import a job (YAML/JSON) or a PNG made by msdiff",
                 file_types=[".yaml", ".yml", ".json", ".png"],
                 elem_id="import",
             )
-        import_notes = gr.Markdown("", elem_id="import-notes")
 
         setting_components = [
             prompt,
@@ -534,7 +1013,9 @@ def build_page(models: PageModels, pipe=None):
             scheduler,
         ]
         subject_components = [s[name] for s in subject_fields for name in SUBJECT_FIELDS]
-        error_components = [s["error"] for s in subject_fields] + [page_error]
+        photo_components = [s["images"] for s in subject_fields]
+        # Every answer sets every message: none is left over from an earlier one.
+        message_components = [s["error"] for s in subject_fields] + [size_error, status]
 
         def split(values: tuple) -> tuple[dict, list[dict]]:
             settings = dict(zip(SETTING_FIELDS, values[: len(SETTING_FIELDS)]))
@@ -543,76 +1024,118 @@ def build_page(models: PageModels, pipe=None):
             subjects = [dict(zip(SUBJECT_FIELDS, rest[i * n : (i + 1) * n])) for i in range(MAX_SUBJECTS)]
             return settings, subjects
 
-        def errors(error: PageError | None) -> list:
-            shown = [""] * (MAX_SUBJECTS + 1)
-            if error is not None:
-                shown[MAX_SUBJECTS if error.slot is None else error.slot] = f"⚠ {error}"
+        def messages(error: PageError | None = None, note: str = "") -> list[str]:
+            shown = [""] * (MAX_SUBJECTS + 2)
+            places = []
+            for problem in [error, *error.also] if error is not None else []:
+                if problem.slot is not None:
+                    index, place = problem.slot, f"subject {problem.slot + 1}"
+                elif problem.field == "size":
+                    index, place = MAX_SUBJECTS, "the size"
+                else:
+                    index, place = MAX_SUBJECTS + 1, None
+                shown[index] = "\n\n".join(filter(None, [shown[index], f"⚠ {problem}"]))
+                if place and place not in places:
+                    places.append(place)
+            if places:  # the field may be out of sight: the status line says where to look
+                shown[-1] = "\n\n".join(filter(None, [shown[-1], f"⚠ Nothing was made: see {' and '.join(places)}."]))
+            shown[-1] = "\n\n".join(filter(None, [shown[-1], note]))
             return shown
 
-        def on_generate(*values, progress=gr.Progress(track_tqdm=True)):
+        def refused(error: PageError, outputs: int) -> list:
+            return [*messages(error), *[gr.skip()] * outputs]
+
+        def on_generate(request: gr.Request, progress=gr.Progress(track_tqdm=True), *values):
+            visitor = _visitor(request)
             settings, subjects = split(values)
             try:
-                output = tempfile.mkdtemp(prefix="msdiff-ui-")  # this request's own folder
-                job, slots = page_to_job(settings, subjects, models, output)
+                job, slots = page_to_job(settings, subjects, models, str(files.results(visitor)))
+                check_limits(job, slots, limits)
+                receive_photos(job, slots, visitor, files, limits)
                 active = get_pipe()
                 check_before_work(job, slots, getattr(active, "tokenizer", None))
             except PageError as error:
-                return [*errors(error), gr.skip(), gr.skip(), gr.skip()]
+                return refused(error, 3)
             except UserInputError as error:
-                return [*errors(PageError(str(error))), gr.skip(), gr.skip(), gr.skip()]
+                return refused(PageError(str(error)), 3)
             progress(0, desc="generating")
             try:
-                written = generate_files(job, active)
+                written = generate_files(job, active, watch(page, visitor, limits, stops))
+            except Stopped as stopped:
+                return refused(PageError(str(stopped)), 3)
+            except UserInputError as error:
+                return refused(PageError(str(error)), 3)
             except Exception as error:  # noqa: BLE001  (the page must stay usable; the message says what failed)
-                return [
-                    *errors(PageError(f"generation failed: {type(error).__name__}: {error}")),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                ]
+                return refused(PageError(f"generation failed: {type(error).__name__}: {str(error)[:300]}"), 3)
             pngs = [str(p) for p in written if re.fullmatch(r"msdiff-\d+", p.stem)]
             first_seed = json.loads(_png_text(Path(pngs[0]))).get("seed")
-            return [*errors(None), gallery_items(written), pngs, first_seed]
+            done = f"Made {len(pngs)} image{'s' if len(pngs) > 1 else ''} (seed {first_seed})."
+            return [*messages(note=done), gallery_items(written), pngs, first_seed]
 
-        generate.click(
-            on_generate,
+        generating = generate.click(
+            _requesting(gr, on_generate),
             setting_components + subject_components,
-            error_components + [gallery, downloads, seed],
+            message_components + [gallery, downloads, seed],
             api_visibility="private",
             concurrency_limit=1,
             concurrency_id="generate",
         )
 
-        def on_export(*values):
+        def on_stop(request: gr.Request) -> str:
+            stops[_visitor(request)] = time.monotonic()
+            return "Stopped."
+
+        # Stop marks this visitor's running generation (it ends at its next step) and drops a waiting one.
+        # It skips the queue: a full queue must not keep anyone from stopping their own request.
+        stop.click(_requesting(gr, on_stop), None, status, cancels=[generating], queue=False, api_visibility="private")
+
+        def on_export(request: gr.Request, *values):
+            visitor = _visitor(request)
             settings, subjects = split(values)
             try:
-                job, _ = page_to_job(settings, subjects, models, tempfile.gettempdir())
+                job, _ = page_to_job(settings, subjects, models, str(files.results(visitor)))
             except PageError as error:
-                return [*errors(error), gr.skip()]
-            folder = Path(tempfile.mkdtemp(prefix="msdiff-ui-job-"))
-            path = folder / "job.yaml"
+                return refused(error, 1)
+            for subject in job.subjects:
+                for path in subject.images:
+                    files.remember(visitor, path)
+            path = files.folder(visitor) / "export" / "msdiff-job.yaml"
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(export_yaml(job))
-            return [*errors(None), str(path)]
+            return [*messages(note="Exported: the job names its photos by file name; keep them beside it."), str(path)]
 
         export.click(
-            on_export, setting_components + subject_components, error_components + [exported], api_visibility="private"
+            _requesting(gr, on_export),
+            setting_components + subject_components,
+            message_components + [exported],
+            api_visibility="private",
         )
 
-        def on_import(path):
+        page_values = setting_components + subject_components
+
+        def on_import(request: gr.Request, path, *photos):
+            visitor = _visitor(request)
             if not path:
-                return [gr.skip()] * (len(setting_components) + len(subject_components)) + [""]
+                return [gr.skip()] * (len(page_values) + len(message_components))
+            for listed in photos:  # the photos on the page now: a job may name them
+                for photo in listed or []:
+                    files.remember(visitor, photo)
             try:
-                data, folder = read_import(path)
-                settings, subjects, notes = job_to_page(data, folder, upload_dirs, models)
+                data = read_import(path, limits)
+                settings, subjects, notes = job_to_page(data, lambda name: files.find(visitor, name), models)
             except UserInputError as error:
-                return [gr.skip()] * (len(setting_components) + len(subject_components)) + [f"⚠ {error}"]
+                return [gr.skip()] * len(page_values) + messages(PageError(f"not imported: {error}"))
+            notes += fit_to_limits(settings, limits)
             values = [settings[name] for name in SETTING_FIELDS]
             for subject in subjects:
                 values += [subject["images"] or None, subject["phrase"], subject["box"], subject["scale"]]
-            return values + ["Imported. " + " ".join(notes)]
+            return values + messages(note=" ".join(["Imported.", *notes]))
 
         imported.upload(
-            on_import, imported, setting_components + subject_components + [import_notes], api_visibility="private"
+            _requesting(gr, on_import),
+            [imported, *photo_components],
+            page_values + message_components,
+            api_visibility="private",
         )
 
         def on_preset(choice):
@@ -624,82 +1147,142 @@ def build_page(models: PageModels, pipe=None):
         preset.change(on_preset, preset, [width, height], api_visibility="private")
         randomise.click(lambda: random.randrange(2**31), None, seed, api_visibility="private")
 
+        def on_leave(request: gr.Request) -> None:
+            visitor = _visitor(request)
+            stops.pop(visitor, None)
+            files.forget(visitor)
+
+        page.unload(_requesting(gr, on_leave))
+
         # The API for other programs (gradio_client): a job (YAML/JSON text) and its subjects' photos.
         api_job = gr.Textbox(visible=False)
         api_images = gr.File(file_count="multiple", visible=False)
         api_out = gr.File(file_count="multiple", visible=False)
 
-        def generate_job(job: str, images: list[str] | None) -> list[str]:
+        def generate_job(request: gr.Request, job: str, images: list[str] | None) -> list[str]:
             """Generate a job (YAML or JSON text, as a job file) on the server's models.
 
             Each subject's `image` names one of the uploaded `images` by file name. Returns the PNGs.
             """
-            import yaml
+            from msdiffusion.app.jobs import JobError, job_from_dict, parse_job_text, quote
 
+            visitor = _visitor(request)
             try:
-                data = yaml.safe_load(job)
-            except yaml.YAMLError as error:
-                raise gr.Error(f"job: not valid YAML/JSON: {error}") from None
-            if not isinstance(data, dict):
-                raise gr.Error("job: a mapping of fields (prompt, subjects, ...), as a job file.")
+                data = parse_job_text(job or "", "job")
+            except JobError as error:
+                raise gr.Error(str(error)) from None
             by_name = {Path(p).name: str(p) for p in images or []}
-            for i, subject in enumerate(data.get("subjects") or []):
-                if not isinstance(subject, dict):
+            subjects = data.get("subjects")
+            if isinstance(subjects, list) and len(subjects) > MAX_SUBJECTS:
+                raise gr.Error(f"job: subjects: {len(subjects)}; the page takes up to {MAX_SUBJECTS}.")
+            for i, subject in enumerate(subjects if isinstance(subjects, list) else []):
+                if not isinstance(subject, dict) or "image" not in subject:
                     continue
-                names = subject.get("image") if isinstance(subject.get("image"), list) else [subject.get("image")]
-                missing = [n for n in names if str(n) not in by_name]
+                names = subject["image"] if isinstance(subject["image"], list) else [subject["image"]]
+                missing = [n for n in names if not isinstance(n, str) or n not in by_name]
                 if missing:
-                    raise gr.Error(f"subjects[{i}].image: {missing} not among the uploaded images {sorted(by_name)}.")
-                subject["image"] = [by_name[str(n)] for n in names]
+                    raise gr.Error(
+                        f"subjects[{i}].image: {quote(missing)} not among the uploaded images {quote(sorted(by_name))}."
+                    )
+                subject["image"] = [by_name[n] for n in names]
             for name in ("controlnet", "output", "device", "dtype", "variant", "vae", "loras", "cpu_offload"):
                 data.pop(name, None)  # the server's models and how they run
-            from msdiffusion.app.jobs import JobError, job_from_dict
-
             try:
-                job_spec = job_from_dict(
+                spec = job_from_dict(
                     {
                         **data,
                         **{k: v for k, v in models.job_fields().items() if v is not None},
-                        "output": tempfile.mkdtemp(prefix="msdiff-api-"),
+                        "output": str(files.results(visitor)),
                     },
                     "job",
                 )
+                if spec.scheduler is not None:
+                    from msdiffusion.loading import check_scheduler_name
+
+                    check_scheduler_name(spec.scheduler)
+                slots = list(range(len(spec.subjects)))
+                check_limits(spec, slots, limits)
+                receive_photos(spec, slots, visitor, files, limits)
                 active = get_pipe()
-                check_before_work(job_spec, list(range(len(job_spec.subjects))), getattr(active, "tokenizer", None))
+                check_before_work(spec, slots, getattr(active, "tokenizer", None))
             except PageError as error:
-                raise gr.Error(f"subjects[{error.slot}]: {error}") from None
+                where = f"subjects[{error.slot}]: " if error.slot is not None else ""
+                raise gr.Error(f"job: {where}{error}") from None
             except JobError as error:
                 raise gr.Error(str(error)) from None
-            written = generate_files(job_spec, active)
+            try:
+                written = generate_files(spec, active, watch(page, visitor, limits, stops))
+            except Stopped as stopped:
+                raise gr.Error(f"job: {stopped}") from None
             return [str(p) for p in written if re.fullmatch(r"msdiff-\d+", p.stem)]
 
         gr.Button(visible=False).click(
-            generate_job,
+            _requesting(gr, generate_job),
             [api_job, api_images],
             api_out,
             api_name="generate_job",
             concurrency_id="generate",
             concurrency_limit=1,
         )
+    # The page's own starting files (Gradio's copies of the example photos) are never a visitor's to remove.
+    files.protected = {
+        str(Path(p).resolve()) for block in page.blocks.values() for p in getattr(block, "keep_in_cache", ())
+    }
+    page.visitor_files = files
+    page.page_limits = limits
     return page
 
 
-def launch(page, host: str = "127.0.0.1", port: int | None = None, **kwargs):
-    """Queue (one generation at a time) and serve the page."""
-    page.queue(default_concurrency_limit=1)
-    return page.launch(server_name=host, server_port=port, css=CSS, js=_canvas_js(), **kwargs)
+def launch(page, host: str = "127.0.0.1", port: int | None = None, auth: list[tuple[str, str]] | None = None, **kwargs):
+    """Queue (one generation at a time, `queue_size` waiting), sweep old files, and serve the page.
+
+    Every event goes through the queue (`api_open=False`), so that its limits hold for HTTP callers too.
+    """
+    limits = page.page_limits
+    page.queue(default_concurrency_limit=1, max_size=limits.queue_size, api_open=False)
+    page.visitor_files.start_sweeping()
+    return page.launch(
+        server_name=host,
+        server_port=port,
+        css=CSS,
+        js=_canvas_js(),
+        auth=auth,
+        auth_message="msdiff ui: log in with the user name and password the server was started with (--auth).",
+        max_file_size=limits.max_upload_bytes,
+        allowed_paths=[str(ASSETS)],  # the example photos an imported job may name
+        **kwargs,
+    )
 
 
 # ---- command -----------------------------------------------------------------------------------
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a positive {'whole ' if kind is int else ''}number, got {text!r}"
+            )
+        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def register(subparsers) -> None:
     ui = subparsers.add_parser(
         "ui",
         help="a web page: upload subjects, draw their boxes, generate (needs the ui extra)",
         description="Serve a Gradio page to draw subjects' boxes and generate. With no model options it serves "
-        'the world\'s trained models (what msdiff demo uses). Install with: pip install -e ".[ui]".',
+        'the world\'s trained models (what msdiff demo uses). Install with: pip install -e ".[ui]". Before '
+        "sharing it (--host 0.0.0.0), read README's 'Sharing the page'.",
     )
     ui.add_argument("job", nargs="?", help="job file whose models (and prompt, subjects, settings) start the page")
-    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    ui.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; give --auth with it)"
+    )
     ui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     models = ui.add_argument_group("models (as msdiff generate; default: the world's trained models)")
     models.add_argument("--base", help="SDXL: hub id, diffusers folder, single .safetensors file, or tiny-random")
@@ -708,7 +1291,115 @@ def register(subparsers) -> None:
     models.add_argument("--image-encoder", help="CLIP vision encoder: hub id or folder")
     models.add_argument("--device", help="cuda, mps or cpu (default: best available)")
     models.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    access = ui.add_argument_group("who may use it")
+    access.add_argument(
+        "--auth",
+        action="append",
+        metavar="USER:PASS",
+        help="ask for this login (repeat for more users); without it anyone who reaches the port uses the page",
+    )
+    access.add_argument(
+        "--auth-file", metavar="FILE", help="logins, one USER:PASS a line (keeps passwords out of the process list)"
+    )
+    limits = ui.add_argument_group("limits (what one visitor or API caller may ask of the server)")
+    default = PageLimits()
+    limits.add_argument(
+        "--max-size", type=_positive(int), default=default.max_size, metavar="PIXELS", help="largest width or height"
+    )
+    limits.add_argument("--max-steps", type=_positive(int), default=default.max_steps, metavar="N", help="most steps")
+    limits.add_argument(
+        "--max-images", type=_positive(int), default=default.max_images, metavar="N", help="most images per request"
+    )
+    limits.add_argument(
+        "--max-photos", type=_positive(int), default=default.max_photos, metavar="N", help="most photos of one subject"
+    )
+    limits.add_argument(
+        "--max-upload-mb",
+        type=_positive(float),
+        default=default.max_upload_mb,
+        metavar="MB",
+        help="largest file a visitor may upload",
+    )
+    limits.add_argument(
+        "--max-megapixels",
+        type=_positive(float),
+        default=default.max_megapixels,
+        metavar="MP",
+        help=f"largest photo, read from its header before decoding; photos are shrunk on receipt to {PHOTO_SIDE} "
+        "pixels a side",
+    )
+    limits.add_argument(
+        "--queue-size",
+        type=_positive(int),
+        default=default.queue_size,
+        metavar="N",
+        help="requests that may wait for the model; more are refused until one starts",
+    )
+    limits.add_argument(
+        "--job-seconds",
+        type=_positive(float),
+        default=default.job_seconds,
+        metavar="S",
+        help="a generation running longer is stopped (a generation also stops when its page is closed or Stop is "
+        "pressed)",
+    )
+    limits.add_argument(
+        "--keep-minutes",
+        type=_positive(float),
+        default=default.keep_minutes,
+        metavar="M",
+        help="a visitor's photos and results are removed when they leave, or this long after their last use",
+    )
     ui.set_defaults(func=run_ui)
+
+
+def limits_from_args(args) -> PageLimits:
+    return PageLimits(
+        **{name: getattr(args, name) for name in PageLimits.__dataclass_fields__ if getattr(args, name, None)}
+    )
+
+
+def read_auth(logins: list[str] | None, auth_file: str | None) -> list[tuple[str, str]] | None:
+    """The logins of `--auth USER:PASS` and `--auth-file` (one a line; blank and # lines skipped); None without any."""
+    entries = [("--auth", text) for text in logins or []]
+    if auth_file:
+        path = Path(auth_file)
+        if not path.is_file():
+            raise UserInputError(f"--auth-file: {auth_file!r} not found.")
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        entries += [
+            (f"--auth-file line {n}", line) for n, line in enumerate(lines, 1) if line and not line.startswith("#")
+        ]
+        if not entries:
+            raise UserInputError(f"--auth-file: {auth_file!r} holds no USER:PASS line.")
+    pairs = []
+    for where, text in entries:
+        user, colon, password = text.partition(":")
+        if not colon or not user.strip() or not password:
+            # The message never repeats the text: it may be a password.
+            raise UserInputError(f"{where}: expected USER:PASS (a user name, a colon, a password).")
+        pairs.append((user.strip(), password))
+    return pairs or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may be this machine's address on the network
+
+
+def sharing_warning(host: str, auth) -> str | None:
+    """The warning for a page bound beyond loopback without a login (None when there is none to give)."""
+    if is_loopback(host) or auth:
+        return None
+    return (
+        f"msdiff ui: warning: listening on {host} without --auth: anyone who can reach this machine's port can "
+        "use the page and its models. Give --auth USER:PASS (or --auth-file FILE); README: 'Sharing the page'."
+    )
 
 
 def models_from_args(args) -> PageModels:
@@ -724,9 +1415,14 @@ def models_from_args(args) -> PageModels:
         data.update({k: v for k, v in given.items() if v})
         defaults = {
             k: data[k]
-            for k in ("prompt", "negative_prompt", "size", "seed", "steps", "guidance", "scale", "images", "start_step")
+            for k in ("negative_prompt", "size", "seed", "steps", "guidance", "scale", "images", "start_step")
         }
         defaults["negative_prompt"] = defaults["negative_prompt"] or ""
+        # The job's subjects are the first visit's example: the server's operator chose to show these photos.
+        example = {
+            "prompt": job.prompt,
+            "subjects": [{"images": s.images, "phrase": s.phrase, "box": s.box} for s in job.subjects[:MAX_SUBJECTS]],
+        }
         return PageModels(
             data["base"],
             data["adapter"],
@@ -735,6 +1431,7 @@ def models_from_args(args) -> PageModels:
             args.device or data["device"],
             args.dtype or data["dtype"],
             defaults,
+            example,
         )
     if not any(given.values()):
         models = default_models()
@@ -757,12 +1454,26 @@ def run_ui(args) -> int:
         raise UserInputError('msdiff ui needs Gradio: pip install -e ".[ui]" (or pip install gradio).') from None
     from msdiffusion.loading import check_models, device_and_dtype, load_pipeline
 
+    auth = read_auth(args.auth, args.auth_file)
+    limits = limits_from_args(args)
+    warning = sharing_warning(args.host, auth)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     models = models_from_args(args)
     settings = models.model_settings()
     adapter = check_models(settings)
     device, dtype = device_and_dtype(models.device, models.dtype)
     print(f"msdiff ui: loading {models.base} + {models.adapter} + {models.image_encoder} on {device} ...", flush=True)
     pipe = load_pipeline(settings, device, dtype, adapter)
-    page = build_page(models, pipe)
-    launch(page, host=args.host, port=args.port)
+    page = build_page(models, pipe, limits)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # A service manager stops the server with SIGTERM: leave as on Ctrl-C, removing the visitors' files.
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        launch(page, host=args.host, port=args.port, auth=auth)
+    finally:
+        page.visitor_files.close()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
