@@ -5,6 +5,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "MSDiffusionXLPipeline": "pipelines",
     "MSDiffusionXLControlNetPipeline": "pipelines",
+    "MSDiffusionXLImg2ImgPipeline": "pipelines",
+    "MSDiffusionXLInpaintPipeline": "pipelines",
+    "MSDiffusionXLControlNetImg2ImgPipeline": "pipelines",
+    "MSDiffusionXLControlNetInpaintPipeline": "pipelines",
     "MSDiffusionPipelineOutput": "pipelines",
     "PreparedSubjects": "pipelines",
     "MSImageProjection": "adapter",

@@ -1,4 +1,4 @@
-"""Multi-subject cross-attention: each subject's image tokens act only inside its box.
+"""Multi-subject cross-attention: each subject's image tokens act only inside its box (or its region mask).
 
 Encoder hidden states are `[text tokens | dummy tokens | 16 tokens per subject]`. Every `attn2`
 of the UNet gets an `MSAttnProcessor`: ordinary attention over the text, plus an image branch
@@ -33,6 +33,7 @@ from .layout import (
     latent_grid,
     phrase_weights,
     regions_to_bias,
+    with_mask_regions,
 )
 
 
@@ -197,20 +198,28 @@ class MSAttentionState:
     def grid(self, sequence_length: int) -> tuple[int, int]:
         return self._cached(("grid", sequence_length), lambda: latent_grid(self.layout.latent_size, sequence_length))
 
+    def regions(self, h: int, w: int) -> torch.Tensor:
+        """(B, N, hw) bool: each subject's cells on an `h x w` grid, from its box or, where it has one,
+        its region mask; built once per grid size (on the CPU)."""
+        layout = self.layout
+        return self._cached(
+            ("regions", h, w), lambda: with_mask_regions(box_regions(layout.boxes, h, w), layout.masks, h, w)
+        )
+
     def box_masks(self, h: int, w: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bias (B,1,hw,T), inside (B,hw,1)) from the boxes, built once per grid size."""
+        """(bias (B,1,hw,T), inside (B,hw,1)) from the boxes and region masks, built once per grid size."""
         layout = self.layout
 
         def build():
-            regions = box_regions(layout.boxes, h, w)
+            regions = self.regions(h, w)
             bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, dtype)
             return bias.to(device), inside.to(device)
 
         return self._cached(("box", h, w, device, dtype), build)
 
     def image_masks(self, cells: int, device, dtype, grid: tuple[int, int] | None = None) -> tuple:
-        """(h, w, bias (B,1,hw,T), inside * scale (B,1,hw,1), box regions (B,N,hw) or None) for a
-        layer with `cells` query cells; the regions only with auto layout, which falls back to them.
+        """(h, w, bias (B,1,hw,T), inside * scale (B,1,hw,1), regions (B,N,hw) or None) for a layer with
+        `cells` query cells; the box (or mask) regions only with auto layout, which falls back to them.
 
         Built on activation for the processors' device and dtype; another device or dtype (model
         offloading, autocast) builds its own on first use.
@@ -221,7 +230,7 @@ class MSAttentionState:
             bias, inside = self.box_masks(h, w, device, dtype)
             regions = None
             if self.layout.mask_threshold is not None:
-                regions = box_regions(self.layout.boxes, h, w).to(device)
+                regions = self.regions(h, w).to(device)
             entry = (h, w, bias, (inside * self.image_scale(device, dtype))[:, None], regions)
             self._masks[cells] = entry
         return entry
@@ -405,9 +414,9 @@ class MSAttnProcessor(nn.Module):
             )
 
         # Built on activation: a dictionary lookup here. `inside` is 0 outside every box, else the scale.
-        h, w, bias, inside, boxes = state.image_masks(cells, query.device, query.dtype)
-        if boxes is not None:  # auto layout (a compiled UNet would specialise on `layout.mask_threshold`)
-            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w, boxes)
+        h, w, bias, inside, given = state.image_masks(cells, query.device, query.dtype)
+        if given is not None:  # auto layout (a compiled UNet would specialise on `layout.mask_threshold`)
+            regions = self._record_and_auto_layout(attn, query[cond], key[cond], h, w, given)
             bias, inside = regions_to_bias(regions, layout.tokens_per_subject, layout.num_dummy_tokens, query.dtype)
             inside = (inside * state.image_scale(query.device, query.dtype))[:, None]
 
@@ -442,9 +451,9 @@ class MSAttnProcessor(nn.Module):
         self._kv_cache = (state.generation, result) if state.static_image_tokens else None
         return result
 
-    def _record_and_auto_layout(self, attn, query, key, h: int, w: int, boxes: torch.Tensor) -> torch.Tensor:
-        """Record this step's phrase attention maps and return the (B, N, hw) regions to use: the
-        boxes until `start_step` maps are in, then the thresholded running mean of the maps.
+    def _record_and_auto_layout(self, attn, query, key, h: int, w: int, given: torch.Tensor) -> torch.Tensor:
+        """Record this step's phrase attention maps and return the (B, N, hw) regions to use: the given
+        ones (boxes, masks) until `start_step` maps are in, then the thresholded running mean of the maps.
 
         The step count is a tensor and the choice a `torch.where`, so a compiled UNet runs the same
         graph at every step (a Python counter would be a new constant, and a recompilation, per step).
@@ -462,7 +471,7 @@ class MSAttnProcessor(nn.Module):
         total.add_(maps)
         count.add_(1)
         threshold, start_step = state.auto_layout_settings(maps.device)
-        return torch.where(count >= start_step, auto_layout_regions(total / count, threshold), boxes)
+        return torch.where(count >= start_step, auto_layout_regions(total / count, threshold), given)
 
 
 class TextOnlyAttnProcessor:

@@ -1,4 +1,4 @@
-"""Layout: boxes -> per-layer cell masks, phrases -> token positions, attention maps -> auto layout.
+"""Layout: boxes and region masks -> per-layer cell masks, phrases -> token positions, attention maps -> auto layout.
 
 Everything here is plain tensor maths on one generation's inputs; the attention processors call it
 once per generation and grid size (see `attention.MSAttentionState`), never per layer call.
@@ -43,10 +43,25 @@ class SubjectLayout:
     start_step: int = 5
     tokens_per_subject: int = 16
     num_dummy_tokens: int = 4
+    # [b][j] -> an (H, W) bool region mask of any size that replaces box j's region, or None (the box's).
+    # Rows may be shorter than N (padding slots have no mask); None: boxes only.
+    masks: list[list[torch.Tensor | None]] | None = None
 
     def __post_init__(self) -> None:
         if self.boxes.ndim != 3 or self.boxes.shape[-1] != 4:
             raise ValueError(f"boxes must have shape (batch, subjects, 4), got {tuple(self.boxes.shape)}")
+        if self.masks is not None:
+            if len(self.masks) != self.boxes.shape[0] or any(len(row) > self.boxes.shape[1] for row in self.masks):
+                raise ValueError(
+                    f"masks must hold one row of at most {self.boxes.shape[1]} entries per sample "
+                    f"({self.boxes.shape[0]} samples), got {[len(row) for row in self.masks]}"
+                )
+            for row in self.masks:
+                for mask in row:
+                    if mask is not None and (mask.ndim != 2 or mask.dtype != torch.bool):
+                        raise ValueError(
+                            f"each mask must be an (H, W) bool tensor, got {mask.dtype} {tuple(mask.shape)}"
+                        )
         if self.subject_scales is not None and self.subject_scales.shape != self.boxes.shape[:2]:
             raise ValueError(
                 f"subject_scales must have shape {tuple(self.boxes.shape[:2])}, got {tuple(self.subject_scales.shape)}"
@@ -74,6 +89,7 @@ class SubjectLayout:
         if self.phrase_positions is not None:
             positions = [row for row in self.phrase_positions for _ in range(repeats)]
         scales = None if self.subject_scales is None else self.subject_scales.repeat_interleave(repeats, 0)
+        masks = None if self.masks is None else [row for row in self.masks for _ in range(repeats)]
         return SubjectLayout(
             boxes=self.boxes.repeat_interleave(repeats, 0),
             latent_size=self.latent_size,
@@ -84,6 +100,7 @@ class SubjectLayout:
             start_step=self.start_step,
             tokens_per_subject=self.tokens_per_subject,
             num_dummy_tokens=self.num_dummy_tokens,
+            masks=masks,
         )
 
 
@@ -117,6 +134,48 @@ def box_regions(boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
     rows = torch.arange(h, dtype=torch.float64).repeat_interleave(w)
     cols = torch.arange(w, dtype=torch.float64).repeat(h)
     return (cols >= x0) & (cols < x1) & (rows >= y0) & (rows < y1)
+
+
+def mask_regions(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(H, W) bool region mask of any size -> (h*w,) bool: the cells of an `h x w` grid its pixels touch.
+
+    The mask is stretched over the image like a box's fractions: pixel (r, c) spans the fractions
+    `[c/W, (c+1)/W) x [r/H, (r+1)/H)` and covers the cells `box_regions` gives that little box, in
+    the same float64 arithmetic. A rectangle of pixels thus covers exactly the cells of its box
+    `[c0/W, r0/H, c1/W, r1/H]`, and any shape covers the union of its pixels' cells.
+    """
+    mask = mask.detach().to("cpu", torch.bool)
+    rows = _pixel_cells(mask.shape[0], h).to(torch.float32)  # (H, h)
+    cols = _pixel_cells(mask.shape[1], w).to(torch.float32)  # (W, w)
+    # "Any pixel of the cell" as two products of counts: exact in float32 (a count is at most H or W).
+    per_row_cell = (rows.T @ mask.to(torch.float32)) > 0  # (h, W)
+    return ((per_row_cell.to(torch.float32) @ cols) > 0).reshape(-1)
+
+
+def _pixel_cells(pixels: int, cells: int) -> torch.Tensor:
+    """(pixels, cells) bool: pixel p of a `pixels`-long side covers cells `[floor(p/n*cells), ceil((p+1)/n*cells))`."""
+    edges = torch.arange(pixels + 1, dtype=torch.float64) / pixels
+    low = torch.floor(edges[:-1] * cells)[:, None]
+    high = torch.ceil(edges[1:] * cells)[:, None]
+    index = torch.arange(cells, dtype=torch.float64)
+    return (index >= low) & (index < high)
+
+
+def with_mask_regions(
+    regions: torch.Tensor, masks: list[list[torch.Tensor | None]] | None, h: int, w: int
+) -> torch.Tensor:
+    """(B, N, h*w) box regions with each masked subject's region replaced by its mask's cells."""
+    if masks is None or all(mask is None for row in masks for mask in row):
+        return regions
+    regions = regions.clone()
+    done: dict[int, torch.Tensor] = {}  # rows repeated for several images per prompt share their masks
+    for b, row in enumerate(masks):
+        for j, mask in enumerate(row):
+            if mask is not None:
+                if id(mask) not in done:
+                    done[id(mask)] = mask_regions(mask, h, w).to(regions.device)
+                regions[b, j] = done[id(mask)]
+    return regions
 
 
 def regions_to_bias(

@@ -1,9 +1,11 @@
-"""SDXL pipelines with subject inputs.
+"""SDXL pipelines with subject inputs: text-to-image, image-to-image and inpainting, each with or
+without ControlNet.
 
 The pipelines are diffusers' own SDXL pipelines with one extra step before denoising: the
 subjects are encoded into image tokens, appended to the prompt embeddings (zeros for the
 negative prompt), and the layout is handed to the attention processors for the duration of
-the call. Everything else (schedulers, callbacks, LoRA, offload, ControlNet) is diffusers'.
+the call. Everything else (schedulers, callbacks, LoRA, offload, ControlNet, strength, inpainting
+masks) is diffusers'. `from_pipe` turns one loaded pipeline into another without loading twice.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import contextlib
 import dataclasses
 import difflib
 import inspect
+import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -20,8 +24,27 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.controlnets import MultiControlNetModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from .adapter import (
     AdapterMismatchError,
@@ -150,6 +173,21 @@ class MSDiffusionMixin:
             pass
         return encoder, processor
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' `from_pipe`: a pipeline of this class on `pipeline`'s components, loading and copying
+        nothing. The adapter comes along (its projection and image encoder are components; its attention
+        processors live in the shared UNet), so one loaded SDXL serves every kind of generation.
+
+        Unlike diffusers, the models keep their dtype unless `dtype` is given: diffusers casts them to
+        float32, which, the models being shared, would cast `pipeline`'s own as well."""
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            unet = getattr(pipeline, "unet", None)
+            if unet is not None:
+                kwargs["dtype"] = unet.dtype
+        with _without_empty_float32_warning():
+            return super().from_pipe(pipeline, **kwargs)
+
     def unload_ms_adapter(self) -> None:
         """Restore plain SDXL attention and drop the adapter's modules."""
         detach_ms_attention(self.unet, getattr(self, "controlnet", None))
@@ -198,6 +236,7 @@ class MSDiffusionMixin:
         drop_grounding_tokens: bool = False,
         reference_size: int = REFERENCE_SQUARE_SIZE,
         reference_combine: str = "concat",
+        subject_masks: Any = None,
     ) -> PreparedSubjects:
         """Encode subjects once for several generations (`pipe(..., prepared_subjects=...)`).
 
@@ -206,7 +245,7 @@ class MSDiffusionMixin:
         with the list-of-lists forms that `__call__` accepts for a list of prompts."""
         batched = num_prompts is not None
         subjects = build_subjects(
-            num_prompts or 1, subject_images, subject_phrases, subject_boxes, subject_scales, batched
+            num_prompts or 1, subject_images, subject_phrases, subject_boxes, subject_scales, batched, subject_masks
         )
         tokens = self.encode_subjects(
             subjects, self._execution_device, drop_grounding_tokens, reference_size, reference_combine
@@ -268,7 +307,8 @@ class MSDiffusionMixin:
         start_step: int,
         phrase_matching: str = "tokens",
     ) -> SubjectLayout:
-        """The layout the attention processors use, one row per prompt."""
+        """The layout the attention processors use, one row per prompt: subjects act in their region
+        masks where they have one (polygons rasterised at `height x width`), else in their boxes."""
         num_subjects = max(len(row) for row in subjects)
         boxes = torch.zeros(len(subjects), num_subjects, 4, dtype=torch.float64)
         scales = None
@@ -286,6 +326,7 @@ class MSDiffusionMixin:
                 boxes[b, j] = torch.tensor(subject.box, dtype=torch.float64)
                 if scales is not None:
                     scales[b, j] = ms_scale if subject.scale is None else subject.scale
+        masks = _region_masks(subjects, height, width)
         if mask_threshold is None and not boxes.any():
             warnings.warn(
                 "No subject has a box and auto layout is off, so the subjects cannot affect the image: "
@@ -300,6 +341,7 @@ class MSDiffusionMixin:
             phrase_positions=positions,
             mask_threshold=mask_threshold,
             start_step=start_step,
+            masks=masks,
         )
 
     def _generate(
@@ -321,11 +363,15 @@ class MSDiffusionMixin:
         tokens_in_prompt_embeds: bool = False,
         prepared_subjects: PreparedSubjects | None = None,
         processors: list[MSAttnProcessor] | None = None,
+        subject_masks: Any = None,
+        output_size: tuple[int, int] | None = None,
     ) -> MSDiffusionPipelineOutput | tuple:
         """The subject-aware call around the parent pipeline's `__call__`. The UNet gets the text
         embeddings alone, as bare SDXL does, and its processors the subjects' keys/values projected
         once per generation; `tokens_in_prompt_embeds` appends the subject tokens to the embeddings
-        too, for ControlNets that attend over them."""
+        too, for ControlNets that attend over them. `output_size` (height, width) is the size of a
+        parent that takes no `height`/`width` (image-to-image: its input picture's); else they are
+        read from `kwargs`."""
         _reject_unknown_arguments(self, parent_call, kwargs)
         return_dict = kwargs.pop("return_dict", True)
         processors = _ms_processors(self.unet) if processors is None else processors
@@ -338,16 +384,17 @@ class MSDiffusionMixin:
                     ("subject_phrases", subject_phrases),
                     ("subject_boxes", subject_boxes),
                     ("subject_scales", subject_scales),
+                    ("subject_masks", subject_masks),
                 )
                 if value is not None
             ]
             if given:
                 raise ValueError(
                     f"Give either prepared_subjects or {', '.join(given)}, not both: prepared subjects carry their "
-                    "references, phrases, boxes and scales (prepare again to change them)."
+                    "references, phrases, boxes, masks and scales (prepare again to change them)."
                 )
             _check_prepared_settings(prepared_subjects, drop_grounding_tokens, reference_size, reference_combine)
-        elif subject_images is None and subject_phrases is None and subject_boxes is None:
+        elif subject_images is None and subject_phrases is None and subject_boxes is None and subject_masks is None:
             output = parent_call(self, prompt=prompt, **kwargs)  # plain SDXL: no layout is active
             return output if return_dict else (output.images,)
         if state is None:
@@ -366,13 +413,17 @@ class MSDiffusionMixin:
             subjects, image_tokens = prepared_subjects.for_prompts(len(prompts))
         else:
             subjects = build_subjects(
-                len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched
+                len(prompts), subject_images, subject_phrases, subject_boxes, subject_scales, batched, subject_masks
             )
             image_tokens = None
 
         device = self._execution_device
-        height = kwargs.pop("height", None) or self.default_sample_size * self.vae_scale_factor
-        width = kwargs.pop("width", None) or self.default_sample_size * self.vae_scale_factor
+        if output_size is None:
+            height = kwargs.pop("height", None) or self.default_sample_size * self.vae_scale_factor
+            width = kwargs.pop("width", None) or self.default_sample_size * self.vae_scale_factor
+            kwargs.update(height=height, width=width)
+        else:
+            height, width = output_size
         guidance_scale = kwargs.get("guidance_scale")
         do_cfg = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
         cross_attention_kwargs = kwargs.get("cross_attention_kwargs") or {}
@@ -419,14 +470,66 @@ class MSDiffusionMixin:
                 negative_prompt_embeds=negative_embeds,
                 pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=negative_pooled,
-                height=height,
-                width=width,
                 **kwargs,
             )
         maps = state.auto_layout_maps() if mask_threshold is not None else None
         if not return_dict:
             return (output.images,)
         return MSDiffusionPipelineOutput(images=output.images, auto_layout_maps=maps)
+
+
+@contextlib.contextmanager
+def _without_empty_float32_warning() -> Iterator[None]:
+    """diffusers 0.42's `ModelMixin.to` warns at every dtype cast that "modules should be kept in float32: []",
+    naming none; `from_pipe` casts every model (to the dtype they have, here). Only that empty warning is dropped."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _bind_controlnet_processors(pipeline, controlnet_image_tokens: bool) -> list[MSAttnProcessor]:
+    """The UNet's subject-aware processors, after giving the ControlNet(s) theirs: text only, or (as the
+    released inference_controlnet.py runs) plain attention over the subject tokens too. Set at every call:
+    the option may change between calls, and the ControlNet may have been swapped."""
+    processors = _ms_processors(pipeline.unet)
+    state = processors[0].state if processors else None
+    if controlnet_image_tokens:
+        attach_full_attention(pipeline.controlnet)
+    elif state is not None:
+        attach_text_only(pipeline.controlnet, state)
+    return processors
+
+
+def _picture_size(pipeline, image: Any, height: int | None, width: int | None) -> tuple[Any, tuple[int, int]]:
+    """The picture(s) to start from and the output's (height, width): the picture's size rounded down to a
+    multiple of 8, as diffusers' preprocessing makes it, unless `height` / `width` say otherwise (the picture
+    is then resized to them here, since diffusers' image-to-image pipeline takes no size)."""
+    if image is None:
+        raise ValueError(
+            "`image` is required: the picture (PIL image, array or tensor, or a list of them) to start from."
+        )
+    factor = pipeline.vae_scale_factor
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value <= 0 or value % factor):
+            raise ValueError(f"{name} must be a positive multiple of {factor}, got {value}.")
+    pixels = pipeline.image_processor.preprocess(image, height=height, width=width)
+    if pixels.shape[1] == pipeline.vae.config.latent_channels:  # latents given as the picture
+        size = (pixels.shape[-2] * factor, pixels.shape[-1] * factor)
+        if (height or size[0], width or size[1]) != size:
+            raise ValueError(f"`image` holds latents of a {size[1]}x{size[0]} picture: they cannot be resized.")
+        return image, size
+    size = (pixels.shape[-2], pixels.shape[-1])
+    if height is None and width is None:
+        return image, size  # diffusers resizes it exactly so
+    # diffusers reads tensors in [0, 1] (and normalises them itself)
+    return ((pixels.to(torch.float32) + 1) / 2).clamp(0, 1), size
 
 
 # diffusers still accepts these through the `**kwargs` of its `__call__`, with a deprecation warning.
@@ -472,6 +575,35 @@ def _check_prepared_settings(
             )
 
 
+def _region_masks(subjects: list[list[Subject]], height: int, width: int) -> list[list[torch.Tensor | None]] | None:
+    """Each subject's region mask for a `height x width` output (None: its box), or None without any mask."""
+    if all(s.mask is None for row in subjects for s in row):
+        return None
+    masks = []
+    for b, row in enumerate(subjects):
+        masks.append([])
+        for j, subject in enumerate(row):
+            mask = subject.region_mask(height, width)
+            if mask is not None and not mask.any():  # a polygon thinner than a pixel at this size
+                raise ValueError(
+                    f"subject {j} ({subject.phrase!r}): its polygon covers no pixel centre of the {width}x{height} "
+                    "output; make it larger."
+                )
+            if isinstance(subject.mask, torch.Tensor) and not _same_aspect(mask.shape, (height, width)):
+                warnings.warn(
+                    f"subject {j} ({subject.phrase!r}): its {mask.shape[1]}x{mask.shape[0]} mask is stretched over the "
+                    f"{width}x{height} output (a mask, like a box, is fractions of the image): give a mask of the "
+                    "output's shape if the region should keep its proportions.",
+                    stacklevel=4,
+                )
+            masks[b].append(mask)
+    return masks
+
+
+def _same_aspect(shape: tuple[int, int], size: tuple[int, int], tolerance: float = 0.02) -> bool:
+    return abs((shape[1] / shape[0]) / (size[1] / size[0]) - 1) <= tolerance
+
+
 def _ms_processors(unet) -> list[MSAttnProcessor]:
     """The UNet's subject-aware processors, found in one walk of its modules (a generation needs them
     once: each walk of SDXL's 2,140 modules costs milliseconds of host time)."""
@@ -491,6 +623,11 @@ _SUBJECT_DOC = """
                 the same subject). With a list of prompts, one such list per prompt, or one list shared by all.
             subject_phrases: the words naming each subject in the prompt, e.g. ["dog", "cat"].
             subject_boxes: `[x0, y0, x1, y1]` per subject, fractions of the output image; all zeros = no box.
+            subject_masks: optional region of any shape per subject (None = its box): a mask image, array or
+                tensor of any size (white = the region; stretched over the output like a box's fractions), or a
+                polygon as a list of (x, y) fractions. The subject's tokens then act only in it, at every UNet
+                resolution; the grounding resampler reads the box given, else the mask's bounding box. The released
+                weights were trained with boxes: see docs/img2img-inpainting.md.
             subject_scales: optional per-subject strength (replaces `ms_scale` for the subjects given one).
             ms_scale: strength of the subject tokens (0.6 released default; ~0.4 for background-like subjects).
             drop_grounding_tokens: use the learned grounding latents instead of phrase+box ones.
@@ -515,15 +652,15 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        text_encoder_2,
-        tokenizer,
-        tokenizer_2,
-        unet,
-        scheduler,
-        image_encoder=None,
-        feature_extractor=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
         ms_image_projection: MSImageProjection | None = None,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
@@ -551,6 +688,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
         subject_phrases: Any = None,
         subject_boxes: Any = None,
         subject_scales: Any = None,
+        subject_masks: Any = None,
         ms_scale: float = 0.6,
         drop_grounding_tokens: bool = False,
         mask_threshold: float | None = None,
@@ -580,6 +718,7 @@ class MSDiffusionXLPipeline(MSDiffusionMixin, StableDiffusionXLPipeline):
             reference_combine,
             kwargs,
             prepared_subjects=prepared_subjects,
+            subject_masks=subject_masks,
         )
 
     __call__.__doc__ = "Generate images with subjects in their boxes." + _SUBJECT_DOC
@@ -598,18 +737,18 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        text_encoder_2,
-        tokenizer,
-        tokenizer_2,
-        unet,
-        controlnet,
-        scheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = None,
-        feature_extractor=None,
-        image_encoder=None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
         ms_image_projection: MSImageProjection | None = None,
     ):
         super().__init__(
@@ -638,6 +777,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         subject_phrases: Any = None,
         subject_boxes: Any = None,
         subject_scales: Any = None,
+        subject_masks: Any = None,
         ms_scale: float = 0.6,
         drop_grounding_tokens: bool = False,
         mask_threshold: float | None = None,
@@ -650,13 +790,7 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
         guidance_scale: float = 7.5,
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
-        processors = _ms_processors(self.unet)
-        state = processors[0].state if processors else None
-        # set on every call: the option may change between calls, the ControlNet may have been swapped
-        if controlnet_image_tokens:
-            attach_full_attention(self.controlnet)
-        elif state is not None:
-            attach_text_only(self.controlnet, state)
+        processors = _bind_controlnet_processors(self, controlnet_image_tokens)
         kwargs.update(image=image, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
         return self._generate(
             StableDiffusionXLControlNetPipeline.__call__,
@@ -676,10 +810,478 @@ class MSDiffusionXLControlNetPipeline(MSDiffusionMixin, StableDiffusionXLControl
             tokens_in_prompt_embeds=controlnet_image_tokens,
             prepared_subjects=prepared_subjects,
             processors=processors,
+            subject_masks=subject_masks,
         )
 
     __call__.__doc__ = (
         "Generate images with subjects in their boxes, guided by ControlNet `image`(s).\n\n"
         "        controlnet_image_tokens: let the ControlNet attend over the subject tokens as well as the text, as the\n"
         "            released inference_controlnet.py does (default False: text tokens only)." + _SUBJECT_DOC
+    )
+
+
+_CONTROLNET_DOC = """
+        control_image: the ControlNet condition(s) (one per ControlNet), resized to the output size.
+        controlnet_image_tokens: let the ControlNet attend over the subject tokens as well as the text, as the
+            released inference_controlnet.py does (default False: text tokens only)."""
+
+
+class MSDiffusionXLImg2ImgPipeline(MSDiffusionMixin, StableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image with MS-Diffusion subjects: `image` is noised to `strength` and denoised with
+    the prompt and the subjects in their boxes or masks. Build it with `from_pretrained` and
+    `load_ms_adapter`, or from a loaded pipeline with `MSDiffusionXLImg2ImgPipeline.from_pipe(pipe)`."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
+    _optional_components = [*StableDiffusionXLImg2ImgPipeline._optional_components, "ms_image_projection"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        ms_image_projection: MSImageProjection | None = None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            requires_aesthetics_score=requires_aesthetics_score,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.register_modules(ms_image_projection=ms_image_projection)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        strength: float = 0.3,
+        height: int | None = None,
+        width: int | None = None,
+        subject_images: Any = None,
+        subject_phrases: Any = None,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        subject_masks: Any = None,
+        ms_scale: float = 0.6,
+        drop_grounding_tokens: bool = False,
+        mask_threshold: float | None = None,
+        start_step: int = 5,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        phrase_matching: str = "tokens",
+        reference_combine: str = "concat",
+        prepared_subjects: PreparedSubjects | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        **kwargs,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        _check_strength_steps(strength, num_inference_steps, kwargs)
+        image, size = _picture_size(self, image, height, width)
+        kwargs.update(
+            image=image, strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
+        )
+        return self._generate(
+            StableDiffusionXLImg2ImgPipeline.__call__,
+            prompt,
+            subject_images,
+            subject_phrases,
+            subject_boxes,
+            subject_scales,
+            ms_scale,
+            drop_grounding_tokens,
+            mask_threshold,
+            start_step,
+            reference_size,
+            phrase_matching,
+            reference_combine,
+            kwargs,
+            prepared_subjects=prepared_subjects,
+            subject_masks=subject_masks,
+            output_size=size,
+        )
+
+    __call__.__doc__ = (
+        "Redraw `image` with the prompt and subjects in their boxes or masks.\n\n"
+        "        image: the picture(s) to start from (one, or one per prompt); the output takes its size, rounded down\n"
+        "            to a multiple of 8, unless `height` / `width` are given (the picture is then resized to them).\n"
+        "        strength: how far the picture is noised (0: kept, 1: drawn anew). A subject needs enough of it to be\n"
+        "            drawn; its region changes most (see docs/img2img-inpainting.md)." + _SUBJECT_DOC
+    )
+
+
+class MSDiffusionXLInpaintPipeline(MSDiffusionMixin, StableDiffusionXLInpaintPipeline):
+    """SDXL inpainting with MS-Diffusion subjects: the white part of `mask_image` is repainted with the
+    prompt and the subjects in their boxes or masks. Works with a plain SDXL UNet (4 input channels)
+    and with an inpainting one (9), like diffusers' pipeline. Build it with `from_pretrained` and
+    `load_ms_adapter`, or from a loaded pipeline with `MSDiffusionXLInpaintPipeline.from_pipe(pipe)`."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
+    _optional_components = [*StableDiffusionXLInpaintPipeline._optional_components, "ms_image_projection"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        ms_image_projection: MSImageProjection | None = None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            requires_aesthetics_score=requires_aesthetics_score,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.register_modules(ms_image_projection=ms_image_projection)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        strength: float = 0.9999,
+        height: int | None = None,
+        width: int | None = None,
+        subject_images: Any = None,
+        subject_phrases: Any = None,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        subject_masks: Any = None,
+        ms_scale: float = 0.6,
+        drop_grounding_tokens: bool = False,
+        mask_threshold: float | None = None,
+        start_step: int = 5,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        phrase_matching: str = "tokens",
+        reference_combine: str = "concat",
+        prepared_subjects: PreparedSubjects | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        **kwargs,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        _refuse_crop_with_subjects(kwargs, subject_images, prepared_subjects)
+        if mask_image is None:
+            raise ValueError("`mask_image` is required: white where the picture is repainted, black where it is kept.")
+        _check_strength_steps(strength, num_inference_steps, kwargs)
+        _, (height, width) = _picture_size(self, image, height, width)  # diffusers resizes image and mask itself
+        kwargs.update(
+            image=image,
+            mask_image=mask_image,
+            strength=strength,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+        return self._generate(
+            StableDiffusionXLInpaintPipeline.__call__,
+            prompt,
+            subject_images,
+            subject_phrases,
+            subject_boxes,
+            subject_scales,
+            ms_scale,
+            drop_grounding_tokens,
+            mask_threshold,
+            start_step,
+            reference_size,
+            phrase_matching,
+            reference_combine,
+            kwargs,
+            prepared_subjects=prepared_subjects,
+            subject_masks=subject_masks,
+        )
+
+    __call__.__doc__ = (
+        "Repaint the white part of `mask_image` in `image` with the prompt and subjects in their boxes or masks.\n\n"
+        "        image, mask_image: the picture(s) and what to repaint (white) or keep (black); the output takes the\n"
+        "            picture's size, rounded down to a multiple of 8, unless `height` / `width` are given.\n"
+        "        strength: how far the repainted part is noised (diffusers' default 0.9999: drawn anew).\n"
+        "        Subjects are placed by their boxes/masks (fractions of the output), independently of `mask_image`:\n"
+        "        put them inside the repainted part. `padding_mask_crop` is refused with subjects." + _SUBJECT_DOC
+    )
+
+
+def _check_strength_steps(strength: float, num_inference_steps: int, kwargs: dict) -> None:
+    """diffusers runs `int(num_inference_steps * strength)` steps; at zero it fails deep in the UNet with
+    an empty batch. Said here instead (custom timesteps, sigmas and denoising_start count otherwise)."""
+    if any(kwargs.get(name) is not None for name in ("timesteps", "sigmas", "denoising_start")):
+        return
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must be in [0, 1], got {strength}.")
+    if int(num_inference_steps * strength) < 1:
+        raise ValueError(
+            f"strength={strength} of num_inference_steps={num_inference_steps} leaves no denoising step "
+            f"(diffusers runs int(steps * strength)): raise num_inference_steps to at least {math.ceil(1 / strength) if strength else 'any'} "
+            "or raise strength."
+        )
+
+
+def _refuse_crop_with_subjects(kwargs: dict, subject_images: Any, prepared_subjects: Any) -> None:
+    """diffusers' `padding_mask_crop` repaints a crop around the mask, resized to the output size: boxes and
+    masks, fractions of the whole picture, would land elsewhere."""
+    if kwargs.get("padding_mask_crop") is not None and (subject_images is not None or prepared_subjects is not None):
+        raise ValueError(
+            "padding_mask_crop cannot be used with subjects: their boxes and masks are fractions of the whole picture, "
+            "but the crop is generated alone. Leave padding_mask_crop=None."
+        )
+
+
+class MSDiffusionXLControlNetImg2ImgPipeline(MSDiffusionMixin, StableDiffusionXLControlNetImg2ImgPipeline):
+    """SDXL image-to-image + ControlNet (one or several) with MS-Diffusion subjects; ControlNets see
+    the text tokens only unless `controlnet_image_tokens=True` (see `MSDiffusionXLControlNetPipeline`)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
+    _optional_components = [*StableDiffusionXLControlNetImg2ImgPipeline._optional_components, "ms_image_projection"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        ms_image_projection: MSImageProjection | None = None,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            controlnet,
+            scheduler,
+            requires_aesthetics_score=requires_aesthetics_score,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_modules(ms_image_projection=ms_image_projection)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        control_image: Any = None,
+        strength: float = 0.8,
+        height: int | None = None,
+        width: int | None = None,
+        controlnet_image_tokens: bool = False,
+        subject_images: Any = None,
+        subject_phrases: Any = None,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        subject_masks: Any = None,
+        ms_scale: float = 0.6,
+        drop_grounding_tokens: bool = False,
+        mask_threshold: float | None = None,
+        start_step: int = 5,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        phrase_matching: str = "tokens",
+        reference_combine: str = "concat",
+        prepared_subjects: PreparedSubjects | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        **kwargs,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        _check_strength_steps(strength, num_inference_steps, kwargs)
+        processors = _bind_controlnet_processors(self, controlnet_image_tokens)
+        _, (height, width) = _picture_size(self, image, height, width)  # diffusers resizes both pictures itself
+        kwargs.update(
+            image=image,
+            control_image=control_image,
+            strength=strength,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+        return self._generate(
+            StableDiffusionXLControlNetImg2ImgPipeline.__call__,
+            prompt,
+            subject_images,
+            subject_phrases,
+            subject_boxes,
+            subject_scales,
+            ms_scale,
+            drop_grounding_tokens,
+            mask_threshold,
+            start_step,
+            reference_size,
+            phrase_matching,
+            reference_combine,
+            kwargs,
+            tokens_in_prompt_embeds=controlnet_image_tokens,
+            prepared_subjects=prepared_subjects,
+            processors=processors,
+            subject_masks=subject_masks,
+        )
+
+    __call__.__doc__ = (
+        "Redraw `image` with the prompt and subjects in their boxes or masks, guided by ControlNet `control_image`(s).\n\n"
+        "        image: the picture(s) to start from; the output takes its size (rounded down to a multiple of 8) unless\n"
+        "            `height` / `width` are given.\n"
+        "        strength: how far the picture is noised (diffusers' default for this pipeline: 0.8)."
+        + _CONTROLNET_DOC
+        + _SUBJECT_DOC
+    )
+
+
+class MSDiffusionXLControlNetInpaintPipeline(MSDiffusionMixin, StableDiffusionXLControlNetInpaintPipeline):
+    """SDXL inpainting + ControlNet (one or several) with MS-Diffusion subjects (4- or 9-channel UNets);
+    ControlNets see the text tokens only unless `controlnet_image_tokens=True`."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->ms_image_projection->unet->vae"
+    _optional_components = [*StableDiffusionXLControlNetInpaintPipeline._optional_components, "ms_image_projection"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        ms_image_projection: MSImageProjection | None = None,
+    ):
+        super().__init__(
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2,
+            unet,
+            controlnet,
+            scheduler,
+            requires_aesthetics_score=requires_aesthetics_score,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.register_modules(ms_image_projection=ms_image_projection)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: Any = None,
+        mask_image: Any = None,
+        control_image: Any = None,
+        strength: float = 0.9999,
+        height: int | None = None,
+        width: int | None = None,
+        controlnet_image_tokens: bool = False,
+        subject_images: Any = None,
+        subject_phrases: Any = None,
+        subject_boxes: Any = None,
+        subject_scales: Any = None,
+        subject_masks: Any = None,
+        ms_scale: float = 0.6,
+        drop_grounding_tokens: bool = False,
+        mask_threshold: float | None = None,
+        start_step: int = 5,
+        reference_size: int = REFERENCE_SQUARE_SIZE,
+        phrase_matching: str = "tokens",
+        reference_combine: str = "concat",
+        prepared_subjects: PreparedSubjects | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        **kwargs,
+    ) -> MSDiffusionPipelineOutput | tuple:
+        _refuse_crop_with_subjects(kwargs, subject_images, prepared_subjects)
+        if mask_image is None:
+            raise ValueError("`mask_image` is required: white where the picture is repainted, black where it is kept.")
+        _check_strength_steps(strength, num_inference_steps, kwargs)
+        processors = _bind_controlnet_processors(self, controlnet_image_tokens)
+        _, (height, width) = _picture_size(self, image, height, width)
+        kwargs.update(
+            image=image,
+            mask_image=mask_image,
+            control_image=control_image,
+            strength=strength,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        )
+        return self._generate(
+            StableDiffusionXLControlNetInpaintPipeline.__call__,
+            prompt,
+            subject_images,
+            subject_phrases,
+            subject_boxes,
+            subject_scales,
+            ms_scale,
+            drop_grounding_tokens,
+            mask_threshold,
+            start_step,
+            reference_size,
+            phrase_matching,
+            reference_combine,
+            kwargs,
+            tokens_in_prompt_embeds=controlnet_image_tokens,
+            prepared_subjects=prepared_subjects,
+            processors=processors,
+            subject_masks=subject_masks,
+        )
+
+    __call__.__doc__ = (
+        "Repaint the white part of `mask_image` in `image` with the prompt and subjects, guided by ControlNet "
+        "`control_image`(s).\n\n"
+        "        image, mask_image: the picture(s) and what to repaint (white); the output takes the picture's size\n"
+        "            unless `height` / `width` are given. `padding_mask_crop` is refused with subjects."
+        + _CONTROLNET_DOC
+        + _SUBJECT_DOC
     )

@@ -1,7 +1,8 @@
-"""Subject inputs: reading reference images, checking boxes, and CLIP reference preprocessing.
+"""Subject inputs: reading reference images, checking boxes and region masks, and CLIP reference preprocessing.
 
 A *subject* is one thing to draw: one or more reference images of it, the phrase that names it in
-the prompt, a box in the output image, and optionally its own scale.
+the prompt, a box in the output image, optionally a region mask of any shape (which then confines
+it in place of the box), and optionally its own scale.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -18,6 +19,10 @@ import torch
 
 ImageInput = Union[PIL.Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
 Box = tuple[float, float, float, float]
+# A subject's region of any shape: a mask (white = the region) of any size, stretched over the output
+# image like a box's fractions, or a polygon of (x, y) fractions of the output image.
+Polygon = tuple[tuple[float, float], ...]
+MaskInput = Union[ImageInput, Sequence[Sequence[float]]]
 
 # The released weights were trained with at most this many subjects per image.
 TRAINED_MAX_SUBJECTS = 4
@@ -29,12 +34,22 @@ REFERENCE_SQUARE_SIZE = 512
 class Subject:
     images: list[PIL.Image.Image]
     phrase: str
-    box: Box = (0.0, 0.0, 0.0, 0.0)
+    box: Box = (0.0, 0.0, 0.0, 0.0)  # what the grounding resampler reads; the region too, unless a mask is given
     scale: float | None = None
+    # The region the subject's tokens act in, in place of the box: an (H, W) bool tensor of any size,
+    # or a polygon (rasterised at the output size by `region_mask`). Not compared: tensors have no `==`.
+    mask: torch.Tensor | Polygon | None = field(default=None, compare=False)
 
     @property
     def has_box(self) -> bool:
         return any(self.box)
+
+    def region_mask(self, height: int, width: int) -> torch.Tensor | None:
+        """The subject's region mask as an (H, W) bool tensor (a polygon rasterised at `height x width`),
+        or None when the box is its region."""
+        if self.mask is None or isinstance(self.mask, torch.Tensor):
+            return self.mask
+        return rasterise_polygon(self.mask, height, width)
 
 
 # What opening an image file can raise when the file is not a readable image. DecompressionBombError
@@ -100,6 +115,110 @@ def check_box(box: Any, what: str = "box") -> Box:
     return values  # type: ignore[return-value]
 
 
+def check_mask(mask: Any, what: str = "mask") -> torch.Tensor | Polygon:
+    """A subject's region: an image, array or tensor of any size (white, i.e. >= 50% grey, is the
+    region) -> an (H, W) bool tensor; a polygon of (x, y) fractions -> a tuple of points."""
+    if _is_polygon(mask):
+        return check_polygon(mask, what)
+    if isinstance(mask, (str, os.PathLike)):
+        mask = load_image(mask, what)
+    if isinstance(mask, PIL.Image.Image):
+        region = torch.from_numpy(np.asarray(mask.convert("L")) >= 128)
+    elif isinstance(mask, (np.ndarray, torch.Tensor)):
+        if isinstance(mask, torch.Tensor):  # numpy has no bfloat16: floating tensors are read in float32
+            mask = mask.detach().cpu()
+            array = (mask.float() if mask.is_floating_point() else mask).numpy()
+        else:
+            array = np.asarray(mask)
+        array = np.squeeze(array) if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]) else array
+        if array.ndim == 3 and array.shape[-1] in (3, 4):  # a colour picture: its grey level, as PIL gives it
+            return check_mask(load_image(array, what), what)
+        if array.ndim != 2:
+            raise ValueError(f"{what}: expected an HxW mask (or HxWx1, 1xHxW, HxWx3), got shape {tuple(array.shape)}.")
+        if array.dtype == np.bool_:
+            region = torch.from_numpy(array.copy())
+        elif array.dtype == np.uint8:
+            region = torch.from_numpy(array >= 128)
+        else:
+            dtype, array = array.dtype, array.astype(np.float64)
+            if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+                raise ValueError(
+                    f"{what}: a {dtype} mask must hold values in [0, 1] (1 = the region; uint8 masks 0 to 255), "
+                    f"got [{array.min()}, {array.max()}]."
+                )
+            region = torch.from_numpy(array >= 0.5)
+    else:
+        raise TypeError(
+            f"{what}: expected a mask image (PIL image, path, numpy array or tensor; white = the region) or a polygon "
+            f"as a list of (x, y) fractions, got {type(mask).__name__}."
+        )
+    if not region.any():
+        raise ValueError(
+            f"{what}: the mask is empty (no pixel is white). Give a mask whose region is white, or None to use the box."
+        )
+    return region
+
+
+def _is_polygon(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(point, (list, tuple)) for point in value)
+
+
+def check_polygon(points: Any, what: str = "polygon") -> Polygon:
+    """Validate a polygon: three or more (x, y) fractions of the output image, enclosing some area."""
+    try:
+        polygon = tuple((float(x), float(y)) for x, y in points)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: a polygon is a list of (x, y) pairs of numbers, got {points!r}.") from None
+    if len(polygon) < 3:
+        raise ValueError(f"{what}: a polygon needs at least 3 points, got {len(polygon)}.")
+    values = [v for point in polygon for v in point]
+    if not all(math.isfinite(v) for v in values) or min(values) < 0 or max(values) > 1:
+        raise ValueError(
+            f"{what}: polygon points are (x, y) fractions of the output image in [0, 1], got {[list(p) for p in polygon]}."
+        )
+    area = sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(polygon, polygon[1:] + polygon[:1])) / 2
+    if area == 0:
+        raise ValueError(f"{what}: the polygon encloses no area (its points lie on one line).")
+    return polygon
+
+
+def rasterise_polygon(polygon: Sequence[Sequence[float]], height: int, width: int) -> torch.Tensor:
+    """(height, width) bool mask of the pixels whose centres lie inside `polygon` (even-odd rule), so
+    that a rectangle on pixel edges covers exactly its pixels."""
+    xs = np.array([p[0] for p in polygon], dtype=np.float64) * width
+    ys = np.array([p[1] for p in polygon], dtype=np.float64) * height
+    x0, y0, x1, y1 = xs, ys, np.roll(xs, -1), np.roll(ys, -1)
+    centres = np.arange(height, dtype=np.float64)[:, None] + 0.5
+    # An edge crosses a row when the row's centre is in [low, high) of its ends: a vertex counts once.
+    crosses = (centres >= np.minimum(y0, y1)) & (centres < np.maximum(y0, y1))  # (H, edges)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        at = np.where(crosses, x0 + (centres - y0) / (y1 - y0) * (x1 - x0), np.inf)
+    at.sort(axis=1)
+    mask = np.zeros((height, width), dtype=bool)
+    for row, xs_row in enumerate(at):
+        xs_row = xs_row[np.isfinite(xs_row)]
+        for start, stop in zip(xs_row[::2], xs_row[1::2]):  # pixel c is inside when start <= c + 0.5 < stop
+            mask[row, max(0, math.ceil(start - 0.5)) : max(0, math.ceil(stop - 0.5))] = True
+    return torch.from_numpy(mask)
+
+
+def mask_bounding_box(mask: torch.Tensor | Polygon) -> Box:
+    """The box `[x0, y0, x1, y1]` (fractions) around a region mask's pixels, or around a polygon's points."""
+    if not isinstance(mask, torch.Tensor):
+        xs, ys = [p[0] for p in mask], [p[1] for p in mask]
+        return (min(xs), min(ys), max(xs), max(ys))
+    height, width = mask.shape
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    # pixel edges as fractions: a mask that is a box's rectangle on pixel edges gives that box back
+    return (
+        int(cols[0]) / width,
+        int(rows[0]) / height,
+        (int(cols[-1]) + 1) / width,
+        (int(rows[-1]) + 1) / height,
+    )
+
+
 def default_image_processor():
     """CLIP's standard preprocessing (shortest side 224 bicubic, centre crop 224, CLIP mean/std)."""
     try:  # transformers >= 5: the PIL backend matches the released (PIL-based) preprocessing
@@ -151,12 +270,15 @@ def build_subjects(
     subject_boxes: Any = None,
     subject_scales: Any = None,
     batched: bool = False,
+    subject_masks: Any = None,
 ) -> list[list[Subject]]:
     """Check the user's subject arguments and return one list of subjects per prompt.
 
     With `batched=False` the arguments describe the subjects of every prompt. With `batched=True`
     (the prompt was a list) `subject_phrases` decides: a list of strings is shared by all prompts,
     a list of lists gives each prompt its own subjects (their counts may differ).
+
+    A subject with a mask and no box gets the mask's bounding box: the grounding resampler reads a box.
     """
     if subject_phrases is None or subject_images is None:
         raise ValueError("Subjects need both `subject_images` and `subject_phrases` (one phrase per subject).")
@@ -172,11 +294,18 @@ def build_subjects(
         "subject_phrases": _per_prompt(subject_phrases, num_prompts, "subject_phrases", shared),
         "subject_boxes": _per_prompt(subject_boxes, num_prompts, "subject_boxes", shared),
         "subject_scales": _per_prompt(subject_scales, num_prompts, "subject_scales", shared),
+        "subject_masks": _per_prompt(subject_masks, num_prompts, "subject_masks", shared),
     }
     for p in range(num_prompts):
         images, phrases = columns["subject_images"][p], columns["subject_phrases"][p]
         boxes, scales = columns["subject_boxes"][p], columns["subject_scales"][p]
+        masks = columns["subject_masks"][p]
         where = "" if shared else f" (prompt {p})"
+        if masks is not None and not isinstance(masks, (list, tuple)):
+            raise TypeError(
+                f"`subject_masks`{where} must be a list with one entry per subject (a mask, a polygon or None), "
+                f"got {type(masks).__name__}."
+            )
         if _is_image_like(images):
             images = [images]
         counts = {"subject_images": len(images), "subject_phrases": len(phrases)}
@@ -184,6 +313,8 @@ def build_subjects(
             counts["subject_boxes"] = len(boxes)
         if scales is not None:
             counts["subject_scales"] = len(scales)
+        if masks is not None:
+            counts["subject_masks"] = len(masks)
         if len(set(counts.values())) != 1:
             listed = ", ".join(f"{k}={v}" for k, v in counts.items())
             raise ValueError(f"Subject counts differ{where}: {listed}. Give one entry per subject in each.")
@@ -198,7 +329,12 @@ def build_subjects(
                 scale = float(scales[j])
                 if not math.isfinite(scale):
                     raise ValueError(f"{label}: scale must be a finite number, got {scales[j]!r}.")
-            subjects.append(Subject(_subject_images(images[j], f"{label} image"), phrase, box, scale))
+            mask = None
+            if masks is not None and masks[j] is not None:
+                mask = check_mask(masks[j], f"{label} mask")
+                if not any(box):
+                    box = mask_bounding_box(mask)
+            subjects.append(Subject(_subject_images(images[j], f"{label} image"), phrase, box, scale, mask))
         if len(subjects) > TRAINED_MAX_SUBJECTS:
             warnings.warn(
                 f"{len(subjects)} subjects{where}: the released weights were trained with at most "

@@ -1,0 +1,236 @@
+"""Image-to-image and inpainting pipelines (and their ControlNet variants) with subjects."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+from msdiffusion import (
+    MSDiffusionXLControlNetImg2ImgPipeline,
+    MSDiffusionXLControlNetInpaintPipeline,
+    MSDiffusionXLImg2ImgPipeline,
+    MSDiffusionXLInpaintPipeline,
+    MSDiffusionXLPipeline,
+)
+from msdiffusion.adapter import cross_attention_layers
+from msdiffusion.attention import MSAttnProcessor, TextOnlyAttnProcessor
+from msdiffusion.tiny import tiny_adapter_checkpoint, tiny_image_encoder, tiny_pipeline, tiny_sdxl_components
+
+PROMPT = "a dog on the beach"
+HEIGHT, WIDTH = 128, 192
+BOX = [48 / 192, 32 / 128, 144 / 192, 96 / 128]  # on pixel edges: rows 32:96, columns 48:144
+INSIDE = (slice(32, 96), slice(48, 144))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def img2img(pipe):
+    return MSDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+
+
+@pytest.fixture(scope="module")
+def inpaint(pipe):
+    return MSDiffusionXLInpaintPipeline.from_pipe(pipe)
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    rng = np.random.default_rng(0)
+    picture = PIL.Image.fromarray(rng.integers(0, 255, (HEIGHT, WIDTH, 3), dtype=np.uint8))
+    reference = PIL.Image.fromarray(rng.integers(0, 255, (80, 60, 3), dtype=np.uint8))
+    mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+    mask[INSIDE] = 255
+    return picture, reference, PIL.Image.fromarray(mask)
+
+
+def run(pipeline, seed=0, **kwargs):
+    args = dict(prompt=PROMPT, num_inference_steps=3, output_type="np")
+    args.update(kwargs)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline(generator=torch.Generator().manual_seed(seed), **args).images
+
+
+def dog(reference, **extra):
+    return dict(subject_images=[reference], subject_phrases=["dog"], subject_boxes=[BOX], **extra)
+
+
+def inside_and_outside(change: np.ndarray) -> tuple[float, float]:
+    per_pixel = np.abs(change).mean(axis=-1)[0]
+    inside = per_pixel[INSIDE]
+    return float(inside.mean()), float((per_pixel.sum() - inside.sum()) / (per_pixel.size - inside.size))
+
+
+# ---- from_pipe ----------------------------------------------------------------------------
+
+
+def test_from_pipe_shares_the_loaded_models_and_adapter(pipe, img2img, inpaint):
+    for other in (img2img, inpaint, MSDiffusionXLPipeline.from_pipe(inpaint)):
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder", "ms_image_projection"):
+            assert getattr(other, name) is getattr(pipe, name), name
+        assert other.feature_extractor is pipe.feature_extractor
+    processors = [p for p in img2img.unet.attn_processors.values() if isinstance(p, MSAttnProcessor)]
+    assert len(processors) == len(cross_attention_layers(img2img.unet))  # the adapter's, on every attn2
+    assert all(p.state is processors[0].state for p in processors)
+
+
+def test_from_pipe_keeps_the_dtype_of_the_shared_models():
+    """diffusers' `from_pipe` casts to float32 unless told, which would cast the source pipeline's models too."""
+    half = tiny_pipeline(seed=0).to(torch.bfloat16)
+    other = MSDiffusionXLInpaintPipeline.from_pipe(half)
+    assert other.unet.dtype == half.unet.dtype == torch.bfloat16
+    assert half.ms_image_projection.dtype == torch.bfloat16
+    assert MSDiffusionXLImg2ImgPipeline.from_pipe(half, dtype=torch.float32).unet.dtype == torch.float32
+
+
+# ---- image-to-image -----------------------------------------------------------------------
+
+
+def test_img2img_with_zero_scale_or_no_subjects_is_diffusers_bit_for_bit(pipe, img2img, pictures):
+    picture, reference, _ = pictures
+    plain = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+    expected = run(plain, image=picture, strength=0.6, guidance_scale=7.5)
+    np.testing.assert_array_equal(run(img2img, image=picture, strength=0.6, **dog(reference, ms_scale=0.0)), expected)
+    np.testing.assert_array_equal(run(img2img, image=picture, strength=0.6), expected)
+    with_dog = run(img2img, image=picture, strength=0.6, **dog(reference))
+    np.testing.assert_array_equal(with_dog, run(img2img, image=picture, strength=0.6, **dog(reference)))  # seeded
+    inside, outside = inside_and_outside(with_dog - expected)
+    assert inside > 1.5 * outside, (inside, outside)  # the subject acts in its box
+
+
+def test_img2img_strength_output_size_and_errors(img2img, pictures):
+    picture, reference, _ = pictures
+    # In latent space: the tiny VAE is random, so its pictures say little. The picture's latents, drawn
+    # as the pipeline draws them from the same seed, stay nearly as they are at a small strength.
+    with torch.no_grad():
+        pixels = img2img.image_processor.preprocess(picture)
+        start = img2img.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+    start = start * img2img.vae.config.scaling_factor
+    near = run(img2img, image=picture, strength=0.1, num_inference_steps=10, output_type="latent", **dog(reference))
+    far = run(img2img, image=picture, strength=1.0, num_inference_steps=2, output_type="latent", **dog(reference))
+    assert (near - start).abs().mean() < 0.1 * (far - start).abs().mean()
+
+    quick = dict(strength=0.5, num_inference_steps=2)
+    odd = picture.resize((201, 130))
+    assert run(img2img, image=odd, **quick, **dog(reference)).shape == (1, 128, 200, 3)
+    told = run(img2img, image=picture, height=64, width=96, **quick, **dog(reference))
+    assert told.shape == (1, 64, 96, 3)
+    array = np.asarray(picture).astype(np.float32) / 255  # arrays and tensors are resized too
+    assert run(img2img, image=array[None], height=64, width=64, **quick).shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match=r"strength=0.3 of num_inference_steps=2 leaves no denoising step"):
+        run(img2img, image=picture, num_inference_steps=2, **dog(reference))
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8, got 100"):
+        run(img2img, image=picture, height=100, **quick, **dog(reference))
+    with pytest.raises(ValueError, match="`image` is required"):
+        run(img2img, **quick, **dog(reference))
+    with pytest.raises(TypeError, match=r"'scale' \(did you mean ms_scale\?\)"):
+        run(img2img, image=picture, scale=0.3, **quick, **dog(reference))
+
+
+def test_img2img_batches_masks_and_prepared_subjects(img2img, pictures):
+    picture, reference, mask = pictures
+    other = picture.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+    batch = img2img(
+        prompt=[PROMPT, "a cat and a dog in the snow"],
+        image=[picture, other],
+        strength=0.6,
+        subject_images=[[reference], [reference, reference]],
+        subject_phrases=[["dog"], ["cat", "dog"]],
+        subject_boxes=[[BOX], None],
+        subject_masks=[None, [mask, [(0.0, 0.0), (0.4, 0.0), (0.0, 0.6)]]],
+        num_images_per_prompt=2,
+        num_inference_steps=2,
+        output_type="np",
+        generator=[torch.Generator().manual_seed(s) for s in range(4)],
+    ).images
+    assert batch.shape == (4, HEIGHT, WIDTH, 3)
+    single = run(img2img, seed=0, image=picture, strength=0.6, num_inference_steps=2, **dog(reference))
+    np.testing.assert_allclose(batch[0], single[0], atol=2e-4)
+
+    prepared = img2img.prepare_subjects([reference], ["dog"], subject_masks=[mask])
+    direct = run(img2img, image=picture, strength=0.6, subject_images=[reference], subject_phrases=["dog"], subject_masks=[mask])  # fmt: skip
+    np.testing.assert_array_equal(run(img2img, image=picture, strength=0.6, prepared_subjects=prepared), direct)
+    np.testing.assert_array_equal(run(img2img, image=picture, strength=0.6, **dog(reference)), direct)  # mask == box
+
+
+def test_img2img_model_offload_keeps_the_image(pictures):
+    picture, reference, _ = pictures
+    pipeline = MSDiffusionXLImg2ImgPipeline.from_pipe(tiny_pipeline(seed=0))
+    before = run(pipeline, image=picture, strength=0.6, num_inference_steps=2, **dog(reference))
+    pipeline.enable_model_cpu_offload(device="cpu")
+    after = run(pipeline, image=picture, strength=0.6, num_inference_steps=2, **dog(reference))
+    np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+# ---- inpainting ---------------------------------------------------------------------------
+
+
+def tiny_inpainting_unet_pipeline(tmp_path) -> MSDiffusionXLInpaintPipeline:
+    """A tiny base whose UNet has SDXL-inpainting's 9 input channels (latents, mask, masked picture)."""
+    components = tiny_sdxl_components(tmp_path / "tokenizer", seed=0)
+    torch.manual_seed(0)
+    components["unet"] = UNet2DConditionModel.from_config({**components["unet"].config, "in_channels": 9})
+    pipeline = MSDiffusionXLInpaintPipeline(**components)
+    pipeline.load_ms_adapter(tiny_adapter_checkpoint(pipeline.unet, 0), image_encoder=tiny_image_encoder(0))
+    return pipeline
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+def test_inpaint_with_zero_scale_is_diffusers_bit_for_bit(inpaint, pictures, channels, tmp_path):
+    picture, reference, mask = pictures
+    pipeline = inpaint if channels == 4 else tiny_inpainting_unet_pipeline(tmp_path)
+    assert pipeline.unet.config.in_channels == channels
+    plain = StableDiffusionXLInpaintPipeline.from_pipe(pipeline)
+    args = dict(image=picture, mask_image=mask)
+    expected = run(plain, guidance_scale=7.5, height=HEIGHT, width=WIDTH, **args)
+    np.testing.assert_array_equal(run(pipeline, **args, **dog(reference, ms_scale=0.0)), expected)
+    np.testing.assert_array_equal(run(pipeline, **args), expected)  # the picture's size, not 1024
+    inside, outside = inside_and_outside(run(pipeline, **args, **dog(reference)) - expected)
+    assert inside > 1.5 * outside, (inside, outside)
+
+
+def test_inpaint_sizes_and_errors(inpaint, pictures):
+    picture, reference, mask = pictures
+    told = run(inpaint, image=picture, mask_image=mask, height=64, width=64, num_inference_steps=2, **dog(reference))
+    assert told.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="padding_mask_crop cannot be used with subjects"):
+        run(inpaint, image=picture, mask_image=mask, padding_mask_crop=8, **dog(reference))
+    with pytest.raises(ValueError, match="`mask_image` is required"):
+        run(inpaint, image=picture, **dog(reference))
+
+
+# ---- ControlNet variants ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def controlnet():
+    return tiny_pipeline(seed=0, controlnet=True).controlnet
+
+
+def test_controlnet_variants_see_only_text_and_zero_conditioning_equals_the_plain_ones(
+    pipe, img2img, inpaint, controlnet, pictures
+):
+    picture, reference, mask = pictures
+    depth = PIL.Image.fromarray(np.tile(np.linspace(0, 255, WIDTH, dtype=np.uint8), (HEIGHT, 1))).convert("RGB")
+    cases = [
+        (MSDiffusionXLControlNetImg2ImgPipeline, img2img, dict(image=picture, strength=0.6)),
+        (MSDiffusionXLControlNetInpaintPipeline, inpaint, dict(image=picture, mask_image=mask)),
+    ]
+    for cls, without, args in cases:
+        pipeline = cls.from_pipe(pipe, controlnet=controlnet)
+        assert pipeline.ms_image_projection is pipe.ms_image_projection
+        args = {**args, **dog(reference), "num_inference_steps": 2}
+        zero = run(pipeline, control_image=depth, controlnet_conditioning_scale=0.0, **args)
+        assert all(
+            isinstance(p, TextOnlyAttnProcessor)
+            for name, p in controlnet.attn_processors.items()
+            if name.endswith("attn2.processor")
+        )
+        assert zero.shape == (1, HEIGHT, WIDTH, 3)
+        np.testing.assert_allclose(zero, run(without, **args), atol=1e-5)
+        guided = run(pipeline, control_image=depth, controlnet_conditioning_scale=1.0, **args)
+        assert not np.allclose(guided, zero, atol=1e-4)
