@@ -191,3 +191,50 @@ def test_convert_and_inspect(tmp_path, models, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["format"].startswith("project") and info["resampler"]["dim"] == 128
     assert main(["inspect", str(tmp_path / "missing.bin")]) == 2
+
+
+def _png_with_job(path, text: str):
+    import PIL.PngImagePlugin
+
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(PNG_METADATA_KEY, text)
+    PIL.Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return path
+
+
+def test_hostile_pngs_on_from_are_one_line_each_naming_the_png(tmp_path, models, subject_files, capsys, monkeypatch):
+    """Whatever a PNG's job holds, `--from` answers with one line (exit 2) that names the PNG, and a
+    photo named relative to the PNG is looked for beside the PNG, not in the current folder."""
+    job = {"base": str(models["base"]), "adapter": str(models["released_adapter"])}
+    job |= {"image_encoder": str(models["image_encoder"]), "prompt": "a dog", "steps": 1, "size": [64, 64]}
+    subject = {"image": "dog.jpg", "phrase": "dog", "box": [0, 0, 1, 1]}
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    cases = {
+        "deep": ("[" * 30000 + "]" * 30000, "not valid JSON"),
+        "subjects": (json.dumps({**job, "subjects": 5}), "subjects: got 5"),
+        "image": (
+            json.dumps({**job, "subjects": [{**subject, "image": 3}]}),
+            "subjects[0].image: expected a file path",
+        ),
+        "seed": (json.dumps({**job, "seed": 2**70, "subjects": [subject]}), "seed: got 1180591620717411303424"),
+        "missing": (json.dumps({**job, "subjects": [subject]}), "pngs/dog.jpg' does not exist"),  # beside the PNG
+    }
+    monkeypatch.chdir(tmp_path)  # dog.jpg is here, not beside the PNGs
+    for name, (text, expected) in cases.items():
+        png = _png_with_job(pngs / f"{name}.png", text)
+        assert main(["generate", "--from", str(png), "--output", str(tmp_path / "out"), "--quiet"]) == 2, name
+        err = capsys.readouterr().err
+        assert f"--from {png}" in err and expected in err and "Traceback" not in err, (name, err)
+    (pngs / "dog.jpg").write_bytes((tmp_path / "dog.jpg").read_bytes())  # beside the PNG: it is found
+    assert main(["generate", "--from", str(pngs / "missing.png"), "--output", str(tmp_path / "out"), "--quiet"]) == 0
+
+
+def test_a_seed_torch_cannot_hold_is_refused_before_loading(tmp_path, subject_files, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["generate", "--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random"]
+    base += ["--prompt", "a dog", "--subject", "dog.jpg", "dog", "--steps", "1", "--quiet"]
+    assert main([*base, "--seed", str(2**63), "--output", "a"]) == 2
+    assert "seed: got 9223372036854775808; expected an integer from 0 to 9223372036854775807" in capsys.readouterr().err
+    assert main([*base, "--seed", str(2**63 - 1), "--images", "2", "--output", "b"]) == 2  # image 2 takes seed + 1
+    assert main([*base, "--seed", str(2**63 - 2), "--images", "2", "--size", "64x64", "--output", "c"]) == 0

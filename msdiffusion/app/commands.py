@@ -326,12 +326,15 @@ def run_generate(args) -> int:
     elif args.from_image:
         data = read_job_from_png(args.from_image)
         data.pop("output", None)  # into this run's --output (default outputs/), not where the PNG was made
-    data.update(_flag_overrides(args))
+    overrides = _flag_overrides(args)
+    data.update(overrides)
     if not data:
         raise UserInputError(
             "nothing to generate: give a job file, --from IMAGE, or --base/--adapter/--prompt/--subject flags."
         )
-    job = job_from_dict(data, "flags" if not args.job else f"{args.job} (with flags)", Path.cwd())
+    source = args.job or (f"--from {args.from_image}" if args.from_image else None)
+    label = "flags" if source is None else source + (" (with flags)" if overrides else "")
+    job = job_from_dict(data, label, Path.cwd())
     written = _run_checked(job, "generate", progress=not args.quiet, log=(lambda *a: None) if args.quiet else print)
     print(f"{len(written)} file(s) in {Path(job.output)}")
     return 0

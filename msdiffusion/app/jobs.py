@@ -174,6 +174,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "save_masks": ((bool,), "true or false"),
 }
 _REQUIRED = ("base", "adapter", "prompt", "subjects")
+MAX_SEED = 2**63 - 1  # the largest seed a torch generator takes
 _SUBJECT_FIELDS = {"image", "phrase", "box", "scale"}
 
 
@@ -186,10 +187,11 @@ def _path(value: Any, base_dir: Path | None, what: str, must_exist: bool = True)
     if not isinstance(value, str) or not value:
         raise JobError(f"{what}: expected a file path, got {quote(value)}.")
     path = Path(value).expanduser()
-    if base_dir is not None and not path.is_absolute():
+    relative = base_dir is not None and not path.is_absolute()
+    if relative:
         path = base_dir / path
     if must_exist and not path.exists():
-        raise JobError(f"{what}: {quote(value)} does not exist{f' (relative to {base_dir})' if base_dir else ''}.")
+        raise JobError(f"{what}: {quote(value)} does not exist{f' (relative to {base_dir})' if relative else ''}.")
     return str(path.resolve())
 
 
@@ -243,6 +245,12 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
         ]
     if values.get("images", 1) < 1:
         collect.problems.append(f"images: got {values['images']}; expected a positive integer.")
+    seed, images = values.get("seed"), values.get("images", 1)
+    if isinstance(seed, int) and isinstance(images, int) and not 0 <= seed <= MAX_SEED - max(images - 1, 0):
+        collect.problems.append(
+            f"seed: got {quote(seed)}; expected an integer from 0 to {MAX_SEED} (image k takes seed + k, which "
+            "torch's generators must hold)."
+        )
     if values.get("seed_mode", "per-image") not in SEED_MODES:
         collect.problems.append(f"seed_mode: got {quote(values['seed_mode'])}; expected {_FIELDS['seed_mode'][1]}.")
     if values.get("controlnet") is not None:
@@ -471,7 +479,7 @@ def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:
     """The job recorded in an image written by msdiff (`msdiff generate`, the page).
 
     Subject photos named relative to the image (the page's PNGs name them by file name) are taken
-    from beside it when they are there. `max_pixels`: refuse larger images before decoding them.
+    from beside it. `max_pixels`: refuse larger images before decoding them.
     """
     import PIL.Image
 
@@ -500,7 +508,7 @@ def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:
         )
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise JobError(f"--from {path}: the job in its metadata is not valid JSON.") from None
     if not isinstance(data, dict):
         raise JobError(f"--from {path}: the job in its metadata is not a mapping of fields.")
@@ -510,10 +518,7 @@ def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:
             images = subject["image"] if isinstance(subject["image"], list) else [subject["image"]]
             beside = [
                 str(path.resolve().parent / image)
-                if isinstance(image, str)
-                and image
-                and not Path(image).is_absolute()
-                and (path.parent / image).is_file()
+                if isinstance(image, str) and image and not Path(image).is_absolute()
                 else image
                 for image in images
             ]
