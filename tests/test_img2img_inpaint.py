@@ -234,3 +234,52 @@ def test_controlnet_variants_see_only_text_and_zero_conditioning_equals_the_plai
         np.testing.assert_allclose(zero, run(without, **args), atol=1e-5)
         guided = run(pipeline, control_image=depth, controlnet_conditioning_scale=1.0, **args)
         assert not np.allclose(guided, zero, atol=1e-4)
+
+
+# ---- one implementation of the method ----------------------------------------------------------
+
+
+def test_one_unet_call_is_the_same_in_text_to_image_image_to_image_and_inpainting(pipe, img2img, inpaint, pictures):
+    """The subject branch is one code path: with the same prompt and subjects, the UNet call each
+    pipeline makes (its hidden states, its active layout and processors) gives exactly the same
+    output for the same latents and timestep."""
+    picture, reference, mask = pictures
+    fixed = {}
+    real_forward = pipe.unet.forward  # the three pipelines share this UNet (from_pipe)
+
+    def recording(name):
+        def forward(sample, timestep, encoder_hidden_states, *args, **kwargs):
+            if name not in fixed:  # the first call, with the pipeline's subject state active
+                latents = torch.randn(sample.shape, generator=torch.Generator().manual_seed(7))
+                t = torch.tensor(500)
+                out = real_forward(latents, t, encoder_hidden_states, *args, **kwargs)
+                fixed[name] = (
+                    encoder_hidden_states.clone(),
+                    (out[0] if isinstance(out, tuple) else out.sample).clone(),
+                )
+            return real_forward(sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+        return forward
+
+    subjects = dog(reference, subject_scales=[0.8])
+    try:
+        pipe.unet.forward = recording("text")
+        run(pipe, height=HEIGHT, width=WIDTH, num_inference_steps=2, **subjects)
+        pipe.unet.forward = recording("img2img")
+        run(img2img, image=picture, strength=0.9, num_inference_steps=3, **subjects)
+        pipe.unet.forward = recording("inpaint")
+        run(inpaint, image=picture, mask_image=mask, strength=0.9, num_inference_steps=3, **subjects)
+    finally:
+        pipe.unet.forward = real_forward
+    text_states, text_out = fixed["text"]
+    for name in ("img2img", "inpaint"):
+        states, out = fixed[name]
+        assert torch.equal(states, text_states), name  # text and subject tokens
+        assert torch.equal(out, text_out), name  # and what the UNet makes of them, layout included
+    without = dog(reference, subject_scales=[0.0])
+    pipe.unet.forward = recording("no subject")
+    try:
+        run(pipe, height=HEIGHT, width=WIDTH, num_inference_steps=2, **without)
+    finally:
+        pipe.unet.forward = real_forward
+    assert not torch.equal(fixed["no subject"][1], text_out)  # the comparison sees the subject branch
