@@ -490,7 +490,8 @@ class TrainingRun:
             **peak_memory_gb(self.device),
         }
         accelerator.log(logs, step=step)
-        progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{logs['samples_per_s']:.1f}")
+        # three significant digits: 0.04 samples/s on a CPU, hundreds on GPUs
+        progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{logs['samples_per_s']:.3g}")
         memory = ", ".join(f"{k} {v:.2f}" for k, v in logs.items() if k.startswith("peak"))
         logger.info(
             "step %d: loss %.4f, lr %.3g, %.2f samples/s, data wait %.0f%%, %s",
