@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +64,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    import tempfile
+
+    import PIL.Image
+
+    from msdiffusion.bench.definitions import BenchSample, BenchSubject
+    from msdiffusion.bench.runner import BenchSettings
     from msdiffusion.loading import WORLD, named_settings, world_model_paths
-    from msdiffusion.world.evaluate import AskedSubject, WorldEvaluator, WorldJob, generate_world_jobs
+    from msdiffusion.world.bench import WorldScorer, run_world_samples
     from msdiffusion.world.scenes import (
         NUM_IDENTITIES,
         SceneSubject,
@@ -77,40 +84,75 @@ def main() -> None:
     from msdiffusion.world.weights import world_models_folder, world_pipeline
 
     paths = world_models_folder(args.models) if args.models else world_model_paths()
-    pipe = world_pipeline(paths)
-    evaluator = WorldEvaluator.from_file(paths["evaluator"])
+    scorer = WorldScorer(paths["evaluator"], paths["image_encoder"])
+    pipe = None
+
+    def pipeline():
+        nonlocal pipe
+        pipe = pipe or world_pipeline(paths)
+        return pipe
+
     arranged = [
         i
         for i in range(NUM_IDENTITIES)
         if identity_parts(i)[2][0] in ("halves", "gradient") and is_held_out(i) != args.training
     ]
-    jobs, mirrored_jobs, described, truth = [], [], [], []
+    scratch = Path(tempfile.mkdtemp(prefix="world-arrangement-"))
+    references = scratch / "references"
+    jobs, mirrored_jobs, described, truth, identities = [], [], [], [], []
     for n in range(args.count):
         rng = np.random.default_rng([args.seed, 9, n])
         identity = int(rng.choice(arranged))
         cls = str(rng.choice(["square", "circle", "diamond", "heart"]))  # shapes the models draw most reliably
         scene = render_scene(rng, [SceneSubject(cls, identity)], background="a plain wall")
-        placed = scene.subjects[0]
-        asked = [AskedSubject(cls, identity, tuple(float(c) for c in placed.box))]
+        box = tuple(float(c) for c in scene.subjects[0].box)
         reference = render_reference(rng, cls, identity)[0]
-        jobs.append(WorldJob(caption_for([cls], scene.background), asked, [reference]))
-        mirrored_jobs.append(WorldJob(jobs[-1].prompt, asked, [mirror(reference, identity)]))
-        described.append(caption_for([cls], scene.background, [identity]))
+        for source, image in ((f"{n:04d}", reference), (f"{n:04d}-mirrored", mirror(reference, identity))):
+            (references / source).mkdir(parents=True)
+            PIL.Image.fromarray(image).save(references / source / "0.png")
+        caption = caption_for([cls], scene.background)
+        jobs.append(
+            BenchSample("arrangement", f"{n:04d}", "own", caption, (BenchSubject(cls, cls, f"{n:04d}", box, identity),))
+        )
+        mirrored_jobs.append(
+            BenchSample(
+                "arrangement",
+                f"{n:04d}",
+                "mirrored",
+                caption,
+                (BenchSubject(cls, cls, f"{n:04d}-mirrored", box, identity),),
+            )
+        )
+        described.append(
+            BenchSample(
+                "arrangement",
+                f"{n:04d}",
+                "described",
+                caption_for([cls], scene.background, [identity]),
+                jobs[-1].subjects,
+            )
+        )
         truth.append(asked_side_score(scene.image.astype(np.float32), scene.masks[0], identity))
-    identities = [job.subjects[0].identity for job in jobs]
-    settings = named_settings(WORLD)
+        identities.append(identity)
+    settings = BenchSettings(
+        base=WORLD, adapter=WORLD, image_encoder=WORLD, **vars(named_settings(WORLD)), seed=args.seed
+    )
 
-    def scores(images: list[np.ndarray], mirrored: bool) -> np.ndarray:
-        maps = evaluator.class_maps(np.stack(images))
+    def scores(samples: list, mirrored: bool, **changes) -> np.ndarray:
+        """Each sample generated through the bench runner (the same seed per sample id in every run)."""
+        out = scratch / samples[0].group
+        run_world_samples(samples, out, dataclasses.replace(settings, **changes), pipeline, scorer, references)
+        images = [
+            np.asarray(PIL.Image.open(out / "images" / s.group / f"{s.sample_id}_0.png").convert("RGB"))
+            for s in samples
+        ]
+        maps = scorer.evaluator.class_maps(np.stack(images))
         return np.array([asked_side_score(im, m != 0, i, mirrored) for im, m, i in zip(images, maps, identities)])
 
-    own = scores(generate_world_jobs(pipe, jobs, settings, seed=args.seed), mirrored=False)
-    flipped = scores(generate_world_jobs(pipe, mirrored_jobs, settings, seed=args.seed), mirrored=True)
+    own = scores(jobs, mirrored=False)
+    flipped = scores(mirrored_jobs, mirrored=True)
     # scale 0: the image branch adds nothing, so this is the base alone (docs/world.md, "Ablations")
-    worded = [WorldJob(caption, job.subjects, job.references) for caption, job in zip(described, jobs)]
-    words = scores(
-        generate_world_jobs(pipe, worded, dataclasses.replace(settings, scale=0.0), seed=args.seed), mirrored=False
-    )
+    words = scores(described, mirrored=False, scale=0.0)
 
     def rate(values: np.ndarray) -> str:
         drawn = values[~np.isnan(values)]
@@ -124,6 +166,7 @@ def main() -> None:
     print(f"  with the mirrored reference, as it asks:       {rate(flipped)}")
     print(f"  mirroring the reference mirrors the drawing:   {follows:.2f} of {both.sum()}")
     print(f"  the base alone, described caption, as asked:   {rate(words)}")
+    shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +18,6 @@ from msdiffusion.world.evaluate import (
     connected_regions,
     descriptor,
     descriptor_distance,
-    held_out_jobs,
     identity_is_correct,
 )
 from msdiffusion.world.scenes import (
@@ -374,13 +374,17 @@ def test_connected_regions_and_iou():
     assert box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) == pytest.approx(1 / 3)
 
 
-def test_held_out_jobs_name_every_subject_and_take_turns_in_count():
-    jobs = held_out_jobs(8, seed=1)
-    assert [len(j.subjects) for j in jobs] == [1, 2, 3, 4, 1, 2, 3, 4]
-    for job in jobs:
-        assert all(is_held_out(s.identity) for s in job.subjects)
-        assert all(s.cls in job.prompt for s in job.subjects)
-        assert len(job.references) == len(job.subjects)
+def test_held_out_samples_name_every_subject_and_take_turns_in_count():
+    from msdiffusion.world.bench import held_out_samples
+
+    samples = held_out_samples(8, seed=1)
+    assert [len(s.subjects) for s in samples] == [1, 2, 3, 4, 1, 2, 3, 4]
+    assert len({s.sample_id for s in samples}) == 8
+    for sample in samples:
+        assert all(is_held_out(s.identity) for s in sample.subjects)
+        assert all(s.phrase in sample.prompt for s in sample.subjects)
+        assert all(s.source == f"{s.phrase}-{s.identity}" for s in sample.subjects)
+    assert [s.subjects for s in held_out_samples(8, seed=1)] == [s.subjects for s in samples]  # a function of the seed
 
 
 def test_world_dataset_is_an_ordinary_manifest(tmp_path):
@@ -426,6 +430,32 @@ def test_world_training_state_resumes_exactly(tmp_path):
     step(fresh, fresh_optimizer, fresh_generator)
     assert torch.equal(fresh.weight, model.weight) and torch.equal(fresh.bias, model.bias)
     assert resume_training_state(tmp_path / "missing.pt", {"model": fresh}, fresh_optimizer, fresh_generator) == 0
+
+
+class _RunsCode:
+    """A pickled object that runs code when loaded: what a hostile checkpoint file holds."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_resume_file_that_would_run_code_is_refused_not_run(tmp_path):
+    """Resume files are read with `weights_only`: a checkpoint from someone else cannot execute code."""
+    import pickle
+
+    import torch
+
+    from msdiffusion.world.base import resume_training_state
+
+    marker = tmp_path / "code-ran"
+    torch.save({"model": {}, "step": _RunsCode(str(marker))}, tmp_path / "state.pt")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(pickle.UnpicklingError):
+        resume_training_state(tmp_path / "state.pt", {}, torch.optim.AdamW(model.parameters()), torch.Generator())
+    assert not marker.exists()
 
 
 def test_placed_counts_any_shape_in_the_box_found_only_the_right_class():

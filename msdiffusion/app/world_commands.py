@@ -62,8 +62,21 @@ def register(subparsers) -> None:
     evaluate.add_argument("--scale", type=float, default=1.0, help="subject scale (default: 1.0)")
     evaluate.add_argument("--mask-threshold", type=float, help="auto layout threshold (default: off)")
     evaluate.add_argument("--start-step", type=int, default=5, help="auto layout start step (default: 5)")
-    evaluate.add_argument("--no-boxes", action="store_true", help="give no boxes (all zeros)")
+    evaluate.add_argument(
+        "--boxes",
+        choices=("given", "none", "whole"),
+        default="given",
+        help="the boxes the pipeline gets: the samples' (default), none (all zeros) or the whole image each; "
+        "subjects are always scored against the samples' boxes",
+    )
     evaluate.add_argument("--drop-grounding", action="store_true", help="learned grounding tokens (no phrase/box)")
+    evaluate.add_argument(
+        "--output",
+        type=Path,
+        help="keep the run here (images, references, manifest: a bench run folder, resumed when run again with the "
+        "same settings; a larger --count adds to it); default: a temporary folder, removed afterwards",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=8, help="images per pipeline call (default: 8)")
     evaluate.add_argument(
         "--by",
         action="append",
@@ -113,20 +126,22 @@ def run_build(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from msdiffusion.loading import world_model_paths
-    from msdiffusion.world.evaluate import BREAKDOWNS, WorldEvaluator, against_targets, breakdown, evaluate_world
+    import tempfile
+
+    from msdiffusion.bench.runner import BenchSettings
+    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+    from msdiffusion.world.bench import WorldScorer, held_out_samples, run_world_samples, subject_results
+    from msdiffusion.world.evaluate import BREAKDOWNS, against_targets, breakdown, summarize
     from msdiffusion.world.weights import world_models_folder, world_pipeline
 
     if args.count < 1:
         raise UserInputError("--count must be a positive number of generations.")
+    if args.batch_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     try:
         paths = world_models_folder(args.models) if args.models else world_model_paths()
     except FileNotFoundError as error:
         raise UserInputError(str(error)) from None
-    evaluator = WorldEvaluator.from_file(paths["evaluator"])
-    pipe = world_pipeline(paths)
-    from msdiffusion.loading import WORLD, named_settings
-
     generation = dict(
         steps=args.steps,
         guidance=args.guidance,
@@ -135,12 +150,32 @@ def run_evaluate(args) -> int:
         start_step=args.start_step,
         drop_grounding=args.drop_grounding,
     )
-    settings = named_settings(WORLD, **generation)
+    models = {part: WORLD if not args.models else paths[part] for part in ("base", "adapter", "image_encoder")}
+    settings = BenchSettings(
+        **models, **vars(named_settings(WORLD, **generation)), dtype="fp32", seed=args.seed, boxes=args.boxes
+    )
     if args.json:  # before minutes of generation, not after
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    summary, results = evaluate_world(pipe, evaluator, args.count, args.seed, no_boxes=args.no_boxes, settings=settings)
-    print(f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({generation})")
+    samples = held_out_samples(args.count, args.seed)
+    scorer = WorldScorer(paths["evaluator"], paths["image_encoder"])
+    with tempfile.TemporaryDirectory(prefix="msdiff-world-evaluate-") as scratch:
+        try:
+            scores = run_world_samples(
+                samples,
+                args.output or scratch,
+                settings,
+                lambda: world_pipeline(paths),
+                scorer,
+                batch_size=args.batch_size,
+            )
+        except ValueError as error:  # a kept run made with other settings
+            raise UserInputError(str(error)) from None
+    results = subject_results(scores)
+    summary = summarize(results)
+    print(
+        f"{args.count} held-out generations in {time.perf_counter() - start:.0f} s ({generation}, boxes {args.boxes})"
+    )
     print(format_summary(summary))
     breakdowns = {by: breakdown(results, by) for by in BREAKDOWNS}
     for by in dict.fromkeys(args.by):
@@ -153,7 +188,7 @@ def run_evaluate(args) -> int:
         Path(args.json).write_text(
             json.dumps(
                 {
-                    "settings": generation,
+                    "settings": {**generation, "boxes": args.boxes, "seed": args.seed},
                     "summary": summary,
                     "by_pattern": breakdowns["pattern"],
                     "by_class": breakdowns["class"],

@@ -1,7 +1,10 @@
 """The world bench: MS-Bench's runner, scoring and report on the procedural world, where the truth is known.
 
-- `expand_world`: the definition (`data/world.json`) expanded to samples of held-out identities,
-  1 to 4 subjects, with boxes apart, touching or overlapping.
+- `expand_world`: the definition (`bench.json`) expanded to samples of held-out identities,
+  1 to 4 subjects, with boxes apart, touching or overlapping; `held_out_samples`: samples laid out
+  as the training scenes are (`msdiff world evaluate`'s).
+- `run_world_samples`: any such samples generated through the bench runner and scored: the one
+  path by which the world's images are made and judged.
 - `render_references`: the subjects' reference images, rendered deterministically into the run's
   references folder (they are data of the world, not photos anyone has to fetch).
 - `WorldScorer` / `score_world_records`: the world's evaluator (found in its box, IoU, identity,
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
     import torch
 
 BENCH = "world"
+HELD_OUT = "world-held-out"  # `msdiff world evaluate`'s samples (`held_out_samples`)
 LAYOUTS = ("apart", "touching", "overlapping")
 GAP = 2 / 64  # `apart` boxes keep at least 2 px between them
 OVERLAP = 0.3  # `overlapping`: the second box covers this share of the narrower box's extent
@@ -160,6 +164,68 @@ def expand_world(definition: dict) -> list[BenchSample]:
             )
             samples.append(BenchSample(BENCH, f"{group}.{k:03d}", group, caption_for(classes, background), subjects))
     return samples
+
+
+def held_out_samples(count: int, seed: int = 0, subject_counts: Sequence[int] = (1, 2, 3, 4)) -> list[BenchSample]:
+    """`count` samples of held-out identities laid out as the training scenes are (`msdiff world
+    evaluate`'s), the subject counts taking turns.
+
+    Boxes are the tight boxes of a real rendering of the scene (so they have the shapes' true
+    proportions and the training scenes' placement); references are rendered by `render_references`.
+    """
+    from msdiffusion.world.scenes import BACKGROUNDS, caption_for, random_subjects, render_scene
+
+    samples = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, 5, i])
+        n = subject_counts[i % len(subject_counts)]
+        scene = render_scene(rng, random_subjects(rng, n, held_out=True), background=str(rng.choice(list(BACKGROUNDS))))
+        subjects = tuple(
+            BenchSubject(f"{s.cls}-{s.identity}", s.cls, f"{s.cls}-{s.identity}", tuple(map(float, s.box)), s.identity)
+            for s in scene.subjects
+        )
+        caption = caption_for([s.cls for s in scene.subjects], scene.background)
+        samples.append(BenchSample(HELD_OUT, f"{i:04d}", f"{len(subjects)} subjects", caption, subjects))
+    return samples
+
+
+def run_world_samples(
+    samples: Sequence[BenchSample],
+    output_dir: str | os.PathLike,
+    settings,
+    pipeline_factory: Callable[[], object],
+    scorer: "WorldScorer",
+    images_dir: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Generate world samples through the bench runner (resumable in `output_dir`) and score them.
+
+    `settings` is a `BenchSettings`; references missing from `images_dir` (default
+    `output_dir/references`) are rendered first. Returns `score_world_records`'s scores, in the
+    samples' order.
+    """
+    from msdiffusion.bench.runner import (
+        RUN_CONFIG,
+        check_run_config,
+        generate_items,
+        read_run_manifest,
+        work_items,
+        write_json_atomic,
+        write_manifest,
+    )
+
+    output_dir = Path(output_dir)
+    images_dir = Path(images_dir) if images_dir is not None else output_dir / "references"
+    render_references(samples, images_dir, settings.references, settings.seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    benchmark = samples[0].benchmark if samples else HELD_OUT
+    write_json_atomic(output_dir / RUN_CONFIG, check_run_config(output_dir, benchmark, settings, images_dir))
+    items = work_items(samples, settings.images_per_sample)
+    generate_items(items, output_dir, images_dir, settings, pipeline_factory, batch_size, progress)
+    write_manifest(output_dir, items, settings, images_dir)
+    records = {r["image"]: r for r in read_run_manifest(output_dir)}
+    return score_world_records([records[item.image] for item in items], output_dir, scorer, images_dir)
 
 
 def layout_checks(samples: Sequence[BenchSample]) -> dict[str, int]:
@@ -380,9 +446,9 @@ def score_world_records(
 # --- the report -----------------------------------------------------------------------------------
 
 
-def _row(scores: list[dict]) -> dict:
-    """The evaluator's rates over subjects (its own `summarize`), cosines: means over images / subjects."""
-    from msdiffusion.world.evaluate import SubjectResult, summarize
+def subject_results(scores: Sequence[dict]) -> list[list]:
+    """The evaluator's `SubjectResult`s of scored images (`score_world_records`), one list per image."""
+    from msdiffusion.world.evaluate import SubjectResult
 
     if any("placed" not in s for score in scores for s in score["subjects"]):
         raise ValueError("these scores predate the `placed` measure: rescore with `msdiff bench score --overwrite`.")
@@ -390,7 +456,7 @@ def _row(scores: list[dict]) -> dict:
         raise ValueError(
             "these scores predate the pattern-aware identity judgement: rescore with `msdiff bench score --overwrite`."
         )
-    results = [
+    return [
         [
             SubjectResult(
                 s["phrase"],
@@ -408,6 +474,13 @@ def _row(scores: list[dict]) -> dict:
         ]
         for score in scores
     ]
+
+
+def _row(scores: list[dict]) -> dict:
+    """The evaluator's rates over subjects (its own `summarize`), cosines: means over images / subjects."""
+    from msdiffusion.world.evaluate import summarize
+
+    results = subject_results(scores)
     rates = summarize(results)["all"]
     subjects = [s for score in scores for s in score["subjects"]]
     return {

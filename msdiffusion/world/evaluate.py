@@ -36,7 +36,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..boxes import box_iou
-from ..settings import GenerationSettings
 from .scenes import (
     CLASSES,
     COLORS,
@@ -433,7 +432,9 @@ def summarize(results: list[list[SubjectResult]]) -> dict:
     """Rates over images, overall and by the number of subjects per image."""
     summary = {"all": _rates([r for image in results for r in image])}
     for count in sorted({len(image) for image in results}):
-        summary[f"{count} subjects"] = _rates([r for image in results if len(image) == count for r in image])
+        summary[f"{count} subject{'s' if count != 1 else ''}"] = _rates(
+            [r for image in results if len(image) == count for r in image]
+        )
     return summary
 
 
@@ -568,86 +569,3 @@ def ground_truth_check(
             found = evaluator.evaluate(image, asked)
             results.append([found[k] for k in scored])
     return summarize(results)
-
-
-# ---- held-out generations ----------------------------------------------------------------------------
-@dataclass
-class WorldJob:
-    """One held-out generation: what to ask the pipeline, and what the evaluator checks."""
-
-    prompt: str
-    subjects: list[AskedSubject]
-    references: list[np.ndarray]  # one rendering per subject (another size, angle, background)
-
-
-def held_out_jobs(count: int, seed: int = 0, subject_counts: Sequence[int] = (1, 2, 3, 4)) -> list[WorldJob]:
-    """`count` jobs of held-out identities, the subject counts taking turns.
-
-    Boxes are the tight boxes of a real rendering of the layout (so they have the shapes' true
-    proportions); the references are separate renderings of each subject.
-    """
-    from .scenes import BACKGROUNDS, caption_for, random_subjects, render_reference, render_scene
-
-    jobs = []
-    for i in range(count):
-        rng = np.random.default_rng([seed, 5, i])
-        n = subject_counts[i % len(subject_counts)]
-        scene = render_scene(rng, random_subjects(rng, n, held_out=True), background=str(rng.choice(list(BACKGROUNDS))))
-        asked = [AskedSubject(s.cls, s.identity, tuple(float(c) for c in s.box)) for s in scene.subjects]
-        references = [render_reference(rng, s.cls, s.identity)[0] for s in asked]
-        jobs.append(WorldJob(caption_for([s.cls for s in asked], scene.background), asked, references))
-    return jobs
-
-
-def generate_world_jobs(
-    pipe,
-    jobs: Sequence[WorldJob],
-    settings: GenerationSettings | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    no_boxes: bool = False,
-) -> list[np.ndarray]:
-    """Images (uint8 arrays) of `jobs`, each with its own generator (`seed + k`), in batches.
-
-    `settings`: default the world's (`msdiff-world`'s named settings). `no_boxes=True` gives the
-    pipeline all-zero boxes (the subjects are still scored against the jobs' boxes: that measures
-    what the boxes contribute)."""
-    import PIL.Image
-
-    from ..loading import WORLD, named_settings
-
-    arguments = (settings or named_settings(WORLD)).pipeline_arguments()
-    if (arguments["height"], arguments["width"]) != (SIZE, SIZE):
-        raise ValueError(
-            f"the world's scenes are {SIZE}x{SIZE}; got settings of {arguments['width']}x{arguments['height']}."
-        )
-    images = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        generators = [torch.Generator("cpu").manual_seed(seed + start + k) for k in range(len(chunk))]
-        output = pipe(
-            prompt=[job.prompt for job in chunk],
-            subject_images=[[PIL.Image.fromarray(r) for r in job.references] for job in chunk],
-            subject_phrases=[[s.cls for s in job.subjects] for job in chunk],
-            subject_boxes=[[[0.0] * 4 if no_boxes else list(s.box) for s in job.subjects] for job in chunk],
-            generator=generators,
-            **arguments,
-        )
-        images += [np.asarray(image.convert("RGB")) for image in output.images]
-    return images
-
-
-def evaluate_world(
-    pipe,
-    evaluator: WorldEvaluator,
-    count: int = 200,
-    seed: int = 0,
-    no_boxes: bool = False,
-    settings: GenerationSettings | None = None,
-) -> tuple[dict, list]:
-    """Generate `count` held-out jobs with `settings` (default the world's) and score them."""
-    jobs = held_out_jobs(count, seed)
-    images = generate_world_jobs(pipe, jobs, settings, seed=seed, no_boxes=no_boxes)
-    maps = evaluator.class_maps(np.stack(images))
-    results = [evaluator.evaluate(image, job.subjects, m) for image, job, m in zip(images, jobs, maps)]
-    return summarize(results), results
