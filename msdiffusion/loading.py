@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserInputError, did_you_mean
-from .settings import GenerationSettings, ModelSettings, SettingsError
+from .settings import (
+    IMAGE_TO_IMAGE,
+    INPAINTING,
+    TASKS,
+    TEXT_TO_IMAGE,
+    GenerationSettings,
+    ModelSettings,
+    SettingsError,
+)
 
 TINY = "tiny-random"
 WORLD = "msdiff-world"
@@ -185,17 +193,44 @@ def check_scheduler_name(name: str | None) -> None:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-def load_pipeline(models: ModelSettings, device: str | None = None, dtype=None, adapter=None):
+def pipeline_class(task: str = TEXT_TO_IMAGE, controlnet: bool = False) -> type:
+    """The MS-Diffusion pipeline class of a task (`settings.TASKS`), with or without a ControlNet."""
+    from . import pipelines
+
+    if task not in TASKS:
+        raise SettingsError(f"task: got {task!r}; expected one of {', '.join(TASKS)}.")
+    names = {
+        (TEXT_TO_IMAGE, False): "MSDiffusionXLPipeline",
+        (TEXT_TO_IMAGE, True): "MSDiffusionXLControlNetPipeline",
+        (IMAGE_TO_IMAGE, False): "MSDiffusionXLImg2ImgPipeline",
+        (IMAGE_TO_IMAGE, True): "MSDiffusionXLControlNetImg2ImgPipeline",
+        (INPAINTING, False): "MSDiffusionXLInpaintPipeline",
+        (INPAINTING, True): "MSDiffusionXLControlNetInpaintPipeline",
+    }
+    return getattr(pipelines, names[(task, controlnet)])
+
+
+def pipeline_for_task(pipe, task: str):
+    """`pipe` itself if it runs `task`, else a pipeline of that task on its models (`from_pipe`: nothing is
+    loaded or copied, the adapter comes along), so one loaded SDXL serves every task."""
+    wanted = pipeline_class(task, getattr(pipe, "controlnet", None) is not None)
+    if isinstance(pipe, wanted):
+        return pipe
+    return wanted.from_pipe(pipe)
+
+
+def load_pipeline(
+    models: ModelSettings, device: str | None = None, dtype=None, adapter=None, task: str = TEXT_TO_IMAGE
+):
     """The pipeline `models` describe (base, ControlNet, adapter, image encoder, VAE, LoRAs,
     scheduler) on `device` (or CPU-offloaded to it), with progress bars off.
 
     `device`, `dtype`: default from `models.device`/`models.dtype` (`device_and_dtype`).
     `adapter`: the adapter checkpoint already read (by `check_models`), else it is read here.
+    `task`: text-to-image (default), image-to-image or inpainting: which pipeline class is loaded.
     """
     import diffusers
     import torch
-
-    from .pipelines import MSDiffusionXLControlNetPipeline, MSDiffusionXLPipeline
 
     if device is None or dtype is None:
         chosen_device, chosen_dtype = device_and_dtype(models.device, models.dtype)
@@ -206,13 +241,13 @@ def load_pipeline(models: ModelSettings, device: str | None = None, dtype=None, 
 
         pipe = tiny_pipeline(seed=0, controlnet=models.controlnet is not None)
         pipe = pipe if dtype == torch.float32 else pipe.to(dtype)
+        pipe = pipeline_for_task(pipe, task)
     else:
         locations = resolved_locations(models)
         kwargs: dict = {"dtype": dtype}
-        pipeline_class = MSDiffusionXLPipeline
+        loaded_class = pipeline_class(task, models.controlnet is not None)
         if models.controlnet is not None:
             kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(models.controlnet.model, dtype=dtype)
-            pipeline_class = MSDiffusionXLControlNetPipeline
         if models.vae:
             vae_class = diffusers.AutoencoderKL
             single_file = Path(models.vae).suffix in (".safetensors", ".ckpt")
@@ -220,9 +255,9 @@ def load_pipeline(models: ModelSettings, device: str | None = None, dtype=None, 
                 models.vae, dtype=dtype
             )
         if Path(locations["base"]).suffix in (".safetensors", ".ckpt"):
-            pipe = pipeline_class.from_single_file(locations["base"], **kwargs)
+            pipe = loaded_class.from_single_file(locations["base"], **kwargs)
         else:
-            pipe = pipeline_class.from_pretrained(locations["base"], variant=models.variant, **kwargs)
+            pipe = loaded_class.from_pretrained(locations["base"], variant=models.variant, **kwargs)
         pipe.load_ms_adapter(
             adapter or locations["adapter"],
             image_encoder=locations["image_encoder"],

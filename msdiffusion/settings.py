@@ -5,6 +5,9 @@
 place their names become the pipelines' keyword arguments (`guidance` -> `guidance_scale`,
 `scale` -> `ms_scale`, `size` -> `width`, `height`, ...). Checking a value is done here too, so a
 job file, a flag and a bench run refuse the same mistake with the same words.
+
+`PictureSettings` is the picture a job starts from (image-to-image, inpainting): kept apart from
+`GenerationSettings`, which the bench and training validation share and which only draw from noise.
 """
 
 from __future__ import annotations
@@ -63,6 +66,49 @@ class GenerationSettings:
         """Only the generation settings of a larger record (a job, a bench run)."""
         names = {f.name for f in dataclasses.fields(GenerationSettings)}
         return GenerationSettings(**{name: getattr(self, name) for name in names})
+
+
+# What a generation starts from: noise, a picture to redraw, or a picture with a part to repaint.
+TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING = "text-to-image", "image-to-image", "inpainting"
+TASKS = (TEXT_TO_IMAGE, IMAGE_TO_IMAGE, INPAINTING)
+# The pipelines' own `strength` defaults (diffusers'), by task and ControlNet; `strength: null` means
+# these. Written out so a job is checked without importing the pipelines (a test keeps them equal).
+PIPELINE_STRENGTH = {
+    (IMAGE_TO_IMAGE, False): 0.3,
+    (IMAGE_TO_IMAGE, True): 0.8,
+    (INPAINTING, False): 0.9999,
+    (INPAINTING, True): 0.9999,
+}
+
+
+@dataclass(kw_only=True)
+class PictureSettings:
+    """The picture to start from (paths): `image` alone redraws it (image-to-image), with `mask_image`
+    (white = repaint) only that part is repainted (inpainting); `strength` None is the pipeline's default."""
+
+    image: str | None = None
+    strength: float | None = None
+    mask_image: str | None = None
+
+    @property
+    def task(self) -> str:
+        """text-to-image, image-to-image or inpainting: which pipeline runs these settings."""
+        if self.image is None:
+            return TEXT_TO_IMAGE
+        return INPAINTING if self.mask_image is not None else IMAGE_TO_IMAGE
+
+    def picture_arguments(self) -> dict:
+        """The pipelines' `image`, `mask_image` and `strength` (pictures opened), or {} for text-to-image."""
+        if self.image is None:
+            return {}
+        import PIL.Image
+
+        arguments: dict = {"image": PIL.Image.open(self.image).convert("RGB")}
+        if self.mask_image is not None:
+            arguments["mask_image"] = PIL.Image.open(self.mask_image).convert("L")
+        if self.strength is not None:
+            arguments["strength"] = self.strength
+        return arguments
 
 
 # Which arguments `pipe.prepare_subjects` takes of `pipeline_arguments()` (with the subjects themselves).
@@ -129,6 +175,19 @@ GENERATION_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
         "concat (default: a subject's photos resampled together) or mean (each alone, averaged)",
     ),
 }
+PICTURE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "image": (
+        (str, type(None)),
+        "the path of a picture to start from (image-to-image; with mask_image, inpainting); the output takes its "
+        "size unless size is given",
+    ),
+    "strength": (
+        (int, float, type(None)),
+        "a number in (0, 1]: how far the picture is redrawn (0.3 by default, 0.9999 for inpainting; a subject "
+        "needs about 0.5 or more)",
+    ),
+    "mask_image": ((str, type(None)), "the path of a mask of the picture: white is repainted, black kept"),
+}
 MODEL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "base": (
         (str,),
@@ -188,6 +247,53 @@ def check_generation_values(values: dict, source: str) -> dict:
         if name in values and values[name] not in allowed:
             raise SettingsError(f"{source}: {name}: got {values[name]!r}; expected {GENERATION_FIELDS[name][1]}.")
     return values
+
+
+def check_picture_values(values: dict, source: str, steps: int | None = None, controlnet: bool = False) -> None:
+    """`strength` and `mask_image` need `image`; `strength` is in (0, 1] and, of `steps`, leaves a step
+    (diffusers runs int(steps * strength) of them). Paths are the caller's to check."""
+    image, strength = values.get("image"), values.get("strength")
+    for name in ("strength", "mask_image"):
+        if values.get(name) is not None and image is None:
+            raise SettingsError(
+                f"{source}: {name}: needs image (the picture to start from); add image or remove {name}."
+            )
+    if strength is None and image is None:
+        return
+    check_strength(strength, source)
+    task = INPAINTING if values.get("mask_image") is not None else IMAGE_TO_IMAGE
+    effective = PIPELINE_STRENGTH[(task, controlnet)] if strength is None else strength
+    if steps is not None and int(steps * effective) < 1:
+        given = f"strength {strength}" if strength is not None else f"the default strength {effective}"
+        raise SettingsError(
+            f"{source}: strength: {given} of steps {steps} leaves no denoising step (int(steps * strength) are run); "
+            f"raise steps to at least {math.ceil(1 / effective)} or raise strength."
+        )
+
+
+def check_strength(strength: float | None, source: str) -> None:
+    """`strength` is None (the pipeline's default) or in (0, 1]."""
+    if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
+        raise SettingsError(f"{source}: strength: got {strength}; expected {PICTURE_FIELDS['strength'][1]}.")
+
+
+def picture_size(path: str, what: str = "image") -> list[int]:
+    """[width, height] a picture gives the output when no size is given: its own, rounded down to multiples
+    of 8 as diffusers' preprocessing does. Reads only the file's header."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+        raise SettingsError(f"{what}: cannot read {path!r} as an image ({error}).") from None
+    size = [width - width % 8, height - height % 8]
+    if min(size) < MIN_SIZE:
+        raise SettingsError(
+            f"{what}: the picture is {width}x{height} pixels, below {MIN_SIZE} on a side; give size to enlarge it "
+            "(e.g. size: 512x512)."
+        )
+    return size
 
 
 def check_model_values(values: dict, source: str) -> dict:

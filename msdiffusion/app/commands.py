@@ -93,8 +93,31 @@ def register(subparsers) -> None:
         action="append",
         nargs="+",
         metavar="ARG",
-        help="IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]; repeat per subject. IMAGE may be a+b.jpg for several "
-        "references of one subject (unless a file of that whole name exists); the box is in [0, 1] of the output (omit it for auto layout).",
+        help="IMAGE PHRASE [X0,Y0,X1,Y1] [mask=MASK] [scale=S]; repeat per subject. IMAGE may be a+b.jpg for "
+        "several references of one subject (unless a file of that whole name exists); the box is in [0, 1] of the "
+        "output (omit box and mask for auto layout); mask=PATH (white = the subject's region, any shape) or "
+        "mask=X,Y,X,Y,X,Y,... (a polygon of fractions) confines the subject to that region, beside or instead of "
+        "the box; scale=S is its own strength.",
+    )
+    picture = generate.add_argument_group("start from a picture (image-to-image, inpainting)")
+    picture.add_argument(
+        "--image",
+        metavar="PATH",
+        help="redraw this picture with the prompt and subjects instead of drawing from noise; the output takes "
+        "its size (rounded down to multiples of 8) unless --size is given",
+    )
+    picture.add_argument(
+        "--strength",
+        type=float,
+        metavar="S",
+        help="with --image: how far the picture is redrawn, in (0, 1]; a subject needs about 0.5 or more "
+        "(default: 0.3, or 0.9999 with --mask-image)",
+    )
+    picture.add_argument(
+        "--mask-image",
+        metavar="PATH",
+        help="with --image: repaint only the white part of this mask (black is kept); any size, stretched over "
+        "the picture. Put the subjects' boxes or masks inside it",
     )
     how = generate.add_argument_group("how")
     how.add_argument(
@@ -230,11 +253,14 @@ def _add_device_arguments(group) -> None:
 
 
 # ---- generate ----------------------------------------------------------------------------------
+SUBJECT_USAGE = "--subject IMAGE PHRASE [X0,Y0,X1,Y1] [mask=MASK] [scale=S]"
+
+
 def _subject_from_flag(values: list[str]) -> dict:
-    """`IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]` -> a job-file subject."""
-    usage = "--subject IMAGE PHRASE [X0,Y0,X1,Y1] [scale=S]"
+    """`IMAGE PHRASE [X0,Y0,X1,Y1] [mask=MASK] [scale=S]` -> a job-file subject."""
+    usage = SUBJECT_USAGE
     values = [v.strip() for v in values]  # cli.main may have shielded a negative box with a space
-    if len(values) < 2 or len(values) > 4:
+    if len(values) < 2 or len(values) > 5:
         raise UserInputError(f"{usage}: got {' '.join(values)!r}.")
     # `a+b.jpg` is two photos of one subject, unless a file of that whole name exists.
     images = [values[0]] if Path(values[0]).exists() else values[0].split("+")
@@ -245,6 +271,8 @@ def _subject_from_flag(values: list[str]) -> dict:
                 subject["scale"] = float(extra.removeprefix("scale="))
             except ValueError:
                 raise UserInputError(f"{usage}: scale must be a number, got {extra!r}.") from None
+        elif extra.startswith("mask="):
+            subject["mask"] = _mask_from_flag(extra.removeprefix("mask="), usage)
         else:
             try:
                 subject["box"] = [float(v) for v in extra.split(",")]
@@ -253,6 +281,23 @@ def _subject_from_flag(values: list[str]) -> dict:
                     f"{usage}: the box is four numbers X0,Y0,X1,Y1 in [0, 1], got {extra!r}."
                 ) from None
     return subject
+
+
+def _mask_from_flag(value: str, usage: str) -> str | list[list[float]]:
+    """`mask=PATH` -> the path; `mask=X,Y,X,Y,...` (numbers, and no file of that name) -> a polygon of [x, y]."""
+    if not value:
+        raise UserInputError(f"{usage}: mask= needs a mask image's path or a polygon X,Y,X,Y,X,Y,...")
+    try:
+        numbers = [float(v) for v in value.split(",")]
+    except ValueError:
+        return value  # a path: job_from_dict checks that it exists
+    if Path(value).exists():
+        return value
+    if len(numbers) % 2:
+        raise UserInputError(
+            f"{usage}: a polygon mask is X,Y pairs (fractions of the output), got an odd count of numbers: {value!r}."
+        )
+    return [numbers[i : i + 2] for i in range(0, len(numbers), 2)]
 
 
 def _lora_from_flag(values: list[str]) -> dict:
@@ -296,6 +341,9 @@ def _flag_overrides(args) -> dict:
         "variant": args.variant,
         "vae": args.vae,
         "cpu_offload": args.cpu_offload,
+        "image": args.image,
+        "strength": args.strength,
+        "mask_image": args.mask_image,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.size:
@@ -321,12 +369,17 @@ def run_generate(args) -> int:
     if args.job and args.from_image:
         raise UserInputError("give a job file or --from IMAGE, not both.")
     data: dict = {}
+    size_given = False  # whether the file names a size (else a picture's own size was filled in)
     if args.job:
-        data = job_from_dict(read_job_file(args.job), args.job, Path(args.job).resolve().parent).to_dict()
+        raw = read_job_file(args.job)
+        size_given = "size" in raw
+        data = job_from_dict(raw, args.job, Path(args.job).resolve().parent).to_dict()
     elif args.from_image:
         data = read_job_from_png(args.from_image)
         data.pop("output", None)  # into this run's --output (default outputs/), not where the PNG was made
     overrides = _flag_overrides(args)
+    if "image" in overrides and "size" not in overrides and not size_given:
+        data.pop("size", None)  # another picture: the output takes its size, not the one the file's picture gave
     data.update(overrides)
     if not data:
         raise UserInputError(

@@ -13,6 +13,10 @@ A job is what `msdiff generate` does, written down (YAML or JSON):
     seed: 0
     images: 4
 
+With `image: picture.jpg` the job redraws that picture (`strength`), with `mask_image` as well it
+repaints only the mask's white part; a subject may give `mask` (an image path, or a polygon of
+[x, y] fractions) for its region beside or instead of `box`.
+
 Every written image carries the job that made it (with its own seed) in its PNG metadata, so
 `msdiff generate --from image.png` makes it again.
 """
@@ -34,14 +38,21 @@ from msdiffusion.loading import NAMED_MODELS
 from msdiffusion.settings import (
     GENERATION_FIELDS,
     MODEL_FIELDS,
+    PICTURE_FIELDS,
+    PIPELINE_STRENGTH,
     SUBJECT_ENCODING_ARGUMENTS,
+    TEXT_TO_IMAGE,
     ControlNetSpec,
     GenerationSettings,
     LoraSpec,
     ModelSettings,
+    PictureSettings,
     SettingsError,
     check_generation_values,
     check_model_values,
+    check_picture_values,
+    check_strength,
+    picture_size,
 )
 
 PNG_METADATA_KEY = "msdiffusion-job"
@@ -104,11 +115,14 @@ class JobSubject:
     phrase: str
     box: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
     scale: float | None = None
+    # The subject's region in place of its box: a mask image's path (white = the region, any size, stretched
+    # over the output) or a polygon of [x, y] fractions. The resampler still reads the box, else the mask's.
+    mask: str | list[list[float]] | None = None
 
 
 @dataclass(kw_only=True)
-class Job(ModelSettings, GenerationSettings):
-    """A job file: which models, how to generate (the shared settings), and what to draw."""
+class Job(ModelSettings, GenerationSettings, PictureSettings):
+    """A job file: which models, how to generate (the shared settings), what to start from, and what to draw."""
 
     prompt: str
     subjects: list[JobSubject]
@@ -128,16 +142,22 @@ class Job(ModelSettings, GenerationSettings):
                 "phrase": s.phrase,
                 "box": s.box,
                 "scale": s.scale,
+                **({"mask": s.mask} if s.mask is not None else {}),  # older records stay as they were
             }
             for s in self.subjects
         ]
         return data
 
     def pipeline_arguments(self) -> dict:
-        """The settings' pipeline arguments with this job's prompt, subjects and control image."""
+        """The settings' pipeline arguments with this job's prompt, subjects, picture and control image, for
+        the pipeline of its task (`loading.pipeline_class(job.task, controlnet)`)."""
         import PIL.Image
 
         arguments = super().pipeline_arguments()
+        arguments.update(self.picture_arguments())
+        if self.image is not None and self.size == picture_size(self.image):
+            # The picture's own size: the pipeline takes it from the picture, without resizing it first.
+            del arguments["height"], arguments["width"]
         arguments.update(
             prompt=self.prompt,
             subject_images=[[PIL.Image.open(p).convert("RGB") for p in s.images] for s in self.subjects],
@@ -146,22 +166,39 @@ class Job(ModelSettings, GenerationSettings):
             subject_scales=[s.scale for s in self.subjects]
             if any(s.scale is not None for s in self.subjects)
             else None,
+            subject_masks=[_mask_argument(s.mask) for s in self.subjects]
+            if any(s.mask is not None for s in self.subjects)
+            else None,
         )
         if self.controlnet is not None:
+            # Text-to-image ControlNet takes the condition as `image`; image-to-image and inpainting as `control_image`.
+            control = "image" if self.task == TEXT_TO_IMAGE else "control_image"
             arguments.update(
-                image=PIL.Image.open(self.controlnet.image).convert("RGB"),
+                {control: PIL.Image.open(self.controlnet.image).convert("RGB")},
                 controlnet_conditioning_scale=self.controlnet.scale,
                 controlnet_image_tokens=self.controlnet.image_tokens,
             )
         return arguments
 
 
+def _mask_argument(mask: str | list | None) -> Any:
+    """A job subject's mask as the pipelines take it: a path, or a polygon as (x, y) tuples."""
+    if mask is None or isinstance(mask, str):
+        return mask
+    return [tuple(point) for point in mask]
+
+
 # field -> (accepted types, what is allowed); the table is the schema and the error messages.
 _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     **MODEL_FIELDS,
     "prompt": ((str,), "text that names every subject's phrase"),
-    "subjects": ((list,), "a list of {image, phrase, box, scale}"),
+    "subjects": (
+        (list,),
+        "a list of {image, phrase, box, scale}, each with an optional mask (an image path or a polygon "
+        "[[x, y], ...]) beside or instead of its box",
+    ),
     **GENERATION_FIELDS,
+    **PICTURE_FIELDS,
     "seed": ((int, type(None)), "an integer (omit for a random one)"),
     "seed_mode": (
         (str,),
@@ -175,7 +212,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 }
 _REQUIRED = ("base", "adapter", "prompt", "subjects")
 MAX_SEED = 2**63 - 1  # the largest seed a torch generator takes
-_SUBJECT_FIELDS = {"image", "phrase", "box", "scale"}
+_SUBJECT_FIELDS = {"image", "phrase", "box", "mask", "scale"}
+_PICTURE_PATHS = ("image", "mask_image")
 
 
 def _unknown(name: Any, allowed, where: str) -> JobError:
@@ -257,8 +295,30 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
         values["controlnet"] = collect(_controlnet, values["controlnet"], f"{source}: controlnet", base_dir)
     if "output" in values:
         values["output"] = collect(_path, values["output"], base_dir, f"{source}: output", must_exist=False)
+    _picture(values, given, source, base_dir, collect)
     collect.raise_any()
     return Job(**values)
+
+
+def _picture(values: dict, given: dict, source: str, base_dir: Path | None, collect: _Collect) -> None:
+    """The picture fields checked in `values`: paths resolved, `strength` and `mask_image` only with
+    `image`, and `size` from the picture where the job gives none (a named set's default size included)."""
+    if not any(values.get(name) is not None for name in PICTURE_FIELDS):
+        return
+    missing = False
+    for name in _PICTURE_PATHS:
+        if values.get(name) is not None:
+            values[name] = collect(_path, values[name], base_dir, f"{source}: {name}")
+            missing = missing or values[name] is None
+    if missing:  # its problem is listed; the checks below would judge another task than the one meant
+        collect(check_strength, values.get("strength"), source)
+        return
+    steps = values.get("steps") if isinstance(values.get("steps"), int) else None
+    collect(check_picture_values, values, source, steps, values.get("controlnet") is not None)
+    if values.get("image") is not None and "size" not in given:
+        size = collect(picture_size, values["image"], f"{source}: image")
+        if size is not None:
+            values["size"] = size
 
 
 def _check_type(name: str, value: Any, source: str) -> bool:
@@ -328,10 +388,15 @@ def portable_job(job: Job) -> dict:
             entry["box"] = subject.box
         if subject.scale is not None:
             entry["scale"] = subject.scale
+        if subject.mask is not None:
+            entry["mask"] = Path(subject.mask).name if isinstance(subject.mask, str) else subject.mask
         subjects.append(entry)
     kept["subjects"] = subjects
     if job.controlnet is not None:
         kept["controlnet"] = {**kept["controlnet"], "image": Path(job.controlnet.image).name}
+    for name in _PICTURE_PATHS:
+        if kept.get(name) is not None:
+            kept[name] = Path(kept[name]).name
     return kept
 
 
@@ -349,6 +414,21 @@ def job_warnings(job: Job) -> list[str]:
         )
     if 0 < job.guidance < 1:
         warnings.append(f"guidance {job.guidance} is below 1: classifier-free guidance is off (as with 1).")
+    if job.image is not None:
+        strength = (
+            job.strength if job.strength is not None else PIPELINE_STRENGTH[(job.task, job.controlnet is not None)]
+        )
+        if strength < 0.5:
+            warnings.append(
+                f"strength {strength}{' (the default)' if job.strength is None else ''} is below 0.5: a subject can "
+                "only tint what the picture already has there (--strength 0.7 gives it room)."
+            )
+        own = picture_size(job.image)
+        if abs(job.size[0] / job.size[1] - own[0] / own[1]) > 0.02 * own[0] / own[1]:
+            warnings.append(
+                f"size {job.size[0]}x{job.size[1]} has other proportions than the picture ({own[0]}x{own[1]}): it is "
+                "stretched to it (leave size out for the picture's own)."
+            )
     return warnings
 
 
@@ -357,7 +437,7 @@ def _subject(data: Any, where: str, base_dir: Path | None, collect: _Collect) ->
     from msdiffusion.subjects import check_box
 
     if not isinstance(data, dict):
-        collect.problems.append(f"{where}: expected {{image, phrase, box, scale}}, got {quote(data)}.")
+        collect.problems.append(f"{where}: expected {{image, phrase, box, mask, scale}}, got {quote(data)}.")
         return None
     before = len(collect.problems)
     for name in data:
@@ -392,9 +472,31 @@ def _subject(data: Any, where: str, base_dir: Path | None, collect: _Collect) ->
         collect.problems.append(
             f"{where}.scale: got {quote(scale)}; expected a number >= 0 (the subject's own strength)."
         )
+    mask = data.get("mask")
+    if mask is not None:
+        mask = collect(_subject_mask, mask, base_dir, f"{where}.mask")
     if len(collect.problems) > before:
         return None
-    return JobSubject(paths, phrase, box, None if scale is None else float(scale))
+    return JobSubject(paths, phrase, box, None if scale is None else float(scale), mask)
+
+
+def _subject_mask(value: Any, base_dir: Path | None, what: str) -> str | list[list[float]]:
+    """A subject's mask: an image path (resolved; decoded by `check_inputs`), or a polygon of [x, y] fractions."""
+    from msdiffusion.subjects import check_polygon
+
+    if isinstance(value, str):
+        return _path(value, base_dir, what)
+    if not isinstance(value, list) or (value and not all(isinstance(p, list) for p in value)):
+        raise JobError(
+            f"{what}: got {quote(value)}; expected an image path (white = the subject's region) or a polygon "
+            "[[x, y], ...] of three or more fractions of the output."
+        )
+    try:
+        polygon = check_polygon(value, what)
+    except ValueError as error:
+        text = str(error)  # the polygon's own message, which repeats its points: kept short
+        raise JobError(text if len(text) <= 300 else text[:297] + "...") from None
+    return [list(point) for point in polygon]
 
 
 def _lora(data: Any, where: str, base_dir: Path | None) -> LoraSpec:
@@ -513,16 +615,22 @@ def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:
     if not isinstance(data, dict):
         raise JobError(f"--from {path}: the job in its metadata is not a mapping of fields.")
     check_value_count(data, f"--from {path}")
+
+    def beside(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return str(path.resolve().parent / value)
+        return value
+
     for subject in data.get("subjects") if isinstance(data.get("subjects"), list) else []:
         if isinstance(subject, dict) and isinstance(subject.get("image"), (str, list)):
             images = subject["image"] if isinstance(subject["image"], list) else [subject["image"]]
-            beside = [
-                str(path.resolve().parent / image)
-                if isinstance(image, str) and image and not Path(image).is_absolute()
-                else image
-                for image in images
-            ]
-            subject["image"] = beside if isinstance(subject["image"], list) else beside[0]
+            subject["image"] = [beside(i) for i in images] if isinstance(subject["image"], list) else beside(images[0])
+        if isinstance(subject, dict) and isinstance(subject.get("mask"), str):
+            subject["mask"] = beside(subject["mask"])
+    for name in _PICTURE_PATHS:
+        data[name] = beside(data.get(name)) if name in data else None
+        if data[name] is None:
+            del data[name]
     return data
 
 
@@ -536,6 +644,24 @@ def check_inputs(job: Job) -> None:
             check_image_file(image, label)
     if job.controlnet is not None:
         check_image_file(job.controlnet.image, "controlnet.image")
+    for name in _PICTURE_PATHS:
+        if getattr(job, name) is not None:
+            check_image_file(getattr(job, name), name)
+    for j, subject in enumerate(job.subjects):
+        if isinstance(subject.mask, str):
+            _check_mask_file(subject.mask, f"subjects[{j}].mask ({subject.phrase})")
+
+
+def _check_mask_file(path: str, what: str) -> None:
+    """A subject's mask image decodes and has a region (the pipeline would refuse an empty one after loading)."""
+    from msdiffusion.checks import InputCheckError, check_image_file
+    from msdiffusion.subjects import check_mask
+
+    check_image_file(path, what)
+    try:
+        check_mask(path, what)
+    except ValueError as error:
+        raise InputCheckError(str(error)) from None
 
 
 def _next_stem(folder: Path) -> str:
@@ -572,7 +698,7 @@ def run_job(
         device, dtype = device_and_dtype(job.device, job.dtype)
         log(f"Loading {job.base} + {job.adapter} on {device} ({dtype})")
         try:
-            pipe = load_pipeline(job, device, dtype, adapter)
+            pipe = load_pipeline(job, device, dtype, adapter, task=job.task)
         except (OSError, ValueError) as error:
             if isinstance(error, UserInputError):
                 raise
@@ -580,6 +706,8 @@ def run_job(
             text = str(error).strip()
             first_line = text.splitlines()[0] if text else type(error).__name__
             raise JobError(f"cannot load the models: {type(error).__name__}: {first_line}") from error
+    else:
+        pipe = _for_task(pipe, job)
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     own_scheduler = getattr(pipe, "scheduler", None)
     if job.scheduler and type(own_scheduler).__name__ != job.scheduler:
@@ -595,6 +723,16 @@ def run_job(
     finally:
         if own_scheduler is not None and pipe.scheduler is not own_scheduler:
             pipe.scheduler = own_scheduler
+
+
+def _for_task(pipe, job: Job):
+    """The loaded pipeline for the job's task: itself, or one built on its models (`from_pipe`), so that a
+    loaded text-to-image pipeline (the page's, a script's) also redraws and inpaints without loading again."""
+    from msdiffusion.loading import pipeline_for_task
+
+    if job.controlnet is not None and getattr(pipe, "controlnet", None) is None:
+        raise JobError("controlnet: the loaded pipeline has no ControlNet; load one with the job's controlnet.")
+    return pipeline_for_task(pipe, job.task)
 
 
 def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) -> list[Path]:
@@ -618,6 +756,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
 
         arguments["callback_on_step_end"] = step_end
     subject_images = arguments["subject_images"]
+    preview_boxes = [_preview_box(s) for s in job.subjects] if job.preview else []
     written: list[Path] = []
 
     def write(image, image_seed: int, record: Job, maps) -> None:
@@ -633,7 +772,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
             regions = None
             if maps is not None:  # where auto layout put each subject (shown for those without a box)
                 regions = [(maps[j] > job.mask_threshold).cpu().numpy() for j in range(len(job.subjects))]
-            preview = draw_layout(image, [s.box for s in job.subjects], phrases, regions=regions)
+            preview = draw_layout(image, preview_boxes, phrases, regions=regions)
             preview.save(folder / f"{stem}-layout.png")
             subjects_sheet(subject_images, phrases, preview).save(folder / f"{stem}-sheet.png")
             written.extend([folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"])
@@ -659,6 +798,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
                 "subject_phrases",
                 "subject_boxes",
                 "subject_scales",
+                "subject_masks",
                 *SUBJECT_ENCODING_ARGUMENTS,
             )
             arguments["prepared_subjects"] = pipe.prepare_subjects(
@@ -672,6 +812,15 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
             out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
             write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1), _maps(out, 0))
     return written
+
+
+def _preview_box(subject: JobSubject) -> list[float]:
+    """The box the preview outlines: the subject's, else its mask's bounding box (the one the resampler reads)."""
+    if any(subject.box) or subject.mask is None:
+        return subject.box
+    from msdiffusion.subjects import check_mask, mask_bounding_box
+
+    return list(mask_bounding_box(check_mask(_mask_argument(subject.mask))))
 
 
 def _maps(out, index: int):

@@ -570,6 +570,42 @@ def receive_photos(job, slots: list[int], visitor: str, files: VisitorFiles, lim
     return job
 
 
+# Job fields that name files other than the subjects' photos: a picture to start from, a repaint mask, a
+# subject's mask image. The page takes files only as the visitor's uploads and has no upload for these
+# yet, so no such path may reach `job_from_dict`, which would read (or say whether there is) a server file.
+PICTURE_FIELDS = ("image", "strength", "mask_image")
+
+
+def refuse_picture_fields(data: dict) -> None:
+    """Refuse (UserInputError) a job sent to the page that starts from a picture or gives a subject a mask
+    image; polygon masks, which name no file, are kept."""
+    given = [name for name in PICTURE_FIELDS if data.get(name) is not None]
+    if given:
+        raise UserInputError(
+            f"job: {', '.join(given)}: the page does not start from a picture yet; run this job with msdiff generate."
+        )
+    subjects = data.get("subjects")
+    for i, subject in enumerate(subjects if isinstance(subjects, list) else []):
+        if isinstance(subject, dict) and subject.get("mask") is not None and not isinstance(subject["mask"], list):
+            raise UserInputError(
+                f"job: subjects[{i}].mask: the page takes a subject's mask as a polygon [[x, y], ...] only, not a file."
+            )
+
+
+def _drop_picture_fields(data: dict, notes: list[str]) -> None:
+    """An imported job's picture fields and subject masks left out, each named in `notes` (the page shows neither)."""
+    dropped = [name for name in PICTURE_FIELDS if data.pop(name, None) is not None]
+    if dropped:
+        notes.append(f"{', '.join(dropped)}: left out (the page does not start from a picture; msdiff generate does).")
+    subjects = data.get("subjects")
+    if not isinstance(subjects, list):
+        return
+    data["subjects"] = [dict(subject) if isinstance(subject, dict) else subject for subject in subjects]
+    for i, subject in enumerate(data["subjects"]):
+        if isinstance(subject, dict) and subject.pop("mask", None) is not None:
+            notes.append(f"subject {i + 1}: its mask is left out (the page places subjects by boxes).")
+
+
 def job_to_page(
     data: dict, find_photo: Callable[[str], str | None], models: PageModels
 ) -> tuple[dict, list[dict], list[str]]:
@@ -584,6 +620,7 @@ def job_to_page(
 
     data = dict(data)
     notes = []
+    _drop_picture_fields(data, notes)
     raw_subjects = data.get("subjects") if isinstance(data.get("subjects"), list) else []
     if len(raw_subjects) > MAX_SUBJECTS:
         raise UserInputError(f"imported job: {len(raw_subjects)} subjects; the page holds up to {MAX_SUBJECTS}.")
@@ -1169,7 +1206,8 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             visitor = _visitor(request)
             try:
                 data = parse_job_text(job or "", "job")
-            except JobError as error:
+                refuse_picture_fields(data)
+            except UserInputError as error:  # JobError included
                 raise gr.Error(str(error)) from None
             by_name = {Path(p).name: str(p) for p in images or []}
             subjects = data.get("subjects")

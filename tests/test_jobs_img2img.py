@@ -1,0 +1,252 @@
+"""Image-to-image, inpainting and subject masks in job files, `msdiff generate` flags and `run_job`."""
+
+import inspect
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import yaml
+
+from msdiffusion import loading
+from msdiffusion.app.cli import main
+from msdiffusion.app.jobs import PNG_METADATA_KEY, JobError, job_from_dict, portable_job, run_job
+from msdiffusion.settings import IMAGE_TO_IMAGE, INPAINTING, PIPELINE_STRENGTH, TEXT_TO_IMAGE
+
+TINY = ["--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random"]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "img2img-inpainting.md"
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """A 130x100 picture (the output: 128x96), a subject photo, a repaint mask of half the picture's size,
+    a subject mask and an empty one; the current folder is theirs."""
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 255, (100, 130, 3), dtype=np.uint8)).save(tmp_path / "room.jpg")
+    PIL.Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "dog.jpg")
+    hole = np.zeros((50, 65), np.uint8)
+    hole[10:45, 20:60] = 255
+    PIL.Image.fromarray(hole).save(tmp_path / "sofa-mask.png")
+    region = np.zeros((96, 128), np.uint8)
+    region[30:90, 45:115] = 255
+    PIL.Image.fromarray(region).save(tmp_path / "dog-region.png")
+    PIL.Image.fromarray(np.zeros((96, 128), np.uint8)).save(tmp_path / "empty.png")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def record(path) -> dict:
+    return json.loads(PIL.Image.open(path).text[PNG_METADATA_KEY])
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(PIL.Image.open(path))
+
+
+def test_the_strength_defaults_and_classes_are_the_pipelines():
+    for (task, controlnet), strength in PIPELINE_STRENGTH.items():
+        cls = loading.pipeline_class(task, controlnet)
+        assert inspect.signature(cls.__call__).parameters["strength"].default == strength, cls
+    assert loading.pipeline_class(TEXT_TO_IMAGE).__name__ == "MSDiffusionXLPipeline"
+
+
+def test_img2img_from_flags_with_a_mask_only_subject_regenerates_from_its_png(files):
+    flags = [*TINY, "--prompt", "a dog in the room", "--image", "room.jpg", "--strength", "0.7"]
+    flags += ["--subject", "dog.jpg", "dog", "mask=dog-region.png", "--steps", "2", "--seed", "1", "--quiet"]
+    assert main(["generate", *flags, "--output", "a"]) == 0
+    made = files / "a" / "msdiff-00001.png"
+    assert PIL.Image.open(made).size == (128, 96)  # the picture's 130x100, rounded down to multiples of 8
+    job = record(made)
+    assert (job["image"], job["strength"], job["mask_image"]) == (str(files / "room.jpg"), 0.7, None)
+    assert job["subjects"][0]["mask"] == str(files / "dog-region.png") and job["size"] == [128, 96]
+    assert main(["generate", "--from", str(made), "--output", "again", "--quiet"]) == 0
+    np.testing.assert_array_equal(pixels(files / "again" / "msdiff-00001.png"), pixels(made))
+
+    # A loaded text-to-image pipeline (the page's) serves the job through from_pipe: the same image, no load.
+    from msdiffusion.tiny import tiny_pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a pipeline was given: nothing is loaded")
+
+    pipe = tiny_pipeline(seed=0)
+    loaded = job_from_dict({**job, "output": str(files / "loaded")})
+    original = loading.load_pipeline
+    loading.load_pipeline = no_loading
+    try:
+        (written, *_) = run_job(loaded, pipe, progress=False, log=lambda *a: None)
+    finally:
+        loading.load_pipeline = original
+    np.testing.assert_array_equal(pixels(written), pixels(made))
+    assert type(pipe).__name__ == "MSDiffusionXLPipeline"  # the loaded pipeline itself is left as it was
+
+
+def test_inpaint_from_a_job_file_with_a_polygon_and_a_smaller_mask_image(files):
+    job = {
+        "base": "tiny-random",
+        "adapter": "tiny-random",
+        "image_encoder": "tiny-random",
+        "prompt": "a dog on the sofa",
+        "image": "room.jpg",
+        "mask_image": "sofa-mask.png",  # half the picture's size: stretched over it
+        "subjects": [
+            {"image": "dog.jpg", "phrase": "dog", "mask": [[0.3, 0.3], [0.9, 0.3], [0.9, 0.9], [0.4, 0.9]]},
+        ],
+        "steps": 2,
+        "seed": 0,
+        "output": "inpainted",
+    }
+    (files / "jobs").mkdir()
+    relative = {"image": "../room.jpg", "mask_image": "../sofa-mask.png"}  # to the job file
+    relative["subjects"] = [{**job["subjects"][0], "image": "../dog.jpg"}]
+    (files / "jobs" / "job.yaml").write_text(yaml.safe_dump({**job, **relative}))
+    assert main(["generate", "jobs/job.yaml", "--quiet"]) == 0
+    made = files / "jobs" / "inpainted" / "msdiff-00001.png"
+    assert PIL.Image.open(made).size == (128, 96)
+    kept = record(made)
+    assert kept["image"] == str(files / "room.jpg") and kept["mask_image"] == str(files / "sofa-mask.png")
+    assert kept["strength"] is None and kept["subjects"][0]["mask"][0] == [0.3, 0.3]
+    assert main(["generate", "--from", str(made), "--output", "again", "--quiet"]) == 0
+    np.testing.assert_array_equal(pixels(files / "again" / "msdiff-00001.png"), pixels(made))
+    # The portable record names the pictures by file name, as the page's PNGs do.
+    portable = portable_job(job_from_dict(kept))
+    assert (portable["image"], portable["mask_image"]) == ("room.jpg", "sofa-mask.png")
+
+
+def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(files):
+    base = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
+    base["subjects"] = [{"image": "dog.jpg", "phrase": "dog", "box": [0.2, 0.2, 0.8, 0.8]}]
+    assert job_from_dict(base, base_dir=files).size == [512, 384]  # the named set's default
+    job = job_from_dict({**base, "image": "room.jpg"}, base_dir=files)
+    assert (job.size, job.task) == ([128, 96], IMAGE_TO_IMAGE)
+    assert "height" not in job.pipeline_arguments()  # the pipeline takes the picture's own size
+    job = job_from_dict({**base, "image": "room.jpg", "mask_image": "sofa-mask.png", "size": 64}, base_dir=files)
+    assert (job.size, job.task) == ([64, 64], INPAINTING) and job.pipeline_arguments()["height"] == 64
+    # --image over a job file without size: the output takes the new picture's size
+    PIL.Image.new("RGB", (80, 72)).save(files / "small.png")
+    (files / "job.yaml").write_text(yaml.safe_dump({**base, "image": "room.jpg", "steps": 4}))
+
+    captured = {}
+
+    def capture(job, command, progress, log=print):
+        captured["job"] = job
+        return []
+
+    from msdiffusion.app import commands
+
+    original = commands._run_checked
+    commands._run_checked = capture
+    try:
+        assert main(["generate", "job.yaml", "--image", "small.png", "--strength", "1"]) == 0
+        assert captured["job"].size == [80, 72]
+        assert main(["generate", "job.yaml", "--image", "small.png", "--strength", "1", "--size", "64"]) == 0
+        assert captured["job"].size == [64, 64]
+    finally:
+        commands._run_checked = original
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--image", "room.jpg", "--strength", "0"], "strength: got 0.0; expected a number in (0, 1]"),
+        (["--image", "room.jpg", "--strength", "1.5"], "strength: got 1.5; expected a number in (0, 1]"),
+        (["--strength", "0.5"], "strength: needs image (the picture to start from)"),
+        (["--mask-image", "sofa-mask.png"], "mask_image: needs image"),
+        (["--image", "nope.jpg"], "image: 'nope.jpg' does not exist"),
+        (["--image", "room.jpg", "--mask-image", "nope.png"], "mask_image: 'nope.png' does not exist"),
+        (["--image", "room.jpg", "--steps", "3"], "strength: the default strength 0.3 of steps 3 leaves no denoising"),
+        (["--subject", "dog.jpg", "dog", "mask=nope.png"], "subjects[0].mask: 'nope.png' does not exist"),
+        (
+            ["--subject", "dog.jpg", "dog", "mask=0.1,0.1,0.5,0.5"],
+            "subjects[0].mask: a polygon needs at least 3 points",
+        ),
+        (["--subject", "dog.jpg", "dog", "mask=0.1,0.1,0.5"], "a polygon mask is X,Y pairs"),
+        (["--subject", "dog.jpg", "dog", "mask=empty.png"], "subjects[0].mask (dog): the mask is empty"),
+        (["--subject", "dog.jpg", "dog", "0,0,1,1", "mask=", "scale=1"], "mask= needs a mask image's path"),
+    ],
+)
+def test_mistakes_are_one_line_before_any_model_loads(files, capsys, monkeypatch, extra, message):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_loading)
+    subject = [] if "--subject" in extra else ["--subject", "dog.jpg", "dog"]
+    assert main(["generate", *TINY, "--prompt", "a dog", *subject, *extra, "--output", "x", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("msdiff generate: error: ") and message in err, err
+    assert len(err.splitlines()) == 1 and not (files / "x").exists()
+
+
+def test_a_job_files_picture_problems_are_listed_together(files):
+    job = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
+    job |= {"image": "room.jpg", "strength": 2, "mask_image": "gone.png"}
+    job["subjects"] = [
+        {"image": "dog.jpg", "phrase": "dog", "mask": [[0.1, 0.1], [0.5, 0.5]]},
+        {"image": "dog.jpg", "phrase": "dog", "mask": 3},
+        {"image": "dog.jpg", "phrase": "dog", "mask": [[0.1, 0.1], [2, 0.5], [0.5, 0.9]]},
+    ]
+    with pytest.raises(JobError) as error:
+        job_from_dict(job, "job.yaml", files)
+    problems = error.value.problems
+    assert any(p.startswith("subjects[0].mask: a polygon needs at least 3 points, got 2") for p in problems)
+    assert any(p.startswith("subjects[1].mask: got 3; expected an image path") for p in problems)
+    assert any(p.startswith("subjects[2].mask: polygon points are (x, y) fractions") for p in problems)
+    assert any(p.startswith("mask_image: 'gone.png' does not exist (relative to") for p in problems)
+    assert any(p.startswith("strength: got 2; expected a number in (0, 1]") for p in problems)
+    assert len(problems) == 5
+
+
+def test_the_docs_commands_run_as_written(files, tmp_path):
+    """docs/img2img-inpainting.md's job file and commands, on tiny local models (hub ids replaced by their
+    folders; steps lowered and a small size appended where the command gives none)."""
+    from msdiffusion.tiny import save_tiny_models
+
+    models = save_tiny_models(tmp_path / "models")
+    hub = {
+        "stabilityai/stable-diffusion-xl-base-1.0": str(models["base"]),
+        "doge1516/MS-Diffusion": str(models["released_adapter"]),
+        "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k": str(models["image_encoder"]),
+    }
+    text = DOCS.read_text()
+    for name, path in hub.items():
+        text = text.replace(name, path)
+    PIL.Image.open("room.jpg").save("beach.jpg")
+    (job,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    Path("inpaint.yaml").write_text(job)
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+    commands = [shlex.split(line.split(" #")[0]) for line in lines if line.startswith("msdiff generate")]
+    assert len(commands) >= 3
+    for words in commands:
+        args = words[1:] + (["--steps", "2"] if "--from" not in words else [])
+        assert main([*args, "--quiet"]) == 0, words
+    assert len(list(Path("outputs").glob("msdiff-?????.png"))) == len(commands)
+
+
+def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypatch):
+    """The page has no upload for pictures and mask images yet: a visitor's job naming one is refused (the
+    API) or has it left out (imports), before `job_from_dict` could read or probe a server file."""
+    from msdiffusion.app import jobs
+    from msdiffusion.app.page import PageModels, job_to_page, refuse_picture_fields
+    from msdiffusion.errors import UserInputError
+
+    server_file = str(files / "room.jpg")
+    subject = {"image": "dog.jpg", "phrase": "dog", "box": [0.1, 0.1, 0.9, 0.9]}
+    for job in (
+        {"prompt": "a dog", "image": server_file, "subjects": [subject]},
+        {"prompt": "a dog", "mask_image": "/etc/hostname", "subjects": [subject]},
+        {"prompt": "a dog", "subjects": [{**subject, "mask": server_file}]},
+    ):
+        with pytest.raises(UserInputError, match="page"):
+            refuse_picture_fields(job)
+    refuse_picture_fields({"prompt": "a dog", "subjects": [{**subject, "mask": [[0, 0], [1, 0], [1, 1]]}]})
+
+    opened = []
+    monkeypatch.setattr(jobs, "picture_size", lambda path, what="image": opened.append(path))
+    data = {"prompt": "a dog", "image": server_file, "strength": 0.5, "subjects": [{**subject, "mask": server_file}]}
+    models = PageModels("tiny-random", "tiny-random", "tiny-random")
+    _, subjects, notes = job_to_page(data, lambda name: None, models)
+    assert not opened and data["subjects"][0]["mask"] == server_file  # the caller's job is left as it was
+    assert any("image, strength: left out" in note for note in notes)
+    assert any("subject 1: its mask is left out" in note for note in notes)
