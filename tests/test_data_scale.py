@@ -3,7 +3,13 @@ everything that reads a manifest, resuming a stopped build, and the Ray engine o
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 
 import numpy as np
 import PIL.Image
@@ -12,7 +18,16 @@ import pytest
 from tiny_detectors import save_tiny_detector_and_segmenter
 
 from msdiffusion.app.cli import main
-from msdiffusion.data.build import build_sharded, make_phrase_finder, plan_shards, shard_works, tar_items
+from msdiffusion.data.build import (
+    BuildProgress,
+    BuildReport,
+    build_sharded,
+    format_duration,
+    make_phrase_finder,
+    plan_shards,
+    shard_works,
+    tar_items,
+)
 from msdiffusion.data.dataset import MSDiffusionDataset
 from msdiffusion.data.detection import Detection, SubjectFilter
 from msdiffusion.data.manifest import (
@@ -238,7 +253,9 @@ def test_build_command_on_tar_shards_and_folders_with_shard_size(tmp_path, capsy
     flags = ["--detector", str(models["detector"]), "--device", "cpu", "--score-threshold", "0.0"]
     flags += ["--min-box-area", "0.001", "--max-overlap", "1.0"]
     assert main(["data", "build", str(tars), "--out", str(tmp_path / "a"), *flags]) == 0
-    assert "4 of 6 items written" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "4 of 6 items written" in printed.out
+    assert "shards 2/2 | samples 6 | " in printed.err and "s left" in printed.err  # the progress line
     assert len(read_manifest(tmp_path / "a" / INDEX_NAME)) == 4
     assert main(["data", "build", str(tars), "--out", str(tmp_path / "a"), *flags]) == 2
     assert "manifest-index.json exists; pass --overwrite" in capsys.readouterr().err
@@ -250,8 +267,9 @@ def test_build_command_on_tar_shards_and_folders_with_shard_size(tmp_path, capsy
         "manifest-00001.jsonl",
     ]
     # --limit: a trial into one manifest.jsonl, tar sources too
-    assert main(["data", "build", str(tars), "--out", str(tmp_path / "c"), "--limit", "1", *flags]) == 0
+    assert main(["data", "build", str(tars), "--out", str(tmp_path / "c"), "--limit", "1", "--quiet", *flags]) == 0
     assert len(read_manifest(tmp_path / "c" / "manifest.jsonl")) == 1
+    assert "samples/s" not in capsys.readouterr().err
     assert main(["data", "build", str(tars), "--out", str(tmp_path / "d"), "--detector-workers", "2", *flags]) == 2
     assert "need(s) --engine ray" in capsys.readouterr().err
 
@@ -302,3 +320,220 @@ def test_ray_engine_writes_the_local_engines_manifest(local_ray, tmp_path, capsy
     for path in written:
         assert (tmp_path / "local" / path).read_bytes() == (tmp_path / "ray" / path).read_bytes(), path
     assert len(read_manifest(tmp_path / "ray" / INDEX_NAME)) == 4
+
+
+def test_ray_engine_retries_a_killed_detector_worker_and_the_manifest_is_complete(local_ray, tmp_path):
+    """A detector actor killed (SIGKILL) in the middle of a shard is restarted by Ray, its batch sent again."""
+    from ray import cloudpickle
+
+    from msdiffusion.data.ray_engine import build_with_ray
+
+    source = _many_shards(tmp_path / "tars", shards=3, per_shard=6)
+    pid_file = tmp_path / "detector.pid"
+    killed = []
+
+    def kill_when_paused():
+        deadline = time.monotonic() + 120
+        while not pid_file.is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_file.is_file():
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    killer = threading.Thread(target=kill_when_paused, daemon=True)
+    killer.start()
+    # The test's detector goes to the workers by value: they cannot import this test module.
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        specs, _ = plan_shards(source)
+        report = build_with_ray(
+            specs,
+            tmp_path / "ray",
+            PausingDetector(str(pid_file)),
+            SubjectFilter(),
+            make_phrase_finder(),
+            batch_size=2,
+            cpus_per_worker=0.5,
+            gpus_per_worker=0,
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    killer.join(timeout=5)
+    assert killed, "the detector worker never paused to be killed"
+    _build(source, tmp_path / "local")
+    assert report.items == 18 and _sorted_lines(tmp_path / "ray") == _sorted_lines(tmp_path / "local")
+
+
+class PausingDetector:
+    """Test-only detector factory: the first actor to load it writes its PID after one batch and then waits,
+    mid-shard, to be killed; the actor Ray restarts finds the PID file and runs through."""
+
+    def __init__(self, pid_file: str):
+        self.pid_file = pid_file
+
+    def __call__(self):
+        return _PausingColorDetector(self.pid_file)
+
+
+class _PausingColorDetector(ColorDetector):
+    def __init__(self, pid_file: str):
+        super().__init__()
+        self.pid_file, self.calls = pid_file, 0
+
+    def __call__(self, images, phrases, threshold):
+        self.calls += 1
+        if self.calls == 2 and not os.path.exists(self.pid_file):
+            with open(self.pid_file + ".tmp", "w") as handle:
+                handle.write(str(os.getpid()))
+            os.replace(self.pid_file + ".tmp", self.pid_file)
+            time.sleep(300)  # killed long before
+        return super().__call__(images, phrases, threshold)
+
+
+# --- stopping and resuming the build command -------------------------------------------------------
+
+
+def _many_shards(folder, shards, per_shard):
+    """`shards` tar shards of `per_shard` captioned stills each, every one different."""
+    for number in range(shards):
+        samples = []
+        for k in range(per_shard):
+            x, y = 2 + (7 * k + 3 * number) % 40, 2 + (5 * k + number) % 20
+            objects = [("red ball", (x, y, x + 20 + k % 5, y + 30))]
+            caption = "a red ball"
+            if (k + number) % 2:
+                objects.append(("blue box", (x + 30, 8, x + 50, 50)))
+                caption = "a red ball and a blue box"
+            samples.append(_still(f"{number:04d}{k:05d}", caption, objects))
+        _write_tar(folder / f"{number:05d}.tar", samples)
+    return folder
+
+
+def _sorted_lines(out):
+    """Every manifest line of a sharded build, sorted by sample id; fails on a duplicate id."""
+    lines = [line for path in manifest_files(out) for line in path.read_text().splitlines() if line.strip()]
+    ids = [json.loads(line)["id"] for line in lines]
+    assert len(ids) == len(set(ids)), "duplicate samples"
+    return [line for _, line in sorted(zip(ids, lines))]
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    """Tar shards, the tiny models, the build flags and an uninterrupted local build to compare with."""
+    folder = tmp_path_factory.mktemp("kill")
+    source = _many_shards(folder / "tars", shards=8, per_shard=12)
+    models = save_tiny_detector_and_segmenter(folder / "models")
+    # No SAM: it would triple the time, and the engines' masks are compared by the test above.
+    flags = ["--detector", str(models["detector"]), "--device", "cpu", "--score-threshold", "0.0"]
+    flags += ["--min-box-area", "0.001", "--max-overlap", "1.0", "--batch-size", "2"]
+    assert main(["data", "build", str(source), "--out", str(folder / "fresh"), "--quiet", *flags]) == 0
+    return source, flags, _sorted_lines(folder / "fresh")
+
+
+def _command(source, out, flags):
+    return [sys.executable, "-m", "msdiffusion", "data", "build", str(source), "--out", str(out), *flags]
+
+
+def _environment():
+    # A small object store for the Ray runs (the default is 30% of the machine's memory).
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES": str(100 * 1024**2)}
+
+
+def _kill_after_first_shard(command, out, timeout=240):
+    """Run the build; SIGKILL the driver as soon as a shard is finished. Returns the finished shards' count."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not any(out.glob("manifest-0*.jsonl")):
+            if process.poll() is not None:
+                pytest.fail(f"the build ended before a shard was finished:\n{process.stdout.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no shard finished in time")
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        # Ray's own processes share the driver's fate; anything else of the build's session goes too.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.stdout.close()
+    finished = len(list(out.glob("manifest-0*.jsonl")))
+    assert not (out / INDEX_NAME).exists(), "the build finished before it was killed: make the shards bigger"
+    return finished
+
+
+def _resume(command):
+    done = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "continuing the unfinished build" in done.stderr
+    return done
+
+
+def test_a_killed_local_build_run_again_gives_the_uninterrupted_manifest(kill_setup, tmp_path):
+    source, flags, fresh = kill_setup
+    out = tmp_path / "out"
+    command = _command(source, out, flags)
+    finished = _kill_after_first_shard(command, out)
+    assert 1 <= finished < 8
+    done = _resume(command)
+    assert "shards 8/8" in done.stderr and "samples 96/" not in done.stderr  # tar shards: no total known ahead
+    assert _sorted_lines(out) == fresh
+
+
+@pytest.mark.slow
+def test_a_killed_ray_build_run_again_gives_the_uninterrupted_manifest(kill_setup, tmp_path):
+    pytest.importorskip("ray.data", reason='the ray engine needs Ray Data: pip install -e ".[scale]"')
+    source, flags, fresh = kill_setup
+    out = tmp_path / "out"
+    ray_flags = ["--engine", "ray", "--cpus-per-worker", "0.5", "--gpus-per-worker", "0"]
+    command = _command(source, out, [*flags, *ray_flags])
+    finished = _kill_after_first_shard(command, out)
+    assert 1 <= finished < 8
+    _resume(command)
+    assert _sorted_lines(out) == fresh
+
+
+# --- progress --------------------------------------------------------------------------------------
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_counts_shards_and_samples_and_estimates_the_time_left():
+    stream, clock = io.StringIO(), _Clock()
+    progress = BuildProgress(shards=4, stream=stream, clock=clock, log_interval=10)
+    progress.resume([BuildReport(items=50)])  # an earlier run's shard: counted, not in the rate
+    assert "time left: after the first shard" in progress.line()
+    clock.now = 5.0
+    progress.add_samples(50)
+    progress.shard_done(BuildReport(items=50))
+    # 50 samples in 5 s; 2 shards of about 50 left: 100 samples at 10/s, 10 s.
+    assert progress.line() == "shards 2/4 | samples 100 | 10.0 samples/s | 10s left"
+    clock.now = 6.0
+    progress.add_samples(10)  # within 10 s of the last line: not printed
+    assert stream.getvalue().count("\n") == 1
+    progress.close()
+    assert stream.getvalue().splitlines()[-1] == "  shards 2/4 | samples 110 | 10.0 samples/s | 9s left"
+
+    known = BuildProgress(shards=2, samples_total=100, stream=io.StringIO(), clock=clock, quiet=True)
+    clock.now = 10.0
+    known.add_samples(40)
+    assert known.line().endswith("samples 40/100 | 10.0 samples/s | 6s left")
+    known.close()
+    assert known.stream.getvalue() == ""
+    assert [format_duration(s) for s in (12, 185, 4 * 3600 + 150, 3 * 86400 + 7200)] == [
+        "12s",
+        "3m 05s",
+        "4h 02m",
+        "3d 02h",
+    ]

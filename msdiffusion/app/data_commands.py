@@ -187,6 +187,9 @@ def _add_build(commands) -> None:
         help="tar shards: the caption is the KEY.txt member (txt, the default) or this field of KEY.json",
     )
     build.add_argument("--limit", type=int, help="process only the first N items, into one manifest.jsonl")
+    build.add_argument(
+        "--quiet", action="store_true", help="no progress line (shards and samples done, samples/s, time left)"
+    )
 
     phrases = build.add_argument_group("subject phrases")
     phrases.add_argument(
@@ -305,12 +308,14 @@ def run_build(args: argparse.Namespace) -> int:
     from msdiffusion.data.build import (
         MANIFEST_NAME,
         STATE_FOLDER,
+        BuildProgress,
         ModelSpec,
         build_manifest,
         build_sharded,
         collect_items,
         make_phrase_finder,
         plan_shards,
+        planned_samples,
         tar_items,
     )
     from msdiffusion.data.detection import SubjectFilter
@@ -361,11 +366,12 @@ def run_build(args: argparse.Namespace) -> int:
         segmenter=segmenter, batch_size=args.batch_size, min_subjects=args.min_subjects, save_crops=args.save_crops
     )
 
-    def shard_progress(done: int, total: int) -> None:
-        print(f"  shards: {done}/{total}", file=sys.stderr, end="\r")
-
+    if sharded:
+        progress = BuildProgress(len(specs), planned_samples(specs), quiet=args.quiet)
+    else:
+        progress = BuildProgress(None, len(items), quiet=args.quiet)
     if args.engine == "ray":
-        report = _build_on_ray(args, specs, detector, rules, find_phrases, common, shard_progress)
+        report = _build_on_ray(args, specs, detector, rules, find_phrases, common, progress)
     else:
         device = detector.resolved()[0]
         try:
@@ -375,18 +381,9 @@ def run_build(args: argparse.Namespace) -> int:
             raise UserInputError(str(error)) from None
         print(f"{count} from {args.source} on {device}; writing {manifest}", file=sys.stderr)
         if sharded:
-            report = build_sharded(specs, args.out, loaded, rules, find_phrases, progress=shard_progress, **common)
+            report = build_sharded(specs, args.out, loaded, rules, find_phrases, progress=progress, **common)
         else:
-            report = build_manifest(
-                items,
-                args.out,
-                loaded,
-                rules,
-                find_phrases,
-                progress=lambda done: print(f"  {done}/{len(items)}", file=sys.stderr, end="\r"),
-                **common,
-            )
-    print(file=sys.stderr)
+            report = build_manifest(items, args.out, loaded, rules, find_phrases, progress=progress, **common)
     report.skipped.update(skipped)
     report.items += sum(skipped.values())
     print(report.summary())

@@ -27,10 +27,12 @@ import io
 import json
 import os
 import re
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 import PIL.Image
@@ -452,6 +454,117 @@ class ModelSpec:
         return BoxSegmenter(self.name, device, dtype)
 
 
+# --- progress --------------------------------------------------------------------------------------
+
+
+class BuildProgress:
+    """Shards and samples done, samples/s and the estimated time left, on one line of stderr.
+
+    A "sample" is a source item, kept or skipped. On a terminal the line is redrawn at most every
+    `interval` seconds; elsewhere (a log file, a batch job) it is printed as a new line at most every
+    `log_interval` seconds, so a week-long build's log stays short. The time left extrapolates this
+    run's rate over the samples still to do: counted where the source lists its items, otherwise
+    the finished shards' average times the shards left.
+    """
+
+    def __init__(
+        self,
+        shards: int | None = None,
+        samples_total: int | None = None,
+        stream: TextIO | None = None,
+        quiet: bool = False,
+        interval: float = 0.5,
+        log_interval: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.shards, self.samples_total = shards, samples_total
+        self.stream = stream if stream is not None else sys.stderr
+        self.quiet, self.clock = quiet, clock
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if self.terminal else log_interval
+        self.shards_done = 0
+        self.samples_done = 0  # earlier runs' finished shards included
+        self.finished_samples = 0  # samples of finished shards
+        self.run_samples = 0  # done by this run: the rate's numerator
+        self.started = clock()
+        self.shown = None  # when the line was last printed
+
+    def resume(self, reports: Iterable["BuildReport"]) -> None:
+        """Count the shards an earlier run finished (they do not count towards the rate)."""
+        for report in reports:
+            self.shards_done += 1
+            self.samples_done += report.items
+            self.finished_samples += report.items
+
+    def add_samples(self, count: int) -> None:
+        self.samples_done += count
+        self.run_samples += count
+        self._show()
+
+    def shard_done(self, report: "BuildReport") -> None:
+        self.shards_done += 1
+        self.finished_samples += report.items
+        self._show()
+
+    def rate(self) -> float:
+        elapsed = self.clock() - self.started
+        return self.run_samples / elapsed if elapsed > 0 else 0.0
+
+    def samples_left(self) -> float | None:
+        if self.samples_total is not None:
+            return max(0, self.samples_total - self.samples_done)
+        if not self.shards or not self.shards_done:
+            return None
+        per_shard = self.finished_samples / self.shards_done
+        in_progress = self.samples_done - self.finished_samples
+        return max(0.0, per_shard * (self.shards - self.shards_done) - in_progress)
+
+    def line(self) -> str:
+        parts = [f"shards {self.shards_done}/{self.shards}"] if self.shards is not None else []
+        total = f"/{self.samples_total:,}" if self.samples_total is not None else ""
+        parts.append(f"samples {self.samples_done:,}{total}")
+        rate, left = self.rate(), self.samples_left()
+        parts.append(f"{rate:.1f} samples/s")
+        if left is not None and (rate > 0 or left == 0):
+            parts.append(f"{format_duration(left / rate if left else 0)} left")
+        else:
+            parts.append("time left: after the first shard" if self.shards else "time left: unknown")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        """The final line (always printed, unless quiet)."""
+        self._show(force=True)
+        if not self.quiet and self.terminal:
+            print(file=self.stream)
+
+    def _show(self, force: bool = False) -> None:
+        if self.quiet:
+            return
+        now = self.clock()
+        if not force and self.shown is not None and now - self.shown < self.interval:
+            return
+        self.shown = now
+        if self.terminal:
+            print(f"\r  {self.line()}\x1b[K", end="", file=self.stream, flush=True)
+        else:
+            print(f"  {self.line()}", file=self.stream, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """12s, 3m 05s, 4h 02m, 2d 03h."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m {seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours:02d}h"
+
+
 # --- building: one manifest ------------------------------------------------------------------------
 
 
@@ -465,7 +578,7 @@ def build_manifest(
     batch_size: int = 8,
     min_subjects: int = 1,
     save_crops: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: BuildProgress | None = None,
 ) -> BuildReport:
     """Detect, filter, segment and write `out_dir/manifest.jsonl` (+ `masks/`, `crops/`).
 
@@ -485,8 +598,10 @@ def build_manifest(
                 if work.line is not None:
                     handle.write(work.line + "\n")
             handle.flush()
-            if progress:
-                progress(report.items)
+            if progress is not None:
+                progress.add_samples(len(batch))
+    if progress is not None:
+        progress.close()
     return report
 
 
@@ -523,6 +638,13 @@ def plan_shards(
         for k, start in enumerate(range(0, len(items), shard_size))
     ]
     return specs, skipped
+
+
+def planned_samples(specs: Sequence[ShardSpec]) -> int | None:
+    """How many items the shards hold, where the source lists them (None for tar shards: unknown until read)."""
+    if any(spec.items is None for spec in specs):
+        return None
+    return sum(len(spec.items) for spec in specs)
 
 
 def shard_works(spec: ShardSpec) -> Iterator[Work]:
@@ -635,16 +757,17 @@ def build_sharded(
     batch_size: int = 8,
     min_subjects: int = 1,
     save_crops: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: BuildProgress | None = None,
 ) -> BuildReport:
     """The local engine's sharded build: `manifest-NNNNN.jsonl` per shard and `manifest-index.json`.
 
     Shards finished by an earlier run are skipped (a stopped build continues where it stopped).
-    `progress(shards_done, shards)` is called after each shard.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = finished_shards(out_dir, specs)
+    if progress is not None:
+        progress.resume(reports.values())
     for spec in specs:
         if spec.number in reports:
             continue
@@ -652,9 +775,13 @@ def build_sharded(
         for batch in _batched(shard_works(spec), batch_size):
             run_stages(batch, out_dir, detector, rules, find_phrases, segmenter, min_subjects, save_crops)
             works.extend(batch)
+            if progress is not None:
+                progress.add_samples(len(batch))
         reports[spec.number] = finish_shard(out_dir, spec, works)
-        if progress:
-            progress(len(reports), len(specs))
+        if progress is not None:
+            progress.shard_done(reports[spec.number])
+    if progress is not None:
+        progress.close()
     finish_build(out_dir, specs, reports)
     return BuildReport.total(reports.values())
 

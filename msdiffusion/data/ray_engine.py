@@ -10,15 +10,21 @@ The stages are `build.py`'s own functions (`shard_works`, `load_stage`, `detect_
 end row with its item count, which lets the driver finish a shard (`finish_shard`) as soon as its
 last item is written, in whatever order rows arrive: a stopped build keeps its finished shards.
 
-Ray streams (bounded memory), retries failed tasks, and loads each model once per actor. The output
+Fault tolerance: Ray streams (bounded memory) and loads each model once per actor. A CPU task whose
+worker process dies is run again (`TASK_RETRIES`); an actor that dies (killed, out of memory, its
+machine gone) is restarted and its batches in flight are sent again (`ACTOR_TASK_RETRIES` per batch),
+so the build still comes out complete. The driver keeps one row per (shard, position), so a row sent
+twice by a retry cannot duplicate a sample. A stopped driver loses only its unfinished shards. The output
 folder must be one that every worker writes to (a local disk for a one-machine build, a shared file
 system on a cluster); the sources may be any fsspec URL the workers can read.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .build import (
+    BuildProgress,
     BuildReport,
     ShardSpec,
     Work,
@@ -43,6 +50,13 @@ from .detection import SubjectFilter
 END = -1  # `position` of a shard's end row; its payload is the shard's item count
 # Writing is mostly waiting on the disk: half a CPU lets it run beside the readers on a small machine.
 WRITE_CPUS = 0.5
+# Retries after a worker process dies (not after an error raised by the code: that is a bug to see).
+# Bounded, so a batch that kills its worker every time (a decoder crash, out of memory) stops the
+# build with Ray's error instead of looping; actors restart without limit, as a long build on
+# preemptible machines may lose each of them more than once.
+TASK_RETRIES = 4
+ACTOR_TASK_RETRIES = 4
+ACTOR_RESTARTS = -1
 
 
 def ray_available() -> bool:
@@ -70,7 +84,7 @@ def build_with_ray(
     gpus_per_worker: float | None = None,
     cpus_per_worker: float = 1.0,
     init_kwargs: dict[str, Any] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: BuildProgress | None = None,
 ) -> BuildReport:
     """Build a sharded manifest in `out_dir` on Ray; shards finished by an earlier run are skipped.
 
@@ -82,16 +96,23 @@ def build_with_ray(
     if not ray_available():
         raise ImportError('the ray engine needs Ray Data: pip install "msdiffusion[scale]" (or "ray[data]")')
     import ray
+    import ray.data
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = finished_shards(out_dir, specs)
+    if progress is not None:
+        progress.resume(reports.values())
     todo = [spec for spec in specs if spec.number not in reports]
     started = False
-    if todo and not ray.is_initialized():
-        ray.init(address=address, **(init_kwargs or {}))
-        started = True
+    context = ray.data.DataContext.get_current()
+    ray_bars = context.enable_progress_bars
     try:
+        if progress is not None:
+            context.enable_progress_bars = False  # one progress line: ours, which counts shards and the time left
+        if todo and not ray.is_initialized():
+            ray.init(address=address, **(init_kwargs or {}))
+            started = True
         if todo:
             if gpus_per_worker is None:
                 gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -110,13 +131,17 @@ def build_with_ray(
                 segmenter_workers or detector_workers,
                 gpus_per_worker,
                 cpus_per_worker,
+                progress,
             ):
                 reports[number] = finish_shard(out_dir, by_number[number], works)
-                if progress:
-                    progress(len(reports), len(specs))
+                if progress is not None:
+                    progress.shard_done(reports[number])
     finally:
+        context.enable_progress_bars = ray_bars
         if started:
             ray.shutdown()
+    if progress is not None:
+        progress.close()
     finish_build(out_dir, specs, reports)
     return BuildReport.total(reports.values())
 
@@ -135,45 +160,68 @@ def _run(
     segmenter_workers,
     gpus_per_worker,
     cpus_per_worker,
+    progress,
 ):
     """Yield (shard number, its works) as each shard's last item comes out of the pipeline."""
     import ray.data
 
     # One block per shard, so shards are read by parallel tasks.
     dataset = ray.data.from_items([{"spec": pickle.dumps(spec)} for spec in todo], override_num_blocks=len(todo))
-    dataset = dataset.flat_map(_read_shard)
+    task_retries = _remote_args(dataset.flat_map, max_retries=TASK_RETRIES)
     actor = dict(batch_size=batch_size, batch_format="numpy", num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
-    dataset = dataset.map_batches(
-        _DetectActor,
-        fn_constructor_kwargs=dict(
-            detector=detector, rules=rules, find_phrases=find_phrases, min_subjects=min_subjects
-        ),
-        concurrency=detector_workers,
-        **actor,
-    )
-    if segmenter is not None:
+    actor.update(_remote_args(dataset.map_batches, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_TASK_RETRIES))
+    with warnings.catch_warnings():
+        # Ray 2.60 warns that remote arguments given as keywords will go, but has no other way to set retries.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        dataset = dataset.flat_map(_read_shard, **task_retries)
         dataset = dataset.map_batches(
-            _SegmentActor, fn_constructor_kwargs=dict(segmenter=segmenter), concurrency=segmenter_workers, **actor
+            _DetectActor,
+            fn_constructor_kwargs=dict(
+                detector=detector, rules=rules, find_phrases=find_phrases, min_subjects=min_subjects
+            ),
+            compute=ray.data.ActorPoolStrategy(size=detector_workers),
+            **actor,
         )
-    dataset = dataset.map_batches(
-        _write,
-        fn_kwargs=dict(out_dir=str(out_dir), save_crops=save_crops),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=WRITE_CPUS,
-    )
+        if segmenter is not None:
+            dataset = dataset.map_batches(
+                _SegmentActor,
+                fn_constructor_kwargs=dict(segmenter=segmenter),
+                compute=ray.data.ActorPoolStrategy(size=segmenter_workers),
+                **actor,
+            )
+        dataset = dataset.map_batches(
+            _write,
+            fn_kwargs=dict(out_dir=str(out_dir), save_crops=save_crops),
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=WRITE_CPUS,
+            **task_retries,
+        )
 
-    works: dict[int, list[Work]] = defaultdict(list)
+    # Keyed by position: a row that a retried task sends again is dropped, not counted twice.
+    works: dict[int, dict[int, Work]] = defaultdict(dict)
     expected: dict[int, int] = {}
+    finished: set[int] = set()
     for row in dataset.iter_rows():
         number, position = int(row["shard"]), int(row["position"])
+        if number in finished:
+            continue
         if position == END:
             expected[number] = pickle.loads(row["payload"])
-        else:
-            works[number].append(pickle.loads(row["payload"]))
+        elif position not in works[number]:
+            works[number][position] = pickle.loads(row["payload"])
+            if progress is not None:
+                progress.add_samples(1)
         if expected.get(number) == len(works[number]):
-            yield number, works.pop(number, [])
+            finished.add(number)
             expected.pop(number)
+            yield number, list(works.pop(number, {}).values())
+
+
+def _remote_args(method: Callable, **retries: int) -> dict[str, int]:
+    """`retries` while `method` takes Ray remote arguments as keywords; else none, leaving Ray's defaults."""
+    accepts = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(method).parameters.values())
+    return retries if accepts else {}
 
 
 def _read_shard(row: dict) -> list[dict]:
