@@ -200,6 +200,47 @@ def test_clips_from_tar_frame_lists_take_references_from_the_first_frame(tmp_pat
     assert crop.size == (21, 31) and crop.getpixel((10, 10)) == (255, 0, 0)
 
 
+def _video(frames: list[bytes]) -> bytes:
+    """An MPEG-4 video of `frames` (PNG bytes), as video2dataset's KEY.mp4 members are."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        stream.options = {"qscale": "1"}  # near-lossless: the ball stays red after the round trip
+        for data in frames:
+            frame = av.VideoFrame.from_image(PIL.Image.open(io.BytesIO(data)).convert("RGB"))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_clips_from_tar_video_files_take_references_from_the_first_frame(tmp_path):
+    pytest.importorskip("av", reason="reading video files needs PyAV (the scale extra installs it)")
+    frames = [_scene([("red ball", (x, 10, x + 20, 40))]) for x in (4, 40, 60)]
+    _write_tar(tmp_path / "clips" / "00000.tar", [("clip0", {"mp4": _video(frames), "txt": b"a red ball rolling"})])
+    specs, _ = plan_shards(tmp_path / "clips", video=True)
+
+    def near_colour(images, phrases, threshold):  # the codec shifts colours a little: ColorDetector, within 40
+        found = []
+        for image, queries in zip(images, phrases):
+            array = np.asarray(image).astype(int)
+            ys, xs = np.nonzero((np.abs(array - COLORS["red ball"]) <= 40).all(axis=-1))
+            w, h = image.size
+            box = (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h)
+            found.append([Detection(q, box, 0.9) for q in queries if q == "red ball"])
+        return found
+
+    build_sharded(specs, tmp_path / "out", near_colour, SubjectFilter(), make_phrase_finder(), save_crops=True)
+    ((subject,),) = [s.subjects for s in read_manifest(tmp_path / "out")]
+    # from the middle frame (the codec's blur may move an edge by a pixel)
+    assert subject.box == pytest.approx((40 / 96, 10 / 64, 61 / 96, 41 / 64), abs=2 / 64)
+    crop = np.asarray(PIL.Image.open(subject.reference.image).convert("RGB")).astype(int)
+    assert abs(crop.shape[1] - 21) <= 2 and abs(crop.shape[0] - 31) <= 2  # frame 0's ball, at x = 4
+    assert crop[10, 10, 0] > 200 and crop[10, 10, 1] < 60  # red
+
+
 # --- sharded manifests -----------------------------------------------------------------------------
 
 
