@@ -83,29 +83,30 @@ PIPELINE_STRENGTH = {
 
 @dataclass(kw_only=True)
 class PictureSettings:
-    """The picture to start from (paths): `image` alone redraws it (image-to-image), with `mask_image`
-    (white = repaint) only that part is repainted (inpainting); `strength` None is the pipeline's default."""
+    """The picture to start from (paths): `init_image` alone redraws it (image-to-image), with `inpaint`
+    (a mask: white = repaint) only that part is repainted (inpainting); `strength` None is the pipeline's
+    default. `picture_arguments` maps them to the pipelines' `image`, `mask_image` and `strength`."""
 
-    image: str | None = None
+    init_image: str | None = None
     strength: float | None = None
-    mask_image: str | None = None
+    inpaint: str | None = None
 
     @property
     def task(self) -> str:
         """text-to-image, image-to-image or inpainting: which pipeline runs these settings."""
-        if self.image is None:
+        if self.init_image is None:
             return TEXT_TO_IMAGE
-        return INPAINTING if self.mask_image is not None else IMAGE_TO_IMAGE
+        return INPAINTING if self.inpaint is not None else IMAGE_TO_IMAGE
 
     def picture_arguments(self) -> dict:
         """The pipelines' `image`, `mask_image` and `strength` (pictures opened), or {} for text-to-image."""
-        if self.image is None:
+        if self.init_image is None:
             return {}
         import PIL.Image
 
-        arguments: dict = {"image": PIL.Image.open(self.image).convert("RGB")}
-        if self.mask_image is not None:
-            arguments["mask_image"] = PIL.Image.open(self.mask_image).convert("L")
+        arguments: dict = {"image": PIL.Image.open(self.init_image).convert("RGB")}
+        if self.inpaint is not None:
+            arguments["mask_image"] = PIL.Image.open(self.inpaint).convert("L")
         if self.strength is not None:
             arguments["strength"] = self.strength
         return arguments
@@ -176,9 +177,9 @@ GENERATION_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     ),
 }
 PICTURE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
-    "image": (
+    "init_image": (
         (str, type(None)),
-        "the path of a picture to start from (image-to-image; with mask_image, inpainting); the output takes its "
+        "the path of a picture to start from (image-to-image; with inpaint, inpainting); the output takes its "
         "size unless size is given",
     ),
     "strength": (
@@ -186,7 +187,10 @@ PICTURE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
         "a number in (0, 1]: how far the picture is redrawn (0.3 by default, 0.9999 for inpainting; a subject "
         "needs about 0.5 or more)",
     ),
-    "mask_image": ((str, type(None)), "the path of a mask of the picture: white is repainted, black kept"),
+    "inpaint": (
+        (str, type(None)),
+        "the path of a mask of the picture: white is repainted, black kept (inpainting)",
+    ),
 }
 MODEL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "base": (
@@ -250,18 +254,18 @@ def check_generation_values(values: dict, source: str) -> dict:
 
 
 def check_picture_values(values: dict, source: str, steps: int | None = None, controlnet: bool = False) -> None:
-    """`strength` and `mask_image` need `image`; `strength` is in (0, 1] and, of `steps`, leaves a step
+    """`strength` and `inpaint` need `init_image`; `strength` is in (0, 1] and, of `steps`, leaves a step
     (diffusers runs int(steps * strength) of them). Paths are the caller's to check."""
-    image, strength = values.get("image"), values.get("strength")
-    for name in ("strength", "mask_image"):
-        if values.get(name) is not None and image is None:
+    init_image, strength = values.get("init_image"), values.get("strength")
+    for name in ("strength", "inpaint"):
+        if values.get(name) is not None and init_image is None:
             raise SettingsError(
-                f"{source}: {name}: needs image (the picture to start from); add image or remove {name}."
+                f"{source}: {name}: needs init_image (the picture to start from); add init_image or remove {name}."
             )
-    if strength is None and image is None:
+    if strength is None and init_image is None:
         return
     check_strength(strength, source)
-    task = INPAINTING if values.get("mask_image") is not None else IMAGE_TO_IMAGE
+    task = INPAINTING if values.get("inpaint") is not None else IMAGE_TO_IMAGE
     effective = PIPELINE_STRENGTH[(task, controlnet)] if strength is None else strength
     if steps is not None and int(steps * effective) < 1:
         given = f"strength {strength}" if strength is not None else f"the default strength {effective}"
@@ -277,7 +281,7 @@ def check_strength(strength: float | None, source: str) -> None:
         raise SettingsError(f"{source}: strength: got {strength}; expected {PICTURE_FIELDS['strength'][1]}.")
 
 
-def picture_size(path: str, what: str = "image") -> list[int]:
+def picture_size(path: str, what: str = "init_image") -> list[int]:
     """[width, height] a picture gives the output when no size is given: its own, rounded down to multiples
     of 8 as diffusers' preprocessing does. Reads only the file's header."""
     import PIL.Image

@@ -54,13 +54,13 @@ def test_the_strength_defaults_and_classes_are_the_pipelines():
 
 
 def test_img2img_from_flags_with_a_mask_only_subject_regenerates_from_its_png(files):
-    flags = [*TINY, "--prompt", "a dog in the room", "--image", "room.jpg", "--strength", "0.7"]
+    flags = [*TINY, "--prompt", "a dog in the room", "--init-image", "room.jpg", "--strength", "0.7"]
     flags += ["--subject", "dog.jpg", "dog", "mask=dog-region.png", "--steps", "2", "--seed", "1", "--quiet"]
     assert main(["generate", *flags, "--output", "a"]) == 0
     made = files / "a" / "msdiff-00001.png"
     assert PIL.Image.open(made).size == (128, 96)  # the picture's 130x100, rounded down to multiples of 8
     job = record(made)
-    assert (job["image"], job["strength"], job["mask_image"]) == (str(files / "room.jpg"), 0.7, None)
+    assert (job["init_image"], job["strength"], job["inpaint"]) == (str(files / "room.jpg"), 0.7, None)
     assert job["subjects"][0]["mask"] == str(files / "dog-region.png") and job["size"] == [128, 96]
     assert main(["generate", "--from", str(made), "--output", "again", "--quiet"]) == 0
     np.testing.assert_array_equal(pixels(files / "again" / "msdiff-00001.png"), pixels(made))
@@ -83,14 +83,14 @@ def test_img2img_from_flags_with_a_mask_only_subject_regenerates_from_its_png(fi
     assert type(pipe).__name__ == "MSDiffusionXLPipeline"  # the loaded pipeline itself is left as it was
 
 
-def test_inpaint_from_a_job_file_with_a_polygon_and_a_smaller_mask_image(files):
+def test_inpaint_from_a_job_file_with_a_polygon_and_a_smaller_mask(files):
     job = {
         "base": "tiny-random",
         "adapter": "tiny-random",
         "image_encoder": "tiny-random",
         "prompt": "a dog on the sofa",
-        "image": "room.jpg",
-        "mask_image": "sofa-mask.png",  # half the picture's size: stretched over it
+        "init_image": "room.jpg",
+        "inpaint": "sofa-mask.png",  # half the picture's size: stretched over it
         "subjects": [
             {"image": "dog.jpg", "phrase": "dog", "mask": [[0.3, 0.3], [0.9, 0.3], [0.9, 0.9], [0.4, 0.9]]},
         ],
@@ -99,34 +99,34 @@ def test_inpaint_from_a_job_file_with_a_polygon_and_a_smaller_mask_image(files):
         "output": "inpainted",
     }
     (files / "jobs").mkdir()
-    relative = {"image": "../room.jpg", "mask_image": "../sofa-mask.png"}  # to the job file
+    relative = {"init_image": "../room.jpg", "inpaint": "../sofa-mask.png"}  # to the job file
     relative["subjects"] = [{**job["subjects"][0], "image": "../dog.jpg"}]
     (files / "jobs" / "job.yaml").write_text(yaml.safe_dump({**job, **relative}))
     assert main(["generate", "jobs/job.yaml", "--quiet"]) == 0
     made = files / "jobs" / "inpainted" / "msdiff-00001.png"
     assert PIL.Image.open(made).size == (128, 96)
     kept = record(made)
-    assert kept["image"] == str(files / "room.jpg") and kept["mask_image"] == str(files / "sofa-mask.png")
+    assert kept["init_image"] == str(files / "room.jpg") and kept["inpaint"] == str(files / "sofa-mask.png")
     assert kept["strength"] is None and kept["subjects"][0]["mask"][0] == [0.3, 0.3]
     assert main(["generate", "--from", str(made), "--output", "again", "--quiet"]) == 0
     np.testing.assert_array_equal(pixels(files / "again" / "msdiff-00001.png"), pixels(made))
     # The portable record names the pictures by file name, as the page's PNGs do.
     portable = portable_job(job_from_dict(kept))
-    assert (portable["image"], portable["mask_image"]) == ("room.jpg", "sofa-mask.png")
+    assert (portable["init_image"], portable["inpaint"]) == ("room.jpg", "sofa-mask.png")
 
 
 def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(files):
     base = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
     base["subjects"] = [{"image": "dog.jpg", "phrase": "dog", "box": [0.2, 0.2, 0.8, 0.8]}]
     assert job_from_dict(base, base_dir=files).size == [512, 384]  # the named set's default
-    job = job_from_dict({**base, "image": "room.jpg"}, base_dir=files)
+    job = job_from_dict({**base, "init_image": "room.jpg"}, base_dir=files)
     assert (job.size, job.task) == ([128, 96], IMAGE_TO_IMAGE)
     assert "height" not in job.pipeline_arguments()  # the pipeline takes the picture's own size
-    job = job_from_dict({**base, "image": "room.jpg", "mask_image": "sofa-mask.png", "size": 64}, base_dir=files)
+    job = job_from_dict({**base, "init_image": "room.jpg", "inpaint": "sofa-mask.png", "size": 64}, base_dir=files)
     assert (job.size, job.task) == ([64, 64], INPAINTING) and job.pipeline_arguments()["height"] == 64
-    # --image over a job file without size: the output takes the new picture's size
+    # --init-image over a job file without size: the output takes the new picture's size
     PIL.Image.new("RGB", (80, 72)).save(files / "small.png")
-    (files / "job.yaml").write_text(yaml.safe_dump({**base, "image": "room.jpg", "steps": 4}))
+    (files / "job.yaml").write_text(yaml.safe_dump({**base, "init_image": "room.jpg", "steps": 4}))
 
     captured = {}
 
@@ -139,9 +139,9 @@ def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(
     original = commands._run_checked
     commands._run_checked = capture
     try:
-        assert main(["generate", "job.yaml", "--image", "small.png", "--strength", "1"]) == 0
+        assert main(["generate", "job.yaml", "--init-image", "small.png", "--strength", "1"]) == 0
         assert captured["job"].size == [80, 72]
-        assert main(["generate", "job.yaml", "--image", "small.png", "--strength", "1", "--size", "64"]) == 0
+        assert main(["generate", "job.yaml", "--init-image", "small.png", "--strength", "1", "--size", "64"]) == 0
         assert captured["job"].size == [64, 64]
     finally:
         commands._run_checked = original
@@ -150,13 +150,16 @@ def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--image", "room.jpg", "--strength", "0"], "strength: got 0.0; expected a number in (0, 1]"),
-        (["--image", "room.jpg", "--strength", "1.5"], "strength: got 1.5; expected a number in (0, 1]"),
-        (["--strength", "0.5"], "strength: needs image (the picture to start from)"),
-        (["--mask-image", "sofa-mask.png"], "mask_image: needs image"),
-        (["--image", "nope.jpg"], "image: 'nope.jpg' does not exist"),
-        (["--image", "room.jpg", "--mask-image", "nope.png"], "mask_image: 'nope.png' does not exist"),
-        (["--image", "room.jpg", "--steps", "3"], "strength: the default strength 0.3 of steps 3 leaves no denoising"),
+        (["--init-image", "room.jpg", "--strength", "0"], "strength: got 0.0; expected a number in (0, 1]"),
+        (["--init-image", "room.jpg", "--strength", "1.5"], "strength: got 1.5; expected a number in (0, 1]"),
+        (["--strength", "0.5"], "strength: needs init_image (the picture to start from)"),
+        (["--inpaint", "sofa-mask.png"], "inpaint: needs init_image"),
+        (["--init-image", "nope.jpg"], "init_image: 'nope.jpg' does not exist"),
+        (["--init-image", "room.jpg", "--inpaint", "nope.png"], "inpaint: 'nope.png' does not exist"),
+        (
+            ["--init-image", "room.jpg", "--steps", "3"],
+            "strength: the default strength 0.3 of steps 3 leaves no denoising",
+        ),
         (["--subject", "dog.jpg", "dog", "mask=nope.png"], "subjects[0].mask: 'nope.png' does not exist"),
         (
             ["--subject", "dog.jpg", "dog", "mask=0.1,0.1,0.5,0.5"],
@@ -181,7 +184,7 @@ def test_mistakes_are_one_line_before_any_model_loads(files, capsys, monkeypatch
 
 def test_a_job_files_picture_problems_are_listed_together(files):
     job = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
-    job |= {"image": "room.jpg", "strength": 2, "mask_image": "gone.png"}
+    job |= {"init_image": "room.jpg", "strength": 2, "inpaint": "gone.png"}
     job["subjects"] = [
         {"image": "dog.jpg", "phrase": "dog", "mask": [[0.1, 0.1], [0.5, 0.5]]},
         {"image": "dog.jpg", "phrase": "dog", "mask": 3},
@@ -193,7 +196,7 @@ def test_a_job_files_picture_problems_are_listed_together(files):
     assert any(p.startswith("subjects[0].mask: a polygon needs at least 3 points, got 2") for p in problems)
     assert any(p.startswith("subjects[1].mask: got 3; expected an image path") for p in problems)
     assert any(p.startswith("subjects[2].mask: polygon points are (x, y) fractions") for p in problems)
-    assert any(p.startswith("mask_image: 'gone.png' does not exist (relative to") for p in problems)
+    assert any(p.startswith("inpaint: 'gone.png' does not exist (relative to") for p in problems)
     assert any(p.startswith("strength: got 2; expected a number in (0, 1]") for p in problems)
     assert len(problems) == 5
 
@@ -234,8 +237,8 @@ def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypat
     server_file = str(files / "room.jpg")
     subject = {"image": "dog.jpg", "phrase": "dog", "box": [0.1, 0.1, 0.9, 0.9]}
     for job in (
-        {"prompt": "a dog", "image": server_file, "subjects": [subject]},
-        {"prompt": "a dog", "mask_image": "/etc/hostname", "subjects": [subject]},
+        {"prompt": "a dog", "init_image": server_file, "subjects": [subject]},
+        {"prompt": "a dog", "inpaint": "/etc/hostname", "subjects": [subject]},
         {"prompt": "a dog", "subjects": [{**subject, "mask": server_file}]},
     ):
         with pytest.raises(UserInputError, match="page"):
@@ -243,10 +246,15 @@ def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypat
     refuse_picture_fields({"prompt": "a dog", "subjects": [{**subject, "mask": [[0, 0], [1, 0], [1, 1]]}]})
 
     opened = []
-    monkeypatch.setattr(jobs, "picture_size", lambda path, what="image": opened.append(path))
-    data = {"prompt": "a dog", "image": server_file, "strength": 0.5, "subjects": [{**subject, "mask": server_file}]}
+    monkeypatch.setattr(jobs, "picture_size", lambda path, what="init_image": opened.append(path))
+    data = {
+        "prompt": "a dog",
+        "init_image": server_file,
+        "strength": 0.5,
+        "subjects": [{**subject, "mask": server_file}],
+    }
     models = PageModels("tiny-random", "tiny-random", "tiny-random")
     _, subjects, notes = job_to_page(data, lambda name: None, models)
     assert not opened and data["subjects"][0]["mask"] == server_file  # the caller's job is left as it was
-    assert any("image, strength: left out" in note for note in notes)
+    assert any("init_image, strength: left out" in note for note in notes)
     assert any("subject 1: its mask is left out" in note for note in notes)

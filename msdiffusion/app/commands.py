@@ -101,7 +101,7 @@ def register(subparsers) -> None:
     )
     picture = generate.add_argument_group("start from a picture (image-to-image, inpainting)")
     picture.add_argument(
-        "--image",
+        "--init-image",
         metavar="PATH",
         help="redraw this picture with the prompt and subjects instead of drawing from noise; the output takes "
         "its size (rounded down to multiples of 8) unless --size is given",
@@ -110,14 +110,14 @@ def register(subparsers) -> None:
         "--strength",
         type=float,
         metavar="S",
-        help="with --image: how far the picture is redrawn, in (0, 1]; a subject needs about 0.5 or more "
-        "(default: 0.3, or 0.9999 with --mask-image)",
+        help="with --init-image: how far the picture is redrawn, in (0, 1]; a subject needs about 0.5 or more "
+        "(default: 0.3, or 0.9999 with --inpaint)",
     )
     picture.add_argument(
-        "--mask-image",
+        "--inpaint",
         metavar="PATH",
-        help="with --image: repaint only the white part of this mask (black is kept); any size, stretched over "
-        "the picture. Put the subjects' boxes or masks inside it",
+        help="with --init-image: a mask of the picture: white is repainted, black kept (inpainting); any size, "
+        "stretched over the picture. Put the subjects' boxes or masks inside it",
     )
     how = generate.add_argument_group("how")
     how.add_argument(
@@ -341,9 +341,9 @@ def _flag_overrides(args) -> dict:
         "variant": args.variant,
         "vae": args.vae,
         "cpu_offload": args.cpu_offload,
-        "image": args.image,
+        "init_image": args.init_image,
         "strength": args.strength,
-        "mask_image": args.mask_image,
+        "inpaint": args.inpaint,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.size:
@@ -378,7 +378,7 @@ def run_generate(args) -> int:
         data = read_job_from_png(args.from_image)
         data.pop("output", None)  # into this run's --output (default outputs/), not where the PNG was made
     overrides = _flag_overrides(args)
-    if "image" in overrides and "size" not in overrides and not size_given:
+    if "init_image" in overrides and "size" not in overrides and not size_given:
         data.pop("size", None)  # another picture: the output takes its size, not the one the file's picture gave
     data.update(overrides)
     if not data:

@@ -13,8 +13,8 @@ A job is what `msdiff generate` does, written down (YAML or JSON):
     seed: 0
     images: 4
 
-With `image: picture.jpg` the job redraws that picture (`strength`), with `mask_image` as well it
-repaints only the mask's white part; a subject may give `mask` (an image path, or a polygon of
+With `init_image: picture.jpg` the job redraws that picture (`strength`), with `inpaint` (a mask) as
+well it repaints only the mask's white part; a subject may give `mask` (an image path, or a polygon of
 [x, y] fractions) for its region beside or instead of `box`.
 
 Every written image carries the job that made it (with its own seed) in its PNG metadata, so
@@ -155,7 +155,7 @@ class Job(ModelSettings, GenerationSettings, PictureSettings):
 
         arguments = super().pipeline_arguments()
         arguments.update(self.picture_arguments())
-        if self.image is not None and self.size == picture_size(self.image):
+        if self.init_image is not None and self.size == picture_size(self.init_image):
             # The picture's own size: the pipeline takes it from the picture, without resizing it first.
             del arguments["height"], arguments["width"]
         arguments.update(
@@ -213,7 +213,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
 _REQUIRED = ("base", "adapter", "prompt", "subjects")
 MAX_SEED = 2**63 - 1  # the largest seed a torch generator takes
 _SUBJECT_FIELDS = {"image", "phrase", "box", "mask", "scale"}
-_PICTURE_PATHS = ("image", "mask_image")
+_PICTURE_PATHS = ("init_image", "inpaint")
 
 
 def _unknown(name: Any, allowed, where: str) -> JobError:
@@ -301,8 +301,8 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
 
 
 def _picture(values: dict, given: dict, source: str, base_dir: Path | None, collect: _Collect) -> None:
-    """The picture fields checked in `values`: paths resolved, `strength` and `mask_image` only with
-    `image`, and `size` from the picture where the job gives none (a named set's default size included)."""
+    """The picture fields checked in `values`: paths resolved, `strength` and `inpaint` only with
+    `init_image`, and `size` from the picture where the job gives none (a named set's default size included)."""
     if not any(values.get(name) is not None for name in PICTURE_FIELDS):
         return
     missing = False
@@ -315,8 +315,8 @@ def _picture(values: dict, given: dict, source: str, base_dir: Path | None, coll
         return
     steps = values.get("steps") if isinstance(values.get("steps"), int) else None
     collect(check_picture_values, values, source, steps, values.get("controlnet") is not None)
-    if values.get("image") is not None and "size" not in given:
-        size = collect(picture_size, values["image"], f"{source}: image")
+    if values.get("init_image") is not None and "size" not in given:
+        size = collect(picture_size, values["init_image"], f"{source}: init_image")
         if size is not None:
             values["size"] = size
 
@@ -414,7 +414,7 @@ def job_warnings(job: Job) -> list[str]:
         )
     if 0 < job.guidance < 1:
         warnings.append(f"guidance {job.guidance} is below 1: classifier-free guidance is off (as with 1).")
-    if job.image is not None:
+    if job.init_image is not None:
         strength = (
             job.strength if job.strength is not None else PIPELINE_STRENGTH[(job.task, job.controlnet is not None)]
         )
@@ -423,7 +423,7 @@ def job_warnings(job: Job) -> list[str]:
                 f"strength {strength}{' (the default)' if job.strength is None else ''} is below 0.5: a subject can "
                 "only tint what the picture already has there (--strength 0.7 gives it room)."
             )
-        own = picture_size(job.image)
+        own = picture_size(job.init_image)
         if abs(job.size[0] / job.size[1] - own[0] / own[1]) > 0.02 * own[0] / own[1]:
             warnings.append(
                 f"size {job.size[0]}x{job.size[1]} has other proportions than the picture ({own[0]}x{own[1]}): it is "

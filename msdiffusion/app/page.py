@@ -570,10 +570,11 @@ def receive_photos(job, slots: list[int], visitor: str, files: VisitorFiles, lim
     return job
 
 
-# Job fields that name files other than the subjects' photos: a picture to start from, a repaint mask, a
-# subject's mask image. The page takes files only as the visitor's uploads and has no upload for these
-# yet, so no such path may reach `job_from_dict`, which would read (or say whether there is) a server file.
-PICTURE_FIELDS = ("image", "strength", "mask_image")
+# Job fields that name files other than the subjects' photos: a picture to start from (init_image), a repaint
+# mask (inpaint), a subject's mask image. The page takes files only as the visitor's uploads and has no upload
+# for these yet, so no such path may reach `job_from_dict`, which would read (or say whether there is) a server
+# file.
+PICTURE_FIELDS = ("init_image", "strength", "inpaint")
 
 
 def refuse_picture_fields(data: dict) -> None:
