@@ -56,6 +56,7 @@ class _RecordingPipe:
     """Stands in for the pipeline in `run_job`: records each call's arguments, returns blank images."""
 
     _execution_device = "cpu"
+    controlnet = None  # a ControlNet job's test sets one
 
     def __init__(self):
         self.calls = []
@@ -70,6 +71,17 @@ class _RecordingPipe:
         count = kwargs.get("num_images_per_prompt") or 1
         image = PIL.Image.new("RGB", (kwargs["width"], kwargs["height"]))
         return types.SimpleNamespace(images=[image] * count, auto_layout_maps=None)
+
+
+@pytest.fixture(autouse=True)
+def _recording_pipes_serve_every_task(monkeypatch):
+    """`run_job` picks the pipeline of the job's task (`pipeline_for_task`); a recording pipe stands in for all."""
+    import msdiffusion.loading as loading
+
+    real = loading.pipeline_for_task
+    monkeypatch.setattr(
+        loading, "pipeline_for_task", lambda pipe, task: pipe if isinstance(pipe, _RecordingPipe) else real(pipe, task)
+    )
 
 
 def _job_dict(tmp_path, **extra):
@@ -404,6 +416,7 @@ def test_controlnet_image_tokens_reproduces_the_released_script_and_text_only_st
         _job_dict(tmp_path, controlnet={"model": "cn", "image": str(tmp_path / "depth.png"), "image_tokens": True})
     )
     recorder = _RecordingPipe()
+    recorder.controlnet = pipe.controlnet
     run_job(job, pipe=recorder, progress=False, log=lambda *_: None)
     assert recorder.calls[0]["controlnet_image_tokens"] is True
     flags = build_parser().parse_args(
