@@ -238,3 +238,21 @@ def test_a_seed_torch_cannot_hold_is_refused_before_loading(tmp_path, subject_fi
     assert "seed: got 9223372036854775808; expected an integer from 0 to 9223372036854775807" in capsys.readouterr().err
     assert main([*base, "--seed", str(2**63 - 1), "--images", "2", "--output", "b"]) == 2  # image 2 takes seed + 1
     assert main([*base, "--seed", str(2**63 - 2), "--images", "2", "--size", "64x64", "--output", "c"]) == 0
+
+
+def test_a_phrase_not_in_the_prompt_and_an_output_that_is_a_file_are_refused(
+    tmp_path, subject_files, capsys, monkeypatch
+):
+    """As `--help` says: the prompt must contain each phrase (exit 2, not a warning and an image);
+    an --output that is a file is refused before any work, not after generating."""
+    monkeypatch.chdir(tmp_path)
+    base = ["generate", "--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random"]
+    base += ["--steps", "1", "--size", "64x64", "--quiet"]
+    assert main([*base, "--prompt", "a ring and a heart", "--subject", "dog.jpg", "star", "--output", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "the phrase(s) 'star' are not in the prompt 'a ring and a heart'" in err, err
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").glob("*.png"))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main([*base, "--prompt", "a dog", "--subject", "dog.jpg", "dog", "--output", "notes.txt"]) == 2
+    assert "output: " in (err := capsys.readouterr().err) and "is a file; give a folder" in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -1016,3 +1016,20 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
         assert np.abs(np.array(edge) - PALETTE[slot]).max() < 40, (slot, edge)
         inside = _canvas_colour(page, (x0 + x1) / 2, (y0 + y1) / 2)
         assert np.abs(np.array(inside) - PALETTE[slot]).max() > 60  # only the outline is solid
+
+
+def test_a_taken_port_is_one_line_before_any_model_loads(capsys, monkeypatch):
+    import socket
+
+    import msdiffusion.loading as loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("loaded models for a taken port"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        models = ["--base", "tiny-random", "--adapter", "tiny-random", "--image-encoder", "tiny-random"]
+        assert main(["ui", *models, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err and "give another --port" in err, err
+    assert "GRADIO_SERVER_PORT" not in err and "Traceback" not in err

@@ -295,6 +295,10 @@ def job_from_dict(data: Any, source: str = "job", base_dir: Path | None = None) 
         values["controlnet"] = collect(_controlnet, values["controlnet"], f"{source}: controlnet", base_dir)
     if "output" in values:
         values["output"] = collect(_path, values["output"], base_dir, f"{source}: output", must_exist=False)
+        if isinstance(values["output"], str) and Path(values["output"]).is_file():  # found now, not after generating
+            collect.problems.append(
+                f"{source}: output: {quote(values['output'])} is a file; give a folder to write the images into."
+            )
     _picture(values, given, source, base_dir, collect)
     collect.raise_any()
     return Job(**values)
@@ -708,6 +712,7 @@ def run_job(
             raise JobError(f"cannot load the models: {type(error).__name__}: {first_line}") from error
     else:
         pipe = _for_task(pipe, job)
+    check_phrases(job, getattr(pipe, "tokenizer", None))
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     own_scheduler = getattr(pipe, "scheduler", None)
     if job.scheduler and type(own_scheduler).__name__ != job.scheduler:
@@ -723,6 +728,23 @@ def run_job(
     finally:
         if own_scheduler is not None and pipe.scheduler is not own_scheduler:
             pipe.scheduler = own_scheduler
+
+
+def check_phrases(job: Job, tokenizer) -> None:
+    """Each subject's phrase must be words of its prompt, as often as it is given (as `--help` and the page
+    say): refused here, where the released pipeline only warns and goes on without locating it."""
+    if tokenizer is None:  # a stand-in pipeline
+        return
+    from msdiffusion.layout import phrase_token_positions
+
+    phrases = [s.phrase for s in job.subjects]
+    positions = phrase_token_positions(tokenizer, job.prompt, phrases, job.phrase_matching)
+    missing = [phrase for phrase, found in zip(phrases, positions) if not found]
+    if missing:
+        raise JobError(
+            f"subjects: the phrase(s) {', '.join(quote(p) for p in missing)} are not in the prompt {quote(job.prompt)} "
+            "(or not as often as given): use the exact words of the prompt as each subject's phrase."
+        )
 
 
 def _for_task(pipe, job: Job):

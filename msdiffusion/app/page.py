@@ -1486,6 +1486,23 @@ def models_from_args(args) -> PageModels:
     return models
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on (Gradio would say so only after the models load, naming an
+    environment variable instead of --port)."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise UserInputError(f"--port must be from 1 to 65535, got {port}.")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise UserInputError(
+                f"--port {port}: cannot listen on {host}:{port} ({error.strerror or error}); another program may be "
+                "using it: give another --port."
+            ) from None
+
+
 def run_ui(args) -> int:
     try:
         import gradio  # noqa: F401
@@ -1498,6 +1515,7 @@ def run_ui(args) -> int:
     warning = sharing_warning(args.host, auth)
     if warning:
         print(warning, file=sys.stderr, flush=True)
+    check_port_free(args.host, args.port)  # before a minute of loading, not after
     models = models_from_args(args)
     settings = models.model_settings()
     adapter = check_models(settings)
