@@ -12,6 +12,7 @@ is a client of the product, not a part of loading.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,26 +244,8 @@ def load_pipeline(
         pipe = pipe if dtype == torch.float32 else pipe.to(dtype)
         pipe = pipeline_for_task(pipe, task)
     else:
-        locations = resolved_locations(models)
-        kwargs: dict = {"dtype": dtype}
-        loaded_class = pipeline_class(task, models.controlnet is not None)
-        if models.controlnet is not None:
-            kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(models.controlnet.model, dtype=dtype)
-        if models.vae:
-            vae_class = diffusers.AutoencoderKL
-            single_file = Path(models.vae).suffix in (".safetensors", ".ckpt")
-            kwargs["vae"] = (vae_class.from_single_file if single_file else vae_class.from_pretrained)(
-                models.vae, dtype=dtype
-            )
-        if Path(locations["base"]).suffix in (".safetensors", ".ckpt"):
-            pipe = loaded_class.from_single_file(locations["base"], **kwargs)
-        else:
-            pipe = loaded_class.from_pretrained(locations["base"], variant=models.variant, **kwargs)
-        pipe.load_ms_adapter(
-            adapter or locations["adapter"],
-            image_encoder=locations["image_encoder"],
-            weight_name=models.adapter_weight_name,
-        )
+        with _one_loading_bar():
+            pipe = _load_files(models, dtype, adapter, task)
     if models.scheduler:
         check_scheduler_name(models.scheduler)
         pipe.scheduler = getattr(diffusers, models.scheduler).from_config(pipe.scheduler.config)
@@ -280,3 +263,50 @@ def load_pipeline(
         pipe.enable_model_cpu_offload(device=device)
         return pipe
     return pipe.to(device)
+
+
+def _load_files(models: ModelSettings, dtype, adapter, task: str):
+    """The pipeline of `models` read from their files (hub ids, folders, single files), with the adapter."""
+    import diffusers
+
+    locations = resolved_locations(models)
+    kwargs: dict = {"dtype": dtype}
+    loaded_class = pipeline_class(task, models.controlnet is not None)
+    if models.controlnet is not None:
+        kwargs["controlnet"] = diffusers.ControlNetModel.from_pretrained(models.controlnet.model, dtype=dtype)
+    if models.vae:
+        vae_class = diffusers.AutoencoderKL
+        single_file = Path(models.vae).suffix in (".safetensors", ".ckpt")
+        kwargs["vae"] = (vae_class.from_single_file if single_file else vae_class.from_pretrained)(
+            models.vae, dtype=dtype
+        )
+    if Path(locations["base"]).suffix in (".safetensors", ".ckpt"):
+        pipe = loaded_class.from_single_file(locations["base"], **kwargs)
+    else:
+        pipe = loaded_class.from_pretrained(locations["base"], variant=models.variant, **kwargs)
+    pipe.load_ms_adapter(
+        adapter or locations["adapter"],
+        image_encoder=locations["image_encoder"],
+        weight_name=models.adapter_weight_name,
+    )
+    return pipe
+
+
+@contextlib.contextmanager
+def _one_loading_bar():
+    """diffusers draws one bar for the pipeline's components; transformers adds a "Loading weights" bar for
+    each text encoder and the image encoder. Those are hidden while loading (download bars are not)."""
+    try:
+        from transformers.utils.logging import set_tqdm_hook
+    except ImportError:  # a transformers without the hook: its bars stay
+        yield
+        return
+
+    def hook(factory, args, kwargs):
+        return factory(*args, **({**kwargs, "disable": True} if kwargs.get("desc") == "Loading weights" else kwargs))
+
+    previous = set_tqdm_hook(hook)
+    try:
+        yield
+    finally:
+        set_tqdm_hook(previous)

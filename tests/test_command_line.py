@@ -208,3 +208,20 @@ def test_inspect_takes_the_world_set_by_name(capsys):
         pytest.skip("the world's weights are not in the package")
     assert main(["inspect", "msdiff-world", "--json"]) == 0
     assert '"tokens_per_subject": 16' in capsys.readouterr().out
+
+
+def test_loading_shows_one_bar_not_one_per_model(tmp_path, capfd):
+    """diffusers' bar of the pipeline's components stays; transformers' "Loading weights" bar of each text
+    encoder and of the image encoder does not."""
+    from msdiffusion.loading import load_pipeline
+    from msdiffusion.settings import ModelSettings
+    from msdiffusion.tiny import save_tiny_models
+
+    paths = save_tiny_models(tmp_path / "tiny")
+    capfd.readouterr()
+    models = ModelSettings(
+        base=str(paths["base"]), adapter=str(paths["adapter"]), image_encoder=str(paths["image_encoder"])
+    )
+    load_pipeline(models, device="cpu")
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" in err and "Loading weights" not in err, err
