@@ -225,3 +225,15 @@ def test_loading_shows_one_bar_not_one_per_model(tmp_path, capfd):
     load_pipeline(models, device="cpu")
     err = capfd.readouterr().err
     assert "Loading pipeline components" in err and "Loading weights" not in err, err
+
+
+def test_generate_help_names_the_model_sets_and_the_defaults_they_bring(capsys):
+    from msdiffusion.loading import NAMED_MODELS, WORLD
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "msdiff-world (its own defaults: size 64x64, steps 25, guidance 5.0, scale 1.0, negative_prompt none)" in text
+    )
+    assert NAMED_MODELS[WORLD].defaults["steps"] == 25  # the help is made from them

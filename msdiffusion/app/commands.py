@@ -39,7 +39,9 @@ def register(subparsers) -> None:
         "--from", dest="from_image", metavar="PNG", help="regenerate from the job recorded in an image"
     )
     models = generate.add_argument_group("models")
-    models.add_argument("--base", help="SDXL: hub id, diffusers folder, or single .safetensors file (required)")
+    models.add_argument(
+        "--base", help="SDXL: hub id, diffusers folder, or single .safetensors file (required)" + _named_sets_help()
+    )
     models.add_argument("--adapter", help="MS-Diffusion adapter: hub id, ms_adapter.bin, or project folder (required)")
     models.add_argument(
         "--adapter-weight-name",
@@ -225,6 +227,18 @@ def register(subparsers) -> None:
     tiny.add_argument("folder", type=Path, help="where to write them (created; must be empty or absent)")
     tiny.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     tiny.set_defaults(func=run_tiny_models)
+
+
+def _named_sets_help() -> str:
+    """The named model sets and the settings each brings where a job or flag gives none."""
+    sets = []
+    for name, info in NAMED_MODELS.items():
+        defaults = ", ".join(
+            f"{key} {'x'.join(map(str, value)) if isinstance(value, list) else 'none' if value is None else value}"
+            for key, value in info.defaults.items()
+        )
+        sets.append(f"{name} (its own defaults: {defaults})")
+    return "; or a named set: " + "; ".join(sets)
 
 
 def run_tiny_models(args) -> int:
