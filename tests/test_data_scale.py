@@ -343,6 +343,7 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.mark.slow  # a local Ray cluster: about 20 s
 def test_ray_engine_writes_the_local_engines_manifest(local_ray, tmp_path, capsys):
     """Same source, same models and flags: the two engines write the same shards, masks and index."""
     models = save_tiny_detector_and_segmenter(tmp_path / "models")
@@ -363,6 +364,7 @@ def test_ray_engine_writes_the_local_engines_manifest(local_ray, tmp_path, capsy
     assert len(read_manifest(tmp_path / "ray" / INDEX_NAME)) == 4
 
 
+@pytest.mark.slow  # a local Ray cluster: about 20 s
 def test_ray_engine_retries_a_killed_detector_worker_and_the_manifest_is_complete(local_ray, tmp_path):
     """A detector actor killed (SIGKILL) in the middle of a shard is restarted by Ray, its batch sent again."""
     from ray import cloudpickle
