@@ -193,6 +193,14 @@ def check_scheduler_name(name: str | None) -> None:
         raise SettingsError(f"scheduler: {name!r} is not a diffusers scheduler class{hint}.")
 
 
+def scheduler_named(name: str, current):
+    """The diffusers scheduler class `name` configured from the scheduler `current` (its training schedule)."""
+    import diffusers
+
+    check_scheduler_name(name)
+    return getattr(diffusers, name).from_config(current.config)
+
+
 # ---- loading -------------------------------------------------------------------------------------
 def pipeline_class(task: str = TEXT_TO_IMAGE, controlnet: bool = False) -> type:
     """The MS-Diffusion pipeline class of a task (`settings.TASKS`), with or without a ControlNet."""
@@ -230,7 +238,6 @@ def load_pipeline(
     `adapter`: the adapter checkpoint already read (by `check_models`), else it is read here.
     `task`: text-to-image (default), image-to-image or inpainting: which pipeline class is loaded.
     """
-    import diffusers
     import torch
 
     if device is None or dtype is None:
@@ -247,8 +254,7 @@ def load_pipeline(
         with _one_loading_bar():
             pipe = _load_files(models, dtype, adapter, task)
     if models.scheduler:
-        check_scheduler_name(models.scheduler)
-        pipe.scheduler = getattr(diffusers, models.scheduler).from_config(pipe.scheduler.config)
+        pipe.scheduler = scheduler_named(models.scheduler, pipe.scheduler)
     if models.loras:  # after the adapter, as the tests check: diffusers' LoRA layers wrap the UNet's projections
         names = []
         for i, lora in enumerate(models.loras):

@@ -716,13 +716,9 @@ def run_job(
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     own_scheduler = getattr(pipe, "scheduler", None)
     if job.scheduler and type(own_scheduler).__name__ != job.scheduler:
-        import diffusers
+        from msdiffusion.loading import scheduler_named
 
-        from msdiffusion.loading import check_scheduler_name
-
-        check_scheduler_name(job.scheduler)
-        # The scheduler the job names, as `load_pipeline` would set it, for this job only.
-        pipe.scheduler = getattr(diffusers, job.scheduler).from_config(own_scheduler.config)
+        pipe.scheduler = scheduler_named(job.scheduler, own_scheduler)  # for this job only
     try:
         return _run_loaded(job, pipe, progress, log, on_step, portable)
     finally:
