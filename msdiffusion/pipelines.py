@@ -61,6 +61,7 @@ from .adapter import (
 from .attention import MSAttnProcessor
 from .layout import PHRASE_MATCHING, SubjectLayout, phrase_token_positions, warn_missing_phrases
 from .release import REFERENCE_COMBINE
+from .repaint import DEFAULT_FEATHER, DEFAULT_MARGIN, RepaintRegion
 from .subjects import (
     REFERENCE_SQUARE_SIZE,
     Subject,
@@ -74,10 +75,12 @@ from .subjects import (
 
 @dataclass
 class MSDiffusionPipelineOutput(BaseOutput):
-    """`images` as in SDXL; `auto_layout_maps` (B, N, h, w) in [0, 1] when auto layout ran."""
+    """`images` as in SDXL; `auto_layout_maps` (B, N, h, w) in [0, 1] when auto layout ran; `repaint_masks`
+    (B, 1, H, W) in [0, 1] when inpainting pasted the picture back: how much of each pixel is generated."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     auto_layout_maps: torch.Tensor | None = None
+    repaint_masks: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -365,13 +368,15 @@ class MSDiffusionMixin:
         processors: list[MSAttnProcessor] | None = None,
         subject_masks: Any = None,
         output_size: tuple[int, int] | None = None,
+        repaint: RepaintRegion | None = None,
     ) -> MSDiffusionPipelineOutput | tuple:
         """The subject-aware call around the parent pipeline's `__call__`. The UNet gets the text
         embeddings alone, as bare SDXL does, and its processors the subjects' keys/values projected
         once per generation; `tokens_in_prompt_embeds` appends the subject tokens to the embeddings
         too, for ControlNets that attend over them. `output_size` (height, width) is the size of a
         parent that takes no `height`/`width` (image-to-image: its input picture's); else they are
-        read from `kwargs`."""
+        read from `kwargs`. `repaint` (inpainting) makes the mask from the subjects' regions when none is
+        given, and pastes the picture back outside it."""
         _reject_unknown_arguments(self, parent_call, kwargs)
         return_dict = kwargs.pop("return_dict", True)
         processors = _ms_processors(self.unet) if processors is None else processors
@@ -396,6 +401,10 @@ class MSDiffusionMixin:
             _check_prepared_settings(prepared_subjects, drop_grounding_tokens, reference_size, reference_combine)
         elif subject_images is None and subject_phrases is None and subject_boxes is None and subject_masks is None:
             output = parent_call(self, prompt=prompt, **kwargs)  # plain SDXL: no layout is active
+            if repaint is not None:
+                images, alpha = repaint.paste(output.images, kwargs)
+                if alpha is not None:
+                    output = MSDiffusionPipelineOutput(images=images, repaint_masks=alpha)
             return output if return_dict else (output.images,)
         if state is None:
             raise ValueError("Subjects need the MS-Diffusion adapter: call pipe.load_ms_adapter(...) first.")
@@ -454,6 +463,8 @@ class MSDiffusionMixin:
         )
         repeats = kwargs.get("num_images_per_prompt") or 1
         layout = layout.repeat_interleave(repeats)
+        if repaint is not None:
+            repaint.from_subjects(subjects, height, width, repeats, kwargs)
 
         # Every layer projects the subject tokens once, here, not inside the denoising loop.
         image_tokens = image_tokens.repeat_interleave(repeats, 0)
@@ -473,9 +484,9 @@ class MSDiffusionMixin:
                 **kwargs,
             )
         maps = state.auto_layout_maps() if mask_threshold is not None else None
-        if not return_dict:
-            return (output.images,)
-        return MSDiffusionPipelineOutput(images=output.images, auto_layout_maps=maps)
+        images, alpha = repaint.paste(output.images, kwargs) if repaint is not None else (output.images, None)
+        output = MSDiffusionPipelineOutput(images=images, auto_layout_maps=maps, repaint_masks=alpha)
+        return output if return_dict else (output.images,)
 
 
 @contextlib.contextmanager
@@ -641,6 +652,17 @@ _SUBJECT_DOC = """
                 features resampled together) or "mean" (each image's 16 tokens, averaged).
             prepared_subjects: subjects encoded once by `pipe.prepare_subjects(...)`, in place of the subject_*
                 arguments: reused across calls (other seeds, other prompts), they skip the encoders.
+"""
+
+
+_REPAINT_DOC = """
+        Repainted part (inpainting):
+            repaint_margin: without `mask_image`, the subjects' regions (boxes or masks) grown by this fraction of
+                the output's shorter side are repainted (default 0.02).
+            keep_outside: paste the picture back outside the repainted part, through its edge feathered over
+                `repaint_feather` (a fraction of the shorter side, default 0.02), so the rest of the output *is* the
+                picture; else the kept part is the picture's VAE round trip, as in diffusers. Default: True
+                without `mask_image`, False with one. The output's `repaint_masks` hold the alphas used.
 """
 
 
@@ -988,13 +1010,20 @@ class MSDiffusionXLInpaintPipeline(MSDiffusionMixin, StableDiffusionXLInpaintPip
         phrase_matching: str = "tokens",
         reference_combine: str = "concat",
         prepared_subjects: PreparedSubjects | None = None,
+        keep_outside: bool | None = None,
+        repaint_margin: float = DEFAULT_MARGIN,
+        repaint_feather: float = DEFAULT_FEATHER,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
         _refuse_crop_with_subjects(kwargs, subject_images, prepared_subjects)
-        if mask_image is None:
-            raise ValueError("`mask_image` is required: white where the picture is repainted, black where it is kept.")
+        if mask_image is None and subject_images is None and prepared_subjects is None:
+            raise ValueError(
+                "Give `mask_image` (white where the picture is repainted, black where it is kept) or subjects, "
+                "whose regions are then repainted."
+            )
+        repaint = RepaintRegion(self, mask_image, keep_outside, repaint_margin, repaint_feather)
         _check_strength_steps(strength, num_inference_steps, kwargs)
         _, (height, width) = _picture_size(self, image, height, width)  # diffusers resizes image and mask itself
         kwargs.update(
@@ -1023,15 +1052,19 @@ class MSDiffusionXLInpaintPipeline(MSDiffusionMixin, StableDiffusionXLInpaintPip
             kwargs,
             prepared_subjects=prepared_subjects,
             subject_masks=subject_masks,
+            repaint=repaint,
         )
 
     __call__.__doc__ = (
-        "Repaint the white part of `mask_image` in `image` with the prompt and subjects in their boxes or masks.\n\n"
+        "Repaint part of `image` with the prompt and subjects in their boxes or masks: the white part of\n"
+        "        `mask_image`, or without it the subjects' regions.\n\n"
         "        image, mask_image: the picture(s) and what to repaint (white) or keep (black); the output takes the\n"
         "            picture's size, rounded down to a multiple of 8, unless `height` / `width` are given.\n"
         "        strength: how far the repainted part is noised (diffusers' default 0.9999: drawn anew).\n"
-        "        Subjects are placed by their boxes/masks (fractions of the output), independently of `mask_image`:\n"
-        "        put them inside the repainted part. `padding_mask_crop` is refused with subjects." + _SUBJECT_DOC
+        "        Subjects are placed by their boxes/masks (fractions of the output), independently of a `mask_image`:\n"
+        "        put them inside the repainted part. `padding_mask_crop` is refused with subjects."
+        + _REPAINT_DOC
+        + _SUBJECT_DOC
     )
 
 
@@ -1236,13 +1269,20 @@ class MSDiffusionXLControlNetInpaintPipeline(MSDiffusionMixin, StableDiffusionXL
         phrase_matching: str = "tokens",
         reference_combine: str = "concat",
         prepared_subjects: PreparedSubjects | None = None,
+        keep_outside: bool | None = None,
+        repaint_margin: float = DEFAULT_MARGIN,
+        repaint_feather: float = DEFAULT_FEATHER,
         num_inference_steps: int = 30,
         guidance_scale: float = 7.5,
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
         _refuse_crop_with_subjects(kwargs, subject_images, prepared_subjects)
-        if mask_image is None:
-            raise ValueError("`mask_image` is required: white where the picture is repainted, black where it is kept.")
+        if mask_image is None and subject_images is None and prepared_subjects is None:
+            raise ValueError(
+                "Give `mask_image` (white where the picture is repainted, black where it is kept) or subjects, "
+                "whose regions are then repainted."
+            )
+        repaint = RepaintRegion(self, mask_image, keep_outside, repaint_margin, repaint_feather)
         _check_strength_steps(strength, num_inference_steps, kwargs)
         processors = _bind_controlnet_processors(self, controlnet_image_tokens)
         _, (height, width) = _picture_size(self, image, height, width)
@@ -1275,13 +1315,13 @@ class MSDiffusionXLControlNetInpaintPipeline(MSDiffusionMixin, StableDiffusionXL
             prepared_subjects=prepared_subjects,
             processors=processors,
             subject_masks=subject_masks,
+            repaint=repaint,
         )
 
     __call__.__doc__ = (
         "Repaint the white part of `mask_image` in `image` with the prompt and subjects, guided by ControlNet "
         "`control_image`(s).\n\n"
         "        image, mask_image: the picture(s) and what to repaint (white); the output takes the picture's size\n"
-        "            unless `height` / `width` are given. `padding_mask_crop` is refused with subjects."
-        + _CONTROLNET_DOC
-        + _SUBJECT_DOC
+        "            unless `height` / `width` are given; without `mask_image` the subjects' regions are repainted.\n"
+        "            `padding_mask_crop` is refused with subjects." + _REPAINT_DOC + _CONTROLNET_DOC + _SUBJECT_DOC
     )

@@ -81,15 +81,23 @@ PIPELINE_STRENGTH = {
 }
 
 
+# `inpaint: subjects`: repaint the subjects' regions (grown by `repaint_margin`), keep the rest.
+SUBJECTS_REGION = "subjects"
+
+
 @dataclass(kw_only=True)
 class PictureSettings:
     """The picture to start from (paths): `init_image` alone redraws it (image-to-image), with `inpaint`
-    (a mask: white = repaint) only that part is repainted (inpainting); `strength` None is the pipeline's
-    default. `picture_arguments` maps them to the pipelines' `image`, `mask_image` and `strength`."""
+    (a mask: white = repaint, or `subjects` for the subjects' regions) only that part is repainted
+    (inpainting); None is the pipeline's default for the rest. `picture_arguments` maps them to the
+    pipelines' `image`, `mask_image`, `strength`, `repaint_margin`, `repaint_feather` and `keep_outside`."""
 
     init_image: str | None = None
     strength: float | None = None
     inpaint: str | None = None
+    repaint_margin: float | None = None
+    repaint_feather: float | None = None
+    keep_outside: bool | None = None
 
     @property
     def task(self) -> str:
@@ -105,11 +113,16 @@ class PictureSettings:
         import PIL.Image
 
         arguments: dict = {"image": PIL.Image.open(self.init_image).convert("RGB")}
-        if self.inpaint is not None:
+        if self.inpaint is not None and self.inpaint != SUBJECTS_REGION:
             arguments["mask_image"] = PIL.Image.open(self.inpaint).convert("L")
-        if self.strength is not None:
-            arguments["strength"] = self.strength
+        for name in ("strength", *REPAINT_FIELDS):
+            if getattr(self, name) is not None:
+                arguments[name] = getattr(self, name)
         return arguments
+
+
+# Inpainting's own fields: they need `inpaint`.
+REPAINT_FIELDS = ("repaint_margin", "repaint_feather", "keep_outside")
 
 
 # Which arguments `pipe.prepare_subjects` takes of `pipeline_arguments()` (with the subjects themselves).
@@ -189,7 +202,23 @@ PICTURE_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     ),
     "inpaint": (
         (str, type(None)),
-        "the path of a mask of the picture: white is repainted, black kept (inpainting)",
+        "subjects (repaint the subjects' regions, keep the rest) or the path of a mask of the picture: white is "
+        "repainted, black kept (inpainting)",
+    ),
+    "repaint_margin": (
+        (int, float, type(None)),
+        "a number in [0, 0.5]: with inpaint: subjects, how far around the subjects' regions is repainted, as a "
+        "fraction of the shorter side (default 0.02)",
+    ),
+    "repaint_feather": (
+        (int, float, type(None)),
+        "a number in [0, 0.5]: the width of the repainted part's soft edge where the picture is pasted back, as a "
+        "fraction of the shorter side (default 0.02)",
+    ),
+    "keep_outside": (
+        (bool, type(None)),
+        "true or false: paste the picture back outside the repainted part, so it is kept exactly (default: true "
+        "with inpaint: subjects, false with a mask, whose kept part is then the picture's VAE round trip)",
     ),
 }
 MODEL_FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
@@ -262,6 +291,15 @@ def check_picture_values(values: dict, source: str, steps: int | None = None, co
             raise SettingsError(
                 f"{source}: {name}: needs init_image (the picture to start from); add init_image or remove {name}."
             )
+    for name in REPAINT_FIELDS:
+        if values.get(name) is not None and values.get("inpaint") is None:
+            raise SettingsError(
+                f"{source}: {name}: is for inpainting; add inpaint (subjects, or a mask) or remove {name}."
+            )
+    for name in ("repaint_margin", "repaint_feather"):
+        value = values.get(name)
+        if value is not None and not (math.isfinite(value) and 0 <= value <= 0.5):
+            raise SettingsError(f"{source}: {name}: got {value}; expected {PICTURE_FIELDS[name][1]}.")
     if strength is None and init_image is None:
         return
     check_strength(strength, source)

@@ -199,8 +199,121 @@ def test_inpaint_sizes_and_errors(inpaint, pictures):
     assert told.shape == (1, 64, 64, 3)
     with pytest.raises(ValueError, match="padding_mask_crop cannot be used with subjects"):
         run(inpaint, image=picture, mask_image=mask, padding_mask_crop=8, **dog(reference))
-    with pytest.raises(ValueError, match="`mask_image` is required"):
-        run(inpaint, image=picture, **dog(reference))
+    with pytest.raises(ValueError, match="Give `mask_image`"):
+        run(inpaint, image=picture)
+
+
+# ---- the repainted part: the subjects' regions, the rest kept ------------------------------
+
+
+def grown_box(margin: int) -> tuple[slice, slice]:
+    return slice(32 - margin, 96 + margin), slice(48 - margin, 144 + margin)
+
+
+def outside(image: np.ndarray, region: tuple[slice, slice]) -> np.ndarray:
+    keep = np.ones(image.shape[:2], dtype=bool)
+    keep[region] = False
+    return image[keep]
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+def test_without_a_mask_the_subjects_regions_are_repainted_and_the_rest_is_the_picture(
+    inpaint, pictures, channels, tmp_path
+):
+    picture, reference, _ = pictures
+    pipeline = inpaint if channels == 4 else tiny_inpainting_unet_pipeline(tmp_path)
+    pipeline.set_progress_bar_config(disable=True)
+    source = np.asarray(picture)
+    out = pipeline(
+        prompt=PROMPT,
+        image=picture,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        **dog(reference),
+    )
+    made = np.asarray(out.images[0])
+    margin = round(0.02 * HEIGHT)  # the default margin: 0.02 of the shorter side
+    np.testing.assert_array_equal(outside(made, grown_box(margin)), outside(source, grown_box(margin)))
+    assert np.abs(made[INSIDE].astype(int) - source[INSIDE]).mean() > 20  # the box is drawn anew
+    alpha = out.repaint_masks[0, 0].numpy()
+    assert alpha.shape == (HEIGHT, WIDTH) and alpha[64, 96] == 1 and alpha.min() == 0
+    assert (alpha[outside_mask(grown_box(margin))] == 0).all()
+    assert 0 < alpha[32 - margin, 96] < 1  # the feathered edge
+    # Without the paste the kept part is diffusers' own: the picture's VAE round trip (for 4 channels).
+    kept = run(pipeline, image=picture, keep_outside=False, **dog(reference))
+    assert out.repaint_masks is not None and not np.array_equal(
+        outside(kept[0], grown_box(margin)), outside(source / 255, grown_box(margin))
+    )
+
+
+def outside_mask(region: tuple[slice, slice]) -> np.ndarray:
+    keep = np.ones((HEIGHT, WIDTH), dtype=bool)
+    keep[region] = False
+    return keep
+
+
+def test_repaint_margin_feather_and_a_given_mask_kept_outside(inpaint, pictures):
+    picture, reference, mask = pictures
+    source = np.asarray(picture).astype(np.float32) / 255
+    # No margin, no feather: exactly the box's pixels are generated.
+    tight = run(inpaint, image=picture, repaint_margin=0, repaint_feather=0, **dog(reference))[0]
+    np.testing.assert_allclose(outside(tight, INSIDE), outside(source, INSIDE), atol=1e-6)
+    assert np.abs(tight[INSIDE] - source[INSIDE]).mean() > 0.05
+    wide = run(inpaint, image=picture, repaint_margin=0.1, **dog(reference))[0]  # 13 pixels around the box
+    ring = outside_mask(INSIDE) & ~outside_mask(grown_box(13))
+    assert np.abs(wide[ring] - source[ring]).mean() > np.abs(tight[ring] - source[ring]).mean() + 0.02
+    np.testing.assert_allclose(outside(wide, grown_box(13)), outside(source, grown_box(13)), atol=1e-6)
+    # A mask given: diffusers' behaviour unless keep_outside=True, which pastes the picture outside it.
+    given = run(inpaint, image=picture, mask_image=mask, keep_outside=True, repaint_feather=0, **dog(reference))[0]
+    np.testing.assert_allclose(outside(given, INSIDE), outside(source, INSIDE), atol=1e-6)
+    plain = run(inpaint, image=picture, mask_image=mask, **dog(reference))[0]
+    np.testing.assert_allclose(given[INSIDE], plain[INSIDE], atol=1e-6)  # inside: the same generation
+
+
+def test_repaint_regions_follow_each_prompts_subjects_in_a_batch(inpaint, pictures):
+    picture, reference, _ = pictures
+    left, right = [0.0, 0.0, 0.4, 0.5], [0.6, 0.5, 1.0, 1.0]
+    images = run(
+        inpaint,
+        prompt=[PROMPT, PROMPT],
+        image=picture,
+        subject_images=[[reference], [reference]],
+        subject_phrases=[["dog"], ["dog"]],
+        subject_boxes=[[left], [right]],
+        num_images_per_prompt=2,
+        repaint_margin=0,
+        repaint_feather=0,
+    )
+    source = np.asarray(picture).astype(np.float32) / 255
+    regions = [(slice(0, 64), slice(0, 77)), (slice(64, 128), slice(115, 192))]  # ceil/floor of the fractions
+    for k, image in enumerate(images):
+        region = regions[k // 2]
+        np.testing.assert_allclose(outside(image, region), outside(source, region), atol=1e-6)
+        assert np.abs(image[region] - source[region]).mean() > 0.05
+
+
+def test_a_subject_mask_shapes_the_repainted_part(inpaint, pictures):
+    picture, reference, _ = pictures
+    triangle = [(0.25, 0.25), (0.75, 0.25), (0.5, 0.75)]
+    out = run(inpaint, image=picture, repaint_margin=0, repaint_feather=0, **dog(reference, subject_masks=[triangle]))[
+        0
+    ]
+    source = np.asarray(picture).astype(np.float32) / 255
+    corner = (slice(70, 96), slice(48, 60))  # inside the triangle's bounding box, outside the triangle
+    np.testing.assert_allclose(out[corner], source[corner], atol=1e-6)
+    assert np.abs(out[40:50, 90:100] - source[40:50, 90:100]).mean() > 0.05
+
+
+def test_repaint_errors(inpaint, pictures):
+    picture, reference, _ = pictures
+    with pytest.raises(ValueError, match=r"repaint_margin must be in \[0, 0.5\]"):
+        run(inpaint, image=picture, repaint_margin=-0.1, **dog(reference))
+    with pytest.raises(ValueError, match="No subject has a box or a mask"):
+        run(inpaint, image=picture, subject_images=[reference], subject_phrases=["dog"], subject_boxes=[[0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="keep_outside needs decoded images"):
+        run(inpaint, image=picture, keep_outside=True, output_type="latent", **dog(reference))
+    latents = run(inpaint, image=picture, output_type="latent", **dog(reference))  # the default: no paste
+    assert latents.shape == (1, 4, HEIGHT // 8, WIDTH // 8)
 
 
 # ---- ControlNet variants ------------------------------------------------------------------
@@ -219,6 +332,7 @@ def test_controlnet_variants_see_only_text_and_zero_conditioning_equals_the_plai
     cases = [
         (MSDiffusionXLControlNetImg2ImgPipeline, img2img, dict(image=picture, strength=0.6)),
         (MSDiffusionXLControlNetInpaintPipeline, inpaint, dict(image=picture, mask_image=mask)),
+        (MSDiffusionXLControlNetInpaintPipeline, inpaint, dict(image=picture)),  # the subjects' regions repainted
     ]
     for cls, without, args in cases:
         pipeline = cls.from_pipe(pipe, controlnet=controlnet)

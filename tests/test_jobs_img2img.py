@@ -115,6 +115,27 @@ def test_inpaint_from_a_job_file_with_a_polygon_and_a_smaller_mask(files):
     assert (portable["init_image"], portable["inpaint"]) == ("room.jpg", "sofa-mask.png")
 
 
+def test_inpaint_subjects_repaints_their_regions_keeps_the_rest_and_regenerates(files):
+    flags = [*TINY, "--prompt", "a dog in the room", "--init-image", "room.jpg", "--inpaint", "subjects"]
+    flags += ["--subject", "dog.jpg", "dog", "0.25,0.25,0.75,0.75", "--repaint-margin", "0.05"]
+    assert main(["generate", *flags, "--steps", "2", "--seed", "3", "--output", "a", "--quiet"]) == 0
+    made = files / "a" / "msdiff-00001.png"
+    job = record(made)
+    assert (job["inpaint"], job["repaint_margin"], job["keep_outside"]) == ("subjects", 0.05, None)
+    picture = np.asarray(PIL.Image.open("room.jpg").resize((128, 96), PIL.Image.LANCZOS))
+    # The box covers rows 24:72 and columns 32:96; 5% of 96 rows is a margin of 5 pixels.
+    keep = np.ones((96, 128), bool)
+    keep[19:77, 27:101] = False
+    image = pixels(made)
+    np.testing.assert_array_equal(image[keep], picture[keep])
+    assert np.abs(image[30:66, 40:88].astype(int) - picture[30:66, 40:88]).mean() > 10
+    repainted = pixels(files / "a" / "msdiff-00001-repainted.png")
+    assert repainted.shape == (96, 128) and (repainted[keep] == 0).all() and repainted[48, 64] == 255
+    assert main(["generate", "--from", str(made), "--output", "again", "--quiet"]) == 0
+    np.testing.assert_array_equal(pixels(files / "again" / "msdiff-00001.png"), image)
+    assert portable_job(job_from_dict(job))["inpaint"] == "subjects"
+
+
 def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(files):
     base = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
     base["subjects"] = [{"image": "dog.jpg", "phrase": "dog", "box": [0.2, 0.2, 0.8, 0.8]}]
@@ -168,6 +189,16 @@ def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(
         (["--subject", "dog.jpg", "dog", "mask=0.1,0.1,0.5"], "a polygon mask is X,Y pairs"),
         (["--subject", "dog.jpg", "dog", "mask=empty.png"], "subjects[0].mask (dog): the mask is empty"),
         (["--subject", "dog.jpg", "dog", "0,0,1,1", "mask=", "scale=1"], "mask= needs a mask image's path"),
+        (["--init-image", "room.jpg", "--repaint-margin", "0.1"], "repaint_margin: is for inpainting; add inpaint"),
+        (
+            ["--init-image", "room.jpg", "--inpaint", "subjects", "--repaint-feather", "0.7"]
+            + ["--subject", "dog.jpg", "dog", "0.2,0.2,0.8,0.8"],
+            "repaint_feather: got 0.7; expected a number in [0, 0.5]",
+        ),
+        (
+            ["--init-image", "room.jpg", "--inpaint", "subjects"],
+            "inpaint: subjects repaints the subjects' regions, but no subject has a box",
+        ),
     ],
 )
 def test_mistakes_are_one_line_before_any_model_loads(files, capsys, monkeypatch, extra, message):

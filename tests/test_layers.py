@@ -6,7 +6,7 @@
     train    training
     data     training data
     settings settings, loading, input checks, tiny random models, previews
-    method   resampler, layout, attention, adapter, subjects, pipelines
+    method   resampler, layout, attention, adapter, subjects, repaint, pipelines
 
 Every import counts, including those inside functions (they run too, only later).
 """
@@ -24,6 +24,7 @@ METHOD = {
     "adapter",
     "subjects",
     "pipelines",
+    "repaint",
     "boxes",
     "release",
     "weight_files",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -117,9 +118,31 @@ def register(subparsers) -> None:
     )
     picture.add_argument(
         "--inpaint",
-        metavar="PATH",
-        help="with --init-image: a mask of the picture: white is repainted, black kept (inpainting); any size, "
-        "stretched over the picture. Put the subjects' boxes or masks inside it",
+        metavar="subjects|PATH",
+        help="with --init-image: repaint only part of the picture and keep the rest (inpainting): 'subjects' for "
+        "the subjects' regions (their boxes or masks, grown by --repaint-margin), or a mask of the picture (white "
+        "is repainted, black kept; any size, stretched over the picture; put the subjects inside it)",
+    )
+    picture.add_argument(
+        "--repaint-margin",
+        type=float,
+        metavar="F",
+        help="with --inpaint subjects: how far around the subjects' regions is repainted, a fraction of the "
+        "shorter side in [0, 0.5] (default: 0.02)",
+    )
+    picture.add_argument(
+        "--repaint-feather",
+        type=float,
+        metavar="F",
+        help="with --inpaint: the width of the soft edge where the picture is pasted back, a fraction of the "
+        "shorter side in [0, 0.5] (default: 0.02)",
+    )
+    picture.add_argument(
+        "--keep-outside",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --inpaint: paste the picture back outside the repainted part, so it is kept exactly (default: "
+        "on with --inpaint subjects, off with a mask, whose kept part is then the picture's VAE round trip)",
     )
     how = generate.add_argument_group("how")
     how.add_argument(
@@ -162,7 +185,11 @@ def register(subparsers) -> None:
         "--no-preview", dest="preview", action="store_false", default=None, help="skip the layout preview and sheet"
     )
     out.add_argument(
-        "--no-masks", dest="save_masks", action="store_false", default=None, help="skip the auto-layout masks"
+        "--no-masks",
+        dest="save_masks",
+        action="store_false",
+        default=None,
+        help="skip the auto-layout and repainted-part masks",
     )
     _add_device_arguments(out)
     out.add_argument("--quiet", action="store_true", help="no progress bars or loading messages")
@@ -358,6 +385,9 @@ def _flag_overrides(args) -> dict:
         "init_image": args.init_image,
         "strength": args.strength,
         "inpaint": args.inpaint,
+        "repaint_margin": args.repaint_margin,
+        "repaint_feather": args.repaint_feather,
+        "keep_outside": args.keep_outside,
     }
     overrides = {k: v for k, v in fields.items() if v is not None}
     if args.size:

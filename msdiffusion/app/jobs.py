@@ -41,6 +41,7 @@ from msdiffusion.settings import (
     PICTURE_FIELDS,
     PIPELINE_STRENGTH,
     SUBJECT_ENCODING_ARGUMENTS,
+    SUBJECTS_REGION,
     TEXT_TO_IMAGE,
     ControlNetSpec,
     GenerationSettings,
@@ -216,6 +217,11 @@ _SUBJECT_FIELDS = {"image", "phrase", "box", "mask", "scale"}
 _PICTURE_PATHS = ("init_image", "inpaint")
 
 
+def _is_path(name: str, value: Any) -> bool:
+    """Whether a picture field's value names a file (`inpaint: subjects` does not)."""
+    return value is not None and not (name == "inpaint" and value == SUBJECTS_REGION)
+
+
 def _unknown(name: Any, allowed, where: str) -> JobError:
     hint = did_you_mean(name, allowed) if isinstance(name, str) and len(name) <= 100 else ""
     return JobError(f"{where}: unknown field {quote(name)}{hint}; allowed: {', '.join(sorted(allowed))}.")
@@ -311,7 +317,7 @@ def _picture(values: dict, given: dict, source: str, base_dir: Path | None, coll
         return
     missing = False
     for name in _PICTURE_PATHS:
-        if values.get(name) is not None:
+        if _is_path(name, values.get(name)):
             values[name] = collect(_path, values[name], base_dir, f"{source}: {name}")
             missing = missing or values[name] is None
     if missing:  # its problem is listed; the checks below would judge another task than the one meant
@@ -319,6 +325,12 @@ def _picture(values: dict, given: dict, source: str, base_dir: Path | None, coll
         return
     steps = values.get("steps") if isinstance(values.get("steps"), int) else None
     collect(check_picture_values, values, source, steps, values.get("controlnet") is not None)
+    subjects = [s for s in values.get("subjects") or [] if s is not None]
+    if values.get("inpaint") == SUBJECTS_REGION and subjects and not any(any(s.box) or s.mask for s in subjects):
+        collect.problems.append(
+            f"{source}: inpaint: subjects repaints the subjects' regions, but no subject has a box or a mask; give "
+            "them boxes or masks, or give inpaint a mask of the picture."
+        )
     if values.get("init_image") is not None and "size" not in given:
         size = collect(picture_size, values["init_image"], f"{source}: init_image")
         if size is not None:
@@ -399,7 +411,7 @@ def portable_job(job: Job) -> dict:
     if job.controlnet is not None:
         kept["controlnet"] = {**kept["controlnet"], "image": Path(job.controlnet.image).name}
     for name in _PICTURE_PATHS:
-        if kept.get(name) is not None:
+        if _is_path(name, kept.get(name)):
             kept[name] = Path(kept[name]).name
     return kept
 
@@ -632,9 +644,10 @@ def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:
         if isinstance(subject, dict) and isinstance(subject.get("mask"), str):
             subject["mask"] = beside(subject["mask"])
     for name in _PICTURE_PATHS:
-        data[name] = beside(data.get(name)) if name in data else None
-        if data[name] is None:
-            del data[name]
+        if data.get(name) is None:
+            data.pop(name, None)
+        elif _is_path(name, data[name]):
+            data[name] = beside(data[name])
     return data
 
 
@@ -649,7 +662,7 @@ def check_inputs(job: Job) -> None:
     if job.controlnet is not None:
         check_image_file(job.controlnet.image, "controlnet.image")
     for name in _PICTURE_PATHS:
-        if getattr(job, name) is not None:
+        if _is_path(name, getattr(job, name)):
             check_image_file(getattr(job, name), name)
     for j, subject in enumerate(job.subjects):
         if isinstance(subject.mask, str):
@@ -777,7 +790,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
     preview_boxes = [_preview_box(s) for s in job.subjects] if job.preview else []
     written: list[Path] = []
 
-    def write(image, image_seed: int, record: Job, maps) -> None:
+    def write(image, image_seed: int, record: Job, maps, repaint) -> None:
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(PNG_METADATA_KEY, json.dumps(portable_job(record) if portable else record.to_dict()))
         info.add_text("prompt", job.prompt)
@@ -799,6 +812,10 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
                 mask_path = folder / f"{stem}-mask{j}-{_slug(subject.phrase)}.png"
                 attention_map_image(maps[j], image.size).save(mask_path)
                 written.append(mask_path)
+        if job.save_masks and repaint is not None:  # how much of each pixel was repainted (white) or kept
+            repaint_path = folder / f"{stem}-repainted.png"
+            PIL.Image.fromarray((repaint[0].numpy() * 255).round().astype("uint8")).save(repaint_path)
+            written.append(repaint_path)
         log(f"wrote {path} (seed {image_seed}{', release draw' if job.seed_mode == 'release' else ''})")
 
     if job.seed_mode == "release":
@@ -808,7 +825,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
         out = pipe(**arguments, num_images_per_prompt=job.images, generator=generator)
         record = dataclasses.replace(job, seed=seed)  # the batch is made again as a whole
         for i in range(job.images):
-            write(out.images[i], seed, record, _maps(out, i))
+            write(out.images[i], seed, record, _maps(out, i), _repainted(out, i))
     else:
         if job.images > 1:  # the subjects are encoded once, for every image
             subject_arguments = (
@@ -828,7 +845,13 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
             if job.images > 1:  # the step bar says which image it is drawing
                 pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"image {i + 1}/{job.images}")
             out = pipe(**arguments, generator=torch.Generator("cpu").manual_seed(seed + i))
-            write(out.images[0], seed + i, dataclasses.replace(job, seed=seed + i, images=1), _maps(out, 0))
+            write(
+                out.images[0],
+                seed + i,
+                dataclasses.replace(job, seed=seed + i, images=1),
+                _maps(out, 0),
+                _repainted(out, 0),
+            )
     return written
 
 
@@ -839,6 +862,12 @@ def _preview_box(subject: JobSubject) -> list[float]:
     from msdiffusion.subjects import check_mask, mask_bounding_box
 
     return list(mask_bounding_box(check_mask(_mask_argument(subject.mask))))
+
+
+def _repainted(out, index: int):
+    """The (1, H, W) repaint alpha of image `index`, when inpainting pasted the picture back."""
+    masks = getattr(out, "repaint_masks", None)
+    return None if masks is None else masks[index % masks.shape[0]].cpu()
 
 
 def _maps(out, index: int):
