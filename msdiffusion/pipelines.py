@@ -35,6 +35,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.configuration_utils import FrozenDict
 from diffusers.models.controlnets import MultiControlNetModel
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
@@ -1035,25 +1036,26 @@ class MSDiffusionXLInpaintPipeline(MSDiffusionMixin, StableDiffusionXLInpaintPip
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
         )
-        return self._generate(
-            StableDiffusionXLInpaintPipeline.__call__,
-            prompt,
-            subject_images,
-            subject_phrases,
-            subject_boxes,
-            subject_scales,
-            ms_scale,
-            drop_grounding_tokens,
-            mask_threshold,
-            start_step,
-            reference_size,
-            phrase_matching,
-            reference_combine,
-            kwargs,
-            prepared_subjects=prepared_subjects,
-            subject_masks=subject_masks,
-            repaint=repaint,
-        )
+        with _plain_unet_of_any_latent_width(self):
+            return self._generate(
+                StableDiffusionXLInpaintPipeline.__call__,
+                prompt,
+                subject_images,
+                subject_phrases,
+                subject_boxes,
+                subject_scales,
+                ms_scale,
+                drop_grounding_tokens,
+                mask_threshold,
+                start_step,
+                reference_size,
+                phrase_matching,
+                reference_combine,
+                kwargs,
+                prepared_subjects=prepared_subjects,
+                subject_masks=subject_masks,
+                repaint=repaint,
+            )
 
     __call__.__doc__ = (
         "Repaint part of `image` with the prompt and subjects in their boxes or masks: the white part of\n"
@@ -1066,6 +1068,25 @@ class MSDiffusionXLInpaintPipeline(MSDiffusionMixin, StableDiffusionXLInpaintPip
         + _REPAINT_DOC
         + _SUBJECT_DOC
     )
+
+
+@contextlib.contextmanager
+def _plain_unet_of_any_latent_width(pipeline) -> Iterator[None]:
+    """diffusers' inpainting pipelines tell a plain UNet (its input: the latents alone, blended with the
+    picture's at every step) by SDXL's 4 input channels and refuse other counts. A UNet whose input is its
+    VAE's latents of another width (the procedural world's 16) is plain too: its config reads 4 for the
+    call. Nothing else reads it: the UNet's forward uses its layers, not its config."""
+    unet = getattr(pipeline.unet, "_orig_mod", pipeline.unet)  # under torch.compile, the module itself
+    width = pipeline.vae.config.latent_channels
+    if width == 4 or unet.config.in_channels != width:
+        yield
+        return
+    original = unet._internal_dict
+    unet._internal_dict = FrozenDict({**original, "in_channels": 4})
+    try:
+        yield
+    finally:
+        unet._internal_dict = original
 
 
 def _check_strength_steps(strength: float, num_inference_steps: int, kwargs: dict) -> None:
@@ -1296,27 +1317,28 @@ class MSDiffusionXLControlNetInpaintPipeline(MSDiffusionMixin, StableDiffusionXL
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
         )
-        return self._generate(
-            StableDiffusionXLControlNetInpaintPipeline.__call__,
-            prompt,
-            subject_images,
-            subject_phrases,
-            subject_boxes,
-            subject_scales,
-            ms_scale,
-            drop_grounding_tokens,
-            mask_threshold,
-            start_step,
-            reference_size,
-            phrase_matching,
-            reference_combine,
-            kwargs,
-            tokens_in_prompt_embeds=controlnet_image_tokens,
-            prepared_subjects=prepared_subjects,
-            processors=processors,
-            subject_masks=subject_masks,
-            repaint=repaint,
-        )
+        with _plain_unet_of_any_latent_width(self):
+            return self._generate(
+                StableDiffusionXLControlNetInpaintPipeline.__call__,
+                prompt,
+                subject_images,
+                subject_phrases,
+                subject_boxes,
+                subject_scales,
+                ms_scale,
+                drop_grounding_tokens,
+                mask_threshold,
+                start_step,
+                reference_size,
+                phrase_matching,
+                reference_combine,
+                kwargs,
+                tokens_in_prompt_embeds=controlnet_image_tokens,
+                prepared_subjects=prepared_subjects,
+                processors=processors,
+                subject_masks=subject_masks,
+                repaint=repaint,
+            )
 
     __call__.__doc__ = (
         "Repaint the white part of `mask_image` in `image` with the prompt and subjects, guided by ControlNet "

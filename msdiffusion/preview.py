@@ -90,19 +90,28 @@ def draw_layout(
     phrases: Sequence[str],
     width: int | None = None,
     regions: Sequence[np.ndarray | None] | None = None,
+    masks: Sequence[np.ndarray | None] | None = None,
+    repainted: np.ndarray | None = None,
 ) -> PIL.Image.Image:
     """A copy of `image` with each subject's box (fractions of the image) outlined and labelled.
 
     Images smaller than 256 px (the world's 64 px ones) are enlarged, pixels kept square, so that
     the labels stay readable. `regions`: per subject, an (h, w) boolean map of where auto layout
     placed it (or None); a subject without a box is shown by its region, tinted in its colour and
-    labelled "(auto)".
+    labelled "(auto)". `masks`: per subject, its region mask (or None), tinted in its colour.
+    `repainted`: an (H, W) map in [0, 1] of what inpainting repaints; the kept part is dimmed.
     """
     canvas = image.convert("RGB").copy()
     if min(canvas.size) < 256:
         factor = -(-256 // min(canvas.size))
         canvas = canvas.resize((canvas.width * factor, canvas.height * factor), PIL.Image.NEAREST)
     line = width or max(2, round(min(canvas.size) / 128))
+    if repainted is not None:
+        kept = PIL.Image.fromarray(((1 - np.clip(repainted, 0, 1)) * 140).round().astype(np.uint8), mode="L")
+        canvas = PIL.Image.composite(PIL.Image.new("RGB", canvas.size), canvas, kept.resize(canvas.size))
+    for j, mask in enumerate(masks or []):
+        if mask is not None and np.asarray(mask).any():
+            canvas = _tint(canvas, np.asarray(mask, dtype=bool), PALETTE[j % len(PALETTE)])
     for j, region in enumerate(regions or []):
         if region is None or any(boxes[j]) or not np.asarray(region).any():
             continue
@@ -150,8 +159,10 @@ def subjects_sheet(
     phrases: Sequence[str],
     result: PIL.Image.Image,
     height: int = 256,
+    picture: PIL.Image.Image | None = None,
 ) -> PIL.Image.Image:
-    """One picture of a run: each subject's references (all of its photos, labelled) beside the result with its layout."""
+    """One picture of a run: each subject's references (all of its photos, labelled) and the picture it
+    started from, if any (with the subjects' regions drawn on it), beside the result."""
     pad, label_h = 8, 18
     groups = []
     for photos in references:
@@ -165,8 +176,13 @@ def subjects_sheet(
             )
         groups.append(thumbs)
     result = result.convert("RGB").resize((round(result.width * height / result.height), height), PIL.Image.BICUBIC)
+    if picture is not None:
+        picture = picture.convert("RGB").resize(
+            (round(picture.width * height / picture.height), height), PIL.Image.BICUBIC
+        )
     group_widths = [sum(t.width for t in thumbs) + 2 * (len(thumbs) - 1) for thumbs in groups]
     width = pad + sum(w + pad for w in group_widths) + 3 * pad + result.width + pad
+    width += picture.width + 2 * pad if picture is not None else 0
     sheet = PIL.Image.new("RGB", (width, height + 2 * pad), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(sheet)
     x = pad
@@ -178,6 +194,9 @@ def subjects_sheet(
         label = f"{j + 1}: {phrase}" + (f" ({len(thumbs)} photos)" if len(thumbs) > 1 else "")
         draw.text((x, pad + height - label_h + 2), label, fill=PALETTE[j % len(PALETTE)], font=label_font(label))
         x += group_width + pad
+    if picture is not None:
+        sheet.paste(picture, (x + pad, pad))
+        x += picture.width + 2 * pad
     arrow = label_font("->")
     draw.text((x + pad // 2, pad + height // 2 - 6), "->", fill=(0, 0, 0), font=arrow)
     sheet.paste(result, (x + 3 * pad, pad))

@@ -304,6 +304,38 @@ def test_a_subject_mask_shapes_the_repainted_part(inpaint, pictures):
     assert np.abs(out[40:50, 90:100] - source[40:50, 90:100]).mean() > 0.05
 
 
+def test_inpainting_on_a_plain_unet_of_another_latent_width(pictures, tmp_path):
+    """A UNet on its VAE's latents of another width than SDXL's 4 (the world's 16) is a plain UNet: the
+    picture's latents are blended in at every step, as diffusers does for 4 channels (which it alone accepts)."""
+    from diffusers import AutoencoderKL
+
+    picture, reference, mask = pictures
+    components = tiny_sdxl_components(tmp_path / "tokenizer", seed=0)
+    torch.manual_seed(0)
+    components["vae"] = AutoencoderKL.from_config({**components["vae"].config, "latent_channels": 8})
+    unet_config = {**components["unet"].config, "in_channels": 8, "out_channels": 8}
+    components["unet"] = UNet2DConditionModel.from_config(unet_config)
+    pipeline = MSDiffusionXLInpaintPipeline(**components)
+    pipeline.load_ms_adapter(tiny_adapter_checkpoint(pipeline.unet, 0), image_encoder=tiny_image_encoder(0))
+    source = np.asarray(picture).astype(np.float32) / 255
+    made = run(pipeline, image=picture, repaint_margin=0, repaint_feather=0, **dog(reference))[0]
+    np.testing.assert_allclose(outside(made, INSIDE), outside(source, INSIDE), atol=1e-6)
+    assert np.abs(made[INSIDE] - source[INSIDE]).mean() > 0.05
+    # The picture's latents are blended in: the final latents outside the mask are the picture's whatever
+    # the subjects do, and inside they are not.
+    latents = [
+        run(pipeline, image=picture, mask_image=mask, output_type="latent", **dog(reference, ms_scale=scale))[0]
+        for scale in (0.0, 1.0)
+    ]
+    assert latents[0].shape[0] == 8
+    inside_cells = (slice(None), slice(4, 12), slice(6, 18))
+    keep = torch.ones(latents[0].shape, dtype=torch.bool)
+    keep[inside_cells] = False
+    assert torch.equal(latents[0][keep], latents[1][keep])
+    assert not torch.allclose(latents[0][inside_cells], latents[1][inside_cells])
+    assert pipeline.unet.config.in_channels == 8  # shown as 4 during the call only
+
+
 def test_repaint_errors(inpaint, pictures):
     picture, reference, _ = pictures
     with pytest.raises(ValueError, match=r"repaint_margin must be in \[0, 0.5\]"):

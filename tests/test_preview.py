@@ -53,3 +53,23 @@ def test_auto_layout_regions_are_drawn_for_subjects_without_a_box():
     assert shown[224, 224].tolist() != [0, 0, 0] and shown[16, 240].tolist() == [0, 0, 0]
     tint = shown[240, 240]
     assert np.argmax(tint) == np.argmax(PALETTE[0])  # in the subject's colour
+
+
+def test_subject_masks_are_tinted_the_kept_part_dimmed_and_the_sheet_shows_the_picture():
+    image = solid((200, 200, 200), (256, 256))
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:24, 8:24] = True
+    shown = np.asarray(draw_layout(image, [[0, 0, 0.5, 0.5]], ["dog"], masks=[mask])).astype(int)
+    assert shown[60, 60].tolist() != [200, 200, 200] and shown[120, 120].tolist() == [200, 200, 200]
+    assert np.argmax(shown[60, 60] - 200) == np.argmax(PALETTE[0])  # towards the subject's colour
+    repainted = np.zeros((256, 256))
+    repainted[:128] = 1.0
+    dimmed = np.asarray(draw_layout(image, [[0, 0, 0, 0]], ["dog"], repainted=repainted)).astype(int)
+    assert dimmed[64, 200].tolist() == [200, 200, 200] and (dimmed[200, 200] < 150).all()
+    result = solid((0, 0, 255), (64, 64))
+    plain = subjects_sheet([solid((255, 0, 0))], ["dog"], result, height=64)
+    with_picture = subjects_sheet(
+        [solid((255, 0, 0))], ["dog"], result, height=64, picture=solid((0, 255, 0), (64, 64))
+    )
+    assert with_picture.width > plain.width
+    assert (np.asarray(with_picture) == [0, 255, 0]).all(-1).sum() >= 60 * 60

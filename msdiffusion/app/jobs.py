@@ -803,9 +803,17 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
             regions = None
             if maps is not None:  # where auto layout put each subject (shown for those without a box)
                 regions = [(maps[j] > job.mask_threshold).cpu().numpy() for j in range(len(job.subjects))]
-            preview = draw_layout(image, preview_boxes, phrases, regions=regions)
+            masks = _preview_masks(job.subjects, image.size)
+            preview = draw_layout(image, preview_boxes, phrases, regions=regions, masks=masks)
             preview.save(folder / f"{stem}-layout.png")
-            subjects_sheet(subject_images, phrases, preview).save(folder / f"{stem}-sheet.png")
+            if job.init_image is None:
+                sheet = subjects_sheet(subject_images, phrases, preview)
+            else:  # the picture with the subjects' regions (the repainted part bright), then the result as made
+                picture = PIL.Image.open(job.init_image).convert("RGB").resize(image.size, PIL.Image.LANCZOS)
+                alpha = None if repaint is None else repaint[0].numpy()
+                regions_drawn = draw_layout(picture, preview_boxes, phrases, masks=masks, repainted=alpha)
+                sheet = subjects_sheet(subject_images, phrases, image, picture=regions_drawn)
+            sheet.save(folder / f"{stem}-sheet.png")
             written.extend([folder / f"{stem}-layout.png", folder / f"{stem}-sheet.png"])
         if job.save_masks and maps is not None:
             for j, subject in enumerate(job.subjects):
@@ -862,6 +870,21 @@ def _preview_box(subject: JobSubject) -> list[float]:
     from msdiffusion.subjects import check_mask, mask_bounding_box
 
     return list(mask_bounding_box(check_mask(_mask_argument(subject.mask))))
+
+
+def _preview_masks(subjects: list[JobSubject], size: tuple[int, int]) -> list | None:
+    """Each subject's region mask as a bool array of the output's `size` (width, height), None where it has none."""
+    if all(s.mask is None for s in subjects):
+        return None
+    from msdiffusion.subjects import check_mask, rasterise_polygon
+
+    masks = []
+    for subject in subjects:
+        mask = None if subject.mask is None else check_mask(_mask_argument(subject.mask))
+        if mask is not None and not hasattr(mask, "numpy"):
+            mask = rasterise_polygon(mask, size[1], size[0])
+        masks.append(None if mask is None else mask.numpy())
+    return masks
 
 
 def _repainted(out, index: int):
