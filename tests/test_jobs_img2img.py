@@ -259,25 +259,43 @@ def test_the_docs_commands_run_as_written(files, tmp_path):
 
 
 def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypatch):
-    """The page has no upload for pictures and mask images yet: a visitor's job naming one is refused (the
-    API) or has it left out (imports), before `job_from_dict` could read or probe a server file."""
+    """The page reads a picture or a mask image only as the visitor's own file: an API job names them among
+    its request's uploads (anything else is refused), an imported job has them found by file name among the
+    visitor's files (or left out with a note); no path a visitor names is read or probed on the server."""
     from msdiffusion.app import jobs
-    from msdiffusion.app.page import PageModels, job_to_page, refuse_picture_fields
+    from msdiffusion.app.page import PageModels, job_to_page, picture_files_from_uploads
     from msdiffusion.errors import UserInputError
 
     server_file = str(files / "room.jpg")
     subject = {"image": "dog.jpg", "phrase": "dog", "box": [0.1, 0.1, 0.9, 0.9]}
+    sent = {"dog.jpg": "/uploads/dog.jpg", "room.jpg": "/uploads/room.jpg"}  # the request's uploads
     for job in (
         {"prompt": "a dog", "init_image": server_file, "subjects": [subject]},
-        {"prompt": "a dog", "inpaint": "/etc/hostname", "subjects": [subject]},
+        {"prompt": "a dog", "init_image": "sofa.jpg", "subjects": [subject]},  # a file name, but not uploaded
+        {"prompt": "a dog", "init_image": "room.jpg", "inpaint": "/etc/hostname", "subjects": [subject]},
         {"prompt": "a dog", "subjects": [{**subject, "mask": server_file}]},
     ):
-        with pytest.raises(UserInputError, match="page"):
-            refuse_picture_fields(job)
-    refuse_picture_fields({"prompt": "a dog", "subjects": [{**subject, "mask": [[0, 0], [1, 0], [1, 1]]}]})
+        with pytest.raises(UserInputError, match="is not among the uploaded images"):
+            picture_files_from_uploads(job, sent)
+    polygon = [[0, 0], [1, 0], [1, 1]]
+    job = {
+        "prompt": "a dog",
+        "init_image": "room.jpg",
+        "inpaint": "subjects",
+        "subjects": [{**subject, "mask": "dog-region.png"}, {**subject, "mask": polygon}],
+    }
+    uploads = {"room.jpg": "/uploads/room.jpg", "dog-region.png": "/uploads/dog-region.png"}
+    named = picture_files_from_uploads(job, uploads)
+    assert named == {"init_image": ["/uploads/room.jpg"], "masks": ["/uploads/dog-region.png"]}
+    assert job["init_image"] == "/uploads/room.jpg" and job["inpaint"] == "subjects"
+    assert job["subjects"][0]["mask"] == "/uploads/dog-region.png" and job["subjects"][1]["mask"] == polygon
 
-    opened = []
+    opened, probed = [], []
     monkeypatch.setattr(jobs, "picture_size", lambda path, what="init_image": opened.append(path))
+    real_path = jobs._path
+    monkeypatch.setattr(
+        jobs, "_path", lambda value, *args, **kwargs: probed.append(value) or real_path(value, *args, **kwargs)
+    )
     data = {
         "prompt": "a dog",
         "init_image": server_file,
@@ -285,7 +303,9 @@ def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypat
         "subjects": [{**subject, "mask": server_file}],
     }
     models = PageModels("tiny-random", "tiny-random", "tiny-random")
-    _, subjects, notes = job_to_page(data, lambda name: None, models)
-    assert not opened and data["subjects"][0]["mask"] == server_file  # the caller's job is left as it was
-    assert any("init_image, strength: left out" in note for note in notes)
-    assert any("subject 1: its mask is left out" in note for note in notes)
+    settings, subjects, notes = job_to_page(data, lambda name: None, models)
+    assert not opened and server_file not in probed
+    assert data["subjects"][0]["mask"] == server_file  # the caller's job is left as it was
+    assert settings["picture"] is None and settings["strength"] == 0.5 and subjects[0]["region"] == ""
+    assert any(note.startswith("upload 'room.jpg' as the picture to work on") for note in notes)
+    assert any(note.startswith("subject 1: paint its region again") for note in notes)

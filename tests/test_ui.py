@@ -4,15 +4,18 @@ events called over HTTP as a browser calls them), and the page itself in a real 
 The HTTP tests serve the page in this process with the tiny random models and small limits, and call
 its events with `PageClient`: uploads to /gradio_api/upload, an event joining the queue, its answer on
 the session's SSE stream (what the browser does; an event marked private is only hidden from the API
-docs). The browser test starts `python -m msdiffusion ui` with the tiny random models on a free port and
-drives Debian's Chromium with Playwright (both installed by .ci/run); it skips, saying why, where
-either is missing. `MSDIFF_UI_URL` points it at a page already running with the tiny models instead;
+docs). The browser tests start `python -m msdiffusion ui` with the tiny random models on a free port and
+drive Debian's Chromium with Playwright (both installed by .ci/run): drawing boxes, generating, downloading
+and importing; painting a subject's region on an uploaded picture and repainting it. They skip, saying why,
+where either is missing. `MSDIFF_UI_URL` points them at a page already running with the tiny models instead;
 `MSDIFF_UI_SCREENSHOT=FILE` saves a screenshot of the page (the README's, with the world models, is
 `benchmarks/ui_screenshot.py`'s).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -78,13 +81,17 @@ def _settings(**changes) -> dict:
         "start_step": 5,
         "drop_grounding": False,
         "scheduler": "(model default)",
+        "picture": None,
+        "picture_mode": "Repaint the subjects' regions",
+        "strength": 1.0,
+        "repaint_margin": 0.02,
     }
     settings.update(changes)
     return settings
 
 
 def _subjects(*entries: dict) -> list[dict]:
-    empty = {"images": None, "phrase": "", "box": "", "scale": ""}
+    empty = {"images": None, "phrase": "", "box": "", "scale": "", "region": ""}
     return [{**empty, **e} for e in entries] + [empty] * (4 - len(entries))
 
 
@@ -175,12 +182,14 @@ def test_export_then_import_is_the_same_page(tmp_path):
         "phrase": "dog",
         "box": "0.05,0.3,0.45,0.9",
         "scale": "",
+        "region": "",
     }
     assert subjects[1]["scale"] == "0.8" and subjects[2] == subjects[3] == {
         "images": [],
         "phrase": "",
         "box": "",
         "scale": "",
+        "region": "",
     }
     # Photos the visitor does not have are not filled in: the notes ask for them.
     _, subjects, notes = job_to_page(data, lambda name: None, TINY_MODELS)
@@ -197,6 +206,184 @@ def test_import_refuses_a_bad_job_with_the_job_files_message(tmp_path):
             lambda name: None,
             TINY_MODELS,
         )
+
+
+# ---- a picture to work on and painted regions (no Gradio needed) ---------------------------------------
+def _region_url(region: np.ndarray, mode: str = "RGBA") -> str:
+    """A region as the canvas sends it: a PNG data URL, opaque where painted (or, `L`, white on black)."""
+    if mode == "RGBA":
+        pixels = np.zeros((*region.shape, 4), np.uint8)
+        pixels[region] = 255
+    else:
+        pixels = region.astype(np.uint8) * 255
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels, mode).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _noise_picture(path: Path, size: tuple[int, int] = (130, 100)) -> Path:
+    """A picture of random pixels (its output: its size rounded down to multiples of 8)."""
+    rng = np.random.default_rng(0)
+    PIL.Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_picture_is_checked_and_fitted_to_the_size_limit(tmp_path):
+    from msdiffusion.app.page import PageError, VisitorFiles, fitted_picture_size
+
+    assert fitted_picture_size(3000, 2000, 1536) == (1536, 1024)
+    assert fitted_picture_size(1000, 750, 1536) == (1000, 744)  # within the limit: the pipelines' rounding only
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    files = VisitorFiles(3600, sources=[uploads, ASSETS])
+    try:
+        large = uploads / "large.jpg"
+        PIL.Image.new("RGB", (3000, 2000), (200, 40, 40)).save(large, quality=90)
+        assert PIL.Image.open(files.receive_picture("ann", large, PageLimits())).size == (1536, 1024)
+        assert PIL.Image.open(files.receive_picture("bob", large, PageLimits(max_size=500))).size == (496, 328)
+        room = _noise_picture(uploads / "room.png")
+        assert Path(files.receive_picture("ann", room, PageLimits())).read_bytes() == room.read_bytes()  # as sent
+        assert files.find("ann", "room.png") == str(room)  # an imported job may name it
+        huge = uploads / "huge.png"
+        PIL.Image.new("1", (10000, 10000)).save(huge)
+        with pytest.raises(
+            PageError, match=r"^huge.png: 10000x10000 pixels; this server takes pictures up to 40 "
+        ) as caught:
+            files.receive_picture("ann", huge, PageLimits())
+        assert caught.value.field == "picture" and caught.value.slot is None
+        narrow = uploads / "narrow.png"
+        PIL.Image.new("RGB", (3000, 100)).save(narrow)
+        with pytest.raises(
+            PageError, match=r"^narrow.png: 3000x100 pixels would be 1536x48 here .* below 64 on a side"
+        ):
+            files.receive_picture("ann", narrow, PageLimits())
+        small = uploads / "small.png"
+        PIL.Image.new("RGB", (70, 60)).save(small)
+        with pytest.raises(PageError, match=r"^small.png: 70x60 pixels, below 64 on a side .*: upload a larger one"):
+            files.receive_picture("ann", small, PageLimits())
+        outside = tmp_path / "secret.png"  # anywhere but the upload folder and the examples
+        PIL.Image.new("RGB", (80, 80)).save(outside)
+        with pytest.raises(PageError, match=r"^secret.png: not a picture uploaded to this page"):
+            files.receive_picture("ann", outside, PageLimits())
+    finally:
+        files.close()
+
+
+def test_a_painted_region_is_decoded_strictly_and_written_at_the_outputs_size(tmp_path):
+    from msdiffusion.app.page import MAX_REGION_BYTES, PageError, decode_region, region_data_url, write_region
+
+    region = np.zeros((48, 64), bool)
+    region[10:30, 5:25] = True
+    np.testing.assert_array_equal(decode_region(_region_url(region), 0), region)
+    np.testing.assert_array_equal(decode_region(_region_url(region, "L"), 0), region)  # white on black too
+    np.testing.assert_array_equal(decode_region(region_data_url(region), 0), region)  # what an import fills in
+    assert decode_region("", 0) is None and decode_region(None, 0) is None
+    jpeg, wide, bomb = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    PIL.Image.new("RGB", (8, 8), "white").save(jpeg, format="JPEG")
+    PIL.Image.new("1", (4096, 8), 1).save(wide, format="PNG")
+    PIL.Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400 megapixels in a few kB
+    as_url = lambda data: "data:image/png;base64," + base64.b64encode(data).decode()  # noqa: E731
+    for text, message in (
+        ("/etc/hostname", "not a painted region"),
+        ("data:image/png;base64,@@@@", "not base64"),
+        (as_url(jpeg.getvalue()), "not a PNG the page can read"),
+        (as_url(b"\x89PNG\r\n\x1a\n" + b"x" * 20), "not a PNG the page can read"),
+        (as_url(wide.getvalue()), r"4096x8 pixels; a painted region is at most 1024 a side"),
+        (as_url(bomb.getvalue()), r"over 1024 pixels a side; a painted region is at most that"),
+        ("data:image/png;base64," + "A" * (MAX_REGION_BYTES * 2), r"characters; a painted region is at most 2 MB"),
+        (_region_url(np.zeros((8, 8), bool)), "nothing is painted"),
+    ):
+        with pytest.raises(PageError, match=message) as caught:
+            decode_region(text, 2)
+        # One short line, tied to the subject, that repeats nothing of what was sent.
+        assert caught.value.slot == 2 and str(caught.value).startswith("region: ") and "\n" not in str(caught.value)
+        assert len(str(caught.value)) < 120, str(caught.value)
+
+    path = Path(write_region(region, (128, 96), tmp_path, "Dog's toy"))
+    assert re.fullmatch(r"region-dog-s-toy-[0-9a-f]{12}\.png", path.name), path.name
+    written = np.asarray(PIL.Image.open(path))
+    assert written.shape == (96, 128) and set(np.unique(written)) == {0, 255}
+    np.testing.assert_array_equal(written[::2, ::2] == 255, region)  # stretched over the output
+    assert write_region(np.eye(64, dtype=bool)[:48], (8, 8), tmp_path, "dog") is None  # nothing left at that size
+
+
+def test_a_picture_and_a_painted_region_make_an_inpainting_job_that_exports_and_imports(tmp_path):
+    from msdiffusion.app.page import (
+        REDRAW,
+        REPAINT,
+        PageError,
+        decode_region,
+        export_yaml,
+        job_to_page,
+        page_to_job,
+        region_of_mask_file,
+        regions_to_masks,
+    )
+
+    room = _noise_picture(tmp_path / "room.png")  # the output: 128x96
+    region = np.zeros((48, 64), bool)
+    region[10:30, 5:25] = True
+    subjects = regions_to_masks(
+        _subjects({**DOG, "box": "", "region": _region_url(region)}, CAT), (128, 96), tmp_path / "regions"
+    )
+    assert Path(subjects[0]["mask"]).parent == tmp_path / "regions" and "mask" not in subjects[1]
+    settings = _settings(picture=str(room), strength=0.8, repaint_margin=0.05)
+    job, _ = page_to_job(settings, subjects, _tiny_models(), str(tmp_path / "out"))
+    assert job.task == "inpainting" and job.init_image == str(room) and job.inpaint == "subjects"
+    assert job.size == [128, 96]  # the picture's, not the page's 64x64
+    assert job.strength == 0.8 and job.repaint_margin == 0.05
+    assert job.subjects[0].mask == subjects[0]["mask"] and not any(job.subjects[0].box)
+    redraw, _ = page_to_job({**settings, "picture_mode": REDRAW}, subjects, _tiny_models(), str(tmp_path))
+    assert redraw.task == "image-to-image" and redraw.repaint_margin is None and redraw.strength == 0.8
+    with pytest.raises(PageError, match=r"needs a subject's box or painted region") as caught:
+        page_to_job(settings, _subjects({**DOG, "box": ""}), _tiny_models(), str(tmp_path))
+    assert caught.value.field == "picture"
+    with pytest.raises(PageError, match=r"^strength: strength 0.3 of steps 2 leaves no denoising step") as caught:
+        page_to_job({**settings, "strength": 0.3}, subjects, _tiny_models(), str(tmp_path))
+    assert caught.value.field == "picture"  # shown under the picture
+
+    # Exported, the job names the picture and the region's mask by file name; imported by the same visitor,
+    # both are found among theirs.
+    text = export_yaml(job)
+    data = yaml.safe_load(text)
+    mask_name = Path(subjects[0]["mask"]).name
+    assert data["init_image"] == "room.png" and data["inpaint"] == "subjects" and str(tmp_path) not in text
+    assert data["subjects"][0] == {"image": "dog.jpg", "phrase": "dog", "mask": mask_name}
+    mine = {"room.png": str(room), "dog.jpg": str(ASSETS / "dog.jpg"), "cat.jpg": str(ASSETS / "cat.jpg")}
+    painted = {mask_name: region_of_mask_file(subjects[0]["mask"])}
+    page_settings, page_subjects, notes = job_to_page(data, mine.get, TINY_MODELS, painted.get)
+    assert notes == []
+    assert {k: page_settings[k] for k in ("picture", "picture_mode", "strength", "repaint_margin")} == {
+        "picture": str(room),
+        "picture_mode": REPAINT,
+        "strength": 0.8,
+        "repaint_margin": 0.05,
+    }
+    np.testing.assert_array_equal(decode_region(page_subjects[0]["region"], 0)[::2, ::2], region)
+
+    # Another visitor has neither: the notes say what to upload and paint; what the page cannot show is named,
+    # and a polygon mask is painted in as the subject's region.
+    data["subjects"][1]["mask"] = [[0.5, 0.25], [1, 0.25], [1, 1]]
+    data.update(inpaint="sofa-mask.png", keep_outside=False)
+    page_settings, page_subjects, notes = job_to_page(data, lambda name: None, TINY_MODELS)
+    assert page_settings["picture"] is None and page_settings["picture_mode"] == REPAINT
+    assert page_subjects[0]["region"] == ""
+    for said in (
+        "upload 'room.png' as the picture to work on",
+        f"subject 1: paint its region again (its mask '{mask_name}' is not among yours)",
+        "inpaint: 'sofa-mask.png' (a mask of the picture) is left out",
+        "keep_outside: left out",
+    ):
+        assert any(note.startswith(said) for note in notes), (said, notes)
+    polygon = decode_region(page_subjects[1]["region"], 1)
+    assert polygon.shape == (96, 128) and polygon[30, 120] and not polygon[10, 10] and not polygon[90, 70]
+    # An imported redraw without a strength gets the pipeline's default, which the job meant.
+    del data["inpaint"], data["keep_outside"], data["repaint_margin"], data["strength"]
+    data["steps"] = 10  # int(2 * 0.3) would leave no step: refused, as the job itself would be
+    page_settings, _, _ = job_to_page(data, mine.get, TINY_MODELS)
+    assert page_settings["picture_mode"] == REDRAW and page_settings["strength"] == 0.3
+    page_settings, _, _ = job_to_page({**data, "inpaint": "subjects"}, mine.get, TINY_MODELS)
+    assert page_settings["picture_mode"] == REPAINT and page_settings["strength"] == 0.9999
 
 
 def test_ui_command_needs_gradio_or_says_how_to_install_it(monkeypatch, capsys):
@@ -505,9 +692,13 @@ class PageClient:
         raise AssertionError("the stream ended without an answer")
 
     def generate(self, **values) -> dict:
-        """The page's Generate: what it shows, by place (subject0..3 and size: their messages; status, downloads)."""
-        outputs = self.events["on_generate"]["outputs"]
-        data = self.call("on_generate", self.inputs("on_generate", **values))["data"]
+        """The page's Generate: what it shows, by place (subject0..3, size and picture: their messages; status,
+        results, downloads)."""
+        return self.shown("on_generate", self.call("on_generate", self.inputs("on_generate", **values))["data"])
+
+    def shown(self, event: str, data: list) -> dict:
+        """An event's outputs by place (elem_id, a message without its -error)."""
+        outputs = self.events[event]["outputs"]
         return {(self.components[i].get("elem_id") or "").removesuffix("-error"): v for i, v in zip(outputs, data)}
 
 
@@ -761,9 +952,10 @@ def test_stop_ends_a_generation_and_the_queue_has_a_length(served):
     assert ann.run("on_stop", [])["data"] == ["Stopped."]  # Ann presses Stop
     done = next(m for m in stream if m["msg"] == "process_completed")
     stream.close()
-    assert "stopped: you pressed Stop." in done["output"]["data"][5] and time.monotonic() - started < 60
+    assert "stopped: you pressed Stop." in ann.shown("on_generate", done["output"]["data"])["status"]
+    assert time.monotonic() - started < 60
     bobs = next(m for m in bob.messages() if m["msg"] == "process_completed")
-    assert bobs["output"]["data"][5].startswith("Made 1 image")
+    assert bob.shown("on_generate", bobs["output"]["data"])["status"].startswith("Made 1 image")
 
 
 @pytest.mark.slow
@@ -785,6 +977,134 @@ def test_a_login_is_asked_for_with_auth(tmp_path):
     finally:
         page.close()
         page.visitor_files.close()
+
+
+def _fetch(client: PageClient, file: dict) -> np.ndarray:
+    """The pixels of a file the page answered with (a result, a download)."""
+    answer = client.http.get(file["url"])
+    answer.raise_for_status()
+    return np.asarray(PIL.Image.open(io.BytesIO(answer.content)))
+
+
+@pytest.mark.slow
+def test_a_picture_is_repainted_in_the_subjects_regions_and_kept_outside(served, tmp_path):
+    page, url = served
+    ann, bob = PageClient(url), PageClient(url)
+    room = _noise_picture(tmp_path / "room.png", (128, 96))
+    picture = ann.upload(room)
+    # Given, a picture sets the output's size and locks it; one over --max-size (256 here) is shrunk to fit.
+    width, height, preset, controls, message = ann.call("on_picture", [picture])["data"]
+    assert (width["value"], height["value"], width["interactive"], preset["interactive"]) == (128, 96, False, False)
+    assert controls["visible"] and message == ""
+    wide = tmp_path / "wide.png"
+    PIL.Image.new("RGB", (400, 200)).save(wide)
+    width, height, *_ = ann.call("on_picture", [ann.upload(wide)])["data"]
+    assert (width["value"], height["value"]) == (256, 128)
+    huge = tmp_path / "huge.png"
+    PIL.Image.new("1", (4000, 2000)).save(huge)
+    width, _, _, controls, message = ann.call("on_picture", [ann.upload(huge)])["data"]
+    assert message.startswith("⚠ huge.png: 4000x2000 pixels") and "--max-megapixels" in message
+    assert width["interactive"] and not controls["visible"]
+    width, _, _, controls, message = ann.call("on_picture", [None])["data"]  # removed: text-to-image again
+    assert width["interactive"] and not controls["visible"] and message == ""
+
+    # The dog's region painted (top left, no box), the cat's box (top right); the width and height sent (64)
+    # are not the picture's: the picture's size wins.
+    region = np.zeros((48, 64), bool)
+    region[6:30, 4:28] = True
+    values = {
+        **SMALL,
+        "prompt": "a dog and a cat on the beach",
+        "picture": picture,
+        "subject0_images": [ann.upload(ASSETS / "dog.jpg")],
+        "subject0_phrase": "dog",
+        "subject0_box": "",
+        "subject0_region": _region_url(region),
+        "subject1_images": [ann.upload(ASSETS / "cat.jpg")],
+        "subject1_phrase": "cat",
+        "subject1_box": "0.65,0.1,0.95,0.5",
+    }
+    made = ann.generate(**values)
+    assert made["status"].startswith("Made 1 image"), made
+    captions = [item["caption"] for item in made["results"]]
+    assert captions[:3] == ["input: room.png", "msdiff-00001.png (seed 0)", "repainted part (white)"], captions
+    result, repainted = (_fetch(ann, item["image"]) for item in made["results"][1:3])
+    original = np.asarray(PIL.Image.open(room))
+    assert result.shape == original.shape == (96, 128, 3)
+    kept = repainted == 0
+    np.testing.assert_array_equal(result[kept], original[kept])  # outside the repainted part: the picture, exactly
+    assert (~kept).sum() > 500 and not np.array_equal(result[~kept], original[~kept])
+    # Only the regions (the dog's rows 12-60, columns 8-56; the cat's box, rows 9-48, columns 83-122) are
+    # repainted, grown by the margin and the feathered edge (2 pixels each here): 8 pixels is ample.
+    near = np.zeros_like(kept)
+    near[4:68, 0:64] = True
+    near[1:56, 75:] = True
+    assert kept[~near].all()
+
+    # The job the server ran: the picture and the region's mask by file name; the mask comes with the PNG.
+    record, png = _png_record(ann, made["downloads"][0])
+    assert record["init_image"] == "room.png" and record["inpaint"] == "subjects" and record["size"] == [128, 96]
+    assert record["strength"] == 1.0 and record["repaint_margin"] == 0.02
+    mask_name = record["subjects"][0]["mask"]
+    assert "box" not in record["subjects"][0] and made["downloads"][1]["orig_name"] == mask_name
+    np.testing.assert_array_equal(_fetch(ann, made["downloads"][1])[::2, ::2] == 255, region)
+    assert tempfile.gettempdir() not in json.dumps(record)
+
+    # Exported: a job file naming both, with the mask beside it.
+    exported = ann.call("on_export", ann.inputs("on_export", **values))["data"][-1]
+    assert [f["orig_name"] for f in exported] == ["msdiff-job.yaml", mask_name]
+    job = yaml.safe_load(ann.http.get(exported[0]["url"]).text)
+    assert job["init_image"] == "room.png" and job["subjects"][0]["mask"] == mask_name
+    # Imported again by Ann, the PNG brings back her picture and painted region; Bob is asked for them.
+    (tmp_path / "made.png").write_bytes(png)
+    filled = _import(ann, tmp_path / "made.png")
+    assert (
+        Path(filled["picture"]["path"]).name == "room.png" and filled["picture_mode"] == "Repaint the subjects' regions"
+    )
+    assert filled["subject0_region"].startswith("data:image/png;base64,") and filled["subject0_box"] == ""
+    filled = _import(bob, tmp_path / "made.png")
+    assert filled["picture"] is None and filled["subject0_region"] == ""
+    assert "upload 'room.png' as the picture" in filled["status"] and "paint its region again" in filled["status"]
+
+
+@pytest.mark.slow
+def test_a_bad_painted_region_is_refused_in_one_line_naming_its_subject(served):
+    page, url = served
+    client = PageClient(url)
+    values = _dog_and_cat(client, **SMALL)
+    for text in ("data:image/png;base64,!!", "data:image/png;base64," + "A" * (3 * 2**20), "file:///etc/hostname"):
+        refused = client.generate(**values, subject1_region=text)
+        assert refused["subject1"].startswith("⚠ region: ") and "\n" not in refused["subject1"], refused["subject1"]
+        assert refused["status"] == "⚠ Nothing was made: see subject 2."
+
+
+@pytest.mark.slow
+def test_the_api_reads_a_picture_or_mask_only_among_its_uploads(served, tmp_path):
+    page, url = served
+    client = PageClient(url)
+    room = _noise_picture(tmp_path / "room.png", (128, 96))
+    region = np.zeros((96, 128), np.uint8)
+    region[20:80, 10:60] = 255
+    PIL.Image.fromarray(region).save(tmp_path / "dog-region.png")
+    uploads = [client.upload(path) for path in (ASSETS / "dog.jpg", room, tmp_path / "dog-region.png")]
+    job = {
+        "prompt": "a dog in the room",
+        "subjects": [{"image": "dog.jpg", "phrase": "dog", "mask": "dog-region.png"}],
+        "init_image": "room.png",
+        "inpaint": "subjects",
+        "steps": 2,
+    }
+    answer = client.call("generate_job", [yaml.safe_dump(job), uploads])
+    record, _ = _png_record(client, answer["data"][0][0])
+    assert record["init_image"] == "room.png" and record["size"] == [128, 96]
+    assert record["subjects"][0]["mask"] == "dog-region.png"
+    for change in (
+        {"init_image": str(room)},  # a path, even to a file that is there: never read
+        {"inpaint": "/etc/hostname"},
+        {"subjects": [{"image": "dog.jpg", "phrase": "dog", "mask": str(tmp_path / "dog-region.png")}]},
+    ):
+        answer = client.call("generate_job", [yaml.safe_dump({**job, **change}), uploads])
+        assert "is not among the uploaded images" in (answer.get("error") or ""), (change, answer)
 
 
 # ---- the gradio_client API, as the README shows it ----------------------------------------------
@@ -1016,6 +1336,83 @@ def test_page_in_a_browser_draw_generate_download_import(browser_page, tmp_path)
         assert np.abs(np.array(edge) - PALETTE[slot]).max() < 40, (slot, edge)
         inside = _canvas_colour(page, (x0 + x1) / 2, (y0 + y1) / 2)
         assert np.abs(np.array(inside) - PALETTE[slot]).max() > 60  # only the outline is solid
+
+
+def _two_colour_picture(path: Path, size: tuple[int, int] = (128, 96)) -> Path:
+    """A picture whose left half is blue and right half yellow (easy to tell apart on the canvas)."""
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:, : size[0] // 2] = BLUE
+    pixels[:, size[0] // 2 :] = YELLOW
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+BLUE, YELLOW = (30, 60, 200), (230, 210, 40)
+
+
+@pytest.mark.slow
+def test_page_in_a_browser_paint_a_region_and_repaint_a_picture(browser_page, ui_url, tmp_path):
+    from msdiffusion.preview import PALETTE
+
+    page = browser_page
+    page.goto(ui_url)  # a new visit: the example's dog and cat, with their boxes
+    page.wait_for_selector("#box-canvas[data-ready]")
+    _set(page, "steps", "2")
+    _set(page, "seed", "3")
+    _set(page, "subject0-box", "")  # the dog gets a painted region instead
+    page.set_input_files("#picture input[type=file]", str(_two_colour_picture(tmp_path / "room.png")))
+    # The output takes the picture's size (the fields are locked), and the canvas shows it behind the boxes.
+    page.wait_for_function("() => document.querySelector('#width input').value === '128'")
+    assert _field(page, "height").input_value() == "96" and _field(page, "width").is_disabled()
+    page.wait_for_timeout(500)
+    assert np.abs(np.array(_canvas_colour(page, 0.1, 0.1)) - BLUE).max() < 30
+    assert np.abs(np.array(_canvas_colour(page, 0.9, 0.1)) - YELLOW).max() < 30
+    assert page.locator("#picture-mode input:checked").get_attribute("value") == "Repaint the subjects' regions"
+
+    # Subject 1's region painted with the brush, then its right end erased.
+    page.click("#box-tools button[data-subject='0']")
+    page.click("#box-tools button[data-tool='brush']")
+    page.locator("#brush-size").evaluate("(e) => { e.value = '30'; }")
+    _drag(page, (0.08, 0.45), (0.42, 0.45))
+    page.wait_for_function("() => document.querySelector('#subject0-region textarea, #subject0-region input').value")
+    page.click("#box-tools button[data-tool='eraser']")
+    _drag(page, (0.33, 0.3), (0.33, 0.6))
+    _drag(page, (0.4, 0.3), (0.4, 0.6))
+    page.wait_for_timeout(500)
+    tinted = np.array(_canvas_colour(page, 0.15, 0.45))  # the picture's blue, tinted in subject 1's colour
+    assert (
+        np.abs(tinted - BLUE).max() > 40
+        and np.abs(tinted - PALETTE[0]).max() < np.abs(np.array(BLUE) - PALETTE[0]).max()
+    )
+    assert np.abs(np.array(_canvas_colour(page, 0.37, 0.45)) - BLUE).max() < 30  # erased: the picture again
+
+    page.click("#generate")
+    page.wait_for_selector("#downloads a", timeout=SLOW_MS)
+    assert page.locator("#status").inner_text().strip() == "Made 1 image (seed 3)."
+    captions = [c.strip() for c in page.locator("#results .caption-label").all_inner_texts()]
+    # The result beside the picture it was made from, then the part repainted.
+    assert captions[:3] == ["input: room.png", "msdiff-00001.png (seed 3)", "repainted part (white)"], captions
+
+    # The job the server ran: the picture, its subjects' regions repainted, the dog's painted region as its mask.
+    files = {}
+    for link in page.locator("#downloads a").all():
+        with page.expect_download() as download_info:
+            link.click()
+        files[download_info.value.suggested_filename] = tmp_path / download_info.value.suggested_filename
+        download_info.value.save_as(files[download_info.value.suggested_filename])
+    record = json.loads(PIL.Image.open(files["msdiff-00001.png"]).text[PNG_METADATA_KEY])
+    assert record["init_image"] == "room.png" and record["inpaint"] == "subjects" and record["size"] == [128, 96]
+    dog = record["subjects"][0]
+    assert "box" not in dog and re.fullmatch(r"region-dog-[0-9a-f]{12}\.png", dog["mask"]), dog
+    mask = np.asarray(PIL.Image.open(files[dog["mask"]])) > 127
+    assert mask.shape == (96, 128) and mask[43, 19] and not mask[43, 48] and not mask[10:25].any()
+    assert PIL.Image.open(files["msdiff-00001.png"]).size == (128, 96)
+
+    # Removing the picture returns to text-to-image: the size is the visitor's again, the canvas blank.
+    page.click("#picture button[aria-label='Clear']")
+    page.wait_for_function("() => !document.querySelector('#width input').disabled")
+    page.wait_for_timeout(300)
+    assert np.abs(np.array(_canvas_colour(page, 0.9, 0.1)) - YELLOW).max() > 100
 
 
 def test_a_taken_port_is_one_line_before_any_model_loads(capsys, monkeypatch):

@@ -5,12 +5,17 @@ The page speaks the job format of `msdiffusion.app.jobs`: what it generates is a
 (with photos by file name: a PNG or exported job never names the server's folders), and its YAML
 export and import are job files. The models are the server's (given when it starts).
 
-The page is made to be shared (README: "Sharing the page"). Each visitor's photos and results live
-in a folder of their own, removed when they leave (or, for API callers, after `--keep-minutes`);
-photos come only from what that visitor uploaded (and the package's example photos), checked and
-shrunk on receipt; every request is held to the server's `PageLimits` (size, steps, images, photos,
-upload size and pixels, queue length, time per job); a generation stops between two steps when its
-requester leaves or presses Stop; `--auth` asks for a login.
+A picture to start from (`init_image`) makes the page repaint its subjects' regions (`inpaint: subjects`)
+or redraw all of it; a subject's region may be painted on the canvas with a brush, which the page writes
+as the subject's `mask` image.
+
+The page is made to be shared (README: "Sharing the page"). Each visitor's photos, picture, painted
+regions and results live in a folder of their own, removed when they leave (or, for API callers, after
+`--keep-minutes`); photos and pictures come only from what that visitor uploaded (and the package's
+example photos), checked and shrunk on receipt; a painted region is decoded within fixed bounds; every
+request is held to the server's `PageLimits` (size, steps, images, photos, upload size and pixels, queue
+length, time per job); a generation stops between two steps when its requester leaves or presses Stop;
+`--auth` asks for a login.
 
 Gradio is an optional extra (`pip install -e ".[ui]"`); this module imports it only when building
 the page, so that `msdiff --help` works without it.
@@ -78,8 +83,13 @@ SETTING_FIELDS = (
     "start_step",
     "drop_grounding",
     "scheduler",
+    "picture",
+    "picture_mode",
+    "strength",
+    "repaint_margin",
 )
-SUBJECT_FIELDS = ("images", "phrase", "box", "scale")
+# `region`: the subject's painted region as the canvas sends it (a PNG data URL), "" for none.
+SUBJECT_FIELDS = ("images", "phrase", "box", "scale", "region")
 # Photos are shrunk on receipt to this longest side: the encoder squashes each to 512x512 (and CLIP
 # to 224), so more pixels only cost memory.
 PHOTO_SIDE = 1024
@@ -89,6 +99,21 @@ MAX_GUIDANCE = 30.0
 MAX_SCALE = 2.0
 MAX_TEXT = 1000  # characters of a prompt, negative prompt or phrase (the text encoders read 77 tokens)
 MAX_SEED = 2**63 - 1024  # torch seeds are 64-bit; each image adds one
+# What the page does with a picture: inpainting of the subjects' regions (`inpaint: subjects`), or image-to-image.
+REPAINT, REDRAW = "Repaint the subjects' regions", "Redraw the whole picture"
+PICTURE_MODES = (REPAINT, REDRAW)
+# The Strength slider's value for each mode (choosing a mode sets it). Repainting draws the regions anew: 1,
+# from noise, every step (the pipeline's own 0.9999 runs int(steps * 0.9999), one step fewer, from a faint trace
+# of the picture). Redrawing keeps the picture's composition and leaves a subject room to appear: 0.7 (below
+# about 0.5 a subject only tints what is there; the pipeline's own 0.3 is below that).
+MODE_STRENGTH = {REPAINT: 1.0, REDRAW: 0.7}
+DEFAULT_MARGIN = 0.02  # the pipelines' repaint_margin
+MAX_MARGIN = 0.2  # the Margin slider's end (jobs take up to 0.5; more repaints most of a picture)
+# A painted region arrives as a PNG data URL of the canvas's mask (opaque = the region), painted at the output's
+# size shrunk to fit REGION_SIDE: it is refused beyond that size or MAX_REGION_BYTES, before being decoded.
+REGION_PREFIX = "data:image/png;base64,"
+REGION_SIDE = 1024
+MAX_REGION_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
@@ -261,26 +286,51 @@ def _number(value: Any):
 def page_to_job(settings: dict, subjects: list[dict], models: PageModels, output: str):
     """The `Job` the page describes, validated by `job_from_dict` (errors become `PageError`s).
 
-    `subjects` holds one dict per subject slot ({images, phrase, box, scale}); empty slots are skipped.
+    `subjects` holds one dict per subject slot ({images, phrase, box, scale} and `mask`, the path of its
+    painted region written by `regions_to_masks`); empty slots are skipped. `settings["picture"]`, when
+    given, is the picture as received (`VisitorFiles.receive_picture`): the output takes its size, whatever
+    the width and height, and `picture_mode` says whether its subjects' regions are repainted or all of it
+    is redrawn.
     """
     from msdiffusion.app.jobs import JobError, job_from_dict
+    from msdiffusion.settings import SUBJECTS_REGION, SettingsError, picture_size
 
     slots, listed = [], []
     for slot, subject in enumerate(subjects):
         images = [str(p) for p in (subject.get("images") or [])]
         phrase = (subject.get("phrase") or "").strip()
         box = (subject.get("box") or "").strip()
-        if not images and not phrase and not box:
+        mask = subject.get("mask")
+        if not images and not phrase and not box and not mask:
             continue
         if not images:
             raise PageError("photos: upload at least one photo of this subject.", slot)
         entry: dict = {"image": images, "phrase": phrase, "box": _box_value(box)}
         if str(subject.get("scale") or "").strip():
             entry["scale"] = _number_value(subject["scale"])
+        if mask:
+            entry["mask"] = str(mask)
         slots.append(slot)
         listed.append(entry)
     if not listed:
         raise PageError("add at least one subject: its photos, its phrase, and (or auto layout) its box.", 0)
+    picture: dict = {}
+    if settings.get("picture"):
+        mode = settings.get("picture_mode") or REPAINT
+        if mode not in PICTURE_MODES:
+            raise PageError(f"mode: got {_short(str(mode))}; expected {' or '.join(PICTURE_MODES)}.", field="picture")
+        try:
+            size = picture_size(str(settings["picture"]), "picture")
+        except SettingsError as error:
+            raise PageError(str(error), field="picture") from None
+        picture = {"init_image": str(settings["picture"]), "size": size, "strength": settings.get("strength")}
+        if mode == REPAINT:
+            if not any(entry["box"] != [0, 0, 0, 0] or "mask" in entry for entry in listed):
+                raise PageError(
+                    f"{REPAINT} needs a subject's box or painted region: draw one, or choose {REDRAW}.",
+                    field="picture",
+                )
+            picture.update(inpaint=SUBJECTS_REGION, repaint_margin=settings.get("repaint_margin"))
     data = {
         **{k: v for k, v in models.job_fields().items() if v is not None},
         "prompt": (settings.get("prompt") or "").strip(),
@@ -296,6 +346,7 @@ def page_to_job(settings: dict, subjects: list[dict], models: PageModels, output
         "start_step": _number(settings.get("start_step", 5)),
         "drop_grounding": bool(settings.get("drop_grounding")),
         "output": output,
+        **picture,  # its size over the width and height
     }
     scheduler = settings.get("scheduler")
     if scheduler and scheduler != MODEL_DEFAULT_SCHEDULER:
@@ -322,7 +373,12 @@ def _located(message: str, slots: list[int]) -> PageError:
         slot = slots[int(found.group(1))]
         what = found.group(2) or "subject"
         return PageError(f"{what}: {message[found.end() :]}", slot)
-    return PageError(message, field="size" if message.startswith("size:") else None)
+    if message.startswith("size:"):
+        return PageError(message, field="size")
+    from msdiffusion.settings import PICTURE_FIELDS
+
+    picture = any(message.startswith(f"{name}:") for name in PICTURE_FIELDS)
+    return PageError(message, field="picture" if picture else None)
 
 
 def check_limits(job, slots: list[int], limits: PageLimits) -> None:
@@ -393,8 +449,15 @@ def _short(text: str) -> str:
     return quote(text, 120)
 
 
-def _unreadable(name: str) -> str:
-    return f"{name}: cannot read it as an image; upload a JPEG, PNG or WebP photo."
+def _unreadable(name: str, what: str = "photo") -> str:
+    return f"{name}: cannot read it as an image; upload a JPEG, PNG or WebP {what}."
+
+
+def fitted_picture_size(width: int, height: int, most: int) -> tuple[int, int]:
+    """The size a picture of `width` x `height` is worked on at: shrunk, keeping its proportions, so that its
+    sides fit `most`, and rounded down to multiples of 8 (as the pipelines round a picture's sides)."""
+    scale = min(1.0, most / max(width, height))
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8
 
 
 # ---- each visitor's files -----------------------------------------------------------------------
@@ -444,7 +507,7 @@ class VisitorFiles:
                 self._last[visitor] = time.time()
 
     def find(self, visitor: str, name: str) -> str | None:
-        """The photo called `name` that this visitor sent, else the package's example of that name."""
+        """The photo (or picture) called `name` that this visitor sent, else the package's example of that name."""
         with self._lock:
             found = self._photos.get(visitor, {}).get(name)
         if found is not None and found.is_file():
@@ -458,21 +521,34 @@ class VisitorFiles:
         A photo within `PHOTO_SIDE` is copied as it is, so that `msdiff generate --from` with the
         visitor's own file makes the same image.
         """
+        return self._receive(visitor, path, limits, "photo", {"slot": slot})
+
+    def receive_picture(self, visitor: str, path: str | Path, limits: PageLimits) -> str:
+        """The picture to work on, checked as photos are and shrunk, keeping its proportions, so that its sides
+        fit `--max-size` (`fitted_picture_size`); returns the copy in the visitor's folder. A picture within
+        the limit is copied as it is (the pipelines round its sides down to multiples of 8)."""
+        return self._receive(visitor, path, limits, "picture", {"field": "picture"})
+
+    def _receive(self, visitor: str, path: str | Path, limits: PageLimits, what: str, where: dict) -> str:
+        """`receive` (`what`: photo) and `receive_picture` (picture); `where`: the `PageError` place of its errors."""
         import PIL.Image
+
+        from msdiffusion.settings import MIN_SIZE
 
         name = Path(str(path)).name
         source = self._allowed(path)
         if source is None:
-            raise PageError(f"{name}: not a photo uploaded to this page; upload it again.", slot)
+            raise PageError(f"{name}: not a {what} uploaded to this page; upload it again.", **where)
         size = source.stat().st_size
         if size > limits.max_upload_bytes:
             raise PageError(
                 f"{name}: {size / 2**20:.1f} MB; this server takes files up to {limits.max_upload_mb:g} MB "
                 "(msdiff ui --max-upload-mb).",
-                slot,
+                **where,
             )
-        # One folder per photo sent (Gradio names an upload's folder by its content): two photos of one name stay apart.
-        target = self.folder(visitor) / "photos" / hashlib.sha256(str(source).encode()).hexdigest()[:12] / name
+        # One folder per file sent (Gradio names an upload's folder by its content): two files of one name stay apart.
+        digest = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+        target = self.folder(visitor) / f"{what}s" / digest / name
         try:
             with warnings.catch_warnings():
                 # PIL warns of a decompression bomb above 89 megapixels; this server's own limit decides.
@@ -480,31 +556,63 @@ class VisitorFiles:
                 image = PIL.Image.open(source)
             with image:
                 if image.format not in PHOTO_FORMATS:
-                    raise PageError(f"{name}: a {image.format} file; upload a JPEG, PNG or WebP photo.", slot)
+                    raise PageError(f"{name}: a {image.format} file; upload a JPEG, PNG or WebP {what}.", **where)
                 width, height = image.size
                 if width * height > limits.max_pixels:
                     raise PageError(
-                        f"{name}: {width}x{height} pixels; this server takes photos up to "
+                        f"{name}: {width}x{height} pixels; this server takes {what}s up to "
                         f"{limits.max_megapixels:g} megapixels (msdiff ui --max-megapixels): upload a smaller one.",
-                        slot,
+                        **where,
                     )
+                if what == "picture":
+                    fitted = fitted_picture_size(width, height, limits.max_size)
+                    shrink = fitted if max(width, height) > limits.max_size else None
+                    if min(fitted) < MIN_SIZE and shrink is None:
+                        raise PageError(
+                            f"{name}: {width}x{height} pixels, below {MIN_SIZE} on a side once rounded down to "
+                            "multiples of 8: upload a larger one.",
+                            **where,
+                        )
+                    if min(fitted) < MIN_SIZE:
+                        raise PageError(
+                            f"{name}: {width}x{height} pixels would be {fitted[0]}x{fitted[1]} here (at most "
+                            f"{limits.max_size} pixels a side), below {MIN_SIZE} on a side: crop it to a less narrow one.",
+                            **where,
+                        )
+                else:
+                    shrink = image.size if max(width, height) > PHOTO_SIDE else None
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    if max(width, height) <= PHOTO_SIDE:
+                    if shrink is None:
                         image.load()  # it decodes (the pipeline will decode it again)
                         shutil.copyfile(source, target)
                     else:
-                        image.draft("RGB", (PHOTO_SIDE, PHOTO_SIDE))  # a JPEG decodes at a fraction of its size
+                        side = PHOTO_SIDE if what == "photo" else max(shrink)
+                        image.draft("RGB", (side, side))  # a JPEG decodes at a fraction of its size
                         small = image.convert("RGB")
-                        small.thumbnail((PHOTO_SIDE, PHOTO_SIDE), PIL.Image.Resampling.LANCZOS)
+                        if what == "photo":
+                            small.thumbnail((PHOTO_SIDE, PHOTO_SIDE), PIL.Image.Resampling.LANCZOS)
+                        else:
+                            small = small.resize(shrink, PIL.Image.Resampling.LANCZOS)
                         small.save(target, format="JPEG" if image.format == "JPEG" else "PNG", quality=95)
         except PageError:
             raise
         except (OSError, SyntaxError, ValueError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError):
             target.unlink(missing_ok=True)
-            raise PageError(_unreadable(name), slot) from None
+            raise PageError(_unreadable(name, what), **where) from None
         self.remember(visitor, source)
         return str(target)
+
+    def regions(self, visitor: str) -> Path:
+        """Where the visitor's painted regions are written as mask images (`regions_to_masks`)."""
+        return self.folder(visitor) / "regions"
+
+    def find_region(self, visitor: str, name: str) -> str | None:
+        """The mask image called `name` of a region this visitor painted (an imported job names it)."""
+        if not REGION_NAME.fullmatch(name):
+            return None
+        found = self.regions(visitor) / name
+        return str(found) if found.is_file() else None
 
     def forget(self, visitor: str) -> None:
         """The visitor left: remove their folder, and the uploads only they sent."""
@@ -570,62 +678,274 @@ def receive_photos(job, slots: list[int], visitor: str, files: VisitorFiles, lim
     return job
 
 
-# Job fields that name files other than the subjects' photos: a picture to start from (init_image), a repaint
-# mask (inpaint), a subject's mask image. The page takes files only as the visitor's uploads and has no upload
-# for these yet, so no such path may reach `job_from_dict`, which would read (or say whether there is) a server
-# file.
-PICTURE_FIELDS = ("init_image", "strength", "inpaint")
+def visitor_job(
+    settings: dict, subjects: list[dict], models: PageModels, visitor: str, files: VisitorFiles, limits: PageLimits
+):
+    """`page_to_job` for a visitor's page values: their picture received first (checked, fitted to
+    `--max-size`), and their painted regions decoded and written into their folder as the subjects' masks
+    at the output's size. Returns the job and its subjects' slots; `PageError`s say what is wrong."""
+    if settings.get("picture"):
+        settings = {**settings, "picture": files.receive_picture(visitor, settings["picture"], limits)}
+    subjects = regions_to_masks(subjects, output_size(settings, limits), files.regions(visitor))
+    return page_to_job(settings, subjects, models, str(files.results(visitor)))
 
 
-def refuse_picture_fields(data: dict) -> None:
-    """Refuse (UserInputError) a job sent to the page that starts from a picture or gives a subject a mask
-    image; polygon masks, which name no file, are kept."""
-    given = [name for name in PICTURE_FIELDS if data.get(name) is not None]
-    if given:
-        raise UserInputError(
-            f"job: {', '.join(given)}: the page does not start from a picture yet; run this job with msdiff generate."
+# ---- painted regions --------------------------------------------------------------------------
+# The mask images `write_region` names: the subject's phrase and a hash of the region (a region painted anew
+# gets a new file, so an earlier PNG's record still names its own).
+REGION_NAME = re.compile(r"region-[a-z0-9-]{1,40}-[0-9a-f]{12}\.png")
+
+
+def decode_region(text: str | None, slot: int):
+    """A subject's painted region as the canvas sends it (a PNG data URL; opaque pixels, or white ones in a
+    picture without transparency, are the region) as an (H, W) bool array; None for an empty field.
+
+    Anything else is refused with one line naming the subject (`slot`): text over `MAX_REGION_BYTES`, a PNG
+    over `REGION_SIDE` a side (read from its header, before decoding), malformed data, an empty region."""
+    import base64
+    import binascii
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    text = (text or "").strip()
+    if not text:
+        return None
+    fix = "press Clear region and paint it again"
+    if not text.startswith(REGION_PREFIX):
+        raise PageError(f"region: not a painted region (a PNG data URL); {fix}.", slot)
+    if len(text) - len(REGION_PREFIX) > MAX_REGION_BYTES * 4 // 3 + 4:
+        raise PageError(
+            f"region: {len(text)} characters; a painted region is at most {MAX_REGION_BYTES // 2**20} MB of PNG.",
+            slot,
         )
+    try:
+        data = base64.b64decode(text[len(REGION_PREFIX) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise PageError(f"region: its data is not base64; {fix}.", slot) from None
+    try:
+        with PIL.Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            if max(image.size) > REGION_SIDE:
+                raise PageError(
+                    f"region: {image.width}x{image.height} pixels; a painted region is at most {REGION_SIDE} a side.",
+                    slot,
+                )
+            alpha = image.getchannel("A") if "A" in image.getbands() else image.convert("L")
+            region = np.asarray(alpha) >= 128
+    except PageError:
+        raise
+    except PIL.Image.DecompressionBombError:  # PIL's own limit, hundreds of megapixels: read from the header too
+        raise PageError(f"region: over {REGION_SIDE} pixels a side; a painted region is at most that.", slot) from None
+    except (OSError, SyntaxError, ValueError, PIL.UnidentifiedImageError):
+        raise PageError(f"region: not a PNG the page can read; {fix}.", slot) from None
+    if not region.any():
+        raise PageError("region: nothing is painted; paint the region, or press Clear region.", slot)
+    return region
+
+
+def region_data_url(region) -> str:
+    """A region (an (H, W) bool array) as the canvas holds it: a PNG data URL, white and opaque in the region."""
+    import base64
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    rgba = np.zeros((*region.shape, 4), np.uint8)
+    rgba[region] = 255
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", optimize=True)
+    return REGION_PREFIX + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _region_shape(size: list[int] | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) the canvas paints an output of `size` (width, height) at: within `REGION_SIDE`."""
+    width, height = size
+    scale = min(1.0, REGION_SIDE / max(width, height))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def write_region(region, size: tuple[int, int], folder: Path, phrase: str) -> str | None:
+    """The region stretched over an output of `size` (width, height) and written into `folder` as a mask image
+    (white = the region); returns its path, or None when nothing of it is left at that size. The name is the
+    phrase and a hash of the mask."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    mask = PIL.Image.fromarray(region.astype(np.uint8) * 255, "L").resize(tuple(size), PIL.Image.Resampling.NEAREST)
+    if mask.getbbox() is None:
+        return None
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    slug = re.sub(r"[^a-z0-9]+", "-", phrase.lower()).strip("-")[:40] or "subject"
+    path = folder / f"region-{slug}-{hashlib.sha256(data).hexdigest()[:12]}.png"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return str(path)
+
+
+def output_size(settings: dict, limits: PageLimits) -> tuple[int, int] | None:
+    """The output's (width, height) the page's values give: the picture's (as received) when there is one, else
+    the width and height; None when those are not a size this server makes (the job then says why)."""
+    from msdiffusion.settings import SettingsError, parse_size, picture_size
+
+    try:
+        if settings.get("picture"):
+            size = picture_size(str(settings["picture"]), "picture")
+        else:
+            size = parse_size([_number(settings.get("width")), _number(settings.get("height"))])
+    except SettingsError:
+        return None
+    return (size[0], size[1]) if max(size) <= limits.max_size else None
+
+
+def regions_to_masks(subjects: list[dict], size: tuple[int, int] | None, folder: Path) -> list[dict]:
+    """The subjects with each painted region decoded (`decode_region`) and, where the output's `size` is known,
+    written into `folder` as the subject's `mask` image at that size; the subjects' dicts are left as they were."""
+    out = []
+    for slot, subject in enumerate(subjects):
+        region = decode_region(subject.get("region"), slot)
+        subject = dict(subject)
+        if region is not None and size is not None:
+            subject["mask"] = write_region(region, size, folder, (subject.get("phrase") or "").strip())
+            if subject["mask"] is None:
+                raise PageError("region: too little is painted to show at the output's size; paint more of it.", slot)
+        out.append(subject)
+    return out
+
+
+def region_of_mask_file(path: str) -> str:
+    """A mask image of this visitor's (`VisitorFiles.find_region`) as the canvas holds it (`region_data_url`)."""
+    import numpy as np
+    import PIL.Image
+
+    with PIL.Image.open(path) as mask:
+        grey = mask.convert("L")
+        height, width = _region_shape(grey.size)
+        return region_data_url(np.asarray(grey.resize((width, height), PIL.Image.Resampling.NEAREST)) >= 128)
+
+
+def region_of_polygon(polygon: list, size: list[int]) -> str:
+    """A polygon mask of [x, y] fractions, rasterised as the pipelines do, as the canvas holds a region."""
+    from msdiffusion.subjects import rasterise_polygon
+
+    height, width = _region_shape(size)
+    return region_data_url(rasterise_polygon(polygon, height, width).numpy())
+
+
+# ---- files a job names, from an API request or an imported job -----------------------------------
+def picture_files_from_uploads(data: dict, uploads: dict[str, str]) -> dict[str, list[str]]:
+    """An API job's picture (`init_image`), repaint mask (`inpaint`, unless `subjects`) and subject mask images
+    named by file name, mapped (in `data`) to this request's `uploads` {file name: path}, as its photos are;
+    polygon masks, which name no file, stay. A value naming anything else (a server path) is refused before
+    any file is read. Returns the fields mapped, {"init_image": [path], "masks": [paths]}, to be received."""
+    from msdiffusion.app.jobs import quote
+    from msdiffusion.settings import SUBJECTS_REGION
+
+    def upload(value: Any, what: str) -> str:
+        if not isinstance(value, str) or value not in uploads:
+            raise UserInputError(
+                f"job: {what}: {quote(value)} is not among the uploaded images {quote(sorted(uploads))}; upload "
+                "it with the job and name it by its file name."
+            )
+        return uploads[value]
+
+    mapped: dict[str, list[str]] = {"init_image": [], "masks": []}
+    if data.get("init_image") is not None:
+        data["init_image"] = upload(data["init_image"], "init_image")
+        mapped["init_image"].append(data["init_image"])
+    if data.get("inpaint") is not None and data["inpaint"] != SUBJECTS_REGION:
+        data["inpaint"] = upload(data["inpaint"], "inpaint")
+        mapped["masks"].append(data["inpaint"])
     subjects = data.get("subjects")
     for i, subject in enumerate(subjects if isinstance(subjects, list) else []):
         if isinstance(subject, dict) and subject.get("mask") is not None and not isinstance(subject["mask"], list):
-            raise UserInputError(
-                f"job: subjects[{i}].mask: the page takes a subject's mask as a polygon [[x, y], ...] only, not a file."
-            )
+            subject["mask"] = upload(subject["mask"], f"subjects[{i}].mask")
+            mapped["masks"].append(subject["mask"])
+    return mapped
 
 
-def _drop_picture_fields(data: dict, notes: list[str]) -> None:
-    """An imported job's picture fields and subject masks left out, each named in `notes` (the page shows neither)."""
-    dropped = [name for name in PICTURE_FIELDS if data.pop(name, None) is not None]
-    if dropped:
-        notes.append(f"{', '.join(dropped)}: left out (the page does not start from a picture; msdiff generate does).")
-    subjects = data.get("subjects")
-    if not isinstance(subjects, list):
-        return
-    data["subjects"] = [dict(subject) if isinstance(subject, dict) else subject for subject in subjects]
-    for i, subject in enumerate(data["subjects"]):
-        if isinstance(subject, dict) and subject.pop("mask", None) is not None:
-            notes.append(f"subject {i + 1}: its mask is left out (the page places subjects by boxes).")
+def _picture_settings(fields: dict, find_photo: Callable[[str], str | None], steps: int, notes: list[str]) -> dict:
+    """An imported job's picture fields as the page's values (picture, picture_mode, strength, repaint_margin),
+    checked without reading any file they name: the picture is the visitor's upload of its file name where
+    there is one (`find_photo`), else left out with a note; what the page cannot show is named in `notes`."""
+    from msdiffusion.app.jobs import quote
+    from msdiffusion.settings import (
+        IMAGE_TO_IMAGE,
+        INPAINTING,
+        PICTURE_FIELDS,
+        PIPELINE_STRENGTH,
+        SUBJECTS_REGION,
+        check_picture_values,
+        check_types,
+    )
+
+    values = {
+        "picture": None,
+        "picture_mode": REPAINT,
+        "strength": MODE_STRENGTH[REPAINT],
+        "repaint_margin": DEFAULT_MARGIN,
+    }
+    check_types(fields, PICTURE_FIELDS, "imported job")
+    check_picture_values(fields, "imported job", steps)
+    init_image, inpaint = fields.get("init_image"), fields.get("inpaint")
+    if init_image is None:
+        return values
+    name = Path(init_image).name
+    values["picture"] = find_photo(name) if name else None
+    if values["picture"] is None:
+        notes.append(
+            f"upload {quote(name or init_image)} as the picture to work on (the job starts from it; it is not among yours)."
+        )
+    values["picture_mode"] = REDRAW if inpaint is None else REPAINT
+    if inpaint is not None and inpaint != SUBJECTS_REGION:
+        notes.append(
+            f"inpaint: {quote(Path(inpaint).name)} (a mask of the picture) is left out: the page repaints the "
+            "subjects' regions."
+        )
+    strength = fields.get("strength")
+    if strength is None:  # the pipeline's default, which the job meant (the slider keeps 0.9999 as it is)
+        strength = PIPELINE_STRENGTH[(INPAINTING if inpaint is not None else IMAGE_TO_IMAGE, False)]
+    values["strength"] = strength
+    if fields.get("repaint_margin") is not None:
+        values["repaint_margin"] = fields["repaint_margin"]
+    for field_name in ("repaint_feather", "keep_outside"):
+        if fields.get(field_name) is not None:
+            notes.append(f"{field_name}: left out (the page uses the default; msdiff generate takes it).")
+    return values
 
 
 def job_to_page(
-    data: dict, find_photo: Callable[[str], str | None], models: PageModels
+    data: dict,
+    find_photo: Callable[[str], str | None],
+    models: PageModels,
+    find_region: Callable[[str], str | None] = lambda name: None,
 ) -> tuple[dict, list[dict], list[str]]:
     """A job file's (or PNG's) fields as page values, validated by `job_from_dict`; and notes for the user.
 
     The server's `models` stay (a job's base/adapter/encoder are ignored), and their defaults fill
-    what the job leaves out. A job names its photos; only their file names are read, and
-    `find_photo(name)` says which photo of this visitor's (or of the package's examples) it is:
-    no path in a job reaches a file of the server. The others are named in the notes, to be uploaded.
+    what the job leaves out. A job names its photos and picture; only their file names are read, and
+    `find_photo(name)` says which upload of this visitor's (or of the package's examples) it is; a subject's
+    mask image is found by `find_region(name)` among the regions this visitor painted (as the canvas holds
+    it), and a polygon mask is painted in. No path in a job reaches a file of the server: the files not
+    found are named in the notes, to be uploaded or painted.
     """
     from msdiffusion.app.jobs import job_from_dict, quote
+    from msdiffusion.settings import PICTURE_FIELDS
 
     data = dict(data)
-    notes = []
-    _drop_picture_fields(data, notes)
+    notes: list[str] = []
+    # Checked apart, by value only: `job_from_dict` would read the picture's size, and look for mask files.
+    picture_fields = {name: data.pop(name) for name in PICTURE_FIELDS if name in data}
     raw_subjects = data.get("subjects") if isinstance(data.get("subjects"), list) else []
     if len(raw_subjects) > MAX_SUBJECTS:
         raise UserInputError(f"imported job: {len(raw_subjects)} subjects; the page holds up to {MAX_SUBJECTS}.")
-    originals = []
+    originals, mask_files = [], []
     placeholder = str(ASSETS / "dog.jpg")  # validate everything else even where a photo is missing here
     checked = []
     for subject in raw_subjects:
@@ -635,6 +955,10 @@ def job_to_page(
             subject = {**subject, "image": [placeholder] * max(1, len(images))}
         else:
             originals.append([])
+        mask = subject.get("mask") if isinstance(subject, dict) else None
+        mask_files.append(mask if isinstance(mask, str) else None)
+        if isinstance(mask, str):
+            subject = {name: value for name, value in subject.items() if name != "mask"}
         checked.append(subject)
     data["subjects"] = checked
     # The models (and how they run) are the server's, not the job's.
@@ -655,6 +979,7 @@ def job_to_page(
         data.pop(name, None)
     served = {k: v for k, v in models.job_fields().items() if v is not None}
     job = job_from_dict({**served, **data}, "imported job")
+    picture = _picture_settings(picture_fields, find_photo, job.steps, notes)
     subjects = []
     for i, subject in enumerate(job.subjects):
         images = []
@@ -667,15 +992,24 @@ def job_to_page(
                 notes.append(
                     f"subject {i + 1}: upload {quote(name or image)} (the job names it; it is not among yours)."
                 )
+        region = ""
+        if mask_files[i] is not None:
+            name = Path(mask_files[i]).name
+            region = (find_region(name) if name else None) or ""
+            if not region:
+                notes.append(f"subject {i + 1}: paint its region again (its mask {quote(name)} is not among yours).")
+        elif subject.mask is not None:  # a polygon
+            region = region_of_polygon(subject.mask, job.size)
         subjects.append(
             {
                 "images": images,
                 "phrase": subject.phrase,
                 "box": ",".join(f"{v:g}" for v in subject.box) if any(subject.box) else "",
                 "scale": "" if subject.scale is None else f"{subject.scale:g}",
+                "region": region,
             }
         )
-    subjects += [{"images": [], "phrase": "", "box": "", "scale": ""}] * (MAX_SUBJECTS - len(subjects))
+    subjects += [{"images": [], "phrase": "", "box": "", "scale": "", "region": ""}] * (MAX_SUBJECTS - len(subjects))
     settings = {
         "prompt": job.prompt,
         "negative_prompt": job.negative_prompt or "",
@@ -691,6 +1025,7 @@ def job_to_page(
         "start_step": job.start_step,
         "drop_grounding": job.drop_grounding,
         "scheduler": job.scheduler or MODEL_DEFAULT_SCHEDULER,
+        **picture,
     }
     return settings, subjects, notes
 
@@ -706,6 +1041,7 @@ def fit_to_limits(settings: dict, limits: PageLimits) -> list[str]:
         ("images", limits.max_images),
         ("guidance", MAX_GUIDANCE),
         ("scale", MAX_SCALE),
+        ("repaint_margin", MAX_MARGIN),
     ):
         if settings[name] > most:
             notes.append(f"{name} {settings[name]:g} is over this server's limit: set to {most:g}.")
@@ -799,14 +1135,18 @@ def watch(blocks, visitor: str, limits: PageLimits, stops: dict[str, float]) -> 
     return on_step
 
 
-def gallery_items(written: list[Path]) -> list[tuple[str, str]]:
-    """Gallery entries: each image, then its layout overlay and auto-layout masks, with captions."""
-    items = []
+def gallery_items(written: list[Path], picture: str | None = None) -> list[tuple[str, str]]:
+    """Gallery entries: the picture worked on first (the results beside it), then each image with the part
+    repainted (when the picture was pasted back outside it), its layout overlay and auto-layout masks."""
+    items = [(picture, f"input: {Path(picture).name}")] if picture else []
     for path in written:
         name = path.stem
         if re.fullmatch(r"msdiff-\d+", name):
             seed = json.loads(_png_text(path)).get("seed")
             items.append((str(path), f"{path.name} (seed {seed})"))
+            repainted = path.with_name(f"{name}-repainted.png")
+            if repainted in written:
+                items.append((str(repainted), "repainted part (white)"))
         elif name.endswith("-layout"):
             items.append((str(path), "layout"))
         elif "-mask" in name:
@@ -841,6 +1181,7 @@ CSS = """
 #box-canvas { width: 100%; max-width: 512px; display: block; cursor: crosshair; border: 1px solid #a1a1aa; outline: none; }
 #box-tools button { margin: 4px 4px 0 0; padding: 2px 8px; border: 1px solid #a1a1aa; border-radius: 4px; }
 #box-tools button.active { font-weight: bold; border-width: 2px; }
+#box-tools label { margin-right: 8px; }
 .field-error p { color: #b91c1c; font-weight: 600; }
 #status p { font-weight: 600; }
 """
@@ -853,11 +1194,19 @@ def _canvas_html() -> str:
         f'<button type="button" data-subject="{i}" style="border-color: rgb{PALETTE[i]}; color: rgb{PALETTE[i]}">{i + 1}</button>'
         for i in range(MAX_SUBJECTS)
     )
+    tools = "".join(
+        f'<button type="button" data-tool="{tool}">{label}</button>'
+        for tool, label in (("box", "Box"), ("brush", "Brush"), ("eraser", "Eraser"))
+    )
     return (
         '<div id="box-editor"><canvas id="box-canvas" tabindex="0"></canvas>'
-        f'<div id="box-tools">Drawing for: {buttons}<button type="button" data-action="delete">Delete box</button></div>'
-        "<p><small>Drag on empty space to draw the selected subject's box; drag a box to move it, "
-        "its corners to resize it; Delete removes the selected box. The numbers below follow.</small></p></div>"
+        f'<div id="box-tools">Drawing for: {buttons}<button type="button" data-action="delete">Delete box</button><br>'
+        f'Tool: {tools}<label>Brush size <input type="range" id="brush-size" min="2" max="80" value="24"></label>'
+        '<button type="button" data-action="clear-region">Clear region</button></div>'
+        "<p><small>Box: drag on empty space to draw the selected subject's box; drag a box to move it, its corners "
+        "to resize it; Delete removes the selected box. The numbers below follow. Brush and Eraser paint the "
+        "selected subject's region (any shape; its box may then stay empty). A picture to start from shows "
+        "behind.</small></p></div>"
     )
 
 
@@ -865,8 +1214,10 @@ def _canvas_js() -> str:
     from msdiffusion.preview import PALETTE
 
     source = (Path(__file__).resolve().parent / "page_canvas.js").read_text()
-    return source.replace("__SUBJECTS__", str(MAX_SUBJECTS)).replace(
-        "__PALETTE__", json.dumps([list(c) for c in PALETTE])
+    return (
+        source.replace("__SUBJECTS__", str(MAX_SUBJECTS))
+        .replace("__PALETTE__", json.dumps([list(c) for c in PALETTE]))
+        .replace("__REGION_SIDE__", str(REGION_SIDE))
     )
 
 
@@ -944,6 +1295,34 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
                     height = gr.Number(label="Height", value=defaults["height"], precision=0, step=8, elem_id="height")
                 size_error = gr.Markdown("", elem_id="size-error", elem_classes="field-error")
                 gr.HTML(_canvas_html(), js_on_load=None)
+                with gr.Accordion("Start from a picture (optional)", open=True, elem_id="picture-section"):
+                    picture = gr.File(
+                        label="Picture to work on: it shows behind the boxes, and the output takes its size",
+                        file_types=["image"],
+                        elem_id="picture",
+                        height=120,
+                    )
+                    picture_error = gr.Markdown("", elem_id="picture-error", elem_classes="field-error")
+                    with gr.Column(visible=False) as picture_controls:
+                        mode = gr.Radio(
+                            list(PICTURE_MODES), value=REPAINT, label="What to do with it", elem_id="picture-mode"
+                        )
+                        picture_strength = gr.Slider(
+                            0.05,
+                            1,
+                            value=MODE_STRENGTH[REPAINT],
+                            step=0.01,
+                            label="Strength (how far it is redrawn; a subject needs about 0.5 or more)",
+                            elem_id="strength",
+                        )
+                        margin = gr.Slider(
+                            0,
+                            MAX_MARGIN,
+                            value=DEFAULT_MARGIN,
+                            step=0.01,
+                            label="Margin repainted around the regions (a fraction of the shorter side)",
+                            elem_id="repaint-margin",
+                        )
             with gr.Column(scale=2):
                 with gr.Row():
                     seed = gr.Number(label="Seed (empty: random)", value=defaults["seed"], precision=0, elem_id="seed")
@@ -989,10 +1368,14 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
                     export = gr.Button("Export job (YAML)", elem_id="export")
                 status = gr.Markdown("", elem_id="status", elem_classes="field-error")
                 gallery = gr.Gallery(
-                    label="Results: image, layout overlay, masks", columns=3, elem_id="results", height="auto"
+                    label="Results: the picture worked on, each image, the part repainted, layout overlay, masks",
+                    columns=3,
+                    elem_id="results",
+                    height="auto",
                 )
                 downloads = gr.File(
-                    label="Download (PNGs carry their job: msdiff generate --from, beside the photos)",
+                    label="Download (PNGs carry their job: msdiff generate --from, beside the photos, the picture "
+                    "and the painted regions' masks listed here)",
                     file_count="multiple",
                     elem_id="downloads",
                 )
@@ -1021,13 +1404,26 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
                         elem_id=f"subject{i}-box",
                         max_lines=1,
                     )
-                    strength = gr.Textbox(label="Scale (empty: the page's)", elem_id=f"subject{i}-scale", max_lines=1)
+                    subject_scale = gr.Textbox(
+                        label="Scale (empty: the page's)", elem_id=f"subject{i}-scale", max_lines=1
+                    )
+                    # Written by the canvas's brush (a PNG data URL), read by `decode_region`; not for typing.
+                    region = gr.Textbox(visible="hidden", elem_id=f"subject{i}-region")
                     error = gr.Markdown("", elem_id=f"subject{i}-error", elem_classes="field-error")
                     subject_fields.append(
-                        {"images": files_input, "phrase": phrase, "box": box, "scale": strength, "error": error}
+                        {
+                            "images": files_input,
+                            "phrase": phrase,
+                            "box": box,
+                            "scale": subject_scale,
+                            "region": region,
+                            "error": error,
+                        }
                     )
         with gr.Row():
-            exported = gr.File(label="Job file", elem_id="exported")
+            exported = gr.File(
+                label="Job file (and the painted regions' masks it names)", file_count="multiple", elem_id="exported"
+            )
             imported = gr.File(
                 label="Import a job (YAML/JSON) or a PNG made by msdiff",
                 file_types=[".yaml", ".yml", ".json", ".png"],
@@ -1049,11 +1445,16 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             start_step,
             drop_grounding,
             scheduler,
+            picture,
+            mode,
+            picture_strength,
+            margin,
         ]
         subject_components = [s[name] for s in subject_fields for name in SUBJECT_FIELDS]
         photo_components = [s["images"] for s in subject_fields]
         # Every answer sets every message: none is left over from an earlier one.
-        message_components = [s["error"] for s in subject_fields] + [size_error, status]
+        message_components = [s["error"] for s in subject_fields] + [size_error, picture_error, status]
+        places = {"size": (MAX_SUBJECTS, "the size"), "picture": (MAX_SUBJECTS + 1, "the picture")}
 
         def split(values: tuple) -> tuple[dict, list[dict]]:
             settings = dict(zip(SETTING_FIELDS, values[: len(SETTING_FIELDS)]))
@@ -1063,20 +1464,18 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             return settings, subjects
 
         def messages(error: PageError | None = None, note: str = "") -> list[str]:
-            shown = [""] * (MAX_SUBJECTS + 2)
-            places = []
+            shown = [""] * len(message_components)
+            seen = []
             for problem in [error, *error.also] if error is not None else []:
                 if problem.slot is not None:
                     index, place = problem.slot, f"subject {problem.slot + 1}"
-                elif problem.field == "size":
-                    index, place = MAX_SUBJECTS, "the size"
                 else:
-                    index, place = MAX_SUBJECTS + 1, None
+                    index, place = places.get(problem.field, (len(shown) - 1, None))
                 shown[index] = "\n\n".join(filter(None, [shown[index], f"⚠ {problem}"]))
-                if place and place not in places:
-                    places.append(place)
-            if places:  # the field may be out of sight: the status line says where to look
-                shown[-1] = "\n\n".join(filter(None, [shown[-1], f"⚠ Nothing was made: see {' and '.join(places)}."]))
+                if place and place not in seen:
+                    seen.append(place)
+            if seen:  # the field may be out of sight: the status line says where to look
+                shown[-1] = "\n\n".join(filter(None, [shown[-1], f"⚠ Nothing was made: see {' and '.join(seen)}."]))
             shown[-1] = "\n\n".join(filter(None, [shown[-1], note]))
             return shown
 
@@ -1087,7 +1486,7 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             visitor = _visitor(request)
             settings, subjects = split(values)
             try:
-                job, slots = page_to_job(settings, subjects, models, str(files.results(visitor)))
+                job, slots = visitor_job(settings, subjects, models, visitor, files, limits)
                 check_limits(job, slots, limits)
                 receive_photos(job, slots, visitor, files, limits)
                 active = get_pipe()
@@ -1108,7 +1507,9 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             pngs = [str(p) for p in written if re.fullmatch(r"msdiff-\d+", p.stem)]
             first_seed = json.loads(_png_text(Path(pngs[0]))).get("seed")
             done = f"Made {len(pngs)} image{'s' if len(pngs) > 1 else ''} (seed {first_seed})."
-            return [*messages(note=done), gallery_items(written), pngs, first_seed]
+            # The painted regions' masks, which the PNGs name and only the server has, come with them.
+            regions = [s.mask for s in job.subjects if isinstance(s.mask, str)]
+            return [*messages(note=done), gallery_items(written, job.init_image), pngs + regions, first_seed]
 
         generating = generate.click(
             _requesting(gr, on_generate),
@@ -1131,7 +1532,7 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             visitor = _visitor(request)
             settings, subjects = split(values)
             try:
-                job, _ = page_to_job(settings, subjects, models, str(files.results(visitor)))
+                job, _ = visitor_job(settings, subjects, models, visitor, files, limits)
             except PageError as error:
                 return refused(error, 1)
             for subject in job.subjects:
@@ -1140,7 +1541,11 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
             path = files.folder(visitor) / "export" / "msdiff-job.yaml"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(export_yaml(job))
-            return [*messages(note="Exported: the job names its photos by file name; keep them beside it."), str(path)]
+            regions = [s.mask for s in job.subjects if isinstance(s.mask, str)]
+            note = "Exported: the job names its photos" + (", picture" if job.init_image else "")
+            note += " and painted regions' masks (listed here)" if regions else ""
+            note += " by file name; keep them beside it."
+            return [*messages(note=note), [str(path), *regions]]
 
         export.click(
             _requesting(gr, on_export),
@@ -1151,30 +1556,75 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
 
         page_values = setting_components + subject_components
 
-        def on_import(request: gr.Request, path, *photos):
+        def on_import(request: gr.Request, path, shown_picture, *photos):
             visitor = _visitor(request)
             if not path:
                 return [gr.skip()] * (len(page_values) + len(message_components))
-            for listed in photos:  # the photos on the page now: a job may name them
-                for photo in listed or []:
-                    files.remember(visitor, photo)
+            shown = [photo for listed in photos for photo in listed or []] + ([shown_picture] if shown_picture else [])
+            for file in shown:  # the photos and picture on the page now: a job may name them
+                files.remember(visitor, file)
+
+            def find_region(name: str) -> str | None:
+                found = files.find_region(visitor, name)
+                return region_of_mask_file(found) if found else None
+
             try:
                 data = read_import(path, limits)
-                settings, subjects, notes = job_to_page(data, lambda name: files.find(visitor, name), models)
+                settings, subjects, notes = job_to_page(
+                    data, lambda name: files.find(visitor, name), models, find_region
+                )
             except UserInputError as error:
                 return [gr.skip()] * len(page_values) + messages(PageError(f"not imported: {error}"))
             notes += fit_to_limits(settings, limits)
             values = [settings[name] for name in SETTING_FIELDS]
             for subject in subjects:
-                values += [subject["images"] or None, subject["phrase"], subject["box"], subject["scale"]]
+                values += [subject["images"] or None, *(subject[name] for name in SUBJECT_FIELDS[1:])]
             return values + messages(note=" ".join(["Imported.", *notes]))
 
         imported.upload(
             _requesting(gr, on_import),
-            [imported, *photo_components],
+            [imported, picture, *photo_components],
             page_values + message_components,
             api_visibility="private",
         )
+
+        def on_picture(request: gr.Request, path):
+            """A picture given (uploaded, imported) or removed: the size follows it, locked while it is there."""
+            from msdiffusion.settings import picture_size
+
+            unlocked = [gr.update(interactive=True)] * 3
+            if not path:
+                return [*unlocked, gr.update(visible=False), ""]
+            try:
+                received = files.receive_picture(_visitor(request), path, limits)
+            except PageError as error:
+                return [*unlocked, gr.update(visible=False), f"⚠ {error}"]
+            width_, height_ = picture_size(received, "picture")
+            return [
+                gr.update(value=width_, interactive=False),
+                gr.update(value=height_, interactive=False),
+                gr.update(value="custom", interactive=False),
+                gr.update(visible=True),
+                "",
+            ]
+
+        picture.change(
+            _requesting(gr, on_picture),
+            picture,
+            [width, height, preset, picture_controls, picture_error],
+            api_visibility="private",
+        )
+
+        def on_mode_chosen(chosen: str):
+            return MODE_STRENGTH.get(chosen, gr.skip())
+
+        def on_mode(chosen: str):
+            return gr.update(visible=chosen == REPAINT)
+
+        # Choosing a mode sets its strength (`input`: the visitor's choice; an import sets the strength itself);
+        # the margin shows with the mode it is for, however the mode was set (`change`).
+        mode.input(on_mode_chosen, mode, picture_strength, api_visibility="private")
+        mode.change(on_mode, mode, margin, api_visibility="private")
 
         def on_preset(choice):
             if choice == "custom":
@@ -1200,17 +1650,29 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
         def generate_job(request: gr.Request, job: str, images: list[str] | None) -> list[str]:
             """Generate a job (YAML or JSON text, as a job file) on the server's models.
 
-            Each subject's `image` names one of the uploaded `images` by file name. Returns the PNGs.
+            Each subject's `image` names one of the uploaded `images` by file name, as do `init_image`, a mask
+            `inpaint` and the subjects' mask images. Returns the PNGs.
             """
             from msdiffusion.app.jobs import JobError, job_from_dict, parse_job_text, quote
 
             visitor = _visitor(request)
+            by_name = {Path(p).name: str(p) for p in images or []}
             try:
                 data = parse_job_text(job or "", "job")
-                refuse_picture_fields(data)
+                named = picture_files_from_uploads(data, by_name)
+                # Received as photos are (checked, shrunk) before `job_from_dict` reads the picture's size.
+                received = {path: files.receive(visitor, path, limits) for path in named["masks"]}
+                if named["init_image"]:
+                    data["init_image"] = files.receive_picture(visitor, data["init_image"], limits)
+                if data.get("inpaint") in received:
+                    data["inpaint"] = received[data["inpaint"]]
+                for subject in data["subjects"] if isinstance(data.get("subjects"), list) else []:
+                    if isinstance(subject, dict) and isinstance(subject.get("mask"), str):
+                        subject["mask"] = received[subject["mask"]]
+            except PageError as error:
+                raise gr.Error(f"job: {error}") from None
             except UserInputError as error:  # JobError included
                 raise gr.Error(str(error)) from None
-            by_name = {Path(p).name: str(p) for p in images or []}
             subjects = data.get("subjects")
             if isinstance(subjects, list) and len(subjects) > MAX_SUBJECTS:
                 raise gr.Error(f"job: subjects: {len(subjects)}; the page takes up to {MAX_SUBJECTS}.")
