@@ -263,7 +263,7 @@ def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypat
     its request's uploads (anything else is refused), an imported job has them found by file name among the
     visitor's files (or left out with a note); no path a visitor names is read or probed on the server."""
     from msdiffusion.app import jobs
-    from msdiffusion.app.page import PageModels, job_to_page, picture_files_from_uploads
+    from msdiffusion.app.page_jobs import PageModels, job_to_page, picture_files_from_uploads
     from msdiffusion.errors import UserInputError
 
     server_file = str(files / "room.jpg")

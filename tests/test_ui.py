@@ -36,7 +36,8 @@ import yaml
 
 from msdiffusion.app.cli import main
 from msdiffusion.app.jobs import PNG_METADATA_KEY
-from msdiffusion.app.page import PageLimits, PageModels
+from msdiffusion.app.page_jobs import PageModels
+from msdiffusion.app.page_limits import PageLimits
 from msdiffusion.errors import UserInputError
 from msdiffusion.loading import TINY, WORLD
 
@@ -60,7 +61,7 @@ SLOW_MS = 300_000
 
 
 def _tiny_models():
-    from msdiffusion.app.page import PageModels
+    from msdiffusion.app.page_jobs import PageModels
 
     return PageModels(TINY, TINY, TINY)
 
@@ -101,7 +102,7 @@ CAT = {"images": [str(ASSETS / "cat.jpg")], "phrase": "cat", "box": "0.55,0.3,0.
 
 # ---- the page's values <-> jobs (no Gradio needed) ----------------------------------------------
 def test_page_values_become_a_validated_job(tmp_path):
-    from msdiffusion.app.page import page_to_job
+    from msdiffusion.app.page_jobs import page_to_job
 
     job, slots = page_to_job(_settings(), _subjects(DOG, {}, CAT), _tiny_models(), str(tmp_path))
     assert slots == [0, 2]  # the empty slot is skipped, the others keep their place on the page
@@ -122,7 +123,8 @@ def test_page_values_become_a_validated_job(tmp_path):
     ],
 )
 def test_bad_subject_input_names_the_field_and_its_subject(tmp_path, subject, slot, message):
-    from msdiffusion.app.page import PageError, page_to_job
+    from msdiffusion.app.page_jobs import page_to_job
+    from msdiffusion.app.page_limits import PageError
 
     with pytest.raises(PageError, match=message) as caught:
         page_to_job(_settings(), _subjects(DOG, subject), _tiny_models(), str(tmp_path))
@@ -130,7 +132,8 @@ def test_bad_subject_input_names_the_field_and_its_subject(tmp_path, subject, sl
 
 
 def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
-    from msdiffusion.app.page import PageError, check_before_work, page_to_job
+    from msdiffusion.app.page_jobs import check_before_work, page_to_job
+    from msdiffusion.app.page_limits import PageError
     from msdiffusion.tiny import tiny_pipeline
 
     with pytest.raises(PageError, match=r"^size: got \[100, 64\]; expected .*multiples of 8") as caught:
@@ -157,7 +160,8 @@ def test_bad_settings_and_unreadable_photos_and_missing_phrases(tmp_path):
 
 
 def test_export_then_import_is_the_same_page(tmp_path):
-    from msdiffusion.app.page import EXAMPLE_PHOTOS, export_yaml, job_to_page, page_to_job
+    from msdiffusion.app.page_jobs import export_yaml, job_to_page, page_to_job
+    from msdiffusion.app.visitors import EXAMPLE_PHOTOS
 
     settings = _settings(auto_layout=True, mask_threshold=0.4, scheduler="DDIMScheduler")
     job, _ = page_to_job(settings, _subjects(DOG, CAT), _tiny_models(), str(tmp_path))
@@ -198,7 +202,7 @@ def test_export_then_import_is_the_same_page(tmp_path):
 
 def test_import_refuses_a_bad_job_with_the_job_files_message(tmp_path):
     from msdiffusion.app.jobs import JobError
-    from msdiffusion.app.page import job_to_page
+    from msdiffusion.app.page_jobs import job_to_page
 
     with pytest.raises(JobError, match=r"imported job: subjects\[0\]: unknown field 'bx' \(did you mean 'box'\?\)"):
         job_to_page(
@@ -229,7 +233,8 @@ def _noise_picture(path: Path, size: tuple[int, int] = (130, 100)) -> Path:
 
 
 def test_a_picture_is_checked_and_fitted_to_the_size_limit(tmp_path):
-    from msdiffusion.app.page import PageError, VisitorFiles, fitted_picture_size
+    from msdiffusion.app.page_limits import PageError
+    from msdiffusion.app.visitors import VisitorFiles, fitted_picture_size
 
     assert fitted_picture_size(3000, 2000, 1536) == (1536, 1024)
     assert fitted_picture_size(1000, 750, 1536) == (1000, 744)  # within the limit: the pipelines' rounding only
@@ -270,7 +275,8 @@ def test_a_picture_is_checked_and_fitted_to_the_size_limit(tmp_path):
 
 
 def test_a_painted_region_is_decoded_strictly_and_written_at_the_outputs_size(tmp_path):
-    from msdiffusion.app.page import MAX_REGION_BYTES, PageError, decode_region, region_data_url, write_region
+    from msdiffusion.app.page_limits import PageError
+    from msdiffusion.app.regions import MAX_REGION_BYTES, decode_region, region_data_url, write_region
 
     region = np.zeros((48, 64), bool)
     region[10:30, 5:25] = True
@@ -308,17 +314,9 @@ def test_a_painted_region_is_decoded_strictly_and_written_at_the_outputs_size(tm
 
 
 def test_a_picture_and_a_painted_region_make_an_inpainting_job_that_exports_and_imports(tmp_path):
-    from msdiffusion.app.page import (
-        REDRAW,
-        REPAINT,
-        PageError,
-        decode_region,
-        export_yaml,
-        job_to_page,
-        page_to_job,
-        region_of_mask_file,
-        regions_to_masks,
-    )
+    from msdiffusion.app.page_jobs import REDRAW, REPAINT, export_yaml, job_to_page, page_to_job
+    from msdiffusion.app.page_limits import PageError
+    from msdiffusion.app.regions import decode_region, region_of_mask_file, regions_to_masks
 
     room = _noise_picture(tmp_path / "room.png")  # the output: 128x96
     region = np.zeros((48, 64), bool)
@@ -477,7 +475,8 @@ def test_a_jobs_scheduler_is_used_with_a_loaded_pipeline_and_put_back(tmp_path):
 def test_the_world_page_opens_with_a_working_example_and_its_sizes():
     pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
     from msdiffusion.app.commands import WORLD_DEMO_PROMPT, WORLD_DEMO_SUBJECTS
-    from msdiffusion.app.page import build_page, model_note, size_presets
+    from msdiffusion.app.page import build_page
+    from msdiffusion.app.page_jobs import model_note, size_presets
     from msdiffusion.loading import NAMED_MODELS
     from msdiffusion.world.scenes import CLASSES
 
@@ -500,7 +499,8 @@ def test_the_world_page_opens_with_a_working_example_and_its_sizes():
 
 # ---- limits, files and stopping, without a server ------------------------------------------------------
 def test_photos_are_checked_and_shrunk_on_receipt(tmp_path):
-    from msdiffusion.app.page import PageError, VisitorFiles
+    from msdiffusion.app.page_limits import PageError
+    from msdiffusion.app.visitors import VisitorFiles
 
     uploads = tmp_path / "uploads"
     uploads.mkdir()
@@ -529,7 +529,7 @@ def test_photos_are_checked_and_shrunk_on_receipt(tmp_path):
 
 
 def test_visitors_files_go_when_they_leave_or_grow_old(tmp_path):
-    from msdiffusion.app.page import VisitorFiles
+    from msdiffusion.app.visitors import VisitorFiles
 
     uploads = tmp_path / "uploads"
     (uploads / "h1").mkdir(parents=True)
@@ -596,22 +596,22 @@ def test_ui_options_are_in_help(capsys):
 
 def test_auth_logins_and_the_warning_beyond_loopback(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gradio", reason='the ui extra is not installed (pip install -e ".[ui]")')
-    from msdiffusion.app import page as page_module
+    from msdiffusion.app import page_command
 
     logins = tmp_path / "logins"
     logins.write_text("# who may use the page\nann:s3cret:with-colon\n\nbob:pw\n")
-    assert page_module.read_auth(["eve:pass"], str(logins)) == [
+    assert page_command.read_auth(["eve:pass"], str(logins)) == [
         ("eve", "pass"),
         ("ann", "s3cret:with-colon"),
         ("bob", "pw"),
     ]
-    assert page_module.read_auth(None, None) is None
+    assert page_command.read_auth(None, None) is None
     with pytest.raises(UserInputError, match=r"^--auth: expected USER:PASS") as caught:
-        page_module.read_auth(["hunter2"], None)
+        page_command.read_auth(["hunter2"], None)
     assert "hunter2" not in str(caught.value)  # never repeats what may be a password
 
     launched = {}
-    monkeypatch.setattr(page_module, "launch", lambda page, **kwargs: launched.update(kwargs, page=page))
+    monkeypatch.setattr(page_command, "launch", lambda page, **kwargs: launched.update(kwargs, page=page))
     assert main(["ui", *TINY_FLAGS, "--host", "0.0.0.0", "--max-steps", "12"]) == 0
     err = capsys.readouterr().err
     assert "warning: listening on 0.0.0.0 without --auth" in err

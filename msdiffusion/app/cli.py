@@ -24,7 +24,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "msdiffusion.app.train_commands",
     "msdiffusion.app.bench_commands",
     "msdiffusion.app.world_commands",
-    "msdiffusion.app.page",
+    "msdiffusion.app.page_command",
 )
 
 
