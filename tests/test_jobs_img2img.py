@@ -3,7 +3,9 @@
 import inspect
 import json
 import re
+import runpy
 import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -232,9 +234,9 @@ def test_a_job_files_picture_problems_are_listed_together(files):
     assert len(problems) == 5
 
 
-def test_the_docs_commands_run_as_written(files, tmp_path):
+def test_the_docs_commands_run_as_written(files, tmp_path, monkeypatch):
     """docs/img2img-inpainting.md's job file and commands, on tiny local models (hub ids replaced by their
-    folders; steps lowered and a small size appended where the command gives none)."""
+    folders; steps lowered where the command gives none); its world example, on the shipped world models."""
     from msdiffusion.tiny import save_tiny_models
 
     models = save_tiny_models(tmp_path / "models")
@@ -250,12 +252,21 @@ def test_the_docs_commands_run_as_written(files, tmp_path):
     (job,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
     Path("inpaint.yaml").write_text(job)
     lines = [line for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
-    commands = [shlex.split(line.split(" #")[0]) for line in lines if line.startswith("msdiff generate")]
-    assert len(commands) >= 3
+    commands = [
+        shlex.split(line.split(" #")[0]) for line in lines if line.startswith(("msdiff generate", "python benchmarks/"))
+    ]
+    assert len(commands) >= 5
     for words in commands:
+        if words[0] == "python":  # benchmarks/world_inpainting.py writes the world example's job
+            script = DOCS.parents[1] / words[1]
+            monkeypatch.setattr(sys, "argv", [str(script), *words[2:]])
+            runpy.run_path(str(script), run_name="__main__")
+            continue
         args = words[1:] + (["--steps", "2"] if "--from" not in words else [])
         assert main([*args, "--quiet"]) == 0, words
-    assert len(list(Path("outputs").glob("msdiff-?????.png"))) == len(commands)
+    world = [words for words in commands if "world-inpainting/job.yaml" in words]
+    assert len(world) == 1 and Path("world-inpainting/msdiff-00001.png").is_file()
+    assert len(list(Path("outputs").glob("msdiff-?????.png"))) == len(commands) - 2  # the world's: beside its job
 
 
 def test_the_page_reads_no_picture_or_mask_file_a_visitor_names(files, monkeypatch):
