@@ -355,3 +355,52 @@ def test_a_generation_walks_the_models_for_their_device_and_processors_once(pipe
     assert walks["device"] - plain == plain  # as many as plain SDXL (it was one more of every component)
     assert walks["processors"] == 2  # one per generation
     assert pipe._execution_device == torch.device("cpu")  # the pinned device does not outlive the call
+
+
+# ---- few steps: no classifier-free guidance, or a guidance-embedding (LCM-distilled) UNet ----------------
+
+
+def lcm_distilled_pipeline(seed: int = 0):
+    """A tiny pipeline whose UNet takes the guidance scale as an embedding (`time_cond_proj_dim`), as
+    LCM-distilled SDXL UNets do: the pipeline then runs no negative branch at any guidance."""
+    import tempfile
+
+    from diffusers import UNet2DConditionModel
+
+    from msdiffusion import MSDiffusionXLPipeline
+    from msdiffusion.tiny import tiny_adapter_checkpoint, tiny_image_encoder, tiny_sdxl_components
+
+    components = tiny_sdxl_components(tempfile.mkdtemp(prefix="msdiff-lcm-"), seed)
+    torch.manual_seed(seed)
+    components["unet"] = UNet2DConditionModel.from_config(components["unet"].config, time_cond_proj_dim=16)
+    pipe = MSDiffusionXLPipeline(**components)
+    pipe.load_ms_adapter(tiny_adapter_checkpoint(pipe.unet, seed), image_encoder=tiny_image_encoder(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "make,guidance",
+    [(tiny_pipeline, 1.0), (tiny_pipeline, 0.0), (lcm_distilled_pipeline, 8.0)],
+    ids=["guidance-1", "guidance-0", "guidance-embedding"],
+)
+def test_few_step_settings_without_a_negative_branch_match_the_literal_reference(subject_images, make, guidance):
+    """Few-step setups (SDXL-Lightning, Hyper-SD, DMD2 and LCM LoRAs at guidance <= 1; LCM-distilled UNets
+    with a guidance embedding) run the UNet on the conditional batch alone: the subjects still act, exactly
+    as the released computation has them act."""
+    pipe, reference = make(seed=0), make(seed=0)
+    use_reference_processors(reference.unet)
+    seen = []
+    real_forward = pipe.unet.forward
+
+    def forward(sample, *args, **kwargs):
+        seen.append(sample.shape[0])
+        return real_forward(sample, *args, **kwargs)
+
+    pipe.unet.forward = forward
+    args = subjects(subject_images, guidance_scale=guidance, num_inference_steps=4, height=128, width=192)
+    fast = generate(pipe, **args)
+    assert seen and set(seen) == {1}  # no negative branch
+    np.testing.assert_allclose(fast, generate(reference, **args), atol=2e-4)
+    without = generate(pipe, **{**args, "ms_scale": 0.0})
+    assert np.abs(fast - without).mean() > 1e-3  # the subjects act

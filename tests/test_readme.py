@@ -80,3 +80,18 @@ def test_readme_python_snippet(workdir):
     )
     exec(compile(code, "README.md", "exec"), {})
     assert PIL.Image.open("dog-and-cat.png").size == (96, 64)
+
+
+def test_every_readme_job_file_is_a_valid_job(workdir):
+    """The README's job files (the reference job, the few-step example) pass the job checks as written."""
+    import textwrap
+
+    import yaml
+
+    from msdiffusion.app.jobs import job_from_dict
+
+    jobs = blocks("yaml")
+    assert len(jobs) >= 2
+    for text in jobs:
+        job = job_from_dict(yaml.safe_load(textwrap.dedent(text)), "README.md", Path.cwd())
+        assert job.subjects and job.prompt
