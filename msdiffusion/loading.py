@@ -265,10 +265,13 @@ def load_pipeline(
             names.append(f"lora{i}")
         pipe.set_adapters(names, adapter_weights=[lora.scale for lora in models.loras])
     pipe.set_progress_bar_config(disable=True)
-    if models.cpu_offload:  # each model moves to `device` only while it runs
+    if models.cpu_offload:  # each model moves to `device` only while it runs (the image encoder included)
         pipe.enable_model_cpu_offload(device=device)
         return pipe
-    return pipe.to(device)
+    pipe.to(device)
+    if models.image_encoder_offload:
+        pipe.enable_image_encoder_offload()
+    return pipe
 
 
 def _load_files(models: ModelSettings, dtype, adapter, task: str):

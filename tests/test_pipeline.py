@@ -404,3 +404,54 @@ def test_few_step_settings_without_a_negative_branch_match_the_literal_reference
     np.testing.assert_allclose(fast, generate(reference, **args), atol=2e-4)
     without = generate(pipe, **{**args, "ms_scale": 0.0})
     assert np.abs(fast - without).mean() > 1e-3  # the subjects act
+
+
+def test_image_encoder_offload_moves_it_only_around_encoding(subject_images, monkeypatch):
+    """`enable_image_encoder_offload`: the encoder rests on the CPU and visits the execution device only to
+    encode (on a CPU-only machine the moves are no-ops and the image is the same)."""
+    pipe = tiny_pipeline(seed=0)
+    expected = generate(pipe, **subjects(subject_images))
+    pipe.enable_image_encoder_offload()
+    assert next(pipe.image_encoder.parameters()).device.type == "cpu"
+    np.testing.assert_array_equal(generate(pipe, **subjects(subject_images)), expected)
+    moves = []
+    monkeypatch.setattr(pipe.image_encoder, "to", lambda device: moves.append(str(device)))
+    with pipe._image_encoder_on(torch.device("cuda")):
+        moves.append("encode")
+    assert moves == ["cuda", "encode", "cpu"]
+    with pytest.raises(RuntimeError), pipe._image_encoder_on(torch.device("cuda")):
+        raise RuntimeError("an encoding that fails")
+    assert moves[-1] == "cpu"  # back even then
+
+
+def test_image_encoder_offload_from_a_job_field_and_the_page(tmp_path, monkeypatch):
+    from msdiffusion import loading
+    from msdiffusion.app.page_command import models_from_args
+    from msdiffusion.settings import ModelSettings
+
+    calls = []
+    monkeypatch.setattr(
+        "msdiffusion.pipelines.MSDiffusionMixin.enable_image_encoder_offload", lambda self: calls.append(type(self))
+    )
+    loading.load_pipeline(ModelSettings(base="tiny-random", adapter="tiny-random", image_encoder="tiny-random"))
+    assert calls == []
+    models = ModelSettings(
+        base="tiny-random", adapter="tiny-random", image_encoder="tiny-random", image_encoder_offload=True
+    )
+    loading.load_pipeline(models)
+    assert len(calls) == 1
+    import argparse
+
+    args = argparse.Namespace(
+        job=None,
+        base="tiny-random",
+        adapter="tiny-random",
+        image_encoder="tiny-random",
+        adapter_weight_name=None,
+        device=None,
+        dtype=None,
+        cpu_offload=True,
+        image_encoder_offload=True,
+    )
+    settings = models_from_args(args).model_settings()
+    assert settings.cpu_offload and settings.image_encoder_offload

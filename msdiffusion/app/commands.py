@@ -75,6 +75,13 @@ def register(subparsers) -> None:
         default=None,
         help="keep each model on the CPU until it runs: much less GPU memory, somewhat slower",
     )
+    models.add_argument(
+        "--image-encoder-offload",
+        action="store_true",
+        default=None,
+        help="keep only the image encoder on the CPU except while it encodes subjects: 3.7 GB less GPU memory "
+        "while denoising (SDXL's ViT-bigG in fp16), a move there and back per encoding",
+    )
     models.add_argument("--controlnet", help="ControlNet hub id or folder (needs --control-image)")
     models.add_argument("--control-image", help="control image for the ControlNet")
     models.add_argument("--controlnet-scale", type=float, help="ControlNet conditioning scale (default: 1.0)")
@@ -382,6 +389,7 @@ def _flag_overrides(args) -> dict:
         "variant": args.variant,
         "vae": args.vae,
         "cpu_offload": args.cpu_offload,
+        "image_encoder_offload": args.image_encoder_offload,
         "init_image": args.init_image,
         "strength": args.strength,
         "inpaint": args.inpaint,

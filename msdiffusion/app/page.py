@@ -698,7 +698,17 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
                         f"subjects[{i}].image: {quote(missing)} not among the uploaded images {quote(sorted(by_name))}."
                     )
                 subject["image"] = [by_name[n] for n in names]
-            for name in ("controlnet", "output", "device", "dtype", "variant", "vae", "loras", "cpu_offload"):
+            for name in (
+                "controlnet",
+                "output",
+                "device",
+                "dtype",
+                "variant",
+                "vae",
+                "loras",
+                "cpu_offload",
+                "image_encoder_offload",
+            ):
                 data.pop(name, None)  # the server's models and how they run
             try:
                 spec = job_from_dict(

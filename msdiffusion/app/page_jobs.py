@@ -57,6 +57,8 @@ class PageModels:
     defaults: dict = field(default_factory=dict)  # job fields that start the page (size, steps, ...)
     # The first visit's example: {prompt, subjects: [{images, phrase, box}]} (None: the served models' own)
     example: dict | None = None
+    cpu_offload: bool = False  # how the models run on a small GPU (`msdiff ui --cpu-offload`, ...)
+    image_encoder_offload: bool = False
 
     def model_settings(self):
         from msdiffusion.settings import ModelSettings
@@ -68,6 +70,8 @@ class PageModels:
             adapter_weight_name=self.adapter_weight_name,
             device=self.device,
             dtype=self.dtype,
+            cpu_offload=self.cpu_offload,
+            image_encoder_offload=self.image_encoder_offload,
         )
 
     def job_fields(self) -> dict:
@@ -505,6 +509,7 @@ def job_to_page(
         "vae",
         "loras",
         "cpu_offload",
+        "image_encoder_offload",
     ):
         data.pop(name, None)
     served = {k: v for k, v in models.job_fields().items() if v is not None}
