@@ -26,6 +26,7 @@ then profiles the host side of a 1-step generation of bare and ours (cProfile).
     python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1
     python benchmarks/adapter_overhead.py --device cuda --dtype fp16 --size 1024 --width-divisor 1 \
         --steps 30 --repeats 5 --skip-naive --auto-layout --output-type latent --profile
+    python benchmarks/adapter_overhead.py --task inpainting --skip-naive      # against diffusers' inpainting
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument(
+        "--guidance", type=float, default=7.5, help="1 or less: no negative branch (few-step LoRAs are run so)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--width-divisor", type=int, default=4)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -287,6 +291,13 @@ def main() -> None:
     )
     parser.add_argument("--output-type", choices=["np", "latent"], default="np", help="latent: skip the VAE decode")
     parser.add_argument("--shared", type=Path, default=None, help="folder with sdxl-base/ and the image encoder config")
+    parser.add_argument(
+        "--task",
+        choices=["text-to-image", "image-to-image", "inpainting"],
+        default="text-to-image",
+        help="image-to-image (strength 0.7) or inpainting (the right half repainted, strength 1) of a random picture: "
+        "bare is then diffusers' own image-to-image or inpainting pipeline on the same models",
+    )
     args = parser.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
 
@@ -299,7 +310,7 @@ def main() -> None:
     common = dict(
         prompt="a dog and a cat on the beach",
         num_inference_steps=args.steps,
-        guidance_scale=7.5,
+        guidance_scale=args.guidance,
         height=args.size,
         width=args.size,
         output_type=args.output_type,
@@ -335,6 +346,22 @@ def main() -> None:
     if not args.skip_naive:
         pipes["naive"] = pipeline_with(NaiveMSProcessor)
         variants.append("naive")
+    if args.task != "text-to-image":
+        # The task's pipeline on the same models (from_pipe loads nothing); without subjects it is diffusers' own.
+        from msdiffusion.loading import pipeline_class
+
+        task_class = pipeline_class(args.task)
+        converted = {id(twin): task_class.from_pipe(twin) for twin in pipes.values()}
+        pipes = {name: converted[id(twin)] for name, twin in pipes.items()}
+        for twin in pipes.values():
+            twin.set_progress_bar_config(disable=True)
+        picture = PIL.Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8))
+        del common["height"], common["width"]  # the picture's own size
+        common.update(image=picture, strength=0.7 if args.task == "image-to-image" else 1.0)
+        if args.task == "inpainting":
+            half = np.zeros((args.size, args.size), dtype=np.uint8)
+            half[:, args.size // 2 :] = 255
+            common["mask_image"] = PIL.Image.fromarray(half)
     unets = {name: pipes[name].unet for name in variants}  # eager modules, for hooks
     if args.compile:
         for twin in dict.fromkeys(pipes.values()):
@@ -378,8 +405,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     compiled = f", torch.compile({args.compile_mode or 'default'})" if args.compile else ""
     print(
-        f"SDXL architecture at 1/{args.width_divisor} width, {args.size}x{args.size}, {args.steps} steps, "
-        f"CFG, {args.dtype}, output {args.output_type}{compiled}, {device}, torch {torch.__version__}; {args.repeats} interleaved repeats"
+        f"{args.task}, SDXL architecture at 1/{args.width_divisor} width, {args.size}x{args.size}, {args.steps} steps, "
+        f"{'CFG' if args.guidance > 1 else 'no CFG'}, {args.dtype}, output {args.output_type}{compiled}, {device}, torch {torch.__version__}; {args.repeats} interleaved repeats"
     )
     for name, t in times.items():
         print(f"  {name:8s} median {median[name]:8.3f} s   runs: " + ", ".join(f"{x:.3f}" for x in t))

@@ -11,7 +11,10 @@
 # "reduce-overhead", 5 repeats), compiled-auto (bare, ours and auto layout with a compiled UNet, 5
 # repeats), compiled-graphs-auto (bare, ours and auto layout with CUDA graphs, 3 repeats), breakdown
 # (eager timings of bare / ours / auto, synchronisations, then ours' work outside the denoising loop
-# part by part, and a host profile of a 1-step generation). "eager" is fp16 profile bf16 (about 5
+# part by part, and a host profile of a 1-step generation), img2img and inpaint (ours against diffusers'
+# image-to-image and inpainting pipelines on the same models, 5 repeats each), memory (peak GPU memory and
+# time of bare, ours, auto layout, image-encoder offload and model CPU offload, each variant in a process of
+# its own: benchmarks/gpu_memory.py), few-steps (4 and 8 steps without a negative branch). "eager" is fp16 profile bf16 (about 5
 # minutes on an H200 with the start); compiling SDXL's UNet took 95 s (bare) and 116 s (ours) there,
 # so "compiled" takes about 5 minutes, "compiled-auto" 6 to 8, and "compiled-graphs-auto" plus
 # "breakdown" took 587 s (2026-11-28, H200: 125 s, 129 s and 178 s of compiling).
@@ -51,7 +54,17 @@ for p in "${parts[@]}"; do
             compiled-auto) part compiled-auto 540 --dtype fp16 --steps 30 --repeats 5 --auto-layout --compile ;;
             compiled-graphs-auto) part compiled-graphs-auto 540 --dtype fp16 --steps 30 --repeats 3 --auto-layout --compile --compile-mode reduce-overhead ;;
             breakdown) part breakdown 150 --dtype fp16 --steps 30 --repeats 3 --auto-layout --breakdown --sync-check ;;
-            *) echo "unknown part $q (fp16, profile, bf16, compiled, compiled-graphs, compiled-auto, compiled-graphs-auto, breakdown, eager)"; exit 2 ;;
+            img2img) part img2img 180 --dtype fp16 --steps 30 --repeats 5 --task image-to-image ;;
+            inpaint) part inpaint 180 --dtype fp16 --steps 30 --repeats 5 --task inpainting ;;
+            few-steps) part few-steps-4 90 --dtype fp16 --steps 4 --guidance 1 --repeats 5
+                       part few-steps-8 90 --dtype fp16 --steps 8 --guidance 1 --repeats 5 ;;
+            memory)
+                echo "=== memory (limit 420 s)"
+                timeout 420 "$python" benchmarks/gpu_memory.py --shared "$shared" --steps 30 --repeats 2 \
+                    --json "$logs/memory.json" >"$logs/memory.log" 2>&1
+                echo "exit status $?"
+                grep -v "should be kept in float32" "$logs/memory.log" | cut -c1-200 ;;
+            *) echo "unknown part $q (fp16, profile, bf16, compiled, compiled-graphs, compiled-auto, compiled-graphs-auto, breakdown, img2img, inpaint, few-steps, memory, eager)"; exit 2 ;;
         esac
     done
 done
