@@ -174,6 +174,9 @@ def test_a_mistaken_flag_is_one_line_from_its_own_command_with_the_closest_optio
         main(["generate", "--scale", "high"])
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "argument --scale: invalid float value: 'high'" in err  # no 18-line usage
+    with pytest.raises(SystemExit):  # an abbreviation is not a flag: it is refused, naming the whole one
+        main(["generate", "--stren", "0.5"])
+    assert "unrecognized arguments: --stren (did you mean '--strength'?)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["world", "evaluate", "--cuont", "3"])
     assert (

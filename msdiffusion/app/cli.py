@@ -29,7 +29,12 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistake told in one line (and where to look) instead of the whole usage."""
+    """argparse, with a mistake told in one line (and where to look) instead of the whole usage, and no
+    abbreviated flags: `--stage` would silently mean `--stages`, and a later flag could change its meaning."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
