@@ -423,7 +423,8 @@ class MSDiffusionMixin:
                 )
             _check_prepared_settings(prepared_subjects, drop_grounding_tokens, reference_size, reference_combine)
         elif subject_images is None and subject_phrases is None and subject_boxes is None and subject_masks is None:
-            output = parent_call(self, prompt=prompt, **kwargs)  # plain SDXL: no layout is active
+            with _without_empty_float32_warning():  # the VAE's upcast (image-to-image, inpainting) casts
+                output = parent_call(self, prompt=prompt, **kwargs)  # plain SDXL: no layout is active
             if repaint is not None:
                 images, alpha = repaint.paste(output.images, kwargs)
                 if alpha is not None:
@@ -497,7 +498,7 @@ class MSDiffusionMixin:
             tokens_in_hidden_states=tokens_in_prompt_embeds,
             num_text_tokens=text_length,
         )
-        with activation, self._execution_device_pinned(device):
+        with activation, self._execution_device_pinned(device), _without_empty_float32_warning():
             output = parent_call(
                 self,
                 prompt_embeds=prompt_embeds,
@@ -515,7 +516,8 @@ class MSDiffusionMixin:
 @contextlib.contextmanager
 def _without_empty_float32_warning() -> Iterator[None]:
     """diffusers 0.42's `ModelMixin.to` warns at every dtype cast that "modules should be kept in float32: []",
-    naming none; `from_pipe` casts every model (to the dtype they have, here). Only that empty warning is dropped."""
+    naming none; `from_pipe` casts every model (to the dtype they have, here), and image-to-image and inpainting
+    cast the VAE to float32 to encode the picture. Only that empty warning is dropped."""
     logger = logging.getLogger("diffusers.models.modeling_utils")
 
     def keep(record: logging.LogRecord) -> bool:

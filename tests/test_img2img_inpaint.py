@@ -429,3 +429,12 @@ def test_one_unet_call_is_the_same_in_text_to_image_image_to_image_and_inpaintin
     finally:
         pipe.unet.forward = real_forward
     assert not torch.equal(fixed["no subject"][1], text_out)  # the comparison sees the subject branch
+
+
+def test_no_empty_float32_warning_from_the_vaes_upcast(inpaint, img2img, pictures, caplog):
+    """diffusers casts the VAE to float32 to encode the picture and warns, naming no module; it is dropped."""
+    picture, reference, mask = pictures
+    with caplog.at_level("WARNING", logger="diffusers.models.modeling_utils"):
+        run(inpaint, image=picture, num_inference_steps=2, **dog(reference))
+        run(img2img, image=picture, strength=0.6, num_inference_steps=2)
+    assert not [r for r in caplog.records if "kept in float32" in r.getMessage()]
