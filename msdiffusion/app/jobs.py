@@ -579,18 +579,20 @@ def parse_job_text(text: str, source: str = "job") -> dict:
     return data
 
 
-def read_job_file(path: str | Path) -> dict:
-    """The raw mapping of a YAML or JSON job file (validated later, with flags applied)."""
+def read_job_file(path: str | Path, label: str | None = None) -> dict:
+    """The raw mapping of a YAML or JSON job file (validated later, with flags applied); messages name it
+    `label` (default: its path)."""
     path = Path(path)
+    label = label or str(path)
     if not path.is_file():
         raise JobError(f"job file {quote(str(path), 200)} not found.")
     if path.stat().st_size > MAX_JOB_BYTES:
-        raise JobError(f"{path}: {path.stat().st_size} bytes; a job file is at most {MAX_JOB_BYTES // 1024} KiB.")
+        raise JobError(f"{label}: {path.stat().st_size} bytes; a job file is at most {MAX_JOB_BYTES // 1024} KiB.")
     try:
         text = path.read_text()
     except UnicodeDecodeError:
-        raise JobError(f"{path}: not a text file (a job file is YAML or JSON text).") from None
-    return parse_job_text(text, str(path))
+        raise JobError(f"{label}: not a text file (a job file is YAML or JSON text).") from None
+    return parse_job_text(text, label)
 
 
 def read_job_from_png(path: str | Path, max_pixels: int | None = None) -> dict:

@@ -37,6 +37,7 @@ from msdiffusion.app.page_jobs import (
     MODEL_DEFAULT_SCHEDULER,
     PICTURE_MODES,
     REPAINT,
+    SERVER_FIELDS,
     PageModels,
     check_before_work,
     check_limits,
@@ -698,17 +699,7 @@ def build_page(models: PageModels, pipe=None, limits: PageLimits | None = None):
                         f"subjects[{i}].image: {quote(missing)} not among the uploaded images {quote(sorted(by_name))}."
                     )
                 subject["image"] = [by_name[n] for n in names]
-            for name in (
-                "controlnet",
-                "output",
-                "device",
-                "dtype",
-                "variant",
-                "vae",
-                "loras",
-                "cpu_offload",
-                "image_encoder_offload",
-            ):
+            for name in SERVER_FIELDS:
                 data.pop(name, None)  # the server's models and how they run
             try:
                 spec = job_from_dict(

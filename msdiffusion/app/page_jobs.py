@@ -44,6 +44,21 @@ DEFAULT_MARGIN = 0.02  # the pipelines' repaint_margin
 MAX_MARGIN = 0.2  # the Margin slider's end (jobs take up to 0.5; more repaints most of a picture)
 
 
+# Job fields that say how the server's models run, or where results go: a job sent to the page or imported
+# into it never sets them.
+SERVER_FIELDS = (
+    "controlnet",
+    "output",
+    "device",
+    "dtype",
+    "variant",
+    "vae",
+    "loras",
+    "cpu_offload",
+    "image_encoder_offload",
+)
+
+
 @dataclass
 class PageModels:
     """What the server serves: the models (job model ids or paths) and the page's starting values."""
@@ -496,21 +511,7 @@ def job_to_page(
         checked.append(subject)
     data["subjects"] = checked
     # The models (and how they run) are the server's, not the job's.
-    for name in (
-        "base",
-        "adapter",
-        "image_encoder",
-        "adapter_weight_name",
-        "controlnet",
-        "output",
-        "device",
-        "dtype",
-        "variant",
-        "vae",
-        "loras",
-        "cpu_offload",
-        "image_encoder_offload",
-    ):
+    for name in ("base", "adapter", "image_encoder", "adapter_weight_name", *SERVER_FIELDS):
         data.pop(name, None)
     served = {k: v for k, v in models.job_fields().items() if v is not None}
     job = job_from_dict({**served, **data}, "imported job")
@@ -586,7 +587,7 @@ def fit_to_limits(settings: dict, limits: PageLimits) -> list[str]:
 
 def read_import(path: str, limits: PageLimits | None = None) -> dict:
     """The raw job of an uploaded YAML/JSON job file or a PNG written by msdiff; messages name the file, not its folder."""
-    from msdiffusion.app.jobs import MAX_JOB_BYTES, JobError, parse_job_text, read_job_from_png
+    from msdiffusion.app.jobs import JobError, read_job_file, read_job_from_png
 
     file = Path(path)
     if file.suffix.lower() == ".png":
@@ -594,13 +595,7 @@ def read_import(path: str, limits: PageLimits | None = None) -> dict:
             return read_job_from_png(file, max_pixels=None if limits is None else limits.max_pixels)
         except JobError as error:
             raise JobError(str(error).replace(f"--from {file}", file.name)) from None
-    if file.stat().st_size > MAX_JOB_BYTES:
-        raise JobError(f"{file.name}: {file.stat().st_size} bytes; a job file is at most {MAX_JOB_BYTES // 1024} KiB.")
-    try:
-        text = file.read_text()
-    except UnicodeDecodeError:
-        raise JobError(f"{file.name}: not a text file (a job file is YAML or JSON text).") from None
-    return parse_job_text(text, file.name)
+    return read_job_file(file, label=file.name)
 
 
 def export_yaml(job) -> str:
