@@ -568,6 +568,26 @@ def _picture_size(pipeline, image: Any, height: int | None, width: int | None) -
     return ((pixels.to(torch.float32) + 1) / 2).clamp(0, 1), size
 
 
+def _in_prompt_order(value: Any, prompt: Any, kwargs: dict, mask: bool = False) -> Any:
+    """Pictures (or masks) given one per prompt, repeated for each prompt's images in turn. diffusers'
+    image-to-image and inpainting tile fewer pictures than images over the batch (1, 2, 1, 2) while a
+    prompt's images come together (1, 1, 2, 2), so with `num_images_per_prompt > 1` the second prompt
+    would be drawn on the first picture. (ControlNet's control images are already repeated in order.) A mask
+    array of 3 dimensions is a batch, as diffusers reads it; a picture's is one picture."""
+    repeats = kwargs.get("num_images_per_prompt") or 1
+    if isinstance(prompt, str) or (prompt is None and kwargs.get("prompt_embeds") is None):
+        count = 1
+    else:
+        count = len(prompt) if prompt is not None else kwargs["prompt_embeds"].shape[0]
+    if repeats == 1 or count == 1 or value is None:
+        return value
+    if isinstance(value, list) and len(value) == count:
+        return [item for item in value for _ in range(repeats)]
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim >= (3 if mask else 4) and value.shape[0] == count:
+        return value.repeat_interleave(repeats, 0) if isinstance(value, torch.Tensor) else value.repeat(repeats, 0)
+    return value
+
+
 # diffusers still accepts these through the `**kwargs` of its `__call__`, with a deprecation warning.
 _DEPRECATED_DIFFUSERS_ARGUMENTS = ("callback", "callback_steps")
 
@@ -939,6 +959,7 @@ class MSDiffusionXLImg2ImgPipeline(MSDiffusionMixin, StableDiffusionXLImg2ImgPip
         **kwargs,
     ) -> MSDiffusionPipelineOutput | tuple:
         _check_strength_steps(strength, num_inference_steps, kwargs)
+        image = _in_prompt_order(image, prompt, kwargs)
         image, size = _picture_size(self, image, height, width)
         kwargs.update(
             image=image, strength=strength, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
@@ -1048,6 +1069,10 @@ class MSDiffusionXLInpaintPipeline(MSDiffusionMixin, StableDiffusionXLInpaintPip
                 "Give `mask_image` (white where the picture is repainted, black where it is kept) or subjects, "
                 "whose regions are then repainted."
             )
+        image, mask_image = (
+            _in_prompt_order(image, prompt, kwargs),
+            _in_prompt_order(mask_image, prompt, kwargs, mask=True),
+        )
         repaint = RepaintRegion(self, mask_image, keep_outside, repaint_margin, repaint_feather)
         _check_strength_steps(strength, num_inference_steps, kwargs)
         _, (height, width) = _picture_size(self, image, height, width)  # diffusers resizes image and mask itself
@@ -1208,6 +1233,7 @@ class MSDiffusionXLControlNetImg2ImgPipeline(MSDiffusionMixin, StableDiffusionXL
     ) -> MSDiffusionPipelineOutput | tuple:
         _check_strength_steps(strength, num_inference_steps, kwargs)
         processors = _bind_controlnet_processors(self, controlnet_image_tokens)
+        image = _in_prompt_order(image, prompt, kwargs)
         _, (height, width) = _picture_size(self, image, height, width)  # diffusers resizes both pictures itself
         kwargs.update(
             image=image,
@@ -1327,6 +1353,10 @@ class MSDiffusionXLControlNetInpaintPipeline(MSDiffusionMixin, StableDiffusionXL
                 "Give `mask_image` (white where the picture is repainted, black where it is kept) or subjects, "
                 "whose regions are then repainted."
             )
+        image, mask_image = (
+            _in_prompt_order(image, prompt, kwargs),
+            _in_prompt_order(mask_image, prompt, kwargs, mask=True),
+        )
         repaint = RepaintRegion(self, mask_image, keep_outside, repaint_margin, repaint_feather)
         _check_strength_steps(strength, num_inference_steps, kwargs)
         processors = _bind_controlnet_processors(self, controlnet_image_tokens)

@@ -97,7 +97,7 @@ class RepaintRegion:
 
     def from_subjects(self, subjects: list[list[Subject]], height: int, width: int, repeats: int, kwargs: dict) -> None:
         """Set `kwargs["mask_image"]` to the subjects' regions when no mask was given (one row per prompt,
-        each repeated for its images); pictures given one per prompt are repeated alike."""
+        each repeated for its images)."""
         if self.mask_image is not None:
             return
         margin = margin_pixels(self.margin, height, width)
@@ -116,10 +116,6 @@ class RepaintRegion:
         masks = torch.stack([whole_cells(region, cell) for region in regions])[:, None].float()
         feather = margin_pixels(self.feather, height, width)
         alpha = torch.stack([feathered(region, feather) for region in regions])[:, None]
-        image = kwargs["image"]
-        if repeats > 1 and isinstance(image, list) and len(image) == len(subjects) > 1:
-            # diffusers tiles the pictures (1, 2, 1, 2) but the prompts' images come in order (1, 1, 2, 2).
-            kwargs["image"] = [picture for picture in image for _ in range(repeats)]
         if len(regions) > 1:
             masks, alpha = masks.repeat_interleave(repeats, 0), alpha.repeat_interleave(repeats, 0)
         kwargs["mask_image"] = masks

@@ -157,6 +157,37 @@ def test_img2img_batches_masks_and_prepared_subjects(img2img, pictures):
     np.testing.assert_array_equal(run(img2img, image=picture, strength=0.6, **dog(reference)), direct)  # mask == box
 
 
+def test_pictures_and_masks_given_one_per_prompt_stay_with_their_prompts(img2img, inpaint, pictures):
+    """diffusers tiles the pictures over num_images_per_prompt (1, 2, 1, 2): each prompt's images must be
+    drawn on that prompt's picture (and mask) all the same, as if the prompt had been run alone."""
+    picture, reference, mask = pictures
+    other = picture.transpose(PIL.Image.FLIP_LEFT_RIGHT)
+    other_mask = mask.transpose(PIL.Image.FLIP_TOP_BOTTOM)
+    prompts = [PROMPT, "a cat in the snow"]
+
+    def call(pipeline, prompt, seeds, **kwargs):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return pipeline(
+            prompt=prompt, num_images_per_prompt=2, num_inference_steps=2, output_type="np",
+            generator=generators, **kwargs,
+        ).images  # fmt: skip
+
+    as_array = torch.from_numpy(np.stack([np.asarray(picture), np.asarray(other)])).permute(0, 3, 1, 2) / 255
+    for image in ([picture, other], as_array):
+        batch = call(img2img, prompts, range(4), image=image, strength=0.6)
+        alone = [call(img2img, p, [2 * k, 2 * k + 1], image=pic, strength=0.6) for k, (p, pic) in enumerate(zip(prompts, [picture, other]))]  # fmt: skip
+        np.testing.assert_allclose(batch, np.concatenate(alone), atol=2e-4)
+
+    # Inpainting samples the pictures' latents with each image's generator: alone, a picture is given twice.
+    subjects = dict(subject_images=[[reference], [reference]], subject_phrases=[["dog"], ["cat"]])
+    batch = call(inpaint, prompts, range(4), image=[picture, other], mask_image=[mask, other_mask], **subjects)
+    alone = [
+        call(inpaint, p, [2 * k, 2 * k + 1], image=[pic, pic], mask_image=[m, m], subject_images=[reference], subject_phrases=[phrase])
+        for k, (p, pic, m, phrase) in enumerate(zip(prompts, [picture, other], [mask, other_mask], ["dog", "cat"]))
+    ]  # fmt: skip
+    np.testing.assert_allclose(batch, np.concatenate(alone), atol=2e-4)
+
+
 def test_img2img_model_offload_keeps_the_image(pictures):
     picture, reference, _ = pictures
     pipeline = MSDiffusionXLImg2ImgPipeline.from_pipe(tiny_pipeline(seed=0))
