@@ -112,9 +112,12 @@ class PictureSettings:
             return {}
         import PIL.Image
 
-        arguments: dict = {"image": PIL.Image.open(self.init_image).convert("RGB")}
+        from .subjects import load_image, upright
+
+        arguments: dict = {"image": load_image(self.init_image, "init_image")}
         if self.inpaint is not None and self.inpaint != SUBJECTS_REGION:
-            arguments["mask_image"] = PIL.Image.open(self.inpaint).convert("L")
+            with PIL.Image.open(self.inpaint) as mask:
+                arguments["mask_image"] = upright(mask).convert("L")
         for name in ("strength", *REPAINT_FIELDS):
             if getattr(self, name) is not None:
                 arguments[name] = getattr(self, name)
@@ -327,12 +330,14 @@ def check_strength(strength: float | None, source: str) -> None:
 
 def picture_size(path: str, what: str = "init_image") -> list[int]:
     """[width, height] a picture gives the output when no size is given: its own, rounded down to multiples
-    of 8 as diffusers' preprocessing does. Reads only the file's header."""
+    of 8 as diffusers' preprocessing does, turned upright (`subjects.upright`). Reads only the file's header."""
     import PIL.Image
+
+    from .subjects import upright_size
 
     try:
         with PIL.Image.open(path) as image:
-            width, height = image.size
+            width, height = upright_size(image)
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         raise SettingsError(f"{what}: cannot read {path!r} as an image ({error}).") from None
     size = [width - width % 8, height - height % 8]

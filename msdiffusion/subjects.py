@@ -15,6 +15,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
 ImageInput = Union[PIL.Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
@@ -57,8 +58,26 @@ class Subject:
 IMAGE_READ_ERRORS = (OSError, SyntaxError, PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError)
 
 
+# EXIF's orientation tag; its values 5 to 8 turn the picture a quarter, so its stored width is its shown height.
+EXIF_ORIENTATION = 0x0112
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` turned as its EXIF orientation says. Cameras store photos as shot and say how to turn them;
+    browsers, viewers and diffusers' `load_image` show them turned, so a box drawn on what the user sees
+    must be read on the turned pixels."""
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def upright_size(image: PIL.Image.Image) -> tuple[int, int]:
+    """(width, height) of `image` as `upright` turns it, read from the header alone."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS else (width, height)
+
+
 def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
-    """Return `image` as an RGB PIL image; `what` names it in error messages."""
+    """Return `image` as an RGB PIL image (a file turned upright); `what` names it in error messages."""
     if isinstance(image, PIL.Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
@@ -67,7 +86,7 @@ def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
             raise ValueError(f"{what}: file not found: {path!r}. Give an existing image file.")
         try:
             with PIL.Image.open(path) as opened:
-                return opened.convert("RGB")
+                return upright(opened).convert("RGB")
         except IMAGE_READ_ERRORS as error:
             raise ValueError(f"{what}: cannot read {path!r} as an image ({error}).") from error
     if isinstance(image, torch.Tensor):

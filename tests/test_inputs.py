@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import PIL.Image
 import pytest
 
@@ -105,6 +106,28 @@ def test_image_inputs_of_every_kind(tmp_path):
         assert load_image(given).size == (32, 32)
     with pytest.raises(ValueError, match="values in \\[0, 1\\]"):
         load_image(np.full((4, 4, 3), 3.0))
+
+
+def sideways_photo(path, size=(64, 32)):
+    """A photo stored as shot (left half red, right half blue) whose EXIF says: turn it a quarter clockwise."""
+    array = np.zeros((size[1], size[0], 3), np.uint8)
+    array[:, : size[0] // 2] = (255, 0, 0)
+    array[:, size[0] // 2 :] = (0, 0, 255)
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(array).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_a_photo_file_is_turned_as_its_exif_orientation_says(tmp_path):
+    from msdiffusion.settings import picture_size
+
+    path = sideways_photo(tmp_path / "phone.jpg", (128, 64))
+    image = load_image(path)
+    assert image.size == (64, 128)  # shown upright: taller than wide
+    top, bottom = np.asarray(image)[5, 32], np.asarray(image)[-5, 32]
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # the left (red) half is now on top
+    assert picture_size(str(path)) == [64, 128]  # the output size of a job on it
 
 
 def test_phrase_not_in_prompt_warns(pipe):

@@ -138,6 +138,23 @@ def test_inpaint_subjects_repaints_their_regions_keeps_the_rest_and_regenerates(
     assert portable_job(job_from_dict(job))["inpaint"] == "subjects"
 
 
+def test_a_sideways_phone_photo_is_worked_on_as_it_is_shown(files):
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored 128x64, shown turned a quarter clockwise: 64x128
+    picture = np.zeros((64, 128, 3), np.uint8)
+    picture[:, :64] = 255
+    PIL.Image.fromarray(picture).save(files / "phone.jpg", exif=exif)
+    PIL.Image.fromarray(np.where(picture[..., 0] > 0, 255, 0).astype(np.uint8)).save(files / "half.png", exif=exif)
+    base = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
+    base["subjects"] = [{"image": "phone.jpg", "phrase": "dog", "box": [0.2, 0.2, 0.8, 0.8]}]
+    job = job_from_dict({**base, "init_image": "phone.jpg", "inpaint": "half.png"}, base_dir=files)
+    arguments = job.pipeline_arguments()
+    assert job.size == [64, 128] and arguments["image"].size == (64, 128)
+    assert arguments["subject_images"][0][0].size == (64, 128)
+    mask = np.asarray(arguments["mask_image"])
+    assert mask[:60].min() > 200 and mask[-60:].max() < 50  # the white left half is now the top half
+
+
 def test_the_size_is_the_pictures_unless_given_and_a_new_picture_brings_its_own(files):
     base = {"base": "tiny-random", "adapter": "tiny-random", "image_encoder": "tiny-random", "prompt": "a dog"}
     base["subjects"] = [{"image": "dog.jpg", "phrase": "dog", "box": [0.2, 0.2, 0.8, 0.8]}]

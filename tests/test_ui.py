@@ -266,6 +266,13 @@ def test_a_picture_is_checked_and_fitted_to_the_size_limit(tmp_path):
         PIL.Image.new("RGB", (70, 60)).save(small)
         with pytest.raises(PageError, match=r"^small.png: 70x60 pixels, below 64 on a side .*: upload a larger one"):
             files.receive_picture("ann", small, PageLimits())
+        # A phone photo stored sideways (EXIF orientation 6) is measured and shrunk as it is shown.
+        turned = uploads / "turned.jpg"
+        exif = PIL.Image.Exif()
+        exif[0x0112] = 6
+        PIL.Image.new("RGB", (3000, 2000), (200, 40, 40)).save(turned, exif=exif, quality=90)
+        stored = PIL.Image.open(files.receive_picture("ann", turned, PageLimits()))
+        assert stored.size == (1024, 1536) and stored.getexif().get(0x0112) is None
         outside = tmp_path / "secret.png"  # anywhere but the upload folder and the examples
         PIL.Image.new("RGB", (80, 80)).save(outside)
         with pytest.raises(PageError, match=r"^secret.png: not a picture uploaded to this page"):

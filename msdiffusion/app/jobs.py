@@ -152,7 +152,7 @@ class Job(ModelSettings, GenerationSettings, PictureSettings):
     def pipeline_arguments(self) -> dict:
         """The settings' pipeline arguments with this job's prompt, subjects, picture and control image, for
         the pipeline of its task (`loading.pipeline_class(job.task, controlnet)`)."""
-        import PIL.Image
+        from msdiffusion.subjects import load_image
 
         arguments = super().pipeline_arguments()
         arguments.update(self.picture_arguments())
@@ -161,7 +161,7 @@ class Job(ModelSettings, GenerationSettings, PictureSettings):
             del arguments["height"], arguments["width"]
         arguments.update(
             prompt=self.prompt,
-            subject_images=[[PIL.Image.open(p).convert("RGB") for p in s.images] for s in self.subjects],
+            subject_images=[[load_image(p, "subject image") for p in s.images] for s in self.subjects],
             subject_phrases=[s.phrase for s in self.subjects],
             subject_boxes=[s.box for s in self.subjects],
             subject_scales=[s.scale for s in self.subjects]
@@ -175,7 +175,7 @@ class Job(ModelSettings, GenerationSettings, PictureSettings):
             # Text-to-image ControlNet takes the condition as `image`; image-to-image and inpainting as `control_image`.
             control = "image" if self.task == TEXT_TO_IMAGE else "control_image"
             arguments.update(
-                {control: PIL.Image.open(self.controlnet.image).convert("RGB")},
+                {control: load_image(self.controlnet.image, "controlnet image")},
                 controlnet_conditioning_scale=self.controlnet.scale,
                 controlnet_image_tokens=self.controlnet.image_tokens,
             )
@@ -774,6 +774,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
     import torch
 
     from msdiffusion.preview import attention_map_image, draw_layout, subjects_sheet
+    from msdiffusion.subjects import load_image
 
     seed = job.seed if job.seed is not None else random.randrange(2**31)
     folder = Path(job.output)
@@ -811,7 +812,7 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
             if job.init_image is None:
                 sheet = subjects_sheet(subject_images, phrases, preview)
             else:  # the picture with the subjects' regions (the repainted part bright), then the result as made
-                picture = PIL.Image.open(job.init_image).convert("RGB").resize(image.size, PIL.Image.LANCZOS)
+                picture = load_image(job.init_image, "init_image").resize(image.size, PIL.Image.LANCZOS)
                 alpha = None if repaint is None else repaint[0].numpy()
                 regions_drawn = draw_layout(picture, preview_boxes, phrases, masks=masks, repainted=alpha)
                 sheet = subjects_sheet(subject_images, phrases, image, picture=regions_drawn)

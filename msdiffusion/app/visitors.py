@@ -116,6 +116,7 @@ class VisitorFiles:
         import PIL.Image
 
         from msdiffusion.settings import MIN_SIZE
+        from msdiffusion.subjects import upright, upright_size
 
         name = Path(str(path)).name
         source = self._allowed(path)
@@ -139,7 +140,7 @@ class VisitorFiles:
             with image:
                 if image.format not in PHOTO_FORMATS:
                     raise PageError(f"{name}: a {image.format} file; upload a JPEG, PNG or WebP {what}.", **where)
-                width, height = image.size
+                width, height = upright_size(image)  # as the pipelines and the browser turn it
                 if width * height > limits.max_pixels:
                     raise PageError(
                         f"{name}: {width}x{height} pixels; this server takes {what}s up to "
@@ -162,7 +163,7 @@ class VisitorFiles:
                             **where,
                         )
                 else:
-                    shrink = image.size if max(width, height) > PHOTO_SIDE else None
+                    shrink = (width, height) if max(width, height) > PHOTO_SIDE else None
                 if not target.is_file():
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if shrink is None:
@@ -171,7 +172,7 @@ class VisitorFiles:
                     else:
                         side = PHOTO_SIDE if what == "photo" else max(shrink)
                         image.draft("RGB", (side, side))  # a JPEG decodes at a fraction of its size
-                        small = image.convert("RGB")
+                        small = upright(image).convert("RGB")
                         if what == "photo":
                             small.thumbnail((PHOTO_SIDE, PHOTO_SIDE), PIL.Image.Resampling.LANCZOS)
                         else:
