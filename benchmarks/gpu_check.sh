@@ -14,7 +14,9 @@
 # part by part, and a host profile of a 1-step generation), img2img and inpaint (ours against diffusers'
 # image-to-image and inpainting pipelines on the same models, 5 repeats each), memory (peak GPU memory and
 # time of bare, ours, auto layout, image-encoder offload and model CPU offload, each variant in a process of
-# its own: benchmarks/gpu_memory.py), few-steps (4 and 8 steps without a negative branch). "eager" is fp16 profile bf16 (about 5
+# its own: benchmarks/gpu_memory.py), few-steps (4 and 8 steps without a negative branch), training and
+# training-cache (`msdiff train` at 1024 px, bf16, batch 1/4/8, with and without activation checkpointing;
+# reading the encoders, or a feature cache: benchmarks/gpu_training.py). "eager" is fp16 profile bf16 (about 5
 # minutes on an H200 with the start); compiling SDXL's UNet took 95 s (bare) and 116 s (ours) there,
 # so "compiled" takes about 5 minutes, "compiled-auto" 6 to 8, and "compiled-graphs-auto" plus
 # "breakdown" took 587 s (2026-11-28, H200: 125 s, 129 s and 178 s of compiling).
@@ -64,7 +66,15 @@ for p in "${parts[@]}"; do
                     --json "$logs/memory.json" >"$logs/memory.log" 2>&1
                 echo "exit status $?"
                 grep -v "should be kept in float32" "$logs/memory.log" | cut -c1-200 ;;
-            *) echo "unknown part $q (fp16, profile, bf16, compiled, compiled-graphs, compiled-auto, compiled-graphs-auto, breakdown, img2img, inpaint, few-steps, memory, eager)"; exit 2 ;;
+            training|training-cache)
+                variants=b1,b1-ckpt,b4,b4-ckpt,b8-ckpt
+                [ "$q" = training-cache ] && variants=b1-cache,b4-ckpt-cache,b8-ckpt-cache,b8-cache
+                echo "=== $q (limit 560 s)"
+                timeout 560 "$python" benchmarks/gpu_training.py --shared "$shared" --work /tmp/train-bench \
+                    --variants "$variants" --json "$logs/$q.json" >"$logs/$q.log" 2>&1
+                echo "exit status $?"
+                grep -v -e "should be kept in float32" -e "Writing model shards" "$logs/$q.log" | cut -c1-220 ;;
+            *) echo "unknown part $q (fp16, profile, bf16, compiled, compiled-graphs, compiled-auto, compiled-graphs-auto, breakdown, img2img, inpaint, few-steps, memory, training, training-cache, eager)"; exit 2 ;;
         esac
     done
 done

@@ -24,7 +24,8 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main() -> int:
+def static_memory(shared: Path = SHARED) -> dict:
+    """Parameter counts of SDXL, ViT-bigG and the released-size adapter, and the training memory rows (bytes)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
@@ -37,11 +38,8 @@ def main() -> int:
     from msdiffusion.adapter import MSImageProjection, attach_ms_attention
     from msdiffusion.resampler import ResamplerConfig
 
-    base = SHARED / "sdxl-base"
-    if not base.is_dir():
-        print(f"needs {base} (the shared SDXL configs)", file=sys.stderr)
-        return 1
-    vision = json.loads((SHARED / "clip-vit-bigg-image-encoder" / "clip_config.json").read_text())["vision_config"]
+    base = shared / "sdxl-base"
+    vision = json.loads((shared / "clip-vit-bigg-image-encoder" / "clip_config.json").read_text())["vision_config"]
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
         frozen_unet = count(unet)
@@ -54,7 +52,6 @@ def main() -> int:
         image = count(CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)))
 
     trainable = projections + resampler
-    gb = 1e9
     rows = [
         (
             f"trainable weights ({trainable / 1e6:.0f}M: projections {projections / 1e6:.0f}M, resampler {resampler / 1e6:.0f}M), fp32",
@@ -71,12 +68,25 @@ def main() -> int:
         (f"VAE ({vae / 1e6:.0f}M), fp32", vae * 4),
         ("EMA copy (ema: true), fp32", trainable * 4),
     ]
-    for name, size in rows:
+    return {
+        "rows": rows,
+        # AdamW, the encoders loaded, no EMA; and with a feature cache (no encoders)
+        "default": trainable * 16 + frozen_unet * 2 + (text + image) * 2 + vae * 4,
+        "cached": trainable * 16 + frozen_unet * 2 + vae * 4,
+        "lean": trainable * 10 + frozen_unet * 2 + vae * 4,  # a cache and adamw_8bit
+    }
+
+
+def main() -> int:
+    if not (SHARED / "sdxl-base").is_dir():
+        print(f"needs {SHARED / 'sdxl-base'} (the shared SDXL configs)", file=sys.stderr)
+        return 1
+    memory = static_memory()
+    gb = 1e9
+    for name, size in memory["rows"]:
         print(f"{size / gb:6.2f} GB  {name}")
-    default = trainable * 16 + frozen_unet * 2 + (text + image) * 2 + vae * 4
-    lean = trainable * 10 + frozen_unet * 2 + vae * 4
-    print(f"{default / gb:6.2f} GB  total before activations (AdamW, encoders loaded, no EMA)")
-    print(f"{lean / gb:6.2f} GB  with a feature cache and adamw_8bit")
+    print(f"{memory['default'] / gb:6.2f} GB  total before activations (AdamW, encoders loaded, no EMA)")
+    print(f"{memory['lean'] / gb:6.2f} GB  with a feature cache and adamw_8bit")
     return 0
 
 

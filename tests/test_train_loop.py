@@ -401,3 +401,18 @@ def test_timesteps_draw_the_high_noise_share_from_the_noisier_half_only_when_ask
     skewed = draw_timesteps(4000, 1000, 0.5, torch.Generator().manual_seed(0))
     assert (skewed >= 500).float().mean() == pytest.approx(0.75, abs=0.03)
     assert skewed.min() >= 0 and skewed.max() < 1000
+
+
+def test_the_step_log_line_is_the_one_benchmarks_gpu_training_reads(setup, tmp_path, caplog):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_training.py"
+    spec = importlib.util.spec_from_file_location("gpu_training", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with caplog.at_level("INFO", logger="msdiffusion.train"):
+        _run(setup, tmp_path, max_train_steps=2, log_every=1).train()
+    found = [m for m in map(module.LOG_LINE.search, caplog.text.splitlines()) if m]
+    assert [int(m["step"]) for m in found] == [1, 2]
+    assert float(found[-1]["rate"]) > 0 and "peak_host_memory_gb" in found[-1]["memory"]
