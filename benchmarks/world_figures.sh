@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every figure docs/world.md, docs/img2img-inpainting.md and the README quote for a world build, measured
+# again in one go: the evaluation over three seeds, the evaluator's ceiling, the ablations, the colours'
+# arrangement and inpainting. Hours on a 2-core CPU (about 40 minutes for the evaluations, 25 for
+# inpainting, 15 per ablation); a step whose log says it finished is skipped when run again, and the
+# evaluations and ablations resume their own runs.
+#
+#   benchmarks/world_figures.sh [MODELS] [LOG_DIR]     (defaults: the shipped weights, world-figures)
+#
+# MODELS: a `msdiff world build --out` folder or its export. QUICK=1 runs every step on a handful of
+# images (the script's own check, not figures). The shipped-model tests
+# (`pytest -m slow tests/test_world_model.py`) read the package's weights: run them once a build is shipped.
+set -u
+models=${1:-}
+logs=${2:-world-figures}
+python=${PYTHON:-python3}
+mkdir -p "$logs"
+with_models=()
+[ -n "$models" ] && with_models=(--models "$models")
+evaluate=200 ceiling=100 arrangement=96 inpainting=200 ablations=(--only full no_grounding whole_image_boxes no_boxes)
+if [ "${QUICK:-0}" = 1 ]; then
+    evaluate=4 ceiling=4 arrangement=4 inpainting=2 ablations=(--only no_boxes)
+fi
+
+step() {  # step NAME COMMAND...: runs COMMAND unless NAME finished before; its output in LOG_DIR/NAME.log
+    local name=$1
+    shift
+    if [ -f "$logs/$name.done" ]; then
+        echo "=== $name: done before (remove $logs/$name.done to measure again)"
+        return
+    fi
+    echo "=== $name ($(date -u +%H:%M))"
+    if "$@" >"$logs/$name.log" 2>&1; then
+        date -u >"$logs/$name.done"
+        grep -e "^|" -e "target" -e " of [0-9]" "$logs/$name.log" | cut -c1-220
+    else
+        echo "$name failed: see $logs/$name.log"
+        tail -5 "$logs/$name.log"
+    fi
+}
+
+export HF_HUB_OFFLINE=1
+for seed in 0 1 2; do
+    step "evaluate-$seed" "$python" -m msdiffusion world evaluate "${with_models[@]}" --count "$evaluate" --seed "$seed" \
+        --by pattern --by class --output "$logs/evaluate-$seed" --json "$logs/evaluate-$seed.json"
+done
+step vae-ceiling "$python" benchmarks/world_vae_ceiling.py "${with_models[@]}" --count "$ceiling"
+step ablations "$python" benchmarks/world_ablations.py "${with_models[@]}" --out "$logs/ablations" "${ablations[@]}"
+step arrangement "$python" benchmarks/world_arrangement.py "${with_models[@]}" --count "$arrangement"
+step inpainting "$python" benchmarks/world_inpainting.py "${with_models[@]}" --count "$inpainting" \
+    --json "$logs/inpainting.json"
