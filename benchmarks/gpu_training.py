@@ -61,7 +61,8 @@ def save_models(args, folder: Path) -> dict[str, Path]:
 
         started = time.perf_counter()
         pipe, _, image_encoder = build_sdxl(args.width_divisor, args.device, torch.bfloat16, shared=args.shared)
-        components = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+        names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler")
+        components = {name: getattr(pipe, name) for name in names}  # SDXL's own folder, without the adapter
         StableDiffusionXLPipeline(**components).save_pretrained(paths["base"])
         image_encoder.save_pretrained(paths["image_encoder"])
         del pipe, image_encoder
