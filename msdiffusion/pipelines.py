@@ -184,13 +184,17 @@ class MSDiffusionMixin:
         processors live in the shared UNet), so one loaded SDXL serves every kind of generation.
 
         Unlike diffusers, the models keep their dtype unless `dtype` is given: diffusers casts them to
-        float32, which, the models being shared, would cast `pipeline`'s own as well."""
+        float32, which, the models being shared, would cast `pipeline`'s own as well. An image encoder
+        offload comes along too: the shared encoder rests on the CPU either way."""
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             unet = getattr(pipeline, "unet", None)
             if unet is not None:
                 kwargs["dtype"] = unet.dtype
         with _without_empty_float32_warning():
-            return super().from_pipe(pipeline, **kwargs)
+            new = super().from_pipe(pipeline, **kwargs)
+        if pipeline.__dict__.get("_image_encoder_offload", False):
+            new.__dict__["_image_encoder_offload"] = True
+        return new
 
     def unload_ms_adapter(self) -> None:
         """Restore plain SDXL attention and drop the adapter's modules."""

@@ -5,6 +5,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 from reference_impl import reference_box_cells, use_reference_processors
 
+from msdiffusion import MSDiffusionXLImg2ImgPipeline
 from msdiffusion.tiny import tiny_pipeline
 
 PROMPT = "a dog and a cat on the beach"
@@ -414,6 +415,7 @@ def test_image_encoder_offload_moves_it_only_around_encoding(subject_images, mon
     pipe.enable_image_encoder_offload()
     assert next(pipe.image_encoder.parameters()).device.type == "cpu"
     np.testing.assert_array_equal(generate(pipe, **subjects(subject_images)), expected)
+    img2img = MSDiffusionXLImg2ImgPipeline.from_pipe(pipe)
     moves = []
     monkeypatch.setattr(pipe.image_encoder, "to", lambda device: moves.append(str(device)))
     with pipe._image_encoder_on(torch.device("cuda")):
@@ -422,6 +424,11 @@ def test_image_encoder_offload_moves_it_only_around_encoding(subject_images, mon
     with pytest.raises(RuntimeError), pipe._image_encoder_on(torch.device("cuda")):
         raise RuntimeError("an encoding that fails")
     assert moves[-1] == "cpu"  # back even then
+    # A pipeline made from it shares the resting encoder, so it brings it to the device to encode too.
+    moves.clear()
+    with img2img._image_encoder_on(torch.device("cuda")):
+        moves.append("encode")
+    assert moves == ["cuda", "encode", "cpu"]
 
 
 def test_image_encoder_offload_from_a_job_field_and_the_page(tmp_path, monkeypatch):
