@@ -305,7 +305,7 @@ def test_owlv2_boxes_are_fractions_of_the_padded_square(tiny_models, size):
         assert detection.box == pytest.approx(box, abs=1e-5) and detection.score == pytest.approx(score)
 
 
-def test_grounding_dino_detector_wrapper(tmp_path):
+def test_grounding_dino_detector_wrapper(tmp_path, capsys):
     from transformers import (
         BertConfig,
         BertTokenizer,
@@ -366,6 +366,15 @@ def test_grounding_dino_detector_wrapper(tmp_path):
     assert {d.phrase for d in found[0]} == {"dog", "red ball"}
     assert all(0 <= d.box[0] <= d.box[2] <= 1 and 0 <= d.box[1] <= d.box[3] <= 1 for d in found[0])
 
+    # `msdiff data build` keeps Grounding DINO's boxes from its documented 0.35 up unless told otherwise.
+    _scene(tmp_path / "photos" / "0.png", [("red ball", (4, 4, 40, 40))])
+    (tmp_path / "photos" / "0.txt").write_text("a red ball")
+    args = ["data", "build", str(tmp_path / "photos"), "--detector", str(tmp_path / "gdino"), "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert "detections scoring >= 0.35;" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--score-threshold", "0.5"]) == 0
+    assert "detections scoring >= 0.5;" in capsys.readouterr().err
+
 
 def test_build_command_end_to_end_on_tiny_models(tiny_models, tmp_path, capsys):
     source = tmp_path / "photos"
@@ -401,8 +410,9 @@ def test_build_command_end_to_end_on_tiny_models(tiny_models, tmp_path, capsys):
         "1.0",
     ]
     assert main(args) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "3 of 3 items written" in printed and "manifest:" in printed
+    assert "detections scoring >= 0.0;" in err
     samples = read_manifest(out / "manifest.jsonl")
     assert len(samples) == 3
     assert {s.phrase for s in samples[0].subjects} <= {"red ball", "blue box"}

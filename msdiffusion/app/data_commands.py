@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections import Counter
@@ -229,7 +230,11 @@ def _add_build(commands) -> None:
     )
 
     filters = build.add_argument_group("filters")
-    filters.add_argument("--score-threshold", type=float, default=0.2, help="minimum detector score (default 0.2)")
+    filters.add_argument(
+        "--score-threshold",
+        type=float,
+        help="minimum detector score (default: 0.2 for OWLv2 and OWL-ViT, 0.35 for Grounding DINO)",
+    )
     filters.add_argument(
         "--min-box-area", type=float, default=0.01, help="minimum box area, fraction of the image (default 0.01)"
     )
@@ -318,7 +323,7 @@ def run_build(args: argparse.Namespace) -> int:
         planned_samples,
         tar_items,
     )
-    from msdiffusion.data.detection import SubjectFilter
+    from msdiffusion.data.detection import SUBJECT_SCORE_THRESHOLDS, SubjectFilter, detector_family
     from msdiffusion.data.manifest import INDEX_NAME, validate_manifest
     from msdiffusion.data.phrases import load_vocabulary
     from msdiffusion.data.tars import is_tar_source
@@ -330,7 +335,10 @@ def run_build(args: argparse.Namespace) -> int:
 
     try:
         rules = SubjectFilter(
-            args.score_threshold, args.min_box_area, args.max_box_area, args.max_overlap, args.max_subjects
+            min_box_area=args.min_box_area,
+            max_box_area=args.max_box_area,
+            max_overlap=args.max_overlap,
+            max_subjects=args.max_subjects,
         )
         vocabulary = load_vocabulary(args.vocabulary) if args.vocabulary else None
         if sharded:
@@ -359,6 +367,12 @@ def run_build(args: argparse.Namespace) -> int:
         [(args.detector, "transformers", "--detector"), (segmenter_name, "transformers", "--segmenter")],
         device=args.device,
     )
+    try:
+        family = detector_family(args.detector)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    score = SUBJECT_SCORE_THRESHOLDS[family] if args.score_threshold is None else args.score_threshold
+    rules = dataclasses.replace(rules, score_threshold=score)
     detector = ModelSpec("detector", args.detector, args.device, args.dtype, args.batch_size)
     segmenter = ModelSpec("segmenter", segmenter_name, args.device, args.dtype) if segmenter_name else None
     find_phrases = make_phrase_finder(vocabulary, args.max_phrase_words)
@@ -379,7 +393,10 @@ def run_build(args: argparse.Namespace) -> int:
             loaded = detector()
         except ValueError as error:
             raise UserInputError(str(error)) from None
-        print(f"{count} from {args.source} on {device}; writing {manifest}", file=sys.stderr)
+        print(
+            f"{count} from {args.source} on {device}, detections scoring >= {rules.score_threshold}; writing {manifest}",
+            file=sys.stderr,
+        )
         if sharded:
             report = build_sharded(specs, args.out, loaded, rules, find_phrases, progress=progress, **common)
         else:
@@ -426,8 +443,8 @@ def _build_on_ray(args, specs, detector, rules, find_phrases, common, progress):
         )
     where = f"the Ray cluster at {args.ray_address}" if args.ray_address else "a local Ray"
     print(
-        f"{len(specs)} shard(s) from {args.source} on {where}, {args.detector_workers} detector worker(s); "
-        f"writing {args.out}",
+        f"{len(specs)} shard(s) from {args.source} on {where}, {args.detector_workers} detector worker(s), "
+        f"detections scoring >= {rules.score_threshold}; writing {args.out}",
         file=sys.stderr,
     )
     return build_with_ray(
