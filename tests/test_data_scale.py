@@ -4,6 +4,7 @@ everything that reads a manifest, resuming a stopped build, and the Ray engine o
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +41,8 @@ from msdiffusion.data.manifest import (
 )
 from msdiffusion.data.tars import iter_tar_samples, list_shards
 from msdiffusion.subjects import default_image_processor
+from msdiffusion.train.config import TrainConfig
+from msdiffusion.train.validation import validation_entries
 
 COLORS = {"red ball": (255, 0, 0), "blue box": (0, 0, 255)}
 
@@ -184,6 +187,11 @@ def test_sharded_build_from_tar_shards_writes_images_and_an_index(tmp_path):
     )
     assert len(dataset) == 4 and dataset[3]["num_subjects"] == 2
     assert dataset.location(2) == f"{out / 'manifest-00001.jsonl'}:1"
+    # Training's validation images from the manifest name a sample's own shard when its reference is unreadable.
+    samples[2].subjects[0].reference.image.write_bytes(b"not an image")
+    config = TrainConfig(validation_samples=4, max_subjects=4)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(out / 'manifest-00001.jsonl'))}:1: subjects\\[0\\]"):
+        validation_entries(config, dataset)
     # Line numbers count through the shards in order (the feature cache keys lines by them).
     assert [number for number, _, _ in iter_lines(out / INDEX_NAME)] == [1, 2, 3, 4]
 

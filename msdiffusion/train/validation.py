@@ -57,7 +57,7 @@ def validation_entries(config: TrainConfig, dataset) -> list[ValidationEntry]:
         subjects = sample.subjects[: config.max_subjects]
         if not subjects:
             continue
-        where = f"{dataset.manifest}:{sample.line}"
+        where = dataset.location(index)  # its shard's file:line in a sharded manifest
         opened: dict = {}
         # The dataset's own reference preparation (crop, mask), so validation sees what training sees.
         images = [dataset.reference_image(s.reference, opened, where, j) for j, s in enumerate(subjects)]
