@@ -88,6 +88,23 @@ def test_generate_job_file_non_square_and_regenerate_from_png(tmp_path, models, 
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(again)), np.asarray(PIL.Image.open(images[1])))
 
 
+def test_generate_never_overwrites_an_image_another_run_saved_meanwhile(tmp_path, models, subject_files, monkeypatch):
+    from msdiffusion.app import jobs
+
+    # Another run into the same folder saved msdiff-00001.png after this run listed the folder.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "msdiff-00001.png").write_bytes(b"the other run's image")
+    listed_before = iter(["msdiff-00001"])
+    real_next_stem = jobs._next_stem
+    monkeypatch.setattr(jobs, "_next_stem", lambda folder: next(listed_before, None) or real_next_stem(folder))
+    assert main(["generate", str(write_job(tmp_path, models, images=1)), "--quiet"]) == 0
+    assert sorted(p.name for p in out.glob("msdiff-0000?.png")) == ["msdiff-00001.png", "msdiff-00002.png"]
+    assert (out / "msdiff-00001.png").read_bytes() == b"the other run's image"
+    assert json.loads(PIL.Image.open(out / "msdiff-00002.png").text[PNG_METADATA_KEY])["seed"] == 3
+    assert (out / "msdiff-00002-layout.png").is_file()
+
+
 def test_generate_from_flags_with_auto_layout_masks(tmp_path, subject_files, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(

@@ -684,9 +684,27 @@ def _check_mask_file(path: str, what: str) -> None:
 
 
 def _next_stem(folder: Path) -> str:
-    """`msdiff-00001`, `msdiff-00002`, ...: never overwrite an earlier result."""
+    """`msdiff-00001`, `msdiff-00002`, ...: the number after every earlier result's."""
     taken = [int(p.stem.split("-")[1]) for p in folder.glob("msdiff-*.png") if p.stem.split("-")[1].isdigit()]
     return f"msdiff-{max(taken, default=0) + 1:05d}"
+
+
+def _save_numbered(image, folder: Path, pnginfo) -> Path:
+    """Save `image` as the next `msdiff-NNNNN.png`, created exclusively: two runs writing into one folder at
+    once (one per GPU, say) each take their own number instead of one overwriting the other's image."""
+    while True:
+        path = folder / f"{_next_stem(folder)}.png"
+        try:
+            handle = open(path, "xb")
+        except FileExistsError:  # another run took this number since the folder was listed
+            continue
+        try:
+            with handle:
+                image.save(handle, format="PNG", pnginfo=pnginfo)
+        except BaseException:
+            path.unlink(missing_ok=True)  # no empty or partial image left to hold the number
+            raise
+        return path
 
 
 def run_job(
@@ -797,9 +815,8 @@ def _run_loaded(job: Job, pipe, progress: bool, log, on_step, portable: bool) ->
         info = PIL.PngImagePlugin.PngInfo()
         info.add_text(PNG_METADATA_KEY, json.dumps(portable_job(record) if portable else record.to_dict()))
         info.add_text("prompt", job.prompt)
-        stem = _next_stem(folder)
-        path = folder / f"{stem}.png"
-        image.save(path, pnginfo=info)
+        path = _save_numbered(image, folder, info)
+        stem = path.stem
         written.append(path)
         if job.preview:
             phrases = [s.phrase for s in job.subjects]
