@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -119,6 +120,7 @@ def measure(args, name: str, models: dict[str, Path], manifest: Path, cache: Pat
     match = VARIANT.fullmatch(name)
     batch, checkpointing = int(match["batch"]), bool(match["ckpt"])
     output_dir = args.work / "runs" / name
+    shutil.rmtree(output_dir, ignore_errors=True)  # a measurement, not a run to continue: start it afresh
     command = [
         sys.executable, "-m", "msdiffusion", "train",
         "--base", str(models["base"]), "--image-encoder", str(models["image_encoder"]),

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from train_fixtures import reset_accelerate, tiny_config, write_manifest
 
 from msdiffusion.tiny import save_tiny_models
+from msdiffusion.train import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,12 @@ def test_resume_latest_and_a_missing_checkpoint(setup, tmp_path):
     first = _run(setup, tmp_path, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=1).train()
     assert first["steps"] == 2
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]  # the limit removed checkpoint-1
+    # A new run there would replace that run's checkpoints and adapter: refused before anything is written.
+    reset_accelerate()
+    before = sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match=r"holds another run's training \(checkpoint-2, adapter/\)\. Continue it"):
+        _run(setup, tmp_path, max_train_steps=3)
+    assert sorted((p.relative_to(tmp_path), p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
     reset_accelerate()
     more = _run(setup, tmp_path, max_train_steps=3, resume_from_checkpoint="latest").train()
     assert more["steps"] == 3
@@ -223,8 +230,6 @@ def test_mixed_precision_min_snr_v_prediction_high_noise_and_accumulation(setup,
 
 
 def test_fp16_on_the_cpu_is_refused_with_the_alternative(setup, tmp_path):
-    from msdiffusion.train import ConfigError
-
     if torch.cuda.is_available():
         pytest.skip("fp16 is refused on the CPU only")
     with pytest.raises(ConfigError, match="fp16 needs a GPU; on the CPU use bf16 or no"):

@@ -64,6 +64,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def _check_new_run_output(config: TrainConfig) -> None:
+    """A new run in a folder another run trained into would mix the two: its checkpoints would replace
+    the other's step by step, `checkpoints_total_limit` would remove its own first (the other's are
+    later), `latest` would then resume the other run, and its adapter would replace the other's."""
+    output_dir = Path(config.output_dir)
+    if config.resume_from_checkpoint is not None:
+        return
+    found = [p.name for p in list_checkpoints(output_dir)]
+    if (output_dir / ADAPTER_DIR).exists():
+        found.append(f"{ADAPTER_DIR}/")
+    if found:
+        shown = ", ".join(found) if len(found) <= 4 else f"{found[0]} ... {found[-1]}: {len(found)} entries"
+        raise ConfigError(
+            [
+                f"output_dir: {output_dir} holds another run's training ({shown}). Continue it with "
+                "resume_from_checkpoint: latest (--resume-from-checkpoint latest), or start over in a new "
+                "output_dir (or after removing that folder)."
+            ]
+        )
+
+
 class TrainingRun:
     def __init__(self, config: TrainConfig):
         from accelerate import Accelerator
@@ -71,6 +92,7 @@ class TrainingRun:
 
         self.config = config.validate()
         self.output_dir = Path(config.output_dir)
+        _check_new_run_output(config)
         _check_tracker(config.report_to)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -328,12 +350,6 @@ class TrainingRun:
 
         config, accelerator = self.config, self.accelerator
         global_step = self._resume() if config.resume_from_checkpoint else 0
-        if not config.resume_from_checkpoint and list_checkpoints(self.output_dir):
-            logger.warning(
-                "%s already holds checkpoints of another run; this run overwrites those of the same steps "
-                "(resume_from_checkpoint: latest continues that run instead)",
-                self.output_dir,
-            )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with atomic_path(self.output_dir / "config.yaml") as tmp:
@@ -526,7 +542,7 @@ class TrainingRun:
         if accelerator.is_main_process:
             write_state(partial, {"step": step, "num_processes": accelerator.num_processes})
             remove_stale_temporaries(final)  # an earlier checkpoint-N moved aside when a crash came
-            replace_path(partial, final)  # replaces a checkpoint-N an earlier run left in output_dir
+            replace_path(partial, final)  # replaces a later checkpoint-N of a run resumed from an earlier one
             self._remove_old_checkpoints(final)
         accelerator.wait_for_everyone()
         logger.info("saved %s", final)
