@@ -8,8 +8,9 @@
 #   benchmarks/world_figures.sh [MODELS] [LOG_DIR]     (defaults: the shipped weights, world-figures)
 #
 # MODELS: a `msdiff world build --out` folder or its export. QUICK=1 runs every step on a handful of
-# images (the script's own check, not figures). The shipped-model tests
-# (`pytest -m slow tests/test_world_model.py`) read the package's weights: run them once a build is shipped.
+# images (the script's own check, not figures). Without MODELS (the package's weights) it also runs the
+# shipped-model tests, whose rates the comment in tests/test_world_model.py quotes; they read only the
+# package's weights, so run the script again without MODELS once a build is shipped.
 set -u
 models=${1:-}
 logs=${2:-world-figures}
@@ -49,3 +50,6 @@ step ablations "$python" benchmarks/world_ablations.py "${with_models[@]}" --out
 step arrangement "$python" benchmarks/world_arrangement.py "${with_models[@]}" --count "$arrangement"
 step inpainting "$python" benchmarks/world_inpainting.py "${with_models[@]}" --count "$inpainting" \
     --json "$logs/inpainting.json"
+if [ -z "$models" ] && [ "${QUICK:-0}" != 1 ]; then
+    step model-tests "$python" -m pytest -q -s -m slow tests/test_world_model.py -p no:cacheprovider
+fi

@@ -5,7 +5,8 @@ and judge the images with the world's evaluator. The thresholds sit below the ra
 these fixed jobs and seeds (docs/world.md). Three tests each break one part of the method (the box
 masks, the resampler's box embedding, the order of the subject tokens) and check that the same
 evaluation then falls below those thresholds: the tests notice such a break. The last runs
-`msdiff demo` and `msdiff generate --from` as a newcomer would.
+`msdiff demo` and `msdiff generate --from` as a newcomer would. Each scoring prints its rates
+(`pytest -s -m slow tests/test_world_model.py`): the figures the comment below quotes.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def world():
     )
 
 
-def score(world, tmp_path) -> dict:
+def score(world, tmp_path, label: str) -> dict:
     """The rates over the 60 subjects, and each subject's result under "results" (through the bench runner,
     as `msdiff world evaluate` makes and judges its images)."""
     from msdiffusion.world.bench import run_world_samples, subject_results
@@ -62,12 +63,15 @@ def score(world, tmp_path) -> dict:
 
     pipe, scorer, samples, settings = world
     results = subject_results(run_world_samples(samples, tmp_path, settings, lambda: pipe, scorer, batch_size=12))
-    return {**summarize(results)["all"], "results": [r for image in results for r in image]}
+    rates = summarize(results)["all"]
+    shown = ("found", "placed", "identity_correct", "colours_correct")
+    print(f"\n| {label} | " + " | ".join(f"{name} {100 * rates[name]:.1f}%" for name in shown) + " |")
+    return {**rates, "results": [r for image in results for r in image]}
 
 
 @pytest.fixture(scope="module")
 def unbroken(world, tmp_path_factory) -> dict:
-    return score(world, tmp_path_factory.mktemp("unbroken"))
+    return score(world, tmp_path_factory.mktemp("unbroken"), "unbroken")
 
 
 def test_held_out_subjects_land_in_their_boxes_with_their_identity(unbroken):
@@ -86,7 +90,7 @@ def test_broken_box_masks_are_noticed(world, unbroken, monkeypatch, tmp_path):
 
     real = attention.box_regions
     monkeypatch.setattr(attention, "box_regions", lambda boxes, h, w: torch.ones_like(real(boxes, h, w)))
-    assert_noticed(score(world, tmp_path), unbroken, "placed", MIN_PLACED)
+    assert_noticed(score(world, tmp_path, "broken box masks"), unbroken, "placed", MIN_PLACED)
 
 
 def test_broken_box_embedding_is_noticed(world, unbroken, monkeypatch, tmp_path):
@@ -96,7 +100,7 @@ def test_broken_box_embedding_is_noticed(world, unbroken, monkeypatch, tmp_path)
 
     real = resampler.box_fourier_embedding
     monkeypatch.setattr(resampler, "box_fourier_embedding", lambda boxes, *a, **k: real(1 - boxes, *a, **k))
-    assert_noticed(score(world, tmp_path), unbroken, "found", MIN_FOUND)
+    assert_noticed(score(world, tmp_path, "mirrored box embedding"), unbroken, "found", MIN_FOUND)
 
 
 def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch, tmp_path):
@@ -117,7 +121,7 @@ def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch, tmp_pa
         return out
 
     monkeypatch.setattr(MSDiffusionXLPipeline, "encode_subjects", rolled)
-    assert_noticed(score(world, tmp_path), unbroken, "identity_correct", MIN_CORRECT)
+    assert_noticed(score(world, tmp_path, "swapped subject tokens"), unbroken, "identity_correct", MIN_CORRECT)
 
 
 @pytest.mark.parametrize("turn", ["transposed", "flipped"])
@@ -138,7 +142,7 @@ def test_turned_references_are_noticed(world, unbroken, monkeypatch, tmp_path, t
         "prepare_reference_pixels",
         lambda images, *a, **k: real([i.transpose(method) for i in images], *a, **k),
     )
-    broken = score(world, tmp_path)
+    broken = score(world, tmp_path, f"references {turn}")
 
     def turning(rates: dict) -> list[bool]:
         other = WRONG_IDENTITIES[turn]
@@ -149,6 +153,8 @@ def test_turned_references_are_noticed(world, unbroken, monkeypatch, tmp_path, t
         ]
 
     before, after = turning(unbroken), turning(broken)
+    print(f"| references {turn}: of the {len(after)} subjects whose pattern turns, identity correct | {sum(after)} |")
+    print(f"| unbroken: of the same {len(before)} subjects, identity correct | {sum(before)} |")
     assert len(before) >= 15, len(before)  # enough subjects whose pattern turns to judge
     assert sum(after) <= 0.15 * len(after) and sum(after) <= sum(before) / 2, (sum(before), sum(after), len(after))
     assert broken["colours_correct"] >= unbroken["colours_correct"] - MARGIN  # the colours are still right
