@@ -195,6 +195,30 @@ def test_recipe_record_keeps_each_stage_recipe_when_later_calls_change_flags(tmp
     assert "stage times (this run): none, every stage was done already" in capsys.readouterr().out
 
 
+def test_a_stage_begun_with_one_recipe_does_not_resume_with_another(tmp_path, capsys):
+    """A base stopped mid-cycle and resumed without its --recipe (the defaults) would go on from its
+    checkpoint on another schedule: refused, naming what changed; the same recipe goes on."""
+    from msdiffusion.app.cli import main
+    from msdiffusion.world.base import BaseRecipe
+    from msdiffusion.world.recipe import WorldRecipe, asdict
+
+    out = tmp_path / "build"
+    out.mkdir()
+    begun = WorldRecipe(base=BaseRecipe(cycles=((3000, 3e-4, 0.5),)))
+    (out / "recipe.json").write_text(json.dumps({"base": asdict(begun)}))  # the base stage's first sitting
+    assert main(["world", "build", "--out", str(out), "--stages", "base"]) == 2
+    err = capsys.readouterr().err
+    assert "its base stage was begun with another recipe (base.cycles: [[3000, 0.0003, 0.5]] -> [[5000" in err
+    assert "the same --recipe file" in err
+    assert json.loads((out / "recipe.json").read_text()) == {"base": json.loads(json.dumps(asdict(begun)))}
+    # other fields than the stage reads may change (the adapter's, here); the stage then runs as begun
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("base: {cycles: [[3000, 3.0e-4, 0.5]]}\nadapter_steps: 10\n")
+    with pytest.raises(OSError):  # past the check: the base stage then reads its VAE, absent here
+        main(["world", "build", "--out", str(out), "--stages", "base", "--recipe", str(recipe_file)])
+    assert "[base] ..." in capsys.readouterr().out
+
+
 def test_world_build_command_runs_a_recipe_file_and_refuses_what_cannot_be_built(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 

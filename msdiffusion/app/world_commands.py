@@ -97,7 +97,7 @@ def run_build(args) -> int:
     from dataclasses import replace
 
     from msdiffusion.world.base import snapshot_record
-    from msdiffusion.world.recipe import STAGES, WorldRecipe, build, read_recipe
+    from msdiffusion.world.recipe import STAGES, RecipeMismatchError, WorldRecipe, build, read_recipe
 
     stages = STAGES
     if args.stages:
@@ -116,7 +116,10 @@ def run_build(args) -> int:
             snapshot_record(recipe.base)
         except (FileNotFoundError, ValueError) as error:
             raise UserInputError(f"--init-base: {error}") from None
-    timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
+    try:
+        timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
+    except RecipeMismatchError as error:
+        raise UserInputError(str(error)) from None
     print(
         "stage times (this run): "
         + (", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) or "none, every stage was done already")

@@ -31,6 +31,22 @@ from .image_encoder import ImageEncoderRecipe, train_image_encoder
 STAGES = ("data", "vae", "base", "image_encoder", "evaluator", "adapter", "export")
 
 
+class RecipeMismatchError(ValueError):
+    """A build folder whose stages were made with other settings than those asked for now."""
+
+
+# The recipe fields each stage reads (`base` holds the VAE's too). A stage begun in an earlier sitting
+# resumes from its checkpoint, so it must go on with the fields it began with.
+STAGE_FIELDS = {
+    "data": ("num_scenes", "seed"),
+    "vae": ("base",),
+    "base": ("num_scenes", "base"),
+    "image_encoder": ("image_encoder",),
+    "evaluator": ("segmenter_steps", "seed"),
+    "adapter": ("adapter_steps", "adapter_batch", "adapter_lr", "adapter_high_noise_share", "seed"),
+}
+
+
 @dataclass
 class WorldRecipe:
     num_scenes: int = 24000
@@ -108,6 +124,14 @@ def build(
         if done:
             log(f"[{name}] done already")
             return
+        if name in recipes:  # begun in an earlier sitting
+            changed = changed_fields(recipes[name], asdict(recipe), STAGE_FIELDS.get(name, ()))
+            if changed:
+                raise RecipeMismatchError(
+                    f"{out}: its {name} stage was begun with another recipe ({'; '.join(changed)}) and resumes "
+                    "from its checkpoint: run it with the recipe it began with (the same --recipe file), or "
+                    "build this recipe in a fresh --out."
+                )
         log(f"[{name}] ...")
         recipes[name] = asdict(recipe)
         recipes_file.write_text(json.dumps(recipes, indent=2) + "\n")
@@ -181,6 +205,19 @@ def build(
     return timings
 
 
+def changed_fields(earlier: dict, now: dict, names: tuple[str, ...]) -> list[str]:
+    """`field: earlier -> now` for each of `names` (and each field of a nested recipe) that differs."""
+    earlier, now = json.loads(json.dumps(earlier)), json.loads(json.dumps(now))  # tuples as the record's lists
+    changed = []
+    for name in names:
+        old, new = earlier.get(name), now.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{name}.{k}: {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
+        elif old != new:
+            changed.append(f"{name}: {old} -> {new}")
+    return changed
+
+
 def check_same_vae(vae, snapshot_vae, snapshot: Path) -> None:
     """A warm restart on another VAE's latents would train the base on a different problem: refuse it."""
     theirs = snapshot_vae.state_dict()
@@ -189,7 +226,7 @@ def check_same_vae(vae, snapshot_vae, snapshot: Path) -> None:
         for name, tensor in vae.state_dict().items()
     )
     if not same:
-        raise ValueError(
+        raise RecipeMismatchError(
             f"base-train/vae is not the VAE of {snapshot} (the base there was trained on that VAE's latents): "
             "use a fresh --out, whose vae stage copies the snapshot's."
         )
