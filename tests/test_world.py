@@ -198,9 +198,11 @@ def test_recipe_record_keeps_each_stage_recipe_when_later_calls_change_flags(tmp
 def test_a_stage_begun_with_one_recipe_does_not_resume_with_another(tmp_path, capsys):
     """A base stopped mid-cycle and resumed without its --recipe (the defaults) would go on from its
     checkpoint on another schedule: refused, naming what changed; the same recipe goes on."""
+    from dataclasses import asdict
+
     from msdiffusion.app.cli import main
     from msdiffusion.world.base import BaseRecipe
-    from msdiffusion.world.recipe import WorldRecipe, asdict
+    from msdiffusion.world.recipe import WorldRecipe
 
     out = tmp_path / "build"
     out.mkdir()
