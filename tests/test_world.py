@@ -221,6 +221,49 @@ def test_a_stage_begun_with_one_recipe_does_not_resume_with_another(tmp_path, ca
     assert "[base] ..." in capsys.readouterr().out
 
 
+def test_reuse_links_the_stages_finished_elsewhere_with_the_same_settings_and_inputs(tmp_path, monkeypatch, capsys):
+    """A variant of one stage links every other stage from the finished build and trains that stage
+    alone; a stage whose inputs are trained anew (here the adapter, after another image encoder) is
+    trained too."""
+    from dataclasses import asdict, replace
+
+    from msdiffusion.app.cli import main
+    from msdiffusion.world import recipe as recipe_module
+    from msdiffusion.world.image_encoder import ImageEncoderRecipe
+    from msdiffusion.world.recipe import STAGE_OUTPUTS, STAGES, WorldRecipe, build
+
+    recipe = WorldRecipe(image_encoder=ImageEncoderRecipe(steps=2, batch=8, pool_subjects=8, views=2, warmup_steps=1))
+    finished = tmp_path / "finished"  # a finished build, its outputs stood in for by their marker files
+    for _, marker in STAGE_OUTPUTS.values():
+        (finished / marker).parent.mkdir(parents=True, exist_ok=True)
+        (finished / marker).mkdir() if marker.endswith("adapter") else (finished / marker).write_text("{}")
+    (finished / "recipe.json").write_text(json.dumps({name: asdict(recipe) for name in STAGE_OUTPUTS}))
+    trained = []
+    monkeypatch.setattr(recipe_module.subprocess, "run", lambda command, **kw: trained.append(command))
+    stages = STAGES[:-1]  # not the export
+
+    logged = []
+    build(tmp_path / "same", recipe, stages=stages, reuse=finished, log=logged.append)
+    assert [line for line in logged if "linked" in line] == [
+        f"[{name}] linked from {finished / path}" for name, (path, _) in STAGE_OUTPUTS.items()
+    ]
+    assert (tmp_path / "same" / "base").resolve() == finished / "base" and not trained
+
+    build(tmp_path / "steps", replace(recipe, adapter_steps=6000), stages=stages, reuse=finished, log=print)
+    assert (tmp_path / "steps" / "base").is_symlink() and not (tmp_path / "steps" / "adapter-train").is_symlink()
+    assert len(trained) == 1  # the adapter alone, on the linked base
+    assert "max_train_steps: 6000" in (tmp_path / "steps" / "adapter.yaml").read_text()
+
+    encoder = replace(recipe.image_encoder, steps=3)
+    build(tmp_path / "encoder", replace(recipe, image_encoder=encoder), stages=stages, reuse=finished, log=print)
+    assert not (tmp_path / "encoder" / "image_encoder").is_symlink()  # trained here (3 steps)
+    assert (tmp_path / "encoder" / "image_encoder" / "config.json").is_file()
+    assert len(trained) == 2  # and the adapter on it
+
+    assert main(["world", "build", "--out", str(tmp_path / "x"), "--reuse", str(tmp_path), "--stages", "data"]) == 2
+    assert "is not a world build folder (no recipe.json)" in capsys.readouterr().err
+
+
 def test_world_build_command_runs_a_recipe_file_and_refuses_what_cannot_be_built(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 

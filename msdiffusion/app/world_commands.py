@@ -38,6 +38,12 @@ def register(subparsers) -> None:
         "a warm restart of the recipe's next cycle with a fresh optimiser, for a recipe longer than one sitting",
     )
     build.add_argument(
+        "--reuse",
+        metavar="FOLDER",
+        help="another build folder: link each stage finished there with this recipe's settings (and inputs "
+        "linked from there too) instead of running it, so that a variant of one stage trains that stage alone",
+    )
+    build.add_argument(
         "--export-to",
         help="where the export stage writes the weights (default: OUT/export); shipping them is "
         "--export-to msdiffusion/world/weights in a source checkout",
@@ -117,7 +123,7 @@ def run_build(args) -> int:
         except (FileNotFoundError, ValueError) as error:
             raise UserInputError(f"--init-base: {error}") from None
     try:
-        timings = build(args.out, recipe, stages=stages, export_to=args.export_to)
+        timings = build(args.out, recipe, stages=stages, export_to=args.export_to, reuse=args.reuse)
     except RecipeMismatchError as error:
         raise UserInputError(str(error)) from None
     print(

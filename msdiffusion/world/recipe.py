@@ -45,6 +45,18 @@ STAGE_FIELDS = {
     "evaluator": ("segmenter_steps", "seed"),
     "adapter": ("adapter_steps", "adapter_batch", "adapter_lr", "adapter_high_noise_share", "seed"),
 }
+# What a finished stage leaves in a build folder: the path `build(reuse=...)` links, and the file
+# whose existence marks the stage finished.
+STAGE_OUTPUTS = {
+    "data": ("data", "data/" + MANIFEST),
+    "vae": ("base-train/vae", "base-train/vae/config.json"),
+    "base": ("base", "base/model_index.json"),
+    "image_encoder": ("image_encoder", "image_encoder/config.json"),
+    "evaluator": ("evaluator.safetensors", "evaluator.safetensors"),
+    "adapter": ("adapter-train", "adapter-train/adapter"),
+}
+# The stages whose outputs a stage reads: it is linked only where those are linked from the same folder.
+STAGE_INPUTS = {"base": ("data", "vae"), "evaluator": ("vae",), "adapter": ("data", "base", "image_encoder")}
 
 
 @dataclass
@@ -102,9 +114,12 @@ def build(
     recipe: WorldRecipe | None = None,
     stages: tuple[str, ...] = STAGES,
     export_to: str | Path | None = None,
+    reuse: str | Path | None = None,
     log: Callable = print,
 ) -> dict:
-    """Run the recipe's unfinished stages; returns {stage: seconds} for the stages run now."""
+    """Run the recipe's unfinished stages; returns {stage: seconds} for the stages run now. With
+    `reuse` (another build folder), each stage finished there with the same settings and inputs is
+    linked instead of run: a variant of one stage (say, the adapter's steps) trains that stage alone."""
     recipe = recipe or WorldRecipe()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +132,16 @@ def build(
     recipes = json.loads(recipes_file.read_text()) if recipes_file.exists() else {}
     if not set(recipes) <= {*STAGES, "earlier sittings"}:  # the one-recipe record of earlier versions
         recipes = {"earlier sittings": recipes}
+
+    if reuse is not None:
+        theirs = Path(reuse).resolve()
+        for name, record in _reusable(theirs, out, recipe, stages, recipes).items():
+            path = STAGE_OUTPUTS[name][0]
+            (out / path).parent.mkdir(parents=True, exist_ok=True)
+            (out / path).symlink_to(theirs / path)
+            recipes[name] = record
+            recipes_file.write_text(json.dumps(recipes, indent=2) + "\n")
+            log(f"[{name}] linked from {theirs / path}")
 
     def stage(name: str, done: bool, work: Callable[[], None]) -> None:
         if name not in stages:
@@ -157,7 +182,7 @@ def build(
         AutoencoderKL.from_pretrained(snapshot / "vae", torch_dtype=torch.float32).save_pretrained(work / "vae")
         log(f"  the VAE of {snapshot}")
 
-    stage("vae", (work / "vae" / "config.json").exists(), vae_stage)
+    stage("vae", (out / STAGE_OUTPUTS["vae"][1]).exists(), vae_stage)
 
     def base_stage() -> None:
         from diffusers import AutoencoderKL
@@ -167,14 +192,14 @@ def build(
             check_same_vae(vae, AutoencoderKL.from_pretrained(snapshot / "vae"), snapshot)
         save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer")
 
-    stage("base", (out / "base" / "model_index.json").exists(), base_stage)
+    stage("base", (out / STAGE_OUTPUTS["base"][1]).exists(), base_stage)
 
     def image_encoder_stage() -> None:
         encoder = train_image_encoder(recipe.image_encoder, log)
         encoder.to(torch.float16).save_pretrained(out / "image_encoder")
         models.image_processor().save_pretrained(out / "image_encoder")
 
-    stage("image_encoder", (out / "image_encoder" / "config.json").exists(), image_encoder_stage)
+    stage("image_encoder", (out / STAGE_OUTPUTS["image_encoder"][1]).exists(), image_encoder_stage)
 
     def evaluator_stage() -> None:
         from diffusers import AutoencoderKL
@@ -187,7 +212,7 @@ def build(
         with atomic_path(out / "evaluator.safetensors") as tmp:  # its existence marks the stage done
             save_segmenter(segmenter, tmp)
 
-    stage("evaluator", (out / "evaluator.safetensors").exists(), evaluator_stage)
+    stage("evaluator", (out / STAGE_OUTPUTS["evaluator"][1]).exists(), evaluator_stage)
 
     def adapter_stage() -> None:
         import yaml
@@ -200,9 +225,35 @@ def build(
         log("  " + " ".join(command))
         subprocess.run(command, check=True)
 
-    stage("adapter", (out / "adapter-train" / "adapter").exists(), adapter_stage)
+    stage("adapter", (out / STAGE_OUTPUTS["adapter"][1]).exists(), adapter_stage)
     stage("export", False, lambda: export(out, export_to or out / "export", log=log))
     return timings
+
+
+def _reusable(theirs: Path, out: Path, recipe: WorldRecipe, stages: tuple[str, ...], begun: dict) -> dict:
+    """{stage: its record there} for the stages to link from build folder `theirs`: asked for, finished
+    there with this recipe's fields, not begun here, and reading only outputs linked from there too."""
+    record_file = theirs / "recipe.json"
+    if not record_file.is_file():
+        raise RecipeMismatchError(f"--reuse: {theirs} is not a world build folder (no recipe.json).")
+    record = json.loads(record_file.read_text())
+
+    def linked(name: str) -> bool:
+        marker = STAGE_OUTPUTS[name][1]
+        return name in chosen or ((out / marker).exists() and (out / marker).resolve() == (theirs / marker).resolve())
+
+    chosen: dict = {}
+    for name, (_, marker) in STAGE_OUTPUTS.items():
+        if (
+            name in stages
+            and name in record
+            and name not in begun
+            and (theirs / marker).exists()
+            and not changed_fields(record[name], asdict(recipe), STAGE_FIELDS[name])
+            and all(linked(i) for i in STAGE_INPUTS.get(name, ()))
+        ):
+            chosen[name] = record[name]
+    return chosen
 
 
 def changed_fields(earlier: dict, now: dict, names: tuple[str, ...]) -> list[str]:
