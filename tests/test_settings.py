@@ -49,6 +49,13 @@ def test_named_sets_combine_as_they_can():
     assert named_set(ModelSettings(base=WORLD, adapter="runs/adapter", image_encoder=WORLD)) is NAMED_MODELS[WORLD]
     with pytest.raises(SettingsError, match="'tiny-random' is a whole model set"):
         named_set(ModelSettings(base=TINY, adapter="runs/adapter", image_encoder=TINY))
+    for name, value in (
+        ("vae", "madebyollin/sdxl-vae-fp16-fix"),
+        ("variant", "fp16"),
+        ("adapter_weight_name", "a.bin"),
+    ):
+        with pytest.raises(SettingsError, match=f"'tiny-random' is a whole model set .*: {name} would be ignored"):
+            named_set(ModelSettings(base=TINY, adapter=TINY, image_encoder=TINY, **{name: value}))
     from msdiffusion.settings import ControlNetSpec
 
     with pytest.raises(SettingsError, match="has no ControlNet"):
