@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every figure docs/world.md, docs/img2img-inpainting.md and the README quote for a world build, measured
-# again in one go: the evaluation over three seeds, the evaluator's ceiling, the ablations, the colours'
-# arrangement and inpainting. Hours on a 2-core CPU (about 40 minutes for the evaluations, 25 for
-# inpainting, 15 per ablation); a step whose log says it finished is skipped when run again, and the
+# again in one go: the evaluation over three seeds, the evaluator's ceiling, where the pattern is lost
+# (about 2 minutes), the ablations, the colours' arrangement and inpainting. Hours on a 2-core CPU
+# shared with other work (about 40 minutes for the evaluations, 25 for inpainting, 15 per ablation); a
+# step whose log says it finished is skipped when run again, and the
 # evaluations and ablations resume their own runs.
 #
 #   benchmarks/world_figures.sh [MODELS] [LOG_DIR]     (defaults: the shipped weights, world-figures)
@@ -19,8 +20,9 @@ mkdir -p "$logs"
 with_models=()
 [ -n "$models" ] && with_models=(--models "$models")
 evaluate=200 ceiling=100 arrangement=96 inpainting=200 ablations=(--only full no_grounding whole_image_boxes no_boxes)
+limits=(--subjects 60 --jobs 40)
 if [ "${QUICK:-0}" = 1 ]; then
-    evaluate=4 ceiling=4 arrangement=4 inpainting=2 ablations=(--only no_boxes)
+    evaluate=4 ceiling=4 arrangement=4 inpainting=2 ablations=(--only no_boxes) limits=(--subjects 2 --jobs 2)
 fi
 
 step() {  # step NAME COMMAND...: runs COMMAND unless NAME finished before; its output in LOG_DIR/NAME.log
@@ -46,6 +48,7 @@ for seed in 0 1 2; do
         --by pattern --by class --output "$logs/evaluate-$seed" --json "$logs/evaluate-$seed.json"
 done
 step vae-ceiling "$python" benchmarks/world_vae_ceiling.py "${with_models[@]}" --count "$ceiling"
+step pattern-limits "$python" benchmarks/world_pattern_limits.py "${with_models[@]}" "${limits[@]}"
 step ablations "$python" benchmarks/world_ablations.py "${with_models[@]}" --out "$logs/ablations" "${ablations[@]}"
 step arrangement "$python" benchmarks/world_arrangement.py "${with_models[@]}" --count "$arrangement"
 step inpainting "$python" benchmarks/world_inpainting.py "${with_models[@]}" --count "$inpainting" \
