@@ -75,17 +75,17 @@ def named_set(models: ModelSettings) -> NamedModels | None:
                 f"{name!r} is a whole model set: give it as base, adapter and image_encoder together (got it for "
                 f"{', '.join(parts)})."
             )
-    whole = [info.name for info in NAMED_MODELS.values() if info.whole_set and models.base == info.name]
-    # Parts of a whole set's files that a setting would replace or pick: it has no files to pick from.
+    base_set = NAMED_MODELS.get(models.base)
+    # Settings that replace or pick a part's files: a whole set is built in memory and has none.
     ignored = [name for name in ("vae", "variant", "adapter_weight_name") if getattr(models, name) is not None]
-    if whole and ignored:
+    if base_set is not None and base_set.whole_set and ignored:
         raise SettingsError(
-            f"{whole[0]!r} is a whole model set of random models built in memory: {', '.join(ignored)} would be "
+            f"{base_set.name!r} is a whole model set of random models built in memory: {', '.join(ignored)} would be "
             "ignored; remove it, or write the set to files (`msdiff tiny-models FOLDER`) and give those."
         )
     if models.controlnet is not None and models.base == WORLD:
         raise SettingsError(f"{WORLD!r} has no ControlNet: remove controlnet.")
-    return NAMED_MODELS.get(models.base)
+    return base_set
 
 
 def world_model_paths() -> dict[str, str]:
