@@ -10,8 +10,8 @@
 #
 # MODELS: a `msdiff world build --out` folder or its export. QUICK=1 runs every step on a handful of
 # images (the script's own check, not figures). Without MODELS (the package's weights) it also runs the
-# shipped-model tests, whose rates the comment in tests/test_world_model.py quotes; they read only the
-# package's weights, so run the script again without MODELS once a build is shipped.
+# demo over 8 seeds and the shipped-model tests (whose rates the comment in tests/test_world_model.py
+# quotes): both read only the package's weights, so run the script without MODELS once a build is shipped.
 set -u
 models=${1:-}
 logs=${2:-world-figures}
@@ -54,5 +54,6 @@ step arrangement "$python" benchmarks/world_arrangement.py "${with_models[@]}" -
 step inpainting "$python" benchmarks/world_inpainting.py "${with_models[@]}" --count "$inpainting" \
     --json "$logs/inpainting.json"
 if [ -z "$models" ] && [ "${QUICK:-0}" != 1 ]; then
+    step demo-seeds "$python" benchmarks/world_demo_seeds.py --seeds 8
     step model-tests "$python" -m pytest -q -s -m slow tests/test_world_model.py -p no:cacheprovider
 fi
