@@ -349,7 +349,7 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
             save_snapshot(ema, vae, out / "snapshots" / f"step-{step}", out / "tokenizer", step, recipe)
     model.train()
     params, ema_params = list(model.parameters()), list(ema.parameters())
-    start, window = time.perf_counter(), []
+    start, window, first = time.perf_counter(), [], step
     total = ends[-1]
     while step < total:
         lr = _base_lr(step, recipe)
@@ -394,8 +394,11 @@ def train_base(manifest: str | Path, vae, out: str | Path, recipe: BaseRecipe, l
         window.append(loss.item())
         if step % 50 == 0:
             elapsed = time.perf_counter() - start
+            left = (total - step) * elapsed / (step - first)  # at this sitting's rate so far
+            left_text = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
             log(
-                f"base step {step}/{total} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} ({elapsed:.0f} s)"
+                f"base step {step}/{total} loss {np.mean(window):.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                f"({elapsed:.0f} s; about {left_text} left)"
             )
             window = []
         if step % recipe.checkpoint_every == 0 or step == total:
