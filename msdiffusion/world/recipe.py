@@ -5,8 +5,10 @@ not finished yet, in order, with fixed seeds, and prints how long each took. A r
 `WorldRecipe`'s fields (the base's under `base:`, the image encoder's under `image_encoder:`); what
 it leaves out keeps the defaults below. Each stage writes its result under `--out`; the long ones
 (VAE, base, adapter) checkpoint as they go, so a run that is stopped resumes where it was (the
-adapter through `msdiff train --resume-from-checkpoint latest`). The export stage writes the
-weights to `OUT/export`; shipping them is an explicit copy into the package (docs/world.md).
+adapter through `msdiff train --resume-from-checkpoint latest`), with the settings they began with.
+`--reuse FOLDER` links the stages another build finished with the same settings instead of running
+them. The export stage writes the weights to `OUT/export`; shipping them is an explicit copy into the
+package (docs/world.md).
 """
 
 from __future__ import annotations
