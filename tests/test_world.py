@@ -264,6 +264,30 @@ def test_reuse_links_the_stages_finished_elsewhere_with_the_same_settings_and_in
     assert "is not a world build folder (no recipe.json)" in capsys.readouterr().err
 
 
+def test_a_recipe_file_extends_another_and_says_only_what_it_changes(tmp_path):
+    from pathlib import Path
+
+    from msdiffusion.world.recipe import read_recipe
+
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "world" / "shipped.yaml"
+    variant = tmp_path / "attempts" / "adapter-6000.yaml"
+    variant.parent.mkdir()
+    variant.write_text(f"extends: {shipped}\nadapter_steps: 6000\nbase: {{subject_loss_weight: 1.0}}\n")
+    recipe, original = read_recipe(variant), read_recipe(shipped)
+    assert recipe.adapter_steps == 6000 and recipe.base.subject_loss_weight == 1.0
+    assert recipe.base.cycles == original.base.cycles and recipe.base.class_sampling == original.base.class_sampling
+    assert recipe.num_scenes == original.num_scenes and recipe.image_encoder == original.image_encoder
+    (tmp_path / "attempts" / "relative.yaml").write_text("extends: adapter-6000.yaml\nadapter_lr: 1.0e-4\n")
+    assert read_recipe(tmp_path / "attempts" / "relative.yaml").adapter_steps == 6000  # relative to the file
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="`extends` comes back to this file"):
+        read_recipe(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        read_recipe(tmp_path / "c.yaml")
+
+
 def test_world_build_command_runs_a_recipe_file_and_refuses_what_cannot_be_built(tmp_path, monkeypatch, capsys):
     from pathlib import Path
 

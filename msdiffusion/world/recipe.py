@@ -331,21 +331,38 @@ def _from_mapping(cls, data: Any, where: str):
 
 def read_recipe(path: str | Path) -> WorldRecipe:
     """A recipe file (YAML): `WorldRecipe`'s fields, the base's under `base:`, the image encoder's under
-    `image_encoder:`; fields it leaves out keep their defaults."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file {str(path)!r} not found (the shipped ones are in recipes/world/).")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML: {error}") from None
-    recipe = _from_mapping(WorldRecipe, data, str(path))
+    `image_encoder:`; fields it leaves out keep their defaults, or with `extends: OTHER.yaml` (a path
+    relative to the file) those of that recipe, so that a variant says only what it changes."""
+    recipe = _from_mapping(WorldRecipe, _recipe_mapping(Path(path), ()), str(path))
     problems = recipe_problems(recipe)
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems) + ".")
     return recipe
+
+
+def _recipe_mapping(path: Path, seen: tuple[Path, ...]) -> dict:
+    """A recipe file's fields merged over those of the recipe it extends (nested mappings field by field)."""
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {str(path)!r} not found (the shipped ones are in recipes/world/).")
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: `extends` comes back to this file ({' -> '.join(map(str, seen))}).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    data = dict(data)
+    extended = data.pop("extends")
+    if not isinstance(extended, str):
+        raise ValueError(f"{path}: extends: a recipe file's path, relative to this file; got {extended!r}.")
+    merged = _recipe_mapping(path.parent / extended, (*seen, path.resolve()))
+    for name, value in data.items():
+        both_mappings = isinstance(value, dict) and isinstance(merged.get(name), dict)
+        merged[name] = {**merged[name], **value} if both_mappings else value
+    return merged
 
 
 def recipe_problems(recipe: WorldRecipe) -> list[str]:
