@@ -115,6 +115,27 @@ def test_bad_values_name_the_field(values, message):
     assert message in str(error.value)
 
 
+def test_named_sets_train_from_their_files(capsys):
+    """`msdiff-world` names the shipped folders, as in generation; `tiny-random` has no files to read."""
+    from msdiffusion.loading import world_model_paths, world_weights_present
+
+    assert main(["train", "--base", "tiny-random", "--image-encoder", "tiny-random", "--manifest", "m.jsonl"]) == 2
+    err = capsys.readouterr().err
+    for field, part in (("base", "base"), ("image_encoder", "image_encoder")):
+        assert f"{field}: 'tiny-random' is built in memory" in err and f"give FOLDER/{part}" in err
+    if not world_weights_present():
+        pytest.skip("the world's shipped weights are not in this checkout")
+    config = load_config(
+        None, {**REQUIRED, "base": "msdiff-world", "image_encoder": "msdiff-world", "init_adapter": "msdiff-world"}
+    )
+    paths = world_model_paths()
+    assert (config.base, config.image_encoder, config.init_adapter) == (
+        paths["base"],
+        paths["image_encoder"],
+        paths["adapter"],
+    )
+
+
 def test_every_problem_is_reported_at_once_and_required_fields(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"learning_rate": -1, "train_batch_size": 0}))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import did_you_mean
+from ..loading import NAMED_MODELS, TINY, WORLD, world_model_paths
 
 
 class ConfigError(ValueError):
@@ -55,10 +56,12 @@ INFERRED_RESAMPLER_FIELDS = ("embedding_dim", "output_dim", "phrase_dim")
 @dataclass
 class TrainConfig:
     # --- models -----------------------------------------------------------------------------------
-    base: str | None = option(None, "SDXL-architecture base model: a diffusers folder or hub id (required)", "models")
+    base: str | None = option(
+        None, f"SDXL-architecture base model: a diffusers folder, hub id or {WORLD} (required)", "models"
+    )
     image_encoder: str | None = option(
         None,
-        "CLIP vision encoder: folder or hub id, e.g. laion/CLIP-ViT-bigG-14-laion2B-39B-b160k (required)",
+        f"CLIP vision encoder: folder, hub id or {WORLD}, e.g. laion/CLIP-ViT-bigG-14-laion2B-39B-b160k (required)",
         "models",
     )
     vae: str | None = option(
@@ -67,7 +70,9 @@ class TrainConfig:
     variant: str | None = option(None, "weight variant of the base's files, e.g. fp16", "models")
     revision: str | None = option(None, "hub revision of the base", "models")
     init_adapter: str | None = option(
-        None, "start from this adapter (ms_adapter.bin, project folder or hub id) instead of a new one", "models"
+        None,
+        f"start from this adapter (ms_adapter.bin, project folder, hub id or {WORLD}) instead of a new one",
+        "models",
     )
     resampler: dict = option(
         {},
@@ -445,6 +450,8 @@ def config_from_dict(values: dict[str, Any], source: str | None = None) -> Train
     for key in values:
         if key not in names:
             problems.append(f"{key}: unknown field{did_you_mean(key, names)}; see docs/training.md for the fields")
+    values, named_problems = _named_models_to_folders(values)
+    problems.extend(named_problems)
     config = TrainConfig(**{k: v for k, v in values.items() if k in names})
     try:
         config.validate()
@@ -453,6 +460,30 @@ def config_from_dict(values: dict[str, Any], source: str | None = None) -> Train
     if problems:
         raise ConfigError(problems, source)
     return config
+
+
+# The config fields that name a model, and the part of a named set each stands for.
+NAMED_MODEL_FIELDS = {"base": "base", "image_encoder": "image_encoder", "init_adapter": "adapter"}
+
+
+def _named_models_to_folders(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Named sets as generation takes them: the world's parts become the shipped folders.
+
+    Training reads files, so `tiny-random` (built in memory) is refused with the way to write it.
+    """
+    values, problems = dict(values), []
+    for name, part in NAMED_MODEL_FIELDS.items():
+        value = values.get(name)
+        if value == WORLD:
+            values[name] = world_model_paths()[part]
+        elif value == TINY:
+            problems.append(
+                f"{name}: {TINY!r} is built in memory for generation, and training reads files: write the set with "
+                f"`msdiff tiny-models FOLDER` and give FOLDER/{part}"
+            )
+        elif value in NAMED_MODELS:  # a named set added later without a rule here
+            problems.append(f"{name}: the named set {value!r} cannot be trained from; give its folder")
+    return values, problems
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
