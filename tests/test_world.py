@@ -221,6 +221,25 @@ def test_a_stage_begun_with_one_recipe_does_not_resume_with_another(tmp_path, ca
     assert "[base] ..." in capsys.readouterr().out
 
 
+def test_a_record_written_before_a_field_existed_counts_it_as_its_default():
+    """A build folder recorded by older code lacks the fields added since; each new field defaults to
+    what the code did before, so the folder still resumes and is still reused."""
+    from dataclasses import asdict, replace
+
+    from msdiffusion.world.recipe import STAGE_FIELDS, WorldRecipe, changed_fields
+
+    recipe = WorldRecipe()
+    older = json.loads(json.dumps(asdict(recipe)))
+    del older["adapter_lr"], older["image_encoder"]["temperature"]  # as if added after the record
+    for stage in ("adapter", "image_encoder"):
+        assert changed_fields(older, asdict(recipe), STAGE_FIELDS[stage]) == []
+    moved = replace(recipe, adapter_lr=1e-4, image_encoder=replace(recipe.image_encoder, temperature=0.2))
+    assert changed_fields(older, asdict(moved), STAGE_FIELDS["adapter"]) == ["adapter_lr: 0.0003 -> 0.0001"]
+    assert changed_fields(older, asdict(moved), STAGE_FIELDS["image_encoder"]) == [
+        "image_encoder.temperature: 0.1 -> 0.2"
+    ]
+
+
 def test_reuse_links_the_stages_finished_elsewhere_with_the_same_settings_and_inputs(tmp_path, monkeypatch, capsys):
     """A variant of one stage links every other stage from the finished build and trains that stage
     alone; a stage whose inputs are trained anew (here the adapter, after another image encoder) is

@@ -259,12 +259,18 @@ def _reusable(theirs: Path, out: Path, recipe: WorldRecipe, stages: tuple[str, .
 
 
 def changed_fields(earlier: dict, now: dict, names: tuple[str, ...]) -> list[str]:
-    """`field: earlier -> now` for each of `names` (and each field of a nested recipe) that differs."""
+    """`field: earlier -> now` for each of `names` (and each field of a nested recipe) that differs.
+
+    A field the earlier record lacks counts as its default: the record was written before the field
+    existed, and a new field's default is what the code did before it.
+    """
+    defaults = json.loads(json.dumps(asdict(WorldRecipe())))
     earlier, now = json.loads(json.dumps(earlier)), json.loads(json.dumps(now))  # tuples as the record's lists
     changed = []
     for name in names:
-        old, new = earlier.get(name), now.get(name)
+        old, new = earlier.get(name, defaults.get(name)), now.get(name)
         if isinstance(old, dict) and isinstance(new, dict):
+            old = {**(defaults.get(name) or {}), **old}
             changed += [f"{name}.{k}: {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
         elif old != new:
             changed.append(f"{name}: {old} -> {new}")
