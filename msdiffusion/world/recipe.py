@@ -271,7 +271,7 @@ def changed_fields(earlier: dict, now: dict, names: tuple[str, ...]) -> list[str
         old, new = earlier.get(name, defaults.get(name)), now.get(name)
         if isinstance(old, dict) and isinstance(new, dict):
             old = {**(defaults.get(name) or {}), **old}
-            changed += [f"{name}.{k}: {old.get(k)} -> {new.get(k)}" for k in new if old.get(k) != new.get(k)]
+            changed += [f"{name}.{k}: {old.get(k)} -> {new.get(k)}" for k in {**old, **new} if old.get(k) != new.get(k)]
         elif old != new:
             changed.append(f"{name}: {old} -> {new}")
     return changed
