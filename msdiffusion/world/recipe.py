@@ -145,10 +145,10 @@ def build(
             recipes_file.write_text(json.dumps(recipes, indent=2) + "\n")
             log(f"[{name}] linked from {theirs / path}")
 
-    def stage(name: str, done: bool, work: Callable[[], None]) -> None:
+    def stage(name: str, work: Callable[[], None]) -> None:
         if name not in stages:
             return
-        if done:
+        if name in STAGE_OUTPUTS and (out / STAGE_OUTPUTS[name][1]).exists():
             log(f"[{name}] done already")
             return
         if name in recipes:  # begun in an earlier sitting
@@ -170,7 +170,7 @@ def build(
         log(f"[{name}] {timings[name]:.0f} s")
 
     manifest = out / "data" / MANIFEST
-    stage("data", manifest.exists(), lambda: write_dataset(out / "data", recipe.num_scenes, recipe.seed))
+    stage("data", lambda: write_dataset(out / "data", recipe.num_scenes, recipe.seed))
     work = out / "base-train"
     snapshot = Path(recipe.base.init_from) if recipe.base.init_from else None
 
@@ -184,7 +184,7 @@ def build(
         AutoencoderKL.from_pretrained(snapshot / "vae", torch_dtype=torch.float32).save_pretrained(work / "vae")
         log(f"  the VAE of {snapshot}")
 
-    stage("vae", (out / STAGE_OUTPUTS["vae"][1]).exists(), vae_stage)
+    stage("vae", vae_stage)
 
     def base_stage() -> None:
         from diffusers import AutoencoderKL
@@ -194,14 +194,14 @@ def build(
             check_same_vae(vae, AutoencoderKL.from_pretrained(snapshot / "vae"), snapshot)
         save_base(train_base(manifest, vae, work, recipe.base, log), vae, out / "base", work / "tokenizer")
 
-    stage("base", (out / STAGE_OUTPUTS["base"][1]).exists(), base_stage)
+    stage("base", base_stage)
 
     def image_encoder_stage() -> None:
         encoder = train_image_encoder(recipe.image_encoder, log)
         encoder.to(torch.float16).save_pretrained(out / "image_encoder")
         models.image_processor().save_pretrained(out / "image_encoder")
 
-    stage("image_encoder", (out / STAGE_OUTPUTS["image_encoder"][1]).exists(), image_encoder_stage)
+    stage("image_encoder", image_encoder_stage)
 
     def evaluator_stage() -> None:
         from diffusers import AutoencoderKL
@@ -214,7 +214,7 @@ def build(
         with atomic_path(out / "evaluator.safetensors") as tmp:  # its existence marks the stage done
             save_segmenter(segmenter, tmp)
 
-    stage("evaluator", (out / STAGE_OUTPUTS["evaluator"][1]).exists(), evaluator_stage)
+    stage("evaluator", evaluator_stage)
 
     def adapter_stage() -> None:
         import yaml
@@ -227,8 +227,8 @@ def build(
         log("  " + " ".join(command))
         subprocess.run(command, check=True)
 
-    stage("adapter", (out / STAGE_OUTPUTS["adapter"][1]).exists(), adapter_stage)
-    stage("export", False, lambda: export(out, export_to or out / "export", log=log))
+    stage("adapter", adapter_stage)
+    stage("export", lambda: export(out, export_to or out / "export", log=log))
     return timings
 
 
