@@ -76,17 +76,33 @@ def upright_size(image: PIL.Image.Image) -> tuple[int, int]:
     return (height, width) if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS else (width, height)
 
 
+def opaque_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` in RGB with its transparent pixels black.
+
+    PIL's `convert("RGB")` drops the alpha channel and keeps whatever colour a file stores under
+    transparent pixels: black in most tools, the original photo or white in others, while every
+    viewer shows them as background. Black is what a cut-out subject looks like to the model (the
+    release's training multiplies each reference by its mask), and a mask painted on transparency
+    stays a mask.
+    """
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
-    """Return `image` as an RGB PIL image (a file turned upright); `what` names it in error messages."""
+    """Return `image` as an RGB PIL image (a file turned upright, transparent pixels black: `opaque_rgb`);
+    `what` names it in error messages."""
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return opaque_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise ValueError(f"{what}: file not found: {path!r}. Give an existing image file.")
         try:
             with PIL.Image.open(path) as opened:
-                return upright(opened).convert("RGB")
+                return opaque_rgb(upright(opened))
         except IMAGE_READ_ERRORS as error:
             raise ValueError(f"{what}: cannot read {path!r} as an image ({error}).") from error
     if isinstance(image, torch.Tensor):
@@ -105,7 +121,7 @@ def load_image(image: ImageInput, what: str = "image") -> PIL.Image.Image:
             array = array[..., 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
             raise ValueError(f"{what}: expected an HxW, HxWx3 or HxWx4 array, got shape {tuple(array.shape)}.")
-        return PIL.Image.fromarray(array).convert("RGB")
+        return opaque_rgb(PIL.Image.fromarray(array))
     raise TypeError(f"{what}: expected a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}.")
 
 

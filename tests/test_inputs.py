@@ -108,6 +108,27 @@ def test_image_inputs_of_every_kind(tmp_path):
         load_image(np.full((4, 4, 3), 3.0))
 
 
+def test_transparent_pixels_are_black_whatever_the_file_stores_under_them(tmp_path):
+    """A cut-out subject saved with its photo (or white) kept under alpha 0 is, to every viewer, the
+    subject alone: the model must see it so too, not the hidden background."""
+    from msdiffusion.data.dataset import _open_rgb
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (255, 255, 255)  # what the file stores under the transparent pixels
+    rgba[2:6, 2:6] = (200, 30, 30, 255)  # the subject, opaque
+    rgba[0, 0, 3] = 128  # an antialiased edge: half over black
+    path = tmp_path / "cutout.png"
+    PIL.Image.fromarray(rgba, "RGBA").save(path)
+    for given in (path, PIL.Image.open(path), rgba):
+        image = np.asarray(load_image(given))
+        assert (image[7, 7] == 0).all() and tuple(image[3, 3]) == (200, 30, 30)
+        assert 125 <= image[0, 0, 0] <= 130
+    assert np.array_equal(np.asarray(_open_rgb(path, "reference")), np.asarray(load_image(path)))  # training too
+    palette = PIL.Image.fromarray(rgba[..., :3]).convert("P")  # a GIF whose white is its transparent index
+    palette.info["transparency"] = palette.getpixel((7, 7))
+    assert (np.asarray(load_image(palette))[7, 7] == 0).all()
+
+
 def sideways_photo(path, size=(64, 32)):
     """A photo stored as shot (left half red, right half blue) whose EXIF says: turn it a quarter clockwise."""
     array = np.zeros((size[1], size[0], 3), np.uint8)

@@ -510,6 +510,7 @@ def test_training_docs_list_every_difference_from_the_release():
         "phrase_matching",
         "seed_mode",
         "dino-preprocessing",
+        "opaque_rgb",
     ):
         assert words in section, words
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -116,7 +116,7 @@ class VisitorFiles:
         import PIL.Image
 
         from msdiffusion.settings import MIN_SIZE
-        from msdiffusion.subjects import upright, upright_size
+        from msdiffusion.subjects import opaque_rgb, upright, upright_size
 
         name = Path(str(path)).name
         source = self._allowed(path)
@@ -172,7 +172,7 @@ class VisitorFiles:
                     else:
                         side = PHOTO_SIDE if what == "photo" else max(shrink)
                         image.draft("RGB", (side, side))  # a JPEG decodes at a fraction of its size
-                        small = upright(image).convert("RGB")
+                        small = opaque_rgb(upright(image))
                         if what == "photo":
                             small.thumbnail((PHOTO_SIDE, PHOTO_SIDE), PIL.Image.Resampling.LANCZOS)
                         else:

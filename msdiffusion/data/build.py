@@ -37,7 +37,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TextIO
 import numpy as np
 import PIL.Image
 
-from ..subjects import IMAGE_READ_ERRORS
+from ..subjects import IMAGE_READ_ERRORS, opaque_rgb
 from .detection import Detection, SubjectFilter, best_per_phrase, select_subjects
 from .manifest import (
     Reference,
@@ -825,7 +825,7 @@ def _write_reference(path, image, box, mask, out_dir: Path, folder: str, name: s
 def _open(path: Path, data: bytes | None = None) -> PIL.Image.Image:
     try:
         with PIL.Image.open(io.BytesIO(data) if data is not None else path) as opened:
-            return opened.convert("RGB")
+            return opaque_rgb(opened)
     except IMAGE_READ_ERRORS as error:
         raise ValueError(f"cannot read {path} as an image ({error})") from error
 

@@ -37,7 +37,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-from ..subjects import IMAGE_READ_ERRORS, default_image_processor, prepare_reference_pixels
+from ..subjects import IMAGE_READ_ERRORS, default_image_processor, opaque_rgb, prepare_reference_pixels
 from .buckets import nearest_bucket
 from .manifest import (
     DEFAULT_MAX_PROBLEMS,
@@ -361,7 +361,7 @@ class SampleReadError(ValueError):
 def _open_rgb(path: Path, what: str) -> PIL.Image.Image:
     try:
         with PIL.Image.open(path) as opened:
-            return opened.convert("RGB")
+            return opaque_rgb(opened)
     except FileNotFoundError:
         raise SampleReadError(f"{what}: file not found: {path}") from None
     except IMAGE_READ_ERRORS as error:
