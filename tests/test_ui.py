@@ -517,6 +517,10 @@ def test_photos_are_checked_and_shrunk_on_receipt(tmp_path):
         PIL.Image.new("RGB", (3000, 2000), (200, 40, 40)).save(large, quality=90)
         small = PIL.Image.open(files.receive("ann", large, PageLimits()))
         assert max(small.size) == 1024 and small.size[0] / small.size[1] == pytest.approx(1.5, abs=0.01)
+        cutout = uploads / "cutout.png"  # a large cut-out, white kept under its transparent pixels
+        PIL.Image.new("RGBA", (2048, 1024), (255, 255, 255, 0)).save(cutout)
+        shrunk = PIL.Image.open(files.receive("ann", cutout, PageLimits()))
+        assert shrunk.size == (1024, 512) and shrunk.getpixel((5, 5))[:3] == (0, 0, 0)  # as load_image reads it
         same = files.receive("ann", ASSETS / "dog.jpg", PageLimits())  # within 1024: kept as it is
         assert Path(same).read_bytes() == (ASSETS / "dog.jpg").read_bytes()
         # A huge photo is refused from its header: nothing is decoded.
