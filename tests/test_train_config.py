@@ -123,6 +123,8 @@ def test_named_sets_train_from_their_files(capsys):
     err = capsys.readouterr().err
     for field, part in (("base", "base"), ("image_encoder", "image_encoder")):
         assert f"{field}: 'tiny-random' is built in memory" in err and f"give FOLDER/{part}" in err
+    with pytest.raises(ConfigError, match=r"base: expected a string or null"):  # not a name: the type check speaks
+        load_config(None, {**REQUIRED, "base": ["msdiff-world"]})
     if not world_weights_present():
         pytest.skip("the world's shipped weights are not in this checkout")
     config = load_config(

@@ -474,6 +474,8 @@ def _named_models_to_folders(values: dict[str, Any]) -> tuple[dict[str, Any], li
     values, problems = dict(values), []
     for name, part in NAMED_MODEL_FIELDS.items():
         value = values.get(name)
+        if not isinstance(value, str):  # the type check reports it
+            continue
         if value == WORLD:
             values[name] = world_model_paths()[part]
         elif value == TINY:
