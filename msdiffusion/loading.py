@@ -113,13 +113,14 @@ def world_weights_present() -> bool:
     return True
 
 
+def part_location(value: str | None, part: str) -> str | None:
+    """Where model `part` (base, adapter, image_encoder) named `value` lies: the shipped folder for the world."""
+    return world_model_paths()[part] if value == WORLD else value
+
+
 def resolved_locations(models: ModelSettings) -> dict[str, str]:
     """{base, adapter, image_encoder} with named world parts replaced by their folders."""
-    locations = {part: getattr(models, part) for part in MODEL_PARTS}
-    if WORLD in locations.values():
-        paths = world_model_paths()
-        locations = {part: paths[part] if value == WORLD else value for part, value in locations.items()}
-    return locations
+    return {part: part_location(getattr(models, part), part) for part in MODEL_PARTS}
 
 
 # ---- devices -------------------------------------------------------------------------------------

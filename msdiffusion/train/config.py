@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import did_you_mean
-from ..loading import NAMED_MODELS, TINY, WORLD, world_model_paths
+from ..loading import NAMED_MODELS, TINY, WORLD, part_location
 
 
 class ConfigError(ValueError):
@@ -477,7 +477,7 @@ def _named_models_to_folders(values: dict[str, Any]) -> tuple[dict[str, Any], li
         if not isinstance(value, str):  # the type check reports it
             continue
         if value == WORLD:
-            values[name] = world_model_paths()[part]
+            values[name] = part_location(value, part)
         elif value == TINY:
             problems.append(
                 f"{name}: {TINY!r} is built in memory for generation, and training reads files: write the set with "
