@@ -50,6 +50,14 @@ def test_world_has_classes_and_thousands_of_identities_with_a_held_out_tenth():
     assert len({identity_parts(i) for i in range(NUM_IDENTITIES)}) == NUM_IDENTITIES  # all distinct
 
 
+def test_held_out_by_appearance_no_held_out_identity_renders_like_a_training_one():
+    held = [i for i in range(NUM_IDENTITIES) if is_held_out(i)]
+    assert all(is_held_out(twin) for i in held for twin in look_alikes(i))
+    # stripes, checks and gradients: their look-alike groups held out whole (look-alikes render alike:
+    # test_descriptor_tells_directions_apart_and_look_alikes_render_alike)
+    assert sum(bool(look_alikes(i)) for i in held) > 100
+
+
 def test_scene_caption_boxes_and_masks_agree():
     for i in range(20):
         scene = random_scene(np.random.default_rng([3, i]))

@@ -86,10 +86,9 @@ def register(subparsers) -> None:
     evaluate.add_argument(
         "--by",
         action="append",
-        choices=("pattern", "class", "appearance"),
+        choices=("pattern", "class"),
         default=[],
-        help="also report the rates by the identities' pattern kind, by class, or by whether the appearance "
-        "is in the training data as a look-alike (repeatable)",
+        help="also report the rates by the identities' pattern kind or by class (repeatable)",
     )
     evaluate.add_argument(
         "--json",
@@ -201,7 +200,6 @@ def run_evaluate(args) -> int:
                     "summary": summary,
                     "by_pattern": breakdowns["pattern"],
                     "by_class": breakdowns["class"],
-                    "by_appearance": breakdowns["appearance"],
                     "targets": targets,
                     "results": [[r.to_dict() for r in image] for image in results],
                 },

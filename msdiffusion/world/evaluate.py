@@ -438,24 +438,14 @@ def summarize(results: list[list[SubjectResult]]) -> dict:
     return summary
 
 
-def appearance_seen_in_training(identity: int) -> bool:
-    """Whether an identity renders exactly like one that is in the training data (a look-alike):
-    held out by its number, but not by its appearance."""
-    return any(not is_held_out(twin) for twin in {identity} | look_alikes(identity))
-
-
 BREAKDOWNS = {
     "pattern": lambda r: identity_parts(r.identity)[2][0],
     "class": lambda r: r.cls,
-    "appearance": lambda r: (
-        "seen in training (a look-alike)" if appearance_seen_in_training(r.identity) else "never seen"
-    ),
 }
 
 
 def breakdown(results: list[list[SubjectResult]], by: str) -> dict:
-    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`), their class, or
-    whether their appearance is in the training data (`by="appearance"`)."""
+    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`) or their class."""
     if by not in BREAKDOWNS:
         raise ValueError(f"unknown breakdown {by!r}; choose one of {', '.join(BREAKDOWNS)}")
     key = BREAKDOWNS[by]
