@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -974,8 +975,23 @@ def test_breakdowns_and_targets_count_the_right_subjects():
     }
     by_class = breakdown(results, "class")
     assert {k: (v["subjects"], v["found"]) for k, v in by_class.items()} == {"ring": (5, 0.2), "star": (2, 0.5)}
-    with pytest.raises(ValueError, match="pattern, class"):
+    with pytest.raises(ValueError, match="pattern, class, size"):
         breakdown(results, "colour")
+    # By the box's longer side in px of the 64 px image, 6 px to a group, in order of size.
+    sized = [
+        [dataclasses.replace(r, box=box) for r, box in zip(image, boxes)]
+        for image, boxes in zip(
+            results,
+            (
+                [(0, 0, 0.25, 0.1)],  # 16 px
+                [(0.5, 0.5, 0.78, 0.7), (0, 0, 0.2, 0.45)],  # 17.9 and 28.8 px
+                [(0.1, 0.1, 0.7, 0.6)] * 4,  # 38.4 px
+            ),
+        )
+    ]
+    by_size = breakdown(sized, "size")
+    assert list(by_size) == ["12-17 px", "24-29 px", "36-41 px"]
+    assert [v["subjects"] for v in by_size.values()] == [2, 1, 4]
 
     targets = {t["target"]: t for t in against_targets(results)}
     one_two, four, identity = targets.values()

@@ -202,7 +202,7 @@ def test_demo_draws_the_shipped_model_and_generate_from_its_png_moves_the_subjec
 
 
 def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
-    """`msdiff world evaluate` on the shipped weights: tables by subject count, pattern and class,
+    """`msdiff world evaluate` on the shipped weights: tables by subject count, pattern, class and size,
     the targets with their measured rates, and all of it in --json, consistent with the results."""
     import json
 
@@ -222,6 +222,8 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
                 "pattern",
                 "--by",
                 "class",
+                "--by",
+                "size",
                 "--json",
                 str(out),
             ]
@@ -233,6 +235,7 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
         "| subjects per image |",
         "| pattern |",
         "| class |",
+        "| size |",
         "| target | measured |",
         "at least 200 generations",
     ):
@@ -242,6 +245,7 @@ def test_evaluate_command_reports_breakdowns_and_the_targets(tmp_path, capsys):
     assert len(subjects) == 1 + 2 + 3 + 4
     assert sum(r["subjects"] for r in record["by_class"].values()) == len(subjects)
     assert sum(r["subjects"] for r in record["by_pattern"].values()) == len(subjects)
+    assert sum(r["subjects"] for r in record["by_size"].values()) == len(subjects)
     assert [t["subjects"] for t in record["targets"]] == [3, 4, 10]
     assert record["targets"][2]["measured"] == record["summary"]["all"]["identity_correct"]
 

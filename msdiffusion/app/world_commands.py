@@ -86,13 +86,14 @@ def register(subparsers) -> None:
     evaluate.add_argument(
         "--by",
         action="append",
-        choices=("pattern", "class"),
+        choices=("pattern", "class", "size"),
         default=[],
-        help="also report the rates by the identities' pattern kind or by class (repeatable)",
+        help="also report the rates by the identities' pattern kind, by class, or by the box's longer side "
+        "(6 px groups) (repeatable)",
     )
     evaluate.add_argument(
         "--json",
-        help="also write the summary, its breakdowns by pattern and by class, the targets and every subject's result to this file",
+        help="also write the summary, its breakdowns by pattern, class and size, the targets and every subject's result to this file",
     )
     evaluate.set_defaults(func=run_evaluate)
     world.set_defaults(func=lambda args: world.print_help() or 2)
@@ -200,6 +201,7 @@ def run_evaluate(args) -> int:
                     "summary": summary,
                     "by_pattern": breakdowns["pattern"],
                     "by_class": breakdowns["class"],
+                    "by_size": breakdowns["size"],
                     "targets": targets,
                     "results": [[r.to_dict() for r in image] for image in results],
                 },

@@ -438,14 +438,22 @@ def summarize(results: list[list[SubjectResult]]) -> dict:
     return summary
 
 
+def size_group(box: Sequence[float]) -> str:
+    """A subject's size group: its box's longer side in px of the 64 px image, in bins of 6 px."""
+    low = 6 * int(SIZE * max(box[2] - box[0], box[3] - box[1]) // 6)
+    return f"{low:02d}-{low + 5:02d} px"  # zero-padded, so that the groups sort by size
+
+
 BREAKDOWNS = {
     "pattern": lambda r: identity_parts(r.identity)[2][0],
     "class": lambda r: r.cls,
+    "size": lambda r: size_group(r.box),
 }
 
 
 def breakdown(results: list[list[SubjectResult]], by: str) -> dict:
-    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`) or their class."""
+    """Rates over subjects grouped by their identity's pattern kind (`by="pattern"`), their class, or their
+    box's size (`size_group`)."""
     if by not in BREAKDOWNS:
         raise ValueError(f"unknown breakdown {by!r}; choose one of {', '.join(BREAKDOWNS)}")
     key = BREAKDOWNS[by]
