@@ -4,7 +4,9 @@ These tests run the ordinary `MSDiffusionXLPipeline` on the weights in `msdiffus
 and judge the images with the world's evaluator. The thresholds sit below the rates measured on
 these fixed jobs and seeds (docs/world.md). Three tests each break one part of the method (the box
 masks, the resampler's box embedding, the order of the subject tokens) and check that the same
-evaluation then falls below those thresholds: the tests notice such a break. The last runs
+evaluation then falls below those thresholds: the tests notice such a break. Two turn the references
+(transposed, mirrored) and check, on lone subjects whose pattern turns, that the pattern-aware
+judgement rejects what is then drawn. The last runs
 `msdiff demo` and `msdiff generate --from` as a newcomer would. Each scoring prints its rates
 (`pytest -s -m slow tests/test_world_model.py`): the figures the comment below quotes.
 """
@@ -24,17 +26,19 @@ pytestmark = [
 ]
 
 JOBS = 24  # 1, 2, 3, 4 subjects taking turns
+LONE_JOBS = 64  # lone subjects, of which those whose pattern turns are kept (`lone_turning`)
 SETTINGS = named_settings(WORLD, steps=20)
 # The unbroken model on these jobs (60 subjects) is scored once per module (`unbroken`); each break
 # must take its rate below the floor the unbroken model clears and below the unbroken rate by MARGIN.
 # Measured with the shipped weights through the bench runner (identity: pattern-aware, `judge_identity`):
-# found 96.7%, placed 68.3%, identity 40.0% (colours only 95.0%); broken masks placed 23.3%, mirrored
-# box embedding found 40.0%, swapped subject tokens identity 8.3%, references transposed: 3 of the 31
-# subjects whose pattern turns keep their identity (unbroken: 11), mirrored: 1 of 20 (unbroken: 10).
+# found 90.0%, placed 83.3%, identity 35.0% (colours only 80.0%); broken masks placed 33.3%, whole-image
+# box embedding found 68.3%, swapped subject tokens identity 3.3%. On the lone subjects whose pattern
+# turns (identity 43.8%), references transposed: 3 of the 37 whose pattern transposes keep their
+# identity (unbroken: 12); mirrored: 1 of 25 (unbroken: 10).
 MARGIN = 10 / 60  # ten subjects
-MIN_FOUND = 0.90
-MIN_PLACED = 0.60
-MIN_CORRECT = 0.30
+MIN_FOUND = 0.85
+MIN_PLACED = 0.70
+MIN_CORRECT = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +59,14 @@ def world():
     )
 
 
-def score(world, tmp_path, label: str) -> dict:
-    """The rates over the 60 subjects, and each subject's result under "results" (through the bench runner,
-    as `msdiff world evaluate` makes and judges its images)."""
+def score(world, tmp_path, label: str, samples=None) -> dict:
+    """The rates over the 60 subjects (or `samples`'), and each subject's result under "results" (through the
+    bench runner, as `msdiff world evaluate` makes and judges its images)."""
     from msdiffusion.world.bench import run_world_samples, subject_results
     from msdiffusion.world.evaluate import summarize
 
-    pipe, scorer, samples, settings = world
+    pipe, scorer, jobs, settings = world
+    samples = jobs if samples is None else samples
     results = subject_results(run_world_samples(samples, tmp_path, settings, lambda: pipe, scorer, batch_size=12))
     rates = summarize(results)["all"]
     shown = ("found", "placed", "identity_correct", "colours_correct")
@@ -72,6 +77,30 @@ def score(world, tmp_path, label: str) -> dict:
 @pytest.fixture(scope="module")
 def unbroken(world, tmp_path_factory) -> dict:
     return score(world, tmp_path_factory.mktemp("unbroken"), "unbroken")
+
+
+def turns(identity: int, turn: str) -> bool:
+    """Whether a subject of this identity, transposed or flipped, renders as another identity."""
+    from msdiffusion.world.evaluate import WRONG_IDENTITIES
+    from msdiffusion.world.scenes import look_alikes
+
+    other = WRONG_IDENTITIES[turn](identity)
+    return other != identity and other not in look_alikes(identity)
+
+
+@pytest.fixture(scope="module")
+def lone_turning(world, tmp_path_factory) -> tuple[list, dict]:
+    """Lone held-out subjects whose pattern turns or mirrors, and their unbroken rates. Alone they are
+    drawn larger and keep their pattern more often than in company, so that a break that turns the
+    pattern shows as a clear fall, not as a few subjects of a few."""
+    from msdiffusion.world.bench import held_out_samples
+
+    samples = [
+        s
+        for s in held_out_samples(LONE_JOBS, 5, subject_counts=(1,))
+        if turns(s.subjects[0].identity, "transposed") or turns(s.subjects[0].identity, "flipped")
+    ]
+    return samples, score(world, tmp_path_factory.mktemp("lone"), "lone subjects whose pattern turns", samples)
 
 
 def test_held_out_subjects_land_in_their_boxes_with_their_identity(unbroken):
@@ -94,13 +123,18 @@ def test_broken_box_masks_are_noticed(world, unbroken, monkeypatch, tmp_path):
 
 
 def test_broken_box_embedding_is_noticed(world, unbroken, monkeypatch, tmp_path):
-    """The resampler's boxes mirrored (1 - each coordinate, a wrong origin): the grounding tokens describe
-    another box than the masks, and the shapes in the boxes are no longer the asked classes."""
+    """The resampler told that every subject fills the whole image while the masks keep its box: the
+    grounding tokens describe another box than the masks, and fewer subjects are drawn as the asked class
+    in their box. The shipped build leans little on the box embedding otherwise: zeroed, in pixel units or
+    with x and y swapped, it changes found by at most 2 of the 60 subjects (docs/world.md)."""
     import msdiffusion.resampler as resampler
 
     real = resampler.box_fourier_embedding
-    monkeypatch.setattr(resampler, "box_fourier_embedding", lambda boxes, *a, **k: real(1 - boxes, *a, **k))
-    assert_noticed(score(world, tmp_path, "mirrored box embedding"), unbroken, "found", MIN_FOUND)
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    monkeypatch.setattr(
+        resampler, "box_fourier_embedding", lambda boxes, *a, **k: real(whole.to(boxes).expand_as(boxes), *a, **k)
+    )
+    assert_noticed(score(world, tmp_path, "whole-image box embedding"), unbroken, "found", MIN_FOUND)
 
 
 def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch, tmp_path):
@@ -125,16 +159,15 @@ def test_swapped_subject_tokens_are_noticed(world, unbroken, monkeypatch, tmp_pa
 
 
 @pytest.mark.parametrize("turn", ["transposed", "flipped"])
-def test_turned_references_are_noticed(world, unbroken, monkeypatch, tmp_path, turn):
+def test_turned_references_are_noticed(world, lone_turning, monkeypatch, tmp_path, turn):
     """References transposed (or mirrored left to right) before encoding: the colours stay, and the
     subjects whose pattern turns (stripes, gradients, halves) are drawn turned, which the
     pattern-aware identity judgement rejects."""
     import PIL.Image
 
     import msdiffusion.pipelines as pipelines
-    from msdiffusion.world.evaluate import WRONG_IDENTITIES
-    from msdiffusion.world.scenes import look_alikes
 
+    samples, unbroken = lone_turning
     real = pipelines.prepare_reference_pixels
     method = {"transposed": PIL.Image.Transpose.TRANSPOSE, "flipped": PIL.Image.Transpose.FLIP_LEFT_RIGHT}[turn]
     monkeypatch.setattr(
@@ -142,15 +175,10 @@ def test_turned_references_are_noticed(world, unbroken, monkeypatch, tmp_path, t
         "prepare_reference_pixels",
         lambda images, *a, **k: real([i.transpose(method) for i in images], *a, **k),
     )
-    broken = score(world, tmp_path, f"references {turn}")
+    broken = score(world, tmp_path, f"references {turn}", samples)
 
     def turning(rates: dict) -> list[bool]:
-        other = WRONG_IDENTITIES[turn]
-        return [
-            r.identity_correct
-            for r in rates["results"]
-            if other(r.identity) != r.identity and other(r.identity) not in look_alikes(r.identity)
-        ]
+        return [r.identity_correct for r in rates["results"] if turns(r.identity, turn)]
 
     before, after = turning(unbroken), turning(broken)
     print(f"| references {turn}: of the {len(after)} subjects whose pattern turns, identity correct | {sum(after)} |")
