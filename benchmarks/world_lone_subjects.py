@@ -29,11 +29,12 @@ def chosen_subjects(per_kind: int) -> list[tuple[str, int]]:
     """(class, identity) pairs: the smallest-numbered held-out identities of each pattern kind."""
     from msdiffusion.world.scenes import CLASSES, NUM_IDENTITIES, identity_parts, is_held_out
 
-    chosen = []
+    identities = []
     for kind in KINDS:
-        identities = [i for i in range(NUM_IDENTITIES) if is_held_out(i) and identity_parts(i)[2][0] == kind]
-        chosen += [(CLASSES[len(chosen) % len(CLASSES)], i) for i in identities[:per_kind]]
-    return chosen
+        identities += [i for i in range(NUM_IDENTITIES) if is_held_out(i) and identity_parts(i)[2][0] == kind][
+            :per_kind
+        ]
+    return [(CLASSES[n % len(CLASSES)], identity) for n, identity in enumerate(identities)]
 
 
 def verdict(result) -> str:
