@@ -41,7 +41,9 @@ def register(subparsers) -> None:
         "--reuse",
         metavar="FOLDER",
         help="another build folder: link each stage finished there with this recipe's settings (and inputs "
-        "linked from there too) instead of running it, so that a variant of one stage trains that stage alone",
+        "linked from there too) instead of running it, so that a variant of one stage trains that stage alone; "
+        "or an export (msdiffusion/world/weights, the shipped weights), which lends its VAE, base, image encoder "
+        "and evaluator",
     )
     build.add_argument(
         "--export-to",

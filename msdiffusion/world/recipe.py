@@ -7,7 +7,8 @@ it leaves out keeps the defaults below. Each stage writes its result under `--ou
 (VAE, base, adapter) checkpoint as they go, so a run that is stopped resumes where it was (the
 adapter through `msdiff train --resume-from-checkpoint latest`), with the settings they began with.
 `--reuse FOLDER` links the stages another build finished with the same settings instead of running
-them. The export stage writes the weights to `OUT/export`; shipping them is an explicit copy into the
+them; FOLDER may also be an export (the package's shipped weights among them), which lends its models.
+The export stage writes the weights to `OUT/export`; shipping them is an explicit copy into the
 package (docs/world.md).
 """
 
@@ -45,7 +46,14 @@ STAGE_FIELDS = {
     "base": ("num_scenes", "base"),
     "image_encoder": ("image_encoder",),
     "evaluator": ("segmenter_steps", "seed"),
-    "adapter": ("adapter_steps", "adapter_batch", "adapter_lr", "adapter_high_noise_share", "seed"),
+    "adapter": (
+        "adapter_steps",
+        "adapter_batch",
+        "adapter_lr",
+        "adapter_high_noise_share",
+        "adapter_resampler",
+        "seed",
+    ),
 }
 # What a finished stage leaves in a build folder: the path `build(reuse=...)` links, and the file
 # whose existence marks the stage finished.
@@ -56,6 +64,15 @@ STAGE_OUTPUTS = {
     "image_encoder": ("image_encoder", "image_encoder/config.json"),
     "evaluator": ("evaluator.safetensors", "evaluator.safetensors"),
     "adapter": ("adapter-train", "adapter-train/adapter"),
+}
+# What an export (`export`: the shipped weights' layout) lends to `--reuse`: its models, each where a
+# build folder keeps it. Not the data, which its recipe's seed makes again here, nor the adapter,
+# which an export keeps in its shipped form rather than as a training run.
+EXPORTED_OUTPUTS = {
+    "vae": ("base/vae", "base/vae/config.json"),
+    "base": ("base", "base/model_index.json"),
+    "image_encoder": ("image_encoder", "image_encoder/config.json"),
+    "evaluator": ("evaluator.safetensors", "evaluator.safetensors"),
 }
 # The stages whose outputs a stage reads: it is linked only where those are linked from the same folder.
 STAGE_INPUTS = {"base": ("data", "vae"), "evaluator": ("vae",), "adapter": ("data", "base", "image_encoder")}
@@ -76,7 +93,16 @@ class WorldRecipe:
     # (found and identity both gain a few points); `msdiff train` draws uniformly by default.
     adapter_high_noise_share: float = 0.5
     adapter_checkpoint_every: int = 250
+    # Resampler fields set over the world's (`models.RESAMPLER`), say {dim: 256, depth: 4} for a wider
+    # one; the fields the other models fix (embedding_dim, output_dim, phrase_dim) are not among them.
+    adapter_resampler: dict = field(default_factory=dict)
     seed: int = 0
+
+
+# The resampler fields a recipe may set: the rest follow from the image encoder and the base.
+ADAPTER_RESAMPLER_FIELDS = tuple(
+    k for k in asdict(models.RESAMPLER) if k not in ("embedding_dim", "output_dim", "phrase_dim")
+)
 
 
 def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
@@ -92,7 +118,8 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "dataloader_workers": 0,  # 2 cores: a worker process would compete with the training threads
         "pin_memory": False,
         "resampler": {
-            k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")
+            **{k: v for k, v in asdict(models.RESAMPLER).items() if k in ADAPTER_RESAMPLER_FIELDS},
+            **recipe.adapter_resampler,
         },
         "learning_rate": recipe.adapter_lr,
         "high_noise_share": recipe.adapter_high_noise_share,
@@ -137,13 +164,13 @@ def build(
 
     if reuse is not None:
         theirs = Path(reuse).resolve()
-        for name, record in _reusable(theirs, out, recipe, stages, recipes).items():
+        for name, (record, source) in _reusable(theirs, out, recipe, stages, recipes).items():
             path = STAGE_OUTPUTS[name][0]
             (out / path).parent.mkdir(parents=True, exist_ok=True)
-            (out / path).symlink_to(theirs / path)
+            (out / path).symlink_to(source)
             recipes[name] = record
             recipes_file.write_text(json.dumps(recipes, indent=2) + "\n")
-            log(f"[{name}] linked from {theirs / path}")
+            log(f"[{name}] linked from {source}")
 
     def stage(name: str, work: Callable[[], None]) -> None:
         if name not in stages:
@@ -233,29 +260,45 @@ def build(
 
 
 def _reusable(theirs: Path, out: Path, recipe: WorldRecipe, stages: tuple[str, ...], begun: dict) -> dict:
-    """{stage: its record there} for the stages to link from build folder `theirs`: asked for, finished
-    there with this recipe's fields, not begun here, and reading only outputs linked from there too."""
+    """{stage: (its record there, the path to link)} for the stages to link from `theirs`, a build folder
+    or an export: asked for, finished there with this recipe's fields, not begun here, and reading only
+    outputs linked from there too (or, from an export, data made here with the same fields)."""
     record_file = theirs / "recipe.json"
     if not record_file.is_file():
-        raise RecipeMismatchError(f"--reuse: {theirs} is not a world build folder (no recipe.json).")
+        raise RecipeMismatchError(
+            f"--reuse: {theirs} is neither a world build folder nor an export of one (no recipe.json)."
+        )
     record = json.loads(record_file.read_text())
+    exported = is_export(theirs)
+    outputs = EXPORTED_OUTPUTS if exported else STAGE_OUTPUTS
+
+    def same_fields(name: str) -> bool:
+        return name in record and not changed_fields(record[name], asdict(recipe), STAGE_FIELDS[name])
 
     def linked(name: str) -> bool:
-        marker = STAGE_OUTPUTS[name][1]
-        return name in chosen or ((out / marker).exists() and (out / marker).resolve() == (theirs / marker).resolve())
+        if exported and name == "data":  # made here by the same seed: the same scenes
+            return same_fields("data") and "data" in stages
+        if name in chosen:
+            return True
+        marker = out / STAGE_OUTPUTS[name][1]
+        return marker.exists() and name in outputs and marker.resolve() == (theirs / outputs[name][1]).resolve()
 
     chosen: dict = {}
-    for name, (_, marker) in STAGE_OUTPUTS.items():
+    for name, (path, marker) in outputs.items():
         if (
             name in stages
-            and name in record
             and name not in begun
             and (theirs / marker).exists()
-            and not changed_fields(record[name], asdict(recipe), STAGE_FIELDS[name])
+            and same_fields(name)
             and all(linked(i) for i in STAGE_INPUTS.get(name, ()))
         ):
-            chosen[name] = record[name]
+            chosen[name] = (record[name], theirs / path)
     return chosen
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` is laid out as `export` writes (the shipped weights), not as a build folder."""
+    return (folder / "adapter").is_dir() and (folder / "base").is_dir() and not (folder / "base-train").exists()
 
 
 def changed_fields(earlier: dict, now: dict, names: tuple[str, ...]) -> list[str]:
@@ -303,6 +346,8 @@ def export(out: str | Path, destination: str | Path, log: Callable = print) -> P
     shutil.copytree(out / "base", destination / "base")
     shutil.copytree(out / "image_encoder", destination / "image_encoder")
     shutil.copy(out / "evaluator.safetensors", destination / "evaluator.safetensors")
+    # What made each model, so that `--reuse` can lend them to a variant (read by `_reusable`).
+    shutil.copy(out / "recipe.json", destination / "recipe.json")
     trained = load_checkpoint(out / "adapter-train" / "adapter")
     MSAdapterCheckpoint(
         {k: v.half() for k, v in trained.image_proj.items()},
@@ -404,4 +449,15 @@ def recipe_problems(recipe: WorldRecipe) -> list[str]:
     for name in ("num_scenes", "segmenter_steps", "adapter_steps", "adapter_batch"):
         if not (isinstance(getattr(recipe, name), int) and getattr(recipe, name) >= 1):
             problems.append(f"{name}: a positive integer; got {getattr(recipe, name)!r}")
+    if not isinstance(recipe.adapter_resampler, dict):
+        problems.append(f"adapter_resampler: a mapping of resampler fields; got {recipe.adapter_resampler!r}")
+    else:
+        for key, value in recipe.adapter_resampler.items():
+            if key not in ADAPTER_RESAMPLER_FIELDS:
+                problems.append(
+                    f"adapter_resampler: unknown field {key!r}{did_you_mean(key, ADAPTER_RESAMPLER_FIELDS)}; "
+                    f"fields: {', '.join(ADAPTER_RESAMPLER_FIELDS)}"
+                )
+            elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                problems.append(f"adapter_resampler.{key}: a positive integer; got {value!r}")
     return problems
