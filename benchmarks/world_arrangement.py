@@ -70,7 +70,7 @@ def main() -> None:
 
     from msdiffusion.bench.definitions import BenchSample, BenchSubject
     from msdiffusion.bench.runner import BenchSettings
-    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+    from msdiffusion.loading import WORLD, named_settings
     from msdiffusion.world.bench import WorldScorer, run_world_samples
     from msdiffusion.world.scenes import (
         NUM_IDENTITIES,
@@ -81,9 +81,9 @@ def main() -> None:
         render_reference,
         render_scene,
     )
-    from msdiffusion.world.weights import world_models_folder, world_pipeline
+    from msdiffusion.world.weights import world_models, world_pipeline
 
-    paths = world_models_folder(args.models) if args.models else world_model_paths()
+    paths = world_models(args.models)
     scorer = WorldScorer(paths["evaluator"], paths["image_encoder"])
     pipe = None
 

@@ -135,15 +135,15 @@ def main() -> None:
     import torch
 
     from msdiffusion import MSDiffusionXLInpaintPipeline
-    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+    from msdiffusion.loading import WORLD, named_settings
     from msdiffusion.world.evaluate import WorldEvaluator, vae_round_trip
-    from msdiffusion.world.weights import world_models_folder, world_pipeline
+    from msdiffusion.world.weights import world_models, world_pipeline
 
     if args.examples:
         write_examples(make_samples(1, args.seed)[0], args.examples)
     if args.count == 0:
         return
-    paths = world_models_folder(args.models) if args.models else world_model_paths()
+    paths = world_models(args.models)
     evaluator = WorldEvaluator.from_file(paths["evaluator"])
     pipe = world_pipeline(paths)
     inpaint = MSDiffusionXLInpaintPipeline.from_pipe(pipe)

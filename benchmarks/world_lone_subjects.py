@@ -58,12 +58,12 @@ def main() -> None:
     if not 16 <= args.size <= 64:
         parser.error(f"--size {args.size}: give a side from 16 to 64 px (the world draws subjects of 18 to 42)")
 
-    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+    from msdiffusion.loading import WORLD, named_settings
     from msdiffusion.world.evaluate import AskedSubject, WorldEvaluator
     from msdiffusion.world.scenes import SIZE, caption_for, identity_parts, render_reference
-    from msdiffusion.world.weights import world_models_folder, world_pipeline
+    from msdiffusion.world.weights import world_models, world_pipeline
 
-    paths = {k: str(v) for k, v in (world_models_folder(args.models) if args.models else world_model_paths()).items()}
+    paths = world_models(args.models)
     pipe = world_pipeline(paths)
     evaluator = WorldEvaluator.from_file(paths["evaluator"])
     low = (SIZE - args.size) / 2 / SIZE

@@ -127,10 +127,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from msdiffusion.loading import world_model_paths
-    from msdiffusion.world.weights import world_models_folder, world_pipeline
+    from msdiffusion.world.weights import world_models, world_pipeline
 
-    paths = {k: str(v) for k, v in (world_models_folder(args.models) if args.models else world_model_paths()).items()}
+    paths = world_models(args.models)
     pipe = world_pipeline(paths)
     groups = retrieval_groups(args.subjects, args.seed)
     rivals = np.mean([len(group) - 1 for _, group in groups])

@@ -30,11 +30,10 @@ def main() -> None:
 
     from diffusers import AutoencoderKL
 
-    from msdiffusion.loading import world_model_paths
     from msdiffusion.world.evaluate import WRONG_IDENTITIES, WorldEvaluator, ground_truth_check
-    from msdiffusion.world.weights import world_models_folder
+    from msdiffusion.world.weights import world_models
 
-    paths = world_models_folder(args.models) if args.models else world_model_paths()
+    paths = world_models(args.models)
     vae = AutoencoderKL.from_pretrained(Path(paths["base"]) / "vae", dtype=torch.float32)
     evaluator = WorldEvaluator.from_file(paths["evaluator"])
     print("| images | subjects | found (IoU>=0.5) | placed (any shape) | colours only | identity correct |")

@@ -140,17 +140,17 @@ def run_evaluate(args) -> int:
     import tempfile
 
     from msdiffusion.bench.runner import BenchSettings
-    from msdiffusion.loading import WORLD, named_settings, world_model_paths
+    from msdiffusion.loading import WORLD, named_settings
     from msdiffusion.world.bench import WorldScorer, held_out_samples, run_world_samples, subject_results
     from msdiffusion.world.evaluate import BREAKDOWNS, against_targets, breakdown, summarize
-    from msdiffusion.world.weights import world_models_folder, world_pipeline
+    from msdiffusion.world.weights import world_models, world_pipeline
 
     if args.count < 1:
         raise UserInputError("--count must be a positive number of generations.")
     if args.batch_size < 1:
         raise UserInputError(f"--batch-size must be at least 1, got {args.batch_size}.")
     try:
-        paths = world_models_folder(args.models) if args.models else world_model_paths()
+        paths = world_models(args.models)
     except FileNotFoundError as error:
         raise UserInputError(str(error)) from None
     generation = dict(

@@ -40,6 +40,12 @@ def world_models_folder(folder: str | Path) -> dict[str, str]:
     )
 
 
+def world_models(models: str | Path | None = None) -> dict[str, str]:
+    """The world models a `--models` option names: that folder's (`world_models_folder`), or the
+    shipped ones when it is not given."""
+    return world_models_folder(models) if models else world_model_paths()
+
+
 def world_pipeline(paths: dict[str, str] | None = None, device: str = "cpu", dtype: str = "fp32"):
     """`MSDiffusionXLPipeline` of the shipped world models, or of `paths` (`world_models_folder`)."""
     from ..loading import load_pipeline
