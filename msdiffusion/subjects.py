@@ -29,6 +29,9 @@ MaskInput = Union[ImageInput, Sequence[Sequence[float]]]
 TRAINED_MAX_SUBJECTS = 4
 # Inference-time size of the square the references are squashed to before CLIP preprocessing.
 REFERENCE_SQUARE_SIZE = 512
+# A reference with a side under one patch of the released image encoder (ViT-bigG/14) is enlarged
+# to the square above and carries almost nothing of its subject: most likely the wrong file or crop.
+MIN_REFERENCE_SIDE = 14
 
 
 @dataclass
@@ -369,7 +372,16 @@ def build_subjects(
                 mask = check_mask(masks[j], f"{label} mask")
                 if not any(box):
                     box = mask_bounding_box(mask)
-            subjects.append(Subject(_subject_images(images[j], f"{label} image"), phrase, box, scale, mask))
+            references = _subject_images(images[j], f"{label} image")
+            for image in references:
+                if min(image.size) < MIN_REFERENCE_SIDE:
+                    warnings.warn(
+                        f"{label} image: {image.width}x{image.height} pixels, under {MIN_REFERENCE_SIDE} on a side; "
+                        "it is enlarged to the reference square and carries almost nothing of the subject. "
+                        "Give a larger picture of it.",
+                        stacklevel=3,
+                    )
+            subjects.append(Subject(references, phrase, box, scale, mask))
         if len(subjects) > TRAINED_MAX_SUBJECTS:
             warnings.warn(
                 f"{len(subjects)} subjects{where}: the released weights were trained with at most "

@@ -180,3 +180,17 @@ def test_subjects_need_text_prompt_and_adapter(pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no subjects: a plain SDXL call, no warnings of ours
         bare(prompt="a dog", num_inference_steps=1, height=64, width=64, output_type="latent")
+
+
+def test_a_reference_smaller_than_one_encoder_patch_warns():
+    import warnings
+
+    import PIL.Image
+
+    from msdiffusion.subjects import build_subjects
+
+    with pytest.warns(UserWarning, match=r"subject 1 image: 1x1 pixels, under 14 on a side"):
+        build_subjects(1, [PIL.Image.new("RGB", (64, 64)), PIL.Image.new("RGB", (1, 1))], ["dog", "cat"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        build_subjects(1, [PIL.Image.new("RGB", (14, 200))], ["dog"])
