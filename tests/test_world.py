@@ -341,6 +341,32 @@ def test_reuse_of_an_export_lends_its_models_and_makes_the_data_again(tmp_path, 
     assert len(base_runs) == 1
 
 
+def test_an_export_keeps_the_recipe_that_made_it_and_lends_its_models(tmp_path):
+    import shutil
+    from dataclasses import asdict
+
+    from msdiffusion.tiny import save_tiny_models
+    from msdiffusion.world.recipe import STAGES, WorldRecipe, _reusable, export
+
+    tiny = save_tiny_models(tmp_path / "tiny")
+    out = tmp_path / "build"
+    shutil.copytree(tiny["base"], out / "base")
+    shutil.copytree(tiny["image_encoder"], out / "image_encoder")
+    shutil.copytree(tiny["adapter"], out / "adapter-train" / "adapter")
+    (out / "evaluator.safetensors").write_bytes(b"")
+    record = {name: asdict(WorldRecipe()) for name in STAGES[:-1]}
+    (out / "recipe.json").write_text(json.dumps(record))
+    exported = export(out, tmp_path / "export", log=lambda *_: None)
+    assert json.loads((exported / "recipe.json").read_text()) == json.loads(json.dumps(record))
+    lent = _reusable(exported, tmp_path / "variant", WorldRecipe(adapter_steps=10), STAGES, {})
+    assert {name: path for name, (_, path) in lent.items()} == {
+        "vae": exported / "base" / "vae",
+        "base": exported / "base",
+        "image_encoder": exported / "image_encoder",
+        "evaluator": exported / "evaluator.safetensors",
+    }
+
+
 def test_the_shipped_weights_lend_their_models_to_a_variant_of_the_shipped_recipe(tmp_path):
     from dataclasses import replace
 
