@@ -339,6 +339,10 @@ def test_reuse_of_an_export_lends_its_models_and_makes_the_data_again(tmp_path, 
     build(tmp_path / "seed", replace(recipe, seed=1), stages=("data", "vae", "base"), reuse=exported, log=print)
     assert (tmp_path / "seed" / "base-train" / "vae").is_symlink() and not (tmp_path / "seed" / "base").exists()
     assert len(base_runs) == 1
+    # A later sitting without the data stage: the data made here in the first counts.
+    build(tmp_path / "later", recipe, stages=("data",), log=print)
+    build(tmp_path / "later", recipe, stages=("vae", "base"), reuse=exported, log=print)
+    assert (tmp_path / "later" / "base").is_symlink() and len(base_runs) == 1
 
 
 def test_an_export_keeps_the_recipe_that_made_it_and_lends_its_models(tmp_path):

@@ -276,8 +276,13 @@ def _reusable(theirs: Path, out: Path, recipe: WorldRecipe, stages: tuple[str, .
         return name in record and not changed_fields(record[name], asdict(recipe), STAGE_FIELDS[name])
 
     def linked(name: str) -> bool:
-        if exported and name == "data":  # made here by the same seed: the same scenes
-            return same_fields("data") and "data" in stages
+        if exported and name == "data":  # made here (now or in an earlier sitting) by the same seed: the same scenes
+            here = begun.get("data", asdict(recipe) if "data" in stages else None)
+            return (
+                same_fields("data")
+                and here is not None
+                and not changed_fields(here, asdict(recipe), STAGE_FIELDS["data"])
+            )
         if name in chosen:
             return True
         marker = out / STAGE_OUTPUTS[name][1]
