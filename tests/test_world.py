@@ -321,15 +321,15 @@ def test_reuse_of_an_export_lends_its_models_and_makes_the_data_again(tmp_path, 
     monkeypatch.setattr(recipe_module.subprocess, "run", lambda command, **kw: trained.append(command))
     monkeypatch.setattr(recipe_module, "train_base", lambda *a: pytest.fail("the base is lent by the export"))
 
-    wide = replace(recipe, adapter_resampler={"dim": 256, "depth": 4})
+    longer = replace(recipe, adapter_steps=6000)
     logged = []
-    build(tmp_path / "wide", wide, stages=STAGES[:-1], reuse=exported, log=logged.append)
+    build(tmp_path / "longer", longer, stages=STAGES[:-1], reuse=exported, log=logged.append)
     assert [line for line in logged if "linked" in line] == [
         f"[{name}] linked from {exported / path}" for name, (path, _) in EXPORTED_OUTPUTS.items()
     ]
-    assert (tmp_path / "wide" / "base-train" / "vae").resolve() == exported / "base" / "vae"
+    assert (tmp_path / "longer" / "base-train" / "vae").resolve() == exported / "base" / "vae"
     assert made == [(recipe.num_scenes, recipe.seed)] and len(trained) == 1  # the data here, the adapter
-    assert "dim: 256" in (tmp_path / "wide" / "adapter.yaml").read_text()
+    assert "max_train_steps: 6000" in (tmp_path / "longer" / "adapter.yaml").read_text()
 
     # Another seed makes other scenes: the VAE (which reads none) is lent, the base is not.
     base_runs = []
@@ -380,26 +380,10 @@ def test_the_shipped_weights_lend_their_models_to_a_variant_of_the_shipped_recip
     if not (WEIGHTS_DIR / "recipe.json").is_file():
         pytest.skip("the world's weights are not in the package (msdiff world build)")
     shipped = read_recipe(Path(__file__).resolve().parents[1] / "recipes" / "world" / "shipped.yaml")
-    variant = replace(shipped, adapter_steps=6000, adapter_resampler={"depth": 4})
+    variant = replace(shipped, adapter_steps=6000, adapter_lr=1e-4)
     assert is_export(WEIGHTS_DIR)
     assert list(_reusable(WEIGHTS_DIR, tmp_path, variant, STAGES, {})) == ["vae", "base", "image_encoder", "evaluator"]
     assert "base" not in _reusable(WEIGHTS_DIR, tmp_path, replace(shipped, num_scenes=100), STAGES, {})
-
-
-def test_a_recipe_sets_the_adapter_resampler_and_names_what_it_cannot(tmp_path):
-    from msdiffusion.train.config import config_from_dict
-    from msdiffusion.world.recipe import WorldRecipe, adapter_config, read_recipe
-
-    (tmp_path / "wide.yaml").write_text("adapter_resampler: {dim: 256, depth: 4}\n")
-    config = config_from_dict(adapter_config(tmp_path, read_recipe(tmp_path / "wide.yaml")))
-    assert (config.resampler["dim"], config.resampler["depth"], config.resampler["heads"]) == (256, 4, 4)
-    assert adapter_config(tmp_path, WorldRecipe())["resampler"]["dim"] == 128
-    (tmp_path / "bad.yaml").write_text("adapter_resampler: {dims: 256, depth: 0, embedding_dim: 3}\n")
-    with pytest.raises(ValueError) as error:
-        read_recipe(tmp_path / "bad.yaml")
-    assert "unknown field 'dims' (did you mean 'dim'?)" in str(error.value)
-    assert "adapter_resampler.depth: a positive integer; got 0" in str(error.value)
-    assert "unknown field 'embedding_dim'" in str(error.value)  # fixed by the image encoder
 
 
 def test_a_recipe_file_extends_another_and_says_only_what_it_changes(tmp_path):

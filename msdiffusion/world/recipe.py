@@ -46,14 +46,7 @@ STAGE_FIELDS = {
     "base": ("num_scenes", "base"),
     "image_encoder": ("image_encoder",),
     "evaluator": ("segmenter_steps", "seed"),
-    "adapter": (
-        "adapter_steps",
-        "adapter_batch",
-        "adapter_lr",
-        "adapter_high_noise_share",
-        "adapter_resampler",
-        "seed",
-    ),
+    "adapter": ("adapter_steps", "adapter_batch", "adapter_lr", "adapter_high_noise_share", "seed"),
 }
 # What a finished stage leaves in a build folder: the path `build(reuse=...)` links, and the file
 # whose existence marks the stage finished.
@@ -93,16 +86,7 @@ class WorldRecipe:
     # (found and identity both gain a few points); `msdiff train` draws uniformly by default.
     adapter_high_noise_share: float = 0.5
     adapter_checkpoint_every: int = 250
-    # Resampler fields set over the world's (`models.RESAMPLER`), say {dim: 256, depth: 4} for a wider
-    # one; the fields the other models fix (embedding_dim, output_dim, phrase_dim) are not among them.
-    adapter_resampler: dict = field(default_factory=dict)
     seed: int = 0
-
-
-# The resampler fields a recipe may set: the rest follow from the image encoder and the base.
-ADAPTER_RESAMPLER_FIELDS = tuple(
-    k for k in asdict(models.RESAMPLER) if k not in ("embedding_dim", "output_dim", "phrase_dim")
-)
 
 
 def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
@@ -118,8 +102,7 @@ def adapter_config(out: Path, recipe: WorldRecipe) -> dict:
         "dataloader_workers": 0,  # 2 cores: a worker process would compete with the training threads
         "pin_memory": False,
         "resampler": {
-            **{k: v for k, v in asdict(models.RESAMPLER).items() if k in ADAPTER_RESAMPLER_FIELDS},
-            **recipe.adapter_resampler,
+            k: v for k, v in asdict(models.RESAMPLER).items() if k not in ("embedding_dim", "output_dim", "phrase_dim")
         },
         "learning_rate": recipe.adapter_lr,
         "high_noise_share": recipe.adapter_high_noise_share,
@@ -454,15 +437,4 @@ def recipe_problems(recipe: WorldRecipe) -> list[str]:
     for name in ("num_scenes", "segmenter_steps", "adapter_steps", "adapter_batch"):
         if not (isinstance(getattr(recipe, name), int) and getattr(recipe, name) >= 1):
             problems.append(f"{name}: a positive integer; got {getattr(recipe, name)!r}")
-    if not isinstance(recipe.adapter_resampler, dict):
-        problems.append(f"adapter_resampler: a mapping of resampler fields; got {recipe.adapter_resampler!r}")
-    else:
-        for key, value in recipe.adapter_resampler.items():
-            if key not in ADAPTER_RESAMPLER_FIELDS:
-                problems.append(
-                    f"adapter_resampler: unknown field {key!r}{did_you_mean(key, ADAPTER_RESAMPLER_FIELDS)}; "
-                    f"fields: {', '.join(ADAPTER_RESAMPLER_FIELDS)}"
-                )
-            elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-                problems.append(f"adapter_resampler.{key}: a positive integer; got {value!r}")
     return problems
