@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msdiffusion.world.weights import MODELS_HELP
+
 
 def asked_side_score(image: np.ndarray, shape: np.ndarray, identity: int, mirrored: bool = False) -> float:
     """> 0 when the first colour is on the side of the axis the identity asks for (the other side
@@ -56,9 +58,7 @@ def mirror(reference: np.ndarray, identity: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--models", type=Path, help="a `msdiff world build --out` folder or its export (default: the shipped models)"
-    )
+    parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument("--count", type=int, default=96)
     parser.add_argument("--training", action="store_true", help="training identities instead of held-out ones")
     parser.add_argument("--seed", type=int, default=0)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from msdiffusion.world.weights import MODELS_HELP
+
 ELLIPSE_POINTS = 32
 
 
@@ -119,9 +121,7 @@ def make_samples(count: int, seed: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--models", type=Path, help="a `msdiff world build --out` folder or its export (default: the shipped models)"
-    )
+    parser.add_argument("--models", type=Path, help=MODELS_HELP)
     parser.add_argument(
         "--count", type=int, default=200, help="samples (images per run); 0 with --examples: only those"
     )

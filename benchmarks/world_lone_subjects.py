@@ -20,6 +20,8 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import torch
 
+from msdiffusion.world.weights import MODELS_HELP
+
 KINDS = ("stripes", "checks", "dots", "gradient", "halves", "border")
 ZOOM = 3  # the world's 64 px images, enlarged for a page
 LABEL = 26  # px of text under each pair
@@ -48,9 +50,7 @@ def verdict(result) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="PNG to write")
-    parser.add_argument(
-        "--models", help="a `msdiff world build --out` folder or an export (default: the shipped models)"
-    )
+    parser.add_argument("--models", help=MODELS_HELP)
     parser.add_argument("--per-kind", type=int, default=2, help="subjects per pattern kind (default: 2)")
     parser.add_argument("--size", type=int, default=28, help="the box's side in px of the 64 px image (default: 28)")
     parser.add_argument("--seed", type=int, default=0)

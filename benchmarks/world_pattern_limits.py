@@ -28,6 +28,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from msdiffusion.world.weights import MODELS_HELP
+
 BOX = [0.25, 0.25, 0.75, 0.75]
 
 
@@ -119,9 +121,7 @@ def drawing_rates(pipe, paths: dict, jobs: int, seed: int) -> dict[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--models", help="a `msdiff world build --out` folder or an export (default: the shipped models)"
-    )
+    parser.add_argument("--models", help=MODELS_HELP)
     parser.add_argument("--subjects", type=int, default=60, help="held-out subjects asked of each representation")
     parser.add_argument("--jobs", type=int, default=40, help="held-out jobs of 1 and 2 subjects generated per caption")
     parser.add_argument("--seed", type=int, default=0)

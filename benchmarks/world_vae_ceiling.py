@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
+from msdiffusion.world.weights import MODELS_HELP
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--models", help="a `msdiff world build --out` folder or an export (default: the shipped models)"
-    )
+    parser.add_argument("--models", help=MODELS_HELP)
     parser.add_argument("--count", type=int, default=150, help="held-out scenes (default: 150)")
     parser.add_argument("--seed", type=int, default=99)
     args = parser.parse_args()

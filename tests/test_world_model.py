@@ -81,11 +81,9 @@ def unbroken(world, tmp_path_factory) -> dict:
 
 def turns(identity: int, turn: str) -> bool:
     """Whether a subject of this identity, transposed or flipped, renders as another identity."""
-    from msdiffusion.world.evaluate import WRONG_IDENTITIES
-    from msdiffusion.world.scenes import look_alikes
+    from msdiffusion.world.evaluate import wrong_identity
 
-    other = WRONG_IDENTITIES[turn](identity)
-    return other != identity and other not in look_alikes(identity)
+    return wrong_identity(identity, turn) is not None
 
 
 @pytest.fixture(scope="module")

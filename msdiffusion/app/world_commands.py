@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from msdiffusion.errors import UserInputError
+from msdiffusion.world.weights import MODELS_HELP
 
 
 def register(subparsers) -> None:
@@ -61,7 +62,7 @@ def register(subparsers) -> None:
     )
     evaluate.add_argument(
         "--models",
-        help="a `world build --out` folder, or the folder its --export-to wrote (default: the shipped weights)",
+        help=MODELS_HELP,
     )
     evaluate.add_argument("--count", type=int, default=200, help="generations (default: 200)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the jobs and of the noise (default: 0)")

@@ -529,6 +529,13 @@ def flipped(identity: int) -> int:
 WRONG_IDENTITIES = {"swapped": swapped, "transposed": transposed, "flipped": flipped}
 
 
+def wrong_identity(identity: int, how: str) -> int | None:
+    """The identity a subject of `identity` renders as when `how` (a key of `WRONG_IDENTITIES`) happens
+    to it, or None when it renders the same (its own pattern, or a look-alike of it)."""
+    other = WRONG_IDENTITIES[how](identity)
+    return None if other == identity or other in look_alikes(identity) else other
+
+
 def ground_truth_check(
     evaluator: WorldEvaluator,
     count: int = 100,
@@ -559,8 +566,8 @@ def ground_truth_check(
             continue
         scored = []  # only the subjects whose other identity renders differently
         for k, s in enumerate(scene.subjects):
-            other = WRONG_IDENTITIES[asked_as](s.identity)
-            if other != s.identity and other not in look_alikes(s.identity):
+            other = wrong_identity(s.identity, asked_as)
+            if other is not None:
                 asked[k] = AskedSubject(s.cls, other, s.box)
                 scored.append(k)
         if scored:

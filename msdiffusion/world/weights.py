@@ -40,6 +40,10 @@ def world_models_folder(folder: str | Path) -> dict[str, str]:
     )
 
 
+# What a `--models` option takes, in the command's and the world benchmarks' help.
+MODELS_HELP = "a `msdiff world build --out` folder, or the folder its export wrote (default: the shipped models)"
+
+
 def world_models(models: str | Path | None = None) -> dict[str, str]:
     """The world models a `--models` option names: that folder's (`world_models_folder`), or the
     shipped ones when it is not given."""
